@@ -1,0 +1,70 @@
+"""Dask clusters: an in-process LocalCluster by default, or an existing scheduler by address.
+
+Every stage gets its client from :func:`dask_client`, so the same code runs on a laptop, against
+``dask scheduler`` / ``dask worker`` processes, or (later) on Kubernetes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sscflow.config import ClusterConfig
+
+log = logging.getLogger(__name__)
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _worker_threads_plugin():
+    from distributed import WorkerPlugin
+
+    class MatchThreads(WorkerPlugin):
+        """Give ITK (and torch, once imported) as many threads as the worker has, no more."""
+
+        name = "sscflow-threads"
+
+        def setup(self, worker):
+            import SimpleITK as sitk
+
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(worker.state.nthreads))
+
+    return MatchThreads()
+
+
+@contextmanager
+def dask_client(cfg: ClusterConfig | None = None) -> Iterator:
+    """A connected ``distributed.Client``; the LocalCluster it started (if any) closes on exit.
+
+    With ``cfg.scheduler`` set (``tcp://host:8786``), connects to that scheduler; otherwise starts
+    ``cfg.n_workers`` worker processes with ``cfg.threads_per_worker`` threads each and the
+    dashboard on ``cfg.dashboard_address`` (127.0.0.1 unless changed).
+    """
+    from distributed import Client, LocalCluster
+
+    cfg = cfg or ClusterConfig()
+    if cfg.scheduler:
+        client = Client(cfg.scheduler, timeout="30s")
+        cluster = None
+    else:
+        threads = str(cfg.threads_per_worker)
+        dashboard = cfg.dashboard_address
+        if dashboard.startswith(":"):  # a bare port binds to localhost, never to every interface
+            dashboard = "127.0.0.1" + dashboard
+        cluster = LocalCluster(
+            n_workers=cfg.n_workers,
+            threads_per_worker=cfg.threads_per_worker,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=dashboard,
+            memory_limit=cfg.memory_limit,
+            env={k: threads for k in THREAD_ENV},
+        )
+        client = Client(cluster)
+    try:
+        client.register_plugin(_worker_threads_plugin())
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

@@ -1,0 +1,235 @@
+"""Configuration: typed sections loaded from YAML and validated when loaded.
+
+An unknown key, a wrong type or an impossible value is a ``ConfigError`` naming the key
+(``cluster.n_workers``) and the file. Relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sscflow.errors import ConfigError
+
+
+@dataclass
+class ClusterConfig:
+    """Where the work runs. With ``scheduler`` unset, an in-process LocalCluster is started."""
+
+    scheduler: str | None = None  # e.g. tcp://10.0.0.5:8786; None starts a LocalCluster
+    n_workers: int = 2
+    threads_per_worker: int = 1
+    memory_limit: str = "auto"  # per worker, e.g. "4GiB"; "auto" divides the machine's memory
+    dashboard_address: str = "127.0.0.1:8787"  # ":0" picks a free port
+    retries: int = 1  # per task, on worker loss or unexpected error
+
+    def validate(self, where: str) -> None:
+        _positive(self.n_workers, f"{where}.n_workers")
+        _positive(self.threads_per_worker, f"{where}.threads_per_worker")
+        if self.retries < 0:
+            raise ConfigError(f"{where}.retries must be >= 0, got {self.retries}")
+
+
+@dataclass
+class IngestConfig:
+    """How scans are brought onto the canonical grid and stored."""
+
+    spacing_mm: float = 1.0  # isotropic output spacing
+    chunk: int = 64  # chunk edge in voxels for stored volumes
+    compression_level: int = 3  # Blosc-zstd level, 1 (fast) .. 9 (small)
+
+    def validate(self, where: str) -> None:
+        if not 0.2 <= self.spacing_mm <= 10:
+            raise ConfigError(f"{where}.spacing_mm must be within 0.2..10 mm, got {self.spacing_mm}")
+        if not 8 <= self.chunk <= 512:
+            raise ConfigError(f"{where}.chunk must be within 8..512 voxels, got {self.chunk}")
+        if not 1 <= self.compression_level <= 9:
+            raise ConfigError(
+                f"{where}.compression_level must be within 1..9, got {self.compression_level}"
+            )
+
+
+@dataclass
+class SegmentConfig:
+    """Lung mask by thresholding, airway removal, connected components and morphology."""
+
+    lung_threshold_hu: float = -400.0  # lung is below this, soft tissue above
+    airway_threshold_hu: float = -950.0  # airway lumen (after light smoothing) is below this
+    closing_mm: float = 5.0  # closes vessels and dense disease into the mask
+    min_lung_ml: float = 20.0  # smaller air components are dropped
+
+    def validate(self, where: str) -> None:
+        if not self.airway_threshold_hu < self.lung_threshold_hu:
+            raise ConfigError(
+                f"{where}.airway_threshold_hu ({self.airway_threshold_hu}) must be below "
+                f"{where}.lung_threshold_hu ({self.lung_threshold_hu})"
+            )
+        if self.closing_mm < 0 or self.min_lung_ml < 0:
+            raise ConfigError(f"{where}.closing_mm and {where}.min_lung_ml must be >= 0")
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic cohort made by ``sscflow synth`` and ``sscflow demo``."""
+
+    patients: int = 24
+    spacing_mm: float = 2.5
+    seed: int = 0
+    noise_hu: float = 20.0
+    ribs: bool = True
+
+    def validate(self, where: str) -> None:
+        _positive(self.patients, f"{where}.patients")
+        if not 0 < self.spacing_mm <= 6:
+            raise ConfigError(f"{where}.spacing_mm must be within (0, 6] mm, got {self.spacing_mm}")
+        if self.noise_hu < 0:
+            raise ConfigError(f"{where}.noise_hu must be >= 0, got {self.noise_hu}")
+
+
+@dataclass
+class Config:
+    """A whole sscflow run. ``manifest`` and ``store`` are paths (or URLs for the store)."""
+
+    manifest: Path | None = None
+    store: str | None = None  # a folder, or later an fsspec URL (s3://bucket/cohort.zarr)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    source: str = "<defaults>"  # where it was loaded from (not a YAML key)
+
+    def validate(self, where: str = "") -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return _plain(d)
+
+
+_NOT_KEYS = {"source"}
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Load and validate a YAML config. Raises ConfigError naming the file and the key."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {p} is not valid YAML: {exc}") from None
+    return config_from_dict(data, source=str(p), base=p.parent)
+
+
+def config_from_dict(data: Any, *, source: str = "<dict>", base: Path | None = None) -> Config:
+    """Build a validated Config from plain data (as parsed from YAML)."""
+    try:
+        cfg = _build(Config, data, "")
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"config {source}: {exc}") from None
+    cfg.source = source
+    if base is not None:
+        if cfg.manifest is not None and not cfg.manifest.is_absolute():
+            cfg.manifest = (base / cfg.manifest).resolve()
+        if cfg.store is not None and "://" not in cfg.store and not Path(cfg.store).is_absolute():
+            cfg.store = str((base / cfg.store).resolve())
+    return cfg
+
+
+def _build(cls, data, where):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'the top level'} must be a mapping, got {_kind(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _NOT_KEYS}
+    kwargs = {}
+    for key, value in data.items():
+        keypath = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown key '{keypath}' (known keys here: {known})")
+        kwargs[key] = _coerce(value, hints[key], keypath)
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, keypath):
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, keypath)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, keypath)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"'{keypath}' must be one of {list(choices)}, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{keypath}' must be true or false, got {_kind(value)} {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{keypath}' must be an integer, got {_kind(value)} {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{keypath}' must be a number, got {_kind(value)} {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{keypath}' must be a string, got {_kind(value)} {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"'{keypath}' must be a path (a string), got {_kind(value)} {value!r}")
+        return Path(value)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1]
+        if not isinstance(value, list):
+            raise ConfigError(f"'{keypath}' must be a list, got {_kind(value)} {value!r}")
+        items = [_coerce(v, item, f"{keypath}[{i}]") for i, v in enumerate(value)]
+        return origin(items)
+    raise TypeError(f"config field {keypath}: unsupported annotation {hint}")  # pragma: no cover
+
+
+def _positive(value, keypath):
+    if value < 1:
+        raise ConfigError(f"{keypath} must be >= 1, got {value}")
+
+
+def _kind(value) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

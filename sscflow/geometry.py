@@ -1,0 +1,124 @@
+"""Image geometry in sscflow's axis order, and the one place where ITK's (x, y, z) order is converted.
+
+sscflow arrays are numpy (z, y, x). SimpleITK images, spacings, origins and vector components are
+(x, y, z). Convert only through the helpers here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an array sits in physical space (LPS, millimetres).
+
+    Attributes
+    ----------
+    shape : (Z, Y, X) voxels
+    spacing : (z, y, x) mm, each > 0
+    origin : (z, y, x) mm, the physical position of voxel (0, 0, 0)
+    direction : 3 x 3 nested tuple in ITK's (x, y, z) convention; identity on the canonical grid
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[tuple[float, ...], ...] = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+    def __post_init__(self):
+        if len(self.shape) != 3 or len(self.spacing) != 3 or len(self.origin) != 3:
+            raise ValueError(f"Geometry needs three values per field, got {self}")
+        if any(not s > 0 for s in self.spacing):
+            raise ValueError(f"Geometry spacing must be three positive numbers, got {self.spacing}")
+        object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
+        object.__setattr__(self, "spacing", tuple(float(v) for v in self.spacing))
+        object.__setattr__(self, "origin", tuple(float(v) for v in self.origin))
+        object.__setattr__(
+            self, "direction", tuple(tuple(float(v) for v in row) for row in self.direction)
+        )
+
+    @property
+    def is_canonical(self) -> bool:
+        """True when the direction is the identity (the grid every stage after ingest uses)."""
+        return bool(np.allclose(self.direction, np.eye(3), atol=1e-6))
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in millilitres (mm^3 / 1000)."""
+        return float(np.prod(self.spacing)) / 1000.0
+
+    def physical_point(self, index_zyx) -> np.ndarray:
+        """Physical (z, y, x) mm of a (possibly fractional) voxel index (z, y, x)."""
+        idx_xyz = np.asarray(index_zyx, dtype=float)[::-1]
+        d = np.asarray(self.direction)
+        p_xyz = np.asarray(self.origin[::-1]) + d @ (idx_xyz * np.asarray(self.spacing[::-1]))
+        return p_xyz[::-1]
+
+    def to_dict(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": [list(r) for r in self.direction],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Geometry:
+        return cls(
+            tuple(d["shape"]),
+            tuple(d["spacing"]),
+            tuple(d["origin"]),
+            tuple(tuple(r) for r in d["direction"]),
+        )
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> Geometry:
+        """The geometry of a 3-D SimpleITK image, in sscflow's (z, y, x) order."""
+        d = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+        return cls(
+            tuple(image.GetSize()[::-1]),
+            tuple(image.GetSpacing()[::-1]),
+            tuple(image.GetOrigin()[::-1]),
+            tuple(tuple(r) for r in d),
+        )
+
+
+def to_numpy(image: sitk.Image) -> tuple[np.ndarray, Geometry]:
+    """A SimpleITK image as a (z, y, x) numpy array (a copy) and its geometry."""
+    return sitk.GetArrayFromImage(image), Geometry.of(image)
+
+
+def to_sitk(array: np.ndarray, spacing, origin=(0.0, 0.0, 0.0), direction=None) -> sitk.Image:
+    """A (z, y, x) numpy array as a SimpleITK image; spacing and origin are (z, y, x) mm."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+    image.SetOrigin(tuple(float(o) for o in origin[::-1]))
+    if direction is not None:
+        image.SetDirection(tuple(float(v) for v in np.asarray(direction, dtype=float).ravel()))
+    return image
+
+
+def field_to_sitk(displacement: np.ndarray, spacing, origin=(0.0, 0.0, 0.0)) -> sitk.Image:
+    """A (3, Z, Y, X) displacement (component k along array axis k) as an ITK vector image.
+
+    ITK vector components are (x, y, z), so the components are reversed here.
+    """
+    if displacement.ndim != 4 or displacement.shape[0] != 3:
+        raise ValueError(
+            f"a displacement field must have shape (3, Z, Y, X), got {displacement.shape}"
+        )
+    vec = np.moveaxis(displacement[::-1], 0, -1).astype(np.float64, copy=False)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(vec), isVector=True)
+    image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+    image.SetOrigin(tuple(float(o) for o in origin[::-1]))
+    return image
+
+
+def field_from_sitk(image: sitk.Image) -> np.ndarray:
+    """An ITK displacement image (components x, y, z) as (3, Z, Y, X) float32, z-y-x components."""
+    vec = sitk.GetArrayFromImage(image)  # (Z, Y, X, 3) with components x, y, z
+    return np.ascontiguousarray(np.moveaxis(vec, -1, 0)[::-1]).astype(np.float32)

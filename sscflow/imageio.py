@@ -1,0 +1,202 @@
+"""Reading CT volumes in the formats users have, and writing them (for the synthetic cohort).
+
+Formats: a DICOM series (a folder of slices), NIfTI (.nii, .nii.gz), MetaImage (.mha, .mhd) and
+NRRD (.nrrd, .nhdr). Everything goes through SimpleITK; nothing but geometry is taken from DICOM
+headers.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from sscflow.errors import InputImageError, MissingInputError
+
+FILE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm")
+CT_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def describe_format(path: str | os.PathLike) -> str:
+    """'dicom' for a folder, else the file format by suffix ('nifti', 'mha', 'nrrd', ...)."""
+    p = Path(path)
+    if p.is_dir():
+        return "dicom"
+    name = p.name.lower()
+    for suffix, kind in (
+        (".nii.gz", "nifti"),
+        (".nii", "nifti"),
+        (".mha", "metaimage"),
+        (".mhd", "metaimage"),
+        (".nrrd", "nrrd"),
+        (".nhdr", "nrrd"),
+        (".dcm", "dicom-file"),
+    ):
+        if name.endswith(suffix):
+            return kind
+    return "unknown"
+
+
+def list_dicom_series(folder: str | os.PathLike) -> list[str]:
+    """SeriesInstanceUIDs of the DICOM series found directly in ``folder``."""
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def read_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> sitk.Image:
+    """Read one 3-D CT volume as a SimpleITK image (LPS geometry as stored).
+
+    Parameters
+    ----------
+    path : a DICOM series folder, or a NIfTI / MHA / MHD / NRRD file
+    series_uid : for a folder holding several DICOM series, the SeriesInstanceUID to read
+
+    Raises
+    ------
+    MissingInputError (a FileNotFoundError) if the path does not exist;
+    InputImageError (a ValueError) if it cannot be read, is not 3-D, or the folder holds no
+    series, several series and no ``series_uid``, or not the requested one.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise MissingInputError(f"{p} does not exist")
+    if p.is_dir():
+        image = _read_dicom_folder(p, series_uid)
+    else:
+        if describe_format(p) == "unknown":
+            raise InputImageError(
+                f"{p}: unknown image format; use a DICOM folder or one of {', '.join(FILE_SUFFIXES)}"
+            )
+        try:
+            image = sitk.ReadImage(str(p))
+        except RuntimeError as exc:
+            raise InputImageError(
+                f"{p} could not be read (truncated or not an image): {_itk_reason(exc)}"
+            ) from None
+    if image.GetDimension() != 3 or min(image.GetSize()) < 2:
+        size = "x".join(str(s) for s in image.GetSize())
+        raise InputImageError(
+            f"{p} has {image.GetDimension()} dimensions (size {size}); a CT volume needs 3 "
+            "with at least 2 voxels along each"
+        )
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputImageError(
+            f"{p} has {image.GetNumberOfComponentsPerPixel()} components per voxel; a CT volume "
+            "has one (Hounsfield units)"
+        )
+    return image
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+    uids = list_dicom_series(folder)
+    if not uids:
+        raise InputImageError(f"{folder} holds no DICOM series")
+    if series_uid is None:
+        if len(uids) > 1:
+            raise InputImageError(
+                f"{folder} holds {len(uids)} DICOM series ({', '.join(uids)}); give the one to "
+                "use as the SeriesInstanceUID in the manifest (baseline_series_uid / "
+                "followup_series_uid)"
+            )
+        series_uid = uids[0]
+    elif series_uid not in uids:
+        raise InputImageError(
+            f"{folder} has no DICOM series {series_uid}; found: {', '.join(uids)}"
+        )
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOff()  # never load patient tags
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise InputImageError(
+            f"{folder}: DICOM series {series_uid} could not be read: {_itk_reason(exc)}"
+        ) from None
+
+
+def _itk_reason(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.lower().startswith("description:"):
+            return ln.split(":", 1)[1].strip()
+    return lines[-1] if lines else type(exc).__name__
+
+
+def write_volume(image: sitk.Image, path: str | os.PathLike) -> None:
+    """Write a volume as NIfTI / MHA / NRRD (compressed), choosing the format by suffix."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(p), useCompression=True)
+
+
+def deterministic_uid(*parts: object) -> str:
+    """A DICOM UID under the 2.25 (UUID-derived) root, fixed by ``parts``."""
+    u = uuid.uuid5(uuid.NAMESPACE_URL, "sscflow:" + ":".join(str(p) for p in parts))
+    return f"2.25.{u.int}"
+
+
+def write_dicom_series(
+    image: sitk.Image,
+    folder: str | os.PathLike,
+    *,
+    patient_id: str,
+    patient_name: str,
+    series_uid: str,
+    study_uid: str,
+    series_description: str = "",
+    study_date: str = "20200101",
+    birth_date: str = "",
+    series_number: int = 1,
+) -> list[str]:
+    """Write a 3-D HU volume as a CT DICOM series, one file per slice (int16, slope 1).
+
+    The files are readable by SimpleITK's series reader and by pydicom. Returns the file paths.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arr = sitk.GetArrayViewFromImage(image)
+    if arr.dtype != np.int16:
+        image = sitk.Cast(sitk.Round(image) if arr.dtype.kind == "f" else image, sitk.sitkInt16)
+    d = image.GetDirection()
+    orientation = "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    sx, sy, sz = image.GetSpacing()
+    frame_uid = deterministic_uid(study_uid, "frame")
+    common = {
+        "0008|0016": CT_SOP_CLASS_UID,
+        "0008|0060": "CT",
+        "0008|0020": study_date,
+        "0008|0021": study_date,
+        "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL",
+        "0008|103e": series_description,
+        "0010|0010": patient_name,
+        "0010|0020": patient_id,
+        "0010|0030": birth_date,
+        "0020|000d": study_uid,
+        "0020|000e": series_uid,
+        "0020|0011": str(series_number),
+        "0020|0052": frame_uid,
+        "0020|0037": orientation,
+        "0018|0050": f"{sz:.4f}",
+        "0028|1052": "0",
+        "0028|1053": "1",
+        "0028|1054": "HU",
+    }
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    paths = []
+    for k in range(image.GetDepth()):
+        sl = image[:, :, k]
+        for tag, value in common.items():
+            sl.SetMetaData(tag, value)
+        pos = image.TransformIndexToPhysicalPoint((0, 0, k))
+        sl.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in pos))
+        sl.SetMetaData("0020|0013", str(k + 1))
+        sl.SetMetaData("0008|0018", deterministic_uid(series_uid, k))
+        path = folder / f"slice_{k:04d}.dcm"
+        writer.SetFileName(str(path))
+        writer.Execute(sl)
+        paths.append(str(path))
+    return paths

@@ -1,0 +1,217 @@
+"""Ingest: scans of every manifest patient onto the canonical grid, into the store, with lung masks.
+
+For each patient, on a Dask worker: read baseline and follow-up (DICOM series, NIfTI, MHA/MHD,
+NRRD), resample to identity direction and isotropic spacing (linear for CT, HU as int16, -1024
+outside the field of view), segment the lungs, and write ``patients/<id>/{baseline, followup,
+lung_mask, followup_lung_mask}``. Unchanged inputs are skipped; a bad patient fails alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from sscflow import store as st
+from sscflow.cohort import Manifest, Patient
+from sscflow.config import IngestConfig, SegmentConfig
+from sscflow.errors import InputImageError, MissingInputError, SscflowError
+from sscflow.geometry import Geometry, to_numpy
+from sscflow.imageio import describe_format, read_volume
+from sscflow.segment import segment_lungs
+
+STAGE = "ingest"
+STAGE_VERSION = 1
+HU_MIN, HU_MAX = -1024, 3071
+SCANS = {"baseline": "lung_mask", "followup": "followup_lung_mask"}
+LABEL = {"baseline": "baseline", "followup": "follow-up"}
+
+
+@dataclass
+class PatientResult:
+    """What ingest did for one patient: status is 'done', 'skipped' or 'failed'."""
+
+    patient_id: str
+    status: str
+    message: str = ""
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    input_bytes: int = 0
+    lung_volume_ml: dict = field(default_factory=dict)
+
+
+def canonical_grid(image: sitk.Image, spacing: float) -> Geometry:
+    """The identity-direction grid at ``spacing`` mm covering the image's voxel centres."""
+    size = np.asarray(image.GetSize())
+    corners = np.array(list(itertools.product(*[(0, s - 1) for s in size])), dtype=float)
+    pts = np.array([image.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners])
+    lo, hi = pts.min(axis=0), pts.max(axis=0)  # x, y, z
+    n = np.floor((hi - lo) / spacing + 1e-6).astype(int) + 1
+    return Geometry(tuple(n[::-1]), (spacing,) * 3, tuple(lo[::-1]))
+
+
+def to_canonical(image: sitk.Image, spacing: float, *, label: bool = False) -> tuple[np.ndarray, Geometry]:
+    """Resample to the canonical grid: linear (or nearest for labels), -1024 HU outside.
+
+    Returns the (z, y, x) array (int16 HU, or uint8 for labels) and its geometry. A scan already on
+    such a grid is copied without interpolation.
+    """
+    geom = Geometry.of(image)
+    target = canonical_grid(image, spacing)
+    if geom.is_canonical and np.allclose(geom.spacing, spacing, atol=1e-6):
+        arr = sitk.GetArrayFromImage(image)
+        target = geom
+    else:
+        ref = sitk.Image([int(v) for v in target.shape[::-1]], sitk.sitkUInt8)
+        ref.SetSpacing(target.spacing[::-1])
+        ref.SetOrigin(target.origin[::-1])
+        interp = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
+        src = image if label else sitk.Cast(image, sitk.sitkFloat32)
+        out = sitk.Resample(
+            src, ref, sitk.Transform(), interp, 0.0 if label else float(HU_MIN),
+            src.GetPixelID(),
+        )
+        arr = sitk.GetArrayFromImage(out)
+    if label:
+        return (arr > 0).astype(np.uint8), target
+    if arr.dtype.kind == "f":
+        arr = np.rint(arr)
+    return np.clip(arr, HU_MIN, HU_MAX).astype(np.int16), target
+
+
+def ingest_patient(
+    patient: Patient,
+    store: str,
+    ingest: IngestConfig,
+    segment: SegmentConfig,
+) -> PatientResult:
+    """Ingest one patient into ``store``. Never raises for bad input: the result says 'failed'."""
+    t0 = time.perf_counter()
+    result = PatientResult(patient.patient_id, "done")
+    try:
+        root = st.open_store(store)
+        group = st.patient_group(root, patient.patient_id)
+        clinical = {"clinical": patient.clinical, "functional": patient.functional}
+        if dict(group.attrs.get("sscflow", {})) != st._jsonable(clinical):
+            group.attrs["sscflow"] = clinical
+        image_params = {"spacing_mm": ingest.spacing_mm, "interpolator": "linear",
+                        "version": STAGE_VERSION}
+        mask_params = {**asdict(segment), "version": STAGE_VERSION}
+        for which, mask_name in SCANS.items():
+            _ingest_scan(patient, which, mask_name, group, ingest, segment, image_params,
+                         mask_params, result)
+    except SscflowError as exc:
+        result.status, result.message = "failed", f"patient {patient.patient_id}: {exc}"
+    except Exception as exc:  # an unexpected failure still fails this patient alone
+        result.status = "failed"
+        result.message = f"patient {patient.patient_id}: {type(exc).__name__}: {exc}"
+    if result.status == "done" and not result.written:
+        result.status = "skipped"
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _ingest_scan(patient, which, mask_name, group, ingest, segment, image_params, mask_params,
+                 result):
+    path, series_uid = patient.scan(which)
+    where = f"{LABEL[which]} {path}"
+    if not path.exists():
+        raise MissingInputError(
+            f"{where} does not exist; fix the path in the manifest (line {patient.line})"
+        )
+    input_hash = st.hash_input(path, series_uid or "")
+    result.input_bytes += _size(path)
+    mask_hash = st.hash_values(input_hash, image_params)
+    image_ok = st.is_current(group, which, input_hash, image_params)
+    mask_ok = st.is_current(group, mask_name, mask_hash, mask_params)
+    if image_ok and mask_ok:
+        result.skipped += [which, mask_name]
+        result.lung_volume_ml[which] = group[mask_name].attrs["sscflow"]["lung_volume_ml"]
+        return
+    try:
+        image = read_volume(path, series_uid=series_uid)
+    except SscflowError as exc:
+        raise type(exc)(f"{LABEL[which]} {exc}") from None
+    hu, geometry = to_canonical(image, ingest.spacing_mm)
+    if hu.min() > -500:
+        raise InputImageError(
+            f"{where} holds no air (lowest value {int(hu.min())} HU); a chest CT in Hounsfield "
+            "units has air below -900 HU (check the rescale slope and intercept)"
+        )
+    try:
+        lungs = segment_lungs(hu, geometry.spacing, **asdict(segment))
+    except SscflowError as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+    source = {
+        "format": describe_format(path),
+        "geometry": Geometry.of(image).to_dict(),
+        "series_uid_given": series_uid is not None,
+    }
+    write = dict(chunk=ingest.chunk, compression_level=ingest.compression_level)
+    if not image_ok:
+        st.write_image(group, which, hu, geometry, stage=STAGE, params=image_params,
+                       input_hash=input_hash, extra={"source": source}, fill_value=HU_MIN, **write)
+        result.written.append(which)
+    else:
+        result.skipped.append(which)
+    st.write_image(group, mask_name, lungs.mask, geometry, stage="segment", params=mask_params,
+                   input_hash=mask_hash, extra={"lung_volume_ml": lungs.volume_ml,
+                                                "airway_ml": lungs.airway_ml,
+                                                "of": which}, **write)
+    result.written.append(mask_name)
+    result.lung_volume_ml[which] = lungs.volume_ml
+
+
+def _size(path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def ingest_cohort(
+    manifest: Manifest,
+    store: str,
+    ingest: IngestConfig,
+    segment: SegmentConfig,
+    *,
+    client=None,
+    progress: Callable[[PatientResult, int, int], None] | None = None,
+) -> list[PatientResult]:
+    """Ingest every manifest patient, one Dask future per patient (serially without a client).
+
+    Returns one PatientResult per patient in manifest order; failures are results, not raises.
+    """
+    st.open_store(store)  # create the root once, before workers race to it
+    total = len(manifest.patients)
+    results: dict[str, PatientResult] = {}
+    if client is None:
+        for p in manifest.patients:
+            r = ingest_patient(p, store, ingest, segment)
+            results[p.patient_id] = r
+            if progress:
+                progress(r, len(results), total)
+    else:
+        from distributed import as_completed
+
+        token = st.hash_values(store, asdict(ingest), asdict(segment))[:10]
+        futures = [
+            client.submit(ingest_patient, p, store, ingest, segment,
+                          key=f"ingest-{p.patient_id}-{token}", pure=False)
+            for p in manifest.patients
+        ]
+        by_key = {f.key: p for f, p in zip(futures, manifest.patients, strict=True)}
+        for fut in as_completed(futures):
+            try:
+                r = fut.result()
+            except Exception as exc:  # the worker died on every retry, say
+                pid = by_key[fut.key].patient_id
+                r = PatientResult(pid, "failed", f"patient {pid}: {type(exc).__name__}: {exc}")
+            results[r.patient_id] = r
+            if progress:
+                progress(r, len(results), total)
+    return [results[p.patient_id] for p in manifest.patients]

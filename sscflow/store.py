@@ -1,0 +1,237 @@
+"""The cohort store (contract): one Zarr v3 group per cohort, readable by plain zarr and xarray.
+
+Layout::
+
+    STORE/                          zarr.json: {"sscflow": {"layout": 1, ...}}
+      patients/<patient_id>/        zarr.json: {"sscflow": {"clinical": {...}}}
+        baseline/                   an OME-NGFF 0.5 image group
+          zarr.json                 {"ome": {"version": "0.5", "multiscales": [...]},
+                                     "sscflow": {"stage", "params", "input_hash", "complete", ...}}
+          0/                        the full-resolution array (z, y, x), Blosc-zstd chunks
+        followup/  lung_mask/  followup_lung_mask/ ...
+
+Each image group carries its spacing and origin as the NGFF ``scale`` and ``translation`` of
+level "0" (z, y, x, millimetres; the translation is the physical position of voxel 0). An output is
+complete only when ``sscflow.complete`` is true; that attribute is written last, so an interrupted
+write never looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from sscflow.errors import IncompleteOutputError
+from sscflow.geometry import Geometry
+
+LAYOUT_VERSION = 1
+PATIENTS = "patients"
+NGFF_VERSION = "0.5"
+
+
+def open_store(path: str | os.PathLike, mode: Literal["r", "a"] = "a") -> zarr.Group:
+    """Open (or with mode 'a', create) a cohort store and return its root group."""
+    if mode == "r" and not _exists(path):
+        raise IncompleteOutputError(f"store {path} does not exist")
+    root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    if mode != "r" and "sscflow" not in root.attrs:
+        root.attrs["sscflow"] = {"layout": LAYOUT_VERSION, "kind": "cohort"}
+    return root
+
+
+def _exists(path) -> bool:
+    return "://" in str(path) or Path(path, "zarr.json").exists()
+
+
+def patient_group(root: zarr.Group, patient_id: str, *, create: bool = True) -> zarr.Group:
+    """The group ``patients/<patient_id>``; created if needed unless ``create`` is False."""
+    if create:
+        patients = root.require_group(PATIENTS)
+        return patients.require_group(patient_id)
+    try:
+        return root[f"{PATIENTS}/{patient_id}"]
+    except KeyError:
+        raise IncompleteOutputError(f"patient {patient_id} is not in the store") from None
+
+
+def patient_ids(root: zarr.Group) -> list[str]:
+    """Patient ids present in the store, sorted."""
+    if PATIENTS not in root:
+        return []
+    return sorted(name for name, _ in root[PATIENTS].groups())
+
+
+def ngff_multiscales(name: str, geometry: Geometry) -> dict:
+    """OME-NGFF 0.5 ``ome`` attribute for a single-level (z, y, x) image in millimetres."""
+    if not geometry.is_canonical:
+        raise ValueError(
+            f"{name}: only canonical (identity direction) grids are stored; resample first"
+        )
+    axes = [{"name": a, "type": "space", "unit": "millimeter"} for a in ("z", "y", "x")]
+    return {
+        "version": NGFF_VERSION,
+        "multiscales": [
+            {
+                "name": name,
+                "axes": axes,
+                "datasets": [
+                    {
+                        "path": "0",
+                        "coordinateTransformations": [
+                            {"type": "scale", "scale": list(geometry.spacing)},
+                            {"type": "translation", "translation": list(geometry.origin)},
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def write_image(
+    parent: zarr.Group,
+    name: str,
+    data,
+    geometry: Geometry,
+    *,
+    stage: str,
+    params: dict,
+    input_hash: str,
+    extra: dict | None = None,
+    chunk: int = 64,
+    compression_level: int = 3,
+    fill_value: Any = 0,
+) -> zarr.Group:
+    """Write ``data`` (numpy or dask, (z, y, x) or (c, z, y, x)) as an NGFF image group.
+
+    Any existing group ``name`` is replaced. The group is marked complete last.
+    """
+    if tuple(data.shape[-3:]) != geometry.shape:
+        raise ValueError(f"{name}: data shape {data.shape} does not match geometry {geometry.shape}")
+    group = parent.create_group(name, overwrite=True)  # drops an old, maybe complete, version
+    meta = {
+        "stage": stage,
+        "params": _jsonable(params),
+        "input_hash": input_hash,
+        "geometry": geometry.to_dict(),
+        "complete": False,
+        **_jsonable(extra or {}),
+    }
+    group.attrs.update({"ome": ngff_multiscales(name, geometry), "sscflow": meta})
+    dtype = np.dtype(data.dtype)
+    chunks = tuple(min(chunk, s) for s in data.shape[-3:])
+    chunks = tuple(data.shape[:-3]) + chunks
+    shuffle = BloscShuffle.bitshuffle if dtype.itemsize == 1 else BloscShuffle.shuffle
+    arr = group.create_array(
+        "0",
+        shape=data.shape,
+        dtype=dtype,
+        chunks=chunks,
+        compressors=[BloscCodec(cname="zstd", clevel=compression_level, shuffle=shuffle)],
+        fill_value=fill_value,
+        dimension_names=(["c"] if data.ndim == 4 else []) + ["z", "y", "x"],
+    )
+    if hasattr(data, "dask"):
+        data.rechunk(chunks).store(arr, lock=False)
+    else:
+        arr[...] = np.asarray(data)
+    meta["complete"] = True
+    group.attrs["sscflow"] = meta  # written last: the completion mark
+    return group
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    array: Any  # zarr.Array, or a dask array when read lazily
+    geometry: Geometry
+    meta: dict
+
+
+def read_image(parent: zarr.Group, name: str, *, lazy: bool = False) -> StoredImage:
+    """Open a complete image group. ``lazy`` returns a dask array chunked like the store.
+
+    Raises IncompleteOutputError if the group is absent or was never completed.
+    """
+    state = output_state(parent, name)
+    if state != "complete":
+        raise IncompleteOutputError(f"{parent.path}/{name} is {state}")
+    group = parent[name]
+    meta = dict(group.attrs["sscflow"])
+    ms = group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    arr = group["0"]
+    geometry = Geometry(tuple(arr.shape[-3:]), tuple(ms[0]["scale"]), tuple(ms[1]["translation"]))
+    if lazy:
+        import dask.array as da
+
+        arr = da.from_zarr(arr)
+    return StoredImage(arr, geometry, meta)
+
+
+def output_state(parent: zarr.Group, name: str) -> Literal["absent", "incomplete", "complete"]:
+    """Whether ``parent/name`` is absent, started but not complete, or complete."""
+    try:
+        group = parent[name]
+    except KeyError:
+        return "absent"
+    except (ValueError, json.JSONDecodeError, OSError):
+        return "incomplete"  # unreadable metadata: an interrupted write
+    meta = group.attrs.get("sscflow", {})
+    if not isinstance(meta, dict) or meta.get("complete") is not True or "0" not in group:
+        return "incomplete"
+    return "complete"
+
+
+def is_current(parent: zarr.Group, name: str, input_hash: str, params: dict) -> bool:
+    """True when ``parent/name`` is complete and was made from these inputs and parameters."""
+    if output_state(parent, name) != "complete":
+        return False
+    meta = parent[name].attrs["sscflow"]
+    return meta.get("input_hash") == input_hash and meta.get("params") == _jsonable(params)
+
+
+def hash_input(path: str | os.PathLike, *extra: str) -> str:
+    """sha256 of a file's bytes, or of every file in a folder (names and bytes, sorted).
+
+    ``extra`` strings (a series UID, say) are mixed in.
+    """
+    h = hashlib.sha256()
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():  # a renamed single file keeps its hash; a reordered series does not
+            h.update(str(f.relative_to(p)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    for e in extra:
+        h.update(str(e).encode())
+    return h.hexdigest()
+
+
+def hash_values(*values: Any) -> str:
+    """sha256 of JSON-serialised values (parameters, upstream hashes)."""
+    text = json.dumps(_jsonable(list(values)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _jsonable(obj):
+    """Plain JSON types, so attributes compare equal after a round trip through zarr.json."""
+    return json.loads(json.dumps(obj, default=_default, sort_keys=True))
+
+
+def _default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (Path, os.PathLike)):
+        return str(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
