@@ -1,0 +1,60 @@
+"""The sscflow command as a user runs it: a real subprocess, exit codes and one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = ["synth", "ingest", "demo", "validate"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sscflow.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(command):
+    res = run(command, "--help")
+    assert res.returncode == 0
+    assert "Example: sscflow " + command in " ".join(res.stdout.split())
+
+
+def test_version():
+    res = run("--version")
+    assert res.returncode == 0 and res.stdout.startswith("sscflow ")
+
+
+def test_bad_config_is_one_line_without_traceback(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("cluster:\n  n_workerz: 2\n")
+    res = run("validate", str(cfg))
+    assert res.returncode == 1
+    assert "unknown key 'cluster.n_workerz'" in res.stderr
+    assert "Traceback" not in res.stderr
+    debug = run("--debug", "validate", str(cfg))
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_validate_manifest_lists_problems(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_text("patient_id,baseline,followup,visual\nP1,a.nii.gz,b.nii.gz,better\n")
+    res = run("validate", str(m))
+    assert res.returncode == 1
+    assert "line 2 (patient P1), column visual: unknown label 'better'" in res.stderr
+    assert "does not exist" in res.stderr
+
+
+def test_validate_good_config():
+    res = run("validate", "configs/demo.yaml")
+    assert res.returncode == 0, res.stderr
+    assert "spacing_mm: 2.5" in res.stdout
+
+
+def test_ingest_bad_patient_exits_nonzero_with_summary(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_text("patient_id,baseline,followup\nP1,missing.nii.gz,missing.nii.gz\n")
+    res = run("ingest", str(m), "--store", str(tmp_path / "s.zarr"), "--workers", "1")
+    assert res.returncode == 1
+    assert "1 of 1 patients failed" in res.stderr
+    assert "missing.nii.gz does not exist" in " ".join(res.stderr.split())
