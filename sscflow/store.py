@@ -69,13 +69,20 @@ def patient_ids(root: zarr.Group) -> list[str]:
     return sorted(name for name, _ in root[PATIENTS].groups())
 
 
-def ngff_multiscales(name: str, geometry: Geometry) -> dict:
-    """OME-NGFF 0.5 ``ome`` attribute for a single-level (z, y, x) image in millimetres."""
+def ngff_multiscales(name: str, geometry: Geometry, *, channels: bool = False) -> dict:
+    """OME-NGFF 0.5 ``ome`` attribute for a single-level (z, y, x) image in millimetres.
+
+    With ``channels`` the array is (c, z, y, x), e.g. a displacement field's three components.
+    """
     if not geometry.is_canonical:
         raise ValueError(
             f"{name}: only canonical (identity direction) grids are stored; resample first"
         )
     axes = [{"name": a, "type": "space", "unit": "millimeter"} for a in ("z", "y", "x")]
+    scale, translation = list(geometry.spacing), list(geometry.origin)
+    if channels:
+        axes = [{"name": "c", "type": "channel"}] + axes
+        scale, translation = [1.0] + scale, [0.0] + translation
     return {
         "version": NGFF_VERSION,
         "multiscales": [
@@ -86,8 +93,8 @@ def ngff_multiscales(name: str, geometry: Geometry) -> dict:
                     {
                         "path": "0",
                         "coordinateTransformations": [
-                            {"type": "scale", "scale": list(geometry.spacing)},
-                            {"type": "translation", "translation": list(geometry.origin)},
+                            {"type": "scale", "scale": scale},
+                            {"type": "translation", "translation": translation},
                         ],
                     }
                 ],
@@ -125,7 +132,10 @@ def write_image(
         "complete": False,
         **_jsonable(extra or {}),
     }
-    group.attrs.update({"ome": ngff_multiscales(name, geometry), "sscflow": meta})
+    if data.ndim not in (3, 4):
+        raise ValueError(f"{name}: data must be (z, y, x) or (c, z, y, x), got shape {data.shape}")
+    ome = ngff_multiscales(name, geometry, channels=data.ndim == 4)
+    group.attrs.update({"ome": ome, "sscflow": meta})
     dtype = np.dtype(data.dtype)
     chunks = tuple(min(chunk, s) for s in data.shape[-3:])
     chunks = tuple(data.shape[:-3]) + chunks
@@ -167,7 +177,9 @@ def read_image(parent: zarr.Group, name: str, *, lazy: bool = False) -> StoredIm
     meta = dict(group.attrs["sscflow"])
     ms = group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
     arr = group["0"]
-    geometry = Geometry(tuple(arr.shape[-3:]), tuple(ms[0]["scale"]), tuple(ms[1]["translation"]))
+    geometry = Geometry(
+        tuple(arr.shape[-3:]), tuple(ms[0]["scale"][-3:]), tuple(ms[1]["translation"][-3:])
+    )
     if lazy:
         import dask.array as da
 

@@ -105,3 +105,15 @@ def test_only_canonical_geometry_is_stored(tmp_path):
     with pytest.raises(ValueError, match="canonical"):
         st.write_image(root, "x", np.zeros((2, 2, 2)), flipped, stage="t", params={},
                        input_hash="h")
+
+
+def test_vector_field_has_a_channel_axis(tmp_path):
+    root = st.open_store(tmp_path / "c.zarr")
+    u = np.random.default_rng(2).normal(size=(3,) + GEOM.shape).astype(np.float32)
+    st.write_image(root, "displacement", u, GEOM, stage="t", params={}, input_hash="h", chunk=4)
+    img = st.read_image(root, "displacement")
+    np.testing.assert_array_equal(img.array[...], u)
+    assert img.geometry == GEOM and img.array.chunks == (3, 4, 4, 4)
+    ms = root["displacement"].attrs["ome"]["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["c", "z", "y", "x"]
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 2.0, 1.5, 1.0]
