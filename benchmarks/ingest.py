@@ -40,8 +40,14 @@ def baseline_ingest(manifest, out: Path, spacing: float) -> None:
             ref = sitk.Image([int(v) for v in g.shape[::-1]], sitk.sitkUInt8)
             ref.SetSpacing(g.spacing[::-1])
             ref.SetOrigin(g.origin[::-1])
-            res = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), ref, sitk.Transform(),
-                                sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+            res = sitk.Resample(
+                sitk.Cast(image, sitk.sitkFloat32),
+                ref,
+                sitk.Transform(),
+                sitk.sitkLinear,
+                -1024.0,
+                sitk.sitkFloat32,
+            )
             arr = np.clip(np.rint(sitk.GetArrayFromImage(res)), -1024, 3071).astype(np.int16)
             np.save(out / f"{p.patient_id}_{which}.npy", arr)
 
@@ -72,10 +78,15 @@ def main():
         manifest = read_manifest(
             synthesize_cohort(args.patients, tmp / "cohort", spacing=args.spacing, seed=7)
         )
-        print(f"synthetic cohort: {args.patients} patients at {args.spacing} mm "
-              f"({time.perf_counter() - t:.1f} s, not timed below)")
-        input_bytes = sum(dir_bytes(p) if p.is_dir() else p.stat().st_size
-                          for q in manifest.patients for p in (q.baseline, q.followup))
+        print(
+            f"synthetic cohort: {args.patients} patients at {args.spacing} mm "
+            f"({time.perf_counter() - t:.1f} s, not timed below)"
+        )
+        input_bytes = sum(
+            dir_bytes(p) if p.is_dir() else p.stat().st_size
+            for q in manifest.patients
+            for p in (q.baseline, q.followup)
+        )
         ingest = IngestConfig(spacing_mm=args.ingest_spacing)
 
         base_t, ss_t = [], []
@@ -89,8 +100,9 @@ def main():
             assert all(x.status == "done" for x in res), [x.message for x in res]
         with dask_client(ClusterConfig(n_workers=2, dashboard_address=":0")) as client:
             t = time.perf_counter()
-            ingest_cohort(manifest, str(tmp / "cluster.zarr"), ingest, SegmentConfig(),
-                          client=client)
+            ingest_cohort(
+                manifest, str(tmp / "cluster.zarr"), ingest, SegmentConfig(), client=client
+            )
             cluster_t = time.perf_counter() - t
 
         root = st.open_store(tmp / "s0.zarr", mode="r")
@@ -103,16 +115,26 @@ def main():
         voxel_mb = raw / 1e6
         b, s = statistics.median(base_t), statistics.median(ss_t)
         mb = input_bytes / 1e6
-        print(f"input: {mb:.1f} MB of files ({voxel_mb:.1f} MB as int16 on the "
-              f"{args.ingest_spacing} mm grid)")
-        print(f"baseline SimpleITK read+resample+np.save: {b:.2f} s, {mb / b:.1f} MB/s "
-              f"({voxel_mb / b:.1f} MB/s of voxels)")
-        print(f"sscflow ingest, 1 process (incl. lung masks, hashing, zstd): {s:.2f} s, "
-              f"{mb / s:.1f} MB/s ({voxel_mb / s:.1f} MB/s of voxels)")
-        print(f"sscflow ingest, LocalCluster 2 workers: {cluster_t:.2f} s, {mb / cluster_t:.1f} MB/s")
+        print(
+            f"input: {mb:.1f} MB of files ({voxel_mb:.1f} MB as int16 on the "
+            f"{args.ingest_spacing} mm grid)"
+        )
+        print(
+            f"baseline SimpleITK read+resample+np.save: {b:.2f} s, {mb / b:.1f} MB/s "
+            f"({voxel_mb / b:.1f} MB/s of voxels)"
+        )
+        print(
+            f"sscflow ingest, 1 process (incl. lung masks, hashing, zstd): {s:.2f} s, "
+            f"{mb / s:.1f} MB/s ({voxel_mb / s:.1f} MB/s of voxels)"
+        )
+        print(
+            f"sscflow ingest, LocalCluster 2 workers: {cluster_t:.2f} s, {mb / cluster_t:.1f} MB/s"
+        )
         print(f"store compression ratio (raw int16 / stored, CT volumes): {raw / stored:.2f}")
-        print(f"ingest time ratio sscflow/baseline: 1 process {s / b:.2f}, "
-              f"2 workers {cluster_t / b:.2f}")
+        print(
+            f"ingest time ratio sscflow/baseline: 1 process {s / b:.2f}, "
+            f"2 workers {cluster_t / b:.2f}"
+        )
 
 
 if __name__ == "__main__":

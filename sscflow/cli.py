@@ -70,7 +70,7 @@ def _config(path: Path | None, scheduler: str | None = None, workers: int | None
 
 
 def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -103,7 +103,9 @@ def synth(
 
     Example: sscflow synth --patients 24 --out cohort/ --spacing 2.5 --seed 0
     """
-    manifest = _synth(patients, out_dir, spacing, seed, noise, ribs, _config(None, scheduler, workers))
+    manifest = _synth(
+        patients, out_dir, spacing, seed, noise, ribs, _config(None, scheduler, workers)
+    )
     out.print(f"wrote {patients} patients; manifest: {manifest}")
 
 
@@ -119,14 +121,22 @@ def _synth(patients, out_dir, spacing, seed, noise, ribs, cfg):
             bar.update(task, completed=done, last=pid)
 
         return synthesize_cohort(
-            patients, out_dir, spacing=spacing, seed=seed, client=client, progress=progress,
-            ribs=ribs, noise_hu=noise,
+            patients,
+            out_dir,
+            spacing=spacing,
+            seed=seed,
+            client=client,
+            progress=progress,
+            ribs=ribs,
+            noise_hu=noise,
         )
 
 
 @app.command()
 def ingest(
-    manifest: Annotated[Path, typer.Argument(help="Manifest CSV (patient_id, baseline, followup, ...).")],
+    manifest: Annotated[
+        Path, typer.Argument(help="Manifest CSV (patient_id, baseline, followup, ...).")
+    ],
     store: Annotated[str, typer.Option("--store", "-s", help="Zarr store to write (created).")],
     spacing: Annotated[
         float | None, typer.Option("--spacing", help="Canonical voxel size in mm (default 1).")
@@ -187,7 +197,9 @@ def _ingest_summary(results, store):
 
 @app.command()
 def demo(
-    patients: Annotated[int, typer.Option("--patients", "-n", min=1, help="Synthetic patients.")] = 24,
+    patients: Annotated[
+        int, typer.Option("--patients", "-n", min=1, help="Synthetic patients.")
+    ] = 24,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo"),
     config: ConfigOpt = None,
     workers: WorkersOpt = None,
@@ -201,7 +213,9 @@ def demo(
     """
     cfg = _config(config, None, workers) if config else _demo_config(workers)
     s = cfg.synth
-    manifest = _synth(patients, out_dir / "synthetic", s.spacing_mm, s.seed, s.noise_hu, s.ribs, cfg)
+    manifest = _synth(
+        patients, out_dir / "synthetic", s.spacing_mm, s.seed, s.noise_hu, s.ribs, cfg
+    )
     store = str(out_dir / "cohort.zarr")
     results = _ingest(manifest, store, cfg)
     try:
@@ -223,7 +237,9 @@ def _demo_config(workers):
 def _demo_report(synthetic: Path, store: str, results):
     from sscflow.quality import lung_mask_dice
 
-    scores = lung_mask_dice(store, synthetic, [r.patient_id for r in results if r.status != "failed"])
+    scores = lung_mask_dice(
+        store, synthetic, [r.patient_id for r in results if r.status != "failed"]
+    )
     if scores:
         vals = sorted(scores.values())
         out.print(

@@ -156,9 +156,7 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = False) -> Mani
                 "'-', starting with a letter or digit (it names a folder in the store)"
             )
         elif pid in seen:
-            row_problems.append(
-                f"{where}, column patient_id: duplicate of line {seen[pid]}"
-            )
+            row_problems.append(f"{where}, column patient_id: duplicate of line {seen[pid]}")
         else:
             seen[pid] = line
         scans = {}

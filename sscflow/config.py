@@ -47,7 +47,9 @@ class IngestConfig:
 
     def validate(self, where: str) -> None:
         if not 0.2 <= self.spacing_mm <= 10:
-            raise ConfigError(f"{where}.spacing_mm must be within 0.2..10 mm, got {self.spacing_mm}")
+            raise ConfigError(
+                f"{where}.spacing_mm must be within 0.2..10 mm, got {self.spacing_mm}"
+            )
         if not 8 <= self.chunk <= 512:
             raise ConfigError(f"{where}.chunk must be within 8..512 voxels, got {self.chunk}")
         if not 1 <= self.compression_level <= 9:
@@ -94,6 +96,25 @@ class SynthConfig:
 
 
 @dataclass
+class JacobianConfig:
+    """Log-Jacobian maps: the folding floor, the block size and the summary's percentiles."""
+
+    floor: float = 1e-6  # det J at or below this (folding) is set to it before the log
+    chunk: int = 64  # block edge in voxels, for the computation and the stored map
+    percentiles: tuple[float, ...] = (5.0, 25.0, 75.0, 95.0)  # reported besides the median
+
+    def validate(self, where: str) -> None:
+        if not 0 < self.floor < 1:
+            raise ConfigError(f"{where}.floor must be within (0, 1), got {self.floor}")
+        if not 8 <= self.chunk <= 512:
+            raise ConfigError(f"{where}.chunk must be within 8..512 voxels, got {self.chunk}")
+        if not all(0 <= q <= 100 for q in self.percentiles):
+            raise ConfigError(
+                f"{where}.percentiles must be within 0..100, got {list(self.percentiles)}"
+            )
+
+
+@dataclass
 class Config:
     """A whole sscflow run. ``manifest`` and ``store`` are paths (or URLs for the store)."""
 
@@ -103,6 +124,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    jacobian: JacobianConfig = field(default_factory=JacobianConfig)
     source: str = "<defaults>"  # where it was loaded from (not a YAML key)
 
     def validate(self, where: str = "") -> None:
@@ -203,7 +225,9 @@ def _coerce(value, hint, keypath):
         return value
     if hint is Path:
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"'{keypath}' must be a path (a string), got {_kind(value)} {value!r}")
+            raise ConfigError(
+                f"'{keypath}' must be a path (a string), got {_kind(value)} {value!r}"
+            )
         return Path(value)
     if origin in (list, tuple):
         (item,) = typing.get_args(hint)[:1]

@@ -1,4 +1,4 @@
-"""Image geometry in sscflow's axis order, and the one place where ITK's (x, y, z) order is converted.
+"""Image geometry in sscflow's axis order; the one place ITK's (x, y, z) order is converted.
 
 sscflow arrays are numpy (z, y, x). SimpleITK images, spacings, origins and vector components are
 (x, y, z). Convert only through the helpers here.

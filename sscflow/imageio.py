@@ -67,7 +67,8 @@ def read_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> si
     else:
         if describe_format(p) == "unknown":
             raise InputImageError(
-                f"{p}: unknown image format; use a DICOM folder or one of {', '.join(FILE_SUFFIXES)}"
+                f"{p}: unknown image format; use a DICOM folder or one of "
+                f"{', '.join(FILE_SUFFIXES)}"
             )
         try:
             image = sitk.ReadImage(str(p))

@@ -20,7 +20,7 @@ from sscflow import store as st
 from sscflow.cohort import Manifest, Patient
 from sscflow.config import IngestConfig, SegmentConfig
 from sscflow.errors import InputImageError, MissingInputError, SscflowError
-from sscflow.geometry import Geometry, to_numpy
+from sscflow.geometry import Geometry
 from sscflow.imageio import describe_format, read_volume
 from sscflow.segment import segment_lungs
 
@@ -55,7 +55,9 @@ def canonical_grid(image: sitk.Image, spacing: float) -> Geometry:
     return Geometry(tuple(n[::-1]), (spacing,) * 3, tuple(lo[::-1]))
 
 
-def to_canonical(image: sitk.Image, spacing: float, *, label: bool = False) -> tuple[np.ndarray, Geometry]:
+def to_canonical(
+    image: sitk.Image, spacing: float, *, label: bool = False
+) -> tuple[np.ndarray, Geometry]:
     """Resample to the canonical grid: linear (or nearest for labels), -1024 HU outside.
 
     Returns the (z, y, x) array (int16 HU, or uint8 for labels) and its geometry. A scan already on
@@ -73,7 +75,11 @@ def to_canonical(image: sitk.Image, spacing: float, *, label: bool = False) -> t
         interp = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
         src = image if label else sitk.Cast(image, sitk.sitkFloat32)
         out = sitk.Resample(
-            src, ref, sitk.Transform(), interp, 0.0 if label else float(HU_MIN),
+            src,
+            ref,
+            sitk.Transform(),
+            interp,
+            0.0 if label else float(HU_MIN),
             src.GetPixelID(),
         )
         arr = sitk.GetArrayFromImage(out)
@@ -99,12 +105,16 @@ def ingest_patient(
         clinical = {"clinical": patient.clinical, "functional": patient.functional}
         if dict(group.attrs.get("sscflow", {})) != st._jsonable(clinical):
             group.attrs["sscflow"] = clinical
-        image_params = {"spacing_mm": ingest.spacing_mm, "interpolator": "linear",
-                        "version": STAGE_VERSION}
+        image_params = {
+            "spacing_mm": ingest.spacing_mm,
+            "interpolator": "linear",
+            "version": STAGE_VERSION,
+        }
         mask_params = {**asdict(segment), "version": STAGE_VERSION}
         for which, mask_name in SCANS.items():
-            _ingest_scan(patient, which, mask_name, group, ingest, segment, image_params,
-                         mask_params, result)
+            _ingest_scan(
+                patient, which, mask_name, group, ingest, segment, image_params, mask_params, result
+            )
     except SscflowError as exc:
         result.status, result.message = "failed", f"patient {patient.patient_id}: {exc}"
     except Exception as exc:  # an unexpected failure still fails this patient alone
@@ -116,8 +126,9 @@ def ingest_patient(
     return result
 
 
-def _ingest_scan(patient, which, mask_name, group, ingest, segment, image_params, mask_params,
-                 result):
+def _ingest_scan(
+    patient, which, mask_name, group, ingest, segment, image_params, mask_params, result
+):
     path, series_uid = patient.scan(which)
     where = f"{LABEL[which]} {path}"
     if not path.exists():
@@ -154,15 +165,32 @@ def _ingest_scan(patient, which, mask_name, group, ingest, segment, image_params
     }
     write = dict(chunk=ingest.chunk, compression_level=ingest.compression_level)
     if not image_ok:
-        st.write_image(group, which, hu, geometry, stage=STAGE, params=image_params,
-                       input_hash=input_hash, extra={"source": source}, fill_value=HU_MIN, **write)
+        st.write_image(
+            group,
+            which,
+            hu,
+            geometry,
+            stage=STAGE,
+            params=image_params,
+            input_hash=input_hash,
+            extra={"source": source},
+            fill_value=HU_MIN,
+            **write,
+        )
         result.written.append(which)
     else:
         result.skipped.append(which)
-    st.write_image(group, mask_name, lungs.mask, geometry, stage="segment", params=mask_params,
-                   input_hash=mask_hash, extra={"lung_volume_ml": lungs.volume_ml,
-                                                "airway_ml": lungs.airway_ml,
-                                                "of": which}, **write)
+    st.write_image(
+        group,
+        mask_name,
+        lungs.mask,
+        geometry,
+        stage="segment",
+        params=mask_params,
+        input_hash=mask_hash,
+        extra={"lung_volume_ml": lungs.volume_ml, "airway_ml": lungs.airway_ml, "of": which},
+        **write,
+    )
     result.written.append(mask_name)
     result.lung_volume_ml[which] = lungs.volume_ml
 
@@ -200,8 +228,15 @@ def ingest_cohort(
 
         token = st.hash_values(store, asdict(ingest), asdict(segment))[:10]
         futures = [
-            client.submit(ingest_patient, p, store, ingest, segment,
-                          key=f"ingest-{p.patient_id}-{token}", pure=False)
+            client.submit(
+                ingest_patient,
+                p,
+                store,
+                ingest,
+                segment,
+                key=f"ingest-{p.patient_id}-{token}",
+                pure=False,
+            )
             for p in manifest.patients
         ]
         by_key = {f.key: p for f, p in zip(futures, manifest.patients, strict=True)}

@@ -26,7 +26,9 @@ def resample_mask(mask: np.ndarray, geometry: Geometry, target: Geometry) -> np.
         return mask
     src = to_sitk(mask.astype(np.uint8), geometry.spacing, geometry.origin, geometry.direction)
     ref = to_sitk(np.zeros(target.shape, np.uint8), target.spacing, target.origin)
-    return sitk.GetArrayFromImage(sitk.Resample(src, ref, sitk.Transform(), sitk.sitkNearestNeighbor))
+    return sitk.GetArrayFromImage(
+        sitk.Resample(src, ref, sitk.Transform(), sitk.sitkNearestNeighbor)
+    )
 
 
 def lung_mask_dice(store: str, synthetic_dir, patient_ids) -> dict[str, float]:

@@ -122,7 +122,9 @@ def write_image(
     Any existing group ``name`` is replaced. The group is marked complete last.
     """
     if tuple(data.shape[-3:]) != geometry.shape:
-        raise ValueError(f"{name}: data shape {data.shape} does not match geometry {geometry.shape}")
+        raise ValueError(
+            f"{name}: data shape {data.shape} does not match geometry {geometry.shape}"
+        )
     group = parent.create_group(name, overwrite=True)  # drops an old, maybe complete, version
     meta = {
         "stage": stage,

@@ -12,6 +12,5 @@ def client():
     """A real LocalCluster (two worker processes) shared by the tests that need one."""
     from sscflow.cluster import dask_client
 
-    with dask_client(ClusterConfig(n_workers=2, threads_per_worker=1,
-                                   dashboard_address=":0")) as c:
+    with dask_client(ClusterConfig(n_workers=2, threads_per_worker=1, dashboard_address=":0")) as c:
         yield c

@@ -46,8 +46,11 @@ def mini_chest(center=(0.0, 0.0, 0.0), sphere=None, sphere_hu=1000.0, lung_z_rad
         body = ((y - cy) / 35.0) ** 2 + ((x - cx) / 50.0) ** 2 <= 1.0
         hu[body] = 40.0
         for side in (-1, 1):
-            lung = (((z - cz) / lung_z_radius) ** 2 + ((y - cy) / 22.0) ** 2
-                    + ((x - cx - side * 24.0) / 16.0) ** 2) <= 1.0
+            lung = (
+                ((z - cz) / lung_z_radius) ** 2
+                + ((y - cy) / 22.0) ** 2
+                + ((x - cx - side * 24.0) / 16.0) ** 2
+            ) <= 1.0
             hu[lung] = -850.0
         if sphere is not None:
             (sz, sy, sx), r = sphere

@@ -9,8 +9,13 @@ COMMANDS = ["synth", "ingest", "demo", "validate"]
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "sscflow.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "sscflow.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 @pytest.mark.parametrize("command", COMMANDS)

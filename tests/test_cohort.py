@@ -4,7 +4,9 @@ import pytest
 from sscflow.cohort import functional_label, read_manifest
 from sscflow.errors import ManifestError, MissingInputError
 
-HEADER = "patient_id,baseline,followup,fvc_baseline,fvc_followup,dlco_baseline,dlco_followup,visual\n"
+HEADER = (
+    "patient_id,baseline,followup,fvc_baseline,fvc_followup,dlco_baseline,dlco_followup,visual\n"
+)
 
 
 def write(tmp_path, text, name="manifest.csv"):
@@ -15,8 +17,11 @@ def write(tmp_path, text, name="manifest.csv"):
 
 def test_reads_and_resolves_relative_paths(tmp_path):
     (tmp_path / "abs").mkdir()
-    p = write(tmp_path, HEADER + f"P1,a/b.nii.gz,{tmp_path}/abs/f.mha,80,70,60,50,Worsened\n"
-              "P2,b.nii.gz,f.nii.gz,,,,,\n")
+    p = write(
+        tmp_path,
+        HEADER + f"P1,a/b.nii.gz,{tmp_path}/abs/f.mha,80,70,60,50,Worsened\n"
+        "P2,b.nii.gz,f.nii.gz,,,,,\n",
+    )
     m = read_manifest(p)
     assert [x.patient_id for x in m.patients] == ["P1", "P2"]
     assert m.patients[0].baseline == tmp_path / "a" / "b.nii.gz"
@@ -34,13 +39,19 @@ def test_reads_and_resolves_relative_paths(tmp_path):
     [
         ({"fvc_baseline": 80, "fvc_followup": 70}, "worsening"),  # exactly 10 points
         ({"fvc_baseline": 80, "fvc_followup": 70.1}, None),  # not enough: DLCO missing
-        ({"fvc_baseline": 80, "fvc_followup": 70.1, "dlco_baseline": 60, "dlco_followup": 45},
-         "worsening"),  # DLCO exactly 15 points
-        ({"fvc_baseline": 80, "fvc_followup": 70.1, "dlco_baseline": 60, "dlco_followup": 45.1},
-         "stable"),
+        (
+            {"fvc_baseline": 80, "fvc_followup": 70.1, "dlco_baseline": 60, "dlco_followup": 45},
+            "worsening",
+        ),  # DLCO exactly 15 points
+        (
+            {"fvc_baseline": 80, "fvc_followup": 70.1, "dlco_baseline": 60, "dlco_followup": 45.1},
+            "stable",
+        ),
         ({"dlco_baseline": 60, "dlco_followup": 40}, "worsening"),
-        ({"fvc_baseline": 80, "fvc_followup": 95, "dlco_baseline": 60, "dlco_followup": 70},
-         "stable"),  # improvement is not worsening
+        (
+            {"fvc_baseline": 80, "fvc_followup": 95, "dlco_baseline": 60, "dlco_followup": 70},
+            "stable",
+        ),  # improvement is not worsening
         ({}, None),
     ],
 )
@@ -53,8 +64,14 @@ def test_functional_rule(clinical, expected):
     [
         ("patient_id,baseline\nP1,a\n", r"missing column: followup"),
         ("patient_id,baseline,followup,fvc\nP1,a,b,1\n", r"unknown column: fvc"),
-        (HEADER + "P1,a,b,,,,,\nP1,c,d,,,,,\n", r"line 3 \(patient P1\), column patient_id: duplicate of line 2"),
-        (HEADER + "P1,a,b,abc,,,,\n", r"line 2 \(patient P1\), column fvc_baseline: 'abc' is not a number"),
+        (
+            HEADER + "P1,a,b,,,,,\nP1,c,d,,,,,\n",
+            r"line 3 \(patient P1\), column patient_id: duplicate of line 2",
+        ),
+        (
+            HEADER + "P1,a,b,abc,,,,\n",
+            r"line 2 \(patient P1\), column fvc_baseline: 'abc' is not a number",
+        ),
         (HEADER + "P1,a,b,900,,,,\n", r"column fvc_baseline: 900 is out of range"),
         (HEADER + "P1,a,b,,,,,better\n", r"column visual: unknown label 'better'"),
         (HEADER + ",a,b,,,,,\n", r"line 2, column patient_id: empty"),

@@ -33,7 +33,10 @@ def test_defaults_and_values():
     [
         ({"cluster": {"n_worker": 2}}, r"unknown key 'cluster\.n_worker'"),
         ({"bogus": 1}, r"unknown key 'bogus'"),
-        ({"cluster": {"n_workers": "two"}}, r"'cluster\.n_workers' must be an integer, got a string"),
+        (
+            {"cluster": {"n_workers": "two"}},
+            r"'cluster\.n_workers' must be an integer, got a string",
+        ),
         ({"cluster": {"n_workers": 2.5}}, r"'cluster\.n_workers' must be an integer"),
         ({"ingest": {"spacing_mm": "1mm"}}, r"'ingest\.spacing_mm' must be a number"),
         ({"synth": {"ribs": "yes"}}, r"'synth\.ribs' must be true or false"),

@@ -4,13 +4,12 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from helpers import make_volume
 
 from sscflow.errors import InputImageError, MissingInputError
 from sscflow.geometry import Geometry, field_from_sitk, field_to_sitk, to_sitk
 from sscflow.imageio import deterministic_uid, read_volume, write_dicom_series, write_volume
 from sscflow.ingest import to_canonical
-
-from helpers import make_volume
 
 
 def sphere_fraction(center, radius):
@@ -41,8 +40,14 @@ GEOMETRIES = {
 def write_any(image, tmp_path, name, suffix):
     if suffix is None:
         folder = tmp_path / name
-        write_dicom_series(image, folder, patient_id="X", patient_name="TEST^X",
-                           series_uid=deterministic_uid(name), study_uid=deterministic_uid("s"))
+        write_dicom_series(
+            image,
+            folder,
+            patient_id="X",
+            patient_name="TEST^X",
+            series_uid=deterministic_uid(name),
+            study_uid=deterministic_uid("s"),
+        )
         return folder
     path = tmp_path / f"{name}{suffix}"
     write_volume(image, path)
@@ -76,8 +81,13 @@ def test_resampling_preserves_sphere_volume():
     radius = 10.0
     center = (0.0, 0.0, 0.0)
     # y runs anterior-ward (a flipped axis): 17.5 mm down to -16.8 mm
-    image = make_volume((50, 50, 26), (0.7, 0.7, 1.25), (-17.5, 17.5, -16.25),
-                        np.diag([1.0, -1.0, 1.0]), fill=sphere_fraction(center, radius))
+    image = make_volume(
+        (50, 50, 26),
+        (0.7, 0.7, 1.25),
+        (-17.5, 17.5, -16.25),
+        np.diag([1.0, -1.0, 1.0]),
+        fill=sphere_fraction(center, radius),
+    )
     hu, geom = to_canonical(image, 1.0)
     volume = float((hu > 0).sum()) * np.prod(geom.spacing)
     expected = 4.0 / 3.0 * np.pi * radius**3
@@ -94,14 +104,21 @@ def test_canonical_input_is_copied_not_interpolated():
 
 def test_dicom_readable_by_pydicom_with_geometry(tmp_path):
     image = make_volume((8, 9, 4), (0.7, 0.7, 1.25), (-3, 4, 10), fill=lambda z, y, x: x * 10)
-    files = write_dicom_series(image, tmp_path / "s", patient_id="P", patient_name="A^B",
-                               series_uid=deterministic_uid(1), study_uid=deterministic_uid(2))
+    files = write_dicom_series(
+        image,
+        tmp_path / "s",
+        patient_id="P",
+        patient_name="A^B",
+        series_uid=deterministic_uid(1),
+        study_uid=deterministic_uid(2),
+    )
     ds = pydicom.dcmread(files[2])
     assert ds.Modality == "CT"
     assert [float(v) for v in ds.PixelSpacing] == [0.7, 0.7]
     np.testing.assert_allclose([float(v) for v in ds.ImagePositionPatient], [-3, 4, 12.5])
-    np.testing.assert_array_equal(ds.pixel_array * ds.RescaleSlope + ds.RescaleIntercept,
-                                  sitk.GetArrayFromImage(image)[2])
+    np.testing.assert_array_equal(
+        ds.pixel_array * ds.RescaleSlope + ds.RescaleIntercept, sitk.GetArrayFromImage(image)[2]
+    )
 
 
 def test_read_errors(tmp_path):
@@ -130,8 +147,14 @@ def test_several_series_need_a_uid(tmp_path):
     b = make_volume((6, 6, 3), (1, 1, 1), (0, 0, 0), fill=lambda z, y, x: y)
     ua, ub = deterministic_uid("a"), deterministic_uid("b")
     for img, uid in ((a, ua), (b, ub)):
-        write_dicom_series(img, folder / uid[-6:], patient_id="P", patient_name="N",
-                           series_uid=uid, study_uid=deterministic_uid("s"))
+        write_dicom_series(
+            img,
+            folder / uid[-6:],
+            patient_id="P",
+            patient_name="N",
+            series_uid=uid,
+            study_uid=deterministic_uid("s"),
+        )
     for sub in list(folder.iterdir()):  # both series in one folder
         for f in sub.iterdir():
             f.rename(folder / f"{sub.name}_{f.name}")

@@ -1,4 +1,4 @@
-"""Ingest end to end on tiny chests: formats, geometry in the store, lung masks, resume, failures."""
+"""Ingest end to end on tiny chests: formats, geometry, lung masks, resume, failures."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import MINI_SEGMENT, make_volume, mini_chest
 
 from sscflow import store as st
 from sscflow.cohort import read_manifest
@@ -16,24 +17,28 @@ from sscflow.imageio import deterministic_uid, write_dicom_series, write_volume
 from sscflow.ingest import ingest_cohort
 from sscflow.quality import dice
 
-from helpers import MINI_SEGMENT, make_volume, mini_chest
-
 SPHERE = ((7.3, -4.1, 0.4), 5.0)  # physical (z, y, x) mm and radius, in the mediastinum
 PATIENT_NAME = "DOE^JANE^SECRET"
 INGEST = IngestConfig(spacing_mm=1.0, chunk=32)
 
 
-def chest(direction=np.eye(3), spacing_xyz=(0.7, 0.7, 1.25), size_xyz=(157, 114, 40), **kw):
-    d = np.asarray(direction, float)
+def chest(direction=None, spacing_xyz=(0.7, 0.7, 1.25), size_xyz=(157, 114, 40), **kw):
+    d = np.eye(3) if direction is None else np.asarray(direction, float)
     half = d @ (np.asarray(size_xyz) * np.asarray(spacing_xyz) / 2)
     return make_volume(size_xyz, spacing_xyz, -half, d, fill=mini_chest(sphere=SPHERE, **kw))
 
 
 def write_scan(image, path):
     if path.suffix == "" and not path.name.endswith(".nii.gz"):
-        write_dicom_series(image, path, patient_id="MRN0042", patient_name=PATIENT_NAME,
-                           birth_date="19500101", series_uid=deterministic_uid(path),
-                           study_uid=deterministic_uid(path.parent))
+        write_dicom_series(
+            image,
+            path,
+            patient_id="MRN0042",
+            patient_name=PATIENT_NAME,
+            birth_date="19500101",
+            series_uid=deterministic_uid(path),
+            study_uid=deterministic_uid(path.parent),
+        )
     else:
         write_volume(image, path)
     return path
@@ -49,9 +54,13 @@ def write_manifest(tmp_path, rows):
 
 def truth_lungs(geometry):
     """The mini chest's lungs evaluated on a stored grid: an analytic, independent truth."""
-    z, y, x = np.meshgrid(*[o + s * np.arange(n) for o, s, n in
-                            zip(geometry.origin, geometry.spacing, geometry.shape, strict=True)],
-                          indexing="ij")
+    z, y, x = np.meshgrid(
+        *[
+            o + s * np.arange(n)
+            for o, s, n in zip(geometry.origin, geometry.spacing, geometry.shape, strict=True)
+        ],
+        indexing="ij",
+    )
     inside = np.zeros(geometry.shape, bool)
     for side in (-1, 1):
         inside |= (z / 30.0) ** 2 + (y / 22.0) ** 2 + ((x - side * 24.0) / 16.0) ** 2 <= 1.0
@@ -62,8 +71,11 @@ def truth_lungs(geometry):
 def three_formats(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("formats")
     rows = []
-    specs = [("PD", np.diag([-1.0, 1.0, 1.0]), ""), ("PN", np.diag([1.0, 1.0, -1.0]), ".nii.gz"),
-             ("PM", np.eye(3), ".mha")]
+    specs = [
+        ("PD", np.diag([-1.0, 1.0, 1.0]), ""),
+        ("PN", np.diag([1.0, 1.0, -1.0]), ".nii.gz"),
+        ("PM", np.eye(3), ".mha"),
+    ]
     for pid, d, suffix in specs:
         img = chest(d)
         b = write_scan(img, tmp / f"{pid}_base{suffix}")
@@ -76,8 +88,14 @@ def test_ingest_on_cluster_geometry_and_masks(three_formats, client):
     tmp, manifest = three_formats
     store = str(tmp / "cohort.zarr")
     seen = []
-    results = ingest_cohort(manifest, store, INGEST, MINI_SEGMENT, client=client,
-                            progress=lambda r, done, total: seen.append((done, total)))
+    results = ingest_cohort(
+        manifest,
+        store,
+        INGEST,
+        MINI_SEGMENT,
+        client=client,
+        progress=lambda r, done, total: seen.append((done, total)),
+    )
     assert [r.status for r in results] == ["done"] * 3, [r.message for r in results]
     assert sorted(seen) == [(1, 3), (2, 3), (3, 3)]
     root = st.open_store(store, mode="r")
@@ -89,7 +107,9 @@ def test_ingest_on_cluster_geometry_and_masks(three_formats, client):
         assert hu.dtype == np.int16 and base.geometry.spacing == (1.0, 1.0, 1.0)
         # the sphere (HU > 500) is where it was put, in physical space
         idx = np.argwhere(hu > 500)
-        found = np.asarray(base.geometry.origin) + idx.mean(axis=0) * np.asarray(base.geometry.spacing)
+        found = np.asarray(base.geometry.origin) + idx.mean(axis=0) * np.asarray(
+            base.geometry.spacing
+        )
         np.testing.assert_allclose(found, SPHERE[0], atol=0.5)
         # the lung mask matches the analytic lungs, including where they touch the end slices
         mask = st.read_image(group, "lung_mask")
@@ -141,7 +161,10 @@ def test_rerun_rewrites_nothing_and_changed_input_is_redone(tmp_path):
     # a changed setting redoes everything it touches
     fourth = ingest_cohort(manifest, str(store), IngestConfig(spacing_mm=1.5), MINI_SEGMENT)
     assert [r.status for r in fourth] == ["done", "done"]
-    assert st.read_image(st.patient_group(st.open_store(store), "A"), "baseline").geometry.spacing == (1.5,) * 3
+    assert (
+        st.read_image(st.patient_group(st.open_store(store), "A"), "baseline").geometry.spacing
+        == (1.5,) * 3
+    )
 
 
 def test_interrupted_output_is_redone(tmp_path):
@@ -162,11 +185,19 @@ def test_bad_inputs_fail_alone_with_clear_messages(tmp_path):
     trunc.write_bytes(good.read_bytes()[:200])
     flat = tmp_path / "flat.nii.gz"
     sitk.WriteImage(sitk.Image(20, 20, sitk.sitkInt16), str(flat))
-    no_air = write_scan(make_volume((20, 20, 10), (2, 2, 2), (0, 0, 0),
-                                    fill=lambda z, y, x: 40 + 0 * x), tmp_path / "noair.mha")
-    solid = write_scan(make_volume((40, 40, 10), (2, 2, 2), (-40, -40, 0),
-                                   fill=lambda z, y, x: np.where(x**2 + y**2 < 900, 40, -1000)),
-                       tmp_path / "solid.mha")
+    no_air = write_scan(
+        make_volume((20, 20, 10), (2, 2, 2), (0, 0, 0), fill=lambda z, y, x: 40 + 0 * x),
+        tmp_path / "noair.mha",
+    )
+    solid = write_scan(
+        make_volume(
+            (40, 40, 10),
+            (2, 2, 2),
+            (-40, -40, 0),
+            fill=lambda z, y, x: np.where(x**2 + y**2 < 900, 40, -1000),
+        ),
+        tmp_path / "solid.mha",
+    )
     rows = [
         ("OK", good.name, good.name, 75),
         ("MISSING", "nowhere.nii.gz", good.name, 75),
@@ -176,12 +207,14 @@ def test_bad_inputs_fail_alone_with_clear_messages(tmp_path):
         ("NOLUNG", solid.name, good.name, 75),
     ]
     manifest = write_manifest(tmp_path, rows)
-    results = {r.patient_id: r for r in ingest_cohort(manifest, str(tmp_path / "c.zarr"),
-                                                       INGEST, MINI_SEGMENT)}
+    results = {
+        r.patient_id: r
+        for r in ingest_cohort(manifest, str(tmp_path / "c.zarr"), INGEST, MINI_SEGMENT)
+    }
     assert results["OK"].status == "done"
     expect = {
         "MISSING": r"patient MISSING: baseline .*nowhere\.nii\.gz does not exist; fix the path "
-                   r"in the manifest \(line 3\)",
+        r"in the manifest \(line 3\)",
         "TRUNC": r"patient TRUNC: follow-up .*trunc\.nii\.gz could not be read",
         "FLAT": r"patient FLAT: baseline .*flat\.nii\.gz has 2 dimensions",
         "NOAIR": r"patient NOAIR: baseline .*noair\.mha holds no air",
@@ -192,9 +225,13 @@ def test_bad_inputs_fail_alone_with_clear_messages(tmp_path):
         assert re.search(pattern, results[pid].message), results[pid].message
     # the scan that failed has neither image nor mask marked complete
     root = st.open_store(tmp_path / "c.zarr", mode="r")
-    failed_scan = {"MISSING": ("baseline", "lung_mask"), "TRUNC": ("followup", "followup_lung_mask"),
-                   "FLAT": ("baseline", "lung_mask"), "NOAIR": ("baseline", "lung_mask"),
-                   "NOLUNG": ("baseline", "lung_mask")}
+    failed_scan = {
+        "MISSING": ("baseline", "lung_mask"),
+        "TRUNC": ("followup", "followup_lung_mask"),
+        "FLAT": ("baseline", "lung_mask"),
+        "NOAIR": ("baseline", "lung_mask"),
+        "NOLUNG": ("baseline", "lung_mask"),
+    }
     for pid, names in failed_scan.items():
         group = st.patient_group(root, pid, create=False)
         for name in names:

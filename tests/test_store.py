@@ -16,8 +16,9 @@ def test_write_read_round_trip_and_ngff(tmp_path):
     root = st.open_store(tmp_path / "c.zarr")
     g = st.patient_group(root, "P1")
     data = np.arange(np.prod(GEOM.shape), dtype=np.int16).reshape(GEOM.shape)
-    st.write_image(g, "baseline", data, GEOM, stage="test", params={"a": 1}, input_hash="h",
-                   chunk=4)
+    st.write_image(
+        g, "baseline", data, GEOM, stage="test", params={"a": 1}, input_hash="h", chunk=4
+    )
     img = st.read_image(g, "baseline")
     np.testing.assert_array_equal(img.array[...], data)
     assert img.geometry == GEOM
@@ -34,8 +35,9 @@ def test_write_read_round_trip_and_ngff(tmp_path):
     ]
     arr_meta = json.loads((tmp_path / "c.zarr/patients/P1/baseline/0/zarr.json").read_text())
     assert arr_meta["zarr_format"] == 3
-    assert any(c["name"] == "blosc" and c["configuration"]["cname"] == "zstd"
-               for c in arr_meta["codecs"])
+    assert any(
+        c["name"] == "blosc" and c["configuration"]["cname"] == "zstd" for c in arr_meta["codecs"]
+    )
     # and xarray opens the array
     ds = xr.open_zarr(tmp_path / "c.zarr/patients/P1/baseline", consolidated=False)
     assert ds["0"].dims == ("z", "y", "x")
@@ -71,8 +73,15 @@ def test_incomplete_output_is_never_taken_as_complete(tmp_path):
 
 def test_is_current_compares_hash_and_params(tmp_path):
     root = st.open_store(tmp_path / "c.zarr")
-    st.write_image(root, "m", np.zeros(GEOM.shape, np.uint8), GEOM, stage="t",
-                   params={"spacing": 1.0, "t": (1, 2)}, input_hash="abc")
+    st.write_image(
+        root,
+        "m",
+        np.zeros(GEOM.shape, np.uint8),
+        GEOM,
+        stage="t",
+        params={"spacing": 1.0, "t": (1, 2)},
+        input_hash="abc",
+    )
     assert st.is_current(root, "m", "abc", {"spacing": 1.0, "t": (1, 2)})
     assert not st.is_current(root, "m", "abd", {"spacing": 1.0, "t": (1, 2)})
     assert not st.is_current(root, "m", "abc", {"spacing": 2.0, "t": (1, 2)})
@@ -103,8 +112,9 @@ def test_only_canonical_geometry_is_stored(tmp_path):
     root = st.open_store(tmp_path / "c.zarr")
     flipped = Geometry((2, 2, 2), (1, 1, 1), (0, 0, 0), ((-1, 0, 0), (0, 1, 0), (0, 0, 1)))
     with pytest.raises(ValueError, match="canonical"):
-        st.write_image(root, "x", np.zeros((2, 2, 2)), flipped, stage="t", params={},
-                       input_hash="h")
+        st.write_image(
+            root, "x", np.zeros((2, 2, 2)), flipped, stage="t", params={}, input_hash="h"
+        )
 
 
 def test_vector_field_has_a_channel_axis(tmp_path):
