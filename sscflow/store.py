@@ -116,10 +116,13 @@ def write_image(
     chunk: int = 64,
     compression_level: int = 3,
     fill_value: Any = 0,
+    complete: bool = True,
 ) -> zarr.Group:
     """Write ``data`` (numpy or dask, (z, y, x) or (c, z, y, x)) as an NGFF image group.
 
-    Any existing group ``name`` is replaced. The group is marked complete last.
+    Any existing group ``name`` is replaced. The group is marked complete last; with
+    ``complete=False`` it is left incomplete for the caller to add what it derives from the
+    stored data and then call :func:`finish_image`.
     """
     if tuple(data.shape[-3:]) != geometry.shape:
         raise ValueError(
@@ -155,9 +158,17 @@ def write_image(
         data.rechunk(chunks).store(arr, lock=False)
     else:
         arr[...] = np.asarray(data)
-    meta["complete"] = True
-    group.attrs["sscflow"] = meta  # written last: the completion mark
+    if complete:
+        finish_image(parent, name)
     return group
+
+
+def finish_image(parent: zarr.Group, name: str, extra: dict | None = None) -> None:
+    """Add ``extra`` to an image group's ``sscflow`` attribute and mark it complete, in one
+    metadata write (atomic on a local store): the completion mark is always written last."""
+    group = parent[name]
+    meta = {**dict(group.attrs["sscflow"]), **_jsonable(extra or {}), "complete": True}
+    group.attrs["sscflow"] = meta
 
 
 @dataclass(frozen=True)
