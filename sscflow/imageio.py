@@ -170,6 +170,10 @@ def write_dicom_series(
         "0008|0060": "CT",
         "0008|0020": study_date,
         "0008|0021": study_date,
+        "0008|0030": "120000",  # fixed times: same input, same bytes (GDCM writes now otherwise)
+        "0008|0031": "120000",
+        "0008|0012": study_date,
+        "0008|0013": "120000",
         "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL",
         "0008|103e": series_description,
         "0010|0010": patient_name,

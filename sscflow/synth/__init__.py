@@ -1,0 +1,19 @@
+"""A synthetic longitudinal chest CT cohort whose truth is known.
+
+Baseline phantoms (body, chest wall, ribs and spine, lungs with vessel trees, trachea and main
+bronchi, heart, scanner noise); follow-ups are the baseline warped by a known smooth
+diffeomorphism (global inspiration change, posterior-basal shrinkage for worsening, expansion
+for improvement) with planted density change. Labels and pulmonary function tests resemble the
+cohort of Chassagnon et al., Radiology 2021.
+
+Sign convention: fixed = baseline, moving = follow-up, ``followup(x + u(x)) = baseline(x)``, and
+the true log-Jacobian is negative where tissue shrinks from baseline to follow-up.
+
+Public API: :func:`plan_cohort`, :func:`synthesize_patient`, :func:`synthesize_cohort`,
+:func:`read_truth` and :class:`Truth`.
+"""
+
+from sscflow.synth.cohort import Truth, read_truth, synthesize_cohort, synthesize_patient
+from sscflow.synth.plan import plan_cohort
+
+__all__ = ["Truth", "plan_cohort", "read_truth", "synthesize_cohort", "synthesize_patient"]

@@ -59,7 +59,9 @@ def patient_streams(seed: int, index: int) -> dict[str, np.random.Generator]:
     The same patient gets the same anatomy whatever the cohort size or execution order.
     """
     children = np.random.SeedSequence([int(seed), int(index)]).spawn(len(PATIENT_STREAMS))
-    return {name: np.random.default_rng(c) for name, c in zip(PATIENT_STREAMS, children)}
+    return {
+        name: np.random.default_rng(c) for name, c in zip(PATIENT_STREAMS, children, strict=True)
+    }
 
 
 def largest_remainder(n: int, weights: dict[str, int]) -> dict[str, int]:
@@ -304,6 +306,6 @@ def _patient_parameters(i, n, seed, visual, latent, m) -> dict:
         "rotation_axis_y": float(axis[1]),
         "rotation_axis_x": float(axis[2]),
     }
-    for k, t in zip("zyx", np.clip(rng.normal(0.0, 2.0, 3), -5.0, 5.0)):
+    for k, t in zip("zyx", np.clip(rng.normal(0.0, 2.0, 3), -5.0, 5.0), strict=True):
         p[f"translation_{k}_mm"] = float(t)
     return p
