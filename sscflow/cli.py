@@ -6,6 +6,7 @@ Expected failures print one line (``error: ...``) and exit 1; ``--debug`` shows 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +25,7 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True, soft_wrap=True)  # errors stay one greppable line
-out = Console()
+out = Console(soft_wrap=True)
 _state = {"debug": False}
 
 ConfigOpt = Annotated[
@@ -109,13 +110,24 @@ def synth(
     out.print(f"wrote {patients} patients; manifest: {manifest}")
 
 
-def _synth(patients, out_dir, spacing, seed, noise, ribs, cfg):
+@contextmanager
+def _client(cfg, client=None):
+    """The given client, or a new one from the config that closes on exit."""
+    if client is not None:
+        yield client
+        return
     from sscflow.cluster import dask_client
+
+    with dask_client(cfg.cluster) as new:
+        console.print(f"dashboard: {new.dashboard_link}")
+        yield new
+
+
+def _synth(patients, out_dir, spacing, seed, noise, ribs, cfg, client=None):
     from sscflow.synth import synthesize_cohort
 
-    with dask_client(cfg.cluster) as client, _progress() as bar:
+    with _client(cfg, client) as client, _progress() as bar:
         task = bar.add_task("synth", total=patients, last="")
-        console.print(f"dashboard: {client.dashboard_link}")
 
         def progress(done, total, pid):
             bar.update(task, completed=done, last=pid)
@@ -159,14 +171,12 @@ def ingest(
     _ingest_summary(results, store)
 
 
-def _ingest(manifest_path, store, cfg):
-    from sscflow.cluster import dask_client
+def _ingest(manifest_path, store, cfg, client=None):
     from sscflow.cohort import read_manifest
     from sscflow.ingest import ingest_cohort
 
     manifest = read_manifest(manifest_path)
-    with dask_client(cfg.cluster) as client, _progress() as bar:
-        console.print(f"dashboard: {client.dashboard_link}")
+    with _client(cfg, client) as client, _progress() as bar:
         task = bar.add_task("ingest", total=len(manifest), last="")
 
         def progress(result, done, total):
@@ -213,11 +223,12 @@ def demo(
     """
     cfg = _config(config, None, workers) if config else _demo_config(workers)
     s = cfg.synth
-    manifest = _synth(
-        patients, out_dir / "synthetic", s.spacing_mm, s.seed, s.noise_hu, s.ribs, cfg
-    )
     store = str(out_dir / "cohort.zarr")
-    results = _ingest(manifest, store, cfg)
+    with _client(cfg) as client:  # one cluster for every stage
+        manifest = _synth(
+            patients, out_dir / "synthetic", s.spacing_mm, s.seed, s.noise_hu, s.ribs, cfg, client
+        )
+        results = _ingest(manifest, store, cfg, client)
     try:
         _ingest_summary(results, store)
     finally:

@@ -63,3 +63,25 @@ def test_ingest_bad_patient_exits_nonzero_with_summary(tmp_path):
     assert res.returncode == 1
     assert "1 of 1 patients failed" in res.stderr
     assert "missing.nii.gz does not exist" in " ".join(res.stderr.split())
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_and_rerun_skips(tmp_path):
+    res = run("demo", "--patients", "3", "--out", str(tmp_path / "d"), "--workers", "2")
+    assert res.returncode == 0, res.stderr
+    assert "ingest: 3 written, 0 unchanged (skipped), 0 failed" in res.stdout
+    dice = float(res.stdout.split("Dice median ")[1].split(",")[0])
+    assert dice >= 0.95
+    assert (tmp_path / "d/cohort.zarr/patients/SYN003/lung_mask/zarr.json").is_file()
+    again = run("ingest", str(tmp_path / "d/synthetic/manifest.csv"), "--store",
+                str(tmp_path / "d/cohort.zarr"), "--spacing", "2.5", "--workers", "1")
+    assert again.returncode == 0, again.stderr
+    assert "0 written, 3 unchanged (skipped), 0 failed" in again.stdout
+
+
+def test_synth_command_writes_a_manifest(tmp_path):
+    res = run("synth", "--patients", "1", "--out", str(tmp_path / "s"), "--spacing", "6",
+              "--workers", "1")
+    assert res.returncode == 0, res.stderr
+    header = (tmp_path / "s/manifest.csv").read_text().splitlines()[0]
+    assert header.startswith("patient_id,baseline,followup,fvc_baseline")
