@@ -88,8 +88,7 @@ def segment_lungs(
     lungs |= ndi.binary_dilation(lungs, iterations=1) & airway_margin & ~airway
 
     if closing_mm > 0:
-        radius = [max(1, int(round(closing_mm / s))) for s in spacing]
-        lungs = _closing(lungs, radius)
+        lungs = _closing(lungs, closing_mm, spacing)
     lungs = _fill_slices(lungs) & filled & ~airway
     volume = float(lungs.sum()) * voxel_ml
     if volume == 0:
@@ -140,11 +139,25 @@ def _airways(low, inside, filled, spacing) -> np.ndarray:
     return np.isin(labels, ids)
 
 
-def _closing(mask: np.ndarray, radius) -> np.ndarray:
-    rz, ry, rx = radius
-    z, y, x = np.ogrid[-rz : rz + 1, -ry : ry + 1, -rx : rx + 1]
-    ball = (z / rz) ** 2 + (y / ry) ** 2 + (x / rx) ** 2 <= 1.0
-    pad = [(r, r) for r in radius]
-    padded = np.pad(mask, pad, mode="edge")  # edge padding keeps lungs at the first/last slice
-    closed = ndi.binary_closing(padded, structure=ball)
-    return closed[rz:-rz, ry:-ry, rx:-rx]
+def _closing(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
+    """Morphological closing with a ball of ``radius_mm``, by two Euclidean distance transforms
+    (fast for large radii), on the mask's bounding box. Outside the array counts as neither
+    foreground nor background, so lungs cut by the first or last slice are not eroded there."""
+    if not mask.any():
+        return mask
+    margin = [int(np.ceil(radius_mm / s)) + 1 for s in spacing]
+    nz = (
+        np.nonzero(mask.any(axis=(1, 2)))[0],
+        np.nonzero(mask.any(axis=(0, 2)))[0],
+        np.nonzero(mask.any(axis=(0, 1)))[0],
+    )
+    box = tuple(
+        slice(max(0, int(idx[0]) - m), min(n, int(idx[-1]) + m + 1))
+        for idx, m, n in zip(nz, margin, mask.shape, strict=True)
+    )
+    sub = mask[box]
+    dilated = ndi.distance_transform_edt(~sub, sampling=spacing) <= radius_mm
+    closed = ndi.distance_transform_edt(dilated, sampling=spacing) > radius_mm
+    out = mask.copy()
+    out[box] |= closed
+    return out
