@@ -100,7 +100,7 @@ class JacobianConfig:
     """Log-Jacobian maps: the folding floor, the block size and the summary's percentiles."""
 
     floor: float = 1e-6  # det J at or below this (folding) is set to it before the log
-    chunk: int = 64  # block edge in voxels, for the computation and the stored map
+    chunk: int = 64  # chunk edge of the stored map, voxels (the field is read in its own chunks)
     percentiles: tuple[float, ...] = (5.0, 25.0, 75.0, 95.0)  # reported besides the median
 
     def validate(self, where: str) -> None:
@@ -115,6 +115,72 @@ class JacobianConfig:
 
 
 @dataclass
+class RegistrationConfig:
+    """Follow-up to baseline registration (see ``sscflow.registration``).
+
+    ``backend`` "auto" is the torch SVF + local NCC backend when PyTorch is installed, else the
+    SimpleITK affine + diffeomorphic demons backend. The other fields are the torch backend's
+    parameters (the sitk backend uses ``margin_mm``, ``levels`` and ``threads``).
+    """
+
+    backend: str = "auto"  # "auto", "torch" or "sitk"
+    device: str = "auto"  # torch: "auto" (CUDA when available), "cpu" or "cuda"
+    margin_mm: float = 15.0  # crop to the lung bounding box plus this margin
+    levels: tuple[int, ...] = (4, 2, 1)  # shrink factors, coarse to fine
+    iterations: tuple[int, ...] = (50, 60, 10)  # deformable iterations per level
+    affine_iterations: tuple[int, ...] = (100,)  # affine iterations, coarsest levels first
+    window: int = 5  # local NCC window, voxels of each level
+    velocity_sigma: float = 1.0  # Gaussian smoothing of the velocity after each step (voxels)
+    gradient_sigma: float = 1.0  # Gaussian smoothing of each update (voxels of the velocity grid)
+    diffusion: float = 0.0  # weight of a diffusion penalty on the velocity
+    learning_rate: float = 0.3  # largest update per step, voxels of the velocity grid
+    velocity_shrink: int = 2  # velocity grid step = level shrink x this (image voxels)
+    squarings: int = 6  # scaling-and-squaring steps
+    threads: int = 0  # CPU threads; 0 = the cores available to this process
+
+    def validate(self, where: str) -> None:
+        if self.backend not in ("auto", "torch", "sitk"):
+            raise ConfigError(
+                f"{where}.backend must be one of auto, torch, sitk, got {self.backend!r}"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"{where}.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.margin_mm < 0:
+            raise ConfigError(f"{where}.margin_mm must be >= 0, got {self.margin_mm}")
+        if not self.levels or any(f < 1 for f in self.levels):
+            raise ConfigError(f"{where}.levels must be shrink factors >= 1, got {self.levels}")
+        if len(self.iterations) != len(self.levels) or any(n < 0 for n in self.iterations):
+            raise ConfigError(
+                f"{where}.iterations needs one count >= 0 per level ({len(self.levels)}), "
+                f"got {list(self.iterations)}"
+            )
+        if any(n < 0 for n in self.affine_iterations):
+            raise ConfigError(f"{where}.affine_iterations must be >= 0")
+        if self.window < 3 or self.window % 2 == 0:
+            raise ConfigError(f"{where}.window must be an odd number >= 3, got {self.window}")
+        if (min(self.velocity_sigma, self.gradient_sigma, self.diffusion) < 0
+                or not self.learning_rate > 0):  # fmt: skip
+            raise ConfigError(
+                f"{where}.velocity_sigma, gradient_sigma and diffusion must be >= 0 and "
+                f"{where}.learning_rate > 0"
+            )
+        _positive(self.velocity_shrink, f"{where}.velocity_shrink")
+        if not 0 <= self.squarings <= 12:
+            raise ConfigError(f"{where}.squarings must be within 0..12, got {self.squarings}")
+        if self.threads < 0:
+            raise ConfigError(f"{where}.threads must be >= 0, got {self.threads}")
+
+    def options(self, backend: str) -> dict:
+        """Keyword options for ``register(..., backend=backend)``."""
+        if backend == "sitk":
+            return {"margin_mm": self.margin_mm, "levels": tuple(self.levels),
+                    "iterations": tuple(self.iterations), "threads": self.threads}  # fmt: skip
+        d = dataclasses.asdict(self)
+        d.pop("backend")
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+@dataclass
 class Config:
     """A whole sscflow run. ``manifest`` and ``store`` are paths (or URLs for the store)."""
 
@@ -125,6 +191,7 @@ class Config:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     jacobian: JacobianConfig = field(default_factory=JacobianConfig)
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
     source: str = "<defaults>"  # where it was loaded from (not a YAML key)
 
     def validate(self, where: str = "") -> None:

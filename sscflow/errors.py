@@ -47,3 +47,11 @@ class SegmentationError(SscflowError, ValueError):
 
 class MissingDependencyError(SscflowError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+class RegistrationInputError(SscflowError, ValueError):
+    """Registration inputs disagree (shapes, spacing) or hold NaN / inf, or the mask is empty."""
+
+
+class UnknownBackendError(SscflowError, ValueError):
+    """A registration backend name is not in the registry; the message lists the choices."""

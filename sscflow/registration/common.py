@@ -1,0 +1,265 @@
+"""What every registration backend shares: input checks, the lung crop, the affine-plus-local
+composition of the result, and the measures used in QA records and against synthetic truth.
+
+Coordinates: physical millimetres (z, y, x) relative to voxel (0, 0, 0) of the fixed grid (the
+fixed and moving volumes share one canonical grid, so origins cancel). An affine map is
+``y = matrix @ x + offset`` in those coordinates.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from sscflow.errors import RegistrationInputError
+from sscflow.geometry import field_to_sitk, to_sitk
+
+FOLD_FLOOR = 1e-6  # det J at or below this counts as folded; the log uses this floor
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Checked registration inputs: float32 volumes, spacing as floats, a bool mask or None."""
+
+    fixed: np.ndarray
+    moving: np.ndarray
+    spacing: tuple[float, float, float]
+    mask: np.ndarray | None
+
+
+def check_inputs(fixed, moving, spacing, mask=None, *, moving_spacing=None) -> Inputs:
+    """Validate the arguments of :func:`sscflow.registration.register`.
+
+    Raises
+    ------
+    RegistrationInputError (a ValueError) naming what came and what was expected: volumes that
+    are not 3-D or differ in shape, NaN or inf values, a spacing that is not three positive
+    numbers or (``moving_spacing``) differs from the fixed one, a mask of another shape or with
+    no voxel set.
+    """
+    fixed = np.asarray(fixed)
+    moving = np.asarray(moving)
+    for name, a in (("fixed", fixed), ("moving", moving)):
+        if a.ndim != 3:
+            raise RegistrationInputError(
+                f"register: {name} must be a 3-D (Z, Y, X) volume, got shape {a.shape}"
+            )
+    if fixed.shape != moving.shape:
+        raise RegistrationInputError(
+            f"register: fixed and moving must be on the same grid; shapes differ: fixed "
+            f"{fixed.shape}, moving {moving.shape} (resample both with sscflow.ingest first)"
+        )
+    sp = _spacing(spacing, "spacing")
+    if moving_spacing is not None:
+        msp = _spacing(moving_spacing, "moving spacing")
+        if not np.allclose(sp, msp, rtol=1e-4, atol=1e-6):
+            raise RegistrationInputError(
+                f"register: spacing mismatch: fixed {sp} mm, moving {msp} mm; both must be on "
+                "the same canonical grid (resample with sscflow.ingest.to_canonical)"
+            )
+    out = []
+    for name, a in (("fixed", fixed), ("moving", moving)):
+        a = a.astype(np.float32, copy=False)
+        bad = ~np.isfinite(a)
+        if bad.any():
+            raise RegistrationInputError(
+                f"register: {name} holds {int(bad.sum())} NaN or inf voxel(s); expected finite HU"
+            )
+        out.append(a)
+    m = None
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.shape != fixed.shape:
+            raise RegistrationInputError(
+                f"register: mask shape {m.shape} differs from the fixed volume {fixed.shape}"
+            )
+        m = m.astype(bool, copy=False)
+        if not m.any():
+            raise RegistrationInputError(
+                "register: the lung mask is empty (no voxel set); pass mask=None to register "
+                "the whole volume, or check the segmentation"
+            )
+    return Inputs(out[0], out[1], sp, m)
+
+
+def _spacing(spacing, name) -> tuple[float, float, float]:
+    try:
+        sp = tuple(float(s) for s in spacing)
+    except (TypeError, ValueError):
+        raise RegistrationInputError(
+            f"register: {name} must be three positive numbers (z, y, x) mm, got {spacing!r}"
+        ) from None
+    if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
+        raise RegistrationInputError(
+            f"register: {name} must be three positive numbers (z, y, x) mm, got {spacing!r}"
+        )
+    return sp
+
+
+def n_threads(threads: int = 0) -> int:
+    """``threads`` if > 0, else the CPU cores this process may use."""
+    if threads and threads > 0:
+        return int(threads)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def crop_box(mask, spacing, margin_mm: float, shape) -> tuple[slice, slice, slice]:
+    """The bounding box of ``mask`` grown by ``margin_mm`` and clipped to ``shape``.
+
+    With no mask, the whole volume.
+
+    >>> m = np.zeros((20, 20, 20), bool); m[5:8, 5:8, 5:8] = True
+    >>> crop_box(m, (1.0, 1.0, 1.0), 2.0, m.shape)
+    (slice(3, 10, None), slice(3, 10, None), slice(3, 10, None))
+    """
+    if mask is None:
+        return tuple(slice(0, n) for n in shape)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(mask.any(axis=other))
+        pad = int(math.ceil(margin_mm / spacing[axis]))
+        box.append(slice(max(0, int(hit[0]) - pad), min(int(shape[axis]), int(hit[-1]) + 1 + pad)))
+    return tuple(box)
+
+
+def compose(local, box, shape, spacing, matrix, offset) -> np.ndarray:
+    """The displacement of ``x -> A(x + w(x))`` on the whole fixed grid, float32 mm.
+
+    ``local`` is w, (3, *box shape) mm, on the crop ``box`` and zero outside it (backends make it
+    vanish at the crop border, so the field is continuous). ``A`` is ``matrix @ x + offset``.
+    Outside the crop the result is the affine part alone.
+    """
+    spacing = np.asarray(spacing, dtype=np.float64)
+    matrix = np.asarray(matrix, dtype=np.float64)
+    offset = np.asarray(offset, dtype=np.float64)
+    lin = matrix - np.eye(3)
+    out = np.empty((3, *shape), np.float32)
+    axes = [np.arange(n, dtype=np.float64) * spacing[k] for k, n in enumerate(shape)]
+    for k in range(3):  # (A - I) x + b, separable per axis
+        out[k] = offset[k]
+        out[k] += (lin[k, 0] * axes[0])[:, None, None]
+        out[k] += (lin[k, 1] * axes[1])[None, :, None]
+        out[k] += (lin[k, 2] * axes[2])[None, None, :]
+    if local is not None:
+        local = np.asarray(local, dtype=np.float32)
+        for k in range(3):
+            add = matrix[k, 0] * local[0] + matrix[k, 1] * local[1] + matrix[k, 2] * local[2]
+            out[(k, *box)] += add.astype(np.float32)
+    return out
+
+
+def warp(moving, displacement, spacing, *, order: int = 1, fill: float = -1024.0) -> np.ndarray:
+    """``moving(x + u(x))`` on the fixed grid (linear interpolation; ``fill`` outside)."""
+    image = to_sitk(np.asarray(moving, np.float32), spacing)
+    tx = sitk.DisplacementFieldTransform(field_to_sitk(displacement, spacing))
+    interp = sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor
+    out = sitk.Resample(image, image, tx, interp, float(fill), sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out)
+
+
+def det_jacobian(displacement, spacing) -> np.ndarray:
+    """det(I + grad u) by SimpleITK (central differences), (Z, Y, X) float32."""
+    image = sitk.DisplacementFieldJacobianDeterminant(field_to_sitk(displacement, spacing))
+    return sitk.GetArrayFromImage(image).astype(np.float32)
+
+
+def log_jacobian(displacement, spacing, floor: float = FOLD_FLOOR) -> np.ndarray:
+    """log det(I + grad u), with det J floored at ``floor`` (folding) before the log."""
+    return np.log(np.maximum(det_jacobian(displacement, spacing), floor))
+
+
+def folded_fraction(displacement, spacing, mask=None) -> float:
+    """Fraction of voxels (inside ``mask`` when given) with det J <= FOLD_FLOOR."""
+    det = det_jacobian(displacement, spacing)
+    sel = det[mask.astype(bool)] if mask is not None else det
+    return float((sel <= FOLD_FLOOR).mean()) if sel.size else 0.0
+
+
+def ncc(a, b, mask=None) -> float:
+    """Global normalised cross-correlation of two volumes (inside ``mask`` when given)."""
+    if mask is not None:
+        m = np.asarray(mask, bool)
+        a, b = a[m], b[m]
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    a = a - a.mean()
+    b = b - b.mean()
+    den = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / den if den > 0 else 0.0
+
+
+def local_ncc(a, b, mask=None, window: int = 5) -> float:
+    """Mean local NCC (squared, window ``window`` voxels) inside ``mask`` (or everywhere)."""
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+
+    def box(x):
+        return ndimage.uniform_filter(x, window, mode="nearest")
+
+    ma, mb = box(a), box(b)
+    va = box(a * a) - ma * ma
+    vb = box(b * b) - mb * mb
+    cov = box(a * b) - ma * mb
+    cc = cov * cov / (va * vb + 1e-3)
+    sel = cc[np.asarray(mask, bool)] if mask is not None else cc
+    return float(sel.mean())
+
+
+def similarity(fixed, moving, displacement, spacing, mask=None) -> dict:
+    """Similarity of fixed and moving before and after warping, inside ``mask``: global NCC,
+    local NCC (window 5) and mean absolute difference in HU."""
+    warped = warp(moving, displacement, spacing)
+    out = {}
+    for when, m in (("before", moving), ("after", warped)):
+        out[f"ncc_{when}"] = round(ncc(fixed, m, mask), 5)
+        out[f"lncc_{when}"] = round(local_ncc(fixed, m, mask), 5)
+        diff = np.abs(np.asarray(fixed, np.float32) - m)
+        out[f"mad_hu_{when}"] = round(
+            float(diff[np.asarray(mask, bool)].mean() if mask is not None else diff.mean()), 3
+        )
+    return out
+
+
+def truth_errors(displacement, spacing, truth_displacement, truth_log_jacobian, lung, region=None):
+    """Errors of a displacement against a known one, inside the (baseline) lung.
+
+    Returns a dict: ``mean_error_mm``, ``p95_error_mm`` (Euclidean displacement error),
+    ``logjac_mae`` (mean absolute log-Jacobian error), ``folded_voxels`` (det J <= FOLD_FLOOR),
+    and with a non-empty ``region``: ``region_logjac`` and ``region_logjac_truth`` (means in
+    the planted region) and their difference ``region_logjac_error``.
+    """
+    lung = np.asarray(lung, bool)
+    err = np.sqrt(((np.asarray(displacement) - truth_displacement) ** 2).sum(axis=0))[lung]
+    det = det_jacobian(displacement, spacing)
+    lj = np.log(np.maximum(det, FOLD_FLOOR))
+    out = {
+        "mean_error_mm": float(err.mean()),
+        "p95_error_mm": float(np.percentile(err, 95)),
+        "logjac_mae": float(np.abs(lj[lung] - truth_log_jacobian[lung]).mean()),
+        "folded_voxels": int((det[lung] <= FOLD_FLOOR).sum()),
+    }
+    if region is not None and np.asarray(region).any():
+        r = np.asarray(region, bool)
+        out["region_logjac"] = float(lj[r].mean())
+        out["region_logjac_truth"] = float(truth_log_jacobian[r].mean())
+        out["region_logjac_error"] = out["region_logjac"] - out["region_logjac_truth"]
+    return out
+
+
+def dilate_mask(mask, spacing, mm: float) -> np.ndarray:
+    """``mask`` grown by about ``mm`` millimetres (an ellipsoidal structuring element)."""
+    r = [max(0, int(round(mm / s))) for s in spacing]
+    if max(r) == 0:
+        return np.asarray(mask, bool)
+    g = np.ogrid[tuple(slice(-k, k + 1) for k in r)]
+    ball = sum((gi / max(k, 1)) ** 2 for gi, k in zip(g, r, strict=True)) <= 1.0
+    return ndimage.binary_dilation(np.asarray(mask, bool), structure=ball)

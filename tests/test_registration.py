@@ -1,0 +1,293 @@
+"""Registration: known translations, affines and smooth fields on tiny volumes, no folding, bad
+input, the stage on a tiny store, and (slow) accuracy against the synthetic truth."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from sscflow import store as st
+from sscflow.config import RegistrationConfig
+from sscflow.errors import MissingDependencyError, RegistrationInputError, UnknownBackendError
+from sscflow.geometry import Geometry
+from sscflow.registration import BACKENDS, register, resolve_backend
+from sscflow.registration.common import crop_box, det_jacobian, truth_errors
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+BACKEND_NAMES = [
+    "sitk",
+    pytest.param("torch", marks=pytest.mark.skipif(not HAS_TORCH, reason="needs torch")),
+]
+SPACING = (2.0, 2.0, 2.0)
+SHAPE = (36, 36, 36)
+FAST = {
+    "sitk": {"levels": (2, 1), "iterations": (40, 20), "margin_mm": 6.0},
+    "torch": {"levels": (2, 1), "iterations": (60, 30), "affine_iterations": (100,),
+              "margin_mm": 6.0, "threads": 1, "velocity_shrink": 1},
+}  # fmt: skip
+
+
+def _texture(seed=0, pad=12):
+    """A smooth random CT-like volume (HU) on SHAPE padded by ``pad`` voxels per side."""
+    rng = np.random.default_rng(seed)
+    big = tuple(n + 2 * pad for n in SHAPE)
+    noise = ndimage.gaussian_filter(rng.standard_normal(big), 1.6)
+    noise /= noise.std()
+    return -500.0 + 350.0 * noise, pad
+
+
+def _sample(tex, pad, points_mm):
+    """The texture at physical points (3, Z, Y, X) mm (voxel 0 of SHAPE at 0 mm)."""
+    idx = points_mm / np.asarray(SPACING)[:, None, None, None] + pad
+    return ndimage.map_coordinates(tex, idx, order=3, mode="nearest").astype(np.float32)
+
+
+def _grid_mm():
+    axes = [np.arange(n) * s for n, s in zip(SHAPE, SPACING, strict=True)]
+    return np.stack(np.meshgrid(*axes, indexing="ij")).astype(np.float64)
+
+
+def _pair_from_inverse(inv):
+    """fixed = texture; moving(y) = texture(inv(y)), so u solves x + u(x) = inv^-1(x)."""
+    tex, pad = _texture()
+    x = _grid_mm()
+    fixed = _sample(tex, pad, x)
+    moving = _sample(tex, pad, inv(x))
+    return fixed, moving
+
+
+def _lung_mask():
+    m = np.zeros(SHAPE, bool)
+    m[8:-8, 8:-8, 8:-8] = True
+    return m
+
+
+def _errors(u, true_u, mask):
+    err = np.sqrt(((u - true_u) ** 2).sum(axis=0))[mask]
+    return float(err.mean()), float(np.percentile(err, 95))
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_recovers_translation(backend):
+    t = np.array([2.5, -1.5, 3.0])  # mm: moving(x + t) = fixed(x)
+    fixed, moving = _pair_from_inverse(lambda y: y - t[:, None, None, None])
+    mask = _lung_mask()
+    u = register(fixed, moving, SPACING, mask=mask, backend=backend, **FAST[backend])
+    assert u.shape == (3, *SHAPE) and u.dtype == np.float32
+    true_u = np.broadcast_to(t[:, None, None, None], u.shape)
+    mean, p95 = _errors(u, true_u, mask)
+    assert mean < 0.4 and p95 < 0.8, (mean, p95)
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_recovers_affine(backend):
+    c = (np.asarray(SHAPE) - 1) / 2 * np.asarray(SPACING)
+    a = np.array([[1.05, 0.02, 0.0], [-0.01, 0.97, 0.02], [0.0, 0.01, 1.03]])
+    b = np.array([1.0, -2.0, 1.5])
+    a_inv = np.linalg.inv(a)
+
+    def inv(y):  # y = c + a (x - c) + b  =>  x = c + a^-1 (y - c - b)
+        d = y - (c + b)[:, None, None, None]
+        return c[:, None, None, None] + np.einsum("ij,j...->i...", a_inv, d)
+
+    fixed, moving = _pair_from_inverse(inv)
+    x = _grid_mm()
+    true_u = (c[:, None, None, None] + np.einsum("ij,j...->i...", a, x - c[:, None, None, None])
+              + b[:, None, None, None] - x)  # fmt: skip
+    mask = _lung_mask()
+    u = register(fixed, moving, SPACING, mask=mask, backend=backend, **FAST[backend])
+    mean, p95 = _errors(u, true_u, mask)
+    assert mean < 0.5 and p95 < 1.0, (mean, p95)
+    det = det_jacobian(u, SPACING)[mask]
+    assert abs(float(np.log(det).mean()) - np.log(np.linalg.det(a))) < 0.02
+
+
+def _smooth_field(amplitude):
+    """A smooth planted displacement g (mm) on the grid: sines with a 40 mm wavelength."""
+    x = _grid_mm()
+    k = 2 * np.pi / 40.0
+    return amplitude * np.stack([
+        np.sin(k * x[1]) * np.cos(k * x[2]),
+        np.sin(k * x[2] + 0.5) * np.cos(k * x[0]),
+        np.sin(k * x[0] + 1.0) * np.cos(k * x[1]),
+    ])  # fmt: skip
+
+
+def _pair_from_field(amplitude):
+    """moving(y) = texture(y + g(y)); the true u solves u(x) = -g(x + u(x)) (fixed point)."""
+    g = _smooth_field(amplitude)
+    tex, pad = _texture(seed=1)
+    x = _grid_mm()
+    fixed = _sample(tex, pad, x)
+    moving = _sample(tex, pad, x + g)
+    u = np.zeros_like(g)
+    for _ in range(30):
+        at = (x + u) / np.asarray(SPACING)[:, None, None, None]
+        u = -np.stack([ndimage.map_coordinates(g[k], at, order=1, mode="nearest")
+                       for k in range(3)])  # fmt: skip
+    return fixed, moving, u.astype(np.float32)
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_recovers_smooth_field(backend):
+    fixed, moving, true_u = _pair_from_field(1.5)
+    mask = _lung_mask()
+    u = register(fixed, moving, SPACING, mask=mask, backend=backend, **FAST[backend])
+    mean, p95 = _errors(u, true_u, mask)
+    before, _ = _errors(np.zeros_like(u), true_u, mask)
+    share = 0.35 if backend == "torch" else 0.5  # demons is the weaker backend
+    assert mean < share * before and p95 < 1.0, (mean, p95, before)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_no_folding_on_large_deformation():
+    fixed, moving, true_u = _pair_from_field(4.0)  # |grad u| up to ~0.6: near folding
+    mask = _lung_mask()
+    u = register(fixed, moving, SPACING, mask=mask, backend="torch", **FAST["torch"])
+    det = det_jacobian(u, SPACING)
+    assert float(det.min()) > 0.0
+    mean, _ = _errors(u, true_u, mask)
+    before, _ = _errors(np.zeros_like(u), true_u, mask)
+    assert mean < 0.75 * before  # the regularisation damps a 40 mm-wavelength, 4 mm warp
+
+
+def test_sitk_no_folding_on_large_deformation():
+    fixed, moving, _ = _pair_from_field(4.0)
+    mask = _lung_mask()
+    u = register(fixed, moving, SPACING, mask=mask, backend="sitk", **FAST["sitk"])
+    assert float(det_jacobian(u, SPACING)[mask].min()) > 0.0
+
+
+def test_identity_outside_crop_is_affine_only():
+    """Outside the lung crop the field is the affine part: continuous, no local warp."""
+    fixed, moving, _ = _pair_from_field(1.0)
+    mask = np.zeros(SHAPE, bool)
+    mask[14:22, 14:22, 14:22] = True
+    u = register(fixed, moving, SPACING, mask=mask, backend="sitk",
+                 affine=False, levels=(1,), iterations=(10,), margin_mm=4.0)  # fmt: skip
+    box = crop_box(mask, SPACING, 4.0, SHAPE)
+    outside = np.ones(SHAPE, bool)
+    outside[box] = False
+    assert np.abs(u[:, outside]).max() == 0.0
+    assert np.abs(u[:, 17, 17, 17]).max() > 0.0
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_bad_inputs(backend):
+    z = np.zeros(SHAPE, np.float32)
+    with pytest.raises(RegistrationInputError, match=r"shapes differ: fixed \(36, 36, 36\)"):
+        register(z, np.zeros((36, 36, 30), np.float32), SPACING, backend=backend)
+    nan = z.copy()
+    nan[3, 3, 3] = np.nan
+    with pytest.raises(RegistrationInputError, match="moving holds 1 NaN or inf"):
+        register(z, nan, SPACING, backend=backend)
+    with pytest.raises(RegistrationInputError, match="fixed holds 1 NaN or inf"):
+        register(np.where(np.isnan(nan), np.inf, z), z, SPACING, backend=backend)
+    with pytest.raises(RegistrationInputError, match="lung mask is empty"):
+        register(z, z, SPACING, mask=np.zeros(SHAPE, bool), backend=backend)
+    with pytest.raises(RegistrationInputError, match="mask shape"):
+        register(z, z, SPACING, mask=np.ones((4, 4, 4), bool), backend=backend)
+    with pytest.raises(RegistrationInputError, match=r"spacing mismatch: fixed \(2.0, 2.0, 2.0\)"):
+        register(z, z, SPACING, moving_spacing=(1.0, 2.0, 2.0), backend=backend)
+    with pytest.raises(RegistrationInputError, match="three positive numbers"):
+        register(z, z, (2.0, 0.0, 2.0), backend=backend)
+    with pytest.raises(ValueError, match="3-D"):
+        register(z[0], z[0], SPACING, backend=backend)
+
+
+def test_backend_registry(monkeypatch):
+    assert set(BACKENDS) == {"sitk", "torch"}
+    with pytest.raises(UnknownBackendError, match="choose one of: auto, sitk, torch"):
+        register(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), SPACING, backend="elastix")
+    assert resolve_backend("auto") == ("torch" if HAS_TORCH else "sitk")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real(name, *a))  # fmt: skip
+    assert resolve_backend("auto") == "sitk"
+    with pytest.raises(MissingDependencyError, match=r'pip install "sscflow\[gpu\]"'):
+        register(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), SPACING, backend="torch")
+
+
+def test_truth_errors_of_the_truth_is_zero():
+    _, _, u = _pair_from_field(1.0)
+    lj = np.log(det_jacobian(u, SPACING))
+    region = _lung_mask()
+    e = truth_errors(u, SPACING, u, lj, _lung_mask(), region)
+    assert e["mean_error_mm"] == 0.0 and e["logjac_mae"] == 0.0 and e["folded_voxels"] == 0
+    assert e["region_logjac_error"] == 0.0
+
+
+def _tiny_store(tmp_path):
+    fixed, moving, _ = _pair_from_field(1.5)
+    geom = Geometry(SHAPE, SPACING, (-10.0, 5.0, 0.0))
+    root = st.open_store(tmp_path / "cohort.zarr")
+    group = st.patient_group(root, "P001")
+    for name, data in (("baseline", fixed.astype(np.int16)), ("followup", moving.astype(np.int16)),
+                       ("lung_mask", _lung_mask().astype(np.uint8))):  # fmt: skip
+        st.write_image(group, name, data, geom, stage="ingest", params={}, input_hash=name)
+    return tmp_path / "cohort.zarr"
+
+
+def test_stage_writes_displacement_and_qa_then_skips(tmp_path):
+    from sscflow.registration.stage import register_patient
+
+    path = _tiny_store(tmp_path)
+    cfg = RegistrationConfig(backend="sitk", levels=(2, 1), iterations=(20, 10), margin_mm=6.0)
+    first = register_patient(path, "P001", cfg)
+    assert first["status"] == "done" and first["backend"] == "sitk"
+    group = st.patient_group(st.open_store(path, "r"), "P001", create=False)
+    image = st.read_image(group, "displacement")
+    assert image.array.shape == (3, *SHAPE) and image.array.dtype == np.float32
+    assert image.geometry.origin == (-10.0, 5.0, 0.0)
+    qa = image.meta["qa"]
+    assert qa["folded_fraction"] == 0.0 and qa["runtime_s"] > 0
+    assert qa["lncc_after"] > qa["lncc_before"] and qa["mad_hu_after"] < qa["mad_hu_before"]
+    assert image.meta["stage"] == "registration"
+    again = register_patient(path, "P001", cfg)
+    assert again["status"] == "skipped" and again["lncc_after"] == qa["lncc_after"]
+    other = RegistrationConfig(backend="sitk", levels=(2, 1), iterations=(20, 5), margin_mm=6.0)
+    assert register_patient(path, "P001", other)["status"] == "done"
+
+
+def test_stage_names_missing_input(tmp_path):
+    from sscflow.errors import IncompleteOutputError
+    from sscflow.registration.stage import register_patient
+
+    root = st.open_store(tmp_path / "s.zarr")
+    st.patient_group(root, "P002")
+    with pytest.raises(IncompleteOutputError, match="patient P002: .*baseline.*ingest"):
+        register_patient(tmp_path / "s.zarr", "P002")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_accuracy_on_synthetic_pairs(tmp_path):
+    """Default torch backend on three synthetic pairs (two worsening) at 4 mm vs the truth."""
+    from sscflow.geometry import to_numpy
+    from sscflow.imageio import read_volume
+    from sscflow.synth import read_truth, synthesize_cohort
+
+    out = tmp_path / "synth"
+    synthesize_cohort(6, out, spacing=4.0, seed=3)
+    import pandas as pd
+
+    man = pd.read_csv(out / "manifest.csv").set_index("patient_id")
+    for pid in ("SYN002", "SYN005", "SYN006"):
+        fixed, _ = to_numpy(read_volume(out / man.loc[pid, "baseline"]))
+        moving, _ = to_numpy(read_volume(out / man.loc[pid, "followup"]))
+        truth = read_truth(out, pid)
+        sp = truth.geometry.spacing
+        u = register(fixed, moving, sp, mask=truth.lung, backend="torch",
+                     **RegistrationConfig().options("torch"))  # fmt: skip
+        e = truth_errors(u, sp, truth.displacement, truth.log_jacobian, truth.lung, truth.region)
+        assert e["folded_voxels"] == 0, (pid, e)
+        assert e["mean_error_mm"] < 1.0 and e["p95_error_mm"] < 2.5, (pid, e)
+        assert e["logjac_mae"] < 0.04, (pid, e)
+        if "region_logjac_error" in e:
+            # at 4 mm the planted shrinkage (under a density rise) is recovered in sign and at
+            # least in half its magnitude (plain demons recovers ~0 here); the 0.03 target at
+            # 2 mm is measured by benchmarks/registration.py
+            assert e["region_logjac"] < 0.5 * e["region_logjac_truth"] < 0, (pid, e)
