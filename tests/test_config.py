@@ -66,3 +66,21 @@ def test_error_names_the_file(tmp_path):
 def test_config_error_is_a_value_error():
     with pytest.raises(ValueError):
         config_from_dict({"nope": 1})
+
+
+def test_cohort_example_lists_the_defaults():
+    """configs/cohort.yaml documents every section with the code's defaults: they must agree."""
+    from sscflow.config import (
+        ClusterConfig,
+        IngestConfig,
+        JacobianConfig,
+        RegistrationConfig,
+        SegmentConfig,
+    )
+
+    cfg = load_config(CONFIGS / "cohort.yaml")
+    assert cfg.registration == RegistrationConfig()
+    assert cfg.jacobian == JacobianConfig()
+    assert cfg.segment == SegmentConfig()
+    assert cfg.cluster == ClusterConfig()
+    assert cfg.ingest == IngestConfig()
