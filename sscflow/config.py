@@ -127,13 +127,13 @@ class RegistrationConfig:
     device: str = "auto"  # torch: "auto" (CUDA when available), "cpu" or "cuda"
     margin_mm: float = 15.0  # crop to the lung bounding box plus this margin
     levels: tuple[int, ...] = (4, 2, 1)  # shrink factors, coarse to fine
-    iterations: tuple[int, ...] = (50, 60, 10)  # deformable iterations per level
+    iterations: tuple[int, ...] = (40, 30, 20)  # deformable iterations per level
     affine_iterations: tuple[int, ...] = (100,)  # affine iterations, coarsest levels first
     window: int = 5  # local NCC window, voxels of each level
-    velocity_sigma: float = 1.0  # Gaussian smoothing of the velocity after each step (voxels)
+    velocity_sigma: float = 1.5  # Gaussian smoothing of each level's velocity increment (voxels)
     gradient_sigma: float = 1.0  # Gaussian smoothing of each update (voxels of the velocity grid)
     diffusion: float = 0.0  # weight of a diffusion penalty on the velocity
-    learning_rate: float = 0.3  # largest update per step, voxels of the velocity grid
+    learning_rate: float = 0.6  # largest update per step, voxels of the velocity grid
     velocity_shrink: int = 2  # velocity grid step = level shrink x this (image voxels)
     squarings: int = 6  # scaling-and-squaring steps
     threads: int = 0  # CPU threads; 0 = the cores available to this process
