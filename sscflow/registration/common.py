@@ -166,22 +166,25 @@ def warp(moving, displacement, spacing, *, order: int = 1, fill: float = -1024.0
     return sitk.GetArrayFromImage(out)
 
 
-def det_jacobian(displacement, spacing) -> np.ndarray:
-    """det(I + grad u) by SimpleITK (central differences), (Z, Y, X) float32."""
-    image = sitk.DisplacementFieldJacobianDeterminant(field_to_sitk(displacement, spacing))
-    return sitk.GetArrayFromImage(image).astype(np.float32)
-
-
 def log_jacobian(displacement, spacing, floor: float = FOLD_FLOOR) -> np.ndarray:
-    """log det(I + grad u), with det J floored at ``floor`` (folding) before the log."""
-    return np.log(np.maximum(det_jacobian(displacement, spacing), floor))
+    """log det(I + grad u) by ``sscflow.jacobian`` (equal to SimpleITK's filter); det J at or
+    below ``floor`` (folding) is set to ``log(floor)``."""
+    from sscflow.jacobian import log_jacobian as _log_jacobian
+
+    return _log_jacobian(np.asarray(displacement, np.float32), spacing, floor=floor)
+
+
+def _folded(log_jac, floor: float = FOLD_FLOOR) -> np.ndarray:
+    from sscflow.jacobian import log_floor
+
+    return log_jac <= log_floor(floor)
 
 
 def folded_fraction(displacement, spacing, mask=None) -> float:
     """Fraction of voxels (inside ``mask`` when given) with det J <= FOLD_FLOOR."""
-    det = det_jacobian(displacement, spacing)
-    sel = det[mask.astype(bool)] if mask is not None else det
-    return float((sel <= FOLD_FLOOR).mean()) if sel.size else 0.0
+    folded = _folded(log_jacobian(displacement, spacing))
+    sel = folded[mask.astype(bool)] if mask is not None else folded
+    return float(sel.mean()) if sel.size else 0.0
 
 
 def ncc(a, b, mask=None) -> float:
@@ -239,13 +242,12 @@ def truth_errors(displacement, spacing, truth_displacement, truth_log_jacobian, 
     """
     lung = np.asarray(lung, bool)
     err = np.sqrt(((np.asarray(displacement) - truth_displacement) ** 2).sum(axis=0))[lung]
-    det = det_jacobian(displacement, spacing)
-    lj = np.log(np.maximum(det, FOLD_FLOOR))
+    lj = log_jacobian(displacement, spacing)
     out = {
         "mean_error_mm": float(err.mean()),
         "p95_error_mm": float(np.percentile(err, 95)),
         "logjac_mae": float(np.abs(lj[lung] - truth_log_jacobian[lung]).mean()),
-        "folded_voxels": int((det[lung] <= FOLD_FLOOR).sum()),
+        "folded_voxels": int(_folded(lj[lung]).sum()),
     }
     if region is not None and np.asarray(region).any():
         r = np.asarray(region, bool)
