@@ -122,3 +122,23 @@ def field_from_sitk(image: sitk.Image) -> np.ndarray:
     """An ITK displacement image (components x, y, z) as (3, Z, Y, X) float32, z-y-x components."""
     vec = sitk.GetArrayFromImage(image)  # (Z, Y, X, 3) with components x, y, z
     return np.ascontiguousarray(np.moveaxis(vec, -1, 0)[::-1]).astype(np.float32)
+
+
+def crop_box(mask, spacing, margin_mm: float, shape) -> tuple[slice, slice, slice]:
+    """The bounding box of ``mask`` grown by ``margin_mm`` and clipped to ``shape``.
+
+    With no mask, the whole volume.
+
+    >>> m = np.zeros((20, 20, 20), bool); m[5:8, 5:8, 5:8] = True
+    >>> crop_box(m, (1.0, 1.0, 1.0), 2.0, m.shape)
+    (slice(3, 10, None), slice(3, 10, None), slice(3, 10, None))
+    """
+    if mask is None:
+        return tuple(slice(0, n) for n in shape)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(mask.any(axis=other))
+        pad = int(np.ceil(margin_mm / spacing[axis]))
+        box.append(slice(max(0, int(hit[0]) - pad), min(int(shape[axis]), int(hit[-1]) + 1 + pad)))
+    return tuple(box)

@@ -13,6 +13,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from sscflow.errors import SegmentationError
+from sscflow.geometry import crop_box
 
 MIDLINE_HALF_WIDTH_MM = 20.0
 
@@ -77,7 +78,7 @@ def segment_lungs(
         raise SegmentationError("the lung mask is empty: only airways were found inside the body")
     sizes = np.bincount(labels.ravel())[1:] * voxel_ml
     keep_min = max(min_lung_ml, 0.1 * sizes.max())
-    keep = np.flatnonzero(sizes >= keep_min)[:]
+    keep = np.flatnonzero(sizes >= keep_min)
     keep = keep[np.argsort(sizes[keep])[::-1][:2]] + 1  # at most two lungs
     if keep.size == 0:
         raise SegmentationError(
@@ -145,16 +146,7 @@ def _closing(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
     foreground nor background, so lungs cut by the first or last slice are not eroded there."""
     if not mask.any():
         return mask
-    margin = [int(np.ceil(radius_mm / s)) + 1 for s in spacing]
-    nz = (
-        np.nonzero(mask.any(axis=(1, 2)))[0],
-        np.nonzero(mask.any(axis=(0, 2)))[0],
-        np.nonzero(mask.any(axis=(0, 1)))[0],
-    )
-    box = tuple(
-        slice(max(0, int(idx[0]) - m), min(n, int(idx[-1]) + m + 1))
-        for idx, m, n in zip(nz, margin, mask.shape, strict=True)
-    )
+    box = crop_box(mask, spacing, radius_mm + max(spacing), mask.shape)  # the ball, one voxel more
     sub = mask[box]
     dilated = ndi.distance_transform_edt(~sub, sampling=spacing) <= radius_mm
     closed = ndi.distance_transform_edt(dilated, sampling=spacing) > radius_mm

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from sscflow.errors import RegistrationInputError
-from sscflow.geometry import field_to_sitk, to_sitk
+from sscflow.geometry import crop_box, field_to_sitk, to_sitk  # noqa: F401 (re-exported)
 
 FOLD_FLOOR = 1e-6  # det J at or below this counts as folded; the log uses this floor
 
@@ -109,26 +109,6 @@ def n_threads(threads: int = 0) -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
-
-
-def crop_box(mask, spacing, margin_mm: float, shape) -> tuple[slice, slice, slice]:
-    """The bounding box of ``mask`` grown by ``margin_mm`` and clipped to ``shape``.
-
-    With no mask, the whole volume.
-
-    >>> m = np.zeros((20, 20, 20), bool); m[5:8, 5:8, 5:8] = True
-    >>> crop_box(m, (1.0, 1.0, 1.0), 2.0, m.shape)
-    (slice(3, 10, None), slice(3, 10, None), slice(3, 10, None))
-    """
-    if mask is None:
-        return tuple(slice(0, n) for n in shape)
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(mask.any(axis=other))
-        pad = int(math.ceil(margin_mm / spacing[axis]))
-        box.append(slice(max(0, int(hit[0]) - pad), min(int(shape[axis]), int(hit[-1]) + 1 + pad)))
-    return tuple(box)
 
 
 def compose(local, box, shape, spacing, matrix, offset) -> np.ndarray:
