@@ -181,17 +181,45 @@ class RegistrationConfig:
 
 
 @dataclass
+class TemplateConfig:
+    """The common space where maps are compared (see ``sscflow.template``).
+
+    Without ``image`` the template is built from the cohort: ``method`` "median" takes the baseline
+    whose lung volume is nearest the cohort median; "average" starts there and replaces it
+    ``iterations`` times by the mean of all baselines registered to it. ``registration`` is the
+    baseline -> template registration (the same code as follow-up -> baseline).
+    """
+
+    image: Path | None = None  # a CT image file (any ingest format) used as the template
+    lung_mask: Path | None = None  # its lung mask; segmented from the image when omitted
+    method: Literal["median", "average"] = "median"
+    iterations: int = 2  # "average" only
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+
+    def validate(self, where: str) -> None:
+        if self.lung_mask is not None and self.image is None:
+            raise ConfigError(f"{where}.lung_mask needs {where}.image")
+        _positive(self.iterations, f"{where}.iterations")
+        self.registration.validate(f"{where}.registration")
+
+
+@dataclass
 class Config:
-    """A whole sscflow run. ``manifest`` and ``store`` are paths (or URLs for the store)."""
+    """A whole sscflow run. ``manifest`` and ``store`` are paths (or URLs for the store).
+
+    ``results`` is the folder for tables and figures (default: ``results`` beside the store).
+    """
 
     manifest: Path | None = None
     store: str | None = None  # a folder, or later an fsspec URL (s3://bucket/cohort.zarr)
+    results: Path | None = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     jacobian: JacobianConfig = field(default_factory=JacobianConfig)
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
     source: str = "<defaults>"  # where it was loaded from (not a YAML key)
 
     def validate(self, where: str = "") -> None:
@@ -234,6 +262,15 @@ def config_from_dict(data: Any, *, source: str = "<dict>", base: Path | None = N
             cfg.manifest = (base / cfg.manifest).resolve()
         if cfg.store is not None and "://" not in cfg.store and not Path(cfg.store).is_absolute():
             cfg.store = str((base / cfg.store).resolve())
+        for name in ("results",):
+            value = getattr(cfg, name)
+            if value is not None and not value.is_absolute():
+                setattr(cfg, name, (base / value).resolve())
+        t = cfg.template
+        for name in ("image", "lung_mask"):
+            value = getattr(t, name)
+            if value is not None and not value.is_absolute():
+                setattr(t, name, (base / value).resolve())
     return cfg
 
 

@@ -95,8 +95,13 @@ def ingest_patient(
     store: str,
     ingest: IngestConfig,
     segment: SegmentConfig,
+    *,
+    force: bool = False,
 ) -> PatientResult:
-    """Ingest one patient into ``store``. Never raises for bad input: the result says 'failed'."""
+    """Ingest one patient into ``store``. Never raises for bad input: the result says 'failed'.
+
+    With ``force`` the scans are re-read and rewritten even when the stored ones are current.
+    """
     t0 = time.perf_counter()
     result = PatientResult(patient.patient_id, "done")
     try:
@@ -112,9 +117,8 @@ def ingest_patient(
         }
         mask_params = {**asdict(segment), "version": STAGE_VERSION}
         for which, mask_name in SCANS.items():
-            _ingest_scan(
-                patient, which, mask_name, group, ingest, segment, image_params, mask_params, result
-            )
+            _ingest_scan(patient, which, mask_name, group, ingest, segment, image_params,
+                         mask_params, result, force)  # fmt: skip
     except SscflowError as exc:
         result.status, result.message = "failed", f"patient {patient.patient_id}: {exc}"
     except Exception as exc:  # an unexpected failure still fails this patient alone
@@ -127,7 +131,7 @@ def ingest_patient(
 
 
 def _ingest_scan(
-    patient, which, mask_name, group, ingest, segment, image_params, mask_params, result
+    patient, which, mask_name, group, ingest, segment, image_params, mask_params, result, force
 ):
     path, series_uid = patient.scan(which)
     where = f"{LABEL[which]} {path}"
@@ -138,8 +142,8 @@ def _ingest_scan(
     input_hash = st.hash_input(path, series_uid or "")
     result.input_bytes += _size(path)
     mask_hash = st.hash_values(input_hash, image_params)
-    image_ok = st.is_current(group, which, input_hash, image_params)
-    mask_ok = st.is_current(group, mask_name, mask_hash, mask_params)
+    image_ok = not force and st.is_current(group, which, input_hash, image_params)
+    mask_ok = not force and st.is_current(group, mask_name, mask_hash, mask_params)
     if image_ok and mask_ok:
         result.skipped += [which, mask_name]
         result.lung_volume_ml[which] = group[mask_name].attrs["sscflow"]["lung_volume_ml"]

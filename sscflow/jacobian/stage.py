@@ -34,6 +34,7 @@ def log_jacobian_patient(
     config: JacobianConfig | None = None,
     *,
     scheduler: str | None = "threads",
+    force: bool = False,
 ) -> dict:
     """Compute and store one patient's log-Jacobian map and its summary inside the lung mask.
 
@@ -47,6 +48,7 @@ def log_jacobian_patient(
     scheduler : dask scheduler for the blockwise work: "threads" (all cores of this process),
         "synchronous" (one thread, e.g. inside a one-thread Dask worker), or None for dask's
         current default
+    force : recompute even when the stored map is current
 
     Returns
     -------
@@ -70,7 +72,7 @@ def log_jacobian_patient(
     input_hash = st.hash_values(disp.meta.get("input_hash"), disp.meta.get("params"),
                                 mask.meta.get("input_hash"), mask.meta.get("params"))
     row = {"patient_id": patient_id}
-    if st.is_current(group, OUTPUT, input_hash, params):
+    if not force and st.is_current(group, OUTPUT, input_hash, params):
         summary = dict(group[OUTPUT].attrs["sscflow"]["summary"])
         return {**row, "status": "skipped", "seconds": time.perf_counter() - t0, **summary}
 

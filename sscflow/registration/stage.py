@@ -35,6 +35,7 @@ def register_patient(
     truth_dir=None,
     chunk: int = 64,
     compression_level: int = 3,
+    force: bool = False,
 ) -> dict:
     """Register one patient's follow-up to its baseline and store the displacement.
 
@@ -46,6 +47,7 @@ def register_patient(
     truth_dir : optional folder of a synthetic cohort (``sscflow.synth``); its true field for
         this patient is compared with the result in the QA record
     chunk, compression_level : storage of the field
+    force : recompute even when the stored field is current
 
     Returns
     -------
@@ -75,7 +77,7 @@ def register_patient(
     input_hash = st.hash_values(*[(images[n].meta.get("input_hash"), images[n].meta.get("params"))
                                   for n in INPUTS])  # fmt: skip
     row = {"patient_id": patient_id}
-    if st.is_current(group, OUTPUT, input_hash, params):
+    if not force and st.is_current(group, OUTPUT, input_hash, params):
         qa = dict(group[OUTPUT].attrs["sscflow"].get("qa", {}))
         return {**row, "status": "skipped", "seconds": time.perf_counter() - t0, **qa}
 
