@@ -6,6 +6,7 @@ Expected failures print one line (``error: ...``) and exit 1; ``--debug`` shows 
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -206,33 +207,184 @@ def _ingest_summary(results, store):
 
 
 @app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="YAML config naming the manifest and the store.")],
+    scheduler: SchedulerOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Redo every output, even those that are current.")
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Validate the manifest and print the plan; run nothing."),
+    ] = False,
+    workers: WorkersOpt = None,
+):
+    """Run every stage for every manifest patient: ingest, lung masks, registration,
+    log-Jacobian, template space, group means, cohort table and figure.
+
+    A rerun skips what is current and says so; a bad patient fails alone and the command then
+    exits 1 listing the failures. A folder named truth/ beside the manifest (a synthetic cohort)
+    adds errors against the truth to the registration QA.
+
+    Example: sscflow run configs/cohort.yaml --scheduler tcp://10.0.0.5:8786
+    """
+    from sscflow.cohort import read_manifest
+
+    cfg = _config(config, scheduler, workers)
+    if cfg.manifest is None or cfg.store is None:
+        raise SscflowError(f"config {config}: 'manifest' and 'store' must both be set for a run")
+    t0 = time.perf_counter()
+    manifest = read_manifest(cfg.manifest, check_files=dry_run)
+    if dry_run:
+        _dry_run(cfg, manifest, force, t0)
+        return
+    truth = cfg.manifest.parent / "truth"
+    summary = _run(cfg, manifest, force=force, truth_dir=truth if truth.is_dir() else None)
+    _run_report(summary)
+
+
+def _dry_run(cfg, manifest, force, t0):
+    from sscflow.pipeline import plan_run
+
+    plan = plan_run(manifest, cfg, force=force)
+    counts = plan.count()
+    seconds = time.perf_counter() - t0
+    out.print(f"manifest {cfg.manifest}: {len(manifest)} patients, valid, every scan exists")
+    out.print(f"store: {cfg.store}; results: {cfg.results or 'results/ beside the store'}")
+    out.print(f"plan: {len(plan.tasks)} tasks (" + ", ".join(f"{k} {v}" for k, v in counts.items())
+              + f"), key token {plan.token}; built in {seconds:.2f} s; nothing was run")
+
+
+def _run(cfg, manifest, *, force=False, truth_dir=None, client=None):
+    from sscflow.pipeline import PATIENT_STAGES, run
+
+    n = len(manifest)
+    with _client(cfg, client) as client, _progress() as bar:
+        tasks = {s: bar.add_task(s, total=n, last="") for s in PATIENT_STAGES}
+        tasks["template"] = bar.add_task("template", total=1, last="")
+        tasks["group_means"] = bar.add_task("group means", total=1, last="")
+        skipped: dict[str, int] = {}
+
+        def on_record(rec):
+            stage, status = rec["stage"], rec["status"]
+            if status == "skipped":
+                skipped[stage] = skipped.get(stage, 0) + 1
+            note = f"{rec['patient_id'] or ''} {status}".strip()
+            if skipped.get(stage):
+                note += f" ({skipped[stage]} unchanged, skipped)"
+            bar.update(tasks[stage], advance=1, last=note)
+            if status == "failed":
+                bar.console.print(f"[red]failed[/red] {stage}: {rec['message']}", highlight=False)
+
+        return run(cfg, manifest, client=client, force=force, truth_dir=truth_dir,
+                   on_record=on_record)  # fmt: skip
+
+
+def _run_report(summary):
+    table = Table("stage", "done", "skipped (unchanged)", "failed", "upstream failed",
+                  title="sscflow run")  # fmt: skip
+    for stage, c in summary.counts.items():
+        table.add_row(stage, *[str(c.get(k, 0)) for k in
+                               ("done", "skipped", "failed", "upstream_failed")])  # fmt: skip
+    out.print(table)
+    gm = summary.cohort.get("group_means", {})
+    if gm.get("status") in ("done", "skipped"):
+        left = gm.get("left_out", 0)
+        out.print(f"group means: {gm.get('path')} ({gm.get('patients')} patients"
+                  + (f", {left} left out" if left else "") + ")")  # fmt: skip
+        out.print(f"cohort table: {gm.get('table')}")
+        out.print(f"figure: {gm.get('figure')}")
+    out.print(f"store: {summary.store}; {summary.seconds:.1f} s")
+    for name, rec in summary.cohort.items():
+        if rec.get("status") in ("failed", "upstream_failed"):
+            console.print(f"[red]{name} {rec['status']}[/red]: {rec['message']}", highlight=False)
+    if summary.failed:
+        t = Table("patient", "stage", "reason", title="failed patients")
+        for rec in summary.failed:
+            t.add_row(rec["patient_id"], rec["stage"], rec["message"])
+        console.print(t)
+    if not summary.ok:
+        n = len(summary.failed)
+        raise SscflowError(
+            f"{n} patient{'s' if n != 1 else ''} failed (see above); fix the input and rerun: "
+            "finished work is kept" if n else "a cohort stage failed (see above)"
+        )
+
+
+@app.command()
+def status(
+    store: Annotated[str, typer.Argument(help="The cohort store (a .zarr folder).")],
+    all_: Annotated[
+        bool, typer.Option("--all", help="List every patient, not only unfinished ones.")
+    ] = False,
+):
+    """Print per-patient, per-stage state: done, failed (with the reason) or pending.
+
+    Example: sscflow status demo/cohort.zarr
+    """
+    from sscflow.pipeline import PATIENT_STAGES, store_status
+
+    state = store_status(store)
+    cohort = state.pop(None)
+    counts = {s: {} for s in PATIENT_STAGES}
+    for row in state.values():
+        for s in PATIENT_STAGES:
+            k = row[s]["status"]
+            counts[s][k] = counts[s].get(k, 0) + 1
+    table = Table("stage", "done", "failed", "upstream failed", "pending",
+                  title=f"{store}: {len(state)} patients")  # fmt: skip
+    for s in PATIENT_STAGES:
+        c = counts[s]
+        table.add_row(s, *[str(c.get(k, 0)) for k in ("done", "failed", "upstream_failed",
+                                                      "pending")])  # fmt: skip
+    for s, rec in cohort.items():
+        states = ("done", "failed", "upstream_failed", "pending")
+        table.add_row(s + " (cohort)", *["1" if rec["status"] == k else "0" for k in states])
+    out.print(table)
+    rows = [(pid, row) for pid, row in state.items()
+            if all_ or any(r["status"] != "done" for r in row.values())]  # fmt: skip
+    if rows:
+        t = Table("patient", *PATIENT_STAGES, "reason")
+        for pid, row in rows:
+            reason = "; ".join(r["message"] for r in row.values() if r["message"])
+            t.add_row(pid, *[row[s]["status"] for s in PATIENT_STAGES], reason)
+        out.print(t)
+
+
+@app.command()
 def demo(
     patients: Annotated[
-        int, typer.Option("--patients", "-n", min=1, help="Synthetic patients.")
-    ] = 24,
+        int | None, typer.Option("--patients", "-n", min=1, help="Synthetic patients.")
+    ] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo"),
     config: ConfigOpt = None,
     workers: WorkersOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo every output.")] = False,
 ):
-    """Make a synthetic cohort and run it through sscflow with the demo settings.
+    """Make a synthetic cohort and run the whole method on it with the demo settings.
 
-    Writes OUT/synthetic (images, manifest, truth) and OUT/cohort.zarr, then checks the lung masks
-    against the synthetic truth.
+    Writes OUT/synthetic (images, manifest, truth), OUT/cohort.zarr (every stage's output,
+    group_means included) and OUT/results (patients.csv, figures/), and checks the lung masks and
+    the registration against the synthetic truth. Rerunning resumes.
 
-    Example: sscflow demo --patients 24 --out demo/
+    Example: sscflow demo --patients 12 --out demo/
     """
+    from sscflow.cohort import read_manifest
+
     cfg = _config(config, None, workers) if config else _demo_config(workers)
     s = cfg.synth
-    store = str(out_dir / "cohort.zarr")
+    n = patients or s.patients
+    cfg.store = str(out_dir / "cohort.zarr")
+    cfg.results = out_dir / "results"
+    synthetic = out_dir / "synthetic"
     with _client(cfg) as client:  # one cluster for every stage
-        manifest = _synth(
-            patients, out_dir / "synthetic", s.spacing_mm, s.seed, s.noise_hu, s.ribs, cfg, client
-        )
-        results = _ingest(manifest, store, cfg, client)
+        cfg.manifest = _synth(n, synthetic, s.spacing_mm, s.seed, s.noise_hu, s.ribs, cfg, client)
+        manifest = read_manifest(cfg.manifest)
+        summary = _run(cfg, manifest, force=force, truth_dir=synthetic, client=client)
     try:
-        _ingest_summary(results, store)
+        _run_report(summary)
     finally:
-        _demo_report(out_dir / "synthetic", store, results)
+        _demo_report(synthetic, cfg.store, [p.patient_id for p in manifest.patients])
 
 
 def _demo_config(workers):
@@ -245,18 +397,27 @@ def _demo_config(workers):
     return cfg
 
 
-def _demo_report(synthetic: Path, store: str, results):
+def _demo_report(synthetic: Path, store: str, patient_ids):
+    import pandas as pd
+
     from sscflow.quality import lung_mask_dice
 
-    scores = lung_mask_dice(
-        store, synthetic, [r.patient_id for r in results if r.status != "failed"]
-    )
+    scores = lung_mask_dice(store, synthetic, patient_ids)
     if scores:
         vals = sorted(scores.values())
         out.print(
             f"lung masks vs synthetic truth: Dice median {vals[len(vals) // 2]:.3f}, "
             f"min {vals[0]:.3f} over {len(vals)} patients"
         )
+    table = Path(store).parent / "results" / "patients.csv"
+    if table.is_file():
+        t = pd.read_csv(table)
+        if "reg_truth_mean_error_mm" in t and t["reg_truth_mean_error_mm"].notna().any():
+            e = t["reg_truth_mean_error_mm"].dropna()
+            out.print(
+                "registration vs synthetic truth: mean displacement error median "
+                f"{e.median():.2f} mm, max {e.max():.2f} mm over {len(e)} patients"
+            )
     out.print(f"results: {store} (open with zarr.open_group or xarray); inputs: {synthetic}")
 
 

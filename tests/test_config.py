@@ -76,9 +76,11 @@ def test_cohort_example_lists_the_defaults():
         JacobianConfig,
         RegistrationConfig,
         SegmentConfig,
+        TemplateConfig,
     )
 
     cfg = load_config(CONFIGS / "cohort.yaml")
+    assert cfg.template == TemplateConfig()
     assert cfg.registration == RegistrationConfig()
     assert cfg.jacobian == JacobianConfig()
     assert cfg.segment == SegmentConfig()

@@ -102,9 +102,16 @@ def _spacing(spacing, name) -> tuple[float, float, float]:
 
 
 def n_threads(threads: int = 0) -> int:
-    """``threads`` if > 0, else the CPU cores this process may use."""
+    """``threads`` if > 0; else, on a Dask worker, the worker's thread count (so that workers
+    do not oversubscribe the cores); else the CPU cores this process may use."""
     if threads and threads > 0:
         return int(threads)
+    try:
+        from distributed import get_worker
+
+        return max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError):  # not on a Dask worker
+        pass
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux

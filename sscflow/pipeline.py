@@ -1,0 +1,489 @@
+"""The cohort dataflow: every stage for every patient as Dask futures, resumable, fault-isolated.
+
+Per patient (one future per patient per stage, stable keys, retries from the config)::
+
+    ingest ──▶ registration ──▶ jacobian ──┐
+       │                                   ├──▶ to_template ──▶ (cohort) group means, table, figure
+       └──(all patients)──▶ template ──────┘
+
+Decisions:
+
+- Every task returns a record (a plain dict) and never raises for a patient's bad data: the stage
+  functions' errors become ``status: failed`` with the reason, and the patient's later stages
+  become ``upstream_failed`` without running. A task that dies with its worker is retried
+  (``cluster.retries``); if it still fails the patient fails alone in the same way.
+- Skipping is the stages' own: each output records the hash of its inputs and its parameters;
+  an unchanged output is skipped (``status: skipped``) and an upstream change changes the hash of
+  everything downstream. ``force`` redoes every output.
+- Outputs are complete only when their completion mark is written, last (see ``sscflow.store``),
+  so a killed client or worker never leaves an output that a rerun would take as done.
+- Only the client writes the run records ``STORE/status/<patient_id>`` (one writer, no races):
+  what ``sscflow status`` shows, beside what the outputs themselves say.
+- The graph grows with patients, not voxels: a handful of tasks per patient plus one template
+  task; array work happens inside the tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sscflow import store as st
+from sscflow.cohort import Manifest, Patient
+from sscflow.config import Config
+from sscflow.errors import SscflowError
+
+log = logging.getLogger(__name__)
+
+PATIENT_STAGES = ("ingest", "registration", "jacobian", "to_template")
+COHORT_STAGES = ("template", "group_means")
+STAGES = ("ingest", "registration", "jacobian", "template", "to_template", "group_means")
+# what each patient stage leaves in patients/<id> when it is done
+OUTPUTS = {
+    "ingest": ("baseline", "followup", "lung_mask", "followup_lung_mask"),
+    "registration": ("displacement",),
+    "jacobian": ("log_jacobian",),
+    "to_template": ("template_displacement", "log_jacobian_template"),
+}
+STATUS_GROUP = "status"
+FAILED = ("failed", "upstream_failed")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One planned future: ``stage`` for ``patient_id`` (None for a cohort stage)."""
+
+    key: str
+    stage: str
+    patient_id: str | None
+    depends: tuple[str, ...] = ()
+    gpu: bool = False
+
+
+@dataclass
+class Plan:
+    """The tasks of a run, in an order where every dependency comes first."""
+
+    tasks: list[Task]
+    patients: list[Patient]
+    token: str
+
+    def count(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tasks:
+            out[t.stage] = out.get(t.stage, 0) + 1
+        return out
+
+
+@dataclass
+class RunSummary:
+    """What a run did: per-stage counts, failures with reasons, and where the results are."""
+
+    store: str
+    results: Path | None
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    failed: list[dict] = field(default_factory=list)
+    cohort: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and all(
+            r.get("status") not in FAILED for r in self.cohort.values()
+        )
+
+
+def plan_run(manifest: Manifest, cfg: Config, *, gpu: bool = False, force: bool = False) -> Plan:
+    """The task list for every patient of ``manifest`` (no cluster needed; cheap for 10,000).
+
+    Keys are stable: ``<stage>-<patient_id>-<token>``, where the token is a hash of the store and
+    of the settings, so the same run submitted twice names the same tasks.
+    """
+    token = st.hash_values(cfg.store, cfg.to_dict(), force)[:10]
+    tasks: list[Task] = []
+    ingests = []
+    for p in manifest.patients:
+        pid = p.patient_id
+        k_in = f"ingest-{pid}-{token}"
+        ingests.append(k_in)
+        tasks.append(Task(k_in, "ingest", pid))
+        tasks.append(Task(f"registration-{pid}-{token}", "registration", pid, (k_in,), gpu))
+        tasks.append(
+            Task(f"jacobian-{pid}-{token}", "jacobian", pid, (f"registration-{pid}-{token}",))
+        )
+    k_tpl = f"template-{token}"
+    tasks.append(Task(k_tpl, "template", None, tuple(ingests), gpu))
+    for p in manifest.patients:
+        pid = p.patient_id
+        tasks.append(
+            Task(f"to_template-{pid}-{token}", "to_template", pid,
+                 (f"jacobian-{pid}-{token}", k_tpl), gpu)  # fmt: skip
+        )
+    return Plan(tasks, list(manifest.patients), token)
+
+
+# --- the task functions (run on workers; each returns a record and never raises for bad data)
+
+
+def _record(stage, pid, status, seconds=0.0, message="", **extra) -> dict:
+    return {"stage": stage, "patient_id": pid, "status": status, "seconds": float(seconds),
+            "message": message, "worker": _worker_address(), **extra}  # fmt: skip
+
+
+def _worker_address() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except ValueError:  # in the client
+        return None
+
+
+def _guard(stage: str, pid: str | None, fn: Callable[[], dict]) -> dict:
+    t0 = time.perf_counter()
+    try:
+        out = fn()
+    except SscflowError as exc:
+        return _record(stage, pid, "failed", time.perf_counter() - t0, str(exc))
+    except Exception as exc:  # an unexpected error still fails this patient alone
+        return _record(stage, pid, "failed", time.perf_counter() - t0,
+                       f"{type(exc).__name__}: {exc}")  # fmt: skip
+    status = out.pop("status", "done")
+    seconds = out.pop("seconds", time.perf_counter() - t0)
+    out.pop("patient_id", None)
+    return _record(stage, pid, status, seconds, "", **_small(out))
+
+
+def _small(d: dict) -> dict:
+    """The scalar figures of a stage's result (what the run summary and table need)."""
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def _upstream_failed(stage, pid, *upstream) -> dict | None:
+    for up in upstream:
+        if up["status"] in FAILED:
+            return _record(stage, pid, "upstream_failed",
+                           message=f"{up['stage']} failed: {up['message']}")  # fmt: skip
+    return None
+
+
+def _worker_scheduler() -> str:
+    """Blockwise work inside a task: one thread on a one-thread worker, else threads."""
+    from sscflow.registration.common import n_threads
+
+    return "synchronous" if n_threads() <= 1 else "threads"
+
+
+def run_ingest(patient: Patient, store: str, cfg: Config, force: bool) -> dict:
+    from sscflow.ingest import ingest_patient
+
+    r = ingest_patient(patient, store, cfg.ingest, cfg.segment, force=force)
+    status = r.status
+    return _record("ingest", patient.patient_id, status, r.seconds, r.message,
+                   lung_volume_ml=r.lung_volume_ml.get("baseline"))  # fmt: skip
+
+
+def run_registration(up: dict, store: str, cfg: Config, force: bool, truth_dir) -> dict:
+    pid = up["patient_id"]
+    if (skip := _upstream_failed("registration", pid, up)) is not None:
+        return skip
+    from sscflow.registration.stage import register_patient
+
+    def go():
+        out = register_patient(store, pid, cfg.registration, truth_dir=truth_dir, force=force)
+        truth = out.pop("truth", None) or {}
+        out.update({f"truth_{k}": v for k, v in truth.items()})
+        return out
+
+    return _guard("registration", pid, go)
+
+
+def run_jacobian(up: dict, store: str, cfg: Config, force: bool) -> dict:
+    pid = up["patient_id"]
+    if (skip := _upstream_failed("jacobian", pid, up)) is not None:
+        return skip
+    from sscflow.jacobian.stage import log_jacobian_patient
+
+    return _guard("jacobian", pid, lambda: log_jacobian_patient(
+        store, pid, cfg.jacobian, scheduler=_worker_scheduler(), force=force))  # fmt: skip
+
+
+def run_template(ups: list[dict], store: str, cfg: Config, force: bool) -> dict:
+    ids = [u["patient_id"] for u in ups if u["status"] not in FAILED]
+    if not ids and cfg.template.image is None:
+        return _record("template", None, "upstream_failed",
+                       message="no patient was ingested; nothing to build a template from")
+    from sscflow.template import build_template
+
+    def go():
+        out = build_template(store, ids, cfg.template, force=force)
+        out.pop("patients_used", None)
+        left = out.pop("left_out", None) or []
+        return {**out, "left_out": len(left)}
+
+    return _guard("template", None, go)
+
+
+def run_to_template(up: dict, tpl: dict, store: str, cfg: Config, force: bool) -> dict:
+    pid = up["patient_id"]
+    if (skip := _upstream_failed("to_template", pid, up, tpl)) is not None:
+        return skip
+    from sscflow.template import to_template_patient
+
+    def go():
+        out = to_template_patient(store, pid, cfg.template, force=force)
+        qa = out.pop("qa", None) or {}
+        out.update({k: v for k, v in qa.items() if k not in out})
+        return out
+
+    return _guard("to_template", pid, go)
+
+
+# --- the client side
+
+
+def has_gpu_workers(client) -> bool:
+    """True when a worker of the cluster offers a ``GPU`` resource."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return any(w.get("resources", {}).get("GPU", 0) > 0 for w in workers.values())
+
+
+def _wants_gpu(cfg: Config) -> bool:
+    from sscflow.registration import resolve_backend
+
+    try:
+        return resolve_backend(cfg.registration.backend) == "torch"
+    except SscflowError:
+        return False
+
+
+def run(
+    cfg: Config,
+    manifest: Manifest,
+    *,
+    client,
+    force: bool = False,
+    truth_dir=None,
+    on_record: Callable[[dict], None] | None = None,
+) -> RunSummary:
+    """Run every stage for every patient of ``manifest`` on ``client``'s cluster.
+
+    Parameters
+    ----------
+    cfg : the run's config (``cfg.store`` must be set; ``cfg.results`` defaults to ``results``
+        beside the store)
+    manifest : the validated manifest
+    client : a connected ``distributed.Client`` (LocalCluster, remote scheduler, Kubernetes)
+    force : redo every output even when it is current
+    truth_dir : a synthetic cohort's folder: registration QA then includes errors against truth
+    on_record : called in the client with each finished task's record (progress bars)
+
+    Returns
+    -------
+    RunSummary: counts per stage and status, failed patients with reasons, cohort-stage records.
+    A failure is a result, not a raise; callers decide the exit status from ``summary.ok``.
+    """
+    from distributed import as_completed
+
+    from sscflow.metrics import TOPIC, scheduler_plugin
+
+    t0 = time.perf_counter()
+    store = str(cfg.store)
+    results_dir = Path(cfg.results) if cfg.results else default_results(store)
+    root = st.open_store(store)  # create the root once, before workers race to it
+    root.require_group(STATUS_GROUP)
+    client.register_plugin(scheduler_plugin())
+    client.log_event(TOPIC, {"run": "started"})
+
+    gpu = _wants_gpu(cfg) and has_gpu_workers(client)
+    if _wants_gpu(cfg) and not gpu:
+        log.warning("no Dask worker offers a GPU resource: the torch registration runs on CPU")
+    plan = plan_run(manifest, cfg, gpu=gpu, force=force)
+    patients = {p.patient_id: p for p in plan.patients}
+    retries = cfg.cluster.retries
+    futures: dict[str, object] = {}
+
+    def submit(task: Task, fn, *args):
+        kw = {"resources": {"GPU": 1}} if task.gpu else {}
+        futures[task.key] = client.submit(fn, *args, key=task.key, retries=retries, pure=False,
+                                          **kw)  # fmt: skip
+
+    for task in plan.tasks:
+        deps = [futures[k] for k in task.depends]
+        if task.stage == "ingest":
+            submit(task, run_ingest, patients[task.patient_id], store, cfg, force)
+        elif task.stage == "registration":
+            submit(task, run_registration, deps[0], store, cfg, force, truth_dir)
+        elif task.stage == "jacobian":
+            submit(task, run_jacobian, deps[0], store, cfg, force)
+        elif task.stage == "template":
+            submit(task, run_template, deps, store, cfg, force)
+        elif task.stage == "to_template":
+            submit(task, run_to_template, deps[0], deps[1], store, cfg, force)
+
+    by_key = {t.key: t for t in plan.tasks}
+    summary = RunSummary(store, results_dir)
+    failed_at: dict[str, str] = {}
+    records: dict[tuple[str, str | None], dict] = {}
+    for fut in as_completed(list(futures.values())):
+        task = by_key[fut.key]
+        try:
+            rec = fut.result()
+        except Exception as exc:  # the task died on every retry (worker lost, say)
+            rec = _record(task.stage, task.patient_id, "failed", 0.0,
+                          f"{type(exc).__name__}: {exc}")  # fmt: skip
+            if task.patient_id in failed_at and failed_at[task.patient_id] != task.stage:
+                rec["status"] = "upstream_failed"
+        fut.release()
+        _account(summary, rec, failed_at)
+        records[(rec["stage"], rec["patient_id"])] = rec
+        client.log_event(TOPIC, {k: rec[k] for k in ("stage", "status", "seconds")})
+        _write_status(root, rec)
+        if on_record:
+            on_record(rec)
+    futures.clear()
+
+    rec = _cohort_outputs(cfg, store, results_dir, plan, records, force)
+    _account(summary, rec, failed_at)
+    client.log_event(TOPIC, {k: rec[k] for k in ("stage", "status", "seconds")})
+    _write_status(root, rec)
+    if on_record:
+        on_record(rec)
+    summary.seconds = time.perf_counter() - t0
+    client.log_event(TOPIC, {"run": "finished" if summary.ok else "finished_with_failures"})
+    return summary
+
+
+def default_results(store: str) -> Path:
+    """``results`` beside a local store (``demo/cohort.zarr`` -> ``demo/results``)."""
+    if "://" in store:
+        return Path("results")
+    return Path(store).resolve().parent / "results"
+
+
+def _account(summary: RunSummary, rec: dict, failed_at: dict) -> None:
+    stage, status, pid = rec["stage"], rec["status"], rec["patient_id"]
+    counts = summary.counts.setdefault(stage, {})
+    counts[status] = counts.get(status, 0) + 1
+    if pid is None:
+        summary.cohort[stage] = rec
+    elif status == "failed" and pid not in failed_at:
+        failed_at[pid] = stage
+        summary.failed.append(rec)
+
+
+def _write_status(root, rec: dict) -> None:
+    """The run record of one patient-stage (or cohort stage) under ``STORE/status``."""
+    name = rec["patient_id"] or "_cohort"
+    group = root[STATUS_GROUP].require_group(name)
+    stages = dict(group.attrs.get("stages", {}))
+    stages[rec["stage"]] = {
+        "status": rec["status"],
+        "message": rec.get("message", ""),
+        "seconds": round(float(rec.get("seconds") or 0.0), 3),
+        "worker": rec.get("worker"),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    group.attrs["stages"] = stages
+
+
+def _cohort_outputs(cfg, store, results_dir, plan, records, force) -> dict:
+    """Group means, the cohort table and the figure, from the patients that finished."""
+    t0 = time.perf_counter()
+    ids = [p.patient_id for p in plan.patients]
+    finished = ("done", "skipped")
+    done = [p for p in ids if records.get(("to_template", p), {}).get("status") in finished]
+    left_out = [pid for pid in ids if pid not in done]
+    if not done:
+        return _record("group_means", None, "upstream_failed", time.perf_counter() - t0,
+                       "no patient reached template space", left_out=len(left_out))  # fmt: skip
+    try:
+        from sscflow.figures import plot_group_means
+        from sscflow.groups import cohort_table, group_means, write_cohort_table
+
+        table = cohort_table(store, ids)
+        table_path = write_cohort_table(table, results_dir)
+        labels = [c for c in ("patient_id", "functional", "visual") if c in table]
+        key = st.hash_values([_upstream_meta(store, pid) for pid in done],
+                             table[labels].astype(str).values.tolist())  # fmt: skip
+        figure = results_dir / "figures" / "group_means_sagittal.png"
+        root = st.open_store(store)
+        current = (not force and "group_means" in root
+                   and root["group_means"].attrs.get("sscflow_input_hash") == key
+                   and figure.exists())  # fmt: skip
+        if current:
+            counts = dict(root["group_means"].attrs.get("sscflow_counts", {}))
+            status = "skipped"
+        else:
+            gm = group_means(store, table.loc[table["patient_id"].isin(done)])
+            counts = {k: v for k, v in gm.items() if k.endswith("count") or k == "counts"}
+            plot_group_means(store, figure)
+            g = st.open_store(store)["group_means"]
+            g.attrs.update({"sscflow_counts": st._jsonable(counts), "sscflow_input_hash": key})
+            status = "done"
+    except Exception as exc:
+        return _record("group_means", None, "failed", time.perf_counter() - t0,
+                       f"{type(exc).__name__}: {exc}", left_out=len(left_out))  # fmt: skip
+    return _record("group_means", None, status, time.perf_counter() - t0, "",
+                   patients=len(done), left_out=len(left_out), table=str(table_path),
+                   figure=str(figure), path=f"{store}/group_means", counts=counts)  # fmt: skip
+
+
+def _upstream_meta(store, pid):
+    root = st.open_store(store)
+    meta = dict(root[f"{st.PATIENTS}/{pid}/log_jacobian_template"].attrs["sscflow"])
+    return [pid, meta.get("input_hash"), meta.get("params")]
+
+
+# --- state of a store (sscflow status)
+
+
+def store_status(store: str) -> dict:
+    """Per patient and stage: ``{"status": done|failed|upstream_failed|pending, "message"}``.
+
+    The latest run's record is used when there is one; otherwise an output that is complete
+    counts as done. Also returns the cohort stages under the key ``None``.
+    """
+    root = st.open_store(store, mode="r")
+    ids = set(st.patient_ids(root))
+    records = {}
+    if STATUS_GROUP in root:
+        for name, group in root[STATUS_GROUP].groups():
+            records[name] = dict(group.attrs.get("stages", {}))
+    ids |= {n for n in records if n != "_cohort"}
+    out: dict = {}
+    for pid in sorted(ids):
+        group = root[f"{st.PATIENTS}/{pid}"] if pid in st.patient_ids(root) else None
+        row = {}
+        for stage in PATIENT_STAGES:
+            rec = records.get(pid, {}).get(stage)
+            complete = group is not None and all(
+                st.output_state(group, name) == "complete" for name in OUTPUTS[stage]
+            )
+            if rec and rec["status"] in FAILED:
+                row[stage] = {"status": rec["status"], "message": rec.get("message", "")}
+            elif complete:
+                row[stage] = {"status": "done", "message": ""}
+            else:
+                row[stage] = {"status": "pending", "message": ""}
+        out[pid] = row
+    cohort = {}
+    template_done = (
+        "template" in root and st.output_state(root["template"], "lung_mask") == "complete"
+    )
+    gm_done = "group_means" in root and "sscflow_input_hash" in root["group_means"].attrs
+    for stage, done in (("template", template_done), ("group_means", gm_done)):
+        rec = records.get("_cohort", {}).get(stage)
+        if rec and rec["status"] in FAILED:
+            cohort[stage] = {"status": rec["status"], "message": rec.get("message", "")}
+        else:
+            cohort[stage] = {"status": "done" if done else "pending", "message": ""}
+    out[None] = cohort
+    return out
+
+
+def summary_dict(summary: RunSummary) -> dict:
+    return asdict(summary)

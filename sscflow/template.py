@@ -1,0 +1,494 @@
+"""The template space: one common grid where every patient's log-Jacobian map is compared.
+
+Two steps, both resumable (an output whose input hash and parameters match is skipped):
+
+1. :func:`build_template` (once per cohort) writes the template:
+
+   - from a file (``TemplateConfig.image``): the CT is resampled onto the canonical grid at the
+     voxel size of the cohort's stored baselines; its lung mask comes from
+     ``TemplateConfig.lung_mask`` or is segmented with the default ``SegmentConfig``;
+   - ``method="median"``: a copy of the baseline (and lung mask) of the patient whose baseline
+     lung volume is nearest the cohort median (:func:`choose_template`);
+   - ``method="average"``: starts from the median choice, then ``iterations`` times registers
+     every baseline to the current template and replaces it by the voxelwise mean intensity and
+     the majority vote of the warped lung masks (on the median patient's grid).
+
+2. :func:`to_template_patient` (once per patient) registers the template (fixed) to the
+   patient's baseline (moving) and warps the patient's log-Jacobian map into template space.
+
+Registration between two patients' grids: ``sscflow.registration.register`` needs both volumes
+on one grid, and the physical coordinates of two scans (table position, field of view) do not
+correspond. So the baseline is first translated so that its lung centroid falls on the template's
+(``prealign_mm``) and resampled onto the template grid; the registration then refines that. The
+stored field is the whole map, translation included.
+
+Convention: ``u`` is (3, Zt, Yt, Xt) float32 mm on the template grid, component k along axis k,
+such that ``baseline(x + u(x)) ~ template(x)`` for the physical point x of a template voxel. A
+template-space map is ``log_jacobian(x + u(x))``, sampled trilinearly on the patient's baseline
+grid at index ``(template_origin + index * template_spacing + u - patient_origin) /
+patient_spacing`` and 0.0 outside that grid.
+
+Store layout::
+
+    STORE/template/image                          int16 HU, the template grid
+    STORE/template/lung_mask                      uint8, 1 = lung; written last
+    STORE/patients/<id>/template_displacement     (3, Zt, Yt, Xt) float32 mm
+    STORE/patients/<id>/log_jacobian_template     (Zt, Yt, Xt) float32; written last, with the
+                                                  QA record in ``sscflow.qa``
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import numpy as np
+from scipy import ndimage
+
+from sscflow import store as st
+from sscflow.config import RegistrationConfig, SegmentConfig, TemplateConfig
+from sscflow.errors import IncompleteOutputError, InputImageError, SscflowError
+from sscflow.geometry import Geometry
+
+__all__ = ["build_template", "choose_template", "to_template_patient"]
+
+STAGE = "template"
+STAGE_VERSION = 1
+TO_TEMPLATE_STAGE = "to_template"
+TO_TEMPLATE_VERSION = 1
+GROUP = "template"
+IMAGE = "image"
+MASK = "lung_mask"
+DISPLACEMENT = "template_displacement"
+OUTPUT = "log_jacobian_template"
+HU_MIN = -1024
+CONVENTION = (
+    "baseline(x + u(x)) ~ template(x); u (3, Zt, Yt, Xt) mm on the template grid, component k "
+    "along axis k; log_jacobian_template(x) = log_jacobian(x + u(x)), 0 outside the baseline grid"
+)
+
+
+def choose_template(lung_volumes: dict[str, float]) -> str:
+    """The patient whose baseline lung volume is nearest the median of ``lung_volumes``.
+
+    Parameters
+    ----------
+    lung_volumes : {patient id: baseline lung volume in mL}
+
+    Returns
+    -------
+    The patient id; on a tie (two volumes equally near the median) the smallest id.
+
+    Raises
+    ------
+    ValueError when ``lung_volumes`` is empty.
+
+    Examples
+    --------
+    >>> choose_template({"P1": 4100.0, "P2": 3600.0, "P3": 5200.0})
+    'P1'
+    >>> choose_template({"B": 3000.0, "A": 1000.0})  # median 2000, both 1000 away
+    'A'
+    """
+    if not lung_volumes:
+        raise ValueError(
+            "choose_template: no lung volume given; ingest at least one patient (its lung mask "
+            "records lung_volume_ml)"
+        )
+    median = float(np.median([float(v) for v in lung_volumes.values()]))
+    return min(sorted(lung_volumes), key=lambda pid: abs(float(lung_volumes[pid]) - median))
+
+
+# --- building the template
+
+
+def build_template(
+    store,
+    patient_ids,
+    config: TemplateConfig | None = None,
+    *,
+    force: bool = False,
+) -> dict:
+    """Build ``STORE/template/{image, lung_mask}`` (see the module docstring for the methods).
+
+    Parameters
+    ----------
+    store : path (or URL) of the cohort store
+    patient_ids : the patients to build from (their ``baseline`` and ``lung_mask``); None means
+        every patient in the store. A patient whose baseline or lung mask is absent or
+        incomplete is left out. With a template file, only the first usable patient is read,
+        for the voxel size.
+    config : ``TemplateConfig`` (defaults when None: the cohort-median baseline)
+    force : rebuild even when the stored template is current
+
+    Returns
+    -------
+    dict: ``status`` ("done" or "skipped"), ``source`` ("cohort-median", "cohort-average" or
+    "file"), ``patient_id`` (the median choice, None for a file), ``patients_used``,
+    ``left_out`` (ids), ``left_out_reasons`` ({id: why}), ``seconds``, ``lung_volume_ml``.
+
+    Raises
+    ------
+    IncompleteOutputError (a FileNotFoundError) when no patient is usable;
+    MissingInputError / InputImageError for an unreadable template file, a lung mask file on
+    another grid, or an image that is not CT in HU; SegmentationError when its lungs cannot be
+    segmented; RegistrationInputError for the "average" method's registrations.
+    """
+    cfg = config or TemplateConfig()
+    t0 = time.perf_counter()
+    root = st.open_store(store)
+    ids = st.patient_ids(root) if patient_ids is None else [str(p) for p in patient_ids]
+    used, left_out = _usable_patients(root, ids, first_only=cfg.image is not None)
+    if not used:
+        why = "; ".join(f"{p}: {r}" for p, r in left_out.items()) or "no patient given"
+        raise IncompleteOutputError(
+            f"template: no patient has a complete baseline and lung mask ({why}); ingest the "
+            "cohort first"
+        )
+    params = {**asdict(cfg), "version": STAGE_VERSION}
+    if cfg.image is not None:
+        source, chosen = "file", None
+        spacing = used[next(iter(used))]["baseline"].geometry.spacing
+        if cfg.lung_mask is None:
+            params["segment"] = asdict(SegmentConfig())
+        input_hash = st.hash_values(
+            st.hash_input(cfg.image),
+            st.hash_input(cfg.lung_mask) if cfg.lung_mask is not None else None,
+            list(spacing),
+        )
+    else:
+        source = "cohort-median" if cfg.method == "median" else "cohort-average"
+        volumes = {pid: _lung_volume(images[MASK]) for pid, images in used.items()}
+        chosen = choose_template(volumes)
+        if cfg.method == "average":
+            from sscflow.registration import resolve_backend
+
+            params["backend"] = resolve_backend(cfg.registration.backend)
+        input_hash = st.hash_values(*[
+            (images["baseline"].meta.get("input_hash"), images["baseline"].meta.get("params"),
+             images[MASK].meta.get("input_hash"), images[MASK].meta.get("params"))
+            for _, images in sorted(used.items())
+        ])  # fmt: skip
+
+    group = root.require_group(GROUP)
+    row = {"left_out": sorted(left_out), "left_out_reasons": left_out}
+    if (not force and st.is_current(group, IMAGE, input_hash, params)
+            and st.is_current(group, MASK, input_hash, params)):  # fmt: skip
+        meta = dict(group[MASK].attrs["sscflow"])
+        return {"status": "skipped", "source": meta.get("source"),
+                "patient_id": meta.get("patient_id"), "patients_used": meta.get("patients_used"),
+                **row, "seconds": time.perf_counter() - t0,
+                "lung_volume_ml": meta.get("lung_volume_ml")}  # fmt: skip
+
+    if source == "file":
+        hu, lungs, geometry = _template_from_file(cfg, spacing)
+    else:
+        base = used[chosen]["baseline"]
+        hu = np.asarray(base.array[...])
+        lungs = np.asarray(used[chosen][MASK].array[...]).astype(np.uint8)
+        geometry = base.geometry
+        if source == "cohort-average":
+            hu, lungs = _average(hu, lungs, geometry, used, cfg)
+    if not lungs.any():
+        raise SscflowError(f"template: the {source} template's lung mask is empty")
+    volume = float(lungs.sum()) * geometry.voxel_volume_ml
+    extra = {"source": source, "patient_id": chosen, "patients_used": sorted(used),
+             "lung_volume_ml": volume}  # fmt: skip
+    if source == "file":
+        extra["file"] = str(cfg.image)
+        extra["lung_mask_file"] = str(cfg.lung_mask) if cfg.lung_mask is not None else None
+    if MASK in group:  # a build interrupted after the image must never look complete
+        del group[MASK]
+    st.write_image(group, IMAGE, hu.astype(np.int16), geometry, stage=STAGE, params=params,
+                   input_hash=input_hash, extra=extra, fill_value=HU_MIN)  # fmt: skip
+    st.write_image(group, MASK, lungs.astype(np.uint8), geometry, stage=STAGE, params=params,
+                   input_hash=input_hash, extra=extra)  # fmt: skip
+    return {"status": "done", "source": source, "patient_id": chosen,
+            "patients_used": sorted(used), **row, "seconds": time.perf_counter() - t0,
+            "lung_volume_ml": volume}  # fmt: skip
+
+
+def _usable_patients(root, ids, *, first_only: bool) -> tuple[dict, dict]:
+    """{id: {"baseline": StoredImage, "lung_mask": StoredImage}} of the patients whose inputs
+    are complete (arrays opened, not read), and {id: reason} of the others."""
+    used, left_out = {}, {}
+    for pid in ids:
+        try:
+            group = st.patient_group(root, pid, create=False)
+            images = {name: st.read_image(group, name) for name in ("baseline", MASK)}
+        except IncompleteOutputError as exc:
+            left_out[pid] = str(exc)
+            continue
+        b, m = images["baseline"].geometry, images[MASK].geometry
+        if b.shape != m.shape:
+            left_out[pid] = f"lung mask shape {m.shape} differs from the baseline's {b.shape}"
+            continue
+        used[pid] = images
+        if first_only:
+            break
+    return used, left_out
+
+
+def _lung_volume(mask: st.StoredImage) -> float:
+    """The mask's recorded ``lung_volume_ml``, else its voxel count times the voxel volume."""
+    v = mask.meta.get("lung_volume_ml")
+    if v is None:
+        v = float(np.count_nonzero(mask.array[...])) * mask.geometry.voxel_volume_ml
+    return float(v)
+
+
+def _template_from_file(cfg: TemplateConfig, spacing) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    from sscflow.imageio import read_volume
+    from sscflow.ingest import to_canonical
+    from sscflow.segment import segment_lungs
+
+    hu, geometry = to_canonical(read_volume(cfg.image), float(spacing[0]))
+    if hu.min() > -500:
+        raise InputImageError(
+            f"template {cfg.image} holds no air (lowest value {int(hu.min())} HU); a chest CT in "
+            "Hounsfield units has air below -900 HU"
+        )
+    if cfg.lung_mask is not None:
+        lungs, mgeom = to_canonical(read_volume(cfg.lung_mask), float(spacing[0]), label=True)
+        same = (mgeom.shape == geometry.shape
+                and np.allclose(mgeom.origin, geometry.origin, atol=1e-3))  # fmt: skip
+        if not same:
+            raise InputImageError(
+                f"template lung mask {cfg.lung_mask} is on another grid than the image "
+                f"{cfg.image} (canonical shape {mgeom.shape}, origin {mgeom.origin} vs shape "
+                f"{geometry.shape}, origin {geometry.origin}); give a mask of the same scan"
+            )
+        if not lungs.any():
+            raise InputImageError(f"template lung mask {cfg.lung_mask} has no voxel set")
+    else:
+        try:
+            lungs = segment_lungs(hu, geometry.spacing, **asdict(SegmentConfig())).mask
+        except SscflowError as exc:
+            raise type(exc)(f"template {cfg.image}: {exc}; give its lung mask") from None
+    return hu, lungs, geometry
+
+
+def _average(hu, lungs, geometry, used, cfg: TemplateConfig):
+    """``cfg.iterations`` rounds of: register every baseline to the template, then the mean
+    intensity and the majority-vote lung mask. Running sums: one warped volume at a time."""
+    from sscflow.registration import resolve_backend
+
+    backend = resolve_backend(cfg.registration.backend)
+    options = cfg.registration.options(backend)
+    for _ in range(cfg.iterations):
+        total = np.zeros(geometry.shape, np.float64)
+        votes = np.zeros(geometry.shape, np.float32)
+        for _pid, images in sorted(used.items()):
+            base = np.asarray(images["baseline"].array[...])
+            mask = np.asarray(images[MASK].array[...])
+            bgeom = images["baseline"].geometry
+            u, _ = _align(hu, lungs, geometry, base, mask, bgeom, backend, options)
+            total += _resample(base, bgeom, geometry, u, fill=HU_MIN)
+            votes += _resample(mask, bgeom, geometry, u, fill=0.0) >= 0.5
+        n = len(used)
+        hu = np.clip(np.rint(total / n), HU_MIN, 3071).astype(np.int16)
+        lungs = (votes / n >= 0.5).astype(np.uint8)
+        if not lungs.any():
+            raise SscflowError(
+                "template: the average lung mask is empty (the baselines disagree where the "
+                "lungs are); use method 'median' or check the registrations"
+            )
+    return hu, lungs
+
+
+# --- one patient into template space
+
+
+def to_template_patient(
+    store,
+    patient_id: str,
+    config: TemplateConfig | None = None,
+    *,
+    force: bool = False,
+) -> dict:
+    """Register the template to one patient's baseline and warp its log-Jacobian map.
+
+    Parameters
+    ----------
+    store : path (or URL) of the cohort store
+    patient_id : reads ``patients/<id>/{baseline, lung_mask, log_jacobian}`` (baseline grid)
+        and ``template/{image, lung_mask}``
+    config : ``TemplateConfig``; its ``registration`` section is the backend and parameters
+    force : recompute even when the stored outputs are current
+
+    Returns
+    -------
+    dict: ``patient_id``, ``status`` ("done" or "skipped"), ``seconds`` and the QA record:
+    ``backend``, ``parameters``, ``runtime_s``, ``prealign_mm`` (the lung-centroid translation,
+    (z, y, x) mm), ``dice`` (template lung mask vs the warped patient lung mask),
+    ``mean_template`` (the warped map's mean inside the template lung mask), ``mean_patient``
+    (the patient's own map's mean inside its lung mask, to compare), ``ncc_before`` and
+    ``ncc_after`` (template vs baseline inside the template lung, after the centroid
+    translation and after the registration) and ``folded_fraction`` (inside the template lung).
+
+    Writes ``patients/<id>/template_displacement`` ((3, Zt, Yt, Xt) float32 mm) and then
+    ``patients/<id>/log_jacobian_template`` ((Zt, Yt, Xt) float32, QA in ``sscflow.qa``).
+
+    Raises
+    ------
+    IncompleteOutputError (a FileNotFoundError) naming the patient and the stage to run first
+    when an input is absent or incomplete; ValueError when the baseline, its lung mask and its
+    log-Jacobian map are not on one grid; RegistrationInputError (a ValueError) from the
+    registration.
+    """
+    from sscflow.registration import resolve_backend
+    from sscflow.registration.common import folded_fraction, ncc
+
+    cfg = config or TemplateConfig()
+    reg_cfg: RegistrationConfig = cfg.registration
+    t0 = time.perf_counter()
+    backend = resolve_backend(reg_cfg.backend)
+    root = st.open_store(store)
+    try:
+        tgroup = root[GROUP]
+    except KeyError:
+        raise IncompleteOutputError(
+            f"patient {patient_id}: the store has no template; build the template first "
+            "(build_template)"
+        ) from None
+    inputs = {}
+    for key, grp, name, fix in (
+        ("template", tgroup, IMAGE, "build the template first (build_template)"),
+        ("template_mask", tgroup, MASK, "build the template first (build_template)"),
+    ):
+        inputs[key] = _read(grp, name, patient_id, fix)
+    group = st.patient_group(root, patient_id, create=False)
+    for name, fix in (
+        ("baseline", "ingest the patient first"),
+        (MASK, "ingest the patient first"),
+        ("log_jacobian", "run the registration and jacobian stages for it first"),
+    ):
+        inputs[name] = _read(group, name, patient_id, fix)
+    pgeom = inputs["baseline"].geometry
+    for name in (MASK, "log_jacobian"):
+        g = inputs[name].geometry
+        if g.shape != pgeom.shape or not np.allclose(g.origin, pgeom.origin, atol=1e-3):
+            raise ValueError(
+                f"patient {patient_id}: {name} grid (shape {g.shape}, origin {g.origin}) differs "
+                f"from the baseline's (shape {pgeom.shape}, origin {pgeom.origin}); rerun the "
+                "stage that wrote it"
+            )
+
+    options = reg_cfg.options(backend)
+    params = {"backend": backend, "options": options, "version": TO_TEMPLATE_VERSION}
+    input_hash = st.hash_values(*[(inputs[k].meta.get("input_hash"), inputs[k].meta.get("params"))
+                                  for k in ("template", "template_mask", "baseline", MASK,
+                                            "log_jacobian")])  # fmt: skip
+    row = {"patient_id": patient_id}
+    if (not force and st.is_current(group, DISPLACEMENT, input_hash, params)
+            and st.is_current(group, OUTPUT, input_hash, params)):  # fmt: skip
+        qa = dict(group[OUTPUT].attrs["sscflow"].get("qa", {}))
+        return {**row, "status": "skipped", "seconds": time.perf_counter() - t0, **qa}
+
+    tgeom = inputs["template"].geometry
+    timg = np.asarray(inputs["template"].array[...])
+    tmask = np.asarray(inputs["template_mask"].array[...]).astype(bool)
+    base = np.asarray(inputs["baseline"].array[...])
+    pmask = np.asarray(inputs[MASK].array[...]).astype(bool)
+    lj = np.asarray(inputs["log_jacobian"].array[...], np.float32)
+
+    t1 = time.perf_counter()
+    u, shift = _align(timg, tmask, tgeom, base, pmask, pgeom, backend, options)
+    runtime = time.perf_counter() - t1
+    warped_lj = _resample(lj, pgeom, tgeom, u, fill=0.0)
+    warped_mask = _resample(pmask, pgeom, tgeom, u, fill=0.0) >= 0.5
+    timg_f = timg.astype(np.float32)
+    sel = tmask if tmask.any() else None
+    qa = {
+        "backend": backend,
+        "parameters": options,
+        "runtime_s": round(runtime, 3),
+        "prealign_mm": [round(float(s), 3) for s in shift],
+        "dice": _dice(tmask, warped_mask),
+        "mean_template": float(warped_lj[tmask].mean()) if tmask.any() else None,
+        "mean_patient": float(lj[pmask].mean()) if pmask.any() else None,
+        "ncc_before": round(ncc(timg_f, _resample(base, pgeom, tgeom, None, shift, fill=HU_MIN),
+                                sel), 5),
+        "ncc_after": round(ncc(timg_f, _resample(base, pgeom, tgeom, u, fill=HU_MIN), sel), 5),
+        "folded_fraction": folded_fraction(u, tgeom.spacing, sel),
+    }  # fmt: skip
+    if OUTPUT in group:  # an interrupted run must not leave an old map beside a new field
+        del group[OUTPUT]
+    st.write_image(group, DISPLACEMENT, u, tgeom, stage=TO_TEMPLATE_STAGE, params=params,
+                   input_hash=input_hash, extra={"convention": CONVENTION})  # fmt: skip
+    st.write_image(group, OUTPUT, warped_lj, tgeom, stage=TO_TEMPLATE_STAGE, params=params,
+                   input_hash=input_hash, extra={"qa": qa, "convention": CONVENTION})  # fmt: skip
+    return {**row, "status": "done", "seconds": time.perf_counter() - t0, **qa}
+
+
+def _read(group, name, patient_id, fix) -> st.StoredImage:
+    try:
+        return st.read_image(group, name)
+    except IncompleteOutputError as exc:
+        raise IncompleteOutputError(f"patient {patient_id}: {exc}; {fix}") from None
+
+
+# --- shared numerics
+
+
+def _align(timg, tmask, tgeom: Geometry, base, bmask, bgeom: Geometry, backend, options):
+    """The map template -> baseline: u (3, Zt, Yt, Xt) float32 mm with
+    ``baseline(x + u(x)) ~ template(x)``, and the lung-centroid translation it starts from.
+
+    The baseline, translated by that shift, is resampled onto the template grid, registered
+    (fixed = template, mask = template lungs), and the shift is added back to the field.
+    """
+    from sscflow.registration import register
+
+    tmask = np.asarray(tmask, bool)
+    shift = np.zeros(3)
+    if tmask.any() and np.asarray(bmask).any():
+        shift = _centroid_mm(bmask, bgeom) - _centroid_mm(tmask, tgeom)
+    moving = _resample(base, bgeom, tgeom, None, shift, fill=HU_MIN)
+    u = register(timg.astype(np.float32), moving, tgeom.spacing,
+                 mask=tmask if tmask.any() else None, backend=backend, **options)  # fmt: skip
+    u = np.asarray(u, np.float32)
+    u += shift.astype(np.float32)[:, None, None, None]
+    return u, shift
+
+
+def _centroid_mm(mask, geometry: Geometry) -> np.ndarray:
+    """Physical (z, y, x) mm of a mask's centre of mass."""
+    c = np.asarray(ndimage.center_of_mass(np.asarray(mask, bool)), float)
+    return np.asarray(geometry.origin) + c * np.asarray(geometry.spacing)
+
+
+def _resample(volume, source: Geometry, target: Geometry, displacement=None, shift=(0, 0, 0), *,
+              fill: float = 0.0, slab: int = 16) -> np.ndarray:  # fmt: skip
+    """``volume`` (on ``source``) at the physical points ``x + u(x) + shift`` of ``target``.
+
+    Trilinear (``scipy.ndimage.map_coordinates``, order 1), ``fill`` outside the source grid;
+    both grids canonical. Works in slabs of ``slab`` target slices, so the sample coordinates
+    never take more than a slab's worth of memory. Returns float32 on the target grid.
+    """
+    vol = np.asarray(volume)
+    if vol.dtype not in (np.float32, np.float64):
+        vol = vol.astype(np.float32)
+    sp = np.asarray(source.spacing)
+    axes = [(target.origin[k] + np.arange(n) * target.spacing[k] + shift[k] - source.origin[k])
+            / sp[k] for k, n in enumerate(target.shape)]  # fmt: skip
+    out = np.empty(target.shape, np.float32)
+    ny, nx = target.shape[1:]
+    for z0 in range(0, target.shape[0], slab):
+        z1 = min(target.shape[0], z0 + slab)
+        coords = np.empty((3, z1 - z0, ny, nx), np.float64)
+        coords[0] = axes[0][z0:z1, None, None]
+        coords[1] = axes[1][None, :, None]
+        coords[2] = axes[2][None, None, :]
+        if displacement is not None:
+            for k in range(3):
+                coords[k] += displacement[k, z0:z1] / sp[k]
+        ndimage.map_coordinates(vol, coords, output=out[z0:z1], order=1, mode="constant",
+                                cval=float(fill))  # fmt: skip
+    return out
+
+
+def _dice(a, b) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    den = int(a.sum()) + int(b.sum())
+    return round(2.0 * int((a & b).sum()) / den, 5) if den else 1.0
