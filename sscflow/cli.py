@@ -238,8 +238,9 @@ def run(
     if dry_run:
         _dry_run(cfg, manifest, force, t0)
         return
-    truth = cfg.manifest.parent / "truth"
-    summary = _run(cfg, manifest, force=force, truth_dir=truth if truth.is_dir() else None)
+    synthetic = cfg.manifest.parent  # sscflow synth writes truth/ beside its manifest
+    truth_dir = synthetic if (synthetic / "truth").is_dir() else None
+    summary = _run(cfg, manifest, force=force, truth_dir=truth_dir)
     _run_report(summary)
 
 

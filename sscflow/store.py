@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -66,7 +67,9 @@ def patient_ids(root: zarr.Group) -> list[str]:
     """Patient ids present in the store, sorted."""
     if PATIENTS not in root:
         return []
-    return sorted(name for name, _ in root[PATIENTS].groups())
+    with warnings.catch_warnings():  # a metadata file being written (*.partial) while we list
+        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+        return sorted(name for name, _ in root[PATIENTS].groups())
 
 
 def ngff_multiscales(name: str, geometry: Geometry, *, channels: bool = False) -> dict:

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["synth", "ingest", "demo", "validate"]
+COMMANDS = ["synth", "ingest", "run", "status", "demo", "validate"]
 
 
 def run(*args, cwd=None):

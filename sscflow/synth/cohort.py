@@ -492,4 +492,6 @@ def read_truth(out_dir, patient_id: str) -> Truth:
         else:
             arrays[name] = sitk.GetArrayFromImage(image)
     arrays["log_jacobian"] = arrays["log_jacobian"].astype(np.float32, copy=False)
+    for name in ("lung", "lung_followup", "region"):  # masks are bool, as Truth says
+        arrays[name] = arrays[name].astype(bool)
     return Truth(geometry=geometry, **arrays)

@@ -1,0 +1,156 @@
+"""The cost of the dataflow: ``sscflow run`` against a plain sequential loop of the same stages.
+
+Makes a small synthetic cohort (not timed), then in this one process:
+  baseline: a Python loop calling the same stage functions one patient after another
+            (ingest_patient, register_patient, log_jacobian_patient, build_template,
+            to_template_patient, then the cohort table, group means and figure), into its own
+            store;
+  sscflow:  ``sscflow.pipeline.run`` on a one-worker, one-thread in-process LocalCluster (the
+            same compute resources), into another store: futures, retries, run records, metrics
+            events, progress callbacks, cohort table and figure included.
+Both use the same threads for the array work. Also prints the scheduler overhead per task (many
+no-op tasks through the same cluster) and the dry-run plan of a 10,000-patient manifest (time and
+peak memory, in a subprocess). The time ratio sscflow / loop is printed last.
+
+    python benchmarks/dataflow.py [--patients 4] [--spacing 4.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+
+def sequential_loop(cfg, manifest) -> None:
+    """The bare loop users would write around the same stage functions."""
+    from sscflow.figures import plot_group_means
+    from sscflow.groups import cohort_table, group_means, write_cohort_table
+    from sscflow.ingest import ingest_patient
+    from sscflow.jacobian.stage import log_jacobian_patient
+    from sscflow.registration.stage import register_patient
+    from sscflow.template import build_template, to_template_patient
+
+    store = str(cfg.store)
+    ids = [p.patient_id for p in manifest.patients]
+    for p in manifest.patients:
+        ingest_patient(p, store, cfg.ingest, cfg.segment)
+        register_patient(store, p.patient_id, cfg.registration)
+        log_jacobian_patient(store, p.patient_id, cfg.jacobian, scheduler="synchronous")
+    build_template(store, ids, cfg.template)
+    for pid in ids:
+        to_template_patient(store, pid, cfg.template)
+    table = cohort_table(store, ids)
+    write_cohort_table(table, cfg.results)
+    group_means(store, table)
+    plot_group_means(store, Path(cfg.results) / "figures" / "group_means_sagittal.png")
+
+
+PLAN_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys, time
+    t0 = time.perf_counter()
+    from sscflow.cohort import read_manifest
+    from sscflow.config import load_config
+    from sscflow.pipeline import plan_run
+    cfg = load_config(sys.argv[1])
+    plan = plan_run(read_manifest(cfg.manifest, check_files=True), cfg)
+    dt = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{len(plan.tasks)} {dt:.3f} {rss:.0f}")
+    """
+)
+
+
+def dry_run_10k(folder: Path) -> tuple[int, float, float]:
+    """Validate a 10,000-patient manifest and plan it, in a fresh process (imports included)."""
+    scan = folder / "scan.nii.gz"
+    scan.write_bytes(b"placeholder")
+    manifest = folder / "manifest10k.csv"
+    with open(manifest, "w") as fh:
+        fh.write("patient_id,baseline,followup,fvc_baseline,fvc_followup,visual\n")
+        for i in range(10_000):
+            fh.write(f"P{i:05d},scan.nii.gz,scan.nii.gz,80,{70 + i % 15},stable\n")
+    cfg = folder / "plan10k.yaml"
+    cfg.write_text(f"manifest: {manifest}\nstore: {folder / 'never.zarr'}\n")
+    out = subprocess.run([sys.executable, "-c", PLAN_SCRIPT, str(cfg)], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    n, dt, rss = out.stdout.split()
+    return int(n), float(dt), float(rss)
+
+
+def scheduler_overhead(client, n: int = 2000) -> float:
+    """Seconds per no-op task submitted and gathered through ``client``."""
+    from distributed import wait
+
+    def noop(i):
+        return i
+
+    client.gather(client.map(noop, range(50), pure=False))  # warm up
+    t0 = time.perf_counter()
+    futures = client.map(noop, range(n), pure=False)
+    wait(futures)
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--patients", type=int, default=4)
+    ap.add_argument("--spacing", type=float, default=4.0, help="synthetic and ingest spacing, mm")
+    args = ap.parse_args()
+
+    from distributed import Client, LocalCluster
+
+    from sscflow.cohort import read_manifest
+    from sscflow.config import config_from_dict
+    from sscflow.pipeline import run
+    from sscflow.synth import synthesize_cohort
+
+    with tempfile.TemporaryDirectory(prefix="sscflow-bench-") as tmp:
+        tmp = Path(tmp)
+        manifest_path = synthesize_cohort(args.patients, tmp / "synthetic", spacing=args.spacing,
+                                          seed=0)  # fmt: skip
+        manifest = read_manifest(manifest_path)
+
+        def config(name):
+            return config_from_dict({"manifest": str(manifest_path), "store": str(tmp / name),
+                                     "results": str(tmp / f"{name}-results"),
+                                     "ingest": {"spacing_mm": args.spacing},
+                                     "segment": {"min_lung_ml": 5.0},
+                                     "registration": {"threads": 1},
+                                     "template": {"registration": {"threads": 1}}})  # fmt: skip
+
+        cfg_loop, cfg_run = config("loop.zarr"), config("run.zarr")
+        t0 = time.perf_counter()
+        sequential_loop(cfg_loop, manifest)
+        t_loop = time.perf_counter() - t0
+
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                               dashboard_address="127.0.0.1:0")  # fmt: skip
+        with cluster, Client(cluster) as client:
+            t0 = time.perf_counter()
+            summary = run(cfg_run, manifest, client=client)
+            t_run = time.perf_counter() - t0
+            per_task = scheduler_overhead(client)
+        n_tasks = sum(sum(c.values()) for c in summary.counts.values())
+        tasks, t_plan, rss_plan = dry_run_10k(tmp)
+
+    print(f"cohort: {args.patients} synthetic patients at {args.spacing} mm, 1 worker thread")
+    print(f"plain sequential loop of the stage functions: {t_loop:.2f} s")
+    print(f"sscflow run (LocalCluster, 1 worker, {n_tasks} tasks + cohort stage): {t_run:.2f} s "
+          f"(ok={summary.ok})")  # fmt: skip
+    print(f"scheduler overhead per task (2000 no-op tasks): {per_task * 1e3:.2f} ms")
+    print(f"dry run of a 10,000-patient manifest: {tasks} tasks planned in {t_plan:.2f} s "
+          f"(imports and manifest validation included), peak RSS {rss_plan:.0f} MB")  # fmt: skip
+    print(f"peak RSS of this process: "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")  # fmt: skip
+    print(f"time ratio sscflow run / sequential loop: {t_run / t_loop:.3f}")
+
+
+if __name__ == "__main__":
+    main()

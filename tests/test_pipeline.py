@@ -1,0 +1,349 @@
+"""The cohort dataflow end to end: a small synthetic cohort at 4 mm through every stage.
+
+Known answers come from the synthetic truth (planted regional shrinkage, true log-Jacobian maps),
+not from sscflow itself. The runs use real Dask clusters: the session LocalCluster, a LocalCluster
+in a ``sscflow run`` subprocess that is SIGKILLed, and ``dask scheduler`` / ``dask worker``
+processes started separately on loopback.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+from sscflow import store as st
+from sscflow.cohort import read_manifest
+from sscflow.config import load_config
+from sscflow.pipeline import STATUS_GROUP, plan_run, run, store_status
+
+SPACING = 4.0
+N_GOOD = 6
+SEED = 0  # functional worsening: SYN002, 004, 005 (planted shrinkage: 002, 004); stable: others
+BAD = "BAD01"
+CONFIG = {
+    "cluster": {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"},
+    "ingest": {"spacing_mm": SPACING},
+    "segment": {"min_lung_ml": 5.0},
+}
+
+
+def _write_config(folder: Path, manifest: Path, store: Path, **extra) -> Path:
+    data = {**CONFIG, "manifest": str(manifest), "store": str(store),
+            "results": str(store.parent / (store.stem + "-results")), **extra}  # fmt: skip
+    path = folder / f"{store.stem}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, client):
+    """Six synthetic patients and one whose baseline is not an image."""
+    from sscflow.synth import synthesize_cohort
+
+    folder = tmp_path_factory.mktemp("pipeline")
+    synthetic = folder / "synthetic"
+    manifest = synthesize_cohort(N_GOOD, synthetic, spacing=SPACING, seed=SEED, client=client)
+    (synthetic / "images" / "broken.nii.gz").write_text("this is not an image")
+    with open(manifest) as fh:
+        rows = list(csv.DictReader(fh))
+    bad = dict(rows[0], patient_id=BAD, baseline="images/broken.nii.gz")
+    with open(manifest, "a", newline="") as fh:
+        csv.DictWriter(fh, fieldnames=list(rows[0])).writerow(bad)
+    return folder, Path(manifest)
+
+
+@pytest.fixture(scope="module")
+def finished(cohort, client):
+    """One uninterrupted run on the session cluster: (config, summary, records)."""
+    folder, manifest = cohort
+    cfg = load_config(_write_config(folder, manifest, folder / "cohort.zarr"))
+    records = []
+    summary = run(cfg, read_manifest(manifest), client=client,
+                  truth_dir=manifest.parent, on_record=records.append)  # fmt: skip
+    return cfg, summary, records
+
+
+def _maps(store) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(store), mode="r")
+    return {pid: np.asarray(root[f"patients/{pid}/log_jacobian_template/0"][...])
+            for pid in st.patient_ids(root)
+            if "log_jacobian_template" in root[f"patients/{pid}"]}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_run_isolates_the_bad_patient_and_finishes_the_others(finished):
+    cfg, summary, records = finished
+    assert not summary.ok
+    assert [r["patient_id"] for r in summary.failed] == [BAD]
+    assert summary.failed[0]["stage"] == "ingest"
+    assert "broken.nii.gz" in summary.failed[0]["message"]
+    for stage in ("registration", "jacobian", "to_template"):
+        assert summary.counts[stage] == {"done": N_GOOD, "upstream_failed": 1}, stage
+    assert summary.cohort["template"]["status"] == "done"
+    gm = summary.cohort["group_means"]
+    assert gm["status"] == "done" and gm["patients"] == N_GOOD and gm["left_out"] == 1
+    state = store_status(cfg.store)
+    assert state[BAD]["ingest"]["status"] == "failed"
+    assert state[BAD]["to_template"]["status"] == "upstream_failed"
+    assert all(state[f"SYN{i:03d}"][s]["status"] == "done"
+               for i in range(1, N_GOOD + 1) for s in state[f"SYN{i:03d}"])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_group_means_show_the_planted_shrinkage(finished):
+    """Functional worsening (planted posterior-basal shrinkage in 2 of its 3 patients) has a
+    lower mean log-Jacobian than the stable group in the posterior-basal template lung."""
+    import xarray as xr
+
+    cfg, summary, _ = finished
+    ds = xr.open_zarr(f"{cfg.store}/group_means")
+    lung = ds["lung_mask"].values.astype(bool)
+    z, y, _ = np.nonzero(lung)
+    zc = np.arange(lung.shape[0])[:, None, None]
+    yc = np.arange(lung.shape[1])[None, :, None]
+    # lowest 40 % of the lung's z extent (z grows superior), posterior half (y grows posterior)
+    basal = zc <= z.min() + 0.4 * (z.max() - z.min())
+    posterior = yc >= (y.min() + y.max()) / 2
+    region = lung & basal & posterior
+    assert region.sum() > 50
+    worse = float(ds["functional_mean"].sel(functional="worsening").values[region].mean())
+    stable = float(ds["functional_mean"].sel(functional="stable").values[region].mean())
+    assert worse < stable - 0.02, (worse, stable)
+    assert int(ds["functional_count"].sel(functional="worsening")) == 3
+
+
+@pytest.mark.slow
+def test_patient_means_match_the_truth(finished, cohort):
+    """Each patient's mean log-Jacobian in its lung is near the true mean (planned per patient)."""
+    import pandas as pd
+
+    from sscflow.synth import read_truth
+
+    cfg, summary, _ = finished
+    _, manifest = cohort
+    table = pd.read_csv(Path(summary.cohort["group_means"]["table"])).set_index("patient_id")
+    for i in range(1, N_GOOD + 1):
+        pid = f"SYN{i:03d}"
+        truth = read_truth(manifest.parent, pid)
+        true_mean = float(truth.log_jacobian[truth.lung].mean())
+        assert abs(table.loc[pid, "logjac_mean"] - true_mean) < 0.03, pid
+    assert np.isnan(table.loc[BAD, "logjac_mean"])
+
+
+@pytest.mark.slow
+def test_rerun_skips_and_recomputes_only_downstream(finished, cohort, client):
+    cfg, _, _ = finished
+    _, manifest = cohort
+    m = read_manifest(manifest)
+    chunk = Path(cfg.store, "patients", "SYN001", "displacement", "0", "zarr.json")
+    before = chunk.stat().st_mtime_ns
+    again = run(cfg, m, client=client, truth_dir=manifest.parent)
+    for stage in ("ingest", "registration", "jacobian", "to_template"):
+        assert again.counts[stage].get("skipped") == N_GOOD, (stage, again.counts[stage])
+    assert again.cohort["group_means"]["status"] == "skipped"
+    assert chunk.stat().st_mtime_ns == before
+
+    cfg.jacobian.percentiles = (10.0, 90.0)  # changes the log-Jacobian stage's parameters
+    changed = run(cfg, m, client=client, truth_dir=manifest.parent)
+    assert changed.counts["registration"].get("skipped") == N_GOOD
+    assert changed.counts["jacobian"].get("done") == N_GOOD
+    assert changed.counts["to_template"].get("done") == N_GOOD  # downstream of the change
+    assert chunk.stat().st_mtime_ns == before
+
+
+def test_dry_run_plans_ten_thousand_patients_without_running(tmp_path):
+    """The plan grows with patients (4 tasks each + 1), and a dry run writes nothing."""
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"x")
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w") as fh:
+        fh.write("patient_id,baseline,followup\n")
+        for i in range(10_000):
+            fh.write(f"P{i:05d},scan.nii.gz,scan.nii.gz\n")
+    store = tmp_path / "never.zarr"
+    cfg_path = _write_config(tmp_path, manifest, store)
+    plan = plan_run(read_manifest(manifest), load_config(cfg_path))
+    assert len(plan.tasks) == 4 * 10_000 + 1
+    assert len({t.key for t in plan.tasks}) == len(plan.tasks)
+    assert plan.count() == {"ingest": 10_000, "registration": 10_000, "jacobian": 10_000,
+                            "template": 1, "to_template": 10_000}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "sscflow.cli", "run", str(cfg_path), "--dry-run"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "10000 patients" in done.stdout and "40001 tasks" in done.stdout
+    assert not store.exists()
+
+
+def test_dry_run_reports_missing_scans(tmp_path):
+    from sscflow.errors import ManifestError
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("patient_id,baseline,followup\nP1,a.nii.gz,b.nii.gz\n")
+    cfg_path = _write_config(tmp_path, manifest, tmp_path / "s.zarr")
+    from sscflow.cli import run as run_command
+
+    with pytest.raises(ManifestError, match="a.nii.gz does not exist"):
+        run_command(cfg_path, dry_run=True)
+
+
+def _sscflow(*args, log: Path | None = None, **kw) -> subprocess.Popen:
+    """``sscflow ARGS`` in a subprocess; output to ``log`` (a file), else to a pipe."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115 - closed by the caller
+    proc = subprocess.Popen([sys.executable, "-m", "sscflow.cli", *args], env=env, stdout=out,
+                            stderr=subprocess.STDOUT, text=True, **kw)  # fmt: skip
+    if log:
+        out.close()  # the child has its own descriptor
+    return proc
+
+
+def _wait_for(predicate, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _complete(store, name):
+    root = Path(store) / "patients"
+    if not root.exists():
+        return 0
+    grp = zarr.open_group(str(store), mode="r")
+    return sum(st.output_state(grp[f"patients/{p}"], name) == "complete"
+               for p in st.patient_ids(grp))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_run_then_rerun_gives_the_same_outputs(finished, cohort):
+    """SIGKILL the client and its LocalCluster workers mid-run; the rerun resumes and its
+    outputs equal the uninterrupted run's."""
+    cfg, _, _ = finished
+    folder, manifest = cohort
+    store = folder / "killed.zarr"
+    cfg_path = _write_config(folder, manifest, store)
+    log = folder / "killed.log"
+    proc = _sscflow("run", str(cfg_path), log=log, start_new_session=True)
+    try:
+        _wait_for(lambda: _complete(store, "displacement") >= 2 or proc.poll() is not None,
+                  300, "two registrations")  # fmt: skip
+        assert proc.poll() is None, log.read_text()
+        os.killpg(proc.pid, signal.SIGKILL)  # the client and its worker processes at once
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert _complete(store, "log_jacobian_template") < N_GOOD  # it really was interrupted
+    rerun = _sscflow("run", str(cfg_path))
+    output, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 1, output  # the bad patient still fails
+    assert "unchanged, skipped" in output  # finished work was kept
+    expected, got = _maps(cfg.store), _maps(store)
+    assert sorted(got) == sorted(expected) and len(got) == N_GOOD
+    for pid in expected:
+        np.testing.assert_allclose(got[pid], expected[pid], atol=1e-4, err_msg=pid)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_separate_scheduler_and_workers_with_a_worker_killed(finished, cohort, tmp_path):
+    """`dask scheduler` and three `dask worker` processes on loopback (one offering GPU=1);
+    one CPU worker is SIGKILLed mid-run. The run completes with the same outputs, the GPU
+    stages ran on the GPU worker only, and the dashboard serves /status and /metrics (with
+    sscflow's counters) while it runs."""
+    cfg, _, _ = finished
+    folder, manifest = cohort
+    port, dash = _free_port(), _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = shutil.which("dask", path=os.path.dirname(sys.executable)) or "dask"
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", f"127.0.0.1:{dash}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
+    worker = [dask, "worker", address, "--nthreads", "1", "--host", "127.0.0.1"]
+    procs.append(subprocess.Popen(worker + ["--name", "gpu", "--resources", "GPU=1"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for name in ("cpu-a", "cpu-b"):
+        procs.append(subprocess.Popen(worker + ["--name", name], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))  # fmt: skip
+    store = tmp_path / "remote.zarr"
+    pages: dict[str, str] = {}
+    try:
+        from distributed import Client
+
+        gpu_worker = []
+
+        def ready():
+            try:
+                with Client(address, timeout="2s") as c:
+                    info = c.scheduler_info(n_workers=-1)["workers"]
+            except OSError:
+                return False
+            gpu_worker[:] = [a for a, w in info.items() if w.get("name") == "gpu"]
+            return len(info) == 3
+
+        _wait_for(ready, 60, "the scheduler and three workers")
+        cfg_path = _write_config(folder, manifest, store)
+        run_proc = _sscflow("run", str(cfg_path), "--scheduler", address)
+
+        def poll_dashboard():
+            while run_proc.poll() is None and len(pages) < 2:
+                for page in ("status", "metrics"):
+                    try:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{dash}/{page}") as r:
+                            pages.setdefault(page, r.read().decode())
+                    except OSError:
+                        pass
+                time.sleep(0.5)
+
+        watcher = threading.Thread(target=poll_dashboard)
+        watcher.start()
+        _wait_for(lambda: _complete(store, "lung_mask") >= 2 or run_proc.poll() is not None,
+                  300, "two ingested patients")  # fmt: skip
+        procs[2].kill()  # SIGKILL of the CPU worker "cpu-a" mid-run
+        output, _ = run_proc.communicate(timeout=600)
+        watcher.join()
+        assert run_proc.returncode == 1, output
+        assert "status" in pages and "dask_scheduler_workers" in pages["metrics"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{dash}/metrics") as r:
+            metrics = r.read().decode()
+        assert 'sscflow_patients_total{stage="registration",status="done"} 6.0' in metrics
+        assert 'sscflow_stage_seconds_total{stage="registration"}' in metrics
+        expected, got = _maps(cfg.store), _maps(store)
+        assert sorted(got) == sorted(expected)
+        for pid in expected:
+            np.testing.assert_allclose(got[pid], expected[pid], atol=1e-4, err_msg=pid)
+        root = zarr.open_group(str(store), mode="r")
+        workers = {pid: dict(root[f"{STATUS_GROUP}/{pid}"].attrs["stages"]) for pid in expected}
+        for stages in workers.values():
+            for stage in ("registration", "to_template"):  # the GPU stages
+                assert stages[stage]["status"] == "done"
+                assert stages[stage]["worker"] == gpu_worker[0], (stage, stages[stage])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
