@@ -282,12 +282,10 @@ def _run(cfg, manifest, *, force=False, truth_dir=None, client=None):
 
 
 def _run_report(summary):
-    table = Table("stage", "done", "skipped (unchanged)", "failed", "upstream failed",
-                  title="sscflow run")  # fmt: skip
     for stage, c in summary.counts.items():
-        table.add_row(stage, *[str(c.get(k, 0)) for k in
-                               ("done", "skipped", "failed", "upstream_failed")])  # fmt: skip
-    out.print(table)
+        done, skipped, failed = (c.get(k, 0) for k in ("done", "skipped", "failed"))
+        out.print(f"{stage}: {done} done, {skipped} unchanged (skipped), {failed} failed, "
+                  f"{c.get('upstream_failed', 0)} upstream failed")  # fmt: skip
     gm = summary.cohort.get("group_means", {})
     if gm.get("status") in ("done", "skipped"):
         left = gm.get("left_out", 0)

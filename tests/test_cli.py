@@ -67,16 +67,30 @@ def test_ingest_bad_patient_exits_nonzero_with_summary(tmp_path):
 
 @pytest.mark.slow
 def test_demo_end_to_end_and_rerun_skips(tmp_path):
+    """The README's first command: every stage on a synthetic cohort; a rerun skips it all."""
     res = run("demo", "--patients", "3", "--out", str(tmp_path / "d"), "--workers", "2")
     assert res.returncode == 0, res.stderr
-    assert "ingest: 3 written, 0 unchanged (skipped), 0 failed" in res.stdout
+    for stage in ("ingest", "registration", "jacobian", "to_template"):
+        assert f"{stage}: 3 done, 0 unchanged (skipped), 0 failed" in res.stdout
+    assert "group_means: 1 done" in res.stdout
     dice = float(res.stdout.split("Dice median ")[1].split(",")[0])
     assert dice >= 0.95
-    assert (tmp_path / "d/cohort.zarr/patients/SYN003/lung_mask/zarr.json").is_file()
+    error = float(res.stdout.split("displacement error median ")[1].split(" mm")[0])
+    assert error < 1.0  # mm, against the synthetic truth
+    assert (tmp_path / "d/cohort.zarr/patients/SYN003/log_jacobian_template/zarr.json").is_file()
+    assert (tmp_path / "d/results/figures/group_means_sagittal.png").stat().st_size > 10_000
+    assert "SYN002" in (tmp_path / "d/results/patients.csv").read_text()
+    status = run("status", str(tmp_path / "d/cohort.zarr"))
+    assert status.returncode == 0 and "3 patients" in status.stdout
     again = run("ingest", str(tmp_path / "d/synthetic/manifest.csv"), "--store",
                 str(tmp_path / "d/cohort.zarr"), "--spacing", "2.5", "--workers", "1")
     assert again.returncode == 0, again.stderr
     assert "0 written, 3 unchanged (skipped), 0 failed" in again.stdout
+    rerun = run("demo", "--patients", "3", "--out", str(tmp_path / "d"), "--workers", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    for stage in ("ingest", "registration", "jacobian", "to_template"):
+        assert f"{stage}: 0 done, 3 unchanged (skipped)" in rerun.stdout
+    assert "group_means: 0 done, 1 unchanged (skipped)" in rerun.stdout
 
 
 def test_synth_command_writes_a_manifest(tmp_path):
