@@ -130,6 +130,7 @@ class RegistrationConfig:
     iterations: tuple[int, ...] = (40, 30, 20)  # deformable iterations per level
     affine_iterations: tuple[int, ...] = (100,)  # affine iterations, coarsest levels first
     window: int = 5  # local NCC window, voxels of each level
+    ncc_floor_hu: float = 32.0  # local NCC: windows with local s.d. well below this are flat
     velocity_sigma: float = 1.5  # Gaussian smoothing of each level's velocity increment (voxels)
     gradient_sigma: float = 1.0  # Gaussian smoothing of each update (voxels of the velocity grid)
     diffusion: float = 0.0  # weight of a diffusion penalty on the velocity
@@ -156,6 +157,8 @@ class RegistrationConfig:
             )
         if any(n < 0 for n in self.affine_iterations):
             raise ConfigError(f"{where}.affine_iterations must be >= 0")
+        if not self.ncc_floor_hu > 0:
+            raise ConfigError(f"{where}.ncc_floor_hu must be > 0, got {self.ncc_floor_hu}")
         if self.window < 3 or self.window % 2 == 0:
             raise ConfigError(f"{where}.window must be an odd number >= 3, got {self.window}")
         if (min(self.velocity_sigma, self.gradient_sigma, self.diffusion) < 0
