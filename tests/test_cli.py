@@ -1,5 +1,6 @@
 """The sscflow command as a user runs it: a real subprocess, exit codes and one-line errors."""
 
+import os
 import subprocess
 import sys
 
@@ -13,6 +14,8 @@ def run(*args, cwd=None):
         [sys.executable, "-m", "sscflow.cli", *args],
         capture_output=True,
         text=True,
+        encoding="utf-8",
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
         cwd=cwd,
         timeout=600,
     )

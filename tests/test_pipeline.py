@@ -182,7 +182,8 @@ def test_dry_run_plans_ten_thousand_patients_without_running(tmp_path):
     assert plan.count() == {"ingest": 10_000, "registration": 10_000, "jacobian": 10_000,
                             "template": 1, "to_template": 10_000}  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "sscflow.cli", "run", str(cfg_path), "--dry-run"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+                          capture_output=True, text=True, encoding="utf-8", timeout=120,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "10000 patients" in done.stdout and "40001 tasks" in done.stdout
     assert not store.exists()
@@ -202,10 +203,11 @@ def test_dry_run_reports_missing_scans(tmp_path):
 
 def _sscflow(*args, log: Path | None = None, **kw) -> subprocess.Popen:
     """``sscflow ARGS`` in a subprocess; output to ``log`` (a file), else to a pipe."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115 - closed by the caller
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+    out = open(log, "w", encoding="utf-8") if log else subprocess.PIPE
     proc = subprocess.Popen([sys.executable, "-m", "sscflow.cli", *args], env=env, stdout=out,
-                            stderr=subprocess.STDOUT, text=True, **kw)  # fmt: skip
+                            stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+                            **kw)  # fmt: skip
     if log:
         out.close()  # the child has its own descriptor
     return proc
@@ -242,7 +244,7 @@ def test_sigkill_of_the_run_then_rerun_gives_the_same_outputs(finished, cohort):
     try:
         _wait_for(lambda: _complete(store, "displacement") >= 2 or proc.poll() is not None,
                   300, "two registrations")  # fmt: skip
-        assert proc.poll() is None, log.read_text()
+        assert proc.poll() is None, log.read_text(encoding="utf-8")
         os.killpg(proc.pid, signal.SIGKILL)  # the client and its worker processes at once
     finally:
         if proc.poll() is None:

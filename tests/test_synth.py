@@ -319,7 +319,7 @@ def test_truth_files_read_back(written, plan24):
     assert truth.displacement.shape == (3, *g.shape) and truth.displacement.dtype == np.float32
     assert truth.log_jacobian.dtype == np.float32
     for mask in (truth.lung, truth.lung_followup, truth.region):
-        assert mask.dtype == np.uint8 and mask.shape == g.shape
+        assert mask.dtype == bool and mask.shape == g.shape
     lung = truth.lung.astype(bool)
     assert truth.log_jacobian[lung].mean() == pytest.approx(rec["planned_mean_logjac"], abs=1e-5)
     # independent reference: SimpleITK on the stored field agrees with the stored log-Jacobian
