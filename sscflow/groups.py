@@ -66,7 +66,7 @@ def cohort_table(store, patient_ids=None) -> pd.DataFrame:
     - the manifest's clinical columns ``fvc_baseline`` ... ``kco_followup`` (% predicted),
       ``interval_months``, ``age``, ``sex`` (always present, NaN when not given), and any other
       clinical key the store holds
-    - ``d_fvc, d_dlco, d_tlc, d_kco``: follow-up minus baseline, percentage points
+    - ``delta_fvc, delta_dlco, delta_tlc, delta_kco``: follow-up minus baseline, percentage points
     - ``functional`` ("worsening" | "stable"), ``visual`` ("worsened" | "stable" | "improved")
     - ``lung_volume_baseline_ml``, ``lung_volume_followup_ml`` (from the lung masks)
     - ``logjac_mean``, ``logjac_median``, ``folded_fraction`` and the other numbers of the
@@ -87,7 +87,7 @@ def cohort_table(store, patient_ids=None) -> pd.DataFrame:
     root = _root(store)
     ids = st.patient_ids(root) if patient_ids is None else [str(p) for p in patient_ids]
     rows = [_patient_row(root, pid) for pid in ids]
-    base = ["patient_id", *CLINICAL, *(f"d_{m}" for m in PFT), "functional", "visual",
+    base = ["patient_id", *CLINICAL, *(f"delta_{m}" for m in PFT), "functional", "visual",
             "lung_volume_baseline_ml", "lung_volume_followup_ml"]  # fmt: skip
     sections = {"": base, "logjac": ["logjac_mean", "logjac_median", "folded_fraction"],
                 "reg": [f"reg_{k}" for k in REG_COLUMNS], "tpl": []}  # fmt: skip
@@ -124,7 +124,7 @@ def _patient_row(root, pid: str) -> dict:
             row[key] = value
     for m in PFT:
         b, f = clinical.get(f"{m}_baseline"), clinical.get(f"{m}_followup")
-        row[f"d_{m}"] = float(f) - float(b) if _number(b) and _number(f) else np.nan
+        row[f"delta_{m}"] = float(f) - float(b) if _number(b) and _number(f) else np.nan
     row["functional"] = attrs.get("functional") or None
     row["visual"] = clinical.get("visual") or None
 

@@ -220,6 +220,7 @@ def run_template(ups: list[dict], store: str, cfg: Config, force: bool) -> dict:
 
     def go():
         out = build_template(store, ids, cfg.template, force=force)
+        out["template_patient"] = out.pop("patient_id", None)  # the record's id is the cohort's
         out.pop("patients_used", None)
         left = out.pop("left_out", None) or []
         return {**out, "left_out": len(left)}

@@ -124,9 +124,9 @@ def test_cohort_table_values_and_missing_outputs(cohort, tmp_path):
     assert list(table["patient_id"]) == list(PATIENTS)
     assert table.columns[0] == "patient_id"
     row = table.set_index("patient_id")
-    assert row.loc["P01", "d_fvc"] == pytest.approx(-15.0)
-    assert row.loc["P03", "d_fvc"] == pytest.approx(2.0)
-    assert np.isnan(row.loc["P07", "d_fvc"]) and np.isnan(row.loc["P01", "d_dlco"])
+    assert row.loc["P01", "delta_fvc"] == pytest.approx(-15.0)
+    assert row.loc["P03", "delta_fvc"] == pytest.approx(2.0)
+    assert np.isnan(row.loc["P07", "delta_fvc"]) and np.isnan(row.loc["P01", "delta_dlco"])
     assert row.loc["P01", "functional"] == "worsening" and pd.isna(row.loc["P07", "functional"])
     assert pd.isna(row.loc["P05", "visual"]) and row.loc["P04", "visual"] == "improved"
     assert row.loc["P02", "lung_volume_baseline_ml"] == pytest.approx(3002.0)
@@ -145,13 +145,13 @@ def test_cohort_table_values_and_missing_outputs(cohort, tmp_path):
         assert np.isnan(row.loc["P06", col]), col
     assert np.isnan(row.loc["P07", "reg_ncc_after"]) and np.isnan(row.loc["P07", "logjac_mean"])
     assert row.loc["P06", "lung_volume_baseline_ml"] == pytest.approx(3006.0)
-    assert table["d_fvc"].dtype == np.float64 and table["tpl_dice"].dtype == np.float64
+    assert table["delta_fvc"].dtype == np.float64 and table["tpl_dice"].dtype == np.float64
 
     csv = write_cohort_table(table, tmp_path / "tables")
     assert csv == tmp_path / "tables" / "patients.csv"
     back = pd.read_csv(csv)
     assert list(back.columns) == list(table.columns)
-    np.testing.assert_allclose(back["d_fvc"], table["d_fvc"])
+    np.testing.assert_allclose(back["delta_fvc"], table["delta_fvc"])
 
 
 def test_cohort_table_subset_and_unknown_patient(cohort):
