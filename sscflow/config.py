@@ -207,6 +207,47 @@ class TemplateConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    """The worsening classifier (see ``sscflow.classify``): a 3D CNN over template-space maps.
+
+    Four layers as in the paper: ``channels`` stride-2 3D convolutions (kernel ``kernel``) with
+    batch norm and ReLU, then a fully connected layer to two classes; cross-entropy, Adam.
+    """
+
+    channels: tuple[int, ...] = (8, 16, 32)  # one stride-2 conv block per entry (+ 1 FC layer)
+    kernel: int = 3
+    dropout: float = 0.3
+    epochs: int = 30
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    test_fraction: float = 0.2  # patient-level, stratified (the paper: about 19-20%)
+    validation_fraction: float = 0.2  # of the learning set
+    seed: int = 0
+    device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
+    loader_workers: int = 2  # DataLoader processes reading maps from the store (0: in-process)
+
+    def validate(self, where: str) -> None:
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ConfigError(f"{where}.channels must be positive counts, got {self.channels}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ConfigError(f"{where}.kernel must be an odd number >= 1, got {self.kernel}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}.dropout must be within [0, 1), got {self.dropout}")
+        _positive(self.epochs, f"{where}.epochs")
+        _positive(self.batch_size, f"{where}.batch_size")
+        if not self.learning_rate > 0 or self.weight_decay < 0:
+            raise ConfigError(f"{where}.learning_rate must be > 0 and weight_decay >= 0")
+        for name in ("test_fraction", "validation_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be within (0, 1)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"{where}.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.loader_workers < 0:
+            raise ConfigError(f"{where}.loader_workers must be >= 0")
+
+
+@dataclass
 class Config:
     """A whole sscflow run. ``manifest`` and ``store`` are paths (or URLs for the store).
 
@@ -223,6 +264,7 @@ class Config:
     jacobian: JacobianConfig = field(default_factory=JacobianConfig)
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     source: str = "<defaults>"  # where it was loaded from (not a YAML key)
 
     def validate(self, where: str = "") -> None:

@@ -71,6 +71,7 @@ def test_config_error_is_a_value_error():
 def test_cohort_example_lists_the_defaults():
     """configs/cohort.yaml documents every section with the code's defaults: they must agree."""
     from sscflow.config import (
+        ClassifierConfig,
         ClusterConfig,
         IngestConfig,
         JacobianConfig,
@@ -81,6 +82,7 @@ def test_cohort_example_lists_the_defaults():
 
     cfg = load_config(CONFIGS / "cohort.yaml")
     assert cfg.template == TemplateConfig()
+    assert cfg.classifier == ClassifierConfig()
     assert cfg.registration == RegistrationConfig()
     assert cfg.jacobian == JacobianConfig()
     assert cfg.segment == SegmentConfig()
