@@ -1,0 +1,226 @@
+"""Labels and streamed inputs for the classifier.
+
+Each item is read from the store when it is asked for (never the whole cohort at once): the
+patient's ``log_jacobian_template`` times the template lung mask, non-finite values set to 0.
+A :class:`MapDataset` holds the store's location, not an open group; each process (the main
+one or a DataLoader worker) opens the store itself on first use.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from sscflow import store as st
+from sscflow.errors import IncompleteOutputError
+
+MAP = "log_jacobian_template"
+TEMPLATE = "template"
+MASK = "lung_mask"
+
+# target -> (cohort table column, label values counted as 1, label values counted as 0)
+TARGETS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "functional": ("functional", ("worsening",), ("stable",)),
+    "morphologic": ("visual", ("worsened",), ("stable", "improved")),  # as in the paper
+}
+
+
+def targets(table: pd.DataFrame, target: str) -> pd.Series:
+    """0/1 labels of one target, indexed by patient_id (int64, named ``target``).
+
+    Parameters
+    ----------
+    table : a :func:`sscflow.groups.cohort_table` (columns ``patient_id``, ``functional``,
+        ``visual``).
+    target : "functional" (``functional`` worsening = 1, stable = 0) or "morphologic"
+        (``visual`` worsened = 1, stable or improved = 0, as in the paper).
+
+    Patients without a label for this target (None, NaN, "") are left out of it.
+
+    >>> t = pd.DataFrame({"patient_id": ["a", "b", "c"],
+    ...                   "functional": ["stable", None, "worsening"],
+    ...                   "visual": ["improved", "worsened", None]})
+    >>> targets(t, "morphologic").to_dict()
+    {'a': 0, 'b': 1}
+    >>> targets(t, "functional").to_dict()
+    {'a': 0, 'c': 1}
+    """
+    if target not in TARGETS:
+        raise ValueError(
+            f"classifier target {target!r} is unknown; use one of {', '.join(TARGETS)}"
+        )
+    column, positive, negative = TARGETS[target]
+    missing = [c for c in ("patient_id", column) if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"classifier target {target!r}: the table lacks column(s) {', '.join(missing)}; "
+            "pass a cohort_table()"
+        )
+    ids = [str(p) for p in table["patient_id"]]
+    dup = sorted({p for p in ids if ids.count(p) > 1})
+    if dup:
+        raise ValueError(f"classifier: patient(s) {', '.join(dup)} appear more than once")
+    out: dict[str, int] = {}
+    for pid, value in zip(ids, table[column], strict=True):
+        if _missing(value):
+            continue
+        if str(value) in positive:
+            out[pid] = 1
+        elif str(value) in negative:
+            out[pid] = 0
+        else:
+            raise ValueError(
+                f"patient {pid}: {column} label {value!r} is unknown for target {target!r} "
+                f"(use {', '.join(positive + negative)} or leave it empty)"
+            )
+    return pd.Series(out, dtype="int64", name=target).rename_axis("patient_id")
+
+
+def _missing(value) -> bool:
+    if value is None or value is pd.NA or value == "":
+        return True
+    return isinstance(value, float) and math.isnan(value)
+
+
+def store_location(store) -> str | zarr.Group:
+    """What a dataset keeps to reopen ``store`` in any process: a path or URL string, or (for a
+    non-local zarr group, which must then be picklable for worker processes) the group itself."""
+    if isinstance(store, zarr.Group):
+        if store.path not in ("", "/"):
+            raise ValueError(
+                f"classifier: pass the store's root group or its path, not the group {store.path!r}"
+            )
+        root = getattr(store.store, "root", None)
+        return str(root) if root is not None else store
+    return os.fspath(store) if not isinstance(store, str) else store
+
+
+def open_root(location) -> zarr.Group:
+    """The store's root group, read-only."""
+    return location if isinstance(location, zarr.Group) else st.open_store(location, mode="r")
+
+
+def template_image(root: zarr.Group) -> st.StoredImage:
+    """The template lung mask image (array not read); IncompleteOutputError if absent."""
+    try:
+        group = root[TEMPLATE]
+    except KeyError:
+        raise IncompleteOutputError(
+            f"the store has no {TEMPLATE} group; run the template stage first"
+        ) from None
+    return st.read_image(group, MASK)
+
+
+def template_mask(root: zarr.Group) -> np.ndarray:
+    """The template lung mask as a bool (Z, Y, X) array."""
+    return np.asarray(template_image(root).array[...]) > 0
+
+
+def read_map(root: zarr.Group, patient_id: str, mask: np.ndarray) -> np.ndarray:
+    """One patient's masked map: float32 (Z, Y, X), 0 outside the mask and where not finite.
+
+    Raises IncompleteOutputError when the map is absent or incomplete, ValueError when its shape
+    differs from the mask's.
+    """
+    group = st.patient_group(root, patient_id, create=False)
+    arr = np.asarray(st.read_image(group, MAP).array[...], dtype=np.float32)
+    if arr.shape != mask.shape:
+        raise ValueError(
+            f"patient {patient_id}: {MAP} has shape {arr.shape} but the template lung mask "
+            f"{mask.shape}; rerun the template stage for this patient"
+        )
+    return np.where(mask & np.isfinite(arr), arr, np.float32(0)).astype(np.float32, copy=False)
+
+
+class MapDataset(Dataset):
+    """Masked template-space maps of ``patient_ids``, read from the store one item at a time.
+
+    Parameters
+    ----------
+    store : the store's path or URL, or its root zarr group.
+    patient_ids : the patients, in item order.
+    labels : 0/1 per patient, aligned with ``patient_ids`` (a sequence), or a Series indexed by
+        patient_id; None gives label -1 (prediction).
+
+    Item ``i`` is ``(map, label)``: float32 tensor (1, Z, Y, X) and an int64 scalar tensor.
+    """
+
+    def __init__(self, store, patient_ids: Sequence[str], labels=None):
+        self.location = store_location(store)
+        self.patient_ids = [str(p) for p in patient_ids]
+        if labels is None:
+            self.labels = [-1] * len(self.patient_ids)
+        elif isinstance(labels, pd.Series):
+            absent = [p for p in self.patient_ids if p not in labels.index]
+            if absent:
+                raise ValueError(f"MapDataset: no label for patient(s) {', '.join(absent)}")
+            self.labels = [int(labels.loc[p]) for p in self.patient_ids]
+        else:
+            self.labels = [int(v) for v in labels]
+            if len(self.labels) != len(self.patient_ids):
+                raise ValueError(
+                    f"MapDataset: {len(self.labels)} labels for {len(self.patient_ids)} patients"
+                )
+        self._opened = None  # (pid of the process that opened it, root group, mask)
+
+    def __len__(self) -> int:
+        return len(self.patient_ids)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_opened"] = None  # never ship an open store to another process
+        return state
+
+    def _open(self) -> tuple[zarr.Group, np.ndarray]:
+        if self._opened is None or self._opened[0] != os.getpid():  # new process (fork)
+            root = open_root(self.location)
+            self._opened = (os.getpid(), root, template_mask(root))
+        return self._opened[1], self._opened[2]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(Z, Y, X) of the template grid."""
+        return tuple(int(s) for s in self._open()[1].shape)
+
+    def array(self, i: int) -> np.ndarray:
+        """Item ``i``'s masked map as numpy float32 (Z, Y, X)."""
+        root, mask = self._open()
+        return read_map(root, self.patient_ids[i], mask)
+
+    def __getitem__(self, i: int):
+        x = torch.from_numpy(self.array(i)[None])
+        return x, torch.tensor(self.labels[i], dtype=torch.int64)
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int, *,
+                pin_memory: bool = False) -> DataLoader:  # fmt: skip
+    """A DataLoader over ``dataset`` that prefetches with ``workers`` processes (0: in-process).
+
+    The order depends only on ``seed`` and the epoch, not on ``workers``: shuffling uses its
+    own generator (the loader's generator, which also draws the workers' base seed once per
+    iterator, would otherwise advance differently with persistent workers). Workers are
+    persistent and each keeps 2 batches in flight.
+    """
+    if workers < 0:
+        raise ValueError(f"make_loader: workers must be >= 0, got {workers}")
+    if shuffle:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(int(seed)))
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(int(seed) + 1),
+    )

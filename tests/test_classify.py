@@ -1,0 +1,288 @@
+"""The worsening classifier: model, streamed data, split, training, prediction.
+
+A tiny store of 16^3 maps: noise inside an ellipsoid lung, and for the worsening class a
+shrinkage blob (log-Jacobian -0.4) in the posterior-basal corner, so the classes are separable.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sscflow import store as st  # noqa: E402
+from sscflow.classify import (  # noqa: E402
+    MapDataset,
+    build_model,
+    load_split,
+    make_loader,
+    predict,
+    save_split,
+    split_patients,
+    targets,
+    train,
+)
+from sscflow.config import ClassifierConfig  # noqa: E402
+from sscflow.geometry import Geometry  # noqa: E402
+
+SHAPE = (16, 16, 16)
+GEOMETRY = Geometry(SHAPE, (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+N = 24  # labelled patients with maps: 12 worsening, 12 stable
+NAN_PATIENT = "P001"  # a NaN inside the lung at NAN_VOXEL
+NAN_VOXEL = (8, 8, 8)
+CONFIG = ClassifierConfig(channels=(4, 8, 16), epochs=12, batch_size=4, learning_rate=1e-2,
+                          dropout=0.2, seed=0, device="cpu", loader_workers=0)  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def lung_mask() -> np.ndarray:
+    z, y, x = np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in SHAPE], indexing="ij")
+    return ((z / 7.5) ** 2 + (y / 6.5) ** 2 + (x / 7.0) ** 2 <= 1.0).astype(np.uint8)
+
+
+def patient_map(i: int, worsening: bool) -> np.ndarray:
+    rng = np.random.default_rng(100 + i)
+    m = rng.normal(0.0, 0.05, SHAPE).astype(np.float32)
+    m[0] = np.nan  # outside the lung: must read as 0
+    if worsening:  # posterior (high y), basal (high z), one side (low x)
+        z, y, x = np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")
+        m[(z - 11) ** 2 + (y - 10) ** 2 + (x - 5) ** 2 <= 9] -= 0.4
+    return m
+
+
+def pid(i: int) -> str:
+    return f"P{i:03d}"
+
+
+def label_of(i: int) -> int:
+    return i % 2  # odd patients worsen
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """(store path, cohort table): N labelled patients with maps, P100 labelled without a map,
+    P101/P102 with maps but no functional label, WRONG with a 12^3 map (not in the table)."""
+    path = tmp_path_factory.mktemp("classify") / "cohort.zarr"
+    root = st.open_store(path)
+
+    def write(parent, name, data, geometry=GEOMETRY):
+        st.write_image(parent, name, data, geometry, stage="test", params={"k": 1},
+                       input_hash=f"h-{name}", chunk=8)  # fmt: skip
+
+    write(root.require_group("template"), "lung_mask", lung_mask())
+    rows = []
+    for i in range(N + 2):
+        m = patient_map(i, label_of(i) == 1)
+        if pid(i) == NAN_PATIENT:
+            m[NAN_VOXEL] = np.nan
+        write(st.patient_group(root, pid(i)), "log_jacobian_template", m)
+        functional = ("stable", "worsening")[label_of(i)] if i < N else None
+        visual = ("improved", "worsened", "stable")[i % 3]
+        rows.append({"patient_id": pid(i), "functional": functional, "visual": visual})
+    st.patient_group(root, "P100")  # ingested, no map yet
+    rows.append({"patient_id": "P100", "functional": "worsening", "visual": None})
+    small = Geometry((12, 12, 12), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    write(st.patient_group(root, "WRONG"), "log_jacobian_template",
+          np.zeros(small.shape, np.float32), small)  # fmt: skip
+    return path, pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory):
+    path, table = cohort
+    out = tmp_path_factory.mktemp("model")
+    return out, train(path, table, "functional", CONFIG, out)
+
+
+def test_import_does_not_load_torch():
+    code = "import sys, sscflow, sscflow.classify; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_model_has_four_layers_and_output_shape():
+    config = ClassifierConfig(channels=(4, 8, 16), kernel=3)
+    model = build_model(config, (16, 12, 20))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert len(convs) == 3
+    assert all(c.stride == (2, 2, 2) and c.padding == (1, 1, 1) for c in convs)
+    assert sum(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules()) == 3
+    assert sum(isinstance(m, torch.nn.ReLU) for m in model.modules()) == 3
+    assert sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) == 1
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linear) == 1  # 16 -> 8 -> 4 -> 2, 12 -> 6 -> 3 -> 2, 20 -> 10 -> 5 -> 3
+    assert (linear[0].in_features, linear[0].out_features) == (16 * 2 * 2 * 3, 2)
+    model.eval()
+    assert tuple(model(torch.zeros(3, 1, 16, 12, 20)).shape) == (3, 2)
+    five = build_model(ClassifierConfig(channels=(2, 2), kernel=5), (9, 9, 9))
+    assert five(torch.zeros(2, 1, 9, 9, 9)).shape == (2, 2)  # padding 2: 9 -> 5 -> 3
+
+
+def test_targets_labels_and_left_out():
+    table = pd.DataFrame({
+        "patient_id": ["a", "b", "c", "d", "e"],
+        "functional": ["worsening", "stable", None, np.nan, "stable"],
+        "visual": ["improved", "stable", "worsened", None, ""],
+    })
+    f = targets(table, "functional")
+    assert f.to_dict() == {"a": 1, "b": 0, "e": 0} and f.dtype == np.int64
+    m = targets(table, "morphologic")
+    assert m.to_dict() == {"a": 0, "b": 0, "c": 1}  # improved counts as not worsened
+    with pytest.raises(ValueError, match="target 'survival' is unknown"):
+        targets(table, "survival")
+    bad = table.assign(visual=["better", None, None, None, None])
+    with pytest.raises(ValueError, match="patient a: visual label 'better' is unknown"):
+        targets(bad, "morphologic")
+
+
+def test_dataset_item_is_the_masked_map(cohort):
+    path, _ = cohort
+    ds = MapDataset(path, [NAN_PATIENT, pid(2)], [1, 0])
+    root = st.open_store(path, "r")
+    mask = np.asarray(st.read_image(root["template"], "lung_mask").array[...]) > 0
+    assert mask[NAN_VOXEL] and not mask.all()
+    for i, p in enumerate(ds.patient_ids):
+        raw = np.asarray(st.read_image(st.patient_group(root, p), "log_jacobian_template")
+                         .array[...])  # fmt: skip
+        x, y = ds[i]
+        assert x.dtype == torch.float32 and tuple(x.shape) == (1, *SHAPE)
+        assert y.dtype == torch.int64 and int(y) == ds.labels[i]
+        expected = np.where(mask & np.isfinite(raw), raw, 0)
+        np.testing.assert_array_equal(x[0].numpy(), expected)
+        assert np.isfinite(x.numpy()).all() and (x[0].numpy()[~mask] == 0).all()
+        assert np.abs(x[0].numpy()[mask]).max() > 0  # the map itself came through
+    assert float(ds[0][0][0][NAN_VOXEL]) == 0.0
+    clone = pickle.loads(pickle.dumps(ds))  # what a worker process receives: no open store
+    assert clone._opened is None
+    np.testing.assert_array_equal(clone[1][0].numpy(), ds[1][0].numpy())
+
+
+def test_loader_with_workers_streams_the_same_batches(cohort):
+    path, _ = cohort
+    ids = [pid(i) for i in range(10)]
+    ds = MapDataset(path, ids, [label_of(i) for i in range(10)])
+
+    def epochs(workers):
+        loader = make_loader(ds, 4, True, seed=3, workers=workers)
+        return [[(x.clone(), y.clone()) for x, y in loader] for _ in range(2)]
+
+    serial, parallel = epochs(0), epochs(2)
+    for e_serial, e_parallel in zip(serial, parallel, strict=True):
+        assert [len(y) for _, y in e_serial] == [4, 4, 2]
+        for (xs, ys), (xp, yp) in zip(e_serial, e_parallel, strict=True):
+            assert torch.equal(xs, xp) and torch.equal(ys, yp)
+    order = [torch.cat([y for _, y in e]).tolist() for e in serial]
+    assert order[0] != order[1] or not torch.equal(serial[0][0][0], serial[1][0][0])
+    first = torch.cat([x for x, _ in serial[0]])
+    assert not torch.equal(first, torch.stack([ds[i][0] for i in range(10)]))  # shuffled
+    assert sorted(first.sum(dim=(1, 2, 3, 4)).tolist()) == sorted(
+        ds[i][0].sum().item() for i in range(10)
+    )  # a permutation of every item
+
+
+def test_split_is_stratified_reproducible_and_round_trips(tmp_path):
+    labels = pd.Series({pid(i): label_of(i) for i in range(N)})
+    s = split_patients(labels, 0.2, 0.2, seed=0)
+    sets = [set(s[k]) for k in ("train", "validation", "test")]
+    assert sets[0].isdisjoint(sets[1]) and sets[0].isdisjoint(sets[2])
+    assert sets[1].isdisjoint(sets[2])
+    assert set().union(*sets) == set(labels.index)
+    assert [len(x) for x in sets] == [15, 4, 5]  # ceil(0.2 * 24) = 5, ceil(0.2 * 19) = 4
+    assert s["stratified"] is True
+    assert sorted(labels[s["test"]].value_counts().tolist()) == [2, 3]
+    assert labels[s["validation"]].value_counts().tolist() == [2, 2]
+    assert split_patients(labels, 0.2, 0.2, seed=0) == s
+    assert split_patients(labels, 0.2, 0.2, seed=1)["test"] != s["test"]
+    assert load_split(save_split(s, tmp_path / "split.json")) == s
+    lonely = pd.Series({pid(i): int(i == 0) for i in range(10)})  # one patient of class 1
+    assert split_patients(lonely, 0.2, 0.2, seed=0)["stratified"] is False
+    (tmp_path / "bad.json").write_text(json.dumps({"train": ["a"], "validation": ["a"],
+                                                   "test": []}))  # fmt: skip
+    with pytest.raises(ValueError, match="patient a is in both train and validation"):
+        load_split(tmp_path / "bad.json")
+
+
+def test_training_learns_the_separable_signal(trained):
+    out, result = trained
+    assert len(result["y_true"]) == 5
+    accuracy = np.mean(np.equal(result["y_true"], result["y_pred"]))
+    assert accuracy >= 0.8, result
+    assert result["y_pred"] == [int(p > 0.5) for p in result["y_prob"]]
+    history = result["history"]
+    assert len(history["train_loss"]) == len(history["validation_loss"]) == CONFIG.epochs
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    best = int(np.argmin(history["validation_loss"])) + 1
+    assert result["best_epoch"] == best
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["target"] == "functional" and meta["input_shape"] == list(SHAPE)
+    assert meta["split_sizes"] == {"train": 15, "validation": 4, "test": 5}
+    assert meta["left_out"] == ["P100"] == result["left_out"]  # labelled, no map
+    assert meta["best_epoch"] == best and meta["device"] == "cpu"
+    assert meta["config"]["channels"] == [4, 8, 16] and len(meta["data_hash"]) == 64
+    assert {"torch", "numpy", "sscflow"} <= set(meta["versions"])
+    pred = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
+    assert sorted(pred["patient_id"]) == [pid(i) for i in range(N)]
+    assert pred.groupby("set").size().to_dict() == {"test": 5, "train": 15, "validation": 4}
+    assert load_split(result["split"])["test"] == sorted(result["test_patients"])
+    assert (out / "model.pt").is_file()
+
+
+def test_training_is_deterministic(cohort, trained, tmp_path):
+    """Same seed, same predictions, also when the maps come through two loader processes."""
+    path, table = cohort
+    out, first = trained
+    torch.manual_seed(987)  # the caller's generator state must not matter, nor change
+    state = torch.random.get_rng_state()
+    again = train(path, table, "functional", ClassifierConfig(**{**vars(CONFIG),
+                  "loader_workers": 2}), tmp_path)  # fmt: skip
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after training
+    a = pd.read_csv(out / "predictions.csv")
+    b = pd.read_csv(tmp_path / "predictions.csv")
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    assert again["history"] == first["history"]
+    meta = [json.loads((d / "metadata.json").read_text()) for d in (out, tmp_path)]
+    assert meta[0]["data_hash"] == meta[1]["data_hash"]
+
+
+def test_predict_reproduces_saved_probabilities(cohort, trained):
+    path, _ = cohort
+    out, result = trained
+    got = predict(path, result["test_patients"], out, workers=0)
+    assert got["patient_id"].tolist() == result["test_patients"]
+    np.testing.assert_allclose(got["probability"], result["y_prob"], rtol=0, atol=1e-6)
+    assert got["prediction"].tolist() == result["y_pred"]
+    saved = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str}).set_index("patient_id")
+    np.testing.assert_allclose(got["probability"],
+                               saved.loc[result["test_patients"], "probability"], atol=1e-6)
+
+
+def test_predict_refuses_a_wrong_shaped_map(cohort, trained):
+    path, _ = cohort
+    out, _ = trained
+    with pytest.raises(ValueError, match=r"patient WRONG: .* \(12, 12, 12\) .* trained on"):
+        predict(path, [pid(0), "WRONG"], out)
+
+
+def test_training_needs_labelled_patients_of_both_classes(cohort, tmp_path):
+    path, table = cohort
+    few = table[table["patient_id"].isin([pid(i) for i in range(5)])]
+    with pytest.raises(ValueError, match="target 'functional': 5 labelled patient"):
+        train(path, few, "functional", CONFIG, tmp_path)
+    stable = table.assign(functional="stable")
+    with pytest.raises(ValueError, match="target 'functional'.*both classes"):
+        train(path, stable, "functional", CONFIG, tmp_path)
