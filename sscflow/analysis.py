@@ -83,12 +83,12 @@ def classify_cohort(store, results_dir, config, *, force: bool = False, device=N
     from sscflow.classify.training import train
     from sscflow.groups import cohort_table
 
+    table = cohort_table(store)
+    key = _input_hash(store, table, config)
     if config.loader_workers and multiprocessing.current_process().daemon:
         # a Dask worker process is daemonic and may not start DataLoader processes: stream the
         # maps from the store in this process instead (same data, no prefetch processes)
         config = dataclasses.replace(config, loader_workers=0)
-    table = cohort_table(store)
-    key = _input_hash(store, table, config)
     out = {}
     for target in TARGETS:
         folder = Path(results_dir) / "classifier" / target

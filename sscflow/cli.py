@@ -257,13 +257,13 @@ def _dry_run(cfg, manifest, force, t0):
 
 
 def _run(cfg, manifest, *, force=False, truth_dir=None, client=None):
-    from sscflow.pipeline import PATIENT_STAGES, run
+    from sscflow.pipeline import COHORT_STAGES, PATIENT_STAGES, run
 
     n = len(manifest)
     with _client(cfg, client) as client, _progress() as bar:
         tasks = {s: bar.add_task(s, total=n, last="") for s in PATIENT_STAGES}
-        tasks["template"] = bar.add_task("template", total=1, last="")
-        tasks["group_means"] = bar.add_task("group means", total=1, last="")
+        for stage in COHORT_STAGES:
+            tasks[stage] = bar.add_task(stage.replace("_", " "), total=1, last="")
         skipped: dict[str, int] = {}
 
         def on_record(rec):
@@ -293,6 +293,15 @@ def _run_report(summary):
                   + (f", {left} left out" if left else "") + ")")  # fmt: skip
         out.print(f"cohort table: {gm.get('table')}")
         out.print(f"figure: {gm.get('figure')}")
+    clf = summary.cohort.get("classifier", {})
+    for target in ("functional", "morphologic"):
+        if clf.get(f"{target}_status") in ("done", "skipped"):
+            out.print(f"classifier ({target}): test accuracy {clf.get(f'{target}_accuracy'):.2f}")
+        elif clf.get(f"{target}_reason"):
+            out.print(f"classifier ({target}) not trained: {clf[f'{target}_reason']}")
+    rep = summary.cohort.get("report", {})
+    if rep.get("status") == "done":
+        out.print(f"report: {rep.get('path')}")
     out.print(f"store: {summary.store}; {summary.seconds:.1f} s")
     for name, rec in summary.cohort.items():
         if rec.get("status") in ("failed", "upstream_failed"):
@@ -348,6 +357,58 @@ def status(
             reason = "; ".join(r["message"] for r in row.values() if r["message"])
             t.add_row(pid, *[row[s]["status"] for s in PATIENT_STAGES], reason)
         out.print(t)
+
+
+@app.command()
+def report(
+    store: Annotated[str, typer.Argument(help="The cohort store (a .zarr folder).")],
+    results: Annotated[
+        Path | None,
+        typer.Option("--results", help="Results folder (default: results/ beside the store)."),
+    ] = None,
+):
+    """Write the cohort report, RESULTS/report/index.html: self-contained, readable offline.
+
+    Tables 1 and 2, correlations with PFT change, classifier metrics beside the ILD-extent
+    baseline, group-mean maps, box plots, ROC curves and failed patients. `sscflow run` writes
+    it as its last stage; this command rewrites it from what is there.
+
+    Example: sscflow report demo/cohort.zarr
+    """
+    from sscflow.pipeline import default_results
+    from sscflow.report import write_report
+
+    path = write_report(store, results or default_results(store))
+    out.print(f"report: {path}")
+
+
+@app.command()
+def predict(
+    store: Annotated[str, typer.Argument(help="A store whose patients reached template space.")],
+    model: Annotated[Path, typer.Option("--model", help="A trained model folder "
+                                        "(results/classifier/<target>).")],  # fmt: skip
+    output: Annotated[Path, typer.Option("--out", "-o", help="CSV to write.")] = Path(
+        "predictions.csv"
+    ),
+):
+    """Apply a trained classifier to every patient of a store that has a template-space map.
+
+    Example: sscflow predict new.zarr --model demo/results/classifier/functional --out p.csv
+    """
+    from sscflow import store as st
+    from sscflow.classify.prediction import predict as predict_patients
+
+    MAP = "log_jacobian_template"
+
+    root = st.open_store(store, mode="r")
+    ids = [p for p in st.patient_ids(root)
+           if st.output_state(root[f"{st.PATIENTS}/{p}"], MAP) == "complete"]  # fmt: skip
+    if not ids:
+        raise SscflowError(f"{store}: no patient has a {MAP} map; run 'sscflow run' first")
+    table = predict_patients(store, ids, model)
+    table.to_csv(output, index=False)
+    out.print(f"{len(table)} patients predicted; {int(table['prediction'].sum())} predicted "
+              f"worsening; written to {output}")  # fmt: skip
 
 
 @app.command()

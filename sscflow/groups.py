@@ -132,6 +132,10 @@ def _patient_row(root, pid: str) -> dict:
         meta = _meta(group, name)
         row[f"lung_volume_{which}_ml"] = _float(meta.get("lung_volume_ml"))
 
+    extent = dict(group.attrs.get("extent", {}) or {})  # sscflow.extent: ILD extent (HAA, %)
+    for key in ("haa_baseline", "haa_followup", "delta_haa"):
+        row[key] = _float(extent.get(key))
+
     summary = _meta(group, "log_jacobian").get("summary") or {}
     row["logjac_mean"] = _float(summary.get("mean"))
     row["logjac_median"] = _float(summary.get("median"))

@@ -3,8 +3,8 @@
 Per patient (one future per patient per stage, stable keys, retries from the config)::
 
     ingest ──▶ registration ──▶ jacobian ──┐
-       │                                   ├──▶ to_template ──▶ (cohort) group means, table, figure
-       └──(all patients)──▶ template ──────┘
+       │ └──▶ extent (ILD density)         ├──▶ to_template ──▶ (cohort) group means, table,
+       └──(all patients)──▶ template ──────┘       figure ──▶ classifier ──▶ report
 
 Decisions:
 
@@ -38,12 +38,14 @@ from sscflow.errors import SscflowError
 
 log = logging.getLogger(__name__)
 
-PATIENT_STAGES = ("ingest", "registration", "jacobian", "to_template")
-COHORT_STAGES = ("template", "group_means")
-STAGES = ("ingest", "registration", "jacobian", "template", "to_template", "group_means")
+PATIENT_STAGES = ("ingest", "extent", "registration", "jacobian", "to_template")
+COHORT_STAGES = ("template", "group_means", "classifier", "report")
+STAGES = ("ingest", "extent", "registration", "jacobian", "template", "to_template",
+          "group_means", "classifier", "report")  # fmt: skip
 # what each patient stage leaves in patients/<id> when it is done
 OUTPUTS = {
     "ingest": ("baseline", "followup", "lung_mask", "followup_lung_mask"),
+    "extent": (),  # an attribute of the patient group, checked apart
     "registration": ("displacement",),
     "jacobian": ("log_jacobian",),
     "to_template": ("template_displacement", "log_jacobian_template"),
@@ -110,6 +112,7 @@ def plan_run(manifest: Manifest, cfg: Config, *, gpu: bool = False, force: bool 
         k_in = f"ingest-{pid}-{token}"
         ingests.append(k_in)
         tasks.append(Task(k_in, "ingest", pid))
+        tasks.append(Task(f"extent-{pid}-{token}", "extent", pid, (k_in,)))
         tasks.append(Task(f"registration-{pid}-{token}", "registration", pid, (k_in,), gpu))
         tasks.append(
             Task(f"jacobian-{pid}-{token}", "jacobian", pid, (f"registration-{pid}-{token}",))
@@ -184,6 +187,35 @@ def run_ingest(patient: Patient, store: str, cfg: Config, force: bool) -> dict:
     status = r.status
     return _record("ingest", patient.patient_id, status, r.seconds, r.message,
                    lung_volume_ml=r.lung_volume_ml.get("baseline"))  # fmt: skip
+
+
+def run_extent(up: dict, store: str, cfg: Config, force: bool) -> dict:
+    pid = up["patient_id"]
+    if (skip := _upstream_failed("extent", pid, up)) is not None:
+        return skip
+    from sscflow.extent import extent_patient
+
+    return _guard("extent", pid, lambda: extent_patient(
+        store, pid, force=force, scheduler=_worker_scheduler()))  # fmt: skip
+
+
+def run_classifier(store: str, results: str, cfg: Config, force: bool) -> dict:
+    """Both classifiers and the ILD-extent baseline (on a GPU worker when there is one)."""
+    from sscflow.analysis import classify_cohort
+
+    def go():
+        out = classify_cohort(store, results, cfg.classifier, force=force)
+        statuses = {t: r["status"] for t, r in out.items()}
+        status = "skipped" if all(v == "skipped" for v in statuses.values()) else "done"
+        flat = {f"{t}_status": v for t, v in statuses.items()}
+        for t, r in out.items():
+            if r.get("cnn"):
+                flat[f"{t}_accuracy"] = r["cnn"].get("accuracy")
+            if r.get("reason"):
+                flat[f"{t}_reason"] = r["reason"]
+        return {"status": status, **flat}
+
+    return _guard("classifier", None, go)
 
 
 def run_registration(up: dict, store: str, cfg: Config, force: bool, truth_dir) -> dict:
@@ -316,6 +348,8 @@ def run(
         deps = [futures[k] for k in task.depends]
         if task.stage == "ingest":
             submit(task, run_ingest, patients[task.patient_id], store, cfg, force)
+        elif task.stage == "extent":
+            submit(task, run_extent, deps[0], store, cfg, force)
         elif task.stage == "registration":
             submit(task, run_registration, deps[0], store, cfg, force, truth_dir)
         elif task.stage == "jacobian":
@@ -347,15 +381,42 @@ def run(
             on_record(rec)
     futures.clear()
 
+    def finish(rec):
+        _account(summary, rec, failed_at)
+        client.log_event(TOPIC, {k: rec[k] for k in ("stage", "status", "seconds")})
+        _write_status(root, rec)
+        if on_record:
+            on_record(rec)
+
     rec = _cohort_outputs(cfg, store, results_dir, plan, records, force)
-    _account(summary, rec, failed_at)
-    client.log_event(TOPIC, {k: rec[k] for k in ("stage", "status", "seconds")})
-    _write_status(root, rec)
-    if on_record:
-        on_record(rec)
+    finish(rec)
+    if rec["status"] in FAILED:
+        finish(_record("classifier", None, "upstream_failed", message="no group means"))
+    else:
+        kw = {"resources": {"GPU": 1}} if gpu else {}
+        fut = client.submit(run_classifier, store, str(results_dir), cfg, force,
+                            key=f"classifier-{plan.token}", pure=False, retries=retries, **kw)
+        try:
+            finish(fut.result())
+        except Exception as exc:  # the task died on every retry
+            finish(_record("classifier", None, "failed", 0.0, f"{type(exc).__name__}: {exc}"))
+        fut.release()
+    finish(_report(store, results_dir))
     summary.seconds = time.perf_counter() - t0
     client.log_event(TOPIC, {"run": "finished" if summary.ok else "finished_with_failures"})
     return summary
+
+
+def _report(store, results_dir) -> dict:
+    t0 = time.perf_counter()
+    try:
+        from sscflow.report import write_report
+
+        path = write_report(store, results_dir)
+    except Exception as exc:
+        return _record("report", None, "failed", time.perf_counter() - t0,
+                       f"{type(exc).__name__}: {exc}")  # fmt: skip
+    return _record("report", None, "done", time.perf_counter() - t0, "", path=str(path))
 
 
 def default_results(store: str) -> Path:
@@ -461,9 +522,12 @@ def store_status(store: str) -> dict:
         row = {}
         for stage in PATIENT_STAGES:
             rec = records.get(pid, {}).get(stage)
-            complete = group is not None and all(
-                st.output_state(group, name) == "complete" for name in OUTPUTS[stage]
-            )
+            if stage == "extent":
+                complete = group is not None and "extent" in group.attrs
+            else:
+                complete = group is not None and all(
+                    st.output_state(group, name) == "complete" for name in OUTPUTS[stage]
+                )
             if rec and rec["status"] in FAILED:
                 row[stage] = {"status": rec["status"], "message": rec.get("message", "")}
             elif complete:
@@ -476,10 +540,14 @@ def store_status(store: str) -> dict:
         "template" in root and st.output_state(root["template"], "lung_mask") == "complete"
     )
     gm_done = "group_means" in root and "sscflow_input_hash" in root["group_means"].attrs
-    for stage, done in (("template", template_done), ("group_means", gm_done)):
+    done_cohort = {"template": template_done, "group_means": gm_done}
+    for stage in COHORT_STAGES:
+        done = done_cohort.get(stage, False)
         rec = records.get("_cohort", {}).get(stage)
         if rec and rec["status"] in FAILED:
             cohort[stage] = {"status": rec["status"], "message": rec.get("message", "")}
+        elif rec and stage not in done_cohort:  # outputs outside the store: the record says
+            cohort[stage] = {"status": "done", "message": ""}
         else:
             cohort[stage] = {"status": "done" if done else "pending", "message": ""}
     out[None] = cohort

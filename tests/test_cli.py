@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["synth", "ingest", "run", "status", "demo", "validate"]
+COMMANDS = ["synth", "ingest", "run", "status", "report", "predict", "demo", "validate"]
 
 
 def run(*args, cwd=None):

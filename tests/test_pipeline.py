@@ -91,7 +91,7 @@ def test_run_isolates_the_bad_patient_and_finishes_the_others(finished):
     assert [r["patient_id"] for r in summary.failed] == [BAD]
     assert summary.failed[0]["stage"] == "ingest"
     assert "broken.nii.gz" in summary.failed[0]["message"]
-    for stage in ("registration", "jacobian", "to_template"):
+    for stage in ("extent", "registration", "jacobian", "to_template"):
         assert summary.counts[stage] == {"done": N_GOOD, "upstream_failed": 1}, stage
     assert summary.cohort["template"]["status"] == "done"
     gm = summary.cohort["group_means"]
@@ -152,7 +152,7 @@ def test_rerun_skips_and_recomputes_only_downstream(finished, cohort, client):
     chunk = Path(cfg.store, "patients", "SYN001", "displacement", "0", "zarr.json")
     before = chunk.stat().st_mtime_ns
     again = run(cfg, m, client=client, truth_dir=manifest.parent)
-    for stage in ("ingest", "registration", "jacobian", "to_template"):
+    for stage in ("ingest", "extent", "registration", "jacobian", "to_template"):
         assert again.counts[stage].get("skipped") == N_GOOD, (stage, again.counts[stage])
     assert again.cohort["group_means"]["status"] == "skipped"
     assert chunk.stat().st_mtime_ns == before
@@ -166,7 +166,7 @@ def test_rerun_skips_and_recomputes_only_downstream(finished, cohort, client):
 
 
 def test_dry_run_plans_ten_thousand_patients_without_running(tmp_path):
-    """The plan grows with patients (4 tasks each + 1), and a dry run writes nothing."""
+    """The plan grows with patients (5 tasks each + 1), and a dry run writes nothing."""
     scan = tmp_path / "scan.nii.gz"
     scan.write_bytes(b"x")
     manifest = tmp_path / "manifest.csv"
@@ -177,15 +177,15 @@ def test_dry_run_plans_ten_thousand_patients_without_running(tmp_path):
     store = tmp_path / "never.zarr"
     cfg_path = _write_config(tmp_path, manifest, store)
     plan = plan_run(read_manifest(manifest), load_config(cfg_path))
-    assert len(plan.tasks) == 4 * 10_000 + 1
+    assert len(plan.tasks) == 5 * 10_000 + 1
     assert len({t.key for t in plan.tasks}) == len(plan.tasks)
-    assert plan.count() == {"ingest": 10_000, "registration": 10_000, "jacobian": 10_000,
-                            "template": 1, "to_template": 10_000}  # fmt: skip
+    assert plan.count() == {"ingest": 10_000, "extent": 10_000, "registration": 10_000,
+                            "jacobian": 10_000, "template": 1, "to_template": 10_000}  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "sscflow.cli", "run", str(cfg_path), "--dry-run"],
                           capture_output=True, text=True, encoding="utf-8", timeout=120,
                           env={**os.environ, "PYTHONIOENCODING": "utf-8"})  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "10000 patients" in done.stdout and "40001 tasks" in done.stdout
+    assert "10000 patients" in done.stdout and "50001 tasks" in done.stdout
     assert not store.exists()
 
 
@@ -349,3 +349,45 @@ def test_separate_scheduler_and_workers_with_a_worker_killed(finished, cohort, t
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+@pytest.mark.slow
+def test_report_is_self_contained_and_loads_in_a_headless_browser(finished, tmp_path):
+    """The run's last stage writes report/index.html: every figure embedded, no external
+    resource; Debian's chromium loads it without console errors and renders the figures."""
+    cfg, summary, _ = finished
+    rep = summary.cohort["report"]
+    assert rep["status"] == "done"
+    page = Path(rep["path"]).read_text(encoding="utf-8")
+    for heading in ("Table 1", "Table 2", "Spearman", "Classifier", "Figure 3", "Figure 4",
+                    "Failed patients", "These data are synthetic"):  # fmt: skip
+        assert heading in page, heading
+    assert BAD in page  # the failed patient, with its reason
+    assert page.count("data:image/png;base64,") >= 3  # group means + two box-plot panels
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs chromium for the report check (.ci/run installs it)")
+        pytest.skip("chromium is not installed")
+    shot = tmp_path / "report.png"
+    res = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                          "--enable-logging=stderr", "--v=0", f"--screenshot={shot}",
+                          "--window-size=1200,2400", Path(rep["path"]).as_uri()],
+                         capture_output=True, text=True, encoding="utf-8", errors="replace",
+                         timeout=120)  # fmt: skip
+    assert shot.is_file(), res.stderr[-2000:]
+    console = [line for line in res.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, console
+    import matplotlib.image as mpimg
+
+    pixels = mpimg.imread(shot)[..., :3]
+    colours = {tuple(p) for p in (pixels[::7, ::7].reshape(-1, 3) * 255).astype(int)}
+    assert len(colours) > 50  # text, tables and coloured figures, not a blank page
