@@ -2,9 +2,9 @@
 
 Makes a small synthetic cohort (not timed), then in this one process:
   baseline: a Python loop calling the same stage functions one patient after another
-            (ingest_patient, register_patient, log_jacobian_patient, build_template,
-            to_template_patient, then the cohort table, group means and figure), into its own
-            store;
+            (ingest_patient, extent_patient, register_patient, log_jacobian_patient,
+            build_template, to_template_patient, then the cohort table, group means, figure,
+            classifier and report), into its own store;
   sscflow:  ``sscflow.pipeline.run`` on a one-worker, one-thread in-process LocalCluster (the
             same compute resources), into another store: futures, retries, run records, metrics
             events, progress callbacks, cohort table and figure included.
@@ -29,17 +29,21 @@ from pathlib import Path
 
 def sequential_loop(cfg, manifest) -> None:
     """The bare loop users would write around the same stage functions."""
+    from sscflow.analysis import classify_cohort
+    from sscflow.extent import extent_patient
     from sscflow.figures import plot_group_means
     from sscflow.groups import cohort_table, group_means, write_cohort_table
     from sscflow.ingest import ingest_patient
     from sscflow.jacobian.stage import log_jacobian_patient
     from sscflow.registration.stage import register_patient
+    from sscflow.report import write_report
     from sscflow.template import build_template, to_template_patient
 
     store = str(cfg.store)
     ids = [p.patient_id for p in manifest.patients]
     for p in manifest.patients:
         ingest_patient(p, store, cfg.ingest, cfg.segment)
+        extent_patient(store, p.patient_id, scheduler="synchronous")
         register_patient(store, p.patient_id, cfg.registration)
         log_jacobian_patient(store, p.patient_id, cfg.jacobian, scheduler="synchronous")
     build_template(store, ids, cfg.template)
@@ -49,6 +53,8 @@ def sequential_loop(cfg, manifest) -> None:
     write_cohort_table(table, cfg.results)
     group_means(store, table)
     plot_group_means(store, Path(cfg.results) / "figures" / "group_means_sagittal.png")
+    classify_cohort(store, cfg.results, cfg.classifier)
+    write_report(store, cfg.results)
 
 
 PLAN_SCRIPT = textwrap.dedent(
