@@ -214,6 +214,7 @@ class ClassifierConfig:
     batch norm and ReLU, then a fully connected layer to two classes; cross-entropy, Adam.
     """
 
+    input_shrink: int = 2  # maps averaged over blocks of this many voxels before the CNN
     channels: tuple[int, ...] = (8, 16, 32)  # one stride-2 conv block per entry (+ 1 FC layer)
     kernel: int = 3
     dropout: float = 0.3
@@ -228,6 +229,7 @@ class ClassifierConfig:
     loader_workers: int = 2  # DataLoader processes reading maps from the store (0: in-process)
 
     def validate(self, where: str) -> None:
+        _positive(self.input_shrink, f"{where}.input_shrink")
         if not self.channels or any(c < 1 for c in self.channels):
             raise ConfigError(f"{where}.channels must be positive counts, got {self.channels}")
         if self.kernel < 1 or self.kernel % 2 == 0:

@@ -37,8 +37,9 @@ GEOMETRY = Geometry(SHAPE, (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
 N = 24  # labelled patients with maps: 12 worsening, 12 stable
 NAN_PATIENT = "P001"  # a NaN inside the lung at NAN_VOXEL
 NAN_VOXEL = (8, 8, 8)
-CONFIG = ClassifierConfig(channels=(4, 8, 16), epochs=12, batch_size=4, learning_rate=1e-2,
-                          dropout=0.2, seed=0, device="cpu", loader_workers=0)  # fmt: skip
+CONFIG = ClassifierConfig(input_shrink=1, channels=(4, 8, 16), epochs=12, batch_size=4,
+                          learning_rate=1e-2, dropout=0.2, seed=0, device="cpu",
+                          loader_workers=0)  # fmt: skip
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -115,7 +116,7 @@ def test_import_does_not_load_torch():
 
 
 def test_model_has_four_layers_and_output_shape():
-    config = ClassifierConfig(channels=(4, 8, 16), kernel=3)
+    config = ClassifierConfig(input_shrink=1, channels=(4, 8, 16), kernel=3)
     model = build_model(config, (16, 12, 20))
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
     assert len(convs) == 3
@@ -128,8 +129,16 @@ def test_model_has_four_layers_and_output_shape():
     assert (linear[0].in_features, linear[0].out_features) == (16 * 2 * 2 * 3, 2)
     model.eval()
     assert tuple(model(torch.zeros(3, 1, 16, 12, 20)).shape) == (3, 2)
-    five = build_model(ClassifierConfig(channels=(2, 2), kernel=5), (9, 9, 9))
+    five = build_model(ClassifierConfig(input_shrink=1, channels=(2, 2), kernel=5), (9, 9, 9))
     assert five(torch.zeros(2, 1, 9, 9, 9)).shape == (2, 2)  # padding 2: 9 -> 5 -> 3
+    # the default first averages 2x2x2 blocks: 32 -> 16 -> 8 -> 4 -> 2
+    halved = build_model(ClassifierConfig(channels=(4, 8, 16)), (32, 24, 40))
+    assert sum(isinstance(m, torch.nn.AvgPool3d) for m in halved.modules()) == 1
+    assert halved.classifier.in_features == 16 * 2 * 2 * 3
+    halved.eval()
+    x = torch.rand(1, 1, 32, 24, 40)
+    pooled = torch.nn.functional.avg_pool3d(x, 2)  # an independent reference for the shrink
+    assert torch.allclose(halved.shrink(x), pooled)
 
 
 def test_targets_labels_and_left_out():

@@ -1,6 +1,8 @@
 """The four-layer 3D CNN of Chassagnon et al. and the choice of torch device.
 
-``len(config.channels)`` blocks of a stride-2 ``Conv3d`` (``kernel`` voxels, padding
+The map is first averaged over blocks of ``input_shrink`` voxels (log-Jacobian maps are smooth
+at that scale; it divides the cost by ``input_shrink**3``), then ``len(config.channels)`` blocks
+of a stride-2 ``Conv3d`` (``kernel`` voxels, padding
 ``kernel // 2``, no bias: the batch norm that follows has one) + ``BatchNorm3d`` + ``ReLU``, then
 dropout and one fully connected layer to two classes (stable, worsening). With the default three
 channel counts that is the paper's four layers.
@@ -23,6 +25,8 @@ class WorseningCNN(nn.Module):
 
     def __init__(self, config: ClassifierConfig, input_shape: tuple[int, int, int]):
         super().__init__()
+        f = int(config.input_shrink)
+        self.shrink = nn.AvgPool3d(f, f, ceil_mode=True) if f > 1 else nn.Identity()
         blocks = []
         in_channels = 1
         for out_channels in config.channels:
@@ -43,19 +47,24 @@ class WorseningCNN(nn.Module):
         self.input_shape = tuple(int(s) for s in input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
+        x = self.features(self.shrink(x))
         return self.classifier(self.dropout(torch.flatten(x, 1)))
 
 
 def feature_shape(config: ClassifierConfig, input_shape) -> tuple[int, int, int]:
-    """Spatial shape after the stride-2 convolutions: ``n -> (n + 2 (k // 2) - k) // 2 + 1``.
+    """Spatial shape after the input shrink (``ceil(n / f)``) and the stride-2 convolutions
+    (``n -> (n + 2 (k // 2) - k) // 2 + 1``).
 
-    >>> feature_shape(ClassifierConfig(), (20, 20, 20))
+    >>> feature_shape(ClassifierConfig(input_shrink=1), (20, 20, 20))
     (3, 3, 3)
+    >>> feature_shape(ClassifierConfig(input_shrink=2), (20, 20, 20))
+    (2, 2, 2)
     """
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != 3 or any(s < 1 for s in shape):
         raise ValueError(f"classifier input_shape must be three positive sizes, got {input_shape}")
+    f = int(config.input_shrink)
+    shape = tuple(-(-s // f) for s in shape)
     k, pad = config.kernel, config.kernel // 2
     for _ in config.channels:
         shape = tuple((s + 2 * pad - k) // 2 + 1 for s in shape)
