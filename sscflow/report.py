@@ -135,7 +135,7 @@ def write_report(store: str, results_dir, *, synthetic: bool | None = None) -> P
     """
     from sscflow.groups import cohort_table
     from sscflow.pipeline import store_status
-    from sscflow.stats import TABLE_ROWS, spearman_table, summary_table
+    from sscflow.stats import TABLE_ROWS, format_p, spearman_table, summary_table
 
     results = Path(results_dir)
     table = cohort_table(store)
@@ -182,7 +182,7 @@ def write_report(store: str, results_dir, *, synthetic: bool | None = None) -> P
         show["95% CI"] = [f"{lo:.2f} to {hi:.2f}" for lo, hi in zip(show.ci_low, show.ci_high,
                                                                        strict=True)]  # fmt: skip
         show["rho"] = show["rho"].map(lambda v: f"{v:.2f}")
-        show["P"] = show["p"].map(lambda v: "<.001" if v < 0.001 else f"{v:.3f}")
+        show["P"] = show["p"].map(format_p)
         parts.append("<h2>Mean log-Jacobian against PFT change (Spearman)</h2>"
                      + _table_html(show[["variable", "n", "rho", "95% CI", "P"]]))  # fmt: skip
 
