@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sscflow import store as st
@@ -184,8 +184,7 @@ def run_ingest(patient: Patient, store: str, cfg: Config, force: bool) -> dict:
     from sscflow.ingest import ingest_patient
 
     r = ingest_patient(patient, store, cfg.ingest, cfg.segment, force=force)
-    status = r.status
-    return _record("ingest", patient.patient_id, status, r.seconds, r.message,
+    return _record("ingest", patient.patient_id, r.status, r.seconds, r.message,
                    lung_volume_ml=r.lung_volume_ml.get("baseline"))  # fmt: skip
 
 
@@ -469,10 +468,10 @@ def _cohort_outputs(cfg, store, results_dir, plan, records, force) -> dict:
         table = cohort_table(store, ids)
         table_path = write_cohort_table(table, results_dir)
         labels = [c for c in ("patient_id", "functional", "visual") if c in table]
-        key = st.hash_values([_upstream_meta(store, pid) for pid in done],
+        root = st.open_store(store)
+        key = st.hash_values([_upstream_meta(root, pid) for pid in done],
                              table[labels].astype(str).values.tolist())  # fmt: skip
         figure = results_dir / "figures" / "group_means_sagittal.png"
-        root = st.open_store(store)
         current = (not force and "group_means" in root
                    and root["group_means"].attrs.get("sscflow_input_hash") == key
                    and figure.exists())  # fmt: skip
@@ -494,8 +493,7 @@ def _cohort_outputs(cfg, store, results_dir, plan, records, force) -> dict:
                    figure=str(figure), path=f"{store}/group_means", counts=counts)  # fmt: skip
 
 
-def _upstream_meta(store, pid):
-    root = st.open_store(store)
+def _upstream_meta(root, pid):
     meta = dict(root[f"{st.PATIENTS}/{pid}/log_jacobian_template"].attrs["sscflow"])
     return [pid, meta.get("input_hash"), meta.get("params")]
 
@@ -510,7 +508,8 @@ def store_status(store: str) -> dict:
     counts as done. Also returns the cohort stages under the key ``None``.
     """
     root = st.open_store(store, mode="r")
-    ids = set(st.patient_ids(root))
+    in_store = set(st.patient_ids(root))
+    ids = set(in_store)
     records = {}
     if STATUS_GROUP in root:
         for name, group in root[STATUS_GROUP].groups():
@@ -518,7 +517,7 @@ def store_status(store: str) -> dict:
     ids |= {n for n in records if n != "_cohort"}
     out: dict = {}
     for pid in sorted(ids):
-        group = root[f"{st.PATIENTS}/{pid}"] if pid in st.patient_ids(root) else None
+        group = root[f"{st.PATIENTS}/{pid}"] if pid in in_store else None
         row = {}
         for stage in PATIENT_STAGES:
             rec = records.get(pid, {}).get(stage)
@@ -554,5 +553,3 @@ def store_status(store: str) -> dict:
     return out
 
 
-def summary_dict(summary: RunSummary) -> dict:
-    return asdict(summary)
