@@ -129,13 +129,24 @@ def read_map(root: zarr.Group, patient_id: str, mask: np.ndarray) -> np.ndarray:
     Raises IncompleteOutputError when the map is absent or incomplete, ValueError when its shape
     differs from the mask's.
     """
+    return masked(map_array(root, patient_id, mask.shape)[...], mask)
+
+
+def map_array(root: zarr.Group, patient_id: str, shape) -> zarr.Array:
+    """The patient's complete map as a zarr array (not read), checked against ``shape``."""
     group = st.patient_group(root, patient_id, create=False)
-    arr = np.asarray(st.read_image(group, MAP).array[...], dtype=np.float32)
-    if arr.shape != mask.shape:
+    arr = st.read_image(group, MAP).array
+    if tuple(arr.shape) != tuple(shape):
         raise ValueError(
-            f"patient {patient_id}: {MAP} has shape {arr.shape} but the template lung mask "
-            f"{mask.shape}; rerun the template stage for this patient"
+            f"patient {patient_id}: {MAP} has shape {tuple(arr.shape)} but the template lung "
+            f"mask {tuple(shape)}; rerun the template stage for this patient"
         )
+    return arr
+
+
+def masked(values, mask: np.ndarray) -> np.ndarray:
+    """``values`` as float32, 0 outside ``mask`` and where not finite."""
+    arr = np.asarray(values, dtype=np.float32)
     return np.where(mask & np.isfinite(arr), arr, np.float32(0)).astype(np.float32, copy=False)
 
 
@@ -169,6 +180,7 @@ class MapDataset(Dataset):
                     f"MapDataset: {len(self.labels)} labels for {len(self.patient_ids)} patients"
                 )
         self._opened = None  # (pid of the process that opened it, root group, mask)
+        self._arrays: dict = {}  # patient -> its checked zarr array, in the opening process
 
     def __len__(self) -> int:
         return len(self.patient_ids)
@@ -176,12 +188,14 @@ class MapDataset(Dataset):
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_opened"] = None  # never ship an open store to another process
+        state["_arrays"] = {}
         return state
 
     def _open(self) -> tuple[zarr.Group, np.ndarray]:
         if self._opened is None or self._opened[0] != os.getpid():  # new process (fork)
             root = open_root(self.location)
             self._opened = (os.getpid(), root, template_mask(root))
+            self._arrays = {}
         return self._opened[1], self._opened[2]
 
     @property
@@ -192,7 +206,10 @@ class MapDataset(Dataset):
     def array(self, i: int) -> np.ndarray:
         """Item ``i``'s masked map as numpy float32 (Z, Y, X)."""
         root, mask = self._open()
-        return read_map(root, self.patient_ids[i], mask)
+        pid = self.patient_ids[i]
+        if pid not in self._arrays:  # metadata read and checked once per patient and process
+            self._arrays[pid] = map_array(root, pid, mask.shape)
+        return masked(self._arrays[pid][...], mask)
 
     def __getitem__(self, i: int):
         x = torch.from_numpy(self.array(i)[None])
