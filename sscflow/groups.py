@@ -34,7 +34,7 @@ from sscflow.errors import IncompleteOutputError
 STAGE = "group_means"
 STAGE_VERSION = 1
 OUTPUT = "group_means"
-TEMPLATE = "template"
+TEMPLATE = st.TEMPLATE
 MAP = "log_jacobian_template"
 GROUPINGS: dict[str, tuple[str, ...]] = {
     "functional": ("worsening", "stable"),
@@ -493,12 +493,7 @@ def _root(store):
 
 
 def _template(root):
-    try:
-        group = root[TEMPLATE]
-    except KeyError:
-        raise IncompleteOutputError(
-            f"the store has no {TEMPLATE} group; run the template stage first"
-        ) from None
+    group = st.template_group(root)
     out = []
     for name in ("image", "lung_mask"):
         try:

@@ -35,6 +35,7 @@ from sscflow.geometry import Geometry
 
 LAYOUT_VERSION = 1
 PATIENTS = "patients"
+TEMPLATE = "template"
 NGFF_VERSION = "0.5"
 
 
@@ -61,6 +62,19 @@ def patient_group(root: zarr.Group, patient_id: str, *, create: bool = True) -> 
         return root[f"{PATIENTS}/{patient_id}"]
     except KeyError:
         raise IncompleteOutputError(f"patient {patient_id} is not in the store") from None
+
+
+def template_group(root: zarr.Group) -> zarr.Group:
+    """The group ``template`` (image and lung mask of the common space).
+
+    Raises IncompleteOutputError when the template stage has not run.
+    """
+    try:
+        return root[TEMPLATE]
+    except KeyError:
+        raise IncompleteOutputError(
+            f"the store has no {TEMPLATE} group; run the template stage first"
+        ) from None
 
 
 def patient_ids(root: zarr.Group) -> list[str]:

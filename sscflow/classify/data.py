@@ -19,10 +19,8 @@ import zarr
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from sscflow import store as st
-from sscflow.errors import IncompleteOutputError
 
 MAP = "log_jacobian_template"
-TEMPLATE = "template"
 MASK = "lung_mask"
 
 # target -> (cohort table column, label values counted as 1, label values counted as 0)
@@ -109,13 +107,7 @@ def open_root(location) -> zarr.Group:
 
 def template_image(root: zarr.Group) -> st.StoredImage:
     """The template lung mask image (array not read); IncompleteOutputError if absent."""
-    try:
-        group = root[TEMPLATE]
-    except KeyError:
-        raise IncompleteOutputError(
-            f"the store has no {TEMPLATE} group; run the template stage first"
-        ) from None
-    return st.read_image(group, MASK)
+    return st.read_image(st.template_group(root), MASK)
 
 
 def template_mask(root: zarr.Group) -> np.ndarray:
