@@ -6,12 +6,13 @@ STAMP := $(VENV)/.sscflow-installed
 
 .PHONY: setup demo test lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml deploy/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# every other package at the versions in deploy/constraints.txt, as in the images
+	$(PY) -m pip install --quiet -c deploy/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
