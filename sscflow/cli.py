@@ -218,6 +218,11 @@ def run(
         typer.Option("--dry-run", help="Validate the manifest and print the plan; run nothing."),
     ] = False,
     workers: WorkersOpt = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option("--cluster", help="Without --scheduler: 'local' (a LocalCluster) or "
+                     "'kubernetes' (a DaskCluster made from the config's cluster.kubernetes)."),
+    ] = None,
 ):
     """Run every stage for every manifest patient: ingest, lung masks, registration,
     log-Jacobian, template space, group means, cohort table and figure.
@@ -227,10 +232,15 @@ def run(
     adds errors against the truth to the registration QA.
 
     Example: sscflow run configs/cohort.yaml --scheduler tcp://10.0.0.5:8786
+    (or --cluster kubernetes)
     """
     from sscflow.cohort import read_manifest
 
     cfg = _config(config, scheduler, workers)
+    if cluster is not None:
+        if cluster not in ("local", "kubernetes"):
+            raise SscflowError(f"--cluster must be 'local' or 'kubernetes', got {cluster!r}")
+        cfg.cluster.kind = cluster
     if cfg.manifest is None or cfg.store is None:
         raise SscflowError(f"config {config}: 'manifest' and 'store' must both be set for a run")
     t0 = time.perf_counter()

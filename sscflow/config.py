@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,24 +18,85 @@ from typing import Any, Literal
 import yaml
 
 from sscflow.errors import ConfigError
+from sscflow.store import is_url
+
+
+@dataclass
+class TLSConfig:
+    """TLS between this client and an existing scheduler (``tls://`` address).
+
+    All three files or none, PEM: the CA that signed the scheduler's and workers' certificates,
+    and this client's certificate and key. With them set, plaintext is refused.
+    """
+
+    ca_file: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca_file is not None
+
+    def validate(self, where: str) -> None:
+        given = [n for n in ("ca_file", "cert", "key") if getattr(self, n) is not None]
+        if given and len(given) != 3:
+            missing = sorted({"ca_file", "cert", "key"} - set(given))
+            raise ConfigError(f"{where}: TLS needs ca_file, cert and key; missing {missing}")
+
+
+@dataclass
+class KubernetesConfig:
+    """``sscflow run --cluster kubernetes``: the DaskCluster that KubeCluster (dask-kubernetes
+    operator) creates, or connects to when one of that name exists. Same shape as
+    deploy/kubernetes/base: a CPU worker group and a GPU worker group."""
+
+    name: str = "sscflow"
+    namespace: str | None = None  # None: the namespace of the current kubectl context
+    image: str = "sscflow:0.1.0-cpu"  # scheduler and CPU workers
+    gpu_image: str = "sscflow:0.1.0-gpu"
+    cpu_workers: int = 4
+    gpu_workers: int = 1  # 0: no GPU worker group
+    worker_cpu: int = 4  # CPU limit of each worker container = dask --nthreads
+    worker_memory: str = "32Gi"  # memory limit of each worker; dask's limit is 90% of it
+    data_claim: str | None = "sscflow-data"  # PVC mounted at /data in the workers; None: none
+    env_from_secret: str | None = None  # e.g. sscflow-s3: S3 credentials for the workers
+    shutdown_on_close: bool = False  # False keeps the cluster for the next (resumed) run
+
+    def validate(self, where: str) -> None:
+        _positive(self.cpu_workers, f"{where}.cpu_workers")
+        _positive(self.worker_cpu, f"{where}.worker_cpu")
+        if self.gpu_workers < 0:
+            raise ConfigError(f"{where}.gpu_workers must be >= 0, got {self.gpu_workers}")
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)?(Mi|Gi)", self.worker_memory):
+            raise ConfigError(
+                f"{where}.worker_memory must be a quantity in Mi or Gi (e.g. 32Gi), "
+                f"got {self.worker_memory!r}"
+            )
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?", self.name):
+            raise ConfigError(f"{where}.name must be a DNS label (a-z, 0-9, -), got {self.name!r}")
 
 
 @dataclass
 class ClusterConfig:
     """Where the work runs. With ``scheduler`` unset, an in-process LocalCluster is started."""
 
-    scheduler: str | None = None  # e.g. tcp://10.0.0.5:8786; None starts a LocalCluster
+    scheduler: str | None = None  # e.g. tcp://10.0.0.5:8786; None starts a cluster of `kind`
+    kind: Literal["local", "kubernetes"] = "local"  # kubernetes: see the kubernetes section
     n_workers: int = 2
     threads_per_worker: int = 1
     memory_limit: str = "auto"  # per worker, e.g. "4GiB"; "auto" divides the machine's memory
     dashboard_address: str = "127.0.0.1:8787"  # ":0" picks a free port
     retries: int = 1  # per task, on worker loss or unexpected error
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
     def validate(self, where: str) -> None:
         _positive(self.n_workers, f"{where}.n_workers")
         _positive(self.threads_per_worker, f"{where}.threads_per_worker")
         if self.retries < 0:
             raise ConfigError(f"{where}.retries must be >= 0, got {self.retries}")
+        self.tls.validate(f"{where}.tls")
+        self.kubernetes.validate(f"{where}.kubernetes")
 
 
 @dataclass
@@ -307,17 +369,18 @@ def config_from_dict(data: Any, *, source: str = "<dict>", base: Path | None = N
     if base is not None:
         if cfg.manifest is not None and not cfg.manifest.is_absolute():
             cfg.manifest = (base / cfg.manifest).resolve()
-        if cfg.store is not None and "://" not in cfg.store and not Path(cfg.store).is_absolute():
+        if cfg.store is not None and not is_url(cfg.store) and not Path(cfg.store).is_absolute():
             cfg.store = str((base / cfg.store).resolve())
         for name in ("results",):
             value = getattr(cfg, name)
             if value is not None and not value.is_absolute():
                 setattr(cfg, name, (base / value).resolve())
-        t = cfg.template
-        for name in ("image", "lung_mask"):
-            value = getattr(t, name)
-            if value is not None and not value.is_absolute():
-                setattr(t, name, (base / value).resolve())
+        for section, names in ((cfg.template, ("image", "lung_mask")),
+                               (cfg.cluster.tls, ("ca_file", "cert", "key"))):  # fmt: skip
+            for name in names:
+                value = getattr(section, name)
+                if value is not None and not value.is_absolute():
+                    setattr(section, name, (base / value).resolve())
     return cfg
 
 

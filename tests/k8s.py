@@ -32,7 +32,6 @@ KUBERNETES = ROOT / "deploy" / "kubernetes"
 BASE = KUBERNETES / "base"
 OVERLAYS = {p.name: p for p in sorted((KUBERNETES / "overlays").iterdir()) if p.is_dir()}
 CLUSTER = "sscflow"  # the DaskCluster; the operator names its scheduler Service sscflow-scheduler
-GPU_GROUP = "sscflow-gpu"
 _KEYS = {"apiVersion", "kind", "resources", "components", "patches"}
 
 
@@ -188,12 +187,13 @@ def containers(pod: dict) -> list[dict]:
 
 def worker_container(group: str, docs: list[dict] | None = None) -> dict:
     """The worker container of the CPU (``"cpu"``: the DaskCluster's default worker group) or
-    GPU (``"gpu"``: the DaskWorkerGroup sscflow-gpu) workers."""
+    GPU (``"gpu"``: the DaskWorkerGroup, sscflow-gpu in the manifests) workers; ``docs`` hold
+    one of each."""
     docs = load_manifests(BASE) if docs is None else docs
-    if group == "cpu":
-        pod = find(docs, "DaskCluster", CLUSTER)["spec"]["worker"]["spec"]
-    elif group == "gpu":
-        pod = find(docs, "DaskWorkerGroup", GPU_GROUP)["spec"]["worker"]["spec"]
+    if group in ("cpu", "gpu"):
+        kind = "DaskCluster" if group == "cpu" else "DaskWorkerGroup"
+        (doc,) = [d for d in docs if d["kind"] == kind]
+        pod = doc["spec"]["worker"]["spec"]
     else:
         raise ValueError(f"worker group must be 'cpu' or 'gpu', got {group!r}")
     (container,) = [c for c in pod["containers"] if c["name"] == "worker"]

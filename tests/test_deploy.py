@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import os
 import re
 import shlex
 import shutil
@@ -707,3 +708,70 @@ def test_autoscaler_scales_the_cpu_group():
     (scaler,) = [d for d in rendered("pvc-autoscale") if d["kind"] == "DaskAutoscaler"]
     assert scaler["spec"]["cluster"] == "sscflow"
     assert 1 <= scaler["spec"]["minimum"] <= scaler["spec"]["maximum"]
+
+
+# --- sscflow run --cluster kubernetes builds the same resources (sscflow/kubernetes.py) ---
+
+
+def test_sscflow_builds_the_manifests_cluster_from_the_default_settings():
+    """One source of truth: the DaskCluster and GPU worker group that `sscflow run --cluster
+    kubernetes` creates equal deploy/kubernetes/base for the default cluster.kubernetes."""
+    from sscflow.config import KubernetesConfig
+    from sscflow.kubernetes import cluster_spec, gpu_group_spec
+
+    docs = docs_of("base")
+    cfg = KubernetesConfig()
+    for made in (cluster_spec(cfg), gpu_group_spec(cfg)):
+        written = k8s.find(docs, made["kind"], made["metadata"]["name"])
+        assert made["apiVersion"] == written["apiVersion"]
+        assert made["spec"] == written["spec"], made["kind"]
+
+
+def test_sscflow_builds_a_valid_cluster_for_other_settings():
+    from sscflow.config import KubernetesConfig
+    from sscflow.kubernetes import cluster_spec, gpu_group_spec
+
+    cfg = KubernetesConfig(name="trial-7", cpu_workers=10, gpu_workers=2, worker_cpu=8,
+                           worker_memory="64Gi", data_claim=None,
+                           env_from_secret="sscflow-s3")  # fmt: skip
+    docs = [cluster_spec(cfg), gpu_group_spec(cfg)]
+    for doc in docs:
+        validate_custom(doc)
+    assert security_problems(docs) == [] and sizing_problems(docs) == []
+    cpu = k8s.worker_container("cpu", docs)
+    assert _option(cpu["args"], "--nthreads") == "8"
+    assert _option(cpu["args"], "--memory-limit") == "57.6GiB"  # 90% of 64 GiB
+    assert cpu["envFrom"] == [{"secretRef": {"name": "sscflow-s3"}}]
+    assert all(m["mountPath"] != "/data" for m in cpu["volumeMounts"])
+    assert docs[0]["spec"]["worker"]["replicas"] == 10
+    assert docs[1]["spec"]["worker"]["replicas"] == 2 and docs[1]["spec"]["cluster"] == "trial-7"
+    selector = docs[0]["spec"]["scheduler"]["service"]["selector"]
+    assert selector["dask.org/cluster-name"] == "trial-7"
+
+
+def test_kubernetes_settings_are_checked():
+    from sscflow.config import config_from_dict
+    from sscflow.errors import ConfigError
+    from sscflow.kubernetes import dask_memory_limit
+
+    assert dask_memory_limit("16Gi") == "14.4GiB" and dask_memory_limit("1000Mi") == "900MiB"
+    for bad, match in (({"worker_memory": "32GB"}, "Mi or Gi"), ({"name": "Bad_Name"}, "DNS"),
+                       ({"gpu_workers": -1}, ">= 0")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            config_from_dict({"cluster": {"kubernetes": bad}})
+
+
+def test_run_on_kubernetes_without_a_cluster_says_why(tmp_path):
+    """No kubectl context here: `sscflow run --cluster kubernetes` fails with a clear message
+    (exit 1, no traceback) instead of hanging."""
+    (tmp_path / "manifest.csv").write_text("patient_id,baseline,followup\nP1,a.nii.gz,b.nii.gz\n")
+    (tmp_path / "c.yaml").write_text("manifest: manifest.csv\nstore: s.zarr\n")
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "no-kubeconfig"),
+           "PYTHONIOENCODING": "utf-8"}  # fmt: skip
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    done = subprocess.run([sys.executable, "-m", "sscflow.cli", "run", str(tmp_path / "c.yaml"),
+                           "--cluster", "kubernetes"], env=env, capture_output=True,
+                          text=True, encoding="utf-8", timeout=120)  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "could not create or reach the Kubernetes Dask cluster 'sscflow'" in done.stderr
+    assert "Traceback" not in done.stderr
