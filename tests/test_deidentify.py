@@ -1,0 +1,350 @@
+"""No patient identifier from DICOM headers reaches any output of ``sscflow run``.
+
+A small synthetic cohort is written as DICOM series whose headers carry a fake patient's name,
+ID, birth date, accession number, institution, referring physician, address and study dates;
+the manifest names the patients by pseudonym (``SYN001``...), as a user's manifest does. The
+real command, ``sscflow run CONFIG`` in a subprocess, then makes every output (store, tables,
+figures, classifiers, report), and every byte of every file it wrote, its captured output and
+``sscflow status``'s output is searched for every identifier: case-insensitively, the name's parts
+separately, the numbers without their prefixes and the dates in other formats. The search looks
+inside what it can open: Zarr metadata JSON (unescaped), Zarr arrays that hold text, zip
+archives (torch models), gzip files, base64 ``data:`` URIs (the report's embedded figures) and
+PNG text chunks. Controls show that the same search finds the identifiers in the input DICOM
+files and in each kind of container it opens.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import gzip
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import yaml
+
+from sscflow.imageio import deterministic_uid, read_volume, write_dicom_series
+
+N_PATIENTS = 6  # the classifier trains from 6 labelled patients: every output is made
+SPACING = 6.0  # mm, the coarsest synth grid; the lungs still segment
+
+# The fake patient in every DICOM header (the manifest's pseudonyms are SYN001, ...). The letters
+# are irregular on purpose: runs such as "qponml" or "wvutsr" (bytes stepping by one) occur by
+# chance in the compressed chunks of smooth float32 fields, which the search reads raw.
+HEADER = {
+    "PatientName": "Zorvaniek^Qelfimbra",
+    "PatientID": "PID-93817264",
+    "PatientBirthDate": "19471203",
+    "OtherPatientIDs": "OPI-71530482",
+    "PatientAddress": "17 Rue Vbnqrtx, Jkwmplz",
+    "AccessionNumber": "ACC-55019283",
+    "InstitutionName": "Hopital Xqzvbnm",
+    "ReferringPhysicianName": "Drumwalsk^Oyendiphe",
+    "StudyDate": "20230417",  # baseline; the follow-up gets FOLLOWUP_DATE
+}
+FOLLOWUP_DATE = "20241109"
+DATES = {
+    "PatientBirthDate": "19471203",
+    "StudyDate": HEADER["StudyDate"],
+    "followup StudyDate": FOLLOWUP_DATE,
+}
+MONTHS = "January February March April May June July August September October November December"
+
+
+def _date_forms(yyyymmdd: str) -> list[str]:
+    y, m, d = yyyymmdd[:4], yyyymmdd[4:6], yyyymmdd[6:]
+    month = MONTHS.split()[int(m) - 1]
+    di = str(int(d))
+    return [yyyymmdd, f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{y}.{m}.{d}", f"{d}/{m}/{y}",
+            f"{m}/{d}/{y}", f"{d}.{m}.{y}", f"{d}-{m}-{y}", f"{di} {month[:3]} {y}",
+            f"{month[:3]} {di}, {y}", f"{month} {di}, {y}", f"{di} {month} {y}"]  # fmt: skip
+
+
+def needles() -> dict[str, list[str]]:
+    """Each identifier and the forms it could take in an output (matched case-insensitively)."""
+    out = {
+        "PatientName": ["Zorvaniek^Qelfimbra", "Zorvaniek", "Qelfimbra"],
+        "PatientID": ["PID-93817264", "93817264"],
+        "OtherPatientIDs": ["OPI-71530482", "71530482"],
+        "PatientAddress": ["Vbnqrtx", "Jkwmplz"],
+        "AccessionNumber": ["ACC-55019283", "55019283"],
+        "InstitutionName": ["Hopital Xqzvbnm", "Xqzvbnm"],
+        "ReferringPhysicianName": ["Drumwalsk^Oyendiphe", "Drumwalsk", "Oyendiphe"],
+    }
+    out |= {tag: _date_forms(value) for tag, value in DATES.items()}
+    return out
+
+
+# --- the search -------------------------------------------------------------------------------
+
+DATA_URI = re.compile(rb"data:[\w/+.-]+;base64,([A-Za-z0-9+/=\s]+)")
+
+
+def _views(path: Path, data: bytes) -> list[tuple[str, bytes]]:
+    """The raw bytes and every decoded view the search can open, each with a label."""
+    views = [("raw", data)]
+    if path.name in ("zarr.json", ".zattrs", ".zgroup", ".zarray") or path.suffix == ".json":
+        try:
+            views.append(("json", json.dumps(json.loads(data), ensure_ascii=False).encode()))
+        except ValueError:
+            pass
+    if data[:2] == b"\x1f\x8b":
+        try:
+            views.append(("gzip", gzip.decompress(data)))
+        except (OSError, EOFError):
+            pass
+    if data[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                views += [(f"zip:{n}", zf.read(n)) for n in zf.namelist()]
+        except zipfile.BadZipFile:
+            pass
+    for k, m in enumerate(DATA_URI.finditer(data)):
+        decoded = base64.b64decode(re.sub(rb"\s", b"", m.group(1)))
+        views += [(f"data-uri#{k}/{sub}", v) for sub, v in _views(Path("uri"), decoded)]
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        views += _png_text(data)
+    return views
+
+
+def _png_text(data: bytes) -> list[tuple[str, bytes]]:
+    """The tEXt / zTXt / iTXt chunks of a PNG, decompressed."""
+    out, pos = [], 8
+    while pos + 8 <= len(data):
+        n = int.from_bytes(data[pos : pos + 4], "big")
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
+        if kind == b"zTXt":
+            key, _, rest = body.partition(b"\0")
+            out.append(("png-zTXt", key + b" " + zlib.decompress(rest[1:])))
+        elif kind == b"iTXt":
+            key, _, rest = body.partition(b"\0")
+            flag, text = rest[0], rest[2:].split(b"\0", 2)[-1]
+            out.append(("png-iTXt", key + b" " + (zlib.decompress(text) if flag else text)))
+        elif kind == b"tEXt":
+            out.append(("png-tEXt", body))
+        pos += 12 + n
+    return out
+
+
+def _zarr_text(store: Path) -> list[tuple[str, bytes]]:
+    """The values of every Zarr array in ``store`` that holds text (chunks decompressed)."""
+    import zarr
+
+    out = []
+    for meta in store.rglob("zarr.json"):
+        doc = json.loads(meta.read_bytes())
+        if doc.get("node_type") != "array":
+            continue
+        arr = zarr.open_array(str(meta.parent), mode="r")
+        if arr.dtype.kind in "biufcmM":  # numbers and datetimes: no text in them
+            continue
+        values = np.asarray(arr[...]).ravel().tolist()
+        out.append((str(meta.parent), "\n".join(map(str, values)).encode("utf-8")))
+    return out
+
+
+def find_identifiers(blobs) -> list[str]:
+    """Every (where, identifier, form) found in ``blobs``: an iterable of (label, bytes)."""
+    forms = [(tag, f, f.lower().encode()) for tag, fs in needles().items() for f in fs]
+    hits = []
+    for where, blob in blobs:
+        low = blob.lower()
+        hits += [f"{where}: {tag} as {form!r}" for tag, form, b in forms if b in low]
+    return hits
+
+
+def file_blobs(folder: Path):
+    """(label, bytes) for every file under ``folder`` and every view of it the search opens."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+        data = path.read_bytes()
+        for label, view in _views(path, data):
+            yield f"{path.relative_to(folder)} [{label}]", view
+
+
+# --- the cohort ---------------------------------------------------------------------------------
+
+
+def _tag_headers(folder: Path, study_date: str) -> None:
+    """Put every identifying tag of HEADER (and ``study_date``) into each slice's header."""
+    for f in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        for key, value in HEADER.items():
+            setattr(ds, key, value)
+        for key in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+            setattr(ds, key, study_date)
+        ds.save_as(f)
+
+
+def _as_identified_dicom(synthetic: Path) -> Path:
+    """Rewrite every scan of the synthetic cohort as a DICOM series carrying HEADER."""
+    manifest = synthetic / "manifest.csv"
+    with open(manifest, encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        pid = row["patient_id"]
+        for which, date in (("baseline", HEADER["StudyDate"]), ("followup", FOLLOWUP_DATE)):
+            src = synthetic / row[which]
+            image = read_volume(src)
+            dst = synthetic / "dicom" / pid / which
+            write_dicom_series(image, dst, patient_id=HEADER["PatientID"],
+                               patient_name=HEADER["PatientName"],
+                               birth_date=HEADER["PatientBirthDate"], study_date=date,
+                               series_uid=deterministic_uid("deid", pid, which),
+                               study_uid=deterministic_uid("deid", pid, which, "study"),
+                               series_number=1 if which == "baseline" else 2)  # fmt: skip
+            _tag_headers(dst, date)
+            row[which] = dst.relative_to(synthetic).as_posix()
+    shutil.rmtree(synthetic / "images")  # only the identified DICOM series are left as input
+    with open(manifest, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def _sscflow(*args, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sscflow.cli", *args], capture_output=True,
+                          text=True, encoding="utf-8", env=env, cwd=cwd,
+                          timeout=900)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def identified_run(tmp_path_factory):
+    """The synthetic cohort as identified DICOM, run end to end by ``sscflow run``.
+
+    Returns (work folder, input DICOM folder, every output folder, the captured logs).
+    """
+    from sscflow.synth import synthesize_cohort
+
+    work = tmp_path_factory.mktemp("deid")
+    synthetic = work / "synthetic"
+    synthesize_cohort(N_PATIENTS, synthetic, spacing=SPACING, seed=0)
+    manifest = _as_identified_dicom(synthetic)
+    out = work / "out"
+    config = {
+        "manifest": str(manifest),
+        "store": str(out / "cohort.zarr"),
+        "results": str(out / "results"),
+        "cluster": {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"},
+        "ingest": {"spacing_mm": SPACING},
+        "segment": {"min_lung_ml": 5.0},
+        "classifier": {"epochs": 5, "loader_workers": 0},
+    }
+    cfg = out / "run.yaml"
+    out.mkdir()
+    cfg.write_text(yaml.safe_dump(config), encoding="utf-8")
+    scratch = out / "tmp"  # Dask's scratch space and any temporary file land here, to be searched
+    scratch.mkdir()
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1",
+           "TMPDIR": str(scratch)}  # fmt: skip
+    logs = out / "logs"
+    logs.mkdir()
+    res = _sscflow("--debug", "run", str(cfg), cwd=out, env=env)
+    (logs / "run.stdout").write_text(res.stdout, encoding="utf-8")
+    (logs / "run.stderr").write_text(res.stderr, encoding="utf-8")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    status = _sscflow("status", str(out / "cohort.zarr"), "--all", cwd=out, env=env)
+    assert status.returncode == 0, status.stderr
+    (logs / "status.stdout").write_text(status.stdout + status.stderr, encoding="utf-8")
+    return work, synthetic / "dicom", out, logs
+
+
+@pytest.mark.slow
+def test_every_output_exists(identified_run):
+    """The run made the outputs the search must cover (else an empty search would pass)."""
+    _, _, out, _ = identified_run
+    store, results = out / "cohort.zarr", out / "results"
+    for pid in (f"SYN{i:03d}" for i in range(1, N_PATIENTS + 1)):
+        assert (store / "patients" / pid / "log_jacobian_template" / "zarr.json").is_file(), pid
+    assert (store / "group_means" / "zarr.json").is_file()
+    assert (results / "patients.csv").is_file()
+    assert (results / "report" / "index.html").stat().st_size > 10_000
+    assert list((results / "figures").glob("*.png"))
+    for target in ("functional", "morphologic"):
+        files = [p for p in (results / "classifier" / target).rglob("*") if p.is_file()]
+        assert len(files) >= 3, (target, files)
+    assert len(list(store.rglob("*"))) > 100
+
+
+@pytest.mark.slow
+def test_no_dicom_identifier_reaches_any_output(identified_run):
+    work, _, out, _ = identified_run
+    blobs = list(file_blobs(out)) + _zarr_text(out / "cohort.zarr")
+    assert len(blobs) > 100
+    assert find_identifiers(blobs) == []
+    # nor a path of the inputs (the store and the results keep no file paths)
+    inputs = [str(work / "synthetic"), "synthetic/dicom", "dicom/SYN0"]
+    outputs = [(w, b) for w, b in blobs if not w.startswith(("logs/", "run.yaml"))]
+    assert [(w, p) for w, b in outputs for p in inputs if p.encode() in b] == []
+    # nothing sscflow wrote lies elsewhere: beside the inputs there are only synth's own files
+    written = {p.name for p in work.iterdir()}
+    assert written == {"synthetic", "out"}
+    assert find_identifiers(file_blobs(work / "synthetic" / "truth")) == []
+
+
+@pytest.mark.slow
+def test_control_the_search_finds_the_identifiers_in_the_input_dicom(identified_run):
+    """The inputs hold every identifier, so a search that found nothing above could fail."""
+    _, dicom, _, _ = identified_run
+    one_slice = sorted(dicom.rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(one_slice)
+    assert str(ds.PatientName) == HEADER["PatientName"] and ds.PatientID == HEADER["PatientID"]
+    hits = find_identifiers([("slice", one_slice.read_bytes())])
+    found = {h.split(": ", 1)[1].split(" as ")[0] for h in hits}
+    assert found == set(HEADER)
+    # every form found in raw DICOM bytes: the name, the parts, the ID, the date as stored
+    for form in ("Zorvaniek^Qelfimbra", "Zorvaniek", "Qelfimbra", "PID-93817264", "19471203",
+                 "ACC-55019283", "Hopital Xqzvbnm", "Drumwalsk^Oyendiphe", "20230417"):  # fmt: skip
+        assert any(repr(form) in h for h in hits), form
+    assert len(find_identifiers(file_blobs(dicom))) > 100
+
+
+def test_control_the_search_opens_every_container(tmp_path):
+    """Each way an identifier could hide in an output is found: other case, other date format,
+    JSON-escaped in zarr.json, zipped, gzipped, in a base64 data URI, in a PNG text chunk."""
+    png = b"\x89PNG\r\n\x1a\n"
+    text = b"Comment\0\0" + zlib.compress(b"seen at Hopital XQZVBNM")
+    png += len(text).to_bytes(4, "big") + b"zTXt" + text + b"\0\0\0\0"
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("archive/data.pkl", b"patient ACC-55019283 " * 50)
+    files = {
+        "a/notes.txt": b"born 03/12/1947",
+        "b/zarr.json": b'{"attributes": {"who": "\\u005aORVANIEK"}}',
+        "c/model.pt": zbuf.getvalue(),
+        "d/table.csv.gz": gzip.compress(b"id,name\n1,qelfimbra\n"),
+        "e/index.html": b'<img src="data:image/png;base64,' + base64.b64encode(png) + b'">',
+        "f/figure.png": png,
+        "g/log.txt": b"by DRUMWALSK, Apr 17, 2023 and Nov 9, 2024 (93817264, OPI-71530482)",
+        "h/addr.txt": b"17 rue vbnqrtx",
+        "i/clean.txt": b"SYN001 1947 12 03 Hopital PID- ACC-",
+    }
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(parents=True)
+        (tmp_path / name).write_bytes(data)
+    hits = find_identifiers(file_blobs(tmp_path))
+    where = {h.split(" [")[0].split("/")[0] for h in hits}
+    assert where == set("abcdefgh"), hits
+    for form in (f for forms in needles().values() for f in forms):
+        codes = [ord(c) for c in form.lower() if c.isalpha()]
+        steps = [b - a for a, b in zip(codes, codes[1:], strict=False)]
+        assert not any(
+            x == y == z and abs(x) == 1
+            for x, y, z in zip(steps, steps[1:], steps[2:], strict=False)
+        ), form
+    for tag in ("PatientBirthDate", "PatientName", "AccessionNumber", "InstitutionName",
+                "ReferringPhysicianName", "StudyDate", "followup StudyDate", "PatientID",
+                "OtherPatientIDs", "PatientAddress"):  # fmt: skip
+        assert any(f": {tag} as " in h for h in hits), tag
+    assert any("[data-uri#0/png-zTXt]" in h for h in hits), hits
