@@ -415,7 +415,10 @@ def predict(
            if st.output_state(root[f"{st.PATIENTS}/{p}"], MAP) == "complete"]  # fmt: skip
     if not ids:
         raise SscflowError(f"{store}: no patient has a {MAP} map; run 'sscflow run' first")
-    table = predict_patients(store, ids, model)
+    try:
+        table = predict_patients(store, ids, model)
+    except (ValueError, FileNotFoundError) as exc:  # a wrong template or model folder
+        raise SscflowError(str(exc)) from None
     table.to_csv(output, index=False)
     out.print(f"{len(table)} patients predicted; {int(table['prediction'].sum())} predicted "
               f"worsening; written to {output}")  # fmt: skip

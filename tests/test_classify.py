@@ -295,3 +295,62 @@ def test_training_needs_labelled_patients_of_both_classes(cohort, tmp_path):
     stable = table.assign(functional="stable")
     with pytest.raises(ValueError, match="target 'functional'.*both classes"):
         train(path, stable, "functional", CONFIG, tmp_path)
+
+
+def _new_store(path, template_shape=SHAPE, patients=(1, 2, 3)):
+    """A store of new patients (maps as in the cohort) on a template of ``template_shape``."""
+    root = st.open_store(path)
+    geometry = Geometry(template_shape, (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    mask = lung_mask() if template_shape == SHAPE else np.ones(template_shape, np.uint8)
+    st.write_image(root.require_group("template"), "lung_mask", mask, geometry, stage="test",
+                   params={}, input_hash="t")  # fmt: skip
+    for i in patients:
+        m = patient_map(i, label_of(i) == 1) if template_shape == SHAPE else np.zeros(
+            template_shape, np.float32)
+        st.write_image(st.patient_group(root, f"NEW{i}"), "log_jacobian_template", m, geometry,
+                       stage="test", params={}, input_hash=f"n{i}")  # fmt: skip
+    st.patient_group(root, "NOMAP")  # ingested, not yet in template space: not predicted
+    return path
+
+
+def _cli(*args):
+    import os
+
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, "-m", "sscflow.cli", *map(str, args)], env=env,
+                          capture_output=True, text=True, encoding="utf-8", timeout=300)
+
+
+def test_predict_command_writes_the_probabilities_of_new_patients(trained, tmp_path):
+    """`sscflow predict` end to end: every patient of a new store that has a map, with the
+    probabilities the trained model gives those same maps (the cohort's P001-P003, which the
+    model saw under those names)."""
+    out, _ = trained
+    store = _new_store(tmp_path / "new.zarr")
+    csv = tmp_path / "p.csv"
+    done = _cli("predict", store, "--model", out, "--out", csv)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 patients predicted" in done.stdout
+    got = pd.read_csv(csv, dtype={"patient_id": str})
+    assert got["patient_id"].tolist() == ["NEW1", "NEW2", "NEW3"]
+    saved = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str}).set_index("patient_id")
+    # another batch composition than in training: float32 rounding of a few 1e-6
+    np.testing.assert_allclose(got["probability"], saved.loc[[pid(1), pid(2), pid(3)],
+                               "probability"], atol=1e-5)  # fmt: skip
+    assert got["prediction"].tolist() == [int(p > 0.5) for p in got["probability"]]
+
+
+def test_predict_command_refuses_a_store_on_another_template(trained, tmp_path):
+    out, _ = trained
+    store = _new_store(tmp_path / "other.zarr", template_shape=(20, 16, 16))
+    done = _cli("predict", store, "--model", out, "--out", tmp_path / "p.csv")
+    assert done.returncode == 1
+    assert "trained on maps of shape (16, 16, 16)" in done.stderr
+    assert "template lung mask is (20, 16, 16)" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "p.csv").exists()
+    empty = tmp_path / "empty.zarr"
+    st.open_store(empty)
+    done = _cli("predict", empty, "--model", out)
+    assert done.returncode == 1 and "no patient has a log_jacobian_template map" in done.stderr
+    done = _cli("predict", store, "--model", tmp_path / "nomodel")
+    assert done.returncode == 1 and "has no metadata.json" in done.stderr
