@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from sscflow.groups import GROUPINGS, OUTPUT
+from sscflow.store import zarr_store
 
 COLORBAR_LABEL = "mean log-Jacobian (< 0: shrinkage)"
 DPI = 120
@@ -84,7 +85,7 @@ def plot_group_means(store, path) -> Path:
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    ds = xr.open_zarr(f"{os.fspath(store).rstrip('/')}/{OUTPUT}")
+    ds = xr.open_zarr(zarr_store(f"{os.fspath(store).rstrip('/')}/{OUTPUT}", read_only=True))
     mask = ds["lung_mask"].values
     z, y = ds["z"].values, ds["y"].values
     dz, dy = (float(ds.attrs["spacing"][0]), float(ds.attrs["spacing"][1]))

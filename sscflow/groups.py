@@ -460,7 +460,7 @@ def group_means(store, table: pd.DataFrame | None, *, client=None, chunk: int | 
     )
     meta = {"stage": STAGE, "params": params, "input_hash": input_hash, "complete": False}
     out.attrs["sscflow"] = meta
-    path = f"{os.fspath(store).rstrip('/')}/{OUTPUT}"
+    path = st.zarr_store(f"{os.fspath(store).rstrip('/')}/{OUTPUT}")
     with _quiet_consolidation():
         delayed = out.to_zarr(path, mode="w", zarr_format=3, compute=False)
     if client is not None:

@@ -326,6 +326,7 @@ def run(
     store = str(cfg.store)
     results_dir = Path(cfg.results) if cfg.results else default_results(store)
     root = st.open_store(store)  # create the root once, before workers race to it
+    st.require_group(root, st.PATIENTS)
     root.require_group(STATUS_GROUP)
     client.register_plugin(scheduler_plugin())
     client.log_event(TOPIC, {"run": "started"})
@@ -420,7 +421,7 @@ def _report(store, results_dir) -> dict:
 
 def default_results(store: str) -> Path:
     """``results`` beside a local store (``demo/cohort.zarr`` -> ``demo/results``)."""
-    if "://" in store:
+    if st.is_url(store):
         return Path("results")
     return Path(store).resolve().parent / "results"
 

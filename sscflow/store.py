@@ -43,21 +43,59 @@ def open_store(path: str | os.PathLike, mode: Literal["r", "a"] = "a") -> zarr.G
     """Open (or with mode 'a', create) a cohort store and return its root group."""
     if mode == "r" and not _exists(path):
         raise IncompleteOutputError(f"store {path} does not exist")
-    root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    root = zarr.open_group(zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
     if mode != "r" and "sscflow" not in root.attrs:
         root.attrs["sscflow"] = {"layout": LAYOUT_VERSION, "kind": "cohort"}
     return root
 
 
 def _exists(path) -> bool:
-    return "://" in str(path) or Path(path, "zarr.json").exists()
+    """Whether a store (a folder, or an fsspec URL such as s3://bucket/cohort.zarr) exists."""
+    if is_url(path):
+        from fsspec.core import url_to_fs
+
+        fs, root = url_to_fs(str(path), **storage_options(path))
+        return fs.exists(f"{root.rstrip('/')}/zarr.json")
+    return Path(path, "zarr.json").exists()
+
+
+def storage_options(path: str | os.PathLike) -> dict:
+    """fsspec options for a store URL. Object stores' directory listings are not cached: other
+    processes (the workers) add what this one lists, and a cached listing would hide it."""
+    if str(path).split("://", 1)[0] in ("s3", "s3a", "gs", "gcs"):
+        return {"use_listings_cache": False}
+    return {}
+
+
+def zarr_store(path: str | os.PathLike, *, read_only: bool = False):
+    """What zarr (and xarray) should open for a store path: the folder's path, or for a URL an
+    fsspec store with :func:`storage_options`."""
+    if not is_url(path):
+        return str(path)
+    from zarr.storage import FsspecStore
+
+    return FsspecStore.from_url(str(path), storage_options=storage_options(path),
+                                read_only=read_only)  # fmt: skip
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether a store path is an fsspec URL (s3://, gs://, memory://, ...) rather than a folder."""
+    return "://" in str(path)
+
+
+def require_group(parent: zarr.Group, name: str) -> zarr.Group:
+    """``parent[name]``, created if absent; safe when workers race to create it (on object
+    storage the loser of the race sees the winner's group, not an error)."""
+    try:
+        return parent.require_group(name)
+    except zarr.errors.ContainsGroupError:
+        return parent[name]
 
 
 def patient_group(root: zarr.Group, patient_id: str, *, create: bool = True) -> zarr.Group:
     """The group ``patients/<patient_id>``; created if needed unless ``create`` is False."""
     if create:
-        patients = root.require_group(PATIENTS)
-        return patients.require_group(patient_id)
+        return require_group(require_group(root, PATIENTS), patient_id)
     try:
         return root[f"{PATIENTS}/{patient_id}"]
     except KeyError:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -41,10 +42,17 @@ CONFIG = {
 }
 
 
-def _write_config(folder: Path, manifest: Path, store: Path, **extra) -> Path:
+def _write_config(folder: Path, manifest: Path, store: Path | str, **extra) -> Path:
+    """A config for ``store`` (a folder, or a URL: its config and results then go in
+    ``folder``, named after the URL's last part plus the scheme)."""
+    if st.is_url(store):
+        scheme, _, key = str(store).partition("://")
+        name, base = f"{Path(key).stem}-{scheme}", folder
+    else:
+        name, base = Path(store).stem, Path(store).parent
     data = {**CONFIG, "manifest": str(manifest), "store": str(store),
-            "results": str(store.parent / (store.stem + "-results")), **extra}  # fmt: skip
-    path = folder / f"{store.stem}.yaml"
+            "results": str(base / f"{name}-results"), **extra}  # fmt: skip
+    path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -78,7 +86,7 @@ def finished(cohort, client):
 
 
 def _maps(store) -> dict[str, np.ndarray]:
-    root = zarr.open_group(str(store), mode="r")
+    root = st.open_store(store, mode="r")
     return {pid: np.asarray(root[f"patients/{pid}/log_jacobian_template/0"][...])
             for pid in st.patient_ids(root)
             if "log_jacobian_template" in root[f"patients/{pid}"]}  # fmt: skip
@@ -223,22 +231,66 @@ def _wait_for(predicate, timeout, what):
 
 
 def _complete(store, name):
-    root = Path(store) / "patients"
-    if not root.exists():
+    if not st._exists(store):
         return 0
-    grp = zarr.open_group(str(store), mode="r")
+    grp = st.open_store(store, mode="r")
     return sum(st.output_state(grp[f"patients/{p}"], name) == "complete"
                for p in st.patient_ids(grp))  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def s3_bucket(monkeypatch_module):
+    """A real S3 API on loopback (moto in server mode, its own process) with an empty bucket;
+    credentials and endpoint in the environment, where s3fs (and every subprocess) finds them."""
+    port = _free_port()
+    server = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
+    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "sscflow-test",
+           "AWS_SECRET_ACCESS_KEY": "sscflow-test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch_module.setenv(key, value)
+    try:
+        import s3fs
+
+        _wait_for(lambda: _answers(env["AWS_ENDPOINT_URL"]), 60, "the S3 server")
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("sscflow-test")
+        yield fs, "sscflow-test"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError as exc:  # an HTTP error status is an answer
+        return isinstance(exc, urllib.error.HTTPError)
+
+
 @pytest.mark.slow
-def test_sigkill_of_the_run_then_rerun_gives_the_same_outputs(finished, cohort):
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_sigkill_of_the_run_then_rerun_gives_the_same_outputs(finished, cohort, where, request):
     """SIGKILL the client and its LocalCluster workers mid-run; the rerun resumes and its
-    outputs equal the uninterrupted run's."""
+    outputs equal the uninterrupted run's: with the store in a folder, and on S3 (an fsspec
+    URL, against a real S3 API on loopback)."""
     cfg, _, _ = finished
     folder, manifest = cohort
-    store = folder / "killed.zarr"
-    cfg_path = _write_config(folder, manifest, store)
+    if where == "s3":
+        fs, bucket = request.getfixturevalue("s3_bucket")
+        store = f"s3://{bucket}/killed.zarr"
+        cfg_path = _write_config(folder, manifest, store)
+    else:
+        store = folder / "killed.zarr"
+        cfg_path = _write_config(folder, manifest, store)
     log = folder / "killed.log"
     proc = _sscflow("run", str(cfg_path), log=log, start_new_session=True)
     try:
@@ -259,6 +311,13 @@ def test_sigkill_of_the_run_then_rerun_gives_the_same_outputs(finished, cohort):
     assert sorted(got) == sorted(expected) and len(got) == N_GOOD
     for pid in expected:
         np.testing.assert_allclose(got[pid], expected[pid], atol=1e-4, err_msg=pid)
+    again = _sscflow("run", str(cfg_path))
+    output, _ = again.communicate(timeout=600)
+    for stage in ("ingest", "registration", "jacobian", "to_template"):
+        assert f"{stage}: 0 done, {N_GOOD} unchanged (skipped)" in output, output
+    if where == "s3":  # the maps really are objects in the bucket, not a local folder
+        assert fs.exists(f"{bucket}/killed.zarr/patients/SYN001/log_jacobian_template/zarr.json")
+        assert not Path("s3:").exists() and not (folder / "s3:").exists()
 
 
 def _free_port() -> int:
@@ -267,26 +326,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _loopback(args: list[str], **values: str) -> list[str]:
+    """Manifest args with the values of the named flags replaced (``dashboard_address`` means
+    ``--dashboard-address``); each flag must already be there, so nothing else changes."""
+    args = list(args)
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        assert flag in args, (flag, args)
+        args[args.index(flag) + 1] = value
+    return args
+
+
 @pytest.mark.slow
 def test_separate_scheduler_and_workers_with_a_worker_killed(finished, cohort, tmp_path):
-    """`dask scheduler` and three `dask worker` processes on loopback (one offering GPU=1);
-    one CPU worker is SIGKILLed mid-run. The run completes with the same outputs, the GPU
-    stages ran on the GPU worker only, and the dashboard serves /status and /metrics (with
-    sscflow's counters) while it runs."""
+    """`dask scheduler` and three `dask worker` processes on loopback, started with the args of
+    the Kubernetes manifests (deploy/kubernetes: two CPU workers of the default group, one of
+    the GPU group with GPU=1; the scheduler address from DASK_SCHEDULER_ADDRESS and the name
+    from DASK_WORKER_NAME, as the operator gives them); one CPU worker is SIGKILLed mid-run.
+    The run completes with the same outputs, the GPU stages ran on the GPU worker only, and the
+    dashboard serves /status and /metrics (with sscflow's counters) while it runs.
+
+    Only what one 2-core host needs differs from the manifests: loopback addresses, free ports,
+    one thread per worker and a smaller memory limit."""
+    from k8s import expand, scheduler_args, worker_args
+
     cfg, _, _ = finished
     folder, manifest = cohort
     port, dash = _free_port(), _free_port()
     address = f"tcp://127.0.0.1:{port}"
-    dask = shutil.which("dask", path=os.path.dirname(sys.executable)) or "dask"
-    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--dashboard-address", f"127.0.0.1:{dash}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
-    worker = [dask, "worker", address, "--nthreads", "1", "--host", "127.0.0.1"]
-    procs.append(subprocess.Popen(worker + ["--name", "gpu", "--resources", "GPU=1"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    for name in ("cpu-a", "cpu-b"):
-        procs.append(subprocess.Popen(worker + ["--name", name], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))  # fmt: skip
+    bindir = os.path.dirname(sys.executable)  # `dask` of this environment, as in the image
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    scheduler = _loopback(scheduler_args(), host="127.0.0.1", port=str(port),
+                          dashboard_address=f"127.0.0.1:{dash}")  # fmt: skip
+    procs = [subprocess.Popen(scheduler, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)]  # fmt: skip
+    for name, group in (("gpu", "gpu"), ("cpu-a", "cpu"), ("cpu-b", "cpu")):
+        args = _loopback(worker_args(group), nthreads="1", memory_limit="3GiB",
+                         dashboard_address="127.0.0.1:0") + ["--host", "127.0.0.1"]  # fmt: skip
+        worker_env = {**env, "DASK_SCHEDULER_ADDRESS": address, "DASK_WORKER_NAME": name}
+        procs.append(subprocess.Popen(expand(args, worker_env), env=worker_env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     store = tmp_path / "remote.zarr"
     pages: dict[str, str] = {}
     try:
