@@ -131,14 +131,31 @@ def test_model_has_four_layers_and_output_shape():
     assert tuple(model(torch.zeros(3, 1, 16, 12, 20)).shape) == (3, 2)
     five = build_model(ClassifierConfig(input_shrink=1, channels=(2, 2), kernel=5), (9, 9, 9))
     assert five(torch.zeros(2, 1, 9, 9, 9)).shape == (2, 2)  # padding 2: 9 -> 5 -> 3
-    # the default first averages 2x2x2 blocks: 32 -> 16 -> 8 -> 4 -> 2
-    halved = build_model(ClassifierConfig(channels=(4, 8, 16)), (32, 24, 40))
-    assert sum(isinstance(m, torch.nn.AvgPool3d) for m in halved.modules()) == 1
-    assert halved.classifier.in_features == 16 * 2 * 2 * 3
-    halved.eval()
-    x = torch.rand(1, 1, 32, 24, 40)
-    pooled = torch.nn.functional.avg_pool3d(x, 2)  # an independent reference for the shrink
-    assert torch.allclose(halved.shrink(x), pooled)
+
+
+
+def test_items_are_shrunk_to_the_classifier_resolution(cohort, tmp_path):
+    """input_shrink 2: each item is the masked map's mean over 2x2x2 blocks (checked against
+    numpy block means; 16^3 -> 8^3); the on-disk cache holds the same items, one per row."""
+    from sscflow.classify.data import CachedDataset, write_cache
+
+    path, _ = cohort
+    full = MapDataset(path, [pid(0), NAN_PATIENT, pid(2)], [0, 1, 0])
+    half = MapDataset(path, full.patient_ids, full.labels, shrink=2)
+    assert half.item_shape == (8, 8, 8) and half.input_shape == SHAPE
+    for i in range(3):
+        x = full[i][0][0].numpy()
+        blocks = x.reshape(8, 2, 8, 2, 8, 2).mean(axis=(1, 3, 5))
+        np.testing.assert_allclose(half[i][0][0].numpy(), blocks, rtol=0, atol=1e-7)
+    cache = write_cache(half, tmp_path / "items.npy", workers=2, batch_size=2)
+    cached = CachedDataset(cache, [2, 0], [0, 0])
+    assert torch.equal(cached[0][0], half[2][0]) and torch.equal(cached[1][0], half[0][0])
+    clone = pickle.loads(pickle.dumps(cached))  # what a worker process receives
+    assert clone._array is None and torch.equal(clone[0][0], half[2][0])
+    # the model takes the shrunk grid: 8 -> 4 -> 2 -> 1
+    model = build_model(ClassifierConfig(channels=(4, 8, 16)), half.item_shape)
+    assert model.classifier.in_features == 16 and not any(
+        isinstance(m, torch.nn.AvgPool3d) for m in model.modules())
 
 
 def test_targets_labels_and_left_out():

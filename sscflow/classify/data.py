@@ -1,9 +1,16 @@
 """Labels and streamed inputs for the classifier.
 
 Each item is read from the store when it is asked for (never the whole cohort at once): the
-patient's ``log_jacobian_template`` times the template lung mask, non-finite values set to 0.
-A :class:`MapDataset` holds the store's location, not an open group; each process (the main
-one or a DataLoader worker) opens the store itself on first use.
+patient's ``log_jacobian_template`` times the template lung mask, non-finite values set to 0,
+then averaged over blocks of ``input_shrink`` voxels (the classifier's resolution: log-Jacobian
+maps are smooth at that scale). A :class:`MapDataset` holds the store's location, not an open
+group; each process (the main one or a DataLoader worker) opens the store itself on first use.
+
+Training reads every map once per epoch, so :func:`write_cache` first reads each map once from
+the store and writes the items, at the classifier's resolution (``input_shrink**3`` times
+smaller than the maps), to an on-disk ``.npy`` file beside the model, and the epochs stream
+from it through a memory map (:class:`CachedDataset`): one small read per item instead of a
+Zarr read, decompression and masking. It is never in memory whole either.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 import zarr
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
@@ -155,8 +163,11 @@ class MapDataset(Dataset):
     Item ``i`` is ``(map, label)``: float32 tensor (1, Z, Y, X) and an int64 scalar tensor.
     """
 
-    def __init__(self, store, patient_ids: Sequence[str], labels=None):
+    def __init__(self, store, patient_ids: Sequence[str], labels=None, *, shrink: int = 1):
         self.location = store_location(store)
+        self.shrink = int(shrink)
+        if self.shrink < 1:
+            raise ValueError(f"MapDataset: shrink must be >= 1, got {shrink}")
         self.patient_ids = [str(p) for p in patient_ids]
         if labels is None:
             self.labels = [-1] * len(self.patient_ids)
@@ -195,8 +206,13 @@ class MapDataset(Dataset):
         """(Z, Y, X) of the template grid."""
         return tuple(int(s) for s in self._open()[1].shape)
 
+    @property
+    def item_shape(self) -> tuple[int, int, int]:
+        """(Z, Y, X) of an item: the template grid shrunk by ``shrink`` (rounded up)."""
+        return shrunk_shape(self.input_shape, self.shrink)
+
     def array(self, i: int) -> np.ndarray:
-        """Item ``i``'s masked map as numpy float32 (Z, Y, X)."""
+        """Item ``i``'s masked map at the template resolution, numpy float32 (Z, Y, X)."""
         root, mask = self._open()
         pid = self.patient_ids[i]
         if pid not in self._arrays:  # metadata read and checked once per patient and process
@@ -204,8 +220,74 @@ class MapDataset(Dataset):
         return masked(self._arrays[pid][...], mask)
 
     def __getitem__(self, i: int):
-        x = torch.from_numpy(self.array(i)[None])
-        return x, torch.tensor(self.labels[i], dtype=torch.int64)
+        x = shrink_map(torch.from_numpy(self.array(i)), self.shrink)
+        return x[None], torch.tensor(self.labels[i], dtype=torch.int64)
+
+
+def shrunk_shape(shape, shrink: int) -> tuple[int, int, int]:
+    """``ceil(n / shrink)`` per axis.
+
+    >>> shrunk_shape((20, 21, 1), 2)
+    (10, 11, 1)
+    """
+    return tuple(-(-int(s) // int(shrink)) for s in shape)
+
+
+def shrink_map(x: torch.Tensor, shrink: int) -> torch.Tensor:
+    """Mean over blocks of ``shrink`` voxels of a (Z, Y, X) map; blocks cut by the border
+    average the voxels they hold (torch's ``avg_pool3d`` with ``ceil_mode``).
+
+    >>> shrink_map(torch.arange(27.0).reshape(3, 3, 3), 2)[..., 1].flatten().tolist()
+    [8.0, 12.5, 21.5, 26.0]
+    """
+    if shrink == 1:
+        return x
+    return F.avg_pool3d(x[None, None], shrink, shrink, ceil_mode=True)[0, 0]
+
+
+class CachedDataset(Dataset):
+    """Items of a :func:`write_cache` file: ``(tensor (1, Z, Y, X), label)``, read through a
+    memory map (the page cache, not this process, holds what was read); ``indices`` select and
+    order the cached patients."""
+
+    def __init__(self, path, indices: Sequence[int], labels: Sequence[int]):
+        self.path = str(path)
+        self.indices = [int(i) for i in indices]
+        self.labels = [int(v) for v in labels]
+        if len(self.labels) != len(self.indices):
+            raise ValueError(f"CachedDataset: {len(self.labels)} labels for "
+                             f"{len(self.indices)} items")  # fmt: skip
+        self._array = None  # (pid of the process that opened it, memory map)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_array": None}
+
+    def __getitem__(self, i: int):
+        if self._array is None or self._array[0] != os.getpid():
+            self._array = (os.getpid(), np.load(self.path, mmap_mode="r"))
+        x = torch.from_numpy(np.array(self._array[1][self.indices[i]]))
+        return x[None], torch.tensor(self.labels[i], dtype=torch.int64)
+
+
+def write_cache(dataset: MapDataset, path, *, workers: int = 0, batch_size: int = 8) -> str:
+    """Write every item of ``dataset`` (in order) to a ``.npy`` file at ``path``, shape
+    (N, Z, Y, X) float32 at the dataset's ``item_shape``, reading the store with ``workers``
+    loader processes and writing through a memory map (never all in memory). Returns the path;
+    item ``i`` is row ``i``."""
+    shape = (len(dataset), *dataset.item_shape)
+    out = np.lib.format.open_memmap(str(path), mode="w+", dtype=np.float32, shape=shape)
+    loader = make_loader(dataset, batch_size, False, 0, min(workers, len(dataset)))
+    row = 0
+    for x, _ in loader:
+        out[row:row + len(x)] = x[:, 0].numpy()
+        row += len(x)
+    del loader
+    out.flush()
+    del out
+    return str(path)
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int, *,

@@ -1,9 +1,10 @@
 """The four-layer 3D CNN of Chassagnon et al. and the choice of torch device.
 
-The map is first averaged over blocks of ``input_shrink`` voxels (log-Jacobian maps are smooth
-at that scale; it divides the cost by ``input_shrink**3``), then ``len(config.channels)`` blocks
-of a stride-2 ``Conv3d`` (``kernel`` voxels, padding
-``kernel // 2``, no bias: the batch norm that follows has one) + ``BatchNorm3d`` + ``ReLU``, then
+Its input is the map at the classifier's resolution (the template grid averaged over blocks of
+``input_shrink`` voxels by the data loader, :func:`sscflow.classify.data.shrink_map`; it divides
+the cost by ``input_shrink**3``). Then ``len(config.channels)`` blocks of a stride-2
+``Conv3d`` (``kernel`` voxels, padding ``kernel // 2``, no bias: the batch norm that follows
+has one) + ``BatchNorm3d`` + ``ReLU``, then
 dropout and one fully connected layer to two classes (stable, worsening). With the default three
 channel counts that is the paper's four layers.
 """
@@ -21,12 +22,11 @@ N_CLASSES = 2
 
 
 class WorseningCNN(nn.Module):
-    """Input (N, 1, Z, Y, X) float32; output (N, 2) logits (index 1: worsening)."""
+    """Input (N, 1, Z, Y, X) float32 at the classifier's resolution; output (N, 2) logits
+    (index 1: worsening)."""
 
     def __init__(self, config: ClassifierConfig, input_shape: tuple[int, int, int]):
         super().__init__()
-        f = int(config.input_shrink)
-        self.shrink = nn.AvgPool3d(f, f, ceil_mode=True) if f > 1 else nn.Identity()
         blocks = []
         in_channels = 1
         for out_channels in config.channels:
@@ -47,24 +47,22 @@ class WorseningCNN(nn.Module):
         self.input_shape = tuple(int(s) for s in input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(self.shrink(x))
+        x = self.features(x)
         return self.classifier(self.dropout(torch.flatten(x, 1)))
 
 
 def feature_shape(config: ClassifierConfig, input_shape) -> tuple[int, int, int]:
-    """Spatial shape after the input shrink (``ceil(n / f)``) and the stride-2 convolutions
-    (``n -> (n + 2 (k // 2) - k) // 2 + 1``).
+    """Spatial shape after the stride-2 convolutions (``n -> (n + 2 (k // 2) - k) // 2 + 1``)
+    of an input of ``input_shape`` (at the classifier's resolution).
 
-    >>> feature_shape(ClassifierConfig(input_shrink=1), (20, 20, 20))
+    >>> feature_shape(ClassifierConfig(), (20, 20, 20))
     (3, 3, 3)
-    >>> feature_shape(ClassifierConfig(input_shrink=2), (20, 20, 20))
+    >>> feature_shape(ClassifierConfig(), (10, 10, 10))
     (2, 2, 2)
     """
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != 3 or any(s < 1 for s in shape):
         raise ValueError(f"classifier input_shape must be three positive sizes, got {input_shape}")
-    f = int(config.input_shrink)
-    shape = tuple(-(-s // f) for s in shape)
     k, pad = config.kernel, config.kernel // 2
     for _ in config.channels:
         shape = tuple((s + 2 * pad - k) // 2 + 1 for s in shape)
@@ -72,7 +70,8 @@ def feature_shape(config: ClassifierConfig, input_shape) -> tuple[int, int, int]
 
 
 def build_model(config: ClassifierConfig, input_shape: tuple[int, int, int]) -> nn.Module:
-    """The classifier for maps of ``input_shape`` (Z, Y, X) voxels.
+    """The classifier for inputs of ``input_shape`` (Z, Y, X) voxels: the template grid shrunk
+    by ``config.input_shrink`` (:func:`sscflow.classify.data.shrunk_shape`).
 
     Returns a module taking (N, 1, Z, Y, X) float32 and giving (N, 2) logits, parameters
     initialised from torch's global random generator (seed it for a reproducible start).

@@ -9,7 +9,14 @@ import pandas as pd
 import torch
 
 from sscflow import store as st
-from sscflow.classify.data import MAP, MapDataset, make_loader, open_root, template_image
+from sscflow.classify.data import (
+    MAP,
+    MapDataset,
+    make_loader,
+    open_root,
+    shrunk_shape,
+    template_image,
+)
 from sscflow.classify.data import store_location as _location
 from sscflow.classify.model import build_model, config_from_dict, resolve_device
 from sscflow.classify.training import _evaluate
@@ -50,12 +57,13 @@ def predict(store, patient_ids, model_dir, *, device: str | None = None,
     _check_shapes(root, ids, input_shape, model_dir)
 
     dev = resolve_device(config.device, device)
-    model = build_model(config, input_shape)
+    model = build_model(config, shrunk_shape(input_shape, config.input_shrink))
     state = torch.load(files[1], map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.to(dev)
     n_workers = config.loader_workers if workers is None else workers
-    loader = make_loader(MapDataset(location, ids), config.batch_size, False, config.seed,
+    loader = make_loader(MapDataset(location, ids, shrink=config.input_shrink),
+                         config.batch_size, False, config.seed,
                          min(n_workers, len(ids)), pin_memory=dev.type == "cuda")  # fmt: skip
     prob = _evaluate(model, loader, dev)[1] if ids else []
     del loader

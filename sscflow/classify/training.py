@@ -6,8 +6,11 @@ Method:
    ``log_jacobian_template`` in the store are left out (listed as ``left_out`` in the metadata).
 2. A stratified patient-level split (:func:`~sscflow.classify.split.split_patients`), saved as
    ``split.json``.
-3. ``config.epochs`` epochs over the training set (shuffled, batches of ``config.batch_size``),
-   maps streamed from the store by ``config.loader_workers`` processes. After each epoch the
+3. Every used patient's masked map is read from the store once, by ``config.loader_workers``
+   processes, shrunk to the classifier's resolution (``config.input_shrink``) and written to an
+   on-disk cache in the output folder (removed afterwards). ``config.epochs`` epochs over the
+   training set (shuffled, batches of ``config.batch_size``) stream from that cache, also with
+   ``config.loader_workers`` processes. After each epoch the
    validation loss is computed; the state with the lowest validation loss (the first, on ties)
    is kept. The test set is not looked at during training or selection.
 4. The kept state predicts every patient once (so the test set is evaluated once), written to
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,12 +44,15 @@ import sscflow
 from sscflow import store as st
 from sscflow.classify.data import (
     MAP,
+    CachedDataset,
     MapDataset,
     make_loader,
     open_root,
+    shrunk_shape,
     store_location,
     targets,
     template_image,
+    write_cache,
 )
 from sscflow.classify.model import build_model, config_to_dict, resolve_device
 from sscflow.classify.split import SETS, save_split, split_patients
@@ -91,11 +98,21 @@ def train(store, table: pd.DataFrame, target: str, config: ClassifierConfig, out
     template = template_image(root)
     mask_meta, input_shape = template.meta, tuple(int(s) for s in template.array.shape)
 
-    datasets = {k: MapDataset(location, split[k], labels) for k in SETS}
+    # every used patient's item, at the classifier's resolution, in an on-disk cache that the
+    # epochs stream from (removed afterwards); rows in the order train, validation, test
+    order = [p for k in SETS for p in split[k]]
+    cache_dir = tempfile.TemporaryDirectory(prefix=".cache-", dir=out)
+    cache = write_cache(MapDataset(location, order, labels, shrink=config.input_shrink),
+                        Path(cache_dir.name) / "items.npy", workers=config.loader_workers,
+                        batch_size=config.batch_size)  # fmt: skip
+    rows = {p: i for i, p in enumerate(order)}
+    datasets = {k: CachedDataset(cache, [rows[p] for p in split[k]],
+                                 [int(labels.loc[p]) for p in split[k]]) for k in SETS}  # fmt: skip
+    item_shape = shrunk_shape(input_shape, config.input_shrink)
     pin = dev.type == "cuda"
-    with _deterministic(dev), torch.random.fork_rng(devices=_cuda_indices(dev)):
+    with cache_dir, _deterministic(dev), torch.random.fork_rng(devices=_cuda_indices(dev)):
         torch.manual_seed(config.seed)
-        model = build_model(config, input_shape).to(dev)
+        model = build_model(config, item_shape).to(dev)
         optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate,
                                      weight_decay=config.weight_decay)  # fmt: skip
         loss_fn = nn.CrossEntropyLoss(reduction="sum")
@@ -113,7 +130,7 @@ def train(store, table: pd.DataFrame, target: str, config: ClassifierConfig, out
                 best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
         del train_loader, val_loader  # stops their worker processes
         model.load_state_dict(best[2])
-        rows = _predict_sets(model, datasets, config, dev, pin)
+        rows = _predict_sets(model, split, datasets, config, dev, pin)
 
     model_path = out / "model.pt"
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, model_path)
@@ -220,11 +237,12 @@ def _evaluate(model, loader, dev, loss_fn=None) -> tuple[float, np.ndarray]:
     return (total / n if loss_fn is not None and n else float("nan")), prob
 
 
-def _predict_sets(model, datasets, config, dev, pin) -> list[tuple]:
-    ids = [p for k in SETS for p in datasets[k].patient_ids]
-    sets = [k for k in SETS for _ in datasets[k].patient_ids]
+def _predict_sets(model, split, datasets, config, dev, pin) -> list[tuple]:
+    ids = [p for k in SETS for p in split[k]]
+    sets = [k for k in SETS for _ in split[k]]
     labels = [v for k in SETS for v in datasets[k].labels]
-    everyone = MapDataset(datasets["train"].location, ids, labels)
+    everyone = CachedDataset(datasets["train"].path, [i for k in SETS
+                             for i in datasets[k].indices], labels)  # fmt: skip
     loader = make_loader(everyone, config.batch_size, False, config.seed,
                          config.loader_workers, pin_memory=pin)  # fmt: skip
     prob = _evaluate(model, loader, dev)[1]
