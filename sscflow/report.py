@@ -195,9 +195,10 @@ def write_report(store: str, results_dir, *, synthetic: bool | None = None) -> P
         if metrics is None:
             parts.append(f"<p class='muted'>{html.escape(label)}: not trained.</p>")
             continue
-        rows = [_metric_rows("CNN on log-Jacobian maps", metrics["cnn"])]
+        rows = [_metric_rows("CNN on log-Jacobian maps (cut-off: validation Youden)",
+                             metrics["cnn"])]  # fmt: skip
         if metrics.get("ild_extent"):
-            rows.append(_metric_rows("ILD extent change (HAA, Youden cut-off)",
+            rows.append(_metric_rows("ILD extent change (HAA, learning-set Youden cut-off)",
                                      metrics["ild_extent"]))  # fmt: skip
         parts.append(f"<h3>{html.escape(label)}</h3>" + _table_html(pd.DataFrame(rows)))
         curves[f"{target}: CNN"] = metrics["cnn"].get("roc", {})

@@ -150,6 +150,8 @@ def test_items_are_shrunk_to_the_classifier_resolution(cohort, tmp_path):
     cache = write_cache(half, tmp_path / "items.npy", workers=2, batch_size=2)
     cached = CachedDataset(cache, [2, 0], [0, 0])
     assert torch.equal(cached[0][0], half[2][0]) and torch.equal(cached[1][0], half[0][0])
+    batch = cached.__getitems__([1, 0])  # what the DataLoader asks for
+    assert torch.equal(batch[0][0], half[0][0]) and torch.equal(batch[1][0], half[2][0])
     clone = pickle.loads(pickle.dumps(cached))  # what a worker process receives
     assert clone._array is None and torch.equal(clone[0][0], half[2][0])
     # the model takes the shrunk grid: 8 -> 4 -> 2 -> 1
@@ -247,7 +249,14 @@ def test_training_learns_the_separable_signal(trained):
     assert len(result["y_true"]) == 5
     accuracy = np.mean(np.equal(result["y_true"], result["y_pred"]))
     assert accuracy >= 0.8, result
-    assert result["y_pred"] == [int(p > 0.5) for p in result["y_prob"]]
+    meta = json.loads((out / "metadata.json").read_text())
+    threshold = meta["threshold"]  # Youden on the validation predictions, checked by hand:
+    val = pd.read_csv(out / "predictions.csv").query("set == 'validation'")
+    j = {t: ((val.probability >= t) & (val.label == 1)).sum() / (val.label == 1).sum()
+         + ((val.probability < t) & (val.label == 0)).sum() / (val.label == 0).sum()
+         for t in val.probability}  # fmt: skip
+    assert j[threshold] == max(j.values())
+    assert result["y_pred"] == [int(p >= threshold) for p in result["y_prob"]]
     history = result["history"]
     assert len(history["train_loss"]) == len(history["validation_loss"]) == CONFIG.epochs
     assert history["train_loss"][-1] < history["train_loss"][0]
@@ -354,7 +363,8 @@ def test_predict_command_writes_the_probabilities_of_new_patients(trained, tmp_p
     # another batch composition than in training: float32 rounding of a few 1e-6
     np.testing.assert_allclose(got["probability"], saved.loc[[pid(1), pid(2), pid(3)],
                                "probability"], atol=1e-5)  # fmt: skip
-    assert got["prediction"].tolist() == [int(p > 0.5) for p in got["probability"]]
+    threshold = json.loads((out / "metadata.json").read_text())["threshold"]
+    assert got["prediction"].tolist() == [int(p >= threshold) for p in got["probability"]]
 
 
 def test_predict_command_refuses_a_store_on_another_template(trained, tmp_path):

@@ -265,11 +265,20 @@ class CachedDataset(Dataset):
     def __getstate__(self):
         return {**self.__dict__, "_array": None}
 
-    def __getitem__(self, i: int):
+    def _rows(self) -> np.ndarray:
         if self._array is None or self._array[0] != os.getpid():
             self._array = (os.getpid(), np.load(self.path, mmap_mode="r"))
-        x = torch.from_numpy(np.array(self._array[1][self.indices[i]]))
+        return self._array[1]
+
+    def __getitem__(self, i: int):
+        x = torch.from_numpy(np.array(self._rows()[self.indices[i]]))
         return x[None], torch.tensor(self.labels[i], dtype=torch.int64)
+
+    def __getitems__(self, items: Sequence[int]) -> list:
+        """A batch's items from one read of the memory map (the DataLoader asks for batches)."""
+        block = torch.from_numpy(self._rows()[[self.indices[i] for i in items]])
+        return [(block[j][None], torch.tensor(self.labels[i], dtype=torch.int64))
+                for j, i in enumerate(items)]  # fmt: skip
 
 
 def write_cache(dataset: MapDataset, path, *, workers: int = 0, batch_size: int = 8) -> str:

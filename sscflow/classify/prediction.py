@@ -37,7 +37,8 @@ def predict(store, patient_ids, model_dir, *, device: str | None = None,
     Returns
     -------
     DataFrame with columns ``patient_id``, ``probability`` (of worsening, float) and
-    ``prediction`` (1 when the probability is above 0.5), in the order of ``patient_ids``.
+    ``prediction`` (1 when the probability reaches the model's cut-off, chosen on its
+    validation set: ``threshold`` in its metadata), in the order of ``patient_ids``.
 
     Raises FileNotFoundError when the model folder or a map is missing, ValueError when a map's
     shape (or the template's) differs from the shape the model was trained on.
@@ -51,6 +52,7 @@ def predict(store, patient_ids, model_dir, *, device: str | None = None,
     meta = json.loads(files[0].read_text())
     config = config_from_dict(meta["config"])
     input_shape = tuple(int(s) for s in meta["input_shape"])
+    threshold = float(meta.get("threshold", 0.5))  # chosen on the validation set in training
     ids = [str(p) for p in patient_ids]
     location = _location(store)
     root = open_root(location)
@@ -70,7 +72,7 @@ def predict(store, patient_ids, model_dir, *, device: str | None = None,
     return pd.DataFrame({
         "patient_id": ids,
         "probability": [float(q) for q in prob],
-        "prediction": [int(q > 0.5) for q in prob],
+        "prediction": [int(q >= threshold) for q in prob],
     })
 
 

@@ -15,7 +15,8 @@ Method:
    is kept. The test set is not looked at during training or selection.
 4. The kept state predicts every patient once (so the test set is evaluated once), written to
    ``predictions.csv`` (probability of worsening = softmax of the logits; prediction 1 when it
-   is above 0.5); weights to ``model.pt``; what was done to ``metadata.json``.
+   reaches the cut-off chosen on the validation set, :func:`decision_threshold`); weights to
+   ``model.pt``; what was done, the cut-off included, to ``metadata.json``.
 
 Reproducibility: parameters and dropout are drawn from torch's generator seeded with
 ``config.seed`` inside ``torch.random.fork_rng`` (the caller's global generator is left as it
@@ -130,7 +131,7 @@ def train(store, table: pd.DataFrame, target: str, config: ClassifierConfig, out
                 best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
         del train_loader, val_loader  # stops their worker processes
         model.load_state_dict(best[2])
-        rows = _predict_sets(model, split, datasets, config, dev, pin)
+        rows, threshold = _predict_sets(model, split, datasets, config, dev, pin)
 
     model_path = out / "model.pt"
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, model_path)
@@ -154,6 +155,7 @@ def train(store, table: pd.DataFrame, target: str, config: ClassifierConfig, out
         "deterministic": dev.type == "cpu",
         "best_epoch": best[1],
         "best_validation_loss": best[0],
+        "threshold": threshold,
         "history": history,
         "seconds": time.perf_counter() - t0,
     }
@@ -237,7 +239,7 @@ def _evaluate(model, loader, dev, loss_fn=None) -> tuple[float, np.ndarray]:
     return (total / n if loss_fn is not None and n else float("nan")), prob
 
 
-def _predict_sets(model, split, datasets, config, dev, pin) -> list[tuple]:
+def _predict_sets(model, split, datasets, config, dev, pin) -> tuple[list[tuple], float]:
     ids = [p for k in SETS for p in split[k]]
     sets = [k for k in SETS for _ in split[k]]
     labels = [v for k in SETS for v in datasets[k].labels]
@@ -247,8 +249,29 @@ def _predict_sets(model, split, datasets, config, dev, pin) -> list[tuple]:
                          config.loader_workers, pin_memory=pin)  # fmt: skip
     prob = _evaluate(model, loader, dev)[1]
     del loader
-    return [(p, s, int(y), float(q), int(q > 0.5))
+    threshold = decision_threshold(
+        [q for q, s in zip(prob, sets, strict=True) if s == "validation"],
+        [y for y, s in zip(labels, sets, strict=True) if s == "validation"])  # fmt: skip
+    rows = [(p, s, int(y), float(q), int(q >= threshold))
             for p, s, y, q in zip(ids, sets, labels, prob, strict=True)]  # fmt: skip
+    return rows, threshold
+
+
+def decision_threshold(prob, labels) -> float:
+    """The probability cut-off for "worsening": Youden-optimal on the validation set (chosen
+    there, like the model, and applied unchanged to the test set; the ILD-extent baseline's
+    cut-off is chosen the same way), or 0.5 when the validation set lacks a class.
+
+    >>> decision_threshold([0.2, 0.3, 0.35, 0.6], [0, 0, 1, 1])
+    0.35
+    >>> decision_threshold([0.2, 0.9], [1, 1])
+    0.5
+    """
+    from sscflow.stats import youden_threshold
+
+    if len(set(int(v) for v in labels)) < 2:
+        return 0.5
+    return float(youden_threshold(np.asarray(prob, dtype=float), np.asarray(labels)))
 
 
 def _cuda_indices(dev: torch.device) -> list[int]:
