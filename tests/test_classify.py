@@ -150,8 +150,12 @@ def test_items_are_shrunk_to_the_classifier_resolution(cohort, tmp_path):
     cache = write_cache(half, tmp_path / "items.npy", workers=2, batch_size=2)
     cached = CachedDataset(cache, [2, 0], [0, 0])
     assert torch.equal(cached[0][0], half[2][0]) and torch.equal(cached[1][0], half[0][0])
-    batch = cached.__getitems__([1, 0])  # what the DataLoader asks for
-    assert torch.equal(batch[0][0], half[0][0]) and torch.equal(batch[1][0], half[2][0])
+    x, y = cached[[1, 0]]  # a batch, as make_loader asks for it
+    assert x.shape == (2, 1, 8, 8, 8) and y.tolist() == [0, 0]
+    assert torch.equal(x[0], half[0][0]) and torch.equal(x[1], half[2][0])
+    batches = list(make_loader(CachedDataset(cache, [0, 1, 2], [0, 1, 0]), 2, False, 0, 0))
+    assert [tuple(b[0].shape) for b in batches] == [(2, 1, 8, 8, 8), (1, 1, 8, 8, 8)]
+    assert torch.equal(batches[1][0][0], half[2][0]) and batches[0][1].tolist() == [0, 1]
     clone = pickle.loads(pickle.dumps(cached))  # what a worker process receives
     assert clone._array is None and torch.equal(clone[0][0], half[2][0])
     # the model takes the shrunk grid: 8 -> 4 -> 2 -> 1

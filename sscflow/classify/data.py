@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 import zarr
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from sscflow import store as st
 
@@ -270,15 +270,15 @@ class CachedDataset(Dataset):
             self._array = (os.getpid(), np.load(self.path, mmap_mode="r"))
         return self._array[1]
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i):
+        """Item ``i`` as ``(x (1, Z, Y, X), label)``; for a list of items (what
+        :func:`make_loader` asks for) the whole batch, ``(x (B, 1, Z, Y, X), labels (B,))``,
+        from one read of the memory map."""
+        if isinstance(i, (list, tuple)):
+            x = torch.from_numpy(self._rows()[[self.indices[k] for k in i]])
+            return x[:, None], torch.tensor([self.labels[k] for k in i], dtype=torch.int64)
         x = torch.from_numpy(np.array(self._rows()[self.indices[i]]))
         return x[None], torch.tensor(self.labels[i], dtype=torch.int64)
-
-    def __getitems__(self, items: Sequence[int]) -> list:
-        """A batch's items from one read of the memory map (the DataLoader asks for batches)."""
-        block = torch.from_numpy(self._rows()[[self.indices[i] for i in items]])
-        return [(block[j][None], torch.tensor(self.labels[i], dtype=torch.int64))
-                for j, i in enumerate(items)]  # fmt: skip
 
 
 def write_cache(dataset: MapDataset, path, *, workers: int = 0, batch_size: int = 8) -> str:
@@ -314,6 +314,8 @@ def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(int(seed)))
     else:
         sampler = SequentialSampler(dataset)
+    if isinstance(dataset, CachedDataset):  # whole batches from the cache, no per-item collation
+        sampler, batch_size = BatchSampler(sampler, batch_size, drop_last=False), None
     return DataLoader(
         dataset,
         batch_size=batch_size,
