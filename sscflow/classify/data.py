@@ -9,8 +9,8 @@ group; each process (the main one or a DataLoader worker) opens the store itself
 Training reads every map once per epoch, so :func:`write_cache` first reads each map once from
 the store and writes the items, at the classifier's resolution (``input_shrink**3`` times
 smaller than the maps), to an on-disk ``.npy`` file beside the model, and the epochs stream
-from it through a memory map (:class:`CachedDataset`): one small read per item instead of a
-Zarr read, decompression and masking. It is never in memory whole either.
+from it through a memory map (:class:`CachedDataset`): one read per batch instead of a Zarr
+read, decompression, masking and shrinking per item. It is never in memory whole either.
 """
 
 from __future__ import annotations
@@ -123,15 +123,6 @@ def template_mask(root: zarr.Group) -> np.ndarray:
     return np.asarray(template_image(root).array[...]) > 0
 
 
-def read_map(root: zarr.Group, patient_id: str, mask: np.ndarray) -> np.ndarray:
-    """One patient's masked map: float32 (Z, Y, X), 0 outside the mask and where not finite.
-
-    Raises IncompleteOutputError when the map is absent or incomplete, ValueError when its shape
-    differs from the mask's.
-    """
-    return masked(map_array(root, patient_id, mask.shape)[...], mask)
-
-
 def map_array(root: zarr.Group, patient_id: str, shape) -> zarr.Array:
     """The patient's complete map as a zarr array (not read), checked against ``shape``."""
     group = st.patient_group(root, patient_id, create=False)
@@ -159,8 +150,10 @@ class MapDataset(Dataset):
     patient_ids : the patients, in item order.
     labels : 0/1 per patient, aligned with ``patient_ids`` (a sequence), or a Series indexed by
         patient_id; None gives label -1 (prediction).
+    shrink : items are averaged over blocks of ``shrink`` voxels (:func:`shrink_map`).
 
-    Item ``i`` is ``(map, label)``: float32 tensor (1, Z, Y, X) and an int64 scalar tensor.
+    Item ``i`` is ``(map, label)``: float32 tensor (1, Z, Y, X) of :attr:`item_shape` and an
+    int64 scalar tensor.
     """
 
     def __init__(self, store, patient_ids: Sequence[str], labels=None, *, shrink: int = 1):

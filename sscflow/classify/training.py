@@ -103,9 +103,13 @@ def train(store, table: pd.DataFrame, target: str, config: ClassifierConfig, out
     # epochs stream from (removed afterwards); rows in the order train, validation, test
     order = [p for k in SETS for p in split[k]]
     cache_dir = tempfile.TemporaryDirectory(prefix=".cache-", dir=out)
-    cache = write_cache(MapDataset(location, order, labels, shrink=config.input_shrink),
-                        Path(cache_dir.name) / "items.npy", workers=config.loader_workers,
-                        batch_size=config.batch_size)  # fmt: skip
+    try:
+        cache = write_cache(MapDataset(location, order, labels, shrink=config.input_shrink),
+                            Path(cache_dir.name) / "items.npy", workers=config.loader_workers,
+                            batch_size=config.batch_size)  # fmt: skip
+    except BaseException:
+        cache_dir.cleanup()  # a map that cannot be read leaves no half-written cache behind
+        raise
     rows = {p: i for i, p in enumerate(order)}
     datasets = {k: CachedDataset(cache, [rows[p] for p in split[k]],
                                  [int(labels.loc[p]) for p in split[k]]) for k in SETS}  # fmt: skip
