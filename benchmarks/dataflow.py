@@ -27,6 +27,25 @@ import time
 from pathlib import Path
 
 
+def small_cohort(tmp: Path, patients: int, spacing: float, **settings):
+    """A synthetic cohort in ``tmp/synthetic`` (seed 0, not timed) and a config maker:
+    ``(manifest, config)`` where ``config(name)`` gives a Config whose store is ``tmp/name``,
+    ingest at ``spacing`` and ``settings`` as further config sections."""
+    from sscflow.cohort import read_manifest
+    from sscflow.config import config_from_dict
+    from sscflow.synth import synthesize_cohort
+
+    manifest_path = synthesize_cohort(patients, tmp / "synthetic", spacing=spacing, seed=0)
+
+    def config(name):
+        return config_from_dict({"manifest": str(manifest_path), "store": str(tmp / name),
+                                 "results": str(tmp / f"{name}-results"),
+                                 "ingest": {"spacing_mm": spacing},
+                                 "segment": {"min_lung_ml": 5.0}, **settings})  # fmt: skip
+
+    return read_manifest(manifest_path), config
+
+
 def sequential_loop(cfg, manifest) -> None:
     """The bare loop users would write around the same stage functions."""
     from sscflow.analysis import classify_cohort
@@ -130,24 +149,13 @@ def main() -> None:
 
     from distributed import Client, LocalCluster
 
-    from sscflow.cohort import read_manifest
-    from sscflow.config import config_from_dict
     from sscflow.pipeline import run
-    from sscflow.synth import synthesize_cohort
 
     with tempfile.TemporaryDirectory(prefix="sscflow-bench-") as tmp:
         tmp = Path(tmp)
-        manifest_path = synthesize_cohort(args.patients, tmp / "synthetic", spacing=args.spacing,
-                                          seed=0)  # fmt: skip
-        manifest = read_manifest(manifest_path)
-
-        def config(name):
-            return config_from_dict({"manifest": str(manifest_path), "store": str(tmp / name),
-                                     "results": str(tmp / f"{name}-results"),
-                                     "ingest": {"spacing_mm": args.spacing},
-                                     "segment": {"min_lung_ml": 5.0},
-                                     "registration": {"threads": 1},
-                                     "template": {"registration": {"threads": 1}}})  # fmt: skip
+        manifest, config = small_cohort(tmp, args.patients, args.spacing,
+                                        registration={"threads": 1},
+                                        template={"registration": {"threads": 1}})  # fmt: skip
 
         cfg_loop, cfg_run = config("loop.zarr"), config("run.zarr")
         warm_up()

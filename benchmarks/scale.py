@@ -191,22 +191,10 @@ def main() -> None:
 
     import dataflow
 
-    from sscflow.cohort import read_manifest
-    from sscflow.config import config_from_dict
     from sscflow.pipeline import COHORT_STAGES, PATIENT_STAGES, plan_run
-    from sscflow.synth import synthesize_cohort
 
     with tempfile.TemporaryDirectory(prefix="sscflow-bench-scale-") as tmp:
-        tmp = Path(tmp)
-        manifest_path = synthesize_cohort(args.patients, tmp / "synthetic", spacing=args.spacing,
-                                          seed=0)  # fmt: skip
-        manifest = read_manifest(manifest_path)
-
-        def config(name):
-            return config_from_dict({"manifest": str(manifest_path), "store": str(tmp / name),
-                                     "results": str(tmp / f"{name}-results"),
-                                     "ingest": {"spacing_mm": args.spacing},
-                                     "segment": {"min_lung_ml": 5.0}})  # fmt: skip
+        manifest, config = dataflow.small_cohort(Path(tmp), args.patients, args.spacing)
 
         cfg1 = config("one.zarr")
         # the cohort table, group means, figure and report run in this (the client) process:
