@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -63,3 +65,10 @@ def mini_chest(center=(0.0, 0.0, 0.0), sphere=None, sphere_hu=1000.0, lung_z_rad
 def mini_chest_image(**kw) -> sitk.Image:
     """A 1.5 mm mini chest: 40 x 60 x 80 voxels, lungs touching the first and last slice."""
     return make_volume((80, 60, 40), (1.5, 1.5, 1.5), (-60.0, -45.0, -30.0), fill=mini_chest(**kw))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for schedulers and servers started by tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -12,7 +12,6 @@ import csv
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 import yaml
 import zarr
+from helpers import free_port
 
 from sscflow import store as st
 from sscflow.cohort import read_manifest
@@ -242,7 +242,7 @@ def _complete(store, name):
 def s3_bucket(monkeypatch_module):
     """A real S3 API on loopback (moto in server mode, its own process) with an empty bucket;
     credentials and endpoint in the environment, where s3fs (and every subprocess) finds them."""
-    port = _free_port()
+    port = free_port()
     server = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
     proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -320,12 +320,6 @@ def test_sigkill_of_the_run_then_rerun_gives_the_same_outputs(finished, cohort, 
         assert not Path("s3:").exists() and not (folder / "s3:").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _loopback(args: list[str], **values: str) -> list[str]:
     """Manifest args with the values of the named flags replaced (``dashboard_address`` means
     ``--dashboard-address``); each flag must already be there, so nothing else changes."""
@@ -352,7 +346,7 @@ def test_separate_scheduler_and_workers_with_a_worker_killed(finished, cohort, t
 
     cfg, _, _ = finished
     folder, manifest = cohort
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     address = f"tcp://127.0.0.1:{port}"
     bindir = os.path.dirname(sys.executable)  # `dask` of this environment, as in the image
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}

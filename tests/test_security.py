@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 import zarr
+from helpers import free_port
 
 from sscflow import store as st
 from sscflow.cluster import dask_client, security
@@ -72,20 +73,12 @@ def make_pki(folder: Path, name: str) -> TLSConfig:
                      key=folder / f"{name}-key.pem")  # fmt: skip
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tls_cluster(tmp_path_factory):
     """``dask scheduler`` and one ``dask worker`` on loopback, TLS required on every comm."""
     folder = tmp_path_factory.mktemp("tls")
     tls = make_pki(folder / "pki", "node")
-    port = _free_port()
+    port = free_port()
     address = f"tls://127.0.0.1:{port}"
     env = {**os.environ, "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True"}
     certs = ["--tls-ca-file", str(tls.ca_file), "--tls-cert", str(tls.cert),
