@@ -1,0 +1,186 @@
+"""Reading DICOM headers, never pixel data: one compact record per file.
+
+``read_headers(paths)`` is what a Dask task runs on a batch of files. It opens each file with
+pydicom (``stop_before_pixels``, only the tags below), checks from the file size that the pixel
+data the header announces is all there (a truncated file), and returns plain tuples, so batches
+travel cheaply between workers and the client.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+# the tags discover reads; identifiers among them (PatientID, birth date) are used in memory to
+# group and pseudonymise, never written out
+TAGS = (
+    "SOPClassUID",
+    "Modality",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "StudyInstanceUID",
+    "StudyDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "ProtocolName",
+    "ImageType",
+    "FrameOfReferenceUID",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "SliceThickness",
+    "ConvolutionKernel",
+    "ContrastBolusAgent",
+    "ContrastBolusRoute",
+    "ContrastBolusVolume",
+    "ContrastBolusIngredient",
+    "PatientPosition",
+    "GantryDetectorTilt",
+    "SOPInstanceUID",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "SamplesPerPixel",
+)
+_PIXEL_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1."  # image (and SR, 88.x) storage SOP classes
+_UNCOMPRESSED = {
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.2",
+}
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What discover keeps of one file. ``status``: 'ok', 'not_dicom' or 'unreadable'
+    (with ``problem``); for 'ok', ``tags`` maps the names in TAGS to plain values."""
+
+    path: str
+    status: str
+    problem: str = ""
+    tags: dict | None = None
+
+
+def iter_files(root: str | os.PathLike) -> Iterator[str]:
+    """Every regular file under ``root`` (recursively, symlinked folders not followed),
+    in a stable order."""
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    subdirs.append(e.path)
+                elif e.is_file():
+                    yield e.path
+            except OSError:
+                continue
+        stack.extend(reversed(subdirs))
+
+
+def _plain(value):
+    """pydicom values as str / float / list of those (MultiValue, PersonName, DSfloat, ...)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [_plain(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.decode("latin-1", "replace")
+    return str(value)
+
+
+def read_header(path: str) -> FileRecord:
+    """One file's record (never raises for a bad file: the problem is in the record)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=list(TAGS))
+            pixel_at = fh.tell()
+            fh.seek(pixel_at)
+            head = fh.read(12)
+    except InvalidDicomError:
+        return FileRecord(path, "not_dicom", "not a DICOM file (no DICM marker)")
+    except Exception as exc:  # noqa: BLE001 - any parse failure means an unreadable file
+        return FileRecord(path, "unreadable", f"unreadable DICOM ({type(exc).__name__})")
+    tags = {}
+    for name in TAGS:
+        try:
+            value = ds.get(name)
+        except Exception:  # noqa: BLE001 - a malformed value reads as absent
+            value = None
+        tags[name] = _plain(value)
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    tags["_pixel"] = _pixel_state(head, size - pixel_at, syntax, tags)
+    sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
+    if tags["_pixel"] == "none" and sop.startswith(_IMAGE_STORAGE) and ".88." not in sop + ".":
+        return FileRecord(path, "unreadable", "truncated: the file ends before its pixel data")
+    return FileRecord(path, "ok", "", tags)
+
+
+def _pixel_state(head: bytes, available: int, syntax: str, tags: dict) -> str:
+    """'ok', 'none' (no pixel data) or 'truncated', from the bytes after the header."""
+    if len(head) < 8 or head[:4] != _PIXEL_TAG:
+        return "none"
+    explicit = head[4:6] in (b"OW", b"OB")
+    header_len = 12 if explicit else 8
+    if len(head) < header_len:
+        return "truncated"
+    length = int.from_bytes(head[8:12] if explicit else head[4:8], "little")
+    if length == 0xFFFFFFFF:  # encapsulated (compressed): fragments, not checked here
+        return "ok"
+    if available - header_len < length:
+        return "truncated"
+    if syntax in _UNCOMPRESSED:
+        try:
+            need = (
+                int(tags["Rows"])
+                * int(tags["Columns"])
+                * int(tags["BitsAllocated"])
+                // 8
+                * int(tags.get("SamplesPerPixel") or 1)
+                * int(tags.get("NumberOfFrames") or 1)
+            )
+        except (TypeError, ValueError):
+            return "ok"
+        if length < need:
+            return "truncated"
+    return "ok"
+
+
+def read_headers(paths: list[str]) -> list[tuple]:
+    """A batch of files as (path, status, problem, tags) tuples; run by one Dask task."""
+    out = []
+    for p in paths:
+        r = read_header(p)
+        out.append((r.path, r.status, r.problem, r.tags))
+    return out
+
+
+def batches(paths: list[str], size: int) -> list[list[str]]:
+    return [paths[i : i + size] for i in range(0, len(paths), size)]
+
+
+def relative(path: str, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return path

@@ -1,0 +1,354 @@
+"""``sscflow discover``: a DICOM export and a dated PFT table in, a pseudonymised manifest out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from sscflow.cohort import PFT, read_manifest
+from sscflow.discover.flowchart import write_flowchart
+from sscflow.discover.headers import batches, iter_files, read_headers, relative
+from sscflow.discover.pft import read_pft_table
+from sscflow.discover.pseudonym import PseudonymKey
+from sscflow.discover.select import build_studies, pick_patients
+from sscflow.discover.series import RULES, check_series, group_series
+from sscflow.discover.settings import DiscoverConfig
+from sscflow.errors import MissingInputError, SscflowError
+
+log = logging.getLogger(__name__)
+EXCLUDED_COLUMNS = ("level", "patient_id", "study", "series_uid", "file", "rule", "detail")
+MANIFEST_COLUMNS = (
+    "patient_id",
+    "baseline",
+    "followup",
+    "baseline_series_uid",
+    "followup_series_uid",
+    *(f"{m}_{t}" for m in PFT for t in ("baseline", "followup")),
+    "interval_months",
+    "age",
+    "sex",
+)
+# rules for what was fine on its own but not chosen
+NOT_CHOSEN = {
+    "lower_rank": "eligible, but another series of the study ranks first",
+    "study_not_used": "eligible, but its study was excluded or not selected",
+    "not_selected": "eligible, but not the first or last eligible CT of the patient",
+    "patient_excluded": "eligible, but the patient was excluded",
+}
+
+
+@dataclass
+class DiscoverResult:
+    manifest: Path | None
+    excluded: Path
+    flowchart_json: Path
+    flowchart_png: Path
+    key: Path
+    files: dict
+    n_series: int
+    n_studies: int
+    n_patients: int
+    n_included: int
+    seconds: float
+    rules: dict = field(default_factory=dict)  # rule -> count of excluded.csv rows
+
+
+def discover(
+    root,
+    out,
+    *,
+    key,
+    cfg: DiscoverConfig | None = None,
+    pft=None,
+    store=None,
+    client=None,
+    progress=None,
+) -> DiscoverResult:
+    """Index ``root`` (headers only), select the cohort and write it into ``out``.
+
+    Parameters
+    ----------
+    root : the DICOM export (any folder layout; non-DICOM and unreadable files are skipped)
+    out : the cohort folder: manifest.csv, excluded.csv, flowchart.json, flowchart.png
+    key : the pseudonym key file (created, or reused for stable pseudonyms); outside ``out``
+        and ``store``
+    cfg : the ``discover`` settings
+    pft : optional PFT CSV (see :func:`sscflow.discover.pft.read_pft_table`)
+    store : the store folder of the config, where the key file may not lie either
+    client : a ``distributed.Client``: headers are read in batches of ``cfg.files_per_task``
+        files, one task each; without it, in this process
+    progress : optional ``callable(done_files, total_files)``
+
+    Raises
+    ------
+    MissingInputError if ``root`` or ``pft`` does not exist; KeyFileError for a misplaced or
+    open key file; PFTTableError for a bad PFT table; SscflowError when PFTs are required and
+    no table is given.
+    """
+    t0 = time.perf_counter()
+    cfg = cfg or DiscoverConfig()
+    root, out = Path(root).resolve(), Path(out).resolve()
+    if not root.is_dir():
+        raise MissingInputError(f"DICOM folder {root} does not exist")
+    if cfg.require_pft and pft is None:
+        raise SscflowError(
+            "discover.require_pft is true (the paper's rule: a PFT within "
+            f"{cfg.pft_window_days} days of each CT), but no --pft table was given; "
+            "give one, or set discover.require_pft: false"
+        )
+    forbidden = [out] + ([Path(store)] if store and "://" not in str(store) else [])
+    pkey = PseudonymKey.open(key, scheme=cfg.pseudonym, forbidden=forbidden)
+    tests = read_pft_table(pft, cfg.pft_columns) if pft is not None else None
+
+    skip = {str(out), str(pkey.path.resolve())}
+    files = [p for p in iter_files(root) if not p.startswith(str(out) + os.sep) and p not in skip]
+    records = _read_all(files, cfg.files_per_task, client, progress)
+
+    file_counts = {
+        "found": len(files),
+        "dicom": 0,
+        "not_dicom": 0,
+        "unreadable": 0,
+        "without_series": 0,
+    }
+    rows = []
+    for path, status, problem, tags in records:
+        if status == "ok" and not tags.get("SeriesInstanceUID"):
+            status, problem = "without_series", "DICOM without a SeriesInstanceUID (e.g. DICOMDIR)"
+        if status == "ok":
+            file_counts["dicom"] += 1
+            continue
+        file_counts[status] += 1
+        rows.append(_row("file", file=relative(path, root), rule=status, detail=problem))
+    if file_counts["dicom"] == 0:
+        log.warning("discover: no DICOM image file under %s", root)
+
+    checks = [
+        check_series(s, cfg) for s in group_series(r for r in records if r[1] == "ok").values()
+    ]
+    studies = build_studies(checks, cfg, tests)
+    picks = pick_patients(studies, cfg)
+    every_pid = sorted({c.patient_id for c in checks if c.patient_id})
+    pseudo = pkey.assign(every_pid)
+    pkey.save()  # before any output names a pseudonym
+
+    # study numbers per patient, by date: "2/3" is the patient's second of three studies
+    number = {}
+    for p in picks:
+        for i, st in enumerate(p.studies):
+            number[st.uid] = f"{i + 1}/{len(p.studies)}"
+    study_of = {s.uid: s for s in studies}
+
+    def study_number(uid):  # none for a study under several PatientIDs
+        st = study_of.get(uid)
+        return number.get(uid, "") if st is not None and st.patient_id else ""
+
+    chosen_studies = {s.uid for p in picks if p.baseline for s in (p.baseline, p.followup)}
+    chosen_series = {st.best.uid for p in picks if p.baseline for st in (p.baseline, p.followup)}
+    for c in sorted(checks, key=lambda c: c.uid):
+        if c.uid in chosen_series:
+            continue
+        if c.rule:
+            rule, detail = c.rule, c.detail
+        else:
+            st = study_of[c.study_uid]
+            if st.best is not None and st.best.uid != c.uid:
+                rule, detail = "lower_rank", f"{NOT_CHOSEN['lower_rank']} ({st.best.uid})"
+            else:
+                rule, detail = "study_not_used", NOT_CHOSEN["study_not_used"]
+        rows.append(
+            _row(
+                "series",
+                pseudo.get(c.patient_id, ""),
+                study_number(c.study_uid),
+                c.uid,
+                rule=rule,
+                detail=detail,
+            )
+        )
+    excluded_pids = {p.patient_id for p in picks if p.rule}
+    for st in studies:
+        if st.uid in chosen_studies:
+            continue
+        if st.rule:
+            rule, detail = st.rule, st.detail
+        elif st.patient_id in excluded_pids:
+            rule, detail = "patient_excluded", NOT_CHOSEN["patient_excluded"]
+        else:
+            rule, detail = "not_selected", NOT_CHOSEN["not_selected"]
+        rows.append(
+            _row(
+                "study",
+                pseudo.get(st.patient_id, ""),
+                study_number(st.uid),
+                st.best.uid if st.best else "",
+                rule=rule,
+                detail=detail,
+            )
+        )
+    for p in picks:
+        if p.rule:
+            rows.append(_row("patient", pseudo[p.patient_id], rule=p.rule, detail=p.detail))
+
+    out.mkdir(parents=True, exist_ok=True)
+    included = [p for p in picks if not p.rule]
+    manifest = _write_manifest(included, pseudo, out)
+    order = {"patient": 0, "study": 1, "series": 2, "file": 3}
+    rows.sort(
+        key=lambda r: (order[r["level"]], r["patient_id"], r["study"], r["series_uid"], r["file"])
+    )
+    excluded = out / "excluded.csv"
+    pd.DataFrame(rows, columns=list(EXCLUDED_COLUMNS)).to_csv(excluded, index=False)
+    doc = _flowchart(file_counts, checks, studies, picks, cfg, tests is not None)
+    fj, fp = write_flowchart(doc, out)
+    rules: dict[str, int] = {}
+    for r in rows:
+        rules[r["rule"]] = rules.get(r["rule"], 0) + 1
+    return DiscoverResult(
+        manifest=manifest,
+        excluded=excluded,
+        flowchart_json=fj,
+        flowchart_png=fp,
+        key=pkey.path,
+        files=file_counts,
+        n_series=len(checks),
+        n_studies=len(studies),
+        n_patients=len(picks),
+        n_included=len(included),
+        seconds=time.perf_counter() - t0,
+        rules=rules,
+    )
+
+
+def _row(level, patient_id="", study="", series_uid="", *, file="", rule, detail=""):
+    return {
+        "level": level,
+        "patient_id": patient_id,
+        "study": study,
+        "series_uid": series_uid,
+        "file": file,
+        "rule": rule,
+        "detail": detail,
+    }
+
+
+def _read_all(files, per_task, client, progress):
+    """Every file's header record, in the order of ``files``."""
+    chunks = batches(files, per_task)
+    done, results = 0, [None] * len(chunks)
+    if progress:
+        progress(0, len(files))
+    if client is None:
+        for i, chunk in enumerate(chunks):
+            results[i] = read_headers(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, len(files))
+    else:
+        from distributed import as_completed
+
+        token = uuid.uuid4().hex[:8]
+        futures = client.map(
+            read_headers, chunks, key=[f"discover-headers-{token}-{i}" for i in range(len(chunks))]
+        )
+        index = {f.key: i for i, f in enumerate(futures)}
+        for fut in as_completed(futures):
+            i = index[fut.key]
+            results[i] = fut.result()
+            done += len(chunks[i])
+            fut.release()
+            if progress:
+                progress(done, len(files))
+    return [r for chunk in results for r in chunk]
+
+
+def _write_manifest(included, pseudo, out: Path) -> Path | None:
+    path = out / "manifest.csv"
+    rows = []
+    for p in sorted(included, key=lambda p: pseudo[p.patient_id]):
+        row = {"patient_id": pseudo[p.patient_id]}
+        for which, st in (("baseline", p.baseline), ("followup", p.followup)):
+            row[which] = Path(os.path.relpath(st.best.folder, out)).as_posix()
+            row[f"{which}_series_uid"] = st.best.uid
+            for m in PFT:
+                v = st.pft.values.get(m) if st.pft else None
+                row[f"{m}_{which}"] = "" if v is None else f"{v:g}"
+        row["interval_months"] = f"{p.interval_months:.1f}"
+        age = p.age()
+        row["age"] = "" if age is None or not 0 <= age <= 120 else str(age)
+        row["sex"] = p.sex()
+        rows.append(row)
+    if not rows:
+        path.unlink(missing_ok=True)  # no patient: no manifest, rather than one that fails later
+        return None
+    pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).to_csv(path, index=False)
+    read_manifest(path)  # what discover writes, sscflow run reads as it is
+    return path
+
+
+def _count(rule_of, items) -> dict:
+    counts: dict[str, int] = {}
+    for it in items:
+        r = rule_of(it)
+        if r:
+            counts[r] = counts.get(r, 0) + 1
+    return counts
+
+
+def _flowchart(files, checks, studies, picks, cfg, have_pft) -> dict:
+    pids = {c.patient_id for c in checks if c.patient_id}
+    pre_pft = [s for s in studies if s.best is not None]  # passed the series and study rules
+    eligible = [s for s in studies if s.eligible]
+    included = [p for p in picks if not p.rule]
+    pre_uids = {s.uid for s in pre_pft}
+    n_series_ok = sum(c.eligible for c in checks if c.study_uid in pre_uids)
+    steps = [
+        {
+            "step": "export",
+            "label": "CT studies in the export",
+            "patients": len(pids),
+            "studies": len(studies),
+            "series": len(checks),
+            "excluded": {},
+        },
+        {
+            "step": "series",
+            "label": "Studies with an eligible series",
+            "patients": len({s.patient_id for s in pre_pft}),
+            "studies": len(pre_pft),
+            "series": n_series_ok,
+            "excluded": {
+                "series": _count(lambda c: c.rule, checks),
+                "studies": _count(lambda s: s.rule if s.rule != "no_pft" else "", studies),
+            },
+        },
+        {
+            "step": "pft",
+            "label": f"CTs with a PFT within {cfg.pft_window_days} days"
+            if have_pft
+            else "CTs (no PFT table given)",
+            "patients": len({s.patient_id for s in eligible}),
+            "studies": len(eligible),
+            "series": len(eligible),
+            "excluded": {
+                "studies": _count(lambda s: s.rule if s.rule == "no_pft" else "", studies)
+            },
+        },
+        {
+            "step": "included",
+            "label": "Patients included ("
+            + ("first and last CT" if cfg.timepoints == "first_last" else "first two CTs")
+            + ")",
+            "patients": len(included),
+            "studies": 2 * len(included),
+            "series": 2 * len(included),
+            "excluded": {"patients": _count(lambda p: p.rule, picks)},
+        },
+    ]
+    return {"files": files, "rules": {**RULES}, "steps": steps}

@@ -1,0 +1,464 @@
+"""sscflow discover on a synthetic DICOM export with every case the selection rules handle.
+
+The export (tests/discover_tree.py) has seven PatientIDs; the answers below were worked out by
+hand from how the tree is built (dates, kernels, thicknesses, PFT dates), not from discover.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from discover_tree import SOFT, Export, patient, study
+
+from sscflow.config import config_from_dict
+from sscflow.discover.headers import read_header
+from sscflow.discover.pft import PFTTableError
+from sscflow.discover.pseudonym import KeyFileError
+from sscflow.discover.run import discover
+from sscflow.discover.settings import DiscoverConfig
+from sscflow.discover.synthetic import stack_positions
+from sscflow.errors import InputImageError, SscflowError
+from sscflow.imageio import read_volume
+
+CFG = DiscoverConfig(min_extent_mm=20.0)  # the test stacks are 20 mm long
+PIDS = {k: f"PID-{k}-900{i}" for i, k in enumerate("ABCDEXF", start=1)}
+
+PFT_CSV = """patient_id,date,fvc,dlco,tlc,kco
+PID-A-9001,2019-01-20,80,60,85,75
+PID-A-9001,2019-03-01,99,99,99,99
+PID-A-9001,2020-02-10,78,58,84,74
+PID-A-9001,2021-05-01,68.5,50,80,
+PID-B-9002,2018-04-01,90,70,95,80
+PID-B-9002,2019-07-15,85,52,90,70
+PID-B-9002,2020-12-01,80,50,88,69
+PID-C-9003,2020-01-05,70,50,80,70
+PID-D-9004,2017-01-03,70,50,80,70
+PID-D-9004,2018-03-03,70,50,80,70
+PID-E-9005,2019-01-02,70,50,80,70
+PID-E-9005,2020-01-02,70,50,80,70
+PID-F-9007,2019-01-01,70,50,80,70
+PID-F-9007,2019-01-11,70,50,80,70
+"""
+
+
+def build_export(root: Path) -> Export:
+    ex = Export(root)
+    a = patient(PIDS["A"], birth="19600315", sex="F")
+    s = study("A1", "20190110")  # one folder holds every series of the study
+    ex.series(
+        "A1-loc",
+        "exp/a1",
+        patient=a,
+        study=s,
+        n=2,
+        extra={"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]},
+    )
+    ex.series("A1-thick", "exp/a1", patient=a, study=s, n=5, spacing=5.0, kernel=SOFT)
+    ex.series("A1-thin-lung", "exp/a1", patient=a, study=s, number=3)
+    ex.series("A1-thin-soft", "exp/a1", patient=a, study=s, kernel=SOFT, number=4)
+    ex.series("A1-dose", "exp/a1", patient=a, study=s, n=1, extra={"Modality": "SR"})
+    s = study("A2", "20200201")
+    ex.series("A2-thin-lung", "exp/a2", patient=a, study=s)
+    ex.series("A2-expi", "exp/a2", patient=a, study=s, description="Thorax EXPI 1.0 B60f")
+    s = study("A3", "20210315")
+    ex.series("A3-thin-soft", "exp/a3", patient=a, study=s, kernel=SOFT)
+    ex.series(
+        "A3-contrast", "exp/a3", patient=a, study=s, extra={"ContrastBolusAgent": "IOMERON 350"}
+    )
+
+    b = patient(PIDS["B"], sex="M", age="071Y")
+    s = study("B1", "20180501")
+    ex.series("B1-thin-lung", "exp/b1", patient=b, study=s, duplicate=(7,))
+    ex.series("B1-thin-soft", "exp/b1", patient=b, study=s, kernel=SOFT)
+    ex.series("B1-cut", "exp/b1", patient=b, study=s)
+    cut = sorted((root / "exp/b1").glob("B1-cut-010.dcm"))[0]
+    cut.write_bytes(cut.read_bytes()[:-10])  # pixel data cut short
+    s = study("B2", "20190601")
+    ex.series("B2-thin-lung", "exp/b2", patient=b, study=s, drop=(10,))
+    ex.series("B2-lung-125", "exp/b2", patient=b, study=s, thickness=1.25)
+    ex.series("B2-thin-soft", "exp/b2", patient=b, study=s, kernel=SOFT)
+    s = study("B3", "20200701")
+    ex.series("B3-thin-lung", "exp/b3", patient=b, study=s)
+
+    c = patient(PIDS["C"])
+    s = study("C1", "20200101")
+    ex.series("C1-thin-lung", "exp/c1/s1", patient=c, study=s)
+    ex.series("C1-prone", "exp/c1/s2", patient=c, study=s, extra={"PatientPosition": "HFP"})
+
+    d = patient(PIDS["D"])
+    ex.series("D1-thin-lung", "exp/d1", patient=d, study=study("D1", "20170101"))
+    s = study("D2", "20180301")
+    ex.series("D2-tilt", "exp/d2", patient=d, study=s, shear=(0.0, 0.2, 0.0))
+    ex.series("D2-thick", "exp/d2", patient=d, study=s, n=5, spacing=5.0)
+    ex.series("D2-short", "exp/d2", patient=d, study=s, n=8)
+    ex.series(
+        "D2-coronal",
+        "exp/d2",
+        patient=d,
+        study=s,
+        orientation=(1, 0, 0, 0, 0, -1),
+        positions=stack_positions(21, 1.0, normal=(0, 1, 0)),
+    )
+
+    e = patient(PIDS["E"])
+    ex.series("E1-thin-lung", "exp/e1", patient=e, study=study("E1", "20190101"))
+    s = study("E2", "20200101")
+    ex.series("E2-thin-lung", "exp/e2", patient=e, study=s)
+    ex.series("E2-other", "exp/e2", patient=patient(PIDS["X"]), study=s)  # conflicting ID
+
+    f = patient(PIDS["F"])
+    ex.series("F1-thin-lung", "exp/f1", patient=f, study=study("F1", "20190101"))
+    ex.series("F2-thin-lung", "exp/f2", patient=f, study=study("F2", "20190111"))
+
+    (root / "exp/README.txt").write_text("exported by PACS\n")
+    one = sorted((root / "exp/a2").glob("*.dcm"))[0]
+    (root / "exp/broken.dcm").write_bytes(one.read_bytes()[:300])  # cut inside the header
+    return ex
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, client):
+    """The export, discovered on the Dask cluster, then again without it (idempotence)."""
+    work = tmp_path_factory.mktemp("discover")
+    ex = build_export(work / "dicom")
+    (work / "pft.csv").write_text(PFT_CSV)
+    key = work / "keys" / "cohort.key"
+    res = discover(ex.root, work / "cohort", key=key, cfg=CFG, pft=work / "pft.csv", client=client)
+    first = {
+        n: (work / "cohort" / n).read_bytes()
+        for n in ("manifest.csv", "excluded.csv", "flowchart.json", "flowchart.png")
+    }
+    again = discover(ex.root, work / "cohort", key=key, cfg=CFG, pft=work / "pft.csv")
+    return work, ex, res, first, again
+
+
+def _links(key: Path) -> dict:
+    return json.loads(key.read_text())["links"]
+
+
+def test_manifest_is_the_hand_worked_answer(cohort):
+    work, ex, res, _, _ = cohort
+    m = pd.read_csv(work / "cohort" / "manifest.csv", dtype=str, keep_default_na=False)
+    links = _links(work / "keys" / "cohort.key")
+    m["pid"] = m["patient_id"].map(links)
+    got = m.set_index("pid").drop(columns="patient_id").to_dict("index")
+    u = ex.uids
+    assert got == {
+        PIDS["A"]: {
+            "baseline": "../dicom/exp/a1",
+            "followup": "../dicom/exp/a3",
+            "baseline_series_uid": u["A1-thin-lung"],
+            "followup_series_uid": u["A3-thin-soft"],
+            "fvc_baseline": "80",
+            "fvc_followup": "68.5",
+            "dlco_baseline": "60",
+            "dlco_followup": "50",
+            "tlc_baseline": "85",
+            "tlc_followup": "80",
+            "kco_baseline": "75",
+            "kco_followup": "",
+            "interval_months": "26.1",
+            "age": "58",
+            "sex": "F",
+        },  # 795 days
+        PIDS["B"]: {
+            "baseline": "../dicom/exp/b1",
+            "followup": "../dicom/exp/b2",
+            "baseline_series_uid": u["B1-thin-soft"],
+            "followup_series_uid": u["B2-lung-125"],
+            "fvc_baseline": "90",
+            "fvc_followup": "85",
+            "dlco_baseline": "70",
+            "dlco_followup": "52",
+            "tlc_baseline": "95",
+            "tlc_followup": "90",
+            "kco_baseline": "80",
+            "kco_followup": "70",
+            "interval_months": "13.0",
+            "age": "71",
+            "sex": "M",
+        },  # 396 days
+    }
+    assert res.n_included == 2 and res.manifest == work / "cohort" / "manifest.csv"
+
+
+def test_every_exclusion_has_its_rule(cohort):
+    work, ex, _, _, _ = cohort
+    x = pd.read_csv(work / "cohort" / "excluded.csv", dtype=str, keep_default_na=False)
+    name = {uid: n for n, uid in ex.uids.items()}
+    series = {name[r.series_uid]: r.rule for r in x[x.level == "series"].itertuples()}
+    assert series == {
+        "A1-loc": "localizer",
+        "A1-thick": "thick_slices",
+        "A1-dose": "not_ct",
+        "A1-thin-soft": "lower_rank",
+        "A2-expi": "expiratory",
+        "A3-contrast": "contrast",
+        "A2-thin-lung": "study_not_used",
+        "B1-thin-lung": "duplicate_position",
+        "B1-cut": "truncated_file",
+        "B2-thin-lung": "missing_slice",
+        "B2-thin-soft": "lower_rank",
+        "B3-thin-lung": "study_not_used",
+        "C1-thin-lung": "study_not_used",
+        "C1-prone": "not_supine",
+        "D1-thin-lung": "study_not_used",
+        "D2-tilt": "gantry_tilt",
+        "D2-thick": "thick_slices",
+        "D2-short": "too_short",
+        "D2-coronal": "not_axial",
+        "E1-thin-lung": "study_not_used",
+        "E2-thin-lung": "study_not_used",
+        "E2-other": "study_not_used",
+        "F1-thin-lung": "study_not_used",
+        "F2-thin-lung": "study_not_used",
+    }
+    detail = dict(zip(x.series_uid, x.detail, strict=False))
+    assert "gap of 2.00 mm" in detail[ex.uids["B2-thin-lung"]]
+    assert "1 slice missing" in detail[ex.uids["B2-thin-lung"]]
+    links = {v: k for k, v in _links(work / "keys" / "cohort.key").items()}
+    studies = {(r.patient_id, r.study): r.rule for r in x[x.level == "study"].itertuples()}
+    a, b, c, d = (links[PIDS[k]] for k in "ABCD")
+    e, f = links[PIDS["E"]], links[PIDS["F"]]
+    assert studies == {
+        (a, "2/3"): "not_selected",
+        (b, "3/3"): "no_pft",
+        (c, "1/1"): "patient_excluded",
+        (d, "1/2"): "patient_excluded",
+        (d, "2/2"): "no_eligible_series",
+        (e, "1/2"): "patient_excluded",
+        ("", ""): "conflicting_patient_ids",
+        (f, "1/2"): "patient_excluded",
+        (f, "2/2"): "patient_excluded",
+    }
+    patients = {r.patient_id: r.rule for r in x[x.level == "patient"].itertuples()}
+    assert patients == {
+        c: "fewer_than_two_cts",
+        d: "fewer_than_two_cts",
+        e: "fewer_than_two_cts",
+        links[PIDS["X"]]: "fewer_than_two_cts",
+        f: "interval_too_short",
+    }
+    files = {r.file: r.rule for r in x[x.level == "file"].itertuples()}
+    assert files == {"exp/README.txt": "not_dicom", "exp/broken.dcm": "unreadable"}
+
+
+def test_flowchart_counts(cohort):
+    work, _, res, _, _ = cohort
+    doc = json.loads((work / "cohort" / "flowchart.json").read_text())
+    n_files = sum(1 for p in (work / "dicom").rglob("*") if p.is_file())
+    assert doc["files"] == {
+        "found": n_files,
+        "dicom": n_files - 2,
+        "not_dicom": 1,
+        "unreadable": 1,
+        "without_series": 0,
+    }
+    steps = {s["step"]: s for s in doc["steps"]}
+    counts = {k: (s["patients"], s["studies"], s["series"]) for k, s in steps.items()}
+    assert counts == {
+        "export": (7, 13, 28),
+        "series": (6, 11, 13),
+        "pft": (6, 10, 10),
+        "included": (2, 4, 4),
+    }
+    assert steps["series"]["excluded"] == {
+        "series": {
+            "localizer": 1,
+            "thick_slices": 2,
+            "not_ct": 1,
+            "expiratory": 1,
+            "contrast": 1,
+            "duplicate_position": 1,
+            "truncated_file": 1,
+            "missing_slice": 1,
+            "not_supine": 1,
+            "gantry_tilt": 1,
+            "too_short": 1,
+            "not_axial": 1,
+        },
+        "studies": {"conflicting_patient_ids": 1, "no_eligible_series": 1},
+    }
+    assert steps["pft"]["excluded"] == {"studies": {"no_pft": 1}}
+    assert steps["included"]["excluded"] == {
+        "patients": {"fewer_than_two_cts": 4, "interval_too_short": 1}
+    }
+    assert (work / "cohort" / "flowchart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_idempotent_and_pseudonyms_stable(cohort):
+    work, _, res, first, again = cohort
+    for name, data in first.items():  # the serial rerun writes the same bytes as the Dask run
+        assert (work / "cohort" / name).read_bytes() == data, name
+    key = work / "keys" / "cohort.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    doc = json.loads(key.read_text())
+    assert set(doc["links"].values()) == set(PIDS.values())
+    secret = bytes.fromhex(doc["secret"])
+    for pseudo, pid in doc["links"].items():  # the keyed hash, computed independently
+        assert pseudo == "P" + hmac.new(secret, pid.encode(), hashlib.sha256).hexdigest()[:12]
+    m = (work / "cohort" / "manifest.csv").read_text()
+    assert "PID-" not in m and "9001" not in m and "Name^" not in m
+    assert "2019" not in m and "2021" not in m  # no dates, intervals only
+
+
+def test_a_new_key_gives_new_pseudonyms_and_the_sequence_scheme(cohort, tmp_path):
+    work, ex, _, first, _ = cohort
+    cfg = DiscoverConfig(min_extent_mm=20.0, pseudonym="sequence")
+    discover(ex.root, tmp_path / "c", key=tmp_path / "k.key", cfg=cfg, pft=work / "pft.csv")
+    m = pd.read_csv(tmp_path / "c" / "manifest.csv", dtype=str)
+    assert all(p.startswith("P0") and len(p) == 5 for p in m.patient_id)
+    links = json.loads((tmp_path / "k.key").read_text())["links"]
+    assert sorted(links) == [f"P{i:04d}" for i in range(1, 8)]
+    with pytest.raises(KeyFileError, match="holds 'sequence' pseudonyms"):
+        discover(ex.root, tmp_path / "c", key=tmp_path / "k.key", cfg=CFG, pft=work / "pft.csv")
+
+
+def test_ingest_selects_the_series_by_uid_in_a_mixed_folder_and_refuses_gaps_and_tilt(cohort):
+    _, ex, _, _, _ = cohort
+    img = read_volume(ex.folders["A1-thin-lung"], series_uid=ex.uids["A1-thin-lung"])
+    assert img.GetSize() == (4, 4, 21)
+    assert np.allclose(img.GetSpacing(), (1.0, 1.0, 1.0))
+    assert np.allclose(img.GetOrigin(), (-2.0, -2.0, -100.0))
+    with pytest.raises(InputImageError, match="holds 5 DICOM series"):
+        read_volume(ex.folders["A1-thin-lung"])
+    uid = ex.uids["B2-thin-lung"]
+    with pytest.raises(InputImageError, match=rf"{uid} refused: missing slice: a gap of 2.00 mm"):
+        read_volume(ex.folders["B2-thin-lung"], series_uid=uid)
+    uid = ex.uids["D2-tilt"]
+    with pytest.raises(InputImageError, match=rf"{uid} refused: gantry tilt"):
+        read_volume(ex.folders["D2-tilt"], series_uid=uid)
+    uid = ex.uids["B1-thin-lung"]
+    with pytest.raises(InputImageError, match=rf"{uid} refused: duplicated slice position"):
+        read_volume(ex.folders["B1-thin-lung"], series_uid=uid)
+
+
+def test_without_pft_requirement_and_first_second(cohort, tmp_path):
+    work, ex, _, _, _ = cohort
+    cfg = DiscoverConfig(min_extent_mm=20.0, require_pft=False, timepoints="first_second")
+    res = discover(ex.root, tmp_path / "c", key=tmp_path / "k.key", cfg=cfg)
+    m = pd.read_csv(tmp_path / "c" / "manifest.csv", dtype=str, keep_default_na=False)
+    links = json.loads((tmp_path / "k.key").read_text())["links"]
+    got = {links[r.patient_id]: (r.followup_series_uid, r.fvc_baseline) for r in m.itertuples()}
+    assert got == {
+        PIDS["A"]: (ex.uids["A2-thin-lung"], ""),
+        PIDS["B"]: (ex.uids["B2-lung-125"], ""),
+    }
+    assert res.n_included == 2
+
+
+@pytest.mark.parametrize(
+    "csv, match",
+    [
+        ("patient,date,fvc\nX,2020-01-01,80\n", r"missing column 'patient_id'"),
+        (
+            "patient_id,date,fvc\nX,01/02/2020,80\n",
+            r"line 2, column date: '01/02/2020' is not an ISO",
+        ),
+        ("patient_id,date,fvc\nX,2020-01-01,abc\n", r"line 2, column fvc: 'abc' is not a number"),
+        ("patient_id,date,weight\nX,2020-01-01,80\n", r"none of the PFT value columns"),
+    ],
+)
+def test_bad_pft_table_is_a_clear_error(cohort, tmp_path, csv, match):
+    _, ex, _, _, _ = cohort
+    (tmp_path / "pft.csv").write_text(csv)
+    with pytest.raises(PFTTableError, match=match):
+        discover(ex.root, tmp_path / "c", key=tmp_path / "k", cfg=CFG, pft=tmp_path / "pft.csv")
+
+
+def test_key_file_refused_inside_the_cohort_or_store_or_open_to_others(cohort, tmp_path):
+    work, ex, _, _, _ = cohort
+    pft = work / "pft.csv"
+    with pytest.raises(KeyFileError, match="inside"):
+        discover(ex.root, tmp_path / "c", key=tmp_path / "c" / "k.key", cfg=CFG, pft=pft)
+    with pytest.raises(KeyFileError, match="inside"):
+        discover(
+            ex.root,
+            tmp_path / "c",
+            key=tmp_path / "s.zarr" / "k",
+            cfg=CFG,
+            pft=pft,
+            store=tmp_path / "s.zarr",
+        )
+    open_key = tmp_path / "open.key"
+    open_key.write_text("{}")
+    open_key.chmod(0o644)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        discover(ex.root, tmp_path / "c", key=open_key, cfg=CFG, pft=pft)
+    with pytest.raises(SscflowError, match="no --pft table was given"):
+        discover(ex.root, tmp_path / "c", key=tmp_path / "k.key", cfg=CFG)
+    assert not (tmp_path / "c").exists()  # nothing written before the inputs are checked
+
+
+def test_discover_config_section():
+    cfg = config_from_dict(
+        {
+            "discover": {
+                "max_slice_thickness_mm": 3,
+                "extra_lung_kernels": ["MYSHARP"],
+                "pft_columns": {"fvc": "FVC_pct"},
+            }
+        }
+    )
+    d = cfg.discover
+    assert d.max_slice_thickness_mm == 3.0 and d.pft_columns.fvc == "FVC_pct"
+    assert d.is_lung_kernel("mysharp") and d.is_lung_kernel("B70f") and d.is_lung_kernel("LUNG")
+    assert not d.is_lung_kernel("B30f") and not d.is_lung_kernel("STANDARD")
+    with pytest.raises(ValueError, match=r"discover.lung_kernels\[0\]"):
+        config_from_dict({"discover": {"lung_kernels": ["(unclosed"]}})
+    with pytest.raises(ValueError, match="discover.timepoints"):
+        config_from_dict({"discover": {"timepoints": "all"}})
+
+
+def test_header_reader_never_reads_pixels_and_flags_truncation(cohort):
+    _, ex, _, _, _ = cohort
+    good = read_header(str(sorted(ex.folders["A2-thin-lung"].glob("*.dcm"))[0]))
+    assert good.status == "ok" and good.tags["_pixel"] == "ok"
+    assert "PixelData" not in good.tags
+    cut = read_header(str(ex.folders["B1-cut"] / "B1-cut-010.dcm"))
+    assert cut.status == "ok" and cut.tags["_pixel"] == "truncated"
+    broken = read_header(str(ex.root / "exp/broken.dcm"))
+    assert broken.status == "unreadable"
+
+
+def test_cli_discover(cohort, tmp_path):
+    from typer.testing import CliRunner
+
+    from sscflow.cli import app
+
+    work, ex, _, _, _ = cohort
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(
+        "discover:\n  min_extent_mm: 20\ncluster:\n  n_workers: 1\n  dashboard_address: ':0'\n"
+    )
+    res = CliRunner().invoke(
+        app,
+        [
+            "discover",
+            str(ex.root),
+            "--out",
+            str(tmp_path / "c"),
+            "--pft",
+            str(work / "pft.csv"),
+            "--config",
+            str(cfg),
+            "--key",
+            str(work / "keys" / "cohort.key"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "2 patients included" in res.output
+    here, there = (
+        pd.read_csv(p / "manifest.csv").drop(columns=["baseline", "followup"])
+        for p in (tmp_path / "c", work / "cohort")
+    )  # same key: same pseudonyms
+    pd.testing.assert_frame_equal(here, there)
+    assert os.path.exists(tmp_path / "c" / "flowchart.png")
