@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from sscflow.discover.settings import DiscoverConfig
 from sscflow.errors import ConfigError
 from sscflow.store import is_url
 
@@ -329,6 +330,7 @@ class Config:
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    discover: DiscoverConfig = field(default_factory=DiscoverConfig)  # sscflow discover
     source: str = "<defaults>"  # where it was loaded from (not a YAML key)
 
     def validate(self, where: str = "") -> None:

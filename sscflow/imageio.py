@@ -107,6 +107,7 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
             f"{folder} has no DICOM series {series_uid}; found: {', '.join(uids)}"
         )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    _check_slice_layout(folder, series_uid, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOff()  # never load patient tags
@@ -116,6 +117,34 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
         raise InputImageError(
             f"{folder}: DICOM series {series_uid} could not be read: {_itk_reason(exc)}"
         ) from None
+
+
+def _check_slice_layout(folder: Path, series_uid: str, files) -> None:
+    """Refuse a series whose slices are not one evenly spaced, untilted stack (a gap, a
+    duplicated position, uneven spacing, gantry tilt): ITK would read it as uniform."""
+    from sscflow.discover.slices import SliceLayoutError, check_slice_layout
+
+    positions, orientations, tilt = [], [], 0.0
+    reader = sitk.ImageFileReader()
+    for f in files:
+        reader.SetFileName(f)
+        try:
+            reader.ReadImageInformation()
+            positions.append([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+            orientations.append([float(v) for v in reader.GetMetaData("0020|0037").split("\\")])
+            if reader.HasMetaDataKey("0018|1120") and reader.GetMetaData("0018|1120").strip():
+                tilt = tilt or float(reader.GetMetaData("0018|1120"))
+        except (RuntimeError, ValueError):
+            raise InputImageError(f"{folder}: DICOM series {series_uid}: slice {f} has no "
+                                  "readable position or orientation") from None  # fmt: skip
+    if len(files) < 2:
+        return  # a single slice fails the 3-D check after reading
+    try:
+        check_slice_layout(positions, orientations, tilt_deg=tilt)
+    except SliceLayoutError as exc:
+        raise InputImageError(f"{folder}: DICOM series {series_uid} refused: {exc.detail}; "
+                              "ingest never assumes uniform spacing (re-export the series "
+                              "complete and untilted)") from None  # fmt: skip
 
 
 def _itk_reason(exc: Exception) -> str:

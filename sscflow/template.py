@@ -50,7 +50,8 @@ from sscflow.config import RegistrationConfig, SegmentConfig, TemplateConfig
 from sscflow.errors import IncompleteOutputError, InputImageError, SscflowError
 from sscflow.geometry import Geometry
 
-__all__ = ["build_template", "choose_template", "to_template_patient"]
+__all__ = ["build_template", "choose_template", "describe_provenance", "template_provenance",
+           "to_template_patient"]
 
 STAGE = "template"
 STAGE_VERSION = 1
@@ -62,6 +63,7 @@ MASK = "lung_mask"
 DISPLACEMENT = "template_displacement"
 OUTPUT = "log_jacobian_template"
 HU_MIN = -1024
+NO_TEMPLATE = "the store has no template yet"
 CONVENTION = (
     "baseline(x + u(x)) ~ template(x); u (3, Zt, Yt, Xt) mm on the template grid, component k "
     "along axis k; log_jacobian_template(x) = log_jacobian(x + u(x)), 0 outside the baseline grid"
@@ -108,8 +110,17 @@ def build_template(
     config: TemplateConfig | None = None,
     *,
     force: bool = False,
+    rebuild: bool = False,
 ) -> dict:
-    """Build ``STORE/template/{image, lung_mask}`` (see the module docstring for the methods).
+    """Build ``STORE/template/{image, lung_mask}`` once (see the module docstring for the methods).
+
+    The template is an artefact: once a complete one is in the store it is used as it is,
+    whatever patients were added or removed since (``action`` "reused"). It is built again only
+    when ``rebuild`` or ``force`` asks, when the ``template`` section of the config differs from
+    the one it was built with, when its template file's content changed, or when the stored one
+    is incomplete (an interrupted build); ``reason`` says which. Each build has a new
+    ``generation``, part of the template's input hash, so every template-space map made from an
+    older template is redone (and nothing upstream of it).
 
     Parameters
     ----------
@@ -117,15 +128,20 @@ def build_template(
     patient_ids : the patients to build from (their ``baseline`` and ``lung_mask``); None means
         every patient in the store. A patient whose baseline or lung mask is absent or
         incomplete is left out. With a template file, only the first usable patient is read,
-        for the voxel size.
+        for the voxel size. Read only when the template is (re)built.
     config : ``TemplateConfig`` (defaults when None: the cohort-median baseline)
-    force : rebuild even when the stored template is current
+    force : rebuild even when the stored template is current (``sscflow run --force``)
+    rebuild : rebuild even when the stored template is current (``--rebuild-template``)
 
     Returns
     -------
-    dict: ``status`` ("done" or "skipped"), ``source`` ("cohort-median", "cohort-average" or
-    "file"), ``patient_id`` (the median choice, None for a file), ``patients_used``,
-    ``left_out`` (ids), ``left_out_reasons`` ({id: why}), ``seconds``, ``lung_volume_ml``.
+    dict: ``status`` ("done" or "skipped"), ``action`` ("built", "rebuilt" or "reused"),
+    ``reason`` (why it was built; "" when reused), ``source`` ("cohort-median",
+    "cohort-average" or "file"), ``patient_id`` (the median choice, None for a file),
+    ``patients_used``, ``left_out`` (ids), ``left_out_reasons`` ({id: why}), ``seconds``,
+    ``lung_volume_ml``, ``provenance`` (see :func:`template_provenance`) and, when reused and
+    built from the cohort, ``added`` / ``removed``: how many of ``patient_ids`` are not in the
+    cohort it was built from, and how many of that cohort are not in ``patient_ids``.
 
     Raises
     ------
@@ -138,6 +154,12 @@ def build_template(
     t0 = time.perf_counter()
     root = st.open_store(store)
     ids = st.patient_ids(root) if patient_ids is None else [str(p) for p in patient_ids]
+    group = st.require_group(root, GROUP)
+    params = _build_params(cfg)
+    reason = _rebuild_reason(group, cfg, params, force=force, rebuild=rebuild)
+    if reason is None:
+        return _reused(dict(group[MASK].attrs["sscflow"]), ids, t0)
+    action = "built" if reason == NO_TEMPLATE else "rebuilt"
     used, left_out = _usable_patients(root, ids, first_only=cfg.image is not None)
     if not used:
         why = "; ".join(f"{p}: {r}" for p, r in left_out.items()) or "no patient given"
@@ -145,41 +167,24 @@ def build_template(
             f"template: no patient has a complete baseline and lung mask ({why}); ingest the "
             "cohort first"
         )
-    params = {**asdict(cfg), "version": STAGE_VERSION}
+    generation = _generation(group) + 1
     if cfg.image is not None:
         source, chosen = "file", None
         spacing = used[next(iter(used))]["baseline"].geometry.spacing
-        if cfg.lung_mask is None:
-            params["segment"] = asdict(SegmentConfig())
-        input_hash = st.hash_values(
-            st.hash_input(cfg.image),
-            st.hash_input(cfg.lung_mask) if cfg.lung_mask is not None else None,
-            list(spacing),
-        )
+        file_hashes = (st.hash_input(cfg.image),
+                       st.hash_input(cfg.lung_mask) if cfg.lung_mask is not None else None)
+        input_hash = st.hash_values(*file_hashes, list(spacing), generation)
     else:
         source = "cohort-median" if cfg.method == "median" else "cohort-average"
         volumes = {pid: _lung_volume(images[MASK]) for pid, images in used.items()}
         chosen = choose_template(volumes)
-        if cfg.method == "average":
-            from sscflow.registration import resolve_backend
-
-            params["backend"] = resolve_backend(cfg.registration.backend)
         input_hash = st.hash_values(*[
             (images["baseline"].meta.get("input_hash"), images["baseline"].meta.get("params"),
              images[MASK].meta.get("input_hash"), images[MASK].meta.get("params"))
             for _, images in sorted(used.items())
-        ])  # fmt: skip
+        ], generation)  # fmt: skip
 
-    group = root.require_group(GROUP)
     row = {"left_out": sorted(left_out), "left_out_reasons": left_out}
-    if (not force and st.is_current(group, IMAGE, input_hash, params)
-            and st.is_current(group, MASK, input_hash, params)):  # fmt: skip
-        meta = dict(group[MASK].attrs["sscflow"])
-        return {"status": "skipped", "source": meta.get("source"),
-                "patient_id": meta.get("patient_id"), "patients_used": meta.get("patients_used"),
-                **row, "seconds": time.perf_counter() - t0,
-                "lung_volume_ml": meta.get("lung_volume_ml")}  # fmt: skip
-
     if source == "file":
         hu, lungs, geometry = _template_from_file(cfg, spacing)
     else:
@@ -191,21 +196,179 @@ def build_template(
             hu, lungs = _average(hu, lungs, geometry, used, cfg)
     if not lungs.any():
         raise SscflowError(f"template: the {source} template's lung mask is empty")
+    hu, lungs = hu.astype(np.int16), lungs.astype(np.uint8)
     volume = float(lungs.sum()) * geometry.voxel_volume_ml
+    provenance = {
+        "source": source,
+        "method": "file" if source == "file" else cfg.method,
+        "patient_id": chosen,
+        "file": str(cfg.image) if source == "file" else None,
+        "file_sha256": file_hashes[0] if source == "file" else None,
+        "lung_mask_file": str(cfg.lung_mask) if cfg.lung_mask is not None else None,
+        "lung_mask_sha256": file_hashes[1] if source == "file" else None,
+        "built_from": None if source == "file" else len(used),
+        "cohort_sha256": None if source == "file" else st.hash_values(sorted(used)),
+        "iterations": cfg.iterations if source == "cohort-average" else None,
+        "content_sha256": _content_hash(hu, lungs, geometry),
+        "generation": generation,
+        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "reason": reason,
+    }
     extra = {"source": source, "patient_id": chosen, "patients_used": sorted(used),
-             "lung_volume_ml": volume}  # fmt: skip
+             "lung_volume_ml": volume, "generation": generation,
+             "provenance": provenance}  # fmt: skip
     if source == "file":
         extra["file"] = str(cfg.image)
         extra["lung_mask_file"] = str(cfg.lung_mask) if cfg.lung_mask is not None else None
     if MASK in group:  # a build interrupted after the image must never look complete
         del group[MASK]
-    st.write_image(group, IMAGE, hu.astype(np.int16), geometry, stage=STAGE, params=params,
+    st.write_image(group, IMAGE, hu, geometry, stage=STAGE, params=params,
                    input_hash=input_hash, extra=extra, fill_value=HU_MIN)  # fmt: skip
-    st.write_image(group, MASK, lungs.astype(np.uint8), geometry, stage=STAGE, params=params,
+    st.write_image(group, MASK, lungs, geometry, stage=STAGE, params=params,
                    input_hash=input_hash, extra=extra)  # fmt: skip
-    return {"status": "done", "source": source, "patient_id": chosen,
-            "patients_used": sorted(used), **row, "seconds": time.perf_counter() - t0,
-            "lung_volume_ml": volume}  # fmt: skip
+    return {"status": "done", "action": action, "reason": reason, "source": source,
+            "patient_id": chosen, "patients_used": sorted(used), **row,
+            "seconds": time.perf_counter() - t0, "lung_volume_ml": volume,
+            "provenance": provenance}  # fmt: skip
+
+
+def _build_params(cfg: TemplateConfig) -> dict:
+    """The parameters a template records: its whole config section (and what it resolves to)."""
+    params = {**asdict(cfg), "version": STAGE_VERSION}
+    if cfg.image is not None and cfg.lung_mask is None:
+        params["segment"] = asdict(SegmentConfig())
+    if cfg.image is None and cfg.method == "average":
+        from sscflow.registration import resolve_backend
+
+        params["backend"] = resolve_backend(cfg.registration.backend)
+    return params
+
+
+def _generation(group) -> int:
+    """The generation of the stored template (0 when none was ever written)."""
+    found = 0
+    for name in (IMAGE, MASK):
+        try:
+            found = max(found, int(dict(group[name].attrs.get("sscflow", {})).get("generation")
+                                   or 1))  # a template from before generations counts as 1
+        except (KeyError, ValueError, TypeError, OSError):
+            continue
+    return found
+
+
+def _rebuild_reason(group, cfg: TemplateConfig, params: dict, *, force: bool,
+                    rebuild: bool) -> str | None:  # fmt: skip
+    """Why the template must be built now, or None to reuse the stored one."""
+    states = (st.output_state(group, IMAGE), st.output_state(group, MASK))
+    if states == ("absent", "absent"):
+        return NO_TEMPLATE
+    if states != ("complete", "complete"):
+        return "the stored template is incomplete (an interrupted build)"
+    if force:
+        return "asked for (--force)"
+    if rebuild:
+        return "asked for (--rebuild-template)"
+    meta = dict(group[MASK].attrs["sscflow"])
+    old, new = dict(meta.get("params") or {}), st._jsonable(params)
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed:
+        def show(k):
+            a, b = old.get(k), new.get(k)
+            if isinstance(a, dict) or isinstance(b, dict):
+                return f"template.{k}"
+            return f"template.{k}: {a!r} -> {b!r}"
+
+        return ("the template section of the config changed since it was built ("
+                + "; ".join(show(k) for k in changed) + ")")  # fmt: skip
+    prov = dict(meta.get("provenance") or {})
+    for key, path in (("file_sha256", cfg.image), ("lung_mask_sha256", cfg.lung_mask)):
+        recorded = prov.get(key)
+        if path is not None and recorded is not None and st.hash_input(path) != recorded:
+            return f"the template file {path} changed since the template was built"
+    if cfg.image is not None and not prov:  # a file template from before provenance: compare
+        spacing = st.read_image(group, IMAGE).geometry.spacing  # its inputs' hash directly
+        old_hash = st.hash_values(st.hash_input(cfg.image), st.hash_input(cfg.lung_mask)
+                                  if cfg.lung_mask is not None else None, list(spacing))
+        if old_hash != meta.get("input_hash"):
+            return f"the template file {cfg.image} changed since the template was built"
+    return None
+
+
+def _reused(meta: dict, ids: list[str], t0: float) -> dict:
+    prov = template_provenance_of(meta)
+    used = list(meta.get("patients_used") or [])
+    out = {"status": "skipped", "action": "reused", "reason": "", "source": meta.get("source"),
+           "patient_id": meta.get("patient_id"), "patients_used": used, "left_out": [],
+           "left_out_reasons": {}, "seconds": time.perf_counter() - t0,
+           "lung_volume_ml": meta.get("lung_volume_ml"), "provenance": prov}  # fmt: skip
+    if meta.get("source") != "file":
+        have = set(used)
+        out["added"] = sum(p not in have for p in ids)
+        out["removed"] = len(have - set(ids))
+    return out
+
+
+def _content_hash(hu: np.ndarray, lungs: np.ndarray, geometry: Geometry) -> str:
+    """sha256 of the template's voxels (image, then mask) and its grid."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(hu, "<i2").tobytes())
+    h.update(np.ascontiguousarray(lungs, np.uint8).tobytes())
+    h.update(st.hash_values(geometry.to_dict()).encode())
+    return h.hexdigest()
+
+
+def template_provenance_of(meta: dict) -> dict:
+    """The provenance record of a template from its ``sscflow`` metadata (older templates,
+    written before provenance was recorded, get what their metadata says)."""
+    prov = dict(meta.get("provenance") or {})
+    prov.setdefault("source", meta.get("source"))
+    prov.setdefault("patient_id", meta.get("patient_id"))
+    prov.setdefault("file", meta.get("file"))
+    prov.setdefault("generation", meta.get("generation") or 1)
+    if prov.get("built_from") is None and prov["source"] != "file":
+        prov["built_from"] = len(meta.get("patients_used") or [])
+    return prov
+
+
+def template_provenance(store) -> dict | None:
+    """How the store's template was made, or None when it has no complete template.
+
+    Keys: ``source`` ("cohort-median", "cohort-average" or "file"), ``method``, ``patient_id``
+    (the median choice), ``file`` / ``file_sha256`` and ``lung_mask_file`` /
+    ``lung_mask_sha256`` (a template file), ``built_from`` (how many patients the cohort
+    template was built from), ``cohort_sha256`` (of their sorted ids), ``content_sha256`` (of
+    the template's voxels and grid), ``generation`` (1 for the first build, + 1 per rebuild),
+    ``built`` (UTC time) and ``reason`` (why it was built).
+    """
+    root = store if hasattr(store, "attrs") else st.open_store(store, mode="r")
+    if GROUP not in root or st.output_state(root[GROUP], MASK) != "complete":
+        return None
+    return template_provenance_of(dict(root[GROUP][MASK].attrs["sscflow"]))
+
+
+def describe_provenance(prov: dict | None) -> str:
+    """One line for people: ``sscflow status``, the run summary and the report."""
+    if not prov:
+        return "no template yet"
+    if prov.get("source") == "file":
+        what = f"the file {prov.get('file')}"
+        if prov.get("lung_mask_file"):
+            what += f" with the lung mask {prov['lung_mask_file']}"
+    elif prov.get("source") == "cohort-average":
+        what = (f"the average of {prov.get('built_from')} baselines ({prov.get('iterations')} "
+                f"iterations from patient {prov.get('patient_id')})")  # fmt: skip
+    else:
+        what = (f"the baseline of patient {prov.get('patient_id')} (lung volume nearest the "
+                f"median of {prov.get('built_from')} patients)")  # fmt: skip
+    parts = [what]
+    if prov.get("built"):
+        parts.append(f"built {prov['built']}")
+    parts.append(f"generation {prov.get('generation')}")
+    if prov.get("content_sha256"):
+        parts.append(f"content sha256 {prov['content_sha256'][:12]}")
+    return ", ".join(parts)
 
 
 def _usable_patients(root, ids, *, first_only: bool) -> tuple[dict, dict]:

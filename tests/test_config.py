@@ -88,3 +88,6 @@ def test_cohort_example_lists_the_defaults():
     assert cfg.segment == SegmentConfig()
     assert cfg.cluster == ClusterConfig()
     assert cfg.ingest == IngestConfig()
+    from sscflow.discover.settings import DiscoverConfig
+
+    assert cfg.discover == DiscoverConfig()

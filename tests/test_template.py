@@ -323,7 +323,7 @@ def test_missing_inputs(cohort, median_store, tmp_path):
     assert "lung_mask is absent" in out["left_out_reasons"]["D"]
     assert out["patients_used"] == ["A", "B", "C"] and out["patient_id"] == "A"
     with pytest.raises(IncompleteOutputError, match="no patient has a complete baseline"):
-        build_template(path, ["D", "nobody"], CFG)
+        build_template(path, ["D", "nobody"], CFG, rebuild=True)
 
 
 def test_average_template(cohort, tmp_path):
@@ -391,3 +391,93 @@ def test_template_from_file(cohort, tmp_path):
     bad = replace(cfg, lung_mask=tmp_path / "other.mha")
     with pytest.raises(InputImageError, match="is on another grid than the image"):
         build_template(path, list(PATIENTS), bad)
+
+
+# --- the template is an artefact: built once, reused, rebuilt on request, shared by file
+
+
+def _bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+def test_template_is_kept_when_patients_come_and_go_and_rebuilt_on_request(cohort, tmp_path):
+    from sscflow.template import describe_provenance, template_provenance
+
+    path = _copy(cohort, tmp_path)
+    first = build_template(path, ["A", "B"], CFG)
+    assert first["status"] == "done" and first["action"] == "built"
+    assert first["reason"] == "the store has no template yet"
+    prov = template_provenance(path)
+    assert prov == first["provenance"]
+    assert prov["source"] == "cohort-median" and prov["method"] == "median"
+    assert prov["built_from"] == 2 and prov["generation"] == 1
+    assert prov["patient_id"] == first["patient_id"] in ("A", "B")
+    files = _bytes(path / "template")
+
+    # a patient added, then the template's own source patient removed: kept as it is
+    grown = build_template(path, ["A", "B", "C"], CFG)
+    assert grown["status"] == "skipped" and grown["action"] == "reused"
+    assert (grown["added"], grown["removed"]) == (1, 0)
+    assert grown["patients_used"] == ["A", "B"] and grown["patient_id"] == first["patient_id"]
+    shrunk = build_template(path, ["B", "C"], CFG)
+    assert shrunk["action"] == "reused" and (shrunk["added"], shrunk["removed"]) == (1, 1)
+    assert _bytes(path / "template") == files  # byte for byte
+    old_hash = st.read_image(st.open_store(path)["template"], "image").meta["input_hash"]
+
+    # asked for: rebuilt from the patients given now, a new generation and a new input hash
+    again = build_template(path, ["B", "C"], CFG, rebuild=True)
+    assert again["action"] == "rebuilt" and again["reason"] == "asked for (--rebuild-template)"
+    new = template_provenance(path)
+    assert new["generation"] == 2 and new["built_from"] == 2 and new["patient_id"] in ("B", "C")
+    assert new["content_sha256"] != prov["content_sha256"]  # another patient's baseline
+    image = st.read_image(st.open_store(path)["template"], "image")
+    assert image.meta["input_hash"] != old_hash  # so every template-space map is redone
+    text = describe_provenance(new)
+    assert f"patient {new['patient_id']}" in text and "generation 2" in text
+    assert new["content_sha256"][:12] in text
+
+    # a changed template section: rebuilt, and the reason names the key
+    changed = build_template(path, ["B", "C"], replace(CFG, iterations=3))
+    assert changed["action"] == "rebuilt"
+    assert "template.iterations: 2 -> 3" in changed["reason"]
+    assert build_template(path, ["A"], replace(CFG, iterations=3))["action"] == "reused"
+
+
+def test_an_exported_template_round_trips_into_another_store(cohort, tmp_path):
+    """The template of one store, written to NRRD files with its geometry (what an export
+    does), is the template of another cohort's store: same voxels, same physical grid."""
+    import hashlib
+
+    from sscflow.template import template_provenance
+
+    first = tmp_path / "first" / "cohort.zarr"
+    shutil.copytree(cohort, first)
+    build_template(first, list(PATIENTS), CFG)
+    source = st.open_store(first, mode="r")["template"]
+    image, mask = st.read_image(source, "image"), st.read_image(source, "lung_mask")
+    files = {}
+    for name, stored, pixel in (("image", image, sitk.sitkInt16),
+                                ("lung_mask", mask, sitk.sitkUInt8)):  # fmt: skip
+        files[name] = tmp_path / f"template_{name}.nrrd"
+        _write_mha(np.asarray(stored.array[...]), stored.geometry, files[name], pixel)
+    other = tmp_path / "other" / "cohort.zarr"
+    shutil.copytree(cohort, other)
+    cfg = replace(CFG, image=files["image"], lung_mask=files["lung_mask"])
+    out = build_template(other, ["B", "C"], cfg)
+    assert out["source"] == "file" and out["action"] == "built"
+    target = st.open_store(other, mode="r")["template"]
+    got_image, got_mask = st.read_image(target, "image"), st.read_image(target, "lung_mask")
+    assert got_image.geometry == image.geometry and got_mask.geometry == mask.geometry
+    np.testing.assert_array_equal(got_image.array[...], image.array[...])
+    np.testing.assert_array_equal(got_mask.array[...], mask.array[...])
+    prov = template_provenance(other)
+    assert prov["file"] == str(files["image"]) and prov["lung_mask_file"] == str(
+        files["lung_mask"])
+    assert prov["file_sha256"] == hashlib.sha256(files["image"].read_bytes()).hexdigest()
+    assert prov["content_sha256"] == template_provenance(first)["content_sha256"]
+    assert build_template(other, ["A", "B", "C"], cfg)["action"] == "reused"
+    _write_mha(np.asarray(image.array[...]) + 1, image.geometry, files["image"], sitk.sitkInt16)
+    rebuilt = build_template(other, ["B", "C"], cfg)
+    assert rebuilt["action"] == "rebuilt" and "changed since the template was built" in (
+        rebuilt["reason"])
