@@ -71,11 +71,13 @@ def extent_baseline(table, split: dict, labels) -> dict | None:
     return out
 
 
-def classify_cohort(store, results_dir, config, *, force: bool = False, device=None) -> dict:
+def classify_cohort(store, results_dir, config, *, force: bool = False, device=None,
+                    patient_ids=None) -> dict:  # fmt: skip
     """Train and evaluate both targets; returns ``{target: {"status", "cnn", "ild_extent"}}``.
 
-    A target whose labels are too few (or of one class) is reported as skipped with the
-    reason; it does not fail the other target.
+    ``patient_ids``: the cohort to learn from (a run passes its manifest's patients); every
+    patient of the store when None. A target whose labels are too few (or of one class) is
+    reported as skipped with the reason; it does not fail the other target.
     """
     import multiprocessing
 
@@ -83,7 +85,7 @@ def classify_cohort(store, results_dir, config, *, force: bool = False, device=N
     from sscflow.classify.training import train
     from sscflow.groups import cohort_table
 
-    table = cohort_table(store)
+    table = cohort_table(store, patient_ids)
     key = _input_hash(store, table, config)
     if config.loader_workers and multiprocessing.current_process().daemon:
         # a Dask worker process is daemonic and may not start DataLoader processes: stream the

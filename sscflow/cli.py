@@ -40,6 +40,11 @@ SchedulerOpt = Annotated[
 WorkersOpt = Annotated[
     int | None, typer.Option("--workers", min=1, help="Local worker processes (LocalCluster).")
 ]
+WaitOpt = Annotated[
+    bool,
+    typer.Option("--wait", help="When another run holds the store's lease, wait for it "
+                 "instead of stopping."),
+]  # fmt: skip
 
 
 def _version(value: bool):
@@ -112,6 +117,19 @@ def synth(
 
 
 @contextmanager
+def _lease(store, wait: bool, command: str):
+    """The store's lease for the block (sscflow.lease): one run per store. Another live run's
+    lease stops this one at once (LeaseHeldError, exit 1) unless ``wait``."""
+    from sscflow.lease import hold
+
+    def say(message):
+        console.print(message, highlight=False)
+
+    with hold(str(store), wait=wait, command=command, on_message=say) as lease:
+        yield lease
+
+
+@contextmanager
 def _client(cfg, client=None):
     """The given client, or a new one from the config that closes on exit."""
     if client is not None:
@@ -157,6 +175,7 @@ def ingest(
     config: ConfigOpt = None,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
+    wait: WaitOpt = False,
 ):
     """Ingest every manifest patient into a Zarr store: canonical 1 mm grid, int16 HU, lung masks.
 
@@ -168,7 +187,8 @@ def ingest(
     if spacing is not None:
         cfg.ingest.spacing_mm = spacing
         cfg.ingest.validate("ingest")
-    results = _ingest(manifest, store, cfg)
+    with _lease(store, wait, f"sscflow ingest {manifest}"):
+        results = _ingest(manifest, store, cfg)
     _ingest_summary(results, store)
 
 
@@ -207,51 +227,6 @@ def _ingest_summary(results, store):
 
 
 @app.command()
-def discover(
-    dicom_root: Annotated[Path, typer.Argument(help="The DICOM export (any folder layout).")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Cohort folder to write.")],
-    key: Annotated[Path, typer.Option("--key", help="Pseudonym key file (created, or reused "
-                                      "for stable pseudonyms); outside the cohort and store.")],
-    pft: Annotated[
-        Path | None, typer.Option("--pft", help="PFT CSV: patient_id, date, fvc, dlco, tlc, kco.")
-    ] = None,
-    config: ConfigOpt = None,
-    scheduler: SchedulerOpt = None,
-    workers: WorkersOpt = None,
-):
-    """Turn a DICOM export into a cohort: manifest.csv, excluded.csv, flowchart.png/.json.
-
-    Reads headers only, in parallel on Dask; keeps axial, unenhanced, supine, inspiratory thin
-    CT series, the best per study, and per patient the oldest and most recent such CT with a
-    PFT within 90 days (rules: the config's discover section). Patient IDs become pseudonyms.
-
-    Example: sscflow discover /data/export --out cohort/ --pft pft.csv --key ~/keys/cohort.key
-    """
-    from sscflow.discover.run import discover as discover_cohort
-
-    cfg = _config(config, scheduler, workers)
-    with _client(cfg) as client, _progress() as bar:
-        task = bar.add_task("headers", total=None, last="")
-
-        def progress(done, total):
-            bar.update(task, completed=done, total=total, last="files")
-
-        res = discover_cohort(dicom_root, out_dir, key=key, cfg=cfg.discover, pft=pft,
-                              store=cfg.store, client=client, progress=progress)  # fmt: skip
-    f = res.files
-    out.print(f"{f['found']} files: {f['dicom']} DICOM images read, {f['not_dicom']} not DICOM, "
-              f"{f['unreadable']} unreadable, {f['without_series']} without a series (skipped); "
-              f"{res.seconds:.1f} s")  # fmt: skip
-    out.print(f"{res.n_series} series, {res.n_studies} studies, {res.n_patients} patients; "
-              f"{res.n_included} patients included")  # fmt: skip
-    out.print(f"manifest: {res.manifest or '(none: no patient met the rules)'}")
-    out.print(f"excluded: {res.excluded}; flowchart: {res.flowchart_png}; key: {res.key}")
-    if res.manifest is None:
-        raise SscflowError("no patient met the selection rules; see excluded.csv and the "
-                           "flowchart for the reasons")  # fmt: skip
-
-
-@app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="YAML config naming the manifest and the store.")],
     scheduler: SchedulerOpt = None,
@@ -268,13 +243,22 @@ def run(
         typer.Option("--cluster", help="Without --scheduler: 'local' (a LocalCluster) or "
                      "'kubernetes' (a DaskCluster made from the config's cluster.kubernetes)."),
     ] = None,
+    rebuild_template: Annotated[
+        bool,
+        typer.Option("--rebuild-template", help="Build the template again (it is otherwise "
+                     "kept, whatever patients are added or removed); redoes the template-space "
+                     "maps and what follows, nothing upstream."),
+    ] = False,
+    wait: WaitOpt = False,
 ):
     """Run every stage for every manifest patient: ingest, lung masks, registration,
     log-Jacobian, template space, group means, cohort table and figure.
 
     A rerun skips what is current and says so; a bad patient fails alone and the command then
     exits 1 listing the failures. A folder named truth/ beside the manifest (a synthetic cohort)
-    adds errors against the truth to the registration QA.
+    adds errors against the truth to the registration QA. The template, once built, is kept
+    (--rebuild-template to build it again). One run per store: a second run on a store in use
+    stops at once naming the holder (or waits, with --wait).
 
     Example: sscflow run configs/cohort.yaml --scheduler tcp://10.0.0.5:8786
     (or --cluster kubernetes)
@@ -295,7 +279,9 @@ def run(
         return
     synthetic = cfg.manifest.parent  # sscflow synth writes truth/ beside its manifest
     truth_dir = synthetic if (synthetic / "truth").is_dir() else None
-    summary = _run(cfg, manifest, force=force, truth_dir=truth_dir)
+    with _lease(cfg.store, wait, f"sscflow run {config}"):
+        summary = _run(cfg, manifest, force=force, truth_dir=truth_dir,
+                       rebuild_template=rebuild_template)  # fmt: skip
     _run_report(summary)
 
 
@@ -311,7 +297,7 @@ def _dry_run(cfg, manifest, force, t0):
               + f"), key token {plan.token}; built in {seconds:.2f} s; nothing was run")
 
 
-def _run(cfg, manifest, *, force=False, truth_dir=None, client=None):
+def _run(cfg, manifest, *, force=False, truth_dir=None, client=None, rebuild_template=False):
     from sscflow.pipeline import COHORT_STAGES, PATIENT_STAGES, run
 
     n = len(manifest)
@@ -333,7 +319,7 @@ def _run(cfg, manifest, *, force=False, truth_dir=None, client=None):
                 bar.console.print(f"[red]failed[/red] {stage}: {rec['message']}", highlight=False)
 
         return run(cfg, manifest, client=client, force=force, truth_dir=truth_dir,
-                   on_record=on_record)  # fmt: skip
+                   on_record=on_record, rebuild_template=rebuild_template)  # fmt: skip
 
 
 def _run_report(summary):
@@ -341,6 +327,17 @@ def _run_report(summary):
         done, skipped, failed = (c.get(k, 0) for k in ("done", "skipped", "failed"))
         out.print(f"{stage}: {done} done, {skipped} unchanged (skipped), {failed} failed, "
                   f"{c.get('upstream_failed', 0)} upstream failed")  # fmt: skip
+    tpl = summary.cohort.get("template", {})
+    if tpl.get("action") == "reused":
+        changes = ""
+        if tpl.get("added") is not None:
+            changes = (f"; {tpl['added']} of this run's patients were not in the cohort it was "
+                       f"built from, {tpl.get('removed', 0)} of that cohort are not in this run")
+        out.print(f"template: reused as it is ({tpl.get('provenance')}){changes}; rebuild it "
+                  "with --rebuild-template")  # fmt: skip
+    elif tpl.get("action") in ("built", "rebuilt"):
+        out.print(f"template: {tpl['action']} because {tpl.get('reason')}: "
+                  f"{tpl.get('provenance')}")  # fmt: skip
     gm = summary.cohort.get("group_means", {})
     if gm.get("status") in ("done", "skipped"):
         left = gm.get("left_out", 0)
@@ -380,22 +377,54 @@ def status(
     all_: Annotated[
         bool, typer.Option("--all", help="List every patient, not only unfinished ones.")
     ] = False,
+    manifest: Annotated[
+        Path | None,
+        typer.Option("--manifest", help="The cohort's current manifest (default: the one the "
+                     "store's last run recorded)."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="A run config: its manifest is the current one."),
+    ] = None,
 ):
     """Print per-patient, per-stage state: done, failed (with the reason) or pending.
 
-    Example: sscflow status demo/cohort.zarr
+    Patients of the store that are not in the manifest (removed from it: their outputs are
+    kept, but the cohort outputs leave them out) are listed as "not in the manifest". The
+    manifest is --manifest, else the one of --config, else the one the last run recorded.
+    Also shows how the template was made and who holds the store's lease. Reads only.
+
+    Example: sscflow status demo/cohort.zarr --manifest demo/synthetic/manifest.csv
     """
-    from sscflow.pipeline import PATIENT_STAGES, store_status
+    from sscflow.lease import read_holder
+    from sscflow.pipeline import PATIENT_STAGES, manifest_patients, store_status
+    from sscflow.template import describe_provenance, template_provenance
 
     state = store_status(store)
     cohort = state.pop(None)
+    if manifest is None and config is not None:
+        manifest = _config(config).manifest
+    if manifest is not None:
+        from sscflow.cohort import read_manifest
+
+        members = [p.patient_id for p in read_manifest(manifest).patients]
+    else:
+        members = manifest_patients(store)
+    removed = [] if members is None else sorted(set(state) - set(members))
+    for pid in members or ():
+        if pid not in state:  # in the manifest, never run
+            state[pid] = {s: {"status": "pending", "message": ""} for s in PATIENT_STAGES}
     counts = {s: {} for s in PATIENT_STAGES}
-    for row in state.values():
+    for pid, row in state.items():
+        if pid in removed:
+            continue
         for s in PATIENT_STAGES:
             k = row[s]["status"]
             counts[s][k] = counts[s].get(k, 0) + 1
-    table = Table("stage", "done", "failed", "upstream failed", "pending",
-                  title=f"{store}: {len(state)} patients")  # fmt: skip
+    title = f"{store}: {len(state) - len(removed)} patients"
+    if removed:
+        title += f" (and {len(removed)} not in the manifest)"
+    table = Table("stage", "done", "failed", "upstream failed", "pending", title=title)
     for s in PATIENT_STAGES:
         c = counts[s]
         table.add_row(s, *[str(c.get(k, 0)) for k in ("done", "failed", "upstream_failed",
@@ -404,13 +433,22 @@ def status(
         states = ("done", "failed", "upstream_failed", "pending")
         table.add_row(s + " (cohort)", *["1" if rec["status"] == k else "0" for k in states])
     out.print(table)
-    rows = [(pid, row) for pid, row in state.items()
-            if all_ or any(r["status"] != "done" for r in row.values())]  # fmt: skip
+    out.print(f"template: {describe_provenance(template_provenance(store))}")
+    holder = read_holder(store)
+    out.print(f"lease: held by {holder.describe()}" if holder else "lease: free (no run)")
+    if removed:
+        out.print(f"not in the manifest ({len(removed)}; outputs kept, left out of the cohort "
+                  f"outputs): {', '.join(removed)}")  # fmt: skip
+    rows = [(pid, row) for pid, row in sorted(state.items())
+            if all_ or pid in removed or any(r["status"] != "done" for r in row.values())]
     if rows:
         t = Table("patient", *PATIENT_STAGES, "reason")
         for pid, row in rows:
             reason = "; ".join(r["message"] for r in row.values() if r["message"])
-            t.add_row(pid, *[row[s]["status"] for s in PATIENT_STAGES], reason)
+            if pid in removed:
+                t.add_row(pid, *["not in the manifest"] * len(PATIENT_STAGES), reason)
+            else:
+                t.add_row(pid, *[row[s]["status"] for s in PATIENT_STAGES], reason)
         out.print(t)
 
 
@@ -464,9 +502,31 @@ def predict(
         table = predict_patients(store, ids, model)
     except (ValueError, FileNotFoundError) as exc:  # a wrong template or model folder
         raise SscflowError(str(exc)) from None
+    sets = _model_sets(model)
+    table["model_set"] = [sets.get(p, "new") for p in table["patient_id"]]
+    table["in_training_set"] = table["model_set"] == "train"
     table.to_csv(output, index=False)
+    n = table["model_set"].value_counts().to_dict()
     out.print(f"{len(table)} patients predicted; {int(table['prediction'].sum())} predicted "
               f"worsening; written to {output}")  # fmt: skip
+    out.print(f"of them, {n.get('train', 0)} were in the model's training set, "
+              f"{n.get('validation', 0)} in its validation set, {n.get('test', 0)} in its test "
+              f"set and {n.get('new', 0)} are new to it (column model_set)")  # fmt: skip
+    trained = table.loc[table["in_training_set"], "patient_id"].tolist()
+    if trained:
+        out.print("in the training set: " + ", ".join(trained))
+
+
+def _model_sets(model: Path) -> dict[str, str]:
+    """{patient id: "train" | "validation" | "test"} from a model folder's split.json."""
+    import json
+
+    path = Path(model) / "split.json"
+    if not path.is_file():
+        return {}
+    split = json.loads(path.read_text())
+    return {str(p): name for name in ("train", "validation", "test")
+            for p in split.get(name, [])}  # fmt: skip
 
 
 @app.command()
@@ -495,7 +555,7 @@ def demo(
     cfg.store = str(out_dir / "cohort.zarr")
     cfg.results = out_dir / "results"
     synthetic = out_dir / "synthetic"
-    with _client(cfg) as client:  # one cluster for every stage
+    with _lease(cfg.store, False, "sscflow demo"), _client(cfg) as client:  # one cluster
         cfg.manifest = _synth(n, synthetic, s.spacing_mm, s.seed, s.noise_hu, s.ribs, cfg, client)
         manifest = read_manifest(cfg.manifest)
         summary = _run(cfg, manifest, force=force, truth_dir=synthetic, client=client)

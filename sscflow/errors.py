@@ -55,3 +55,7 @@ class RegistrationInputError(SscflowError, ValueError):
 
 class UnknownBackendError(SscflowError, ValueError):
     """A registration backend name is not in the registry; the message lists the choices."""
+
+
+class LeaseHeldError(SscflowError):
+    """Another run holds the store's lease (see ``sscflow.lease``); the message names it."""

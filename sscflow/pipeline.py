@@ -98,13 +98,15 @@ class RunSummary:
         )
 
 
-def plan_run(manifest: Manifest, cfg: Config, *, gpu: bool = False, force: bool = False) -> Plan:
+def plan_run(manifest: Manifest, cfg: Config, *, gpu: bool = False, force: bool = False,
+             rebuild_template: bool = False) -> Plan:  # fmt: skip
     """The task list for every patient of ``manifest`` (no cluster needed; cheap for 10,000).
 
     Keys are stable: ``<stage>-<patient_id>-<token>``, where the token is a hash of the store and
     of the settings, so the same run submitted twice names the same tasks.
     """
-    token = st.hash_values(cfg.store, cfg.to_dict(), force)[:10]
+    extra = ("rebuild-template",) if rebuild_template else ()
+    token = st.hash_values(cfg.store, cfg.to_dict(), force, *extra)[:10]
     tasks: list[Task] = []
     ingests = []
     for p in manifest.patients:
@@ -198,12 +200,15 @@ def run_extent(up: dict, store: str, cfg: Config, force: bool) -> dict:
         store, pid, force=force, scheduler=_worker_scheduler()))  # fmt: skip
 
 
-def run_classifier(store: str, results: str, cfg: Config, force: bool) -> dict:
-    """Both classifiers and the ILD-extent baseline (on a GPU worker when there is one)."""
+def run_classifier(store: str, results: str, cfg: Config, force: bool,
+                   patient_ids: list[str] | None = None) -> dict:  # fmt: skip
+    """Both classifiers and the ILD-extent baseline (on a GPU worker when there is one), from
+    ``patient_ids`` (the manifest's patients; the whole store when None)."""
     from sscflow.analysis import classify_cohort
 
     def go():
-        out = classify_cohort(store, results, cfg.classifier, force=force)
+        out = classify_cohort(store, results, cfg.classifier, force=force,
+                              patient_ids=patient_ids)  # fmt: skip
         statuses = {t: r["status"] for t, r in out.items()}
         status = "skipped" if all(v == "skipped" for v in statuses.values()) else "done"
         flat = {f"{t}_status": v for t, v in statuses.items()}
@@ -242,7 +247,8 @@ def run_jacobian(up: dict, store: str, cfg: Config, force: bool) -> dict:
         store, pid, cfg.jacobian, scheduler=_worker_scheduler(), force=force))  # fmt: skip
 
 
-def run_template(ups: list[dict], store: str, cfg: Config, force: bool) -> dict:
+def run_template(ups: list[dict], store: str, cfg: Config, force: bool,
+                 rebuild: bool = False) -> dict:  # fmt: skip
     ids = [u["patient_id"] for u in ups if u["status"] not in FAILED]
     if not ids and cfg.template.image is None:
         return _record("template", None, "upstream_failed",
@@ -250,11 +256,15 @@ def run_template(ups: list[dict], store: str, cfg: Config, force: bool) -> dict:
     from sscflow.template import build_template
 
     def go():
-        out = build_template(store, ids, cfg.template, force=force)
+        from sscflow.template import describe_provenance
+
+        out = build_template(store, ids, cfg.template, force=force, rebuild=rebuild)
         out["template_patient"] = out.pop("patient_id", None)  # the record's id is the cohort's
         out.pop("patients_used", None)
         left = out.pop("left_out", None) or []
-        return {**out, "left_out": len(left)}
+        prov = out.pop("provenance", None) or {}
+        return {**out, "left_out": len(left), "provenance": describe_provenance(prov),
+                "generation": prov.get("generation")}  # fmt: skip
 
     return _guard("template", None, go)
 
@@ -300,6 +310,7 @@ def run(
     force: bool = False,
     truth_dir=None,
     on_record: Callable[[dict], None] | None = None,
+    rebuild_template: bool = False,
 ) -> RunSummary:
     """Run every stage for every patient of ``manifest`` on ``client``'s cluster.
 
@@ -312,6 +323,13 @@ def run(
     force : redo every output even when it is current
     truth_dir : a synthetic cohort's folder: registration QA then includes errors against truth
     on_record : called in the client with each finished task's record (progress bars)
+    rebuild_template : build the template again even though the store has one (it is
+        otherwise reused, whatever patients were added or removed); the template-space maps
+        and everything downstream are then redone, nothing upstream
+
+    The manifest's patient ids are recorded in the store (:func:`manifest_patients`): the
+    cohort outputs (group means, table, classifier, report) use only them; a patient removed
+    from the manifest keeps its outputs in the store.
 
     Returns
     -------
@@ -327,14 +345,14 @@ def run(
     results_dir = Path(cfg.results) if cfg.results else default_results(store)
     root = st.open_store(store)  # create the root once, before workers race to it
     st.require_group(root, st.PATIENTS)
-    root.require_group(STATUS_GROUP)
+    record_manifest(root, manifest)
     client.register_plugin(scheduler_plugin())
     client.log_event(TOPIC, {"run": "started"})
 
     gpu = _wants_gpu(cfg) and has_gpu_workers(client)
     if _wants_gpu(cfg) and not gpu:
         log.warning("no Dask worker offers a GPU resource: the torch registration runs on CPU")
-    plan = plan_run(manifest, cfg, gpu=gpu, force=force)
+    plan = plan_run(manifest, cfg, gpu=gpu, force=force, rebuild_template=rebuild_template)
     patients = {p.patient_id: p for p in plan.patients}
     retries = cfg.cluster.retries
     futures: dict[str, object] = {}
@@ -355,7 +373,7 @@ def run(
         elif task.stage == "jacobian":
             submit(task, run_jacobian, deps[0], store, cfg, force)
         elif task.stage == "template":
-            submit(task, run_template, deps, store, cfg, force)
+            submit(task, run_template, deps, store, cfg, force, rebuild_template)
         elif task.stage == "to_template":
             submit(task, run_to_template, deps[0], deps[1], store, cfg, force)
 
@@ -394,7 +412,9 @@ def run(
         finish(_record("classifier", None, "upstream_failed", message="no group means"))
     else:
         kw = {"resources": {"GPU": 1}} if gpu else {}
-        fut = client.submit(run_classifier, store, str(results_dir), cfg, force,
+        in_store = set(st.patient_ids(root))
+        ids = [p.patient_id for p in plan.patients if p.patient_id in in_store]
+        fut = client.submit(run_classifier, store, str(results_dir), cfg, force, ids,
                             key=f"classifier-{plan.token}", pure=False, retries=retries, **kw)
         try:
             finish(fut.result())
@@ -435,6 +455,28 @@ def _account(summary: RunSummary, rec: dict, failed_at: dict) -> None:
     elif status == "failed" and pid not in failed_at:
         failed_at[pid] = stage
         summary.failed.append(rec)
+
+
+def record_manifest(root, manifest: Manifest) -> None:
+    """Record the run's manifest (its patient ids, path and a hash) in ``STORE/status``: the
+    cohort outputs and ``sscflow report`` / ``status`` use it as the current cohort."""
+    ids = [p.patient_id for p in manifest.patients]
+    group = st.require_group(root, STATUS_GROUP)
+    record = {"path": str(getattr(manifest, "path", "") or ""), "patients": ids,
+              "sha256": st.hash_values(ids),
+              "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    old = dict(group.attrs.get("manifest", {}) or {})
+    if old.get("sha256") != record["sha256"] or old.get("path") != record["path"]:
+        group.attrs["manifest"] = record
+
+
+def manifest_patients(store) -> list[str] | None:
+    """The patient ids of the manifest of the store's last run (None before any run)."""
+    root = store if hasattr(store, "attrs") else st.open_store(store, mode="r")
+    if STATUS_GROUP not in root:
+        return None
+    record = dict(root[STATUS_GROUP].attrs.get("manifest", {}) or {})
+    return [str(p) for p in record["patients"]] if "patients" in record else None
 
 
 def _write_status(root, rec: dict) -> None:

@@ -133,18 +133,24 @@ def write_report(store: str, results_dir, *, synthetic: bool | None = None) -> P
     -------
     Path of the written page.
     """
+    from sscflow import store as st
     from sscflow.groups import cohort_table
-    from sscflow.pipeline import store_status
+    from sscflow.pipeline import manifest_patients, store_status
     from sscflow.stats import TABLE_ROWS, format_p, spearman_table, summary_table
+    from sscflow.template import describe_provenance, template_provenance
 
     results = Path(results_dir)
-    table = cohort_table(store)
+    root = st.open_store(store, mode="r")
+    members = manifest_patients(root)  # the last run's manifest: removed patients are left out
+    in_store = set(st.patient_ids(root))
+    table = cohort_table(root, None if members is None else [p for p in members if p in in_store])
     if synthetic is None:
         truth = table.get("reg_truth_mean_error_mm")
         synthetic = truth is not None and bool(truth.notna().any())
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     parts = [f"<h1>sscflow cohort report</h1><p class='muted'>Store "
-             f"<code>{html.escape(str(store))}</code>, written {when}.</p>"]  # fmt: skip
+             f"<code>{html.escape(str(store))}</code>, written {when}. Template: "
+             f"{html.escape(describe_provenance(template_provenance(root)))}.</p>"]  # fmt: skip
     if synthetic:
         parts.append("<p class='note'><b>These data are synthetic</b> (made by "
                      "<code>sscflow synth</code>): no patient is real, and the figures check the "
@@ -219,6 +225,9 @@ def write_report(store: str, results_dir, *, synthetic: bool | None = None) -> P
     # failures
     state = store_status(store)
     state.pop(None, None)
+    if members is not None:
+        keep = set(members)
+        state = {pid: row for pid, row in state.items() if pid in keep}
     failed = [(pid, s, r["status"], r["message"]) for pid, row in state.items()
               for s, r in row.items() if r["status"] in ("failed",)]  # fmt: skip
     parts.append("<h2>Failed patients</h2>")

@@ -72,3 +72,47 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def moto_s3(monkeypatch, bucket: str = "sscflow-test"):
+    """A real S3 API on loopback (moto in server mode, its own process) with an empty bucket,
+    as a generator for fixtures: yields ``(s3fs.S3FileSystem(), bucket)``. Credentials and the
+    endpoint go into the environment, where s3fs (and every subprocess) finds them."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    server = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
+    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "sscflow-test",
+           "AWS_SECRET_ACCESS_KEY": "sscflow-test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=2):
+                return True
+        except OSError as exc:  # an HTTP error status is an answer
+            return isinstance(exc, urllib.error.HTTPError)
+
+    try:
+        import s3fs
+
+        end = time.monotonic() + 60
+        while not answers():
+            if time.monotonic() > end:
+                raise AssertionError("timed out waiting for the S3 server")
+            time.sleep(0.2)
+        fs = s3fs.S3FileSystem()
+        fs.mkdir(bucket)
+        yield fs, bucket
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import yaml
 import zarr
-from helpers import free_port
+from helpers import free_port, moto_s3
 
 from sscflow import store as st
 from sscflow.cohort import read_manifest
@@ -240,26 +240,8 @@ def _complete(store, name):
 
 @pytest.fixture(scope="module")
 def s3_bucket(monkeypatch_module):
-    """A real S3 API on loopback (moto in server mode, its own process) with an empty bucket;
-    credentials and endpoint in the environment, where s3fs (and every subprocess) finds them."""
-    port = free_port()
-    server = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
-    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "sscflow-test",
-           "AWS_SECRET_ACCESS_KEY": "sscflow-test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    for key, value in env.items():
-        monkeypatch_module.setenv(key, value)
-    try:
-        import s3fs
-
-        _wait_for(lambda: _answers(env["AWS_ENDPOINT_URL"]), 60, "the S3 server")
-        fs = s3fs.S3FileSystem()
-        fs.mkdir("sscflow-test")
-        yield fs, "sscflow-test"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+    """A real S3 API on loopback (moto server) with an empty bucket (helpers.moto_s3)."""
+    yield from moto_s3(monkeypatch_module)
 
 
 @pytest.fixture(scope="module")
