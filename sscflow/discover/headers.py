@@ -105,15 +105,77 @@ def _plain(value):
     return str(value)
 
 
+# how each tag's raw bytes decode: text, text list (backslash-separated), number, number list,
+# or an unsigned 16-bit integer
+_KIND = {
+    "ImageType": "texts",
+    "ImageOrientationPatient": "numbers",
+    "ImagePositionPatient": "numbers",
+    "ConvolutionKernel": "texts",
+    "SliceThickness": "number",
+    "SeriesNumber": "number",
+    "GantryDetectorTilt": "number",
+    "ContrastBolusVolume": "text",
+    "NumberOfFrames": "number",
+    "Rows": "us",
+    "Columns": "us",
+    "BitsAllocated": "us",
+    "SamplesPerPixel": "us",
+}
+
+
+def _tag_numbers():
+    from pydicom.datadict import tag_for_keyword
+
+    return [(name, tag_for_keyword(name), _KIND.get(name, "text")) for name in TAGS]
+
+
+_TAG_NUMBERS: list = []
+
+
+def _decode(raw, kind: str):
+    """A raw element's value without pydicom's conversion machinery (the slow part)."""
+    b = raw.value
+    if b is None or b == b"":
+        return None
+    if not isinstance(b, bytes):  # already converted by pydicom
+        return _plain(b)
+    if kind == "us":
+        if raw.VR not in (None, "US", "UN", "SS") or len(b) < 2:
+            return None
+        return float(int.from_bytes(b[:2], "little" if raw.is_little_endian else "big"))
+    text = b.decode("latin-1").strip(" \x00")
+    if kind == "text":
+        return text or None
+    parts = [t.strip(" \x00") for t in text.split("\\")]
+    if kind == "texts":
+        return parts
+    try:
+        nums = [float(t) for t in parts]
+    except ValueError:
+        return None
+    return nums[0] if kind == "number" else nums
+
+
+def _meta_text(meta, tag) -> str:
+    try:
+        raw = meta.get_item(tag) if meta is not None else None
+        return (_decode(raw, "text") or "") if raw is not None else ""
+    except Exception:  # noqa: BLE001 - a malformed meta element reads as absent
+        return ""
+
+
 def read_header(path: str) -> FileRecord:
     """One file's record (never raises for a bad file: the problem is in the record)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    if not _TAG_NUMBERS:
+        _TAG_NUMBERS.extend(_tag_numbers())
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
-            ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=list(TAGS))
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
             pixel_at = fh.tell()
             fh.seek(pixel_at)
             head = fh.read(12)
@@ -122,15 +184,15 @@ def read_header(path: str) -> FileRecord:
     except Exception as exc:  # noqa: BLE001 - any parse failure means an unreadable file
         return FileRecord(path, "unreadable", f"unreadable DICOM ({type(exc).__name__})")
     tags = {}
-    for name in TAGS:
+    for name, tag, kind in _TAG_NUMBERS:
         try:
-            value = ds.get(name)
+            raw = ds.get_item(tag)
+            tags[name] = None if raw is None else _decode(raw, kind)
         except Exception:  # noqa: BLE001 - a malformed value reads as absent
-            value = None
-        tags[name] = _plain(value)
-    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+            tags[name] = None
+    meta = getattr(ds, "file_meta", None)
+    syntax, sop = (_meta_text(meta, t) for t in (0x00020010, 0x00020002))
     tags["_pixel"] = _pixel_state(head, size - pixel_at, syntax, tags)
-    sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
     if tags["_pixel"] == "none" and sop.startswith(_IMAGE_STORAGE) and ".88." not in sop + ".":
         return FileRecord(path, "unreadable", "truncated: the file ends before its pixel data")
     return FileRecord(path, "ok", "", tags)

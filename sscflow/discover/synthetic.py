@@ -49,45 +49,78 @@ def write_slices(
     ConvolutionKernel, SliceThickness, ImageType, ContrastBolusAgent, PatientPosition, ...);
     ``names`` gives the file names (default ``<series_uid tail>_<k>.dcm``).
     """
+    import io
+
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    pixels = [np.ascontiguousarray(px, dtype="<i2") for px in pixels]
+    if len(pixels) != len(positions):
+        raise ValueError(f"{len(pixels)} slices of pixels but {len(positions)} positions")
+    if len({px.shape for px in pixels}) > 1:
+        raise ValueError("every slice of a series must have the same shape")
     frame = header.get("FrameOfReferenceUID") or deterministic_uid(study_uid, "frame")
+    # One file is made with pydicom, with fixed-width placeholders; every slice is that file
+    # with its own instance UID, number, position and pixels put in: same layout, and fast.
+    stem = deterministic_uid(series_uid, "slice")[:50]
+    sop0, num0, pos0 = f"{stem}.100000", "000000", "\\".join(["+0000000.0000"] * 3)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop0
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class_uid, sop0
+    ds.Modality = "CT"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.FrameOfReferenceUID = frame
+    ds.SeriesNumber = 1
+    ds.PatientPosition = "HFS"
+    ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
+    ds.PixelSpacing = [f"{v:.4f}" for v in pixel_spacing]
+    ds.Rows, ds.Columns = pixels[0].shape if pixels else (1, 1)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "HU"
+    for key, value in header.items():
+        setattr(ds, key, value)
+    ds.InstanceNumber = num0
+    ds.ImagePositionPatient = pos0.split("\\")
+    ds.PixelData = b"\0" * (pixels[0].nbytes if pixels else 2)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    template = buf.getvalue()
+    body = template[: len(template) - len(ds.PixelData)]
+    # value offsets of the placeholders, found by their element headers (explicit VR LE)
+    spots = []
+    for group, elem, vr, value in (
+        (2, 3, b"UI", sop0),
+        (8, 0x18, b"UI", sop0),
+        (0x20, 0x13, b"IS", num0),
+        (0x20, 0x32, b"DS", pos0),
+    ):
+        tag = group.to_bytes(2, "little") + elem.to_bytes(2, "little") + vr
+        at = body.find(tag) + 8
+        if at < 8 or body[at : at + len(value)] != value.encode():
+            raise RuntimeError(f"synthetic DICOM: placeholder for {vr.decode()} not found")
+        spots.append((at, len(value)))
     paths = []
+    if len(pixels) > 899999:
+        raise ValueError("at most 899,999 slices per series")
     for k, (px, pos) in enumerate(zip(pixels, positions, strict=True)):
-        px = np.ascontiguousarray(px, dtype="<i2")
-        sop = deterministic_uid(series_uid, "slice", k)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class_uid
-        meta.MediaStorageSOPInstanceUID = sop
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = sop_class_uid, sop
-        ds.Modality = "CT"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
-            study_uid,
-            series_uid,
-            frame,
-        )
-        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
-        ds.PatientPosition = "HFS"
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
-        ds.PixelSpacing = [f"{v:.4f}" for v in pixel_spacing]
-        ds.Rows, ds.Columns = px.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "HU"
-        for key, value in header.items():
-            setattr(ds, key, value)
-        ds.PixelData = px.tobytes()
+        p = "\\".join(f"{v:+013.4f}" for v in pos)
+        if len(p) != len(pos0):
+            raise ValueError(f"slice position {pos} is out of the writable range (|v| < 1e7 mm)")
+        sop, num = f"{stem}.{100001 + k}", f"{k + 1:06d}"
+        data = bytearray(body)
+        for (at, n), value in zip(spots, (sop, sop, num, p), strict=True):
+            data[at : at + n] = value.encode()
         name = names[k] if names else f"{series_uid[-8:]}_{k:04d}.dcm"
         path = folder / name
-        ds.save_as(path, enforce_file_format=True)
+        path.write_bytes(bytes(data) + px.tobytes())
         paths.append(path)
     return paths
 

@@ -1,0 +1,132 @@
+"""Header indexing speed of ``sscflow discover`` against a plain single-process pydicom loop.
+
+Generates a DICOM export of small files (not timed): patients with two studies each, four
+series per study (localizer, thick soft, thin lung, thin soft), 16x16-pixel CT slices with full
+headers. Then, in this one process, over the same files:
+  baseline: for every file, pydicom.dcmread(path, stop_before_pixels=True), one process
+  sscflow:  discover() on a LocalCluster (--workers worker processes): listing, headers in
+            Dask tasks, every series check, selection, pseudonyms and all outputs
+Prints files per second for each (the cluster's start-up is reported, not counted) and the
+ratio sscflow / baseline last.
+
+    python benchmarks/discover.py [--files 20000] [--workers 2] [--slices 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_export(root: Path, n_files: int, slices: int) -> int:
+    """Write whole patients, at least ``n_files`` files; returns how many were written."""
+    from sscflow.discover.synthetic import stack_positions, write_slices
+    from sscflow.imageio import deterministic_uid
+
+    px = np.full((16, 16), -800, np.int16)
+    layout = [
+        ("loc", 1, 1.0, "B30f", ["ORIGINAL", "PRIMARY", "LOCALIZER"]),
+        ("thick", max(2, slices // 5), 5.0, "B30f", None),
+        ("lung", slices, 1.0, "B60f", None),
+        ("soft", slices, 1.0, "B30f", None),
+    ]
+    per_patient = 2 * sum(n for _, n, _, _, _ in layout)
+    patients = -(-n_files // per_patient)  # whole patients: at least n_files files
+    for p in range(1, patients + 1):
+        pid = f"BENCH{p:06d}"
+        for s, date in enumerate(("20190115", "20210620")):
+            study = deterministic_uid("bench", pid, s)
+            for name, n, spacing, kernel, image_type in layout:
+                header = {
+                    "PatientID": pid,
+                    "PatientName": f"Bench^{p}",
+                    "StudyDate": date,
+                    "PatientBirthDate": "19600101",
+                    "PatientSex": "F",
+                    "ConvolutionKernel": kernel,
+                    "SliceThickness": f"{spacing:g}",
+                    "SeriesDescription": f"Thorax {name}",
+                    "AccessionNumber": f"A{p}{s}",
+                }
+                if image_type:
+                    header["ImageType"] = image_type
+                uid = deterministic_uid("bench", pid, s, name)
+                write_slices(
+                    root / pid / f"study{s}",
+                    [px] * n,
+                    stack_positions(n, spacing),
+                    header=header,
+                    series_uid=uid,
+                    study_uid=study,
+                )
+    return patients * per_patient
+
+
+def pydicom_loop(files) -> float:
+    import pydicom
+
+    t0 = time.perf_counter()
+    for f in files:
+        pydicom.dcmread(f, stop_before_pixels=True)
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--files", type=int, default=20000, help="files in the generated export")
+    ap.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
+    ap.add_argument("--slices", type=int, default=50, help="slices per thin series")
+    args = ap.parse_args(argv)
+
+    from sscflow.cluster import dask_client
+    from sscflow.config import ClusterConfig
+    from sscflow.discover.headers import iter_files
+    from sscflow.discover.run import discover
+    from sscflow.discover.settings import DiscoverConfig
+
+    with tempfile.TemporaryDirectory(prefix="sscflow-discover-bench-") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        n = make_export(tmp / "export", args.files, args.slices)
+        print(f"generated {n} files in {time.perf_counter() - t0:.1f} s (not timed)", flush=True)
+        files = list(iter_files(tmp / "export"))
+        pydicom_loop(files[:200])  # warm the imports and the page cache alike for both
+        cfg = DiscoverConfig(min_extent_mm=float(args.slices - 1) * 0.9, require_pft=False)
+        t0 = time.perf_counter()
+        with dask_client(
+            ClusterConfig(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0")
+        ) as client:
+            startup = time.perf_counter() - t0
+            client.run(lambda: __import__("pydicom"))
+            t1 = time.perf_counter()
+            res = discover(
+                tmp / "export", tmp / "cohort", key=tmp / "bench.key", cfg=cfg, client=client
+            )
+            ours = time.perf_counter() - t1
+        base = pydicom_loop(files)
+        assert res.files["dicom"] == n and res.n_included == res.n_patients, res
+        print(f"cluster start-up: {startup:.1f} s ({args.workers} workers, not counted)")
+        print(
+            f"discover ({args.workers} workers, every step and output): {ours:.1f} s, "
+            f"{n / ours:,.0f} files/s; {res.n_series} series, {res.n_included} patients"
+        )
+        print(
+            f"pydicom loop (1 process, stop_before_pixels): {base:.1f} s, {n / base:,.0f} files/s"
+        )
+        print(
+            f"projection, 100,000 files at these rates: discover {100000 / (n / ours) / 60:.1f} "
+            f"min, pydicom loop {100000 / (n / base) / 60:.1f} min"
+            + (" (measured, not projected)" if n >= 100000 else "")
+        )
+        print(
+            f"discover {n} files: {n / ours:,.0f} files/s vs pydicom loop {n / base:,.0f} "
+            f"files/s, ratio {(n / ours) / (n / base):.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
