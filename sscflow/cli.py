@@ -24,7 +24,25 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: no "<bool>" type placeholders beside flags
 )
+
+
+class _Command(typer.core.TyperCommand):
+    """Usage lines name the arguments in capitals (``sscflow ingest [OPTIONS] MANIFEST``)
+    instead of typer's ``{manifest}``."""
+
+    def collect_usage_pieces(self, ctx):
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = (param.metavar or param.name).upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+def _command(**kw):
+    return app.command(cls=_Command, **kw)
 console = Console(stderr=True, soft_wrap=True)  # errors stay one greppable line
 out = Console(soft_wrap=True)
 _state = {"debug": False}
@@ -90,7 +108,7 @@ def _progress():
     )
 
 
-@app.command()
+@_command()
 def synth(
     patients: Annotated[int, typer.Option("--patients", "-n", min=1, help="Number of patients.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created).")],
@@ -163,7 +181,7 @@ def _synth(patients, out_dir, spacing, seed, noise, ribs, cfg, client=None):
         )
 
 
-@app.command()
+@_command()
 def ingest(
     manifest: Annotated[
         Path, typer.Argument(help="Manifest CSV (patient_id, baseline, followup, ...).")
@@ -177,9 +195,12 @@ def ingest(
     workers: WorkersOpt = None,
     wait: WaitOpt = False,
 ):
-    """Ingest every manifest patient into a Zarr store: canonical 1 mm grid, int16 HU, lung masks.
+    """Ingest every manifest patient into a Zarr store: the canonical grid (identity
+    direction, isotropic --spacing mm, default 1), int16 HU, lung masks.
 
-    Unchanged inputs are skipped; a bad patient fails alone and the command exits 1 with a summary.
+    Unchanged inputs are skipped; a bad patient (a missing or unreadable scan, or a manifest
+    row with a bad value) fails alone and the command exits 1 with a summary. Writes the same
+    status records as 'sscflow run' (see 'sscflow status').
 
     Example: sscflow ingest cohort/manifest.csv --store cohort.zarr --spacing 1.0
     """
@@ -193,19 +214,39 @@ def ingest(
 
 
 def _ingest(manifest_path, store, cfg, client=None):
+    from sscflow import store as st
     from sscflow.cohort import read_manifest
-    from sscflow.ingest import ingest_cohort
+    from sscflow.ingest import PatientResult, ingest_cohort
+    from sscflow.pipeline import STATUS_GROUP, _write_status, ingest_record, rejected_record
 
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path, lenient=True)
+    rejected = []
+    for row in manifest.rejected:  # bad rows fail alone, as in 'sscflow run'
+        rec = rejected_record(row)
+        rejected.append(PatientResult(rec["patient_id"], "failed", rec["message"]))
+        console.print(f"[red]failed[/red] {rec['patient_id']}: {rec['message']}",
+                      highlight=False)  # fmt: skip
+    root = st.open_store(str(store))
+    root.require_group(STATUS_GROUP)
+
+    def record(result):
+        if _state["debug"] and result.traceback:
+            console.print(f"traceback of ingest {result.patient_id}:\n{result.traceback}",
+                          highlight=False, markup=False)  # fmt: skip
+        _write_status(root, ingest_record(result))
+
+    if not manifest.patients:
+        return rejected
     with _client(cfg, client) as client, _progress() as bar:
         task = bar.add_task("ingest", total=len(manifest), last="")
 
         def progress(result, done, total):
             bar.update(task, completed=done, last=f"{result.patient_id} {result.status}")
+            record(result)
             if result.status == "failed":
-                bar.console.print(f"[red]failed[/red] {result.message}")
+                bar.console.print(f"[red]failed[/red] {result.message}", highlight=False)
 
-        return ingest_cohort(
+        return rejected + ingest_cohort(
             manifest, str(store), cfg.ingest, cfg.segment, client=client, progress=progress
         )
 
@@ -226,7 +267,7 @@ def _ingest_summary(results, store):
         raise SscflowError(f"{len(failed)} of {len(results)} patients failed to ingest (see above)")
 
 
-@app.command()
+@_command()
 def run(
     config: Annotated[Path, typer.Argument(help="YAML config naming the manifest and the store.")],
     scheduler: SchedulerOpt = None,
@@ -251,11 +292,14 @@ def run(
     ] = False,
     wait: WaitOpt = False,
 ):
-    """Run every stage for every manifest patient: ingest, lung masks, registration,
-    log-Jacobian, template space, group means, cohort table and figure.
+    """Run every stage for every manifest patient: ingest (scans and lung masks), ILD extent,
+    registration, log-Jacobian, template space, QA pages; then for the cohort: group means,
+    cohort table and figures, the classifiers and the report (results/report/index.html).
 
-    A rerun skips what is current and says so; a bad patient fails alone and the command then
-    exits 1 listing the failures. A folder named truth/ beside the manifest (a synthetic cohort)
+    A rerun skips what is current and says so; a bad patient (a bad manifest row, a missing or
+    unreadable scan, a failed registration) fails alone and the command then exits 1 listing
+    the failures. --dry-run says which patients will fail and why, without running. A folder
+    named truth/ beside the manifest (a synthetic cohort)
     adds errors against the truth to the registration QA. The template, once built, is kept
     (--rebuild-template to build it again). One run per store: a second run on a store in use
     stops at once naming the holder (or waits, with --wait).
@@ -273,7 +317,7 @@ def run(
     if cfg.manifest is None or cfg.store is None:
         raise SscflowError(f"config {config}: 'manifest' and 'store' must both be set for a run")
     t0 = time.perf_counter()
-    manifest = read_manifest(cfg.manifest, check_files=dry_run)
+    manifest = read_manifest(cfg.manifest, check_files=dry_run, lenient=True)
     if dry_run:
         _dry_run(cfg, manifest, force, t0)
         return
@@ -291,16 +335,36 @@ def _dry_run(cfg, manifest, force, t0):
     plan = plan_run(manifest, cfg, force=force)
     counts = plan.count()
     seconds = time.perf_counter() - t0
-    out.print(f"manifest {cfg.manifest}: {len(manifest)} patients, valid, every scan exists")
+    bad = len(manifest.rejected)
+    total = len(manifest) + bad
+    if bad:
+        out.print(f"manifest {cfg.manifest}: {total} patients; {bad} will fail at ingest, the "
+                  f"other {len(manifest)} will run:")  # fmt: skip
+        _print_rejected(manifest)
+    else:
+        out.print(f"manifest {cfg.manifest}: {total} patients, valid, every scan exists")
     out.print(f"store: {cfg.store}; results: {cfg.results or 'results/ beside the store'}")
     out.print(f"plan: {len(plan.tasks)} tasks (" + ", ".join(f"{k} {v}" for k, v in counts.items())
               + f"), key token {plan.token}; built in {seconds:.2f} s; nothing was run")
+    if bad:
+        raise SscflowError(f"{bad} of {total} patients will fail (see above); 'sscflow run' "
+                           "would run the others and exit 1")
+
+
+def _print_rejected(manifest):
+    from sscflow.pipeline import rejected_record
+
+    t = Table("patient", "stage", "reason", title="patients that will fail")
+    for row in manifest.rejected:
+        rec = rejected_record(row)
+        t.add_row(rec["patient_id"], "ingest", rec["message"])
+    out.print(t)
 
 
 def _run(cfg, manifest, *, force=False, truth_dir=None, client=None, rebuild_template=False):
     from sscflow.pipeline import COHORT_STAGES, PATIENT_STAGES, run
 
-    n = len(manifest)
+    n = len(manifest) + len(manifest.rejected)
     with _client(cfg, client) as client, _progress() as bar:
         tasks = {s: bar.add_task(s, total=n, last="") for s in PATIENT_STAGES}
         for stage in COHORT_STAGES:
@@ -317,6 +381,9 @@ def _run(cfg, manifest, *, force=False, truth_dir=None, client=None, rebuild_tem
             bar.update(tasks[stage], advance=1, last=note)
             if status == "failed":
                 bar.console.print(f"[red]failed[/red] {stage}: {rec['message']}", highlight=False)
+                if _state["debug"] and rec.get("traceback"):
+                    bar.console.print(f"traceback of {stage} {rec['patient_id'] or '(cohort)'}:"
+                                      f"\n{rec['traceback']}", highlight=False, markup=False)
 
         return run(cfg, manifest, client=client, force=force, truth_dir=truth_dir,
                    on_record=on_record, rebuild_template=rebuild_template)  # fmt: skip
@@ -348,11 +415,17 @@ def _run_report(summary):
     clf = summary.cohort.get("classifier", {})
     for target in ("functional", "morphologic"):
         if clf.get(f"{target}_status") in ("done", "skipped"):
-            out.print(f"classifier ({target}): test accuracy {clf.get(f'{target}_accuracy'):.2f}")
+            n, major = clf.get(f"{target}_n_test"), clf.get(f"{target}_majority_accuracy")
+            line = f"classifier ({target}): test accuracy {clf.get(f'{target}_accuracy'):.2f}"
+            if n is not None:
+                line += f" on {n} test patients (majority class: {major:.2f})"
+                if n < 20:
+                    line += "; warning: fewer than 20 test patients, this means little"
+            out.print(line)
         elif clf.get(f"{target}_reason"):
             out.print(f"classifier ({target}) not trained: {clf[f'{target}_reason']}")
     rep = summary.cohort.get("report", {})
-    if rep.get("status") == "done":
+    if rep.get("status") in ("done", "skipped"):
         out.print(f"report: {rep.get('path')}")
     out.print(f"store: {summary.store}; {summary.seconds:.1f} s")
     for name, rec in summary.cohort.items():
@@ -371,7 +444,7 @@ def _run_report(summary):
         )
 
 
-@app.command()
+@_command()
 def status(
     store: Annotated[str, typer.Argument(help="The cohort store (a .zarr folder).")],
     all_: Annotated[
@@ -387,7 +460,8 @@ def status(
         typer.Option("--config", "-c", help="A run config: its manifest is the current one."),
     ] = None,
 ):
-    """Print per-patient, per-stage state: done, failed (with the reason) or pending.
+    """Print per-patient, per-stage state: done, failed (with the reason, once, at the stage
+    where it happened), upstream_failed (a later stage of a patient that failed) or pending.
 
     Patients of the store that are not in the manifest (removed from it: their outputs are
     kept, but the cohort outputs leave them out) are listed as "not in the manifest". The
@@ -444,7 +518,8 @@ def status(
     if rows:
         t = Table("patient", *PATIENT_STAGES, "reason")
         for pid, row in rows:
-            reason = "; ".join(r["message"] for r in row.values() if r["message"])
+            reason = "; ".join(f"{s}: {r['message']}" for s, r in row.items()
+                               if r["status"] == "failed" and r["message"])  # fmt: skip
             if pid in removed:
                 t.add_row(pid, *["not in the manifest"] * len(PATIENT_STAGES), reason)
             else:
@@ -452,7 +527,7 @@ def status(
         out.print(t)
 
 
-@app.command()
+@_command()
 def report(
     store: Annotated[str, typer.Argument(help="The cohort store (a .zarr folder).")],
     results: Annotated[
@@ -471,11 +546,53 @@ def report(
     from sscflow.pipeline import default_results
     from sscflow.report import write_report
 
-    path = write_report(store, results or default_results(store))
+    try:
+        path = write_report(store, results or default_results(store))
+    except SscflowError:
+        raise
+    except Exception as exc:  # the page now says it failed; say why in one line
+        if _state["debug"]:
+            raise
+        raise SscflowError(f"the report could not be written ({type(exc).__name__}: {exc}); "
+                           "the page says so; rerun with --debug for the traceback") from None
     out.print(f"report: {path}")
 
 
-@app.command()
+@_command()
+def export(
+    store: Annotated[str, typer.Argument(help="The cohort store (a .zarr folder).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (created).")],
+    patients: Annotated[
+        list[str] | None,
+        typer.Option("--patients", "-p", help="Patient ids to export (repeat, or give one "
+                     "option per id); every patient when omitted."),
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="nifti (.nii.gz), nrrd or mha.")
+    ] = "nifti",
+):
+    """Export images for ITK-SNAP, 3D Slicer, ANTs and napari: per patient the baseline,
+    follow-up, follow-up warped onto the baseline, lung masks, log-Jacobian maps (native and
+    template space) and the displacement field as an ITK vector warp; the template and the
+    group means; each file with its real geometry.
+
+    Example: sscflow export demo/cohort.zarr --out exported/ --patients SYN001 --format nifti
+    """
+    from sscflow.export import export_store
+
+    with _progress() as bar:
+        task = bar.add_task("export", total=len(patients) if patients else None, last="")
+
+        def progress(pid, done, total):
+            bar.update(task, completed=done, total=total, last=pid)
+
+        result = export_store(store, out_dir, patients=patients, fmt=fmt, progress=progress)
+    n = sum(len(v) for v in result["patients"].values()) + len(result["template"])
+    out.print(f"exported {n} files for {len(result['patients'])} patients (and the template) "
+              f"to {out_dir}")
+
+
+@_command()
 def predict(
     store: Annotated[str, typer.Argument(help="A store whose patients reached template space.")],
     model: Annotated[Path, typer.Option("--model", help="A trained model folder "
@@ -529,7 +646,7 @@ def _model_sets(model: Path) -> dict[str, str]:
             for p in split.get(name, [])}  # fmt: skip
 
 
-@app.command()
+@_command()
 def demo(
     patients: Annotated[
         int | None, typer.Option("--patients", "-n", min=1, help="Synthetic patients.")
@@ -556,13 +673,34 @@ def demo(
     cfg.results = out_dir / "results"
     synthetic = out_dir / "synthetic"
     with _lease(cfg.store, False, "sscflow demo"), _client(cfg) as client:  # one cluster
-        cfg.manifest = _synth(n, synthetic, s.spacing_mm, s.seed, s.noise_hu, s.ribs, cfg, client)
+        if not force and _synthetic_is_current(synthetic, n, s):
+            cfg.manifest = synthetic / "manifest.csv"
+            out.print(f"synthetic cohort {synthetic}: unchanged, not made again")
+        else:
+            cfg.manifest = _synth(n, synthetic, s.spacing_mm, s.seed, s.noise_hu, s.ribs, cfg,
+                                  client)  # fmt: skip
         manifest = read_manifest(cfg.manifest)
         summary = _run(cfg, manifest, force=force, truth_dir=synthetic, client=client)
     try:
         _run_report(summary)
     finally:
         _demo_report(synthetic, cfg.store, [p.patient_id for p in manifest.patients])
+
+
+def _synthetic_is_current(folder: Path, n: int, s) -> bool:
+    """Whether ``folder`` holds a synthetic cohort made with these settings by this generator
+    (its truth/cohort.json says so and its manifest exists): a demo rerun then makes none."""
+    import json
+
+    from sscflow.synth.cohort import GENERATOR_VERSION
+
+    try:
+        made = json.loads((folder / "truth" / "cohort.json").read_text())
+    except (OSError, ValueError):
+        return False
+    want = {"generator_version": GENERATOR_VERSION, "n": n, "seed": s.seed,
+            "spacing": s.spacing_mm, "ribs": s.ribs, "noise_hu": s.noise_hu}  # fmt: skip
+    return (folder / "manifest.csv").is_file() and all(made.get(k) == v for k, v in want.items())
 
 
 def _demo_config(workers):
@@ -599,14 +737,20 @@ def _demo_report(synthetic: Path, store: str, patient_ids):
     out.print(f"results: {store} (open with zarr.open_group or xarray); inputs: {synthetic}")
 
 
-@app.command()
+@_command()
 def validate(
     path: Annotated[Path, typer.Argument(help="A config (.yaml) or a manifest (.csv).")],
 ):
     """Check a config or a manifest and print what was understood; exit 1 listing every problem.
 
+    A config's problems come all at once, each with its line and column; then the manifest it
+    names is checked exactly as 'sscflow run' will (every row, every scan path), and the
+    patients that would fail are listed with the reason.
+
     Example: sscflow validate configs/cohort.yaml
     """
+    from sscflow.cohort import read_manifest
+
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
@@ -615,9 +759,16 @@ def validate(
         cfg = load_config(path)
         out.print(f"config {path} is valid:")
         out.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
-        return
-    from sscflow.cohort import read_manifest
-
+        if cfg.manifest is None:
+            out.print("(the config names no manifest; 'sscflow run' needs one)")
+            return
+        path = cfg.manifest
+        if not path.is_file():
+            raise SscflowError(f"config {cfg.source}: the manifest it names, {path}, does not "
+                               "exist; 'sscflow run' would stop (fix 'manifest')")  # fmt: skip
+    lenient = read_manifest(path, check_files=True, lenient=True)
+    if lenient.rejected:
+        _print_rejected(lenient)
     manifest = read_manifest(path, check_files=True)
     table = manifest.table()
     out.print(f"manifest {path} is valid: {len(manifest)} patients, every scan path exists")

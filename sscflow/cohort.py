@@ -65,9 +65,28 @@ class Patient:
 
 
 @dataclass(frozen=True)
+class Rejected:
+    """A manifest row that cannot run (read with ``lenient=True``): it fails alone, at ingest."""
+
+    line: int
+    patient_id: str  # as written (may be empty or invalid)
+    problems: tuple[str, ...]
+
+    @property
+    def valid_id(self) -> bool:
+        """Whether ``patient_id`` can name a folder in the store (status records go there)."""
+        return bool(_ID.match(self.patient_id))
+
+    @property
+    def message(self) -> str:
+        return "; ".join(self.problems)
+
+
+@dataclass(frozen=True)
 class Manifest:
     path: Path
     patients: tuple[Patient, ...]
+    rejected: tuple[Rejected, ...] = ()
 
     def __len__(self) -> int:
         return len(self.patients)
@@ -107,12 +126,16 @@ def functional_label(clinical: dict) -> str | None:
     return None
 
 
-def read_manifest(path: str | os.PathLike, *, check_files: bool = False) -> Manifest:
+def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
+                  lenient: bool = False) -> Manifest:  # fmt: skip
     """Read and validate a manifest CSV.
 
     Every problem is collected and reported together, each naming the line, the column and what
     is wrong. Relative scan paths are resolved against the manifest's folder. With
     ``check_files`` a missing scan is also a problem (ingest instead fails that patient alone).
+    With ``lenient`` a row's problems do not stop the others: the row goes to
+    ``Manifest.rejected`` (what ``run``, ``ingest`` and ``--dry-run`` report as that patient's
+    failure); problems of the file itself (unreadable, columns) still raise.
 
     Raises
     ------
@@ -141,7 +164,7 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = False) -> Mani
     if df.empty:
         raise ManifestError(path, ["no patients (the file has a header but no rows)"])
 
-    patients, seen = [], {}
+    patients, seen, rejected = [], {}, []
     for i, rec in enumerate(df.to_dict("records")):
         line = i + 2  # the header is line 1
         rec = {k: (v.strip() if isinstance(v, str) else v) for k, v in rec.items()}
@@ -200,7 +223,9 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = False) -> Mani
             else:
                 clinical["sex"] = sex.upper()
         problems.extend(row_problems)
-        if not row_problems:
+        if row_problems:
+            rejected.append(Rejected(line, pid, tuple(row_problems)))
+        else:
             patients.append(
                 Patient(
                     patient_id=pid,
@@ -212,6 +237,6 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = False) -> Mani
                     clinical=clinical,
                 )
             )
-    if problems:
+    if problems and not lenient:
         raise ManifestError(path, problems)
-    return Manifest(path=path, patients=tuple(patients))
+    return Manifest(path=path, patients=tuple(patients), rejected=tuple(rejected))

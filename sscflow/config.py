@@ -353,20 +353,41 @@ def load_config(path: str | os.PathLike) -> Config:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
+    text = p.read_text()
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(text) or {}
+        marks = _marks(yaml.compose(text))
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {p} is not valid YAML: {exc}") from None
-    return config_from_dict(data, source=str(p), base=p.parent)
+    return config_from_dict(data, source=str(p), base=p.parent, marks=marks)
 
 
-def config_from_dict(data: Any, *, source: str = "<dict>", base: Path | None = None) -> Config:
-    """Build a validated Config from plain data (as parsed from YAML)."""
-    try:
-        cfg = _build(Config, data, "")
-        cfg.validate()
-    except ConfigError as exc:
-        raise ConfigError(f"config {source}: {exc}") from None
+def config_from_dict(data: Any, *, source: str = "<dict>", base: Path | None = None,
+                     marks: dict | None = None) -> Config:  # fmt: skip
+    """Build a validated Config from plain data (as parsed from YAML).
+
+    Every problem is collected (unknown keys, wrong types, then each section's impossible
+    values) and raised together in one ConfigError, each with its line and column when
+    ``marks`` ({keypath: (line, column)}, from the YAML) has them.
+    """
+    problems: list[tuple[str, str]] = []
+    cfg = _build(Config, data, "", problems)
+    if cfg is not None:
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if dataclasses.is_dataclass(value):
+                try:
+                    value.validate(f.name)
+                except ConfigError as exc:
+                    problems.append((_keypath_of(str(exc), f.name), str(exc)))
+    if problems:
+        marks = marks or {}
+        problems.sort(key=lambda km: _position(km[0], marks))
+        lines = [_located(k, m, marks) for k, m in problems]
+        if len(lines) == 1:
+            raise ConfigError(f"config {source}: {lines[0]}")
+        raise ConfigError(f"config {source} has {len(lines)} problems:\n"
+                          + "\n".join(f"  - {line}" for line in lines))
     cfg.source = source
     if base is not None:
         if cfg.manifest is not None and not cfg.manifest.is_absolute():
@@ -386,9 +407,48 @@ def config_from_dict(data: Any, *, source: str = "<dict>", base: Path | None = N
     return cfg
 
 
-def _build(cls, data, where):
+def _marks(node, where: str = "") -> dict:
+    """{keypath: (line, column)} (1-based) of every key of a composed YAML mapping."""
+    out = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            keypath = f"{where}.{key.value}" if where else str(key.value)
+            out[keypath] = (key.start_mark.line + 1, key.start_mark.column + 1)
+            out.update(_marks(value, keypath))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            out[f"{where}[{i}]"] = (value.start_mark.line + 1, value.start_mark.column + 1)
+    return out
+
+
+def _keypath_of(message: str, default: str) -> str:
+    m = re.match(r"^'?([A-Za-z_][\w.\[\]]*)'?", message)
+    return m.group(1) if m else default
+
+
+def _position(keypath: str, marks: dict) -> tuple[int, int]:
+    path = keypath
+    while path and path not in marks:  # the nearest key that the file spells out
+        path = path.rpartition(".")[0] if "." in path else ""
+    return marks.get(path, (0, 0))
+
+
+def _located(keypath: str, message: str, marks: dict) -> str:
+    line, col = _position(keypath, marks)
+    return f"line {line}, column {col}: {message}" if line else message
+
+
+def _build(cls, data, where, problems=None):
+    """``cls`` from a mapping; problems go to ``problems`` ((keypath, message)) when given,
+    else the first is raised. Returns None when ``data`` is not a mapping."""
+    raise_now = problems is None
+    problems = [] if problems is None else problems
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'the top level'} must be a mapping, got {_kind(data)}")
+        problems.append((where, f"{where or 'the top level'} must be a mapping, got "
+                                f"{_kind(data)}"))  # fmt: skip
+        if raise_now:
+            raise ConfigError(problems[0][1])
+        return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _NOT_KEYS}
     kwargs = {}
@@ -396,8 +456,20 @@ def _build(cls, data, where):
         keypath = f"{where}.{key}" if where else str(key)
         if key not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown key '{keypath}' (known keys here: {known})")
-        kwargs[key] = _coerce(value, hints[key], keypath)
+            problems.append((keypath, f"unknown key '{keypath}' (known keys here: {known})"))
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            sub = _build(hint, value if value is not None else {}, keypath, problems)
+            if sub is not None:
+                kwargs[key] = sub
+            continue
+        try:
+            kwargs[key] = _coerce(value, hint, keypath)
+        except ConfigError as exc:
+            problems.append((keypath, str(exc)))
+    if raise_now and problems:
+        raise ConfigError(problems[0][1])
     return cls(**kwargs)
 
 

@@ -328,14 +328,17 @@ def group_mean_dataset(maps: xr.Dataset) -> xr.Dataset:
     Returns
     -------
     xarray.Dataset: ``<grouping>_mean`` (grouping, z, y, x) float32, ``<grouping>_count``
-    (grouping) int64, ``lung_mask`` (z, y, x) uint8; coordinates: the group names and z, y, x mm;
+    (grouping) int64, ``all_mean`` (z, y, x) float32 and ``all_count``: the mean of every
+    patient, labelled or not (what a cohort without labels can show), ``lung_mask`` (z, y, x)
+    uint8; coordinates: the group names and z, y, x mm;
     attributes ``n_patients``, ``patients``, ``left_out``, ``units``, ``spacing``, ``origin``.
     """
     import dask.array as da
 
     stack = maps["log_jacobian"].data
-    n_groups = sum(len(names) for names in GROUPINGS.values())
-    codes = np.full((stack.shape[0], len(GROUPINGS)), -1, np.int64)  # group offset, -1: none
+    n_groups = sum(len(names) for names in GROUPINGS.values()) + 1  # + every patient ("all")
+    codes = np.full((stack.shape[0], len(GROUPINGS) + 1), -1, np.int64)  # group offset, -1: none
+    codes[:, -1] = n_groups - 1
     counts, offset = {}, 0
     for g, (grouping, names) in enumerate(GROUPINGS.items()):
         labels = np.asarray(maps[f"{grouping}_label"].values, dtype=object)
@@ -346,7 +349,7 @@ def group_mean_dataset(maps: xr.Dataset) -> xr.Dataset:
         offset += len(names)
 
     if stack.shape[0]:
-        codes_da = da.from_array(codes, chunks=(stack.chunks[0], len(GROUPINGS)))
+        codes_da = da.from_array(codes, chunks=(stack.chunks[0], len(GROUPINGS) + 1))
         partial = da.blockwise(
             _accumulate, "pqzyx", stack, "pzyx", codes_da, "pg",
             new_axes={"q": 2 * n_groups}, adjust_chunks={"p": 1}, dtype=np.float64,
@@ -373,6 +376,11 @@ def group_mean_dataset(maps: xr.Dataset) -> xr.Dataset:
             coords={grouping: group_names},
         )  # fmt: skip
         offset += len(names)
+    everyone = n_groups - 1  # the mean of every patient, labelled or not
+    variables["all_mean"] = xr.DataArray(
+        da.map_blocks(_divide, totals[everyone], totals[n_groups + everyone], dtype=np.float32),
+        dims=("z", "y", "x"), attrs={"units": UNITS, "description": "mean of every patient"})
+    variables["all_count"] = xr.DataArray(np.int64(stack.shape[0]))
     variables["lung_mask"] = xr.DataArray(maps["lung_mask"].data, dims=("z", "y", "x"),
                                           attrs={"description": "template lung mask, 1 inside"})
     out = xr.Dataset(variables, coords={c: maps[c].variable for c in ("z", "y", "x")})
@@ -415,8 +423,8 @@ def _divide(sums: np.ndarray, n: np.ndarray) -> np.ndarray:
     return out
 
 
-def group_means(store, table: pd.DataFrame | None, *, client=None, chunk: int | None = None
-                ) -> dict:  # fmt: skip
+def group_means(store, table: pd.DataFrame | None, *, client=None, chunk: int | None = None,
+                left_out=()) -> dict:  # fmt: skip
     """Stream the per-group mean log-Jacobian maps into ``STORE/group_means``.
 
     Parameters
@@ -428,6 +436,8 @@ def group_means(store, table: pd.DataFrame | None, *, client=None, chunk: int | 
     client : a ``distributed.Client`` to compute on; otherwise dask's default scheduler (the
         current default client if there is one)
     chunk : spatial chunk edge (voxels) for reading and writing; the maps' stored chunks if None
+    left_out : patients the caller left out before ``table`` (failed at an earlier stage, say);
+        recorded in ``left_out`` with those of ``table`` that have no map
 
     Returns
     -------
@@ -453,6 +463,8 @@ def group_means(store, table: pd.DataFrame | None, *, client=None, chunk: int | 
     root = _root(store)
     maps = patient_maps(root, table, chunk=chunk)
     out = group_mean_dataset(maps)
+    out.attrs["left_out"] = [str(p) for p in left_out if str(p) not in out.attrs["left_out"]] + \
+        list(out.attrs["left_out"])
     params = {"chunk": chunk, "version": STAGE_VERSION}
     input_hash = st.hash_values(
         [(str(p), _input_of(root, str(p))) for p in maps["patient"].values],

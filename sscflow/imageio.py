@@ -41,8 +41,16 @@ def describe_format(path: str | os.PathLike) -> str:
 
 
 def list_dicom_series(folder: str | os.PathLike) -> list[str]:
-    """SeriesInstanceUIDs of the DICOM series found directly in ``folder``."""
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    """SeriesInstanceUIDs of the DICOM series found directly in ``folder``.
+
+    ITK's own warning for a folder without a series ("GDCMSeriesFileNames ... No Series were
+    found") is silenced: the callers say it in a sentence that names the folder."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
 def read_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> sitk.Image:

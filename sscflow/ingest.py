@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -43,6 +44,7 @@ class PatientResult:
     seconds: float = 0.0
     input_bytes: int = 0
     lung_volume_ml: dict = field(default_factory=dict)
+    traceback: str = ""  # of a failure (what ``--debug`` prints)
 
 
 def canonical_grid(image: sitk.Image, spacing: float) -> Geometry:
@@ -116,14 +118,21 @@ def ingest_patient(
             "version": STAGE_VERSION,
         }
         mask_params = {**asdict(segment), "version": STAGE_VERSION}
+        for which in SCANS:  # a missing scan fails the patient before any reading
+            path = patient.scan(which)[0]
+            if not path.exists():
+                raise MissingInputError(f"{LABEL[which]} {path} does not exist; fix the path "
+                                        f"in the manifest (line {patient.line})")  # fmt: skip
         for which, mask_name in SCANS.items():
             _ingest_scan(patient, which, mask_name, group, ingest, segment, image_params,
                          mask_params, result, force)  # fmt: skip
     except SscflowError as exc:
         result.status, result.message = "failed", f"patient {patient.patient_id}: {exc}"
+        result.traceback = traceback.format_exc()
     except Exception as exc:  # an unexpected failure still fails this patient alone
         result.status = "failed"
         result.message = f"patient {patient.patient_id}: {type(exc).__name__}: {exc}"
+        result.traceback = traceback.format_exc()
     if result.status == "done" and not result.written:
         result.status = "skipped"
     result.seconds = time.perf_counter() - t0

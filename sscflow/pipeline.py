@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +39,9 @@ from sscflow.errors import SscflowError
 
 log = logging.getLogger(__name__)
 
-PATIENT_STAGES = ("ingest", "extent", "registration", "jacobian", "to_template")
+PATIENT_STAGES = ("ingest", "extent", "registration", "jacobian", "to_template", "qa")
 COHORT_STAGES = ("template", "group_means", "classifier", "report")
-STAGES = ("ingest", "extent", "registration", "jacobian", "template", "to_template",
+STAGES = ("ingest", "extent", "registration", "jacobian", "template", "to_template", "qa",
           "group_means", "classifier", "report")  # fmt: skip
 # what each patient stage leaves in patients/<id> when it is done
 OUTPUTS = {
@@ -49,6 +50,7 @@ OUTPUTS = {
     "registration": ("displacement",),
     "jacobian": ("log_jacobian",),
     "to_template": ("template_displacement", "log_jacobian_template"),
+    "qa": (),  # a page in the results folder, recorded in the patient group's qa_page
 }
 STATUS_GROUP = "status"
 FAILED = ("failed", "upstream_failed")
@@ -127,6 +129,8 @@ def plan_run(manifest: Manifest, cfg: Config, *, gpu: bool = False, force: bool 
             Task(f"to_template-{pid}-{token}", "to_template", pid,
                  (f"jacobian-{pid}-{token}", k_tpl), gpu)  # fmt: skip
         )
+        tasks.append(Task(f"qa-{pid}-{token}", "qa", pid,
+                          (f"ingest-{pid}-{token}", f"to_template-{pid}-{token}")))
     return Plan(tasks, list(manifest.patients), token)
 
 
@@ -152,10 +156,11 @@ def _guard(stage: str, pid: str | None, fn: Callable[[], dict]) -> dict:
     try:
         out = fn()
     except SscflowError as exc:
-        return _record(stage, pid, "failed", time.perf_counter() - t0, str(exc))
+        return _record(stage, pid, "failed", time.perf_counter() - t0, str(exc),
+                       traceback=traceback.format_exc())  # fmt: skip
     except Exception as exc:  # an unexpected error still fails this patient alone
         return _record(stage, pid, "failed", time.perf_counter() - t0,
-                       f"{type(exc).__name__}: {exc}")  # fmt: skip
+                       f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
     status = out.pop("status", "done")
     seconds = out.pop("seconds", time.perf_counter() - t0)
     out.pop("patient_id", None)
@@ -168,10 +173,16 @@ def _small(d: dict) -> dict:
 
 
 def _upstream_failed(stage, pid, *upstream) -> dict | None:
+    """An ``upstream_failed`` record naming the stage where the failure happened (its reason
+    is that stage's record's, given once there)."""
     for up in upstream:
-        if up["status"] in FAILED:
-            return _record(stage, pid, "upstream_failed",
-                           message=f"{up['stage']} failed: {up['message']}")  # fmt: skip
+        if up["status"] == "failed":
+            where = up["stage"] if up["patient_id"] is not None else f"{up['stage']} (cohort)"
+            return _record(stage, pid, "upstream_failed", message=f"{where} failed",
+                           failed_stage=up.get("failed_stage", up["stage"]))  # fmt: skip
+        if up["status"] == "upstream_failed":
+            return _record(stage, pid, "upstream_failed", message=up["message"],
+                           failed_stage=up.get("failed_stage"))  # fmt: skip
     return None
 
 
@@ -186,8 +197,29 @@ def run_ingest(patient: Patient, store: str, cfg: Config, force: bool) -> dict:
     from sscflow.ingest import ingest_patient
 
     r = ingest_patient(patient, store, cfg.ingest, cfg.segment, force=force)
-    return _record("ingest", patient.patient_id, r.status, r.seconds, r.message,
-                   lung_volume_ml=r.lung_volume_ml.get("baseline"))  # fmt: skip
+    return ingest_record(r)
+
+
+def ingest_record(r) -> dict:
+    """The run record of an ``ingest_patient`` result (``sscflow ingest`` writes the same)."""
+    extra = {"traceback": r.traceback} if getattr(r, "traceback", "") else {}
+    return _record("ingest", r.patient_id, r.status, r.seconds, r.message,
+                   lung_volume_ml=r.lung_volume_ml.get("baseline"), **extra)  # fmt: skip
+
+
+def rejected_record(row) -> dict:
+    """The ingest record of a manifest row that cannot run (a ``cohort.Rejected``)."""
+    pid = row.patient_id if row.valid_id else f"line {row.line}"
+    return _record("ingest", pid, "failed", 0.0, row.message)
+
+
+def run_qa(up_ingest: dict, up: dict, store: str, results: str, force: bool) -> dict:
+    pid = up_ingest["patient_id"]
+    if (skip := _upstream_failed("qa", pid, up_ingest)) is not None:
+        return skip
+    from sscflow.qa import qa_patient
+
+    return _guard("qa", pid, lambda: qa_patient(store, pid, results, force=force))
 
 
 def run_extent(up: dict, store: str, cfg: Config, force: bool) -> dict:
@@ -214,7 +246,11 @@ def run_classifier(store: str, results: str, cfg: Config, force: bool,
         flat = {f"{t}_status": v for t, v in statuses.items()}
         for t, r in out.items():
             if r.get("cnn"):
-                flat[f"{t}_accuracy"] = r["cnn"].get("accuracy")
+                cnn = r["cnn"]
+                flat[f"{t}_accuracy"] = cnn.get("accuracy")
+                flat[f"{t}_n_test"] = n = int(cnn.get("n") or 0)
+                pos = int(cnn.get("tp", 0)) + int(cnn.get("fn", 0))
+                flat[f"{t}_majority_accuracy"] = max(pos, n - pos) / n if n else None
             if r.get("reason"):
                 flat[f"{t}_reason"] = r["reason"]
         return {"status": status, **flat}
@@ -348,6 +384,7 @@ def run(
     record_manifest(root, manifest)
     client.register_plugin(scheduler_plugin())
     client.log_event(TOPIC, {"run": "started"})
+    _write_run_record(root, cfg, manifest, truth_dir, client)
 
     gpu = _wants_gpu(cfg) and has_gpu_workers(client)
     if _wants_gpu(cfg) and not gpu:
@@ -376,20 +413,31 @@ def run(
             submit(task, run_template, deps, store, cfg, force, rebuild_template)
         elif task.stage == "to_template":
             submit(task, run_to_template, deps[0], deps[1], store, cfg, force)
+        elif task.stage == "qa":
+            submit(task, run_qa, deps[0], deps[1], store, str(results_dir), force)
 
     by_key = {t.key: t for t in plan.tasks}
     summary = RunSummary(store, results_dir)
     failed_at: dict[str, str] = {}
     records: dict[tuple[str, str | None], dict] = {}
+    for row in manifest.rejected:  # bad manifest rows fail alone, at ingest
+        rec = rejected_record(row)
+        _account(summary, rec, failed_at)
+        if row.valid_id and row.patient_id not in patients:
+            _write_status(root, rec)
+        if on_record:
+            on_record(rec)
     for fut in as_completed(list(futures.values())):
         task = by_key[fut.key]
         try:
             rec = fut.result()
         except Exception as exc:  # the task died on every retry (worker lost, say)
             rec = _record(task.stage, task.patient_id, "failed", 0.0,
-                          f"{type(exc).__name__}: {exc}")  # fmt: skip
+                          f"{type(exc).__name__}: {exc}", traceback="".join(
+                              traceback.format_exception(exc)))  # fmt: skip
             if task.patient_id in failed_at and failed_at[task.patient_id] != task.stage:
-                rec["status"] = "upstream_failed"
+                rec = _record(task.stage, task.patient_id, "upstream_failed", 0.0,
+                              f"{failed_at[task.patient_id]} failed")  # fmt: skip
         fut.release()
         _account(summary, rec, failed_at)
         records[(rec["stage"], rec["patient_id"])] = rec
@@ -421,21 +469,31 @@ def run(
         except Exception as exc:  # the task died on every retry
             finish(_record("classifier", None, "failed", 0.0, f"{type(exc).__name__}: {exc}"))
         fut.release()
-    finish(_report(store, results_dir))
+    finish(_report(store, results_dir, force))
     summary.seconds = time.perf_counter() - t0
     client.log_event(TOPIC, {"run": "finished" if summary.ok else "finished_with_failures"})
     return summary
 
 
-def _report(store, results_dir) -> dict:
+def _report(store, results_dir, force: bool = False) -> dict:
+    """Write the report unless everything it shows is unchanged and the page exists."""
     t0 = time.perf_counter()
+    marker = Path(results_dir) / "report" / ".sscflow-inputs"
     try:
-        from sscflow.report import write_report
+        from sscflow.report import report_key, write_report
 
+        key = report_key(store, results_dir)
+        page = Path(results_dir) / "report" / "index.html"
+        if (not force and page.is_file() and marker.is_file()
+                and marker.read_text() == key):  # fmt: skip
+            return _record("report", None, "skipped", time.perf_counter() - t0, "",
+                           path=str(page))  # fmt: skip
+        marker.unlink(missing_ok=True)
         path = write_report(store, results_dir)
+        marker.write_text(key)
     except Exception as exc:
         return _record("report", None, "failed", time.perf_counter() - t0,
-                       f"{type(exc).__name__}: {exc}")  # fmt: skip
+                       f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
     return _record("report", None, "done", time.perf_counter() - t0, "", path=str(path))
 
 
@@ -522,7 +580,8 @@ def _cohort_outputs(cfg, store, results_dir, plan, records, force) -> dict:
             counts = dict(root["group_means"].attrs.get("sscflow_counts", {}))
             status = "skipped"
         else:
-            gm = group_means(store, table.loc[table["patient_id"].isin(done)])
+            gm = group_means(store, table.loc[table["patient_id"].isin(done)],
+                             left_out=left_out)
             counts = {k: v for k, v in gm.items() if k.endswith("count") or k == "counts"}
             plot_group_means(store, figure)
             g = st.open_store(store)["group_means"]
@@ -530,10 +589,37 @@ def _cohort_outputs(cfg, store, results_dir, plan, records, force) -> dict:
             status = "done"
     except Exception as exc:
         return _record("group_means", None, "failed", time.perf_counter() - t0,
-                       f"{type(exc).__name__}: {exc}", left_out=len(left_out))  # fmt: skip
+                       f"{type(exc).__name__}: {exc}", left_out=len(left_out),
+                       traceback=traceback.format_exc())  # fmt: skip
     return _record("group_means", None, status, time.perf_counter() - t0, "",
                    patients=len(done), left_out=len(left_out), table=str(table_path),
                    figure=str(figure), path=f"{store}/group_means", counts=counts)  # fmt: skip
+
+
+def _write_run_record(root, cfg, manifest, truth_dir, client) -> None:
+    """Provenance of this run (what the report's provenance section shows), under
+    ``STORE/status`` attribute ``run``: version, start, config as YAML, manifest and its sha256,
+    the synthetic truth folder if any and the cluster."""
+    import yaml
+
+    from sscflow import __version__
+
+    try:
+        workers = client.scheduler_info(n_workers=-1).get("workers", {})
+        cluster = f"{len(workers)} Dask workers at {client.scheduler.address}"
+    except Exception:  # a cluster that cannot say is not a reason to stop
+        cluster = "unknown"
+    root[STATUS_GROUP].attrs["run"] = {
+        "version": __version__,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config_yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+        "config_source": str(cfg.source),
+        "manifest": str(manifest.path),
+        "manifest_sha256": st.hash_input(manifest.path) if Path(manifest.path).is_file() else None,
+        "patients": len(manifest.patients) + len(manifest.rejected),
+        "truth_dir": str(truth_dir) if truth_dir else None,
+        "cluster": cluster,
+    }
 
 
 def _upstream_meta(root, pid):
@@ -566,6 +652,8 @@ def store_status(store: str) -> dict:
             rec = records.get(pid, {}).get(stage)
             if stage == "extent":
                 complete = group is not None and "extent" in group.attrs
+            elif stage == "qa":
+                complete = group is not None and "qa_page" in group.attrs
             else:
                 complete = group is not None and all(
                     st.output_state(group, name) == "complete" for name in OUTPUTS[stage]

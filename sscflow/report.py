@@ -4,9 +4,17 @@
 group-mean figure, the classifier outputs under ``results/classifier/<target>/`` and the run
 records) and writes ``results/report/index.html``: cohort summary, Tables 1 and 2 (by functional
 and by morphologic change), the correlation of mean log-Jacobian with PFT changes, classifier
-metrics beside the ILD-extent baseline, the group-mean sagittal maps, box plots (the paper's
-Figures 3 and 4), ROC curves and the failed patients with reasons. Missing parts are said to be
-missing, never silently dropped. The page has no scripts and no external resources.
+metrics beside the ILD-extent baseline (with the test-set size and the majority-class accuracy),
+the group-mean maps over the template CT, box plots (the paper's Figures 3 and 4), ROC curves, a
+QA table linking each patient's QA page (``report/qa/<id>.html``, :mod:`sscflow.qa`), a comparison
+with the truth for synthetic cohorts, provenance (version, config, backend, grid, manifest hash)
+and the failed patients with the stage and reason. It works for any cohort: no labels, one
+patient, every patient failed (it then says so and points to the failures). Missing parts are
+said to be missing, never silently dropped. The page has no scripts and no external resources.
+Every figure is also written to ``results/figures/`` as PNG and SVG.
+
+A report that fails replaces ``index.html`` by a page saying so (with the reason), so a previous
+report never stays in place looking current.
 
 Sign convention stated in the report: log-Jacobian < 0 where the lung shrank from baseline to
 follow-up (the paper's Figures 2 and 5); the paper's Table 1 reads with the opposite sign.
@@ -23,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from sscflow.qa import FLAG_RULES, KEY_FIGURES, flags, format_value, page_path
 
 TARGETS = {"functional": "Functional worsening (ATS/ERS: FVC -10 or DLCO -15 points)",
            "morphologic": "Morphologic worsening (visual; improved counts as stable)"}  # fmt: skip
@@ -59,12 +69,15 @@ def _figure(width=7.0, height=3.2, ncols=1):
     return fig, axes
 
 
-def box_plots(table: pd.DataFrame, by: str, columns: list[tuple[str, str]]) -> str:
-    """Box plots of ``columns`` ((column, label) pairs) by the groups of ``by`` (Figures 3, 4)."""
+def box_plots(table: pd.DataFrame, by: str, columns: list[tuple[str, str]],
+              save: Path | None = None) -> str:
+    """Box plots of ``columns`` ((column, label) pairs) by the groups of ``by`` (Figures 3, 4);
+    also written to ``save`` (PNG and SVG) when given."""
     columns = [(c, lab) for c, lab in columns if c in table and table[c].notna().any()]
-    if not columns or by not in table:
-        return '<p class="muted">No data for these box plots.</p>'
-    groups = [g for g in GROUPS[by] if (table[by] == g).any()]
+    groups = [g for g in GROUPS[by] if (table[by] == g).any()] if by in table else []
+    if not columns or not groups:
+        return (f'<p class="muted">No box plots: no patient has a {by} label'
+                f'{"" if columns else " and values to plot"}.</p>')
     fig, axes = _figure(3.0 * len(columns), 3.2, len(columns))
     for ax, (col, label) in zip(axes, columns, strict=True):
         data = [table.loc[table[by] == g, col].dropna().to_numpy() for g in groups]
@@ -74,10 +87,11 @@ def box_plots(table: pd.DataFrame, by: str, columns: list[tuple[str, str]]) -> s
         ax.axhline(0, color="#999", lw=0.6)
         ax.tick_params(labelsize=8)
     fig.tight_layout()
+    _save(fig, save)
     return _png(fig)
 
 
-def roc_figure(curves: dict[str, dict]) -> str:
+def roc_figure(curves: dict[str, dict], save: Path | None = None) -> str:
     """ROC curves, one line per (name -> {"fpr", "tpr", "auc"})."""
     fig, (ax,) = _figure(4.2, 4.0)
     for name, c in curves.items():
@@ -88,7 +102,15 @@ def roc_figure(curves: dict[str, dict]) -> str:
     ax.set_ylabel("sensitivity")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    _save(fig, save)
     return _png(fig)
+
+
+def _save(fig, path: Path | None) -> None:
+    if path is not None:
+        from sscflow.figures import save_figure
+
+        save_figure(fig, path)
 
 
 def _table_html(df: pd.DataFrame) -> str:
@@ -101,9 +123,12 @@ def _metric_rows(name: str, m: dict) -> dict:
         if v is None or (isinstance(v, float) and np.isnan(v)):
             return "–"
         lo, hi = ci if ci else (float("nan"), float("nan"))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            return f"{100 * v:.0f}%"
         return f"{100 * v:.0f}% ({100 * lo:.0f}–{100 * hi:.0f})"
 
     auc = m.get("auc")
+    auc = None if auc is None else float(auc)
     return {"Method": name, "n (test)": m.get("n", "–"), "Sensitivity": cell("sensitivity"),
             "Specificity": cell("specificity"), "Accuracy": cell("accuracy"), "PPV": cell("ppv"),
             "NPV": cell("npv"),
@@ -119,6 +144,11 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+LABELS = {"delta_fvc": "ΔFVC (% pred.)", "delta_dlco": "ΔDLCO (% pred.)",
+          "delta_tlc": "ΔTLC (% pred.)", "delta_kco": "ΔKCO (% pred.)"}  # fmt: skip
+SMALL_TEST = 20  # fewer test patients than this: the metrics are said to mean little
+
+
 def write_report(store: str, results_dir, *, synthetic: bool | None = None) -> Path:
     """Write ``results_dir/report/index.html`` from the store and the results folder.
 
@@ -126,74 +156,167 @@ def write_report(store: str, results_dir, *, synthetic: bool | None = None) -> P
     ----------
     store : the cohort store
     results_dir : where ``patients.csv``, ``figures/`` and ``classifier/`` are
-    synthetic : say plainly that the data are synthetic; None detects it (patient ids made by
-        ``sscflow synth`` and truth errors in the registration QA)
+    synthetic : say plainly that the data are synthetic; None detects it (the run recorded a
+        synthetic truth folder, or the registration QA holds errors against a truth)
 
     Returns
     -------
-    Path of the written page.
+    Path of the written page. On any error the page is replaced by one that says the report
+    failed and why (never the previous report looking current), and the error is raised again.
     """
+    results = Path(results_dir)
+    out = results / "report" / "index.html"
+    try:
+        page = _build(store, results, synthetic)
+    except Exception as exc:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        _write_page(out, "<h1>sscflow cohort report: failed</h1><p class='note'>The report of "
+                    f"store <code>{html.escape(str(store))}</code> could not be written at "
+                    f"{when}: {html.escape(f'{type(exc).__name__}: {exc}')}.</p><p>Run "
+                    "<code>sscflow --debug report STORE</code> for the details; the previous "
+                    "report was removed so that it is not taken for a current one.</p>")
+        raise
+    _write_page(out, page)
+    return out
+
+
+def _write_page(out: Path, body: str) -> None:
+    page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            "<title>sscflow cohort report</title><style>" + CSS + "</style></head><body>"
+            + body + "</body></html>")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".html.partial")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)  # never a half-written page
+
+
+def _build(store, results: Path, synthetic) -> str:
     from sscflow import store as st
     from sscflow.groups import cohort_table
-    from sscflow.pipeline import manifest_patients, store_status
-    from sscflow.stats import TABLE_ROWS, format_p, spearman_table, summary_table
-    from sscflow.template import describe_provenance, template_provenance
+    from sscflow.pipeline import STATUS_GROUP, manifest_patients, store_status
 
-    results = Path(results_dir)
     root = st.open_store(store, mode="r")
+    run = dict(root[STATUS_GROUP].attrs.get("run", {})) if STATUS_GROUP in root else {}
     members = manifest_patients(root)  # the last run's manifest: removed patients are left out
     in_store = set(st.patient_ids(root))
     table = cohort_table(root, None if members is None else [p for p in members if p in in_store])
+    state = store_status(store)
+    cohort_state = state.pop(None, {})
+    if members is not None:
+        keep = set(members)
+        state = {pid: row for pid, row in state.items() if pid in keep}
+    truth = table.get("reg_truth_mean_error_mm")
     if synthetic is None:
-        truth = table.get("reg_truth_mean_error_mm")
-        synthetic = truth is not None and bool(truth.notna().any())
+        synthetic = bool(run.get("truth_dir")) or (truth is not None and bool(truth.notna().any()))
+    figures = results / "figures"
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     parts = [f"<h1>sscflow cohort report</h1><p class='muted'>Store "
-             f"<code>{html.escape(str(store))}</code>, written {when}. Template: "
-             f"{html.escape(describe_provenance(template_provenance(root)))}.</p>"]  # fmt: skip
+             f"<code>{html.escape(str(store))}</code>, written {when}.</p>"]  # fmt: skip
     if synthetic:
         parts.append("<p class='note'><b>These data are synthetic</b> (made by "
-                     "<code>sscflow synth</code>): no patient is real, and the figures check the "
-                     "method against a known truth.</p>")  # fmt: skip
+                     "<code>sscflow synth</code>): no patient is real; the section <a "
+                     "href='#truth'>Against the synthetic truth</a> checks the method against "
+                     "the known answer.</p>")  # fmt: skip
     parts.append("<p>Convention: log-Jacobian = log det(I + ∇u) is <b>negative where the lung "
                  "shrank</b> from baseline to follow-up (the paper's Figures 2 and 5; its Table 1 "
                  "medians read with the opposite sign). PFT changes are follow-up minus baseline, "
                  "in % predicted points.</p>")  # fmt: skip
 
-    # cohort summary
-    n = len(table)
+    failed = [(pid, s, r["message"]) for pid, row in state.items()
+              for s, r in row.items() if r["status"] == "failed"]  # fmt: skip
+    n_ids = len(state)
     done = int(table["logjac_mean"].notna().sum()) if "logjac_mean" in table else 0
+    parts.append(_cohort_section(table, n_ids, done, len(failed)))
+    parts.append(_tables_section(table))
+    parts.append(_spearman_section(table))
+    parts.append(_classifier_section(results, figures))
+    parts.append(_maps_section(results, cohort_state))
+    cols = [("logjac_mean", "mean log-Jacobian"), *((c, LABELS[c]) for c in LABELS)]
+    parts.append("<h2>By functional change (Figure 3)</h2>"
+                 + box_plots(table, "functional", cols, figures / "boxplots_functional"))
+    parts.append("<h2>By morphologic change (Figure 4)</h2>"
+                 + box_plots(table, "visual", cols, figures / "boxplots_visual"))
+    parts.append(_qa_section(table, results))
+    if synthetic:
+        parts.append(_truth_section(store, table, run, figures))
+    parts.append("<h2 id='failed'>Failed patients</h2>")
+    if failed:
+        parts.append("<p>Each patient's reason is given once, at the stage where it failed; "
+                     "its later stages are <i>upstream failed</i>.</p>"
+                     + _table_html(pd.DataFrame(failed, columns=["patient", "stage", "reason"])))
+    else:
+        parts.append("<p>None.</p>")
+    bad_cohort = [(s, r["status"], r["message"]) for s, r in cohort_state.items()
+                  if r["status"] in ("failed", "upstream_failed") and s != "report"]
+    if bad_cohort:
+        parts.append("<h3>Cohort stages not done</h3>" + _table_html(
+            pd.DataFrame(bad_cohort, columns=["stage", "status", "reason"])))
+    parts.append(_provenance_section(root, run))
+    return "\n".join(parts)
+
+
+def _cohort_section(table, n_ids, done, n_failed) -> str:
     counts = []
     for by, groups in GROUPS.items():
         if by in table:
             c = ", ".join(f"{g} {int((table[by] == g).sum())}" for g in groups)
             counts.append(f"<li>{by}: {c}, no label {int(table[by].isna().sum())}</li>")
-    parts.append(f"<h2>Cohort</h2><p>{n} patients in the store; {done} with a log-Jacobian map."
-                 f"</p><ul>{''.join(counts)}</ul>")  # fmt: skip
+    text = (f"<h2>Cohort</h2><p>{n_ids} patient{'s' if n_ids != 1 else ''}; {done} with a "
+            f"log-Jacobian map; {n_failed} failed (<a href='#failed'>see below</a>).</p>"
+            f"<ul>{''.join(counts)}</ul>")  # fmt: skip
+    if done == 0:
+        text += ("<p class='note'><b>No patient has a log-Jacobian map</b>: every patient failed "
+                 "or has not run yet, so there are no maps, tables or classifiers to show. The "
+                 "reasons are under <a href='#failed'>Failed patients</a>; fix the inputs and run "
+                 "<code>sscflow run</code> again (finished work is kept).</p>")  # fmt: skip
+    elif n_ids == 1:
+        text += "<p class='note'>One patient: group statistics need more.</p>"
+    return text
 
-    # Tables 1 and 2
-    for title, by in (("Table 1: by functional change", "functional"),
-                      ("Table 2: by morphologic (visual) change", "visual")):  # fmt: skip
+
+def _tables_section(table) -> str:
+    from sscflow.stats import TABLE_ROWS, summary_table
+
+    parts = []
+    for title, by, need in (("Table 1: by functional change", "functional",
+                             "FVC and DLCO at both times"),
+                            ("Table 2: by morphologic (visual) change", "visual",
+                             "a visual column")):  # fmt: skip
         if by in table and table[by].notna().any():
             t = summary_table(table, by, list(GROUPS[by]), TABLE_ROWS)
             parts.append(f"<h2>{title}</h2>" + _table_html(t) +
                          "<p class='muted'>Median (interquartile range) or count (%); P: "
                          "Mann-Whitney (2 groups), Kruskal-Wallis (3), Fisher's exact (counts)."
                          "</p>")  # fmt: skip
+        else:
+            parts.append(f"<h2>{title}</h2><p class='muted'>Not made: no patient has a {by} "
+                         f"label (the manifest needs {need}).</p>")  # fmt: skip
+    return "\n".join(parts)
 
-    # correlations
-    rho = spearman_table(table)
-    if len(rho):
-        show = rho.copy()
-        show["95% CI"] = [f"{lo:.2f} to {hi:.2f}" for lo, hi in zip(show.ci_low, show.ci_high,
-                                                                       strict=True)]  # fmt: skip
-        show["rho"] = show["rho"].map(lambda v: f"{v:.2f}")
-        show["P"] = show["p"].map(format_p)
-        parts.append("<h2>Mean log-Jacobian against PFT change (Spearman)</h2>"
-                     + _table_html(show[["variable", "n", "rho", "95% CI", "P"]]))  # fmt: skip
 
-    # classifier
-    parts.append("<h2>Classifier (test set, exact 95% CIs)</h2>")
+def _spearman_section(table) -> str:
+    from sscflow.stats import format_p, spearman_table
+
+    head = "<h2>Mean log-Jacobian against PFT change (Spearman)</h2>"
+    rho = spearman_table(table) if "logjac_mean" in table else pd.DataFrame()
+    rho = rho[rho["n"] > 0] if len(rho) else rho
+    if not len(rho):
+        return head + "<p class='muted'>Not made: no patient has both a map and PFT changes.</p>"
+    show = pd.DataFrame({
+        "variable": [LABELS.get(v, v) for v in rho["variable"]],
+        "n": rho["n"].astype(int),
+        "rho": [format_value(v, "{:.2f}") for v in rho["rho"]],
+        "95% CI": [f"{format_value(lo, '{:.2f}')} to {format_value(hi, '{:.2f}')}"
+                   if np.isfinite(lo) and np.isfinite(hi) else "–"
+                   for lo, hi in zip(rho["ci_low"], rho["ci_high"], strict=True)],
+        "P": [format_p(p) or "–" for p in rho["p"]],
+    })  # fmt: skip
+    return head + _table_html(show) + ("<p class='muted'>– : not defined (fewer than 3 pairs, "
+                                       "or a constant column).</p>")
+
+
+def _classifier_section(results: Path, figures: Path) -> str:
+    parts = ["<h2>Classifier (test set, exact 95% CIs)</h2>"]
     curves = {}
     for target, label in TARGETS.items():
         folder = results / "classifier" / target
@@ -201,48 +324,182 @@ def write_report(store: str, results_dir, *, synthetic: bool | None = None) -> P
         if metrics is None:
             parts.append(f"<p class='muted'>{html.escape(label)}: not trained.</p>")
             continue
-        rows = [_metric_rows("CNN on log-Jacobian maps (cut-off: validation Youden)",
-                             metrics["cnn"])]  # fmt: skip
+        cnn = metrics["cnn"]
+        rows = [_metric_rows("CNN on log-Jacobian maps (cut-off: validation Youden)", cnn)]
         if metrics.get("ild_extent"):
             rows.append(_metric_rows("ILD extent change (HAA, learning-set Youden cut-off)",
                                      metrics["ild_extent"]))  # fmt: skip
+        n = int(cnn.get("n") or 0)
+        pos = int(cnn.get("tp", 0)) + int(cnn.get("fn", 0))
+        majority = max(pos, n - pos) / n if n else float("nan")
+        rows.append({"Method": "Majority class (predict the commoner class for everyone)",
+                     "n (test)": n, "Accuracy": format_value(majority, "{:.0%}")})
         parts.append(f"<h3>{html.escape(label)}</h3>" + _table_html(pd.DataFrame(rows)))
-        curves[f"{target}: CNN"] = metrics["cnn"].get("roc", {})
+        if n < SMALL_TEST:
+            parts.append(f"<p class='note'><b>Warning:</b> the test set has {n} patient"
+                         f"{'s' if n != 1 else ''} (fewer than {SMALL_TEST}): these metrics "
+                         "mean little; compare the accuracy with the majority class's "
+                         f"({format_value(majority, '{:.0%}')}).</p>")  # fmt: skip
+        curves[f"{target}: CNN"] = cnn.get("roc", {})
         curves[f"{target}: ILD extent"] = (metrics.get("ild_extent") or {}).get("roc", {})
-    if curves:
-        parts.append("<h3>ROC curves (test set)</h3>" + roc_figure(curves))
+    if any(c and c.get("fpr") for c in curves.values()):
+        parts.append("<h3>ROC curves (test set)</h3>" + roc_figure(curves, figures / "roc"))
+    return "\n".join(parts)
 
-    # figures
-    parts.append("<h2>Group-mean log-Jacobian maps (sagittal projection, template space)</h2>")
+
+def _maps_section(results: Path, cohort_state: dict) -> str:
+    head = ("<h2>Group-mean log-Jacobian maps (template space)</h2><p class='muted'>Each panel: "
+            "the group's mean map, averaged along left-right (sagittal) or front-back (coronal) "
+            "inside the template lungs, over the template CT; n is the group's size. With no "
+            "labels, the mean of every patient is shown.</p>")  # fmt: skip
     fig5 = results / "figures" / "group_means_sagittal.png"
-    parts.append(_img_file(fig5) if fig5.is_file() else "<p class='muted'>Not made yet.</p>")
-    cols = [("logjac_mean", "mean log-Jacobian"), ("delta_fvc", "ΔFVC % pred."),
-            ("delta_dlco", "ΔDLCO % pred."), ("delta_tlc", "ΔTLC % pred."),
-            ("delta_kco", "ΔKCO % pred.")]  # fmt: skip
-    parts.append("<h2>By functional change (Figure 3)</h2>" + box_plots(table, "functional", cols))
-    parts.append("<h2>By morphologic change (Figure 4)</h2>" + box_plots(table, "visual", cols))
+    gm = cohort_state.get("group_means", {})
+    if gm.get("status") in ("failed", "upstream_failed"):
+        return head + (f"<p class='note'>Not made: the group-means stage "
+                       f"{gm['status'].replace('_', ' ')}: {html.escape(gm.get('message', ''))}"
+                       "</p>")  # fmt: skip
+    if fig5.is_file():
+        return head + _img_file(fig5)
+    return head + "<p class='muted'>Not made: no run has reached the group-means stage.</p>"
 
-    # failures
+
+def _qa_section(table, results: Path) -> str:
+    parts = ["<h2 id='qa'>Per-patient QA</h2><p>Each patient's page shows the lung mask on "
+             "the baseline, the follow-up before and after registration, the log-Jacobian map "
+             "over the CT and the template-space map.</p>"]  # fmt: skip
+    if not len(table):
+        return parts[0] + "<p class='muted'>No patient in the store.</p>"
+    rows = []
+    for rec in table.to_dict("records"):
+        pid = str(rec["patient_id"])
+        link = page_path(results, pid)
+        cell = (f"<a href='qa/{html.escape(pid)}.html'>{html.escape(pid)}</a>"
+                if link.is_file() else html.escape(pid))
+        raised = flags(rec)
+        flag = ", ".join(html.escape(n) for n, _ in raised) or "–"
+        rows.append(f"<tr><td>{cell}</td>" + "".join(
+            f"<td>{format_value(rec.get(c), f)}</td>" for c, _, f in KEY_FIGURES)
+            + f"<td>{flag}</td></tr>")  # fmt: skip
+    heads = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in KEY_FIGURES)
+    parts.append(f"<table><tr><th>patient</th>{heads}<th>flags</th></tr>{''.join(rows)}</table>")
+    rules = "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(r)}</li>"
+                    for n, r, _ in FLAG_RULES)  # fmt: skip
+    parts.append(f"<p>Flag rules:</p><ul>{rules}</ul>")
+    return "\n".join(parts)
+
+
+def _truth_section(store, table, run, figures: Path) -> str:
+    parts = ["<h2 id='truth'>Against the synthetic truth</h2><p>Lung masks against the "
+             "generator's lungs (Dice) and the registration's displacement against the true "
+             "field (mean error in the baseline lungs, mm).</p>"]  # fmt: skip
+    cols = [c for c in table.columns if c.startswith("reg_truth_")]
+    dice = {}
+    truth_dir = run.get("truth_dir")
+    if truth_dir and Path(truth_dir, "truth").is_dir():
+        from sscflow.quality import lung_mask_dice
+
+        ids = [p for p in table["patient_id"] if np.isfinite(table.set_index(
+            "patient_id").at[p, "lung_volume_baseline_ml"])]  # fmt: skip
+        try:
+            dice = lung_mask_dice(store, truth_dir, ids)
+        except (OSError, ValueError, KeyError):
+            dice = {}
+    t = table[["patient_id", *cols]].copy()
+    t.insert(1, "lung Dice", [dice.get(p, np.nan) for p in t["patient_id"]])
+    t = t[t.drop(columns="patient_id").notna().any(axis=1)]
+    if not len(t):
+        return parts[0] + "<p class='muted'>No patient has a comparison with the truth yet.</p>"
+    summary = []
+    for c in t.columns[1:]:
+        v = pd.to_numeric(t[c], errors="coerce").dropna()
+        if len(v):
+            summary.append({"measure": c.removeprefix("reg_truth_"), "n": len(v),
+                            "median": format_value(v.median(), "{:.3f}"),
+                            "min": format_value(v.min(), "{:.3f}"),
+                            "max": format_value(v.max(), "{:.3f}")})  # fmt: skip
+    parts.append(_table_html(pd.DataFrame(summary)))
+    show = t.copy()
+    for c in show.columns[1:]:
+        show[c] = [format_value(v, "{:.3f}") for v in show[c]]
+    show.columns = [c.removeprefix("reg_truth_") for c in show.columns]
+    parts.append("<details><summary>Per patient</summary>" + _table_html(show) + "</details>")
+    fig, axes = _figure(6.0, 2.6, 2)
+    for ax, (c, label) in zip(axes, (("lung Dice", "lung Dice"),
+                                     ("reg_truth_mean_error_mm", "displacement error (mm)")),
+                              strict=True):  # fmt: skip
+        v = pd.to_numeric(t.get(c, pd.Series(dtype=float)), errors="coerce").dropna()
+        if len(v):
+            ax.hist(v, bins=min(20, max(3, len(v))), color="#4a7fb0")
+        ax.set_title(f"{label} (n = {len(v)})", fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    _save(fig, figures / "truth")
+    parts.append(_png(fig))
+    return "\n".join(parts)
+
+
+def _provenance_section(root, run: dict) -> str:
+    from sscflow import __version__
+    from sscflow import store as st
+    from sscflow.template import describe_provenance, template_provenance
+
+    spacing = None
+    for pid in st.patient_ids(root):
+        meta = root[f"{st.PATIENTS}/{pid}"].get("baseline")
+        if meta is not None and "sscflow" in meta.attrs:
+            spacing = (meta.attrs["sscflow"].get("params") or {}).get("spacing_mm")
+            break
+    backends = {}
+    for pid in st.patient_ids(root):
+        g = root[f"{st.PATIENTS}/{pid}"]
+        for name, stage in (("displacement", "registration"),
+                            ("log_jacobian_template", "to_template")):  # fmt: skip
+            if st.output_state(g, name) == "complete":
+                qa = g[name].attrs["sscflow"].get("qa") or {}
+                dev = (qa.get("parameters") or {}).get("device") if isinstance(
+                    qa.get("parameters"), dict) else None  # fmt: skip
+                key = f"{qa.get('backend', '?')}" + (f" (device {dev})" if dev else "")
+                backends.setdefault(stage, {}).setdefault(key, 0)
+                backends[stage][key] += 1
+    rows = [("sscflow version (this report)", __version__),
+            ("sscflow version (the run)", run.get("version", "–")),
+            ("run started", run.get("started", "–")),
+            ("manifest", run.get("manifest", "–")),
+            ("manifest sha256", run.get("manifest_sha256", "–")),
+            ("canonical grid spacing (mm)", format_value(spacing, "{:g}")),
+            ("template", describe_provenance(template_provenance(root))),
+            ("cluster", run.get("cluster", "–"))]  # fmt: skip
+    for stage, counts in backends.items():
+        rows.append((f"{stage} backend", ", ".join(f"{k}: {v} patients"
+                                                    for k, v in counts.items())))  # fmt: skip
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>"
+                   f"{html.escape(str(v))}</td></tr>" for k, v in rows)  # fmt: skip
+    config = run.get("config_yaml")
+    cfg = (f"<details><summary>Config of the run (YAML)</summary><pre>{html.escape(config)}"
+           "</pre></details>") if config else "<p class='muted'>No run record (config).</p>"
+    return f"<h2>Provenance</h2><table>{body}</table>{cfg}"
+
+
+def report_key(store, results_dir) -> str:
+    """A hash of everything the report shows (cohort table, run records, classifier metrics,
+    group means, QA pages, run provenance less its start time): unchanged, the report is."""
+    from sscflow import __version__
+    from sscflow import store as st
+    from sscflow.groups import cohort_table
+    from sscflow.pipeline import STATUS_GROUP, store_status
+
+    root = st.open_store(store, mode="r")
+    results = Path(results_dir)
+    run = dict(root[STATUS_GROUP].attrs.get("run", {})) if STATUS_GROUP in root else {}
+    for key in ("started", "cluster"):  # differ on every run, show nothing new
+        run.pop(key, None)
     state = store_status(store)
-    state.pop(None, None)
-    if members is not None:
-        keep = set(members)
-        state = {pid: row for pid, row in state.items() if pid in keep}
-    failed = [(pid, s, r["status"], r["message"]) for pid, row in state.items()
-              for s, r in row.items() if r["status"] in ("failed",)]  # fmt: skip
-    parts.append("<h2>Failed patients</h2>")
-    if failed:
-        parts.append(_table_html(pd.DataFrame(failed, columns=["patient", "stage", "status",
-                                                               "reason"])))  # fmt: skip
-    else:
-        parts.append("<p>None.</p>")
-
-    page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            "<title>sscflow cohort report</title><style>" + CSS + "</style></head><body>"
-            + "\n".join(parts) + "</body></html>")  # fmt: skip
-    out = results / "report" / "index.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".html.partial")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)  # never a half-written page
-    return out
+    state.get(None, {}).pop("report", None)
+    metrics = [(results / "classifier" / t / "metrics.json") for t in TARGETS]
+    gm = dict(root["group_means"].attrs).get("sscflow_input_hash") if "group_means" in root \
+        else None
+    pages = [(p, dict(root[f"{st.PATIENTS}/{p}"].attrs.get("qa_page", {})).get("input_hash"))
+             for p in st.patient_ids(root)]  # fmt: skip
+    return st.hash_values(__version__, cohort_table(root).to_csv(index=False),
+                          {str(k): v for k, v in state.items()}, run, gm, pages,
+                          [m.read_text() if m.is_file() else None for m in metrics])  # fmt: skip

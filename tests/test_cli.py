@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-COMMANDS = ["synth", "ingest", "run", "status", "report", "predict", "demo", "validate"]
+COMMANDS = ["synth", "ingest", "run", "status", "report", "predict", "demo", "validate",
+            "export"]
 
 
 def run(*args, cwd=None):
@@ -26,6 +27,8 @@ def test_every_command_has_help_with_an_example(command):
     res = run(command, "--help")
     assert res.returncode == 0
     assert "Example: sscflow " + command in " ".join(res.stdout.split())
+    for placeholder in ("<bool>", "{", "}"):  # typer's type and required-argument marks
+        assert placeholder not in res.stdout, (placeholder, res.stdout)
 
 
 def test_version():

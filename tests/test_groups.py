@@ -247,7 +247,7 @@ def test_group_means_stream_chunk_by_chunk(cohort):
     computed = np.empty(lazy["functional_mean"].shape, np.float32)
     with sizes, dask.config.set(scheduler="sync"):
         da.store(lazy["functional_mean"].data, computed, lock=False)  # no final gather task
-    accumulators = 2 * 5 * 4**3 * 8  # sums and counts of the 5 groups, one block, float64
+    accumulators = 2 * 6 * 4**3 * 8  # sums and counts of the 5 groups + all, one block, float64
     whole_map = int(np.prod(TEMPLATE.shape)) * 8
     assert 0 < sizes.largest <= accumulators < whole_map, sizes.largest
     np.testing.assert_allclose(computed[0], reference(["P01", "P02"]), rtol=1e-6, atol=1e-7)

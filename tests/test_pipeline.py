@@ -185,15 +185,16 @@ def test_dry_run_plans_ten_thousand_patients_without_running(tmp_path):
     store = tmp_path / "never.zarr"
     cfg_path = _write_config(tmp_path, manifest, store)
     plan = plan_run(read_manifest(manifest), load_config(cfg_path))
-    assert len(plan.tasks) == 5 * 10_000 + 1
+    assert len(plan.tasks) == 6 * 10_000 + 1
     assert len({t.key for t in plan.tasks}) == len(plan.tasks)
     assert plan.count() == {"ingest": 10_000, "extent": 10_000, "registration": 10_000,
-                            "jacobian": 10_000, "template": 1, "to_template": 10_000}  # fmt: skip
+                            "jacobian": 10_000, "template": 1, "to_template": 10_000,
+                            "qa": 10_000}  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "sscflow.cli", "run", str(cfg_path), "--dry-run"],
                           capture_output=True, text=True, encoding="utf-8", timeout=120,
                           env={**os.environ, "PYTHONIOENCODING": "utf-8"})  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "10000 patients" in done.stdout and "50001 tasks" in done.stdout
+    assert "10000 patients" in done.stdout and "60001 tasks" in done.stdout
     assert not store.exists()
 
 

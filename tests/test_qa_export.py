@@ -1,0 +1,185 @@
+"""QA pages, the report on a cohort without labels, and sscflow export, on real CT.
+
+A mini cohort from ../shared/data/lung1_image.nrrd (pyradiomics' lung1, 512x512x48 at
+0.57x0.57x5 mm): patient REAL1 is the scan and a rigidly moved copy; patient REAL2's follow-up
+is missing. No label columns. It runs through the ``sscflow`` command on a 2.5 mm grid, must
+exit 1 naming REAL2, and leave QA pages and a report that a headless browser loads without
+console errors. The exports are read back with SimpleITK and compared with the store, and the
+exported field, applied by SimpleITK itself, must reproduce the exported warped follow-up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import yaml
+
+from sscflow import store as st
+from sscflow.export import warp_to_baseline
+from sscflow.geometry import Geometry
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lung1_image.nrrd"
+SHIFT_MM = (4.0, -3.0, 2.5)  # the follow-up's content moves by this (x, y, z), mm
+needs_ct = pytest.mark.skipif(not DATA.is_file(), reason=f"{DATA} is not there")
+
+
+def sscflow(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sscflow.cli", *args], capture_output=True,
+                          text=True, encoding="utf-8", cwd=cwd, timeout=900,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8", "COLUMNS": "250"})  # fmt: skip
+
+
+def _moved_copy(path: Path, out: Path) -> None:
+    """The scan with its content moved rigidly by SHIFT_MM (same grid), as a NRRD file."""
+    image = sitk.ReadImage(str(path))
+    # resampling at p - shift moves the content by +shift
+    moved = sitk.Resample(image, image, sitk.TranslationTransform(3, [-s for s in SHIFT_MM]),
+                          sitk.sitkLinear, -1024.0, image.GetPixelID())  # fmt: skip
+    sitk.WriteImage(moved, str(out), useCompression=True)
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("realct")
+    _moved_copy(DATA, folder / "moved.nrrd")
+    (folder / "manifest.csv").write_text(
+        "patient_id,baseline,followup\n"
+        f"REAL1,{DATA},moved.nrrd\n"
+        f"REAL2,{DATA},missing_followup.nrrd\n"
+    )
+    reg = {"backend": "sitk", "levels": [4], "iterations": [20]}  # small and quick
+    config = {
+        "manifest": "manifest.csv", "store": "cohort.zarr", "results": "results",
+        "cluster": {"n_workers": 1, "threads_per_worker": 2, "dashboard_address": ":0"},
+        "ingest": {"spacing_mm": 2.5},
+        "registration": reg,
+        "template": {"registration": reg},
+    }  # fmt: skip
+    (folder / "run.yaml").write_text(yaml.safe_dump(config))
+    res = sscflow("run", str(folder / "run.yaml"))
+    return folder, res
+
+
+@needs_ct
+@pytest.mark.slow
+def test_unlabelled_real_ct_cohort_runs_and_names_the_bad_patient(real_run):
+    folder, res = real_run
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    assert "REAL2" in res.stderr and "missing_followup.nrrd does not exist" in " ".join(
+        res.stderr.split())
+    assert "1 patient failed" in res.stderr
+    # the reason is given once, at ingest; later stages only name that stage
+    status = sscflow("status", str(folder / "cohort.zarr"))
+    assert status.returncode == 0, status.stderr
+    line = next(x for x in status.stdout.splitlines() if "REAL2" in x)
+    assert line.split("│")[2].strip() == "failed"  # ingest
+    assert all(c.strip() == "upstream_failed" for c in line.split("│")[3:8]), line
+    assert " ".join(status.stdout.split()).count("missing_followup.nrrd") == 1
+    page = (folder / "results" / "report" / "index.html").read_text(encoding="utf-8")
+    assert "REAL2" in page and "Not made: no patient has a functional label" in page
+    assert (folder / "results" / "figures" / "group_means_sagittal.png").is_file()
+    assert (folder / "results" / "figures" / "group_means_sagittal.svg").is_file()
+    assert "Provenance" in page and "manifest sha256" in page
+    qa = folder / "results" / "report" / "qa" / "REAL1.html"
+    assert qa.is_file() and "href='qa/REAL1.html'" in page
+    qa_page = qa.read_text(encoding="utf-8")
+    for title in ("Baseline and lung mask", "Follow-up before registration",
+                  "Follow-up after registration", "Log-Jacobian over the baseline",
+                  "Template-space map"):  # fmt: skip
+        assert title in qa_page, title
+    assert "-0 (" not in page and "nan to nan" not in page and ">nan<" not in page
+    # a rerun rewrites nothing: every stage is skipped, the report too
+    again = sscflow("run", str(folder / "run.yaml"))
+    assert again.returncode == 1
+    for stage in ("registration", "jacobian", "to_template", "qa"):
+        assert f"{stage}: 0 done, 1 unchanged (skipped)" in again.stdout, again.stdout
+    assert "report: 0 done, 1 unchanged (skipped)" in again.stdout
+
+
+@needs_ct
+@pytest.mark.slow
+def test_report_and_qa_page_load_in_a_headless_browser(real_run, tmp_path):
+    folder, _ = real_run
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
+                    if shutil.which(n)), None)  # fmt: skip
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs chromium for the report check (.ci/run installs it)")
+        pytest.skip("chromium is not installed")
+    for page in (folder / "results/report/index.html", folder / "results/report/qa/REAL1.html"):
+        shot = tmp_path / f"{page.stem}.png"
+        res = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                              "--enable-logging=stderr", "--v=0", f"--screenshot={shot}",
+                              "--window-size=1200,2400", page.as_uri()],
+                             capture_output=True, text=True, errors="replace", timeout=120)
+        assert shot.is_file(), res.stderr[-2000:]
+        console = [line for line in res.stderr.splitlines() if "CONSOLE" in line]
+        assert not console, console
+
+
+@needs_ct
+@pytest.mark.slow
+def test_export_reads_back_with_simpleitk_and_the_field_reproduces_the_warp(real_run, tmp_path):
+    folder, _ = real_run
+    store = folder / "cohort.zarr"
+    out = tmp_path / "exported"
+    res = sscflow("export", str(store), "--out", str(out), "--patients", "REAL1",
+                  "--format", "nifti")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    root = st.open_store(store, mode="r")
+    group = root["patients/REAL1"]
+    for name in ("baseline", "followup", "lung_mask", "log_jacobian", "log_jacobian_template"):
+        stored = st.read_image(group if name != "x" else root, name)
+        img = sitk.ReadImage(str(out / "REAL1" / f"{name}.nii.gz"))
+        np.testing.assert_allclose(img.GetSpacing(), stored.geometry.spacing[::-1], atol=1e-5)
+        np.testing.assert_allclose(img.GetOrigin(), stored.geometry.origin[::-1], atol=1e-3)
+        np.testing.assert_allclose(np.reshape(img.GetDirection(), (3, 3)), np.eye(3), atol=1e-6)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(img), stored.array[...], name)
+    field = sitk.ReadImage(str(out / "REAL1" / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    u = st.read_image(group, "displacement").array[...]
+    vec = sitk.GetArrayFromImage(field)  # (Z, Y, X, 3) with components x, y, z
+    np.testing.assert_allclose(vec[..., 0], u[2], atol=1e-5)
+    np.testing.assert_allclose(vec[..., 2], u[0], atol=1e-5)
+    follow = sitk.ReadImage(str(out / "REAL1" / "followup.nii.gz"), sitk.sitkFloat32)
+    base = sitk.ReadImage(str(out / "REAL1" / "baseline.nii.gz"), sitk.sitkFloat32)
+    warped = sitk.Resample(follow, base, sitk.DisplacementFieldTransform(field), sitk.sitkLinear,
+                           -1024.0)  # fmt: skip
+    exported = sitk.ReadImage(str(out / "REAL1" / "followup_warped.nii.gz"))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(warped), sitk.GetArrayFromImage(exported),
+                               atol=0.05)  # fmt: skip
+    # an independent check of the warp: the mean field in the lungs undoes the planted shift
+    mask = st.read_image(group, "lung_mask").array[...].astype(bool)
+    mean_xyz = [float(u[k][mask].mean()) for k in (2, 1, 0)]
+    np.testing.assert_allclose(mean_xyz, SHIFT_MM, atol=1.0)
+    assert (out / "template" / "image.nii.gz").is_file()
+    assert (out / "template" / "all_patients.nii.gz").is_file()
+
+
+def test_warp_to_baseline_known_translation_across_grids():
+    """A follow-up on its own grid (other spacing and origin) and a constant field u: the
+    result must be the follow-up's analytic values at x + u(x)."""
+
+    def value(z, y, x):  # a smooth function of physical position, mm
+        return 100.0 * np.sin(z / 9.0) + 50.0 * np.cos(y / 7.0) + 2.0 * x
+
+    fgeom = Geometry((30, 34, 38), (2.0, 1.7, 1.5), (-31.0, -29.0, -28.0))
+    idx = np.indices(fgeom.shape).astype(float)
+    pts = [fgeom.origin[k] + idx[k] * fgeom.spacing[k] for k in range(3)]
+    follow = value(*pts).astype(np.float32)
+    bgeom = Geometry((12, 14, 16), (2.5, 2.5, 2.5), (-14.0, -16.0, -18.0))
+    u = np.zeros((3, *bgeom.shape), np.float32)
+    u[0], u[1], u[2] = 3.0, -2.0, 1.25  # mm along z, y, x
+    out = warp_to_baseline(follow, fgeom, u, bgeom)
+    bidx = np.indices(bgeom.shape).astype(float)
+    bpts = [bgeom.origin[k] + bidx[k] * bgeom.spacing[k] + u[k] for k in range(3)]
+    expected = value(*bpts)
+    np.testing.assert_allclose(out, expected, atol=2.5)  # linear interpolation of a smooth field
+    assert np.abs(out - expected).mean() < 0.6
