@@ -202,6 +202,7 @@ def _ingest_scan(
         params=mask_params,
         input_hash=mask_hash,
         extra={"lung_volume_ml": lungs.volume_ml, "airway_ml": lungs.airway_ml, "of": which},
+        label_of=which,
         **write,
     )
     result.written.append(mask_name)

@@ -504,8 +504,12 @@ def _cell(cell, decimals: int) -> str:
     if kind == "continuous":
         if not np.isfinite(cell["median"]):
             return "NA"
-        med, q1, q3 = (f"{cell[k]:.{decimals}f}" for k in ("median", "q1", "q3"))
-        sep = " to " if min(cell["q1"], cell["q3"]) < 0 else "-"
+        values = np.array([cell[k] for k in ("median", "q1", "q3")], float)
+        if np.abs(values).max() > 0:  # a cell of small values keeps two significant digits
+            decimals = max(decimals, _decimals(values))
+        rounded = [round(float(v), decimals) + 0.0 for v in values]  # + 0.0: no "-0"
+        med, q1, q3 = (f"{v:.{decimals}f}" for v in rounded)
+        sep = " to " if min(rounded[1:]) < 0 else "-"
         return f"{med} ({q1}{sep}{q3})"
     if not np.isfinite(cell["percent"]):
         return "0 (NA)"

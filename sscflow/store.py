@@ -172,12 +172,15 @@ def write_image(
     compression_level: int = 3,
     fill_value: Any = 0,
     complete: bool = True,
+    label_of: str | None = None,
 ) -> zarr.Group:
     """Write ``data`` (numpy or dask, (z, y, x) or (c, z, y, x)) as an NGFF image group.
 
     Any existing group ``name`` is replaced. The group is marked complete last; with
     ``complete=False`` it is left incomplete for the caller to add what it derives from the
-    stored data and then call :func:`finish_image`.
+    stored data and then call :func:`finish_image`. With ``label_of`` (the name of a sibling
+    image, e.g. "baseline") the group is an OME-NGFF ``image-label`` of that image (a mask:
+    napari opens it as a labels layer).
     """
     if tuple(data.shape[-3:]) != geometry.shape:
         raise ValueError(
@@ -195,6 +198,10 @@ def write_image(
     if data.ndim not in (3, 4):
         raise ValueError(f"{name}: data must be (z, y, x) or (c, z, y, x), got shape {data.shape}")
     ome = ngff_multiscales(name, geometry, channels=data.ndim == 4)
+    if label_of is not None:
+        ome["image-label"] = {"colors": [{"label-value": 1, "rgba": [255, 204, 0, 255]}],
+                              "properties": [{"label-value": 1, "name": "lung"}],
+                              "source": {"image": f"../{label_of}"}}  # fmt: skip
     group.attrs.update({"ome": ome, "sscflow": meta})
     dtype = np.dtype(data.dtype)
     chunks = tuple(min(chunk, s) for s in data.shape[-3:])

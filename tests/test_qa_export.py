@@ -33,7 +33,7 @@ needs_ct = pytest.mark.skipif(not DATA.is_file(), reason=f"{DATA} is not there")
 def sscflow(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "sscflow.cli", *args], capture_output=True,
                           text=True, encoding="utf-8", cwd=cwd, timeout=900,
-                          env={**os.environ, "PYTHONIOENCODING": "utf-8", "COLUMNS": "250"})  # fmt: skip
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8", "COLUMNS": "250"})
 
 
 def _moved_copy(path: Path, out: Path) -> None:
