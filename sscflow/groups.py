@@ -104,12 +104,111 @@ def cohort_table(store, patient_ids=None) -> pd.DataFrame:
 
 
 def write_cohort_table(table: pd.DataFrame, folder) -> Path:
-    """Write ``table`` to ``folder/patients.csv`` (folder created); return the file's path."""
+    """Write ``table`` to ``folder/patients.csv`` (folder created); return the file's path.
+
+    Numbers are rounded to their precision (:func:`column_decimals`: 1 decimal for mL, 2 for
+    PFT points, 5 for log-Jacobian values, ...), and ``patients_columns.csv`` beside it
+    documents every column (name, unit, description: :func:`describe_column`).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "patients.csv"
-    table.to_csv(path, index=False)
+    out = table.copy()
+    for c in out.columns:
+        if pd.api.types.is_float_dtype(out[c]):
+            d = column_decimals(c)
+            out[c] = out[c].round(d) if d is not None else out[c].map(_significant)
+    out.to_csv(path, index=False)
+    rows = [(c, *describe_column(c)) for c in table.columns]
+    pd.DataFrame(rows, columns=["column", "unit", "description"]).to_csv(
+        folder / "patients_columns.csv", index=False)
     return path
+
+
+def _significant(v, digits: int = 6):
+    return v if not np.isfinite(v) or v == 0 else float(f"{v:.{digits}g}")
+
+
+def column_decimals(column: str) -> int | None:
+    """Decimals kept in patients.csv for a column (None: six significant digits).
+
+    >>> column_decimals("delta_fvc"), column_decimals("logjac_mean"), column_decimals("x_y")
+    (2, 5, None)
+    """
+    c = column
+    if c.endswith("_ml") or "mad_hu" in c or c in ("age", "interval_months"):
+        return 1
+    if c.startswith(("fvc", "dlco", "tlc", "kco", "delta_", "haa")):
+        return 2
+    if "fraction" in c or "coverage" in c:
+        return 6
+    if "ncc" in c or "dice" in c:
+        return 4
+    if c.endswith("_s"):
+        return 2
+    if c.endswith("_mm"):
+        return 3
+    if c.startswith("logjac_") and c not in ("logjac_voxels", "logjac_floor") or c.startswith(
+            "tpl_mean_"):  # fmt: skip
+        return 5
+    return None
+
+
+_COLUMNS = {
+    "patient_id": ("", "the manifest's patient id"),
+    "interval_months": ("months", "interval between the two CT scans (manifest)"),
+    "age": ("years", "age (manifest)"), "sex": ("", "F or M (manifest)"),
+    "functional": ("", "functional change by the ATS/ERS rule: worsening (FVC -10 or DLCO -15 "
+                   "points) or stable; empty without the PFT values the rule needs"),
+    "visual": ("", "visual (morphologic) change from the manifest: worsened, stable, improved"),
+    "lung_volume_baseline_ml": ("mL", "lung-mask volume at baseline"),
+    "lung_volume_followup_ml": ("mL", "lung-mask volume at follow-up"),
+    "haa_baseline": ("%", "ILD extent at baseline: high-attenuation area, % of the lungs"),
+    "haa_followup": ("%", "ILD extent at follow-up (high-attenuation area)"),
+    "delta_haa": ("points", "change in ILD extent, follow-up minus baseline"),
+    "logjac_mean": ("log-Jacobian", "mean log det(I + grad u) in the baseline lungs; < 0: "
+                    "the lung shrank from baseline to follow-up"),
+    "logjac_median": ("log-Jacobian", "median log-Jacobian in the baseline lungs"),
+    "folded_fraction": ("fraction", "lung voxels whose Jacobian determinant is <= 0 (folding)"),
+    "logjac_voxels": ("voxels", "lung voxels measured"),
+    "logjac_floor": ("", "determinants at or below this are set to it before the log"),
+    "logjac_log_floor": ("log-Jacobian", "the log of the floor"),
+}
+
+
+def describe_column(column: str) -> tuple[str, str]:
+    """(unit, description) of a cohort-table column, for patients_columns.csv.
+
+    >>> describe_column("delta_dlco")
+    ('% predicted points', 'DLCO change, follow-up minus baseline')
+    """
+    c = column
+    if c in _COLUMNS:
+        return _COLUMNS[c]
+    for m in PFT:
+        if c == f"delta_{m}":
+            return ("% predicted points", f"{m.upper()} change, follow-up minus baseline")
+        for t in ("baseline", "followup"):
+            if c == f"{m}_{t}":
+                return ("% predicted", f"{m.upper()} at {t.replace('followup', 'follow-up')} "
+                        "(manifest)")  # fmt: skip
+    if c.startswith("logjac_p"):
+        return ("log-Jacobian", f"{c[8:]}th percentile of the log-Jacobian in the lungs")
+    if c.startswith("logjac_"):
+        return ("", f"log-Jacobian summary: {c[7:].replace('_', ' ')}")
+    unit = ("mm" if c.endswith("_mm") else "s" if c.endswith("_s") else "HU" if "hu" in c
+            else "fraction" if "fraction" in c or "coverage" in c else "")  # fmt: skip
+    what = c.split("_", 1)[1].replace("_", " ") if "_" in c else c
+    if c.startswith("reg_truth_"):
+        return (unit, f"registration against the synthetic truth: {c[10:].replace('_', ' ')}")
+    if c.startswith("reg_"):
+        return (unit, f"follow-up -> baseline registration QA: {what} (ncc: normalised cross-"
+                "correlation in the lungs, lncc: local NCC, mad_hu: mean absolute difference; "
+                "before / after registration)")  # fmt: skip
+    if c.startswith("tpl_"):
+        return (unit, f"baseline -> template registration QA: {what} (dice: lung overlap in "
+                "template space; mean_*: mean log-Jacobian before / after the warp)")
+    return (unit, "clinical value from the manifest" if c in CLINICAL else "")
 
 
 def _patient_row(root, pid: str) -> dict:
@@ -148,7 +247,8 @@ def _patient_row(root, pid: str) -> dict:
     for key in REG_COLUMNS:
         row[f"reg_{key}"] = qa.get(key, np.nan)
     row.update(_flatten({k: v for k, v in qa.items() if k not in REG_SKIP}, "reg_"))
-    row.update(_flatten(_meta(group, MAP).get("qa") or {}, "tpl_"))
+    tpl_qa = _meta(group, MAP).get("qa") or {}
+    row.update(_flatten({k: v for k, v in tpl_qa.items() if k not in REG_SKIP}, "tpl_"))
     return row
 
 

@@ -151,7 +151,13 @@ def test_cohort_table_values_and_missing_outputs(cohort, tmp_path):
     assert csv == tmp_path / "tables" / "patients.csv"
     back = pd.read_csv(csv)
     assert list(back.columns) == list(table.columns)
-    np.testing.assert_allclose(back["delta_fvc"], table["delta_fvc"])
+    np.testing.assert_allclose(back["delta_fvc"], table["delta_fvc"].round(2))
+    columns = pd.read_csv(tmp_path / "tables" / "patients_columns.csv")
+    assert list(columns["column"]) == list(table.columns)  # every column documented
+    assert columns["description"].notna().all(), columns[columns["description"].isna()]
+    odd = table.assign(delta_fvc=3.0999999999999943, logjac_mean=-0.0005055206304772126)
+    text = write_cohort_table(odd, tmp_path / "odd").read_text()
+    assert ",3.1," in text and ",-0.00051," in text and "3.0999" not in text
 
 
 def test_cohort_table_subset_and_unknown_patient(cohort):
