@@ -148,7 +148,7 @@ def plot_group_means(store, path) -> Path:
     dz, dy, dx = (float(v) for v in ds.attrs["spacing"])
     sag_ext = (y[0] - dy / 2, y[-1] + dy / 2, z[0] - dz / 2, z[-1] + dz / 2)
     cor_ext = (x[0] - dx / 2, x[-1] + dx / 2, z[0] - dz / 2, z[-1] + dz / 2)
-    cz, cy, cx = (int(np.round(np.mean(i))) for i in np.nonzero(mask)) if mask.any() else (
+    _, cy, cx = (int(np.round(np.mean(i))) for i in np.nonzero(mask)) if mask.any() else (
         s // 2 for s in mask.shape)  # fmt: skip
 
     panels = [(t, n, sagittal_projection(m, mask), coronal_projection(m, mask))
@@ -158,7 +158,7 @@ def plot_group_means(store, path) -> Path:
     norm = Normalize(vmin=-vmax, vmax=vmax)
     cmap = colormaps["RdBu_r"].with_extremes(bad=(0, 0, 0, 0))
     ncols = max(1, len(panels))
-    fig = Figure(figsize=(2.9 * ncols + 1.4, 7.4), layout="constrained")
+    fig = Figure(figsize=(max(6.5, 2.9 * ncols + 1.4), 7.6), layout="constrained")
     axes = fig.subplots(2, ncols, squeeze=False)
     image = None
     for col, (title, n, sag, cor) in enumerate(panels):
@@ -185,8 +185,8 @@ def plot_group_means(store, path) -> Path:
         bar.set_label(COLORBAR_LABEL)
     fig.suptitle(
         f"Group-mean log-Jacobian over the template CT ({int(ds.attrs.get('n_patients', 0))} "
-        "patients): mean along left-right (sagittal) or front-back (coronal) inside the template "
-        f"lungs, colour range \u00b1{vmax:g}",
+        "patients)\nmean along left-right (sagittal) or front-back (coronal) inside the template "
+        f"lungs; colour range \u00b1{vmax:g}",
         fontsize=9,
     )
     return save_figure(fig, path)
