@@ -6,8 +6,8 @@ functional and for morphologic worsening, and evaluates on the same held-out tes
 - the CNN: sensitivity, specificity, accuracy, PPV, NPV with exact (Clopper-Pearson) 95% CIs,
   confusion counts and ROC AUC (``sscflow.stats``);
 - the density baseline of the paper: the change in high-attenuation area (ILD extent, % of lung
-  between -600 and -250 HU, ``sscflow.extent``) thresholded at the Youden-optimal cut-off found
-  on the learning set (training + validation), applied once to the test set.
+  between -600 and 0 HU by default, ``sscflow.extent``) thresholded at the Youden-optimal
+  cut-off found on the learning set (training + validation), applied once to the test set.
 
 Writes ``results/classifier/<target>/{model.pt, metadata.json, split.json, predictions.csv,
 metrics.json}``. Skipped when ``metrics.json`` records the same inputs (maps, labels, extents)
@@ -105,6 +105,7 @@ def classify_cohort(store, results_dir, config, *, force: bool = False, device=N
             result = train(store, table, target, config, folder, device=device)
         except ValueError as exc:  # too few labelled patients, one class only
             out[target] = {"status": "not_trained", "reason": str(exc)}
+            metrics_path.unlink(missing_ok=True)  # an older model's metrics are not this run's
             continue
         split = json.loads((folder / "split.json").read_text())
         labels = targets(table, target)
