@@ -68,7 +68,7 @@ def displacement_to_sitk(u, geometry: Geometry) -> sitk.Image:
 
 
 def warp_to_baseline(followup, followup_geometry: Geometry, displacement,
-                     baseline_geometry: Geometry, *, default: float = -1024.0,
+                     baseline_geometry: Geometry, *, fill: float = -1024.0,
                      interpolator=sitk.sitkLinear) -> np.ndarray:  # fmt: skip
     """The follow-up resampled at x + u(x) for every point x of the baseline grid.
 
@@ -76,7 +76,7 @@ def warp_to_baseline(followup, followup_geometry: Geometry, displacement,
     ----------
     followup : (Z', Y', X') array on its own grid ``followup_geometry``
     displacement : (3, Z, Y, X) mm on ``baseline_geometry`` (component k along array axis k)
-    default : value where x + u(x) leaves the follow-up's field of view (-1024 HU: air)
+    fill : value where x + u(x) leaves the follow-up's field of view (-1024 HU: air)
 
     Returns
     -------
@@ -87,17 +87,17 @@ def warp_to_baseline(followup, followup_geometry: Geometry, displacement,
     field = displacement_to_sitk(displacement, baseline_geometry)
     reference = image_to_sitk(np.zeros(baseline_geometry.shape, np.uint8), baseline_geometry)
     transform = sitk.DisplacementFieldTransform(field)
-    out = sitk.Resample(moving, reference, transform, interpolator, float(default),
+    out = sitk.Resample(moving, reference, transform, interpolator, float(fill),
                         sitk.sitkFloat32)  # fmt: skip
     return sitk.GetArrayFromImage(out)
 
 
-def resample_onto(array, geometry: Geometry, target: Geometry, *, default: float = -1024.0,
+def resample_onto(array, geometry: Geometry, target: Geometry, *, fill: float = -1024.0,
                   interpolator=sitk.sitkLinear) -> np.ndarray:  # fmt: skip
     """``array`` (on ``geometry``) resampled onto ``target`` by physical position, no warp."""
     moving = sitk.Cast(image_to_sitk(array, geometry), sitk.sitkFloat32)
     reference = image_to_sitk(np.zeros(target.shape, np.uint8), target)
-    out = sitk.Resample(moving, reference, sitk.Transform(), interpolator, float(default),
+    out = sitk.Resample(moving, reference, sitk.Transform(), interpolator, float(fill),
                         sitk.sitkFloat32)  # fmt: skip
     return sitk.GetArrayFromImage(out)
 
@@ -200,3 +200,19 @@ def export_store(store: str, out_dir, *, patients=None, fmt: str = "nifti",
             progress(pid, i + 1, len(ids))
     out["template"] = export_cohort_images(store, root, out_dir, fmt)
     return out
+
+
+def as_dataarray(store: str, patient_id: str, name: str):
+    """One stored patient image as a lazy ``xarray.DataArray`` with z, y, x in millimetres
+    (e.g. ``as_dataarray("demo/cohort.zarr", "SYN001", "baseline").sel(z=-40, method="nearest")``
+    is the axial slice nearest z = -40 mm)."""
+    import xarray as xr
+
+    s = st.read_image(st.patient_group(st.open_store(store, mode="r"), patient_id, create=False),
+                      name, lazy=True)  # fmt: skip
+    g = s.geometry
+    coords = {a: (a, g.origin[k] + np.arange(g.shape[k]) * g.spacing[k], {"units": "mm"})
+              for k, a in enumerate("zyx")}  # fmt: skip
+    dims = ("c", "z", "y", "x") if s.array.ndim == 4 else ("z", "y", "x")
+    return xr.DataArray(s.array, dims=dims, coords=coords, name=name,
+                        attrs={"spacing_mm": list(g.spacing), "stage": s.meta.get("stage")})
