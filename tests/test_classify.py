@@ -385,3 +385,30 @@ def test_predict_command_refuses_a_store_on_another_template(trained, tmp_path):
     assert done.returncode == 1 and "no patient has a log_jacobian_template map" in done.stderr
     done = _cli("predict", store, "--model", tmp_path / "nomodel")
     assert done.returncode == 1 and "has no metadata.json" in done.stderr
+
+
+def test_predict_command_says_which_patients_the_model_was_trained_on(trained, tmp_path):
+    """Patients the model saw (one from each of its training, validation and test sets, as its
+    own predictions.csv records them) and one new patient, scored without retraining."""
+    out, _ = trained
+    saved = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
+    picks = {s: saved.loc[saved["set"] == s, "patient_id"].iloc[0]
+             for s in ("train", "validation", "test")}  # fmt: skip
+    store = _new_store(tmp_path / "mixed.zarr", patients=(1,))  # NEW1: new to the model
+    root = st.open_store(store)
+    for p in picks.values():
+        i = int(p[1:])
+        st.write_image(st.patient_group(root, p), "log_jacobian_template",
+                       patient_map(i, label_of(i) == 1), GEOMETRY, stage="test", params={},
+                       input_hash=p)  # fmt: skip
+    csv = tmp_path / "p.csv"
+    done = _cli("predict", store, "--model", out, "--out", csv)
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = pd.read_csv(csv, dtype={"patient_id": str}).set_index("patient_id")
+    assert got.loc["NEW1", "model_set"] == "new"
+    for s, p in picks.items():
+        assert got.loc[p, "model_set"] == s, (p, s)
+        assert bool(got.loc[p, "in_training_set"]) == (s == "train")
+    assert ("1 were in the model's training set, 1 in its validation set, 1 in its test set "
+            "and 1 are new to it") in done.stdout  # fmt: skip
+    assert f"in the training set: {picks['train']}" in done.stdout
