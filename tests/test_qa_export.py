@@ -193,29 +193,7 @@ def test_export_of_a_small_store_reads_back_in_every_format(tmp_path, fmt):
     warped follow-up is the follow-up's analytic value at x + u(x)."""
     from sscflow.export import FORMATS, export_store
 
-    def value(z, y, x):
-        return 300.0 * np.sin(z / 11.0) + 200.0 * np.cos(y / 9.0) + 3.0 * x - 400.0
-
-    bgeom = Geometry((10, 12, 14), (2.5, 2.5, 2.5), (-12.0, -14.0, -16.0))
-    fgeom = Geometry((16, 20, 22), (2.0, 1.8, 1.6), (-20.0, -19.0, -18.5))
-    grids = {}
-    for name, g in (("baseline", bgeom), ("followup", fgeom)):
-        idx = np.indices(g.shape).astype(float)
-        grids[name] = value(*[g.origin[k] + idx[k] * g.spacing[k] for k in range(3)])
-    root = st.open_store(tmp_path / "s.zarr")
-    group = st.patient_group(root, "P1")
-    kw = dict(stage="test", params={}, input_hash="x")
-    st.write_image(group, "baseline", grids["baseline"].astype(np.int16), bgeom, **kw)
-    st.write_image(group, "followup", grids["followup"].astype(np.int16), fgeom, **kw)
-    mask = np.zeros(bgeom.shape, np.uint8)
-    mask[2:8, 3:9, 4:10] = 1
-    st.write_image(group, "lung_mask", mask, bgeom, label_of="baseline", **kw)
-    lj = np.where(mask > 0, 0.05, np.nan).astype(np.float32)
-    st.write_image(group, "log_jacobian", lj, bgeom, **kw)
-    u = np.zeros((3, *bgeom.shape), np.float32)
-    u[0], u[1], u[2] = 1.5, -2.0, 0.75
-    st.write_image(group, "displacement", u, bgeom, **kw)
-
+    bgeom, fgeom, u, group, value = _small_store(tmp_path / "s.zarr")
     out = tmp_path / "out"
     export_store(str(tmp_path / "s.zarr"), out, fmt=fmt)
     ext = FORMATS[fmt]
@@ -235,3 +213,51 @@ def test_export_of_a_small_store_reads_back_in_every_format(tmp_path, fmt):
     expected = value(*[bgeom.origin[k] + idx[k] * bgeom.spacing[k] + u[k] for k in range(3)])
     inner = (slice(1, -1),) * 3  # x + u(x) inside the follow-up's field of view
     np.testing.assert_allclose(warped[inner], expected[inner], atol=6.0)  # int16 + linear
+
+
+def _value(z, y, x):
+    return 300.0 * np.sin(z / 11.0) + 200.0 * np.cos(y / 9.0) + 3.0 * x - 400.0
+
+
+def _small_store(path, input_hash="x"):
+    """Patient P1 written by hand: baseline and follow-up on different grids, a lung mask, a
+    log-Jacobian map with NaN outside the lungs and a constant displacement."""
+    value = _value
+    bgeom = Geometry((10, 12, 14), (2.5, 2.5, 2.5), (-12.0, -14.0, -16.0))
+    fgeom = Geometry((16, 20, 22), (2.0, 1.8, 1.6), (-20.0, -19.0, -18.5))
+    grids = {}
+    for name, g in (("baseline", bgeom), ("followup", fgeom)):
+        idx = np.indices(g.shape).astype(float)
+        grids[name] = value(*[g.origin[k] + idx[k] * g.spacing[k] for k in range(3)])
+    root = st.open_store(path)
+    group = st.patient_group(root, "P1")
+    kw = dict(stage="test", params={}, input_hash=input_hash)
+    st.write_image(group, "baseline", grids["baseline"].astype(np.int16), bgeom, **kw)
+    st.write_image(group, "followup", grids["followup"].astype(np.int16), fgeom, **kw)
+    mask = np.zeros(bgeom.shape, np.uint8)
+    mask[2:8, 3:9, 4:10] = 1
+    st.write_image(group, "lung_mask", mask, bgeom, label_of="baseline", **kw)
+    lj = np.where(mask > 0, 0.05, np.nan).astype(np.float32)
+    st.write_image(group, "log_jacobian", lj, bgeom, **kw)
+    u = np.zeros((3, *bgeom.shape), np.float32)
+    u[0], u[1], u[2] = 1.5, -2.0, 0.75
+    st.write_image(group, "displacement", u, bgeom, **kw)
+    return bgeom, fgeom, u, group, value
+
+
+def test_qa_page_is_drawn_resumed_and_redrawn_when_an_input_changes(tmp_path):
+    from sscflow.qa import flags, qa_patient
+
+    _small_store(tmp_path / "s.zarr")
+    first = qa_patient(str(tmp_path / "s.zarr"), "P1", tmp_path / "results")
+    assert first["status"] == "done"
+    page = (tmp_path / "results/report/qa/P1.html").read_text(encoding="utf-8")
+    for title in ("Baseline and lung mask", "Follow-up before registration",
+                  "Follow-up after registration", "Log-Jacobian over the baseline"):  # fmt: skip
+        assert title in page, title
+    assert page.count("data:image/png;base64,") == 4 and "<script" not in page
+    assert qa_patient(str(tmp_path / "s.zarr"), "P1", tmp_path / "results")["status"] == "skipped"
+    _small_store(tmp_path / "s.zarr", input_hash="changed")
+    assert qa_patient(str(tmp_path / "s.zarr"), "P1", tmp_path / "results")["status"] == "done"
+    assert [n for n, _ in flags({"reg_lncc_before": 0.5, "reg_lncc_after": 0.4,
+                                 "reg_lung_coverage": 0.9})] == ["similarity", "coverage"]
