@@ -393,6 +393,10 @@ def test_key_file_refused_inside_the_cohort_or_store_or_open_to_others(cohort, t
     open_key.chmod(0o644)
     with pytest.raises(KeyFileError, match="chmod 600"):
         discover(ex.root, tmp_path / "c", key=open_key, cfg=CFG, pft=pft)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        discover(tmp_path / "nowhere", tmp_path / "c", key=tmp_path / "k.key", cfg=CFG, pft=pft)
+    with pytest.raises(FileNotFoundError, match="PFT table"):
+        discover(ex.root, tmp_path / "c", key=tmp_path / "k.key", cfg=CFG, pft=tmp_path / "no")
     with pytest.raises(SscflowError, match="no --pft table was given"):
         discover(ex.root, tmp_path / "c", key=tmp_path / "k.key", cfg=CFG)
     assert not (tmp_path / "c").exists()  # nothing written before the inputs are checked

@@ -57,6 +57,7 @@ class DiscoverResult:
     n_included: int
     seconds: float
     rules: dict = field(default_factory=dict)  # rule -> count of excluded.csv rows
+    timings: dict = field(default_factory=dict)  # seconds: list, headers, select, write
 
 
 def discover(
@@ -108,7 +109,9 @@ def discover(
 
     skip = {str(out), str(pkey.path.resolve())}
     files = [p for p in iter_files(root) if not p.startswith(str(out) + os.sep) and p not in skip]
+    t_list = time.perf_counter()
     records = _read_all(files, cfg.files_per_task, client, progress)
+    t_read = time.perf_counter()
 
     file_counts = {
         "found": len(files),
@@ -196,6 +199,7 @@ def discover(
         if p.rule:
             rows.append(_row("patient", pseudo[p.patient_id], rule=p.rule, detail=p.detail))
 
+    t_select = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     included = [p for p in picks if not p.rule]
     manifest = _write_manifest(included, pseudo, out)
@@ -222,6 +226,12 @@ def discover(
         n_patients=len(picks),
         n_included=len(included),
         seconds=time.perf_counter() - t0,
+        timings={
+            "list": t_list - t0,
+            "headers": t_read - t_list,
+            "select": t_select - t_read,
+            "write": time.perf_counter() - t_select,
+        },
         rules=rules,
     )
 
