@@ -123,12 +123,17 @@ class IngestConfig:
 
 @dataclass
 class SegmentConfig:
-    """Lung mask by thresholding, airway removal, connected components and morphology."""
+    """Lung masks (sscflow.segment): airways grown from the trachea, left/right lungs, a pleural
+    boundary from the chest wall that keeps dense subpleural disease; or the lungmask model."""
 
-    lung_threshold_hu: float = -400.0  # lung is below this, soft tissue above
-    airway_threshold_hu: float = -950.0  # airway lumen (after light smoothing) is below this
-    closing_mm: float = 5.0  # closes vessels and dense disease into the mask
+    lung_threshold_hu: float = -400.0  # aerated lung is below this, soft tissue above
+    airway_threshold_hu: float = -950.0  # airway lumen (mean over ~2 mm) is below this
+    closing_mm: float = 5.0  # per-lung closing: vessels at the hilum and lung surface
     min_lung_ml: float = 20.0  # smaller air components are dropped
+    dense_max_hu: float = 100.0  # dense disease up to this at the pleura stays in the mask
+    subpleural_mm: float = 20.0  # how deep under the pleura it is looked for; 0: not at all
+    backend: str = "threshold"  # threshold (sscflow.segment) or lungmask (an extra)
+    lungmask_weights: str | None = None  # lungmask: a local weights file; never downloaded
 
     def validate(self, where: str) -> None:
         if not self.airway_threshold_hu < self.lung_threshold_hu:
@@ -136,8 +141,24 @@ class SegmentConfig:
                 f"{where}.airway_threshold_hu ({self.airway_threshold_hu}) must be below "
                 f"{where}.lung_threshold_hu ({self.lung_threshold_hu})"
             )
-        if self.closing_mm < 0 or self.min_lung_ml < 0:
-            raise ConfigError(f"{where}.closing_mm and {where}.min_lung_ml must be >= 0")
+        if self.closing_mm < 0 or self.min_lung_ml < 0 or self.subpleural_mm < 0:
+            raise ConfigError(
+                f"{where}.closing_mm, {where}.min_lung_ml and {where}.subpleural_mm must be >= 0"
+            )
+        if not self.dense_max_hu > self.lung_threshold_hu:
+            raise ConfigError(
+                f"{where}.dense_max_hu ({self.dense_max_hu}) must be above "
+                f"{where}.lung_threshold_hu ({self.lung_threshold_hu})"
+            )
+        if self.backend not in ("threshold", "lungmask"):
+            raise ConfigError(
+                f"{where}.backend must be threshold or lungmask, got {self.backend!r}"
+            )
+        if self.backend == "lungmask" and not self.lungmask_weights:
+            raise ConfigError(
+                f"{where}.backend: lungmask needs {where}.lungmask_weights, the path of a local "
+                'weights file (sscflow never downloads weights; pip install "sscflow[lungmask]")'
+            )
 
 
 @dataclass

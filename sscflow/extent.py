@@ -1,15 +1,20 @@
-"""The density baseline of the paper: extent of interstitial lung disease by high-attenuation area.
+"""The density baseline of the paper: extent of interstitial lung disease by attenuation.
 
-The high-attenuation area (HAA) is the percentage of lung voxels between -600 and -250 HU
-(ground-glass opacities and reticulations), bounds included. Its change between the baseline and
-the follow-up CT is the visual-free density measure the log-Jacobian is compared against.
+The high-attenuation area (HAA, :func:`high_attenuation_area`) is the percentage of lung voxels
+in an HU band, bounds included: classically -600 to -250 HU (ground glass and fine
+reticulation). The lung masks keep dense subpleural disease (reticulation, honeycomb walls,
+fibrosis up to soft-tissue density) since sscflow.segment's chest-wall boundary, so the stage
+counts the wider ILD band -600 to 0 HU by default (``ILD_LOW_HU``, ``ILD_HIGH_HU``): dense
+fibrosis now inside the mask is counted, vessels (about +40 HU) mostly are not. Its change
+between the baseline and the follow-up CT is the visual-free density measure the log-Jacobian
+is compared against.
 
 :func:`extent_patient` stores its result as the attribute ``extent`` of the patient group
 ``patients/<id>`` (beside, not inside, the ``sscflow`` attribute that ingest owns)::
 
     {"stage": "extent", "params": {"low_hu", "high_hu", "version"}, "input_hash": ...,
-     "haa_baseline": %, "haa_followup": %, "delta_haa": percentage points,
-     "lung_voxels_baseline": n, "lung_voxels_followup": n}
+     "band_hu": [low, high], "haa_baseline": %, "haa_followup": %,
+     "delta_haa": percentage points, "lung_voxels_baseline": n, "lung_voxels_followup": n}
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from sscflow import store as st
 from sscflow.errors import IncompleteOutputError
 
 STAGE = "extent"
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: the ILD band -600..0 HU (was -600..-250) over masks that keep fibrosis
 ATTRIBUTE = "extent"
 HAA_LOW_HU = -600.0
 HAA_HIGH_HU = -250.0
+ILD_LOW_HU = -600.0  # what the stage counts: ground glass, reticulation, dense fibrosis
+ILD_HIGH_HU = 0.0
 SCANS = {"baseline": "lung_mask", "followup": "followup_lung_mask"}
 
 
@@ -93,8 +100,8 @@ def extent_patient(
     patient_id: str,
     *,
     force: bool = False,
-    low: float = HAA_LOW_HU,
-    high: float = HAA_HIGH_HU,
+    low: float = ILD_LOW_HU,
+    high: float = ILD_HIGH_HU,
     scheduler: str | None = "threads",
 ) -> dict:
     """Compute and store one patient's HAA at baseline and follow-up and its change.
@@ -105,7 +112,8 @@ def extent_patient(
     patient_id : reads ``patients/<id>/baseline`` with ``lung_mask`` and ``followup`` with
         ``followup_lung_mask`` (as written by ingest), lazily, chunk by chunk
     force : recompute even when the stored result is current (same inputs and parameters)
-    low, high : HU bounds of :func:`high_attenuation_area`, inclusive
+    low, high : HU bounds of :func:`high_attenuation_area`, inclusive (default -600 and 0:
+        the ILD band, dense fibrosis included); stored as ``band_hu``
     scheduler : dask scheduler for the reductions ("threads", "synchronous" inside a one-thread
         Dask worker, or None for dask's current default)
 
@@ -171,7 +179,7 @@ def extent_patient(
     result["delta_haa"] = result["haa_followup"] - result["haa_baseline"]
     group.attrs[ATTRIBUTE] = st._jsonable({
         "stage": STAGE, "params": params, "input_hash": input_hash,
-        **result,
+        "band_hu": [float(low), float(high)], **result,
     })  # fmt: skip
     haa = {k: result[k] for k in ("haa_baseline", "haa_followup", "delta_haa")}
     return {**row, "status": "done", "seconds": time.perf_counter() - t0, **haa}

@@ -29,6 +29,8 @@ STAGE = "ingest"
 STAGE_VERSION = 1
 HU_MIN, HU_MAX = -1024, 3071
 SCANS = {"baseline": "lung_mask", "followup": "followup_lung_mask"}
+#: left/right lung labels (uint8: 1 right, 2 left) beside each merged 0/1 mask
+LABELS = {"baseline": "lung_labels", "followup": "followup_lung_labels"}
 LABEL = {"baseline": "baseline", "followup": "follow-up"}
 
 
@@ -44,6 +46,7 @@ class PatientResult:
     seconds: float = 0.0
     input_bytes: int = 0
     lung_volume_ml: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # e.g. no trachea found, one lung
     traceback: str = ""  # of a failure (what ``--debug`` prints)
 
 
@@ -153,9 +156,13 @@ def _ingest_scan(
     mask_hash = st.hash_values(input_hash, image_params)
     image_ok = not force and st.is_current(group, which, input_hash, image_params)
     mask_ok = not force and st.is_current(group, mask_name, mask_hash, mask_params)
+    mask_ok = mask_ok and st.is_current(group, LABELS[which], mask_hash, mask_params)
     if image_ok and mask_ok:
-        result.skipped += [which, mask_name]
-        result.lung_volume_ml[which] = group[mask_name].attrs["sscflow"]["lung_volume_ml"]
+        result.skipped += [which, LABELS[which], mask_name]
+        meta = group[mask_name].attrs["sscflow"]
+        result.lung_volume_ml[which] = meta["lung_volume_ml"]
+        warned = (meta.get("qa") or {}).get("warnings", [])
+        result.warnings += [f"{LABEL[which]}: {w}" for w in warned]
         return
     try:
         image = read_volume(path, series_uid=series_uid)
@@ -193,6 +200,17 @@ def _ingest_scan(
         result.written.append(which)
     else:
         result.skipped.append(which)
+    qa = {
+        "right_ml": lungs.right_ml,
+        "left_ml": lungs.left_ml,
+        "trachea_found": lungs.trachea_found,
+        "warnings": list(lungs.warnings),
+    }
+    extra = {"lung_volume_ml": lungs.volume_ml, "airway_ml": lungs.airway_ml, "of": which,
+             "qa": qa}  # fmt: skip
+    labels = lungs.labels if lungs.labels is not None else lungs.mask
+    st.write_image(group, LABELS[which], labels, geometry, stage="segment", params=mask_params,
+                   input_hash=mask_hash, extra=extra, label_of=which, **write)  # fmt: skip
     st.write_image(
         group,
         mask_name,
@@ -201,11 +219,12 @@ def _ingest_scan(
         stage="segment",
         params=mask_params,
         input_hash=mask_hash,
-        extra={"lung_volume_ml": lungs.volume_ml, "airway_ml": lungs.airway_ml, "of": which},
+        extra=extra,
         label_of=which,
         **write,
     )
-    result.written.append(mask_name)
+    result.written += [LABELS[which], mask_name]
+    result.warnings += [f"{LABEL[which]}: {w}" for w in lungs.warnings]
     result.lung_volume_ml[which] = lungs.volume_ml
 
 

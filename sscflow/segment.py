@@ -485,9 +485,9 @@ def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, dep
     Candidates: working voxels that are not lung, airway or bone, at most ``dense_max`` HU.
 
     - *Costal shell*: inside the axial slice's convex hull of bones and lungs, with the rib
-      cage (bone, smeared over 20 mm in z across the intercostal spaces) within ``depth_mm``
-      outward along the normal of the nearest hull edge, and aerated lung of that side within
-      ``depth_mm`` in the slice.
+      cage (bone, smeared over 20 mm in z across the intercostal spaces) within 1.5
+      ``depth_mm`` outward along the normal of the nearest hull edge, and aerated lung of that
+      side within ``depth_mm`` in the slice.
     - *Basal shell*: aerated lung of that side within 1.5 ``depth_mm`` above (the diaphragmatic
       surface, where no rib bounds the lung).
 
@@ -560,7 +560,7 @@ def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, dep
     for k, (cz, cy, cx) in cands.items():
         one = lab == k
         outward = np.zeros(cz.size, bool)
-        for s in range(1, steps + 1):
+        for s in range(1, int(math.ceil(1.5 * depth_mm / step_mm)) + 1):
             oy = np.rint(cy + ny[k] * (s * step_mm / cs[1])).astype(np.intp)
             ox = np.rint(cx + nx[k] * (s * step_mm / cs[2])).astype(np.intp)
             outward |= cage[cz, np.clip(oy, 0, ry - 1), np.clip(ox, 0, rx - 1)]

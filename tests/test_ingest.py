@@ -153,7 +153,7 @@ def test_rerun_rewrites_nothing_and_changed_input_is_redone(tmp_path):
     manifest = write_manifest(tmp_path, [("A", b.name, "f2.mha", 75), ("B", b2.name, f.name, 75)])
     third = ingest_cohort(manifest, str(store), INGEST, MINI_SEGMENT)
     assert third[0].status == "done" and third[1].status == "skipped"
-    assert third[0].written == ["followup", "followup_lung_mask"]
+    assert third[0].written == ["followup", "followup_lung_labels", "followup_lung_mask"]
     after = _snapshot(store)
     changed = {k for k in after if after[k] != before.get(k)}
     assert changed and all("/A/followup" in k for k in changed)

@@ -131,6 +131,7 @@ def simulate(
         ild_hu=float(row["baseline_ild_hu"]),
         extra_hu=float(row["baseline_extra_hu"]),
         change_hu=float(row["density_change_hu"]),
+        fibrosis_margin=ph.fibrosis_margin,  # the subpleural fibrosis grows when worsening
     )
     region = lung & (bump[crop] > 0.5) if active else np.zeros_like(lung)
     offset = (mz, 0, 0)

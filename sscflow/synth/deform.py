@@ -292,6 +292,7 @@ def density_fields(
     ild_hu: float,
     extra_hu: float,
     change_hu: float,
+    fibrosis_margin: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Disease density (HU, float32, baseline coordinates) at baseline and at follow-up.
 
@@ -299,6 +300,10 @@ def density_fields(
     plus ``extra_hu`` in the planted region; follow-up adds ``change_hu`` x bump there. The
     pattern is ground glass plus a reticular net (the zero set of band-pass noise, 1-3 mm),
     in [0.35, 1]; everything is weighted by the parenchyma fraction (no disease in vessels).
+    With ``fibrosis_margin`` (the phantom's, :class:`sscflow.synth.phantom.Phantom`) and
+    ``change_hu > 0`` (worsening), the dense subpleural fibrosis grows at follow-up: the lung
+    up to ``min(8, change_hu / 15)`` mm deeper than its band gains +600 HU x pattern (to about
+    -250 HU, reticular).
 
     Returns
     -------
@@ -316,4 +321,9 @@ def density_fields(
     bump = divergence_profile(axes, sinks)
     base = pattern * (ild_hu * divergence_profile(axes, sinks, 1.6) + extra_hu * bump)
     follow = base + pattern * (change_hu * bump)
+    if fibrosis_margin is not None and change_hu > 0:
+        grow = min(8.0, change_hu / 15.0)
+        ramp = np.clip(0.5 + (grow - fibrosis_margin) / spacing, 0.0, 1.0)
+        ramp *= fibrosis_margin > -0.5 * spacing  # the band itself is dense already
+        follow += pattern * (600.0 * ramp).astype(np.float32)
     return base, follow, bump

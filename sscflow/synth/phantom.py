@@ -397,8 +397,13 @@ class Phantom:
     hu : float32, clean HU (no disease, no blur, no noise)
     lung : bool, baseline lung truth (voxel centres inside a lung, minus heart and airway
         lumen; vessels and airway walls inside the lungs count as lung)
-    parenchyma : float32 in [0, 1], lung fraction minus vessels and airway walls (where
-        density disease may be added)
+    parenchyma : float32 in [0, 1], lung fraction minus vessels, airway walls, fibrosis and
+        nodules (where density disease may be added)
+    sides : uint8, 1 right lung, 2 left lung, 0 elsewhere (the lung truth split)
+    disease : the lesions drawn in (a :class:`Disease`), None for a healthy phantom
+    emphysema, fibrosis, nodules : bool masks (inside ``lung``) of those lesions
+    fibrosis_margin : float32, mm beyond the deep edge of the fibrosis band (<= 0 inside the
+        band) in the posterior-basal fibrosis zone, inf elsewhere: where it grows at follow-up
     """
 
     geometry: Geometry
@@ -406,6 +411,68 @@ class Phantom:
     hu: np.ndarray
     lung: np.ndarray
     parenchyma: np.ndarray
+    sides: np.ndarray | None = None
+    disease: Disease | None = None
+    emphysema: np.ndarray | None = None
+    fibrosis: np.ndarray | None = None
+    nodules: np.ndarray | None = None
+    fibrosis_margin: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Disease:
+    """The lesions of one patient's baseline (anatomy frame, mm; HU).
+
+    ``bullae`` and ``nodules`` are (centre (3,), radius) pairs; ``fibrosis_mm`` is the depth of
+    the posterior-basal subpleural fibrosis band per lung (right, left), 0 for none;
+    ``emphysema_level`` the fraction of the upper lungs in low-density patches.
+    """
+
+    bullae: tuple = ()
+    nodules: tuple = ()
+    fibrosis_mm: tuple[float, float] = (0.0, 0.0)
+    emphysema_level: float = 0.0
+
+
+HU_EMPHYSEMA, HU_BULLA, HU_CYST = -975.0, -1000.0, -960.0
+FIBROSIS_HU = (-500.0, 50.0)  # reticulation range of the fibrosis texture
+
+
+def draw_disease(anatomy: Anatomy, rng: np.random.Generator) -> Disease:
+    """Draw one patient's lesions: emphysema patches, two or three bullae (one against the
+    mediastinal pleura next to a hilum), subpleural fibrosis 10-16 mm deep at the posterior
+    bases of both lungs, and two or three juxtapleural nodules (radius 4-9 mm)."""
+    a = anatomy
+    bullae, nodules = [], []
+    right, left = a.lungs
+    # a bulla at the hilum, against the mediastinum (inside the old 20 mm midline band)
+    side = int(rng.integers(2))
+    lung, hilum = a.lungs[side], np.asarray(a.bronchus_end[side])
+    r = float(rng.uniform(9.0, 12.0))
+    start = hilum + np.array([rng.uniform(14, 20), rng.uniform(-16, -10), 0.0])
+    start[2] = a.cx + lung.side * (a.w0 + 0.2 * r)
+    towards = start + np.array([0.0, 0.0, lung.side * 40.0])
+    bullae.append((a.lung_point_inside(lung, start, 0.6 * r, towards), r))
+    # apical / anterior subpleural bullae
+    for lung in (right, left)[: 1 + int(rng.integers(2))]:
+        r = float(rng.uniform(10.0, 16.0))
+        z = lung.z_apex - rng.uniform(25, 45)
+        y = a.cy - 0.5 * a.cav_ay
+        x = lung.xl + lung.side * 0.4 * lung.bx
+        centre = np.array([z, lung.yl, lung.xl])
+        bullae.append((a.lung_point_inside(lung, (z, y, x), 0.7 * r, centre), r))
+    for _ in range(2 + int(rng.integers(2))):
+        lung = a.lungs[int(rng.integers(2))]
+        (zlo, _, _), (zhi, _, _) = a.lung_box(lung)
+        z = float(rng.uniform(zlo + 0.45 * (zhi - zlo), zlo + 0.8 * (zhi - zlo)))
+        t = float(rng.uniform(0.15, 0.85)) * np.pi  # 0 = posterior, pi = anterior
+        y = a.cy + np.cos(t) * a.cav_ay
+        x = a.cx + lung.side * np.sin(t) * a.cav_ax
+        r = float(rng.uniform(4.0, 9.0))
+        centre = np.array([z, lung.yl, lung.xl])
+        nodules.append((a.lung_point_inside(lung, (z, y, x), 0.5 * r, centre), r))
+    fib = (float(rng.uniform(10.0, 16.0)), float(rng.uniform(10.0, 16.0)))
+    return Disease(tuple(bullae), tuple(nodules), fib, float(rng.uniform(0.04, 0.1)))
 
 
 def _blend(dst, frac, value):
@@ -460,10 +527,14 @@ def render_baseline(
     rng: np.random.Generator,
     *,
     ribs: bool = True,
+    disease: Disease | bool | None = True,
 ) -> Phantom:
     """Voxelise the clean baseline anatomy on ``geometry`` (isotropic spacing).
 
-    ``rng`` draws the lung texture (2 mm correlation, 25 HU s.d.). Returns a :class:`Phantom`.
+    ``rng`` draws the lung texture (2 mm correlation, 25 HU s.d.). ``disease``: True draws the
+    lesions (:func:`draw_disease`) from a child of ``rng`` (so the texture draws that follow are
+    unchanged), a :class:`Disease` renders that one, False or None a healthy phantom. Returns a
+    :class:`Phantom`.
     """
     h = geometry.spacing[0]
     z, y, x = axes = frame_axes(geometry)
@@ -482,10 +553,15 @@ def render_baseline(
     if ribs:
         _render_bones(hu, a, geometry, axes)
 
+    drng = rng.spawn(1)[0] if disease is True else None
+    if disease is True:
+        disease = draw_disease(a, drng)
+    disease = disease or None
     lung = np.zeros((Z, Y, X), bool)
+    sides = np.zeros((Z, Y, X), np.uint8)
     frac = np.zeros((Z, Y, X), np.float32)
     texture = 25.0 * smooth_noise(rng, (Z, Y, X), 2.0 / h)
-    for lg in a.lungs:
+    for index, lg in enumerate(a.lungs):
         lo, hi = a.lung_box(lg)
         sl = _index_box(geometry, lo - 5.0, hi + 5.0, axes)
         zz, yy, xx = z[sl[0], None, None], y[None, sl[1], None], x[None, None, sl[2]]
@@ -502,8 +578,12 @@ def render_baseline(
         level = (lg.hu + 0.5 * lg.hu_gradient * ramp_y).astype(np.float32) + texture[sl]
         _blend(hu[sl], f, level)
         lung[sl] |= inside
+        sides[sl][inside] = index + 1
         np.maximum(frac[sl], f, out=frac[sl])
     del texture
+    lesions = None
+    if disease is not None:
+        lesions = _render_disease(hu, lung, frac, a, disease, geometry, axes, drng or rng)
 
     vessel = np.zeros((Z, Y, X), np.float32)
     _render_capsules(vessel, vessels, geometry, axes)
@@ -517,11 +597,94 @@ def render_baseline(
     _render_capsules(lumen, airways, geometry, axes)
     _blend(hu, lumen, HU_AIR)
     lung &= lumen < 0.5  # coverage > 0.5  <=>  centre inside the lumen
+    sides[~lung] = 0
 
     parenchyma = frac
     parenchyma *= 1.0 - vessel
     parenchyma *= 1.0 - wall
-    return Phantom(geometry, anatomy, hu, lung, parenchyma)
+    if lesions is None:
+        return Phantom(geometry, anatomy, hu, lung, parenchyma, sides)
+    emphysema, fibrosis, nodules, solid, margin = lesions
+    parenchyma *= 1.0 - solid
+    fibrosis &= lung & (vessel < 0.5)
+    return Phantom(geometry, anatomy, hu, lung, parenchyma, sides, disease,
+                   emphysema & lung, fibrosis, nodules & lung, margin)  # fmt: skip
+
+
+def _render_disease(hu, lung, frac, a: Anatomy, disease: Disease, geometry, axes, rng):
+    """Blend emphysema, bullae, fibrosis and nodules into the lungs (in place, before vessels
+    and airways are drawn). Returns (emphysema, fibrosis, nodules) bool masks, the solid-lesion
+    fraction (float32) and the subpleural depth of the fibrosis zone (float32, mm)."""
+    h = geometry.spacing[0]
+    z, y, x = axes
+    shape = hu.shape
+    zz, yy, xx = z[:, None, None], y[None, :, None], x[None, None, :]
+    # emphysema: low-density patches in the upper two thirds, weighted to the apices
+    (zlo, _, _), (zhi, _, _) = a.lung_box(a.lungs[0])
+    upper = np.clip((zz - (zlo + 0.33 * (zhi - zlo))) / 30.0, 0.0, 1.0)
+    blobs = smooth_noise(rng, shape, 5.0 / h)
+    cut = float(np.quantile(blobs[::3, ::3, ::3], 1.0 - disease.emphysema_level))
+    emph = _ramp((blobs - cut) * 8.0, h) * upper.astype(np.float32) * frac
+    del blobs
+    cover = np.zeros(shape, np.float32)
+    for centre, r in disease.bullae:
+        sl = _index_box(geometry, np.asarray(centre) - r, np.asarray(centre) + r, axes)
+        d = np.sqrt((zz[sl[0]] - centre[0]) ** 2 + (yy[:, sl[1]] - centre[1]) ** 2
+                    + (xx[:, :, sl[2]] - centre[2]) ** 2)  # fmt: skip
+        np.maximum(cover[sl], _ramp(r - d, h), out=cover[sl])
+    cover *= frac
+    _blend(hu, emph, HU_EMPHYSEMA)
+    _blend(hu, cover, HU_BULLA)
+    emphysema = lung & ((emph > 0.5) | (cover > 0.5))
+    del emph, cover
+
+    # fibrosis: a subpleural band at the posterior bases, reticular, with honeycomb cysts
+    cav = ellipsoid_sd((yy[0] - a.cy, xx[0] - a.cx), (a.cav_ay, a.cav_ax))  # (Y, X)
+    depth = np.full(shape, np.inf, np.float32)
+    margin = np.full(shape, np.inf, np.float32)
+    band = np.zeros(shape, np.float32)
+    for lg, dmax in zip(a.lungs, disease.fibrosis_mm, strict=True):
+        if dmax <= 0:
+            continue
+        lo, hi = a.lung_box(lg)
+        sl = _index_box(geometry, lo - 5.0, hi + 5.0, axes)
+        z_s, y_s, x_s = z[sl[0]][:, None, None], y[sl[1]][None, :, None], x[sl[2]][None, None, :]
+        zd, slope = a.z_diaphragm(lg, y_s[0], x_s[0])
+        dia = (z_s - zd[None]) / slope[None]
+        dep = np.minimum(cav[sl[1], sl[2]][None], dia)
+        # the zone: posterior to the lung's centre, up to 45 mm over the dome, tapered
+        post = np.clip((y_s - lg.yl) / (0.35 * lg.by), 0.0, 1.0)
+        base = np.clip((lg.z_dome + 45.0 - z_s) / 25.0, 0.0, 1.0)
+        reach = dmax * post * base
+        inside = lung[sl] & (a.lung_margin(lg, z_s, y_s, x_s) > 0)
+        zone = inside & (post * base > 0)
+        d_here = np.where(zone, dep, np.inf).astype(np.float32)
+        depth[sl] = np.minimum(depth[sl], d_here)
+        margin[sl] = np.minimum(margin[sl], np.where(zone, dep - reach, np.inf))
+        np.maximum(band[sl], _ramp(reach - dep, h) * inside, out=band[sl])
+    noise = smooth_noise(rng, shape, 1.2 / h) - smooth_noise(rng, shape, 3.0 / h)
+    net = np.exp(-((noise / 0.6) ** 2)).astype(np.float32)
+    level = FIBROSIS_HU[0] + (FIBROSIS_HU[1] - FIBROSIS_HU[0]) * net
+    cysts = (smooth_noise(rng, shape, 1.5 / h) > 1.5) & (depth < 7.0)
+    level = np.where(cysts, HU_CYST, level).astype(np.float32)
+    band *= frac
+    _blend(hu, band, level)
+    fibrosis = lung & (band > 0.5)
+    solid = band * (~cysts)
+    del noise, net, level
+
+    # juxtapleural nodules
+    nod = np.zeros(shape, np.float32)
+    for centre, r in disease.nodules:
+        sl = _index_box(geometry, np.asarray(centre) - r, np.asarray(centre) + r, axes)
+        d = np.sqrt((zz[sl[0]] - centre[0]) ** 2 + (yy[:, sl[1]] - centre[1]) ** 2
+                    + (xx[:, :, sl[2]] - centre[2]) ** 2)  # fmt: skip
+        np.maximum(nod[sl], _ramp(r - d, h), out=nod[sl])
+    nod *= frac
+    _blend(hu, nod, HU_TISSUE)
+    nodules = lung & (nod > 0.5)
+    np.maximum(solid, nod, out=solid)
+    return emphysema, fibrosis, nodules, solid, margin
 
 
 def _render_bones(hu, a: Anatomy, geometry, axes):
