@@ -44,10 +44,10 @@ def _excluded_text(step: dict) -> str:
         n = sum(rules.values())
         if not n:
             continue
-        lines.append(f"Excluded: {n} {level}")
-        lines += [
-            f"  {LABELS.get(r, r)}: {k}" for r, k in sorted(rules.items(), key=lambda x: -x[1])
-        ]
+        noun = level if n != 1 else {"studies": "study"}.get(level, level.rstrip("s"))
+        lines.append(f"Excluded: {n} {noun}")
+        ordered = sorted(rules.items(), key=lambda x: (-x[1], x[0]))
+        lines += [f"  {LABELS.get(r, r)}: {k}" for r, k in ordered]
     return "\n".join(lines)
 
 
@@ -58,60 +58,57 @@ def _draw(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps = doc["steps"]
-    heights = [1.0 + 0.32 * max(2, _excluded_text(s).count("\n") + 1) for s in steps]
-    total = sum(heights) + 0.6
-    fig, ax = plt.subplots(figsize=(10, total * 0.9))
-    ax.set_xlim(0, 10)
-    ax.set_ylim(0, total)
+    line, box = 0.17, 0.6  # inches: one line of the exclusion text, one step box
+    texts = [_excluded_text(s) for s in steps]
+    gaps = [0.0] + [max(0.5, line * (t.count("\n") + 1) + 0.3) if t else 0.5 for t in texts[1:]]
+    height = 0.6 + len(steps) * box + sum(gaps) + 0.2
+    width = 10.0
+    fig = plt.figure(figsize=(width, height))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, width)
+    ax.set_ylim(0, height)
     ax.axis("off")
     f = doc["files"]
     ax.text(
         0.2,
-        total - 0.25,
-        f"{f['found']} files: {f['dicom']} DICOM read, {f['not_dicom']} not "
-        f"DICOM, {f['unreadable']} unreadable, {f['without_series']} without a series "
-        "(skipped)",
+        height - 0.2,
+        f"{f['found']} files: {f['dicom']} DICOM read, {f['not_dicom']} "
+        f"not DICOM, {f['unreadable']} unreadable, {f['without_series']} without a series "
+        "(the last three skipped)",
         fontsize=8,
         va="top",
     )
-    y = total - 0.6
-    centres = []
-    for step, h in zip(steps, heights, strict=True):
-        cy = y - 0.45
+    y, x = height - 0.6, 2.4
+    for i, step in enumerate(steps):
+        y -= gaps[i]
+        if i:
+            ax.annotate("", xy=(x, y), xytext=(x, y + gaps[i]), arrowprops={"arrowstyle": "->"})
+            if texts[i]:
+                mid = y + gaps[i] / 2
+                ax.annotate(
+                    "",
+                    xy=(4.7, mid),
+                    xytext=(x, mid),
+                    arrowprops={"arrowstyle": "->", "color": "#833"},
+                )
+                ax.text(
+                    4.8,
+                    mid,
+                    texts[i],
+                    ha="left",
+                    va="center",
+                    fontsize=7.5,
+                    bbox={"boxstyle": "square,pad=0.4", "fc": "#fbf0ee", "ec": "#833"},
+                )
         ax.text(
-            2.6,
-            cy,
+            x,
+            y - box / 2,
             _box_text(step),
             ha="center",
             va="center",
             fontsize=9,
             bbox={"boxstyle": "round,pad=0.5", "fc": "#eef3fb", "ec": "#335"},
         )
-        exc = _excluded_text(step)
-        if exc and centres:
-            ax.text(
-                5.6,
-                (centres[-1] + cy) / 2,
-                exc,
-                ha="left",
-                va="center",
-                fontsize=7.5,
-                bbox={"boxstyle": "square,pad=0.4", "fc": "#fbf0ee", "ec": "#833"},
-            )
-            ax.annotate(
-                "",
-                xy=(5.5, (centres[-1] + cy) / 2),
-                xytext=(2.6, (centres[-1] + cy) / 2),
-                arrowprops={"arrowstyle": "->", "color": "#833"},
-            )
-        if centres:
-            ax.annotate(
-                "",
-                xy=(2.6, cy + 0.45),
-                xytext=(2.6, centres[-1] - 0.45),
-                arrowprops={"arrowstyle": "->"},
-            )
-        centres.append(cy)
-        y -= h
-    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
+        y -= box
+    fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)

@@ -200,6 +200,8 @@ def read_header(path: str) -> FileRecord:
 
 def _pixel_state(head: bytes, available: int, syntax: str, tags: dict) -> str:
     """'ok', 'none' (no pixel data) or 'truncated', from the bytes after the header."""
+    if syntax == "1.2.840.10008.1.2.1.99":  # deflated: file offsets are not the dataset's
+        return "ok"
     if len(head) < 8 or head[:4] != _PIXEL_TAG:
         return "none"
     explicit = head[4:6] in (b"OW", b"OB")
