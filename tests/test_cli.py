@@ -7,7 +7,7 @@ import sys
 import pytest
 
 COMMANDS = ["synth", "ingest", "run", "status", "report", "predict", "demo", "validate",
-            "export"]
+            "export", "discover"]
 
 
 def run(*args, cwd=None):
