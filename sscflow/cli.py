@@ -268,6 +268,55 @@ def _ingest_summary(results, store):
 
 
 @_command()
+def discover(
+    dicom_root: Annotated[Path, typer.Argument(help="The DICOM export (any folder layout).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Cohort folder to write.")],
+    key: Annotated[Path, typer.Option("--key", help="Pseudonym key file (created, or reused "
+                                      "for stable pseudonyms); outside the cohort and store.")],
+    pft: Annotated[
+        Path | None, typer.Option("--pft", help="PFT CSV: patient_id, date, fvc, dlco, tlc, kco.")
+    ] = None,
+    config: ConfigOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+):
+    """Turn a DICOM export into a cohort: manifest.csv, excluded.csv, flowchart.png/.json.
+
+    Reads headers only, in parallel on Dask; keeps axial, unenhanced, supine, inspiratory thin
+    CT series, the best per study, and per patient the oldest and most recent such CT with a
+    PFT within 90 days (rules: the config's discover section). Patient IDs become pseudonyms.
+
+    Example: sscflow discover /data/export --out cohort/ --pft pft.csv --key ~/keys/cohort.key
+    """
+    from sscflow.discover.run import discover as discover_cohort
+
+    cfg = _config(config, scheduler, workers)
+    with _client(cfg) as client, _progress() as bar:
+        task = bar.add_task("headers", total=None, last="")
+
+        def progress(done, total):
+            bar.update(task, completed=done, total=total, last="files")
+
+        res = discover_cohort(dicom_root, out_dir, key=key, cfg=cfg.discover, pft=pft,
+                              store=cfg.store, client=client, progress=progress)  # fmt: skip
+    f = res.files
+    out.print(f"{f['found']} files: {f['dicom']} DICOM images read, {f['not_dicom']} not DICOM, "
+              f"{f['unreadable']} unreadable, {f['without_series']} without a series (skipped); "
+              f"{res.seconds:.1f} s")  # fmt: skip
+    out.print(f"{res.n_series} series, {res.n_studies} studies, {res.n_patients} patients; "
+              f"{res.n_included} patients included")  # fmt: skip
+    if res.rules:
+        top = sorted(res.rules.items(), key=lambda kv: (-kv[1], kv[0]))
+        out.print("left out (excluded.csv rows by rule): "
+                  + ", ".join(f"{rule} {n}" for rule, n in top))  # fmt: skip
+    out.print(f"manifest: {res.manifest or '(none: no patient met the rules)'}")
+    out.print(f"excluded: {res.excluded}; flowchart: {res.flowchart_png}; key: {res.key}")
+    if res.manifest is None:
+        raise SscflowError("no patient met the selection rules; see excluded.csv and the "
+                           "flowchart for the reasons")  # fmt: skip
+
+
+@_command()
 def run(
     config: Annotated[Path, typer.Argument(help="YAML config naming the manifest and the store.")],
     scheduler: SchedulerOpt = None,
