@@ -619,6 +619,8 @@ def _write_run_record(root, cfg, manifest, truth_dir, client) -> None:
         "patients": len(manifest.patients) + len(manifest.rejected),
         "truth_dir": str(truth_dir) if truth_dir else None,
         "cluster": cluster,
+        "rejected": [{"line": r.line, "patient_id": r.patient_id, "message": r.message}
+                     for r in manifest.rejected],  # bad rows: no status record of their own
     }
 
 

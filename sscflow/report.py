@@ -224,6 +224,8 @@ def _build(store, results: Path, synthetic) -> str:
 
     failed = [(pid, s, r["message"]) for pid, row in state.items()
               for s, r in row.items() if r["status"] == "failed"]  # fmt: skip
+    failed += [(f"line {r['line']} ({r['patient_id'] or 'no id'})", "manifest", r["message"])
+               for r in run.get("rejected", []) if r.get("patient_id") not in state]
     n_ids = len(state)
     done = int(table["logjac_mean"].notna().sum()) if "logjac_mean" in table else 0
     parts.append(_cohort_section(table, n_ids, done, len(failed)))

@@ -86,6 +86,12 @@ def test_demo_end_to_end_and_rerun_skips(tmp_path):
     assert (tmp_path / "d/cohort.zarr/patients/SYN003/log_jacobian_template/zarr.json").is_file()
     assert (tmp_path / "d/results/figures/group_means_sagittal.png").stat().st_size > 10_000
     assert "SYN002" in (tmp_path / "d/results/patients.csv").read_text()
+    page = (tmp_path / "d/results/report/index.html").read_text(encoding="utf-8")
+    for section in ("Against the synthetic truth", "lung Dice", "mean_error_mm", "Provenance",
+                    "manifest sha256", "Per-patient QA", "href='qa/SYN001.html'"):  # fmt: skip
+        assert section in page, section
+    assert (tmp_path / "d/results/report/qa/SYN003.html").is_file()
+    assert (tmp_path / "d/results/figures/truth.svg").is_file()
     status = run("status", str(tmp_path / "d/cohort.zarr"))
     assert status.returncode == 0 and "3 patients" in status.stdout
     again = run("ingest", str(tmp_path / "d/synthetic/manifest.csv"), "--store",
@@ -97,6 +103,10 @@ def test_demo_end_to_end_and_rerun_skips(tmp_path):
     for stage in ("ingest", "registration", "jacobian", "to_template"):
         assert f"{stage}: 0 done, 3 unchanged (skipped)" in rerun.stdout
     assert "group_means: 0 done, 1 unchanged (skipped)" in rerun.stdout
+    # the rerun rewrites nothing: no new synthetic cohort, no new QA page, no new report
+    assert "unchanged, not made again" in rerun.stdout
+    assert "qa: 0 done, 3 unchanged (skipped)" in rerun.stdout
+    assert "report: 0 done, 1 unchanged (skipped)" in rerun.stdout
 
 
 def test_synth_command_writes_a_manifest(tmp_path):
