@@ -117,3 +117,13 @@ def test_report_for_a_cohort_where_every_patient_failed(bad_rows):
         write_report(str(folder / "absent.zarr"), folder / "results")
     page = (folder / "results/report/index.html").read_text(encoding="utf-8")
     assert "report: failed" in page and "absent.zarr" in page
+
+
+def test_an_empty_dicom_folder_is_one_clear_error_without_itk_noise(tmp_path):
+    code = ("from sscflow.imageio import read_volume\n"
+            f"try:\n    read_volume({str(tmp_path)!r})\n"
+            "except Exception as exc:\n    print(type(exc).__name__, exc)\n")  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert "InputImageError" in res.stdout and "holds no DICOM series" in res.stdout
+    assert "GDCMSeriesFileNames" not in res.stderr and "WARNING" not in res.stderr, res.stderr
