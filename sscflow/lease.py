@@ -18,7 +18,9 @@ zarr listings of the store stay clean), naming the holder::
 - **Stale**: a record whose heartbeat is older than its ``timeout_s`` (a killed client, a lost
   pod), or whose process is gone from this very host (SIGKILL, then a rerun at once), is taken
   over by the next run, which says so. The takeover is the same compare-and-swap: of two runs
-  racing to take a stale lease over, one wins.
+  racing to take a stale lease over, one wins. "This host" is ``socket.gethostname()`` (with
+  the process's start time, so a reused pid is not mistaken for the holder): containers that
+  share a host name but not a process namespace need their own names (Kubernetes pods have).
 - **Release**: the holder deletes its record on exit (not someone else's).
 
 Read-only commands (``status``, ``report``, ``predict``, ``export``) take no lease.

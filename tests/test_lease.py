@@ -35,8 +35,14 @@ def monkeypatch_module():
         yield mp
 
 
+@pytest.fixture
+def store(tmp_path):
+    return str(tmp_path / "cohort.zarr")
+
+
 @pytest.fixture(params=["folder", "s3"])
-def store(request, tmp_path):
+def any_store(request, tmp_path):
+    """A store path on a folder, and one on S3 (moto server on loopback)."""
     if request.param == "s3":
         _, bucket = request.getfixturevalue("s3")
         return f"s3://{bucket}/{request.node.name.replace('[', '-').rstrip(']')}.zarr"
@@ -54,7 +60,8 @@ def _files(store) -> dict:
     return {str(p): p.stat().st_mtime_ns for p in Path(store).rglob("*") if p.is_file()}
 
 
-def test_a_second_run_is_refused_at_once_naming_the_holder(store):
+def test_a_second_run_is_refused_at_once_naming_the_holder(any_store):
+    store = any_store
     first = Lease(store, command="sscflow run first.yaml").acquire()
     try:
         holder = read_holder(store)
@@ -137,7 +144,8 @@ def test_wait_waits_for_the_lease(store):
     assert "'sscflow run slow.yaml'" in messages[0]
 
 
-def test_one_of_two_racing_creates_wins(store):
+def test_one_of_two_racing_creates_wins(any_store):
+    store = any_store
     from sscflow.lease import _backend
 
     a, b = _backend(store), _backend(store)
@@ -165,7 +173,9 @@ def _sscflow(*args, env=None):
                           text=True, encoding="utf-8", timeout=120, env=env)  # fmt: skip
 
 
-def test_sscflow_run_and_ingest_are_refused_while_another_run_holds_the_store(store, tmp_path):
+def test_sscflow_run_and_ingest_are_refused_while_another_run_holds_the_store(any_store,
+                                                                             tmp_path):
+    store = any_store
     """Through the command line, on a folder and on S3: exit 1, one line naming the holder,
     no cluster started and nothing written."""
     manifest = tmp_path / "manifest.csv"

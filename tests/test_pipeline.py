@@ -8,8 +8,11 @@ processes started separately on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -447,3 +450,134 @@ def test_report_is_self_contained_and_loads_in_a_headless_browser(finished, tmp_
     pixels = mpimg.imread(shot)[..., :3]
     colours = {tuple(p) for p in (pixels[::7, ::7].reshape(-1, 3) * 255).astype(int)}
     assert len(colours) > 50  # text, tables and coloured figures, not a blank page
+
+
+# --- cohorts that grow: added patients run alone, removed ones leave, the template stays
+
+
+def _copy_run(finished, cohort, name, rows):
+    """A copy of the finished run's store and results, with a config for it whose manifest
+    holds ``rows`` (manifest dicts; written beside the cohort's, so paths resolve the same)."""
+    cfg, _, _ = finished
+    folder, manifest = cohort
+    store = folder / f"{name}.zarr"
+    shutil.copytree(cfg.store, store)
+    shutil.copytree(cfg.results, folder / f"{name}-results")
+    path = _write_manifest(manifest.parent / f"manifest-{name}.csv", rows)
+    return _write_config(folder, path, store, classifier={"epochs": 3}), path
+
+
+def _write_manifest(path: Path, rows) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _file_bytes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_added_patients_run_alone_and_a_removed_one_leaves_the_cohort_outputs(
+    finished, cohort, client
+):
+    import json
+
+    import pandas as pd
+
+    from sscflow.pipeline import PATIENT_STAGES
+
+    _, manifest = cohort
+    with open(manifest) as fh:
+        rows = list(csv.DictReader(fh))
+    new = dict(rows[0], patient_id="NEW01")  # SYN001's scans and values under a new id
+    truth = manifest.parent / "truth"
+    shutil.copytree(truth / "SYN001", truth / "NEW01", dirs_exist_ok=True)  # and its truth
+    cfg_path, grown_manifest = _copy_run(finished, cohort, "grown", rows + [new])
+    cfg = load_config(cfg_path)
+    store = Path(cfg.store)
+    template = _file_bytes(store / "template")
+    stamp = (store / "patients/SYN002/log_jacobian_template/zarr.json").stat().st_mtime_ns
+
+    records = []
+    grown = run(cfg, read_manifest(grown_manifest), client=client, truth_dir=manifest.parent,
+                on_record=records.append)  # fmt: skip
+    ran = {(r["stage"], r["patient_id"]) for r in records
+           if r["patient_id"] is not None and r["status"] == "done"}  # fmt: skip
+    assert ran == {(stage, "NEW01") for stage in PATIENT_STAGES}, [  # only the new patient's
+        r for r in records if r["status"] not in ("skipped", "done")]
+    for stage in PATIENT_STAGES:
+        assert grown.counts[stage].get("skipped") == N_GOOD, (stage, grown.counts[stage])
+    tpl = grown.cohort["template"]
+    assert tpl["status"] == "skipped" and tpl["action"] == "reused"
+    assert (tpl["added"], tpl["removed"]) == (1, 0)
+    assert _file_bytes(store / "template") == template  # byte for byte
+    assert (store / "patients/SYN002/log_jacobian_template/zarr.json").stat().st_mtime_ns == stamp
+    gm = grown.cohort["group_means"]
+    assert gm["status"] == "done" and gm["patients"] == N_GOOD + 1
+    maps = _maps(store)  # the same scans as SYN001, so the same map: it really ran
+    np.testing.assert_allclose(maps["NEW01"], maps["SYN001"], atol=1e-3)
+
+    # SYN006 leaves the manifest: nothing is redone, it leaves every cohort output
+    kept = [r for r in rows + [new] if r["patient_id"] != "SYN006"]
+    _write_manifest(grown_manifest, kept)
+    shrunk = run(cfg, read_manifest(grown_manifest), client=client, truth_dir=manifest.parent)
+    for stage in PATIENT_STAGES:
+        assert shrunk.counts[stage].get("done", 0) == 0, (stage, shrunk.counts[stage])
+    gm = shrunk.cohort["group_means"]
+    assert gm["status"] == "done" and gm["patients"] == N_GOOD
+    assert "SYN006" not in zarr.open_group(str(store / "group_means"), mode="r").attrs["patients"]
+    table = pd.read_csv(gm["table"])
+    assert "SYN006" not in set(table["patient_id"]) and "NEW01" in set(table["patient_id"])
+    split = json.loads((Path(cfg.results) / "classifier/functional/split.json").read_text())
+    trained_on = {p for ids in split.values() if isinstance(ids, list) for p in ids}
+    assert "SYN006" not in trained_on and "NEW01" in trained_on
+    page = Path(shrunk.cohort["report"]["path"]).read_text(encoding="utf-8")
+    # Table 1's stable group: SYN001, SYN003, NEW01 and BAD01 (the manifest's labels), no SYN006
+    assert re.search(r"worsening \(n = 3\)</th>\s*<th>stable \(n = 4\)", page), page[:3000]
+    assert "SYN006" in _maps(store)  # its outputs stay in the store
+
+    from sscflow.cli import status
+
+    for kw, removed in (({}, "SYN006"), ({"manifest": manifest}, "NEW01")):  # the full manifest
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            status(str(store), all_=False, manifest=kw.get("manifest"), config=None)
+        assert f"not in the manifest (1; outputs kept, left out of the cohort outputs): " \
+            f"{removed}" in printed.getvalue(), printed.getvalue()
+
+
+@pytest.mark.slow
+def test_rebuild_template_redoes_the_template_space_stages_only(finished, cohort, client):
+    from sscflow.cli import _run_report
+    from sscflow.template import template_provenance
+
+    _, manifest = cohort
+    with open(manifest) as fh:
+        rows = [r for r in csv.DictReader(fh) if r["patient_id"] in ("SYN001", "SYN002")]
+    cfg_path, path = _copy_run(finished, cohort, "rebuilt", rows)
+    cfg = load_config(cfg_path)
+    store = Path(cfg.store)
+    stamp = (store / "patients/SYN001/displacement/zarr.json").stat().st_mtime_ns
+    before = template_provenance(store)
+    summary = run(cfg, read_manifest(path), client=client, truth_dir=manifest.parent,
+                  rebuild_template=True)  # fmt: skip
+    assert summary.ok, summary.failed or summary.cohort
+    tpl = summary.cohort["template"]
+    assert tpl["status"] == "done" and tpl["action"] == "rebuilt"
+    assert tpl["reason"] == "asked for (--rebuild-template)"
+    for stage in ("ingest", "extent", "registration", "jacobian"):
+        assert summary.counts[stage] == {"skipped": 2}, (stage, summary.counts[stage])
+    assert summary.counts["to_template"] == {"done": 2}
+    assert (store / "patients/SYN001/displacement/zarr.json").stat().st_mtime_ns == stamp
+    after = template_provenance(store)
+    assert after["generation"] == before["generation"] + 1 and after["built_from"] == 2
+    assert after["reason"] == "asked for (--rebuild-template)"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _run_report(summary)
+    assert "template: rebuilt because asked for (--rebuild-template): the baseline of " in (
+        printed.getvalue())
