@@ -466,3 +466,30 @@ def test_cli_discover(cohort, tmp_path):
     )  # same key: same pseudonyms
     pd.testing.assert_frame_equal(here, there)
     assert os.path.exists(tmp_path / "c" / "flowchart.png")
+
+
+def test_header_fast_path_agrees_with_pydicom_dcmread(cohort, tmp_path, monkeypatch):
+    """The element-parser path gives the same record as pydicom's full reader, for explicit
+    VR files (pydicom-written), implicit VR files (written by SimpleITK / GDCM) and bad ones."""
+    import SimpleITK as sitk
+
+    import sscflow.discover.headers as headers
+    from sscflow.imageio import write_dicom_series
+
+    _, ex, _, _, _ = cohort
+    img = sitk.GetImageFromArray(np.zeros((3, 4, 4), np.int16))
+    gdcm = write_dicom_series(
+        img,
+        tmp_path / "gdcm",
+        patient_id="X",
+        patient_name="Y^Z",
+        series_uid="1.2.3.4",
+        study_uid="1.2.3.5",
+        birth_date="19500101",
+    )
+    files = [str(p) for p in sorted(ex.root.rglob("*")) if p.is_file()] + gdcm
+    fast = [read_header(f) for f in files]
+    assert {r.status for r in fast} == {"ok", "not_dicom", "unreadable"}
+    monkeypatch.setattr(headers, "_elements", lambda fh: None)
+    assert [read_header(f) for f in files] == fast
+    assert fast[-1].tags["PatientBirthDate"] == "19500101" and fast[-1].tags["Rows"] == 4.0

@@ -1,7 +1,9 @@
 """Reading DICOM headers, never pixel data: one compact record per file.
 
-``read_headers(paths)`` is what a Dask task runs on a batch of files. It opens each file with
-pydicom (``stop_before_pixels``, only the tags below), checks from the file size that the pixel
+``read_headers(paths)`` is what a Dask task runs on a batch of files. It reads each file's
+elements with pydicom's element parser up to the pixel data (keeping only the tags below, without
+building a Dataset; files it cannot take, such as big endian, deflated or without a preamble, go
+through ``pydicom.dcmread(stop_before_pixels=True)``), checks from the file size that the pixel
 data the header announces is all there (a truncated file), and returns plain tuples, so batches
 travel cheaply between workers and the client.
 """
@@ -139,7 +141,8 @@ def _decode(raw, kind: str):
     if b is None or b == b"":
         return None
     if not isinstance(b, bytes):  # already converted by pydicom
-        return _plain(b)
+        v = _plain(b)
+        return None if v in ("", []) else v
     if kind == "us":
         if raw.VR not in (None, "US", "UN", "SS") or len(b) < 2:
             return None
@@ -157,12 +160,40 @@ def _decode(raw, kind: str):
     return nums[0] if kind == "number" else nums
 
 
-def _meta_text(meta, tag) -> str:
+def _meta_text(meta: dict, tag) -> str:
     try:
-        raw = meta.get_item(tag) if meta is not None else None
+        raw = meta.get(tag)
         return (_decode(raw, "text") or "") if raw is not None else ""
     except Exception:  # noqa: BLE001 - a malformed meta element reads as absent
         return ""
+
+
+_EXPLICIT_BE, _IMPLICIT_LE, _DEFLATED = (
+    "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1.99",
+)
+
+
+def _elements(fh) -> tuple[dict, dict] | None:
+    """(file meta, dataset) raw elements up to the pixel data, read by pydicom's element
+    parser without building a Dataset; only the tags discover reads keep their values.
+    None when the file needs pydicom's full reader (no preamble, big endian, deflated)."""
+    from pydicom.filereader import data_element_generator
+
+    pre = fh.read(132)
+    if len(pre) < 132 or pre[128:132] != b"DICM":
+        return None
+    meta = {el.tag: el for el in data_element_generator(
+        fh, False, True, stop_when=lambda tag, vr, length: tag >> 16 != 2)}  # fmt: skip
+    syntax = _decode(meta[0x00020010], "text") if 0x00020010 in meta else ""
+    if syntax in (_EXPLICIT_BE, _DEFLATED):
+        return None
+    wanted = [tag for _, tag, _ in _TAG_NUMBERS]
+    data = {el.tag: el for el in data_element_generator(
+        fh, syntax == _IMPLICIT_LE, True, specific_tags=wanted,
+        stop_when=lambda tag, vr, length: tag >= 0x7FE00010)}  # fmt: skip
+    return meta, data
 
 
 def read_header(path: str) -> FileRecord:
@@ -175,9 +206,19 @@ def read_header(path: str) -> FileRecord:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
-            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            try:  # the fast path: pydicom's element parser, no Dataset
+                parsed = _elements(fh)
+            except Exception:  # noqa: BLE001 - anything odd: pydicom's full reader decides
+                parsed = None
+            if parsed is None:
+                fh.seek(0)
+                ds = pydicom.dcmread(fh, stop_before_pixels=True)
+                meta = getattr(ds, "file_meta", None)
+                meta = {t: meta.get_item(t) for t in (0x00020002, 0x00020010)} if meta else {}
+                data = {tag: ds.get_item(tag) for _, tag, _ in _TAG_NUMBERS}
+            else:
+                meta, data = parsed
             pixel_at = fh.tell()
-            fh.seek(pixel_at)
             head = fh.read(12)
     except InvalidDicomError:
         return FileRecord(path, "not_dicom", "not a DICOM file (no DICM marker)")
@@ -186,11 +227,10 @@ def read_header(path: str) -> FileRecord:
     tags = {}
     for name, tag, kind in _TAG_NUMBERS:
         try:
-            raw = ds.get_item(tag)
+            raw = data.get(tag)
             tags[name] = None if raw is None else _decode(raw, kind)
         except Exception:  # noqa: BLE001 - a malformed value reads as absent
             tags[name] = None
-    meta = getattr(ds, "file_meta", None)
     syntax, sop = (_meta_text(meta, t) for t in (0x00020010, 0x00020002))
     tags["_pixel"] = _pixel_state(head, size - pixel_at, syntax, tags)
     if tags["_pixel"] == "none" and sop.startswith(_IMAGE_STORAGE) and ".88." not in sop + ".":
