@@ -69,7 +69,7 @@ def threshold_reference(image: sitk.Image, *, threshold_hu: float = -500.0) -> s
     sx = image.GetSpacing()[0]
     centre = arr.shape[2] / 2.0
     x0, x1 = int(centre - 40.0 / sx), int(centre + 40.0 / sx) + 1
-    top = np.unique(low[-1, :, x0:x1])
+    top = np.unique(low[-3:, :, x0:x1])
     airway = np.isin(low, top[top > 0])
     lungs = sitk.RelabelComponent(sitk.ConnectedComponent(
         sitk.GetImageFromArray((inside & ~airway).astype(np.uint8))))  # fmt: skip

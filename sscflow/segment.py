@@ -47,6 +47,7 @@ ENVELOPE_WINDOW_MM = 60.0  # the pleural-depth lower envelope is taken over this
 COSTAL_DEPTH_MM = 35.0  # lung surface within this of the rib-cage hull faces the chest wall
 BONE_HU = 200.0
 RIGHT, LEFT = 1, 2
+SPINE_MM = 20.0
 _S6 = ndi.generate_binary_structure(3, 1)
 _S26 = ndi.generate_binary_structure(3, 3)
 
@@ -162,6 +163,9 @@ def segment_lungs(
         )
     else:
         airway = _grow_airways(seed, low, cs)
+        # the lumen's rim, blurred above the airway threshold: one layer below the midpoint
+        rim = 0.5 * (lung_threshold_hu + airway_threshold_hu)
+        airway |= ndi.binary_dilation(airway, _S6) & inside & (coarse < rim)
 
     # 3. lungs: components without the airways (a one-voxel margin cuts them free)
     margin = ndi.binary_dilation(airway, _S6) & inside if airway.any() else airway
@@ -189,7 +193,7 @@ def segment_lungs(
     # 4. dense disease between the lungs and the chest wall
     if subpleural_mm > 0:
         _add_subpleural(lungs, coarse, filled, airway, cs, lung_threshold_hu, dense_max_hu,
-                        subpleural_mm)  # fmt: skip
+                        subpleural_mm, midline)  # fmt: skip
 
     # 5. per-lung holes and closing, airways out
     for k in found:
@@ -479,7 +483,7 @@ def _split(core: np.ndarray, cs) -> list[np.ndarray]:
     return [core]
 
 
-def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, depth_mm):
+def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, depth_mm, midline):
     """Add dense tissue between each lung and its chest wall, in place (module docstring, 4).
 
     Candidates: working voxels that are not lung, airway or bone, at most ``dense_max`` HU.
@@ -487,7 +491,7 @@ def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, dep
     - *Costal shell*: inside the axial slice's convex hull of bones and lungs, with the rib
       cage (bone, smeared over 20 mm in z across the intercostal spaces) within 1.5
       ``depth_mm`` outward along the normal of the nearest hull edge, and aerated lung of that
-      side within ``depth_mm`` in the slice.
+      side within ``depth_mm`` in the slice (1.5 ``depth_mm`` in z).
     - *Basal shell*: aerated lung of that side within 1.5 ``depth_mm`` above (the diaphragmatic
       surface, where no rib bounds the lung).
 
@@ -510,6 +514,9 @@ def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, dep
     c = coarse[roi]
     bone = (c > BONE_HU) & filled[roi]
     cage = ndi.maximum_filter1d(bone, size=max(1, int(round(20.0 / cs[0]))) | 1, axis=0)
+    # the spine and sternum (within 20 mm of the midline) bound the mediastinum, not a lung
+    xs = np.arange(roi[2].start, roi[2].stop)
+    cage &= (np.abs(xs - midline) * cs[2] > SPINE_MM)[None, None, :]
     free = (lab == 0) & filled[roi] & ~airway[roi] & ~bone & (c <= dense_max)
     tissue = np.clip(c, -1000.0, dense_max)  # bone next to muscle is no texture
     mean3 = ndi.uniform_filter(tissue, 3, mode="nearest")
@@ -517,12 +524,11 @@ def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, dep
     soft = (c < -150.0) | ((sd3 >= 45.0) & (c < 20.0))
     del tissue, mean3, sd3
 
-    cands, plane_near = {}, {}
+    cands = {}
     for k in (RIGHT, LEFT):
         one = lab == k
-        if one.any():
-            plane_near[k] = ndi.maximum_filter(one, size=(1, 2 * steps + 1, 2 * steps + 1))
-            near = ndi.maximum_filter1d(plane_near[k], 2 * up_steps + 1, axis=0)
+        if one.any():  # within depth_mm of the lung in the slice, 1.5 depth_mm in z
+            near = ndi.maximum_filter(one, size=(2 * up_steps + 1, 2 * steps + 1, 2 * steps + 1))
             cands[k] = np.nonzero(free & near)
     if not cands:
         return
@@ -567,7 +573,7 @@ def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, dep
         above = np.zeros(cz.size, bool)
         for s in range(1, up_steps + 1):
             above |= one[np.minimum(cz + s, rz - 1), cy, cx]
-        costal = outward & inside[k] & plane_near[k][cz, cy, cx]
+        costal = outward & inside[k]
         basal = above & ~costal
         if not (costal | basal).any():
             continue

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+from scipy.special import ndtr
 
 from sscflow.geometry import Geometry
 
@@ -663,15 +664,16 @@ def _render_disease(hu, lung, frac, a: Anatomy, disease: Disease, geometry, axes
         margin[sl] = np.minimum(margin[sl], np.where(zone, dep - reach, np.inf))
         np.maximum(band[sl], _ramp(reach - dep, h) * inside, out=band[sl])
     noise = smooth_noise(rng, shape, 1.2 / h) - smooth_noise(rng, shape, 3.0 / h)
-    net = np.exp(-((noise / 0.6) ** 2)).astype(np.float32)
-    level = FIBROSIS_HU[0] + (FIBROSIS_HU[1] - FIBROSIS_HU[0]) * net
+    net = np.exp(-((noise / 0.6) ** 2)).astype(np.float32)  # reticulation: a 1-3 mm net
+    patchy = ndtr(smooth_noise(rng, shape, 4.0 / h)).astype(np.float32)  # uniform, 4 mm patches
+    level = FIBROSIS_HU[0] + (FIBROSIS_HU[1] - FIBROSIS_HU[0]) * np.maximum(net, patchy)
     cysts = (smooth_noise(rng, shape, 1.5 / h) > 1.5) & (depth < 7.0)
     level = np.where(cysts, HU_CYST, level).astype(np.float32)
     band *= frac
     _blend(hu, band, level)
     fibrosis = lung & (band > 0.5)
     solid = band * (~cysts)
-    del noise, net, level
+    del noise, net, patchy, level
 
     # juxtapleural nodules
     nod = np.zeros(shape, np.float32)
