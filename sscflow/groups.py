@@ -118,10 +118,12 @@ def write_cohort_table(table: pd.DataFrame, folder) -> Path:
         if pd.api.types.is_float_dtype(out[c]):
             d = column_decimals(c)
             out[c] = out[c].round(d) if d is not None else out[c].map(_significant)
-    out.to_csv(path, index=False)
     rows = [(c, *describe_column(c)) for c in table.columns]
-    pd.DataFrame(rows, columns=["column", "unit", "description"]).to_csv(
-        folder / "patients_columns.csv", index=False)
+    columns = pd.DataFrame(rows, columns=["column", "unit", "description"])
+    for target, frame in ((path, out), (folder / "patients_columns.csv", columns)):
+        text = frame.to_csv(index=False)
+        if not target.is_file() or target.read_text() != text:  # unchanged: not rewritten
+            target.write_text(text)
     return path
 
 

@@ -112,7 +112,11 @@ def test_unlabelled_real_ct_cohort_runs_and_names_the_bad_patient(real_run):
         assert title in qa_page, title
     assert "-0 (" not in page and "nan to nan" not in page and ">nan<" not in page
     # a rerun rewrites nothing: every stage is skipped, the report too
+    outputs = [folder / "results" / p for p in ("report/index.html", "report/qa/REAL1.html",
+               "patients.csv", "patients_columns.csv", "figures/group_means_sagittal.png")]
+    stamps = [p.stat().st_mtime_ns for p in outputs]
     again = sscflow("run", str(folder / "run.yaml"))
+    assert [p.stat().st_mtime_ns for p in outputs] == stamps
     assert again.returncode == 1
     for stage in ("registration", "jacobian", "to_template", "qa"):
         assert f"{stage}: 0 done, 1 unchanged (skipped)" in again.stdout, again.stdout
