@@ -5,7 +5,8 @@ series per study (localizer, thick soft, thin lung, thin soft), 16x16-pixel CT s
 headers. Then, in this one process, over the same files:
   baseline: for every file, pydicom.dcmread(path, stop_before_pixels=True), one process
   sscflow:  discover() on a LocalCluster (--workers worker processes): listing, headers in
-            Dask tasks, every series check, selection, pseudonyms and all outputs
+            Dask tasks, every series check, selection, pseudonyms and all outputs; and, for
+            reference, discover's header reader alone in this process
 Each is timed --repeats times, alternating (the best of each kept). Prints files per second for
 each (the cluster's start-up is reported, not counted) and the ratio sscflow / baseline last.
 
@@ -86,7 +87,7 @@ def main(argv=None):
 
     from sscflow.cluster import dask_client
     from sscflow.config import ClusterConfig
-    from sscflow.discover.headers import iter_files
+    from sscflow.discover.headers import iter_files, read_headers
     from sscflow.discover.run import discover
     from sscflow.discover.settings import DiscoverConfig
 
@@ -121,6 +122,9 @@ def main(argv=None):
                     flush=True,
                 )
         ours, base = min(ours), min(base)  # best of the repeats, each
+        t1 = time.perf_counter()
+        read_headers(files)  # discover's reader alone, in this one process: no Dask
+        serial = time.perf_counter() - t1
         assert res.files["dicom"] == n and res.n_included == res.n_patients, res
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items())
         print(f"discover steps: {steps}")
@@ -133,6 +137,10 @@ def main(argv=None):
         )
         print(
             f"pydicom loop (1 process, stop_before_pixels): {base:.1f} s, {n / base:,.0f} files/s"
+        )
+        print(
+            f"discover's header reader alone (1 process, no Dask): {serial:.1f} s, "
+            f"{n / serial:,.0f} files/s"
         )
         print(
             f"projection, 100,000 files at these rates: discover {100000 / (n / ours) / 60:.1f} "
