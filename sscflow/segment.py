@@ -233,15 +233,20 @@ def segment_lungs(
 
 
 def _block_mean(hu: np.ndarray, factors) -> np.ndarray:
-    """Mean over blocks of ``factors`` voxels (edge-padded), float32."""
+    """Mean over blocks of ``factors`` voxels (edge-padded), float32, by strided sums."""
     if all(f == 1 for f in factors):
         return hu.astype(np.float32)
     pads = [(0, (-n) % f) for n, f in zip(hu.shape, factors, strict=True)]
     a = np.pad(hu, pads, mode="edge") if any(p[1] for p in pads) else hu
-    shape = []
-    for n, f in zip(a.shape, factors, strict=True):
-        shape += [n // f, f]
-    return a.reshape(shape).mean(axis=(1, 3, 5), dtype=np.float32)
+    acc = np.int32 if np.issubdtype(a.dtype, np.integer) else np.float32
+    for axis, f in enumerate(factors):
+        if f > 1:
+            parts = [a[(slice(None),) * axis + (slice(k, None, f),)] for k in range(f)]
+            total = parts[0].astype(acc)
+            for part in parts[1:]:
+                total += part
+            a = total
+    return a.astype(np.float32) * np.float32(1.0 / np.prod(factors))
 
 
 def _upsample(a: np.ndarray, factors, shape) -> np.ndarray:
@@ -595,11 +600,22 @@ def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, dep
         region[add & (region == 0)] = k
 
 
+def _distance(mask: np.ndarray, spacing) -> np.ndarray:
+    """Distance (mm) of every voxel to the nearest voxel outside ``mask``: on an isotropic grid
+    the mean of the taxicab and chessboard chamfer distances (within 15% of Euclidean, three
+    times faster), else Euclidean."""
+    if max(spacing) - min(spacing) > 1e-6 * max(spacing):
+        return ndi.distance_transform_edt(mask, sampling=spacing)
+    taxi = ndi.distance_transform_cdt(mask, metric="taxicab").astype(np.float32)
+    taxi += ndi.distance_transform_cdt(mask, metric="chessboard")
+    return taxi * np.float32(0.5 * spacing[0])
+
+
 def _closing(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
-    """Morphological closing with a ball of ``radius_mm`` by two Euclidean distance transforms;
-    the array must hold the ball's radius of margin around the mask (the caller's box)."""
+    """Morphological closing with a ball of ``radius_mm`` by two distance transforms; the array
+    must hold the ball's radius of margin around the mask (the caller's box)."""
     if not mask.any():
         return mask
-    dilated = ndi.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
-    closed = ndi.distance_transform_edt(dilated, sampling=spacing) > radius_mm
+    dilated = _distance(~mask, spacing) <= radius_mm
+    closed = _distance(dilated, spacing) > radius_mm
     return mask | closed
