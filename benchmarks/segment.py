@@ -83,8 +83,10 @@ def main() -> None:
 
     region = subpleural_region(ref, sp, depth_mm=15.0)
     rng = np.random.default_rng(0)
-    print(f"planted region: {region.sum() * geometry.voxel_volume_ml:.0f} mL within 15 mm of "
-          "the pleura, posterior-inferior quarter")
+    print(
+        f"planted region: {region.sum() * geometry.voxel_volume_ml:.0f} mL within 15 mm of "
+        "the pleura, posterior-inferior quarter"
+    )
     for band, cysts in (((-500.0, -100.0), 0.0), ((-300.0, 0.0), 0.05)):
         planted = plant_texture(hu, region, band, sp, rng, cysts=cysts)
         s = segment_lungs(planted, sp)
@@ -100,8 +102,10 @@ def main() -> None:
     big[:, :, :14] = big[:, :, -14:] = -1024
     t_sscflow = best_of(lambda: segment_lungs(big, sp), args.repeats)
     t_sitk = best_of(lambda: sitk_baseline(big), args.repeats)
-    print(f"segment 1 mm {big.shape[0]}x{big.shape[1]}x{big.shape[2]}: sscflow {t_sscflow:.2f} s, "
-          f"SimpleITK {t_sitk:.2f} s, ratio {t_sscflow / t_sitk:.2f}")
+    print(
+        f"segment 1 mm {big.shape[0]}x{big.shape[1]}x{big.shape[2]}: sscflow {t_sscflow:.2f} s, "
+        f"SimpleITK {t_sitk:.2f} s, ratio {t_sscflow / t_sitk:.2f}"
+    )
 
 
 if __name__ == "__main__":
