@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
+import zarr
 
 from sscflow import store as st
 from sscflow.export import warp_to_baseline
@@ -91,6 +92,9 @@ def test_unlabelled_real_ct_cohort_runs_and_names_the_bad_patient(real_run):
     assert "REAL2" in res.stderr and "missing_followup.nrrd does not exist" in " ".join(
         res.stderr.split())
     assert "1 patient failed" in res.stderr
+    assert "(1 patients, 1 left out)" in res.stdout  # and the store's record says the same:
+    gm = zarr.open_group(str(folder / "cohort.zarr" / "group_means"), mode="r")
+    assert list(gm.attrs["left_out"]) == ["REAL2"] and list(gm.attrs["patients"]) == ["REAL1"]
     # the reason is given once, at ingest; later stages only name that stage
     status = sscflow("status", str(folder / "cohort.zarr"))
     assert status.returncode == 0, status.stderr
