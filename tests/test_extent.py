@@ -118,3 +118,19 @@ def test_extent_patient_missing_inputs(cohort):
     with pytest.raises(IncompleteOutputError, match="does not exist"):
         extent_patient(str(path.parent / "none.zarr"), "P001")
     assert not (path.parent / "none.zarr").exists()
+
+
+def test_extent_counts_dense_disease_and_stores_its_band(cohort):
+    """Fibrosis denser than classic HAA (-250..0 HU), now inside the lung masks, is counted by
+    the stage's ILD band; the band is stored with the result."""
+    path, root = cohort
+    group = st.patient_group(root, "P001")
+    hu, mask = crafted(n_haa=0, n_lung=48)
+    hu.reshape(-1)[:12] = (-200, -100, 0) * 4  # dense reticulation / honeycomb walls
+    hu.reshape(-1)[12:14] = (1, 40)  # soft tissue (vessels): above the band
+    _write(group, "followup", hu, 3)
+    out = extent_patient(str(path), "P001")
+    assert out["haa_followup"] == pytest.approx(100 * 12 / 48)
+    assert high_attenuation_area(hu, mask) == 0.0  # classic -600..-250 HAA misses them
+    stored = st.patient_group(st.open_store(path, mode="r"), "P001", create=False).attrs["extent"]
+    assert stored["band_hu"] == [-600.0, 0.0] and stored["params"]["high_hu"] == 0.0
