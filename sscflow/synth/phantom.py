@@ -584,7 +584,17 @@ def render_baseline(
     del texture
     lesions = None
     if disease is not None:
-        lesions = _render_disease(hu, lung, frac, a, disease, geometry, axes, drng or rng)
+        boxes = np.stack([a.lung_box(lg) for lg in a.lungs])
+        box = _index_box(geometry, boxes[:, 0].min(axis=0) - 6.0, boxes[:, 1].max(axis=0) + 6.0,
+                         axes)  # fmt: skip
+        sub_axes = tuple(ax[sl] for ax, sl in zip(axes, box, strict=True))
+        parts = _render_disease(hu[box], lung[box], frac[box], a, disease, geometry, sub_axes,
+                                drng or rng)  # fmt: skip
+        lesions = []
+        for part, fill in zip(parts, (False, False, False, 0.0, np.inf), strict=True):
+            full = np.full((Z, Y, X), fill, part.dtype)
+            full[box] = part
+            lesions.append(full)
 
     vessel = np.zeros((Z, Y, X), np.float32)
     _render_capsules(vessel, vessels, geometry, axes)
