@@ -170,6 +170,7 @@ class SynthConfig:
     seed: int = 0
     noise_hu: float = 20.0
     ribs: bool = True
+    acquisitions: bool = True  # each scan its own grid, field of view, direction, position
 
     def validate(self, where: str) -> None:
         _positive(self.patients, f"{where}.patients")
@@ -222,8 +223,24 @@ class RegistrationConfig:
     velocity_shrink: int = 2  # velocity grid step = level shrink x this (image voxels)
     squarings: int = 6  # scaling-and-squaring steps
     threads: int = 0  # CPU threads; 0 = the cores available to this process
+    initial_alignment: str = "lungs"  # "lungs": rigid, from the lung masks; "none"
+    smooth_mm: float = 1.0  # Gaussian s.d. on both scans first: hides two grids' interpolation
+    full_step_at: float = 0.5  # torch: full steps down to this share of a 1-voxel gradient
+    min_alignment_dice: float = 0.5  # lungs overlapping less after the alignment: the pair fails
+    min_lung_coverage: float = 0.8  # baseline lung the follow-up must image, else it fails
+    thick_slice_mm: float = 2.5  # scans with thicker source slices are flagged in the summary
 
     def validate(self, where: str) -> None:
+        if self.initial_alignment not in ("lungs", "none"):
+            raise ConfigError(f"{where}.initial_alignment must be lungs or none, got "
+                              f"{self.initial_alignment!r}")  # fmt: skip
+        for key in ("min_alignment_dice", "min_lung_coverage"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{where}.{key} must be within 0..1, got {getattr(self, key)}")
+        if self.smooth_mm < 0 or not self.full_step_at > 0:
+            raise ConfigError(f"{where}.smooth_mm must be >= 0 and {where}.full_step_at > 0")
+        if not self.thick_slice_mm > 0:
+            raise ConfigError(f"{where}.thick_slice_mm must be > 0, got {self.thick_slice_mm}")
         if self.backend not in ("auto", "torch", "sitk"):
             raise ConfigError(
                 f"{where}.backend must be one of auto, torch, sitk, got {self.backend!r}"
@@ -261,9 +278,12 @@ class RegistrationConfig:
         """Keyword options for ``register(..., backend=backend)``."""
         if backend == "sitk":
             return {"margin_mm": self.margin_mm, "levels": tuple(self.levels),
-                    "iterations": tuple(self.iterations), "threads": self.threads}  # fmt: skip
+                    "iterations": tuple(self.iterations), "threads": self.threads,
+                    "initial_alignment": self.initial_alignment,
+                    "smooth_mm": self.smooth_mm}  # fmt: skip
         d = dataclasses.asdict(self)
-        d.pop("backend")
+        for key in ("backend", "min_alignment_dice", "min_lung_coverage", "thick_slice_mm"):
+            d.pop(key)
         return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 

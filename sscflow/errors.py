@@ -59,3 +59,8 @@ class UnknownBackendError(SscflowError, ValueError):
 
 class LeaseHeldError(SscflowError):
     """Another run holds the store's lease (see ``sscflow.lease``); the message names it."""
+
+
+class RegistrationFailedError(SscflowError, ValueError):
+    """A pair that cannot be registered: lungs that do not align, a follow-up that covers too
+    little of the baseline lung."""

@@ -142,3 +142,71 @@ def crop_box(mask, spacing, margin_mm: float, shape) -> tuple[slice, slice, slic
         pad = int(np.ceil(margin_mm / spacing[axis]))
         box.append(slice(max(0, int(hit[0]) - pad), min(int(shape[axis]), int(hit[-1]) + 1 + pad)))
     return tuple(box)
+
+
+def image_of(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """A (z, y, x) array as a SimpleITK image with the geometry's origin, spacing, direction."""
+    return to_sitk(array, geometry.spacing, geometry.origin, geometry.direction)
+
+
+def reference_image(geometry: Geometry) -> sitk.Image:
+    """An empty SimpleITK image on ``geometry`` (a Resample reference grid)."""
+    ref = sitk.Image([int(n) for n in geometry.shape[::-1]], sitk.sitkUInt8)
+    ref.SetSpacing(geometry.spacing[::-1])
+    ref.SetOrigin(geometry.origin[::-1])
+    ref.SetDirection(tuple(np.asarray(geometry.direction, float).ravel()))
+    return ref
+
+
+def warp_to_baseline(
+    followup: np.ndarray,
+    followup_geometry: Geometry,
+    displacement: np.ndarray,
+    baseline_geometry: Geometry,
+    *,
+    order: int = 1,
+    fill: float = -1024.0,
+) -> np.ndarray:
+    """The follow-up at ``x + u(x)`` for every baseline voxel x: the follow-up in the
+    baseline's frame (float32, on the baseline grid; ``fill`` where x + u(x) is outside it).
+
+    ``displacement`` is sscflow's contract: (3, Z, Y, X) mm on the (canonical) baseline grid,
+    component k along array axis k, x + u(x) a physical point read in the follow-up's own
+    geometry (any origin, spacing, direction). ``order`` 1 is linear, 0 nearest neighbour.
+    The same thing by hand with SimpleITK::
+
+        field = sitk.ReadImage("displacement.mha")       # an ITK vector image, baseline grid
+        tx = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+        warped = sitk.Resample(followup_image, field, tx, sitk.sitkLinear, -1024.0)
+    """
+    if not baseline_geometry.is_canonical:
+        raise ValueError("warp_to_baseline: the baseline grid must have an identity direction")
+    image = image_of(np.asarray(followup, np.float32), followup_geometry)
+    field = field_to_sitk(np.asarray(displacement), baseline_geometry.spacing,
+                          baseline_geometry.origin)  # fmt: skip
+    tx = sitk.DisplacementFieldTransform(field)
+    interp = sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor
+    out = sitk.Resample(image, reference_image(baseline_geometry), tx, interp, float(fill),
+                        sitk.sitkFloat32)  # fmt: skip
+    return sitk.GetArrayFromImage(out)
+
+
+def inside(points_zyx: np.ndarray, geometry: Geometry, margin_vox: float = 0.0) -> np.ndarray:
+    """Whether physical points (3, ...) zyx mm fall inside a grid's field of view (between its
+    first and last voxel centres, less ``margin_vox`` voxels), in any direction."""
+    pts = np.moveaxis(np.asarray(points_zyx, np.float64), 0, -1)[..., ::-1]  # (..., 3) xyz
+    d = np.asarray(geometry.direction, float)
+    rel = (pts - np.asarray(geometry.origin[::-1])) @ d  # D^-1 = D^T for a rotation
+    idx = rel / np.asarray(geometry.spacing[::-1])
+    hi = np.asarray(geometry.shape[::-1], float) - 1.0
+    return np.all((idx >= -0.5 + margin_vox) & (idx <= hi + 0.5 - margin_vox), axis=-1)
+
+
+def grid_points(geometry: Geometry, z: slice = slice(None)) -> np.ndarray:
+    """Physical (3, Z, Y, X) zyx mm of the voxels of a canonical grid (slices ``z`` only)."""
+    if not geometry.is_canonical:
+        raise ValueError("grid_points: only identity-direction grids")
+    axes = [geometry.origin[k] + np.arange(n) * geometry.spacing[k]
+            for k, n in enumerate(geometry.shape)]  # fmt: skip
+    axes[0] = axes[0][z]
+    return np.stack(np.meshgrid(*axes, indexing="ij"))

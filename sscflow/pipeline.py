@@ -92,6 +92,7 @@ class RunSummary:
     failed: list[dict] = field(default_factory=list)
     cohort: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # one line per patient (thick slices)
 
     @property
     def ok(self) -> bool:
@@ -266,6 +267,7 @@ def run_registration(up: dict, store: str, cfg: Config, force: bool, truth_dir) 
 
     def go():
         out = register_patient(store, pid, cfg.registration, truth_dir=truth_dir, force=force)
+        out["warning"] = "; ".join(out.pop("warnings", None) or []) or None
         truth = out.pop("truth", None) or {}
         out.update({f"truth_{k}": v for k, v in truth.items()})
         return out
@@ -508,6 +510,8 @@ def _account(summary: RunSummary, rec: dict, failed_at: dict) -> None:
     stage, status, pid = rec["stage"], rec["status"], rec["patient_id"]
     counts = summary.counts.setdefault(stage, {})
     counts[status] = counts.get(status, 0) + 1
+    if rec.get("warning"):
+        summary.warnings.append(rec["warning"])
     if pid is None:
         summary.cohort[stage] = rec
     elif status == "failed" and pid not in failed_at:

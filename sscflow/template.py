@@ -56,7 +56,7 @@ __all__ = ["build_template", "choose_template", "describe_provenance", "template
 STAGE = "template"
 STAGE_VERSION = 1
 TO_TEMPLATE_STAGE = "to_template"
-TO_TEMPLATE_VERSION = 1
+TO_TEMPLATE_VERSION = 2  # 2: the rigid lung-mask alignment of sscflow.registration
 GROUP = "template"
 IMAGE = "image"
 MASK = "lung_mask"
@@ -568,8 +568,8 @@ def to_template_patient(
         "runtime_s": round(runtime, 3),
         "prealign_mm": [round(float(s), 3) for s in shift],
         "dice": _dice(tmask, warped_mask),
-        "mean_template": float(warped_lj[tmask].mean()) if tmask.any() else None,
-        "mean_patient": float(lj[pmask].mean()) if pmask.any() else None,
+        "mean_template": _nanmean(warped_lj[tmask]) if tmask.any() else None,
+        "mean_patient": _nanmean(lj[pmask]) if pmask.any() else None,
         "ncc_before": round(ncc(timg_f, _resample(base, pgeom, tgeom, None, shift, fill=HU_MIN),
                                 sel), 5),
         "ncc_after": round(ncc(timg_f, _resample(base, pgeom, tgeom, u, fill=HU_MIN), sel), 5),
@@ -596,23 +596,28 @@ def _read(group, name, patient_id, fix) -> st.StoredImage:
 
 def _align(timg, tmask, tgeom: Geometry, base, bmask, bgeom: Geometry, backend, options):
     """The map template -> baseline: u (3, Zt, Yt, Xt) float32 mm with
-    ``baseline(x + u(x)) ~ template(x)``, and the lung-centroid translation it starts from.
+    ``baseline(x + u(x)) ~ template(x)``, and the shift it starts from at the template's lung
+    centre (mm).
 
-    The baseline, translated by that shift, is resampled onto the template grid, registered
-    (fixed = template, mask = template lungs), and the shift is added back to the field.
+    The same registration as follow-up -> baseline (``sscflow.registration.register``, fixed =
+    template, mask = template lungs): the rigid initial alignment from the two lung masks, the
+    baseline resampled once onto the template grid, then affine + deformable.
     """
     from sscflow.registration import register
 
     tmask = np.asarray(tmask, bool)
+    bmask = np.asarray(bmask, bool)
+    u, info = register(timg.astype(np.float32), np.asarray(base, np.float32),
+                       fixed_geometry=tgeom, moving_geometry=bgeom,
+                       mask=tmask if tmask.any() else None,
+                       moving_mask=bmask if bmask.any() else None, backend=backend,
+                       return_info=True, **options)  # fmt: skip
     shift = np.zeros(3)
-    if tmask.any() and np.asarray(bmask).any():
-        shift = _centroid_mm(bmask, bgeom) - _centroid_mm(tmask, tgeom)
-    moving = _resample(base, bgeom, tgeom, None, shift, fill=HU_MIN)
-    u = register(timg.astype(np.float32), moving, tgeom.spacing,
-                 mask=tmask if tmask.any() else None, backend=backend, **options)  # fmt: skip
-    u = np.asarray(u, np.float32)
-    u += shift.astype(np.float32)[:, None, None, None]
-    return u, shift
+    if tmask.any():
+        c = _centroid_mm(tmask, tgeom)
+        a = info["initial_alignment"]
+        shift = np.asarray(a["matrix"]) @ c + np.asarray(a["offset_mm"]) - c
+    return np.asarray(u, np.float32), shift
 
 
 def _centroid_mm(mask, geometry: Geometry) -> np.ndarray:
@@ -649,6 +654,13 @@ def _resample(volume, source: Geometry, target: Geometry, displacement=None, shi
         ndimage.map_coordinates(vol, coords, output=out[z0:z1], order=1, mode="constant",
                                 cval=float(fill))  # fmt: skip
     return out
+
+
+def _nanmean(values) -> float | None:
+    """Mean of the measured (finite) values; None when none is."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else None
 
 
 def _dice(a, b) -> float:

@@ -286,15 +286,33 @@ def test_summary_quantiles_are_exact(values, q, chunk):
 
 def test_summary_rejects_bad_input():
     lj = np.zeros((4, 4, 4), np.float32)
-    with pytest.raises(ValueError, match="selects no voxels"):
+    with pytest.raises(ValueError, match="selects no measured voxels"):
         summarize(lj, np.zeros_like(lj, np.uint8))
     with pytest.raises(ValueError, match="mask shape"):
         summarize(lj, np.ones((4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="within \\[0, 100\\]"):
         summarize(lj, percentiles=[101])
-    lj[1, 1, 1] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
-        summarize(lj)
+    with pytest.raises(ValueError, match="no measured voxels"):
+        summarize(np.full((2, 2, 2), np.nan, np.float32))
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_summary_leaves_unmeasured_voxels_out(lazy):
+    """NaN (outside the follow-up's field of view) is left out of every number, and counted."""
+    rng = np.random.default_rng(3)
+    lj = rng.normal(-0.05, 0.1, (6, 8, 10)).astype(np.float32)
+    mask = np.ones(lj.shape, np.uint8)
+    mask[:, :, 0] = 0
+    lj[:2] = np.nan  # the follow-up missed the first two slices
+    measured = lj[(mask > 0) & ~np.isnan(lj)].astype(np.float64)
+    arr = da.from_array(lj, chunks=(3, 4, 5)) if lazy else lj
+    s = summarize(arr, mask, percentiles=[5, 95])
+    assert s["voxels"] == measured.size
+    assert s["unmeasured"] == 2 * 8 * 9
+    assert s["measured_fraction"] == pytest.approx(measured.size / (6 * 8 * 9))
+    assert s["mean"] == pytest.approx(measured.mean(), rel=1e-9)
+    np.testing.assert_allclose([s["median"], s["p5"], s["p95"]],
+                               np.percentile(measured, [50, 5, 95]), rtol=1e-6)  # fmt: skip
 
 
 # --- input checks -----------------------------------------------------------------------------

@@ -21,8 +21,9 @@ from sscflow.jacobian.core import log_jacobian_zarr
 from sscflow.jacobian.summary import summarize
 
 STAGE = "jacobian"
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: NaN where the follow-up did not image x + u(x)
 DISPLACEMENT = "displacement"
+COVERAGE = "coverage"
 MASK = "lung_mask"
 OUTPUT = "log_jacobian"
 CONVENTION = "log det(I + grad u); u on the baseline grid; < 0 where tissue shrinks at follow-up"
@@ -42,7 +43,10 @@ def log_jacobian_patient(
     ----------
     store : path (or URL) of the cohort store
     patient_id : reads ``patients/<id>/displacement`` ((3, Z, Y, X) float32 mm, on the baseline
-        grid) and ``patients/<id>/lung_mask`` (the baseline lung mask)
+        grid), ``patients/<id>/lung_mask`` (the baseline lung mask) and, when the registration
+        wrote it, ``patients/<id>/coverage``: the map is NaN where the coverage is 0 (x + u(x)
+        outside the follow-up's field of view: not measured), and the summary leaves those
+        voxels out (``unmeasured`` counts them)
     config : floor, chunk of the stored map, percentiles (the field is read chunk by chunk as
         stored, a few slabs of chunks at a time)
     scheduler : dask scheduler for the blockwise work: "threads" (all cores of this process),
@@ -67,10 +71,15 @@ def log_jacobian_patient(
     disp = _read(group, patient_id, DISPLACEMENT, "run the registration stage for it first")
     mask = _read(group, patient_id, MASK, "ingest the patient first")
     _check_grids(patient_id, disp, mask)
+    coverage = None
+    if st.output_state(group, COVERAGE) == "complete":
+        coverage = st.read_image(group, COVERAGE, lazy=True)
+        _check_grids(patient_id, disp, coverage)
 
     params = {"floor": cfg.floor, "percentiles": list(cfg.percentiles), "version": STAGE_VERSION}
     input_hash = st.hash_values(disp.meta.get("input_hash"), disp.meta.get("params"),
-                                mask.meta.get("input_hash"), mask.meta.get("params"))
+                                mask.meta.get("input_hash"), mask.meta.get("params"),
+                                coverage is not None)  # fmt: skip
     row = {"patient_id": patient_id}
     if not force and st.is_current(group, OUTPUT, input_hash, params):
         summary = dict(group[OUTPUT].attrs["sscflow"]["summary"])
@@ -79,6 +88,8 @@ def log_jacobian_patient(
     c = cfg.chunk
     field = group[DISPLACEMENT]["0"]  # read chunk by chunk, slab after slab along z
     lj = log_jacobian_zarr(field, disp.geometry.spacing, floor=cfg.floor)
+    if coverage is not None:  # not measured where x + u(x) left the follow-up's field of view
+        lj = da.where(coverage.array.rechunk(lj.chunks) > 0, lj, np.float32(np.nan))
     context = contextlib.nullcontext()
     if scheduler is not None:
         import dask

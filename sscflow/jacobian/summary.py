@@ -32,7 +32,8 @@ def summarize(
 
     Parameters
     ----------
-    log_jac : numpy or dask float32 array, e.g. from ``log_jacobian``; must hold no NaN
+    log_jac : numpy or dask float32 array, e.g. from ``log_jacobian``; NaN marks voxels that
+        were not measured (outside the follow-up's field of view): they are left out
     mask : numpy or dask array of the same shape, nonzero inside; None for every voxel
     floor : the floor ``log_jacobian`` used; voxels at ``log_floor(floor)`` or below count as
         folded
@@ -40,14 +41,15 @@ def summarize(
 
     Returns
     -------
-    dict of plain numbers: ``voxels`` (inside the mask), ``mean``, ``median``, ``p<q>``,
+    dict of plain numbers: ``voxels`` (measured, inside the mask), ``unmeasured`` (NaN inside
+    the mask), ``measured_fraction``, ``mean``, ``median``, ``p<q>``,
     ``folded`` and ``folded_fraction`` (inside the mask), ``folded_total`` and
     ``folded_total_fraction`` (whole map), ``floor``, ``log_floor``.
 
     Raises
     ------
-    ValueError when the mask's shape differs, the mask selects no voxel, a percentile is outside
-    [0, 100], or the map holds NaN.
+    ValueError when the mask's shape differs, the mask selects no measured voxel, or a
+    percentile is outside [0, 100].
 
     Examples
     --------
@@ -74,9 +76,10 @@ def summarize(
         blocks = [(np.asarray(log_jac, np.float32), None if mask is None else np.asarray(mask))]
         run = _run_numpy
 
-    hist, n, total, folded, n_all, folded_all = run(_pass1, _reduce1, blocks, lf)
+    hist, n, total, folded, n_all, folded_all, n_nan = run(_pass1, _reduce1, blocks, lf)
     if n == 0:
-        raise ValueError("summarize: the mask selects no voxels; check that it is not empty")
+        raise ValueError("summarize: the mask selects no measured voxels; check that it is not "
+                         "empty and that the follow-up covers the lungs")  # fmt: skip
     wanted = {q: _ranks(q, n) for q in [50.0, *qs]}
     ranks = sorted({r for lo, hi, _ in wanted.values() for r in (lo, hi)})
     cum = np.cumsum(_dense(hist))
@@ -90,7 +93,8 @@ def summarize(
         lo16 = int(np.searchsorted(np.cumsum(_dense(low[t])), within, side="right"))
         values[r] = float(_from_keys(np.array([(int(b) << _BITS) | lo16], np.uint32))[0])
 
-    out = {"voxels": int(n), "mean": float(total / n)}
+    out = {"voxels": int(n), "unmeasured": int(n_nan),
+           "measured_fraction": float(n) / float(n + n_nan), "mean": float(total / n)}
     quantile = {q: _lerp(values[lo], values[hi], t) for q, (lo, hi, t) in wanted.items()}
     out["median"] = quantile[50.0]
     for q in qs:
@@ -99,7 +103,7 @@ def summarize(
         folded=int(folded),
         folded_fraction=float(folded) / n,
         folded_total=int(folded_all),
-        folded_total_fraction=float(folded_all) / n_all,
+        folded_total_fraction=float(folded_all) / max(n_all, 1),
         floor=float(floor),
         log_floor=float(lf),
     )
@@ -135,21 +139,25 @@ def _select(v, m) -> np.ndarray:
 
 def _pass1(v, m, lf):
     sel = _select(v, m)
-    if np.isnan(sel).any():
-        raise ValueError("summarize: the map holds NaN; log_jacobian never writes NaN")
+    nan = np.isnan(sel)
+    n_nan = int(np.count_nonzero(nan))
+    if n_nan:
+        sel = sel[~nan]
     hist = _sparse(np.bincount(_to_keys(sel) >> _BITS, minlength=_BINS))
+    v = np.asarray(v)
     return (hist, sel.size, float(sel.sum(dtype=np.float64)), int(np.count_nonzero(sel <= lf)),
-            v.size, int(np.count_nonzero(np.asarray(v) <= lf)))
+            int(np.count_nonzero(~np.isnan(v))), int(np.count_nonzero(v <= lf)), n_nan)
 
 
 def _reduce1(*parts):
     hist = _merge([p[0] for p in parts])
-    return (hist, *(sum(p[i] for p in parts) for i in range(1, 6)))
+    return (hist, *(sum(p[i] for p in parts) for i in range(1, 7)))
 
 
 def _pass2(v, m, targets):
     """Per target bucket, the histogram of the low 16 bits of the keys in it."""
-    keys = _to_keys(_select(v, m))
+    sel = _select(v, m)
+    keys = _to_keys(sel[~np.isnan(sel)])
     keys = keys[np.isin(keys >> _BITS, targets)]
     high = keys >> _BITS
     return [_sparse(np.bincount(keys[high == b] & (_BINS - 1), minlength=_BINS))

@@ -2,11 +2,13 @@
 
 Public API::
 
-    register(fixed, moving, spacing, *, mask=None, backend="sitk", **options) -> displacement
+    register(fixed, moving, spacing, *, mask=None, moving_mask=None, fixed_geometry=None,
+             moving_geometry=None, backend="auto", **options) -> displacement
 
 The displacement is (3, Z, Y, X) float32 in millimetres on the fixed (baseline) grid, component
-k along array axis k, such that ``moving(x + u(x)) ~ fixed(x)``; ``log det(I + grad u) < 0``
-where tissue shrinks from baseline to follow-up.
+k along array axis k, such that ``moving(x + u(x)) ~ fixed(x)`` with x + u(x) a physical point
+read in the moving scan's own geometry (the two scans need not share a grid);
+``log det(I + grad u) < 0`` where tissue shrinks from baseline to follow-up.
 
 Backends live in a small registry (name -> "module:function") and are imported only when used:
 
@@ -26,7 +28,8 @@ import importlib.util
 
 import numpy as np
 
-from sscflow.errors import MissingDependencyError, UnknownBackendError
+from sscflow.errors import MissingDependencyError, RegistrationInputError, UnknownBackendError
+from sscflow.geometry import Geometry
 from sscflow.registration.common import check_inputs
 
 __all__ = ["BACKENDS", "register", "resolve_backend"]
@@ -64,28 +67,60 @@ def _load(name: str):
     return getattr(importlib.import_module(module), func)
 
 
-def register(fixed, moving, spacing, *, mask=None, backend: str = "sitk", **options) -> np.ndarray:
-    """Register ``moving`` (follow-up) to ``fixed`` (baseline).
+def register(
+    fixed,
+    moving,
+    spacing=None,
+    *,
+    mask=None,
+    moving_mask=None,
+    fixed_geometry: Geometry | None = None,
+    moving_geometry: Geometry | None = None,
+    backend: str = "auto",
+    initial_alignment: str = "lungs",
+    smooth_mm: float = 1.0,
+    return_info: bool = False,
+    **options,
+):
+    """Register ``moving`` (follow-up) to ``fixed`` (baseline), in physical space.
+
+    The two volumes may be on different grids (shape, origin, spacing, direction): they relate
+    only through their geometries. The follow-up is first aligned rigidly from the lung masks
+    (``initial_alignment="lungs"``; ``"none"`` trusts the geometries as they are), resampled once
+    onto the baseline grid, then registered by the backend (affine + deformable).
 
     Parameters
     ----------
-    fixed, moving : (Z, Y, X) arrays in HU on the same canonical grid
-    spacing : (z, y, x) voxel size in mm, each > 0
+    fixed, moving : (Z, Y, X) arrays in HU
+    spacing : (z, y, x) voxel size in mm of ``fixed`` (and of ``moving`` unless
+        ``moving_geometry`` or the ``moving_spacing`` option says otherwise); may be omitted
+        when ``fixed_geometry`` is given. Without geometries, voxel 0 of both is at 0 mm.
     mask : optional (Z, Y, X) baseline lung mask; the registration is cropped to its bounding
         box plus a margin and the field outside is the affine part
-    backend : "sitk", "torch" or "auto" (see the module docstring)
-    **options : backend parameters (see ``sscflow.config.RegistrationConfig``); a
-        ``moving_spacing`` option is checked against ``spacing``
+    moving_mask : optional follow-up lung mask (on the follow-up grid); with ``mask``, it
+        drives the initial alignment (without it the geometries are trusted as they are)
+    fixed_geometry, moving_geometry : ``sscflow.geometry.Geometry`` of each volume; the baseline
+        grid must have an identity direction (sscflow's canonical grid), the follow-up's may be
+        any
+    backend : "auto" (the default, as in ``sscflow run``), "torch" or "sitk"
+    initial_alignment : "lungs" (rigid, from ``mask`` and ``moving_mask``) or "none"
+    smooth_mm : Gaussian s.d. (mm) applied to both volumes before the backend, after the
+        follow-up's resampling onto the baseline grid: a common blur that hides the different
+        interpolation blur of two grids (0: none)
+    return_info : also return a dict: the initial alignment and its timing
+    **options : backend parameters (see ``sscflow.config.RegistrationConfig``)
 
     Returns
     -------
-    (3, Z, Y, X) float32 displacement in mm on the fixed grid.
+    (3, Z, Y, X) float32 displacement u in mm on the fixed grid, component k along axis k:
+    ``moving(x + u(x)) ~ fixed(x)``, x + u(x) a physical point in the follow-up's own
+    geometry. With ``return_info``, ``(u, info)``.
 
     Raises
     ------
-    RegistrationInputError (ValueError) for mismatched shapes or spacing, NaN / inf values or
-    an empty mask; UnknownBackendError (ValueError) for an unknown backend;
-    MissingDependencyError (ImportError) naming the extra to install.
+    RegistrationInputError (ValueError) for volumes that are not 3-D, NaN / inf values, a bad
+    spacing or geometry, an empty mask; UnknownBackendError (ValueError) for an unknown
+    backend; MissingDependencyError (ImportError) naming the extra to install.
 
     Examples
     --------
@@ -95,9 +130,53 @@ def register(fixed, moving, spacing, *, mask=None, backend: str = "sitk", **opti
     ...
     sscflow.errors.UnknownBackendError: unknown registration backend 'nope'; choose one of: auto, sitk, torch
     """  # noqa: E501
+    import time
+
+    from sscflow.registration.align import align_masks, identity
+    from sscflow.registration.frame import compose_rigid, resample_moving
+
     name = resolve_backend(backend)
-    inputs = check_inputs(
-        fixed, moving, spacing, mask, moving_spacing=options.pop("moving_spacing", None)
-    )
+    if initial_alignment not in ("lungs", "none"):
+        raise RegistrationInputError(
+            f"register: initial_alignment must be 'lungs' or 'none', got {initial_alignment!r}"
+        )
+    inputs = check_inputs(fixed, moving, spacing, mask, moving_mask=moving_mask,
+                          fixed_geometry=fixed_geometry, moving_geometry=moving_geometry,
+                          moving_spacing=options.pop("moving_spacing", None))  # fmt: skip
     func = _load(name)
-    return func(inputs.fixed, inputs.moving, inputs.spacing, mask=inputs.mask, **options)
+    fg, mg = inputs.fixed_geometry, inputs.moving_geometry
+    t0 = time.perf_counter()
+    alignment = identity()
+    if initial_alignment == "lungs" and inputs.mask is not None and inputs.moving_mask is not None:
+        alignment = _snap(align_masks(inputs.mask, fg, inputs.moving_mask, mg))
+    moved, valid = resample_moving(inputs.moving, mg, fg, alignment)
+    fixed_in = inputs.fixed
+    if smooth_mm and smooth_mm > 0:
+        from scipy import ndimage
+
+        sigma = [float(smooth_mm) / s for s in fg.spacing]
+        fixed_in = ndimage.gaussian_filter(fixed_in, sigma, mode="nearest")
+        moved = ndimage.gaussian_filter(moved, sigma, mode="nearest")
+    t_align = time.perf_counter() - t0
+    if name == "torch":
+        options["valid"] = valid
+    local = func(fixed_in, moved, fg.spacing, mask=inputs.mask, **options)
+    u = compose_rigid(local, fg, alignment)
+    if not return_info:
+        return u
+    info = {"initial_alignment": {**alignment.to_dict(), "seconds": round(t_align, 3)},
+            "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    return u, info
+
+
+def _snap(alignment):
+    """An alignment within 1e-3 mm and 1e-6 of the identity is the identity (a scan and itself
+    stay exactly in register)."""
+    from sscflow.registration.align import Alignment
+
+    if np.allclose(alignment.matrix, np.eye(3), atol=1e-6) and np.allclose(
+        alignment.offset, 0.0, atol=1e-3
+    ):
+        return Alignment(np.eye(3), np.zeros(3), alignment.dice, alignment.method,
+                         alignment.seconds)  # fmt: skip
+    return alignment

@@ -1,9 +1,10 @@
 """What every registration backend shares: input checks, the lung crop, the affine-plus-local
 composition of the result, and the measures used in QA records and against synthetic truth.
 
-Coordinates: physical millimetres (z, y, x) relative to voxel (0, 0, 0) of the fixed grid (the
-fixed and moving volumes share one canonical grid, so origins cancel). An affine map is
-``y = matrix @ x + offset`` in those coordinates.
+Coordinates inside a backend: physical millimetres (z, y, x) relative to voxel (0, 0, 0) of the
+fixed grid; ``register`` has already resampled the moving scan onto that grid through the
+initial alignment (``sscflow.registration.frame``). An affine map is ``y = matrix @ x + offset``
+in those coordinates.
 """
 
 from __future__ import annotations
@@ -17,30 +18,39 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from sscflow.errors import RegistrationInputError
-from sscflow.geometry import crop_box, field_to_sitk, to_sitk  # noqa: F401 (re-exported)
+from sscflow.geometry import Geometry, crop_box, field_to_sitk, to_sitk  # noqa: F401 (re-exported)
 
 FOLD_FLOOR = 1e-6  # det J at or below this counts as folded; the log uses this floor
 
 
 @dataclass(frozen=True)
 class Inputs:
-    """Checked registration inputs: float32 volumes, spacing as floats, a bool mask or None."""
+    """Checked registration inputs: float32 volumes, their geometries, bool masks or None."""
 
     fixed: np.ndarray
     moving: np.ndarray
     spacing: tuple[float, float, float]
     mask: np.ndarray | None
+    fixed_geometry: Geometry | None = None
+    moving_geometry: Geometry | None = None
+    moving_mask: np.ndarray | None = None
 
 
-def check_inputs(fixed, moving, spacing, mask=None, *, moving_spacing=None) -> Inputs:
+def check_inputs(
+    fixed, moving, spacing=None, mask=None, *, moving_mask=None, fixed_geometry=None,
+    moving_geometry=None, moving_spacing=None,
+) -> Inputs:
     """Validate the arguments of :func:`sscflow.registration.register`.
+
+    The two volumes may differ in shape, origin, spacing and direction. Without geometries,
+    voxel 0 of each is at 0 mm and ``spacing`` (or ``moving_spacing``) gives the voxel sizes.
 
     Raises
     ------
     RegistrationInputError (a ValueError) naming what came and what was expected: volumes that
-    are not 3-D or differ in shape, NaN or inf values, a spacing that is not three positive
-    numbers or (``moving_spacing``) differs from the fixed one, a mask of another shape or with
-    no voxel set.
+    are not 3-D, NaN or inf values, a spacing that is not three positive numbers, a geometry
+    whose shape differs from its volume's or a baseline grid whose direction is not the
+    identity, a mask of another shape or with no voxel set.
     """
     fixed = np.asarray(fixed)
     moving = np.asarray(moving)
@@ -49,19 +59,24 @@ def check_inputs(fixed, moving, spacing, mask=None, *, moving_spacing=None) -> I
             raise RegistrationInputError(
                 f"register: {name} must be a 3-D (Z, Y, X) volume, got shape {a.shape}"
             )
-    if fixed.shape != moving.shape:
-        raise RegistrationInputError(
-            f"register: fixed and moving must be on the same grid; shapes differ: fixed "
-            f"{fixed.shape}, moving {moving.shape} (resample both with sscflow.ingest first)"
-        )
-    sp = _spacing(spacing, "spacing")
-    if moving_spacing is not None:
-        msp = _spacing(moving_spacing, "moving spacing")
-        if not np.allclose(sp, msp, rtol=1e-4, atol=1e-6):
+    if fixed_geometry is None:
+        if spacing is None:
+            raise RegistrationInputError("register: give the fixed spacing or fixed_geometry")
+        fixed_geometry = Geometry(fixed.shape, _spacing(spacing, "spacing"), (0.0, 0.0, 0.0))
+    if moving_geometry is None:
+        msp = _spacing(moving_spacing if moving_spacing is not None else
+                       fixed_geometry.spacing, "moving spacing")  # fmt: skip
+        moving_geometry = Geometry(moving.shape, msp, (0.0, 0.0, 0.0))
+    for name, a, g in (("fixed", fixed, fixed_geometry), ("moving", moving, moving_geometry)):
+        if not isinstance(g, Geometry) or tuple(g.shape) != a.shape:
             raise RegistrationInputError(
-                f"register: spacing mismatch: fixed {sp} mm, moving {msp} mm; both must be on "
-                "the same canonical grid (resample with sscflow.ingest.to_canonical)"
+                f"register: {name}_geometry must be a Geometry of shape {a.shape}, got {g!r}"
             )
+    if not fixed_geometry.is_canonical:
+        raise RegistrationInputError(
+            "register: the fixed (baseline) grid must have an identity direction; resample it "
+            "with sscflow.ingest.to_canonical (the moving scan may have any direction)"
+        )
     out = []
     for name, a in (("fixed", fixed), ("moving", moving)):
         a = a.astype(np.float32, copy=False)
@@ -71,20 +86,26 @@ def check_inputs(fixed, moving, spacing, mask=None, *, moving_spacing=None) -> I
                 f"register: {name} holds {int(bad.sum())} NaN or inf voxel(s); expected finite HU"
             )
         out.append(a)
-    m = None
-    if mask is not None:
-        m = np.asarray(mask)
-        if m.shape != fixed.shape:
-            raise RegistrationInputError(
-                f"register: mask shape {m.shape} differs from the fixed volume {fixed.shape}"
-            )
-        m = m.astype(bool, copy=False)
-        if not m.any():
-            raise RegistrationInputError(
-                "register: the lung mask is empty (no voxel set); pass mask=None to register "
-                "the whole volume, or check the segmentation"
-            )
-    return Inputs(out[0], out[1], sp, m)
+    m = _mask(mask, fixed.shape, "mask", "fixed")
+    mm = _mask(moving_mask, moving.shape, "moving_mask", "moving")
+    return Inputs(out[0], out[1], fixed_geometry.spacing, m, fixed_geometry, moving_geometry, mm)
+
+
+def _mask(mask, shape, name, of):
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    if m.shape != shape:
+        raise RegistrationInputError(
+            f"register: {name} shape {m.shape} differs from the {of} volume {shape}"
+        )
+    m = m.astype(bool, copy=False)
+    if not m.any():
+        raise RegistrationInputError(
+            f"register: the {name} is empty (no voxel set); pass {name}=None to register "
+            "the whole volume, or check the segmentation"
+        )
+    return m
 
 
 def _spacing(spacing, name) -> tuple[float, float, float]:
@@ -204,18 +225,28 @@ def local_ncc(a, b, mask=None, window: int = 5) -> float:
     return float(sel.mean())
 
 
-def similarity(fixed, moving, displacement, spacing, mask=None) -> dict:
-    """Similarity of fixed and moving before and after warping, inside ``mask``: global NCC,
-    local NCC (window 5) and mean absolute difference in HU."""
-    warped = warp(moving, displacement, spacing)
+def similarity(fixed, moving, displacement, spacing, mask=None, *, fixed_geometry=None,
+               moving_geometry=None, covered=None) -> dict:  # fmt: skip
+    """Similarity of fixed and moving before and after warping, inside ``mask`` (and
+    ``covered``, the voxels the follow-up imaged, when given): global NCC, local NCC (window 5)
+    and mean absolute difference in HU. "Before" reads the follow-up at the same physical
+    point (its geometry alone, no registration); without geometries both grids start at 0 mm.
+    """
+    from sscflow.geometry import warp_to_baseline
+
+    fg = fixed_geometry or Geometry(np.shape(fixed), spacing, (0.0, 0.0, 0.0))
+    mg = moving_geometry or Geometry(np.shape(moving), spacing, (0.0, 0.0, 0.0))
+    before = warp_to_baseline(moving, mg, np.zeros((3, *fg.shape), np.float32), fg)
+    warped = warp_to_baseline(moving, mg, displacement, fg)
+    sel = np.ones(fg.shape, bool) if mask is None else np.asarray(mask, bool)
+    if covered is not None:
+        sel = sel & np.asarray(covered, bool)
     out = {}
-    for when, m in (("before", moving), ("after", warped)):
-        out[f"ncc_{when}"] = round(ncc(fixed, m, mask), 5)
-        out[f"lncc_{when}"] = round(local_ncc(fixed, m, mask), 5)
+    for when, m in (("before", before), ("after", warped)):
+        out[f"ncc_{when}"] = round(ncc(fixed, m, sel), 5)
+        out[f"lncc_{when}"] = round(local_ncc(fixed, m, sel), 5)
         diff = np.abs(np.asarray(fixed, np.float32) - m)
-        out[f"mad_hu_{when}"] = round(
-            float(diff[np.asarray(mask, bool)].mean() if mask is not None else diff.mean()), 3
-        )
+        out[f"mad_hu_{when}"] = round(float(diff[sel].mean()) if sel.any() else float("nan"), 3)
     return out
 
 

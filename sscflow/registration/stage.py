@@ -2,8 +2,11 @@
 
 Writes ``STORE/patients/<id>/displacement``, a (3, Z, Y, X) float32 field in mm on the baseline
 grid (an NGFF image group with a channel axis), with a QA record in its ``sscflow.qa``
-attribute: backend, parameters, runtime, similarity before and after (inside the lung mask),
-folded fraction, and, given the synthetic cohort's folder, the errors against the truth.
+attribute: backend, parameters, runtime, the initial alignment, the lung coverage (the fraction
+of the baseline lung whose x + u(x) the follow-up imaged), each scan's original slice
+thickness, similarity before and after (inside the lung mask), folded fraction, and, given the
+synthetic cohort's folder, the errors against the truth. Beside it,
+``STORE/patients/<id>/coverage`` marks the baseline voxels that were measured.
 Skipped when the output is current (same inputs and parameters).
 """
 
@@ -16,15 +19,34 @@ import numpy as np
 
 from sscflow import store as st
 from sscflow.config import RegistrationConfig
-from sscflow.errors import IncompleteOutputError
+from sscflow.errors import IncompleteOutputError, RegistrationFailedError
+from sscflow.geometry import Geometry
 from sscflow.registration import register, resolve_backend
 from sscflow.registration.common import folded_fraction, similarity, truth_errors
+from sscflow.registration.frame import coverage_mask
 
 STAGE = "registration"
-STAGE_VERSION = 1
+STAGE_VERSION = 2
 OUTPUT = "displacement"
+COVERAGE = "coverage"
 INPUTS = ("baseline", "followup", "lung_mask")
-CONVENTION = "followup(x + u(x)) ~ baseline(x); u (3, Z, Y, X) mm, component k along axis k"
+MOVING_MASK = "followup_lung_mask"
+CONVENTION = ("followup(x + u(x)) ~ baseline(x); u (3, Z, Y, X) mm on the baseline grid, "
+              "component k along axis k; x + u(x) a physical point of the follow-up")  # fmt: skip
+
+
+def slice_thickness(image: st.StoredImage) -> float | None:
+    """The source scan's slice spacing (mm) before ingest, from the stored original geometry."""
+    geom = (image.meta.get("source") or {}).get("geometry")
+    if not geom:
+        return None
+    return round(float(Geometry.from_dict(geom).spacing[0]), 4)
+
+
+def source_geometry(image: st.StoredImage) -> Geometry:
+    """The scan's original grid (its field of view), or the stored grid when unknown."""
+    geom = (image.meta.get("source") or {}).get("geometry")
+    return Geometry.from_dict(geom) if geom else image.geometry
 
 
 def register_patient(
@@ -39,10 +61,16 @@ def register_patient(
 ) -> dict:
     """Register one patient's follow-up to its baseline and store the displacement.
 
+    The two scans are on their own grids (as ingested: each its own extent and origin); they
+    relate through physical coordinates only. Writes ``patients/<id>/coverage`` (uint8 on the
+    baseline grid: 1 where x + u(x) lies inside the follow-up's original field of view), then
+    ``patients/<id>/displacement``.
+
     Parameters
     ----------
     store : path (or URL) of the cohort store
-    patient_id : reads ``patients/<id>/baseline``, ``followup`` and ``lung_mask``
+    patient_id : reads ``patients/<id>/baseline``, ``followup``, ``lung_mask`` and
+        ``followup_lung_mask`` (the initial alignment's; segmented again when absent)
     config : backend and its parameters (``RegistrationConfig``; defaults when None)
     truth_dir : optional folder of a synthetic cohort (``sscflow.synth``); its true field for
         this patient is compared with the result in the QA record
@@ -51,12 +79,15 @@ def register_patient(
 
     Returns
     -------
-    dict: ``patient_id``, ``status`` ("done" or "skipped"), ``seconds`` and the QA record.
+    dict: ``patient_id``, ``status`` ("done" or "skipped"), ``seconds``, ``warnings`` and the
+    QA record (``lung_coverage``, ``slice_thickness_mm``, ``initial_alignment``, similarity
+    before and after, folded fraction, ...).
 
     Raises
     ------
     IncompleteOutputError (a FileNotFoundError) naming the missing input;
-    RegistrationInputError (a ValueError) when the scans' grids differ.
+    RegistrationFailedError (a ValueError) when the lungs cannot be aligned or the follow-up
+    covers less of the baseline lung than ``config.min_lung_coverage``.
     """
     cfg = config or RegistrationConfig()
     t0 = time.perf_counter()
@@ -72,38 +103,93 @@ def register_patient(
                 f"patient {patient_id}: {exc}; ingest the patient first"
             ) from None
     base, follow, mask = (images[n] for n in INPUTS)
+    moving_mask = None
+    if st.output_state(group, MOVING_MASK) == "complete":
+        moving_mask = st.read_image(group, MOVING_MASK)
     options = cfg.options(backend)
-    params = {"backend": backend, "options": options, "version": STAGE_VERSION}
+    params = {"backend": backend, "options": options, "version": STAGE_VERSION,
+              "min_lung_coverage": cfg.min_lung_coverage,
+              "min_alignment_dice": cfg.min_alignment_dice}  # fmt: skip
     input_hash = st.hash_values(*[(images[n].meta.get("input_hash"), images[n].meta.get("params"))
                                   for n in INPUTS])  # fmt: skip
     row = {"patient_id": patient_id}
-    if not force and st.is_current(group, OUTPUT, input_hash, params):
+    if (not force and st.is_current(group, OUTPUT, input_hash, params)
+            and st.is_current(group, COVERAGE, input_hash, params)):  # fmt: skip
         qa = dict(group[OUTPUT].attrs["sscflow"].get("qa", {}))
-        return {**row, "status": "skipped", "seconds": time.perf_counter() - t0, **qa}
+        return {**row, "status": "skipped", "seconds": time.perf_counter() - t0,
+                "warnings": thick_slice_warnings(patient_id, qa, cfg), **qa}  # fmt: skip
 
-    spacing = base.geometry.spacing
+    fg, mg = base.geometry, follow.geometry
+    spacing = fg.spacing
     fixed = np.asarray(base.array[...], np.float32)
     moving = np.asarray(follow.array[...], np.float32)
     lung = np.asarray(mask.array[...]).astype(bool)
+    mmask = None if moving_mask is None else np.asarray(moving_mask.array[...]).astype(bool)
+    if mmask is not None and not mmask.any():
+        mmask = None
+    thickness = {"baseline": slice_thickness(base), "followup": slice_thickness(follow)}
     t1 = time.perf_counter()
-    u = register(fixed, moving, spacing, mask=lung if lung.any() else None, backend=backend,
-                 moving_spacing=follow.geometry.spacing, **options)  # fmt: skip
+    u, info = register(fixed, moving, mask=lung if lung.any() else None, moving_mask=mmask,
+                       fixed_geometry=fg, moving_geometry=mg, backend=backend,
+                       return_info=True, **options)  # fmt: skip
     runtime = time.perf_counter() - t1
+    align = info["initial_alignment"]
+    dice = align.get("dice")
+    if dice is not None and np.isfinite(dice) and dice < cfg.min_alignment_dice:
+        raise RegistrationFailedError(
+            f"patient {patient_id}: the follow-up's lungs could not be aligned with the "
+            f"baseline's (lung-mask Dice {dice:.2f} after the initial alignment, below "
+            f"registration.min_alignment_dice {cfg.min_alignment_dice:g}); check that both "
+            "scans are chest CTs of this patient and that both lung masks look right"
+        )
+    covered = coverage_mask(u, fg, source_geometry(follow))
+    coverage = float(covered[lung].mean()) if lung.any() else 0.0
+    if coverage < cfg.min_lung_coverage:
+        raise RegistrationFailedError(
+            f"patient {patient_id}: the follow-up covers {coverage:.0%} of the baseline lung "
+            f"(registration.min_lung_coverage is {cfg.min_lung_coverage:g}); its field of view "
+            "misses the rest (for instance the apices or the bases). Use a follow-up series "
+            "that covers the whole chest, or lower registration.min_lung_coverage"
+        )
+    sel = lung if lung.any() else None
     qa = {
         "backend": backend,
         "parameters": options,
         "config": asdict(cfg),
         "runtime_s": round(runtime, 3),
-        "folded_fraction": folded_fraction(u, spacing, lung if lung.any() else None),
-        **similarity(fixed, moving, u, spacing, lung if lung.any() else None),
+        "initial_alignment": align,
+        "lung_coverage": round(coverage, 5),
+        "slice_thickness_mm": thickness,
+        "baseline_grid": fg.to_dict(),
+        "followup_grid": mg.to_dict(),
+        "folded_fraction": folded_fraction(u, spacing, sel),
+        **similarity(fixed, moving, u, spacing, sel, fixed_geometry=fg, moving_geometry=mg,
+                     covered=covered),
     }
     if truth_dir is not None:
         from sscflow.synth import read_truth
 
-        truth = read_truth(truth_dir, patient_id)
+        truth = read_truth(truth_dir, patient_id).on(fg)
         qa["truth"] = truth_errors(u, spacing, truth.displacement, truth.log_jacobian,
-                                   truth.lung, truth.region)  # fmt: skip
-    st.write_image(group, OUTPUT, u, base.geometry, stage=STAGE, params=params,
-                   input_hash=input_hash, chunk=chunk, compression_level=compression_level,
-                   extra={"qa": qa, "convention": CONVENTION})  # fmt: skip
-    return {**row, "status": "done", "seconds": time.perf_counter() - t0, **qa}
+                                   truth.lung & covered, truth.region & covered)  # fmt: skip
+    write = dict(stage=STAGE, params=params, input_hash=input_hash, chunk=chunk,
+                 compression_level=compression_level)  # fmt: skip
+    st.write_image(group, COVERAGE, covered.astype(np.uint8), fg,
+                   extra={"lung_coverage": qa["lung_coverage"],
+                          "meaning": "1: x + u(x) inside the follow-up's field of view"},
+                   **write)  # fmt: skip
+    st.write_image(group, OUTPUT, u, fg, extra={"qa": qa, "convention": CONVENTION}, **write)
+    return {**row, "status": "done", "seconds": time.perf_counter() - t0,
+            "warnings": thick_slice_warnings(patient_id, qa, cfg), **qa}  # fmt: skip
+
+
+def thick_slice_warnings(patient_id: str, qa: dict, cfg: RegistrationConfig) -> list[str]:
+    """One line per patient whose scans' slices are thicker than ``cfg.thick_slice_mm``."""
+    thick = {k: v for k, v in (qa.get("slice_thickness_mm") or {}).items()
+             if v is not None and v > cfg.thick_slice_mm}  # fmt: skip
+    if not thick:
+        return []
+    which = ", ".join(f"{k} {v:g} mm" for k, v in thick.items())
+    return [f"patient {patient_id}: slices thicker than {cfg.thick_slice_mm:g} mm ({which}); "
+            "registered, but fine structure along z is lost and the log-Jacobian is smoother "
+            "there"]  # fmt: skip

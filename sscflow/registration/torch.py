@@ -6,9 +6,14 @@ functions, so ``import sscflow`` does not load it.
 Method (decisions):
 
 1. Intensities: HU clipped to [-1000, 400] and scaled to [0, 1].
-2. Crop: the fixed (baseline) volume is cropped to the lung bounding box plus ``margin_mm``; the
-   moving volume is used whole, so the warped crop never samples outside what was imaged.
-3. Pyramid: box-averaged images at the shrink ``levels`` (default 4, 2, 1).
+2. Crop: the fixed (baseline) volume is cropped to the lung bounding box plus ``margin_mm``
+   (grown to whole pyramid blocks); the moving volume (already resampled onto the fixed grid by
+   ``register``) is used over that crop plus 30 mm, so the warped crop rarely samples outside
+   it, and only where the follow-up was imaged counts (``valid``).
+3. Pyramid: box-averaged images at the shrink ``levels`` (default 4, 2, 1); the moving crop
+   starts on the same block grid as the fixed one, so both average the same voxel blocks
+   (blocks out of phase read as a deformation: a scan registered to itself showed
+   log-Jacobian blobs of +-0.05 from that alone).
 4. Affine ``y = c + (I + L)(x - c) + t`` about the crop centre, by Adam on ``1 - LNCC`` on the
    two coarsest levels (``affine_iterations``); it absorbs the inspiration and position change.
 5. Deformable: the map is ``x -> A(exp(v)(x))`` with a stationary velocity field ``v`` (mm) on
@@ -16,14 +21,20 @@ Method (decisions):
    (``squarings`` steps), so the result is a diffeomorphism up to interpolation. ``v`` is
    multiplied by a cosine taper that is 1 over the lung bounding box and 0 at the crop border:
    outside the crop the field is exactly the affine part and continuous with the inside.
-   Loss: ``1 - LNCC`` (squared local correlation, window ``window`` voxels of each level,
-   stabilised by ``(ncc_floor_hu / 1400)^4``: a window whose local standard deviations are
-   well below ``ncc_floor_hu`` HU counts as flat; much larger values turn the similarity into a
-   squared covariance that favours contrast over correspondence and damped a regional
-   shrinkage by ~15%; much smaller ones match noise) plus
+   Loss: ``1 - LNCC`` (squared local correlation, window ``window`` voxels of each level),
+   each window weighted by ``va^2 / (va^2 + (ncc_floor_hu / 1400)^4)`` with ``va`` the fixed
+   image's local variance: a window whose local standard deviation is well below
+   ``ncc_floor_hu`` HU counts little. The weight depends on the fixed image only, so the
+   optimum of every window stays at ``moving ~ fixed`` (a stabiliser added to the denominator
+   instead rewards contrast: it biased a regional shrinkage and moved a scan registered to
+   itself). Plus
    optionally ``diffusion`` times the mean squared velocity gradient. Gradient descent: the
    gradient is smoothed (``gradient_sigma``, fluid-like) and scaled so that the largest update
-   is ``learning_rate`` velocity-grid voxels; then the part of ``v`` added at the current level
+   is ``learning_rate`` velocity-grid voxels while the gradient is at least ``full_step_at``
+   times the one a one-voxel shift of the fixed image against itself gives (measured once per
+   level), and proportionally smaller below that (scaling every gradient to a full step turned
+   the vanishing gradient of a pair in register into full-size random steps; below 0.5 the
+   descent is unstable at the optimum); then the part of ``v`` added at the current level
    is smoothed (``velocity_sigma``, diffusion-like, demons style), which keeps log-Jacobian
    noise small. The coarser levels' result is not smoothed again at every step of the finer
    ones: that repeated smoothing damped a regional shrinkage's peak. ``velocity_sigma`` and
@@ -48,6 +59,7 @@ import numpy as np
 from sscflow.registration.common import compose, crop_box, n_threads
 
 HU_RANGE = (-1000.0, 400.0)
+MOVING_PAD_MM = 30.0  # the moving image is used over the fixed crop grown by this much
 
 
 def register(
@@ -71,10 +83,14 @@ def register(
     squarings: int = 6,
     threads: int = 0,
     return_affine: bool = False,
+    valid=None,
+    full_step_at: float = 0.5,
 ):
     """See :func:`sscflow.registration.register` (inputs already checked).
 
     With ``return_affine`` also returns the affine ``(matrix, offset)`` (zyx mm about voxel 0).
+    ``valid`` (Z, Y, X) in [0, 1], on the same grid, says where the moving scan was imaged
+    (``register`` resampled it onto the fixed grid); the similarity counts only those voxels.
     """
     import torch
 
@@ -89,7 +105,7 @@ def register(
         )
     shape = fixed.shape
     sp = torch.tensor(spacing, dtype=torch.float32, device=dev)
-    box = crop_box(mask, spacing, margin_mm, shape)
+    box = _whole_blocks(crop_box(mask, spacing, margin_mm, shape), shape, math.lcm(*levels))
     inner = crop_box(mask, spacing, 0.0, shape) if mask is not None else box
 
     def prep(a):
@@ -98,7 +114,22 @@ def register(
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dev)[None, None]
 
     f_full = prep(fixed[box])
-    m_full = prep(moving)
+    # The moving image: the crop grown by ``MOVING_PAD_MM``, its start congruent to the fixed
+    # crop's modulo every shrink factor, so that both pyramids average the same voxel blocks
+    # (blocks out of phase by a fraction of a coarse voxel read as a deformation).
+    period = math.lcm(*levels)
+    mbox = []
+    for b, s, n in zip(box, spacing, shape, strict=True):
+        pad = int(math.ceil(MOVING_PAD_MM / s))
+        lo = b.start - period * (min(pad, b.start) // period)
+        mbox.append(slice(lo, min(n, b.stop + pad)))
+    mbox = tuple(mbox)
+    m_full = prep(moving[mbox])
+    v_full = None
+    if valid is not None:
+        v = np.asarray(valid, np.float32)[mbox]
+        if float(v.min()) < 1.0:
+            v_full = torch.from_numpy(np.ascontiguousarray(v)).to(dev)[None, None]
     start = torch.tensor([b.start for b in box], dtype=torch.float32, device=dev)
     crop_n = [b.stop - b.start for b in box]
     centre = (start + (torch.tensor(crop_n, device=dev) - 1) / 2) * sp  # mm
@@ -107,9 +138,11 @@ def register(
     # below ~ncc_floor_hu count as flat, so noise there is not matched as structure
     eps = (float(ncc_floor_hu) / (HU_RANGE[1] - HU_RANGE[0])) ** 4
     reg = _Registration(
-        torch, dev, sp, start, crop_n, centre, window=window, shape=shape, m_full=m_full, eps=eps
+        torch, dev, sp, start, crop_n, centre, window=window, shape=shape, eps=eps,
+        moving_start=[b.start for b in mbox],
     )
     pyramid = {f: (reg.pool(f_full, f), reg.pool(m_full, f)) for f in set(levels)}
+    vpyramid = {f: None if v_full is None else reg.pool(v_full, f) for f in set(levels)}
 
     # --- affine, on the coarsest levels
     lin = torch.zeros(3, 3, device=dev, requires_grad=True)
@@ -119,12 +152,18 @@ def register(
         if n_iter == 0:
             continue
         f_img, m_img = pyramid[factor]
+        v_img = vpyramid[factor]
         pts = reg.points(factor, f_img.shape[2:])  # (3, D, H, W) mm
         stats = reg.fixed_stats(f_img)
-        opt = torch.optim.Adam([{"params": [lin], "lr": 0.01}, {"params": [trans], "lr": 1.0}])
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n_iter)
         level_mm = [float(x) * factor for x in spacing]
         c = centre.view(3, 1, 1, 1)
+        # Adam's eps at a tenth of the gradient a one-voxel shift gives: steps stay full-size
+        # while the images are apart, and vanish with the gradient when they are in register
+        # (with a tiny eps, Adam turns the rounding noise of a zero gradient into full steps)
+        g_lin, g_trans = _affine_reference(torch, reg, f_img, stats, pts, c, level_mm)
+        opt = torch.optim.Adam([{"params": [lin], "lr": 0.01, "eps": 0.1 * g_lin},
+                                {"params": [trans], "lr": 1.0, "eps": 0.1 * g_trans}])
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n_iter)
         for _ in range(n_iter):
             opt.zero_grad(set_to_none=True)
             mat = torch.eye(3, device=dev) + lin
@@ -132,12 +171,13 @@ def register(
             with torch.no_grad():
                 base, _ = reg.moving_grid(m_img, factor, pts, lin, trans)
                 value = reg.sample(m_img, base)
+                seen = None if v_img is None else reg.sample(v_img, base)
                 # the moving image's slope at y: grad_x warped = (I + L)^T grad_y moving
                 slope = torch.stack(torch.gradient(value[0, 0], spacing=level_mm))
                 slope = torch.einsum("ij,j...->i...", torch.linalg.inv(mat.T), slope)[None]
             # linearised in y, as in the deformable stage (no grid_sample backward pass)
             warped = value + ((y - y.detach())[None] * slope).sum(1, keepdim=True)
-            loss = 1.0 - reg.lncc(stats, warped)
+            loss = 1.0 - reg.lncc(stats, warped, seen)
             loss.backward()
             opt.step()
             sched.step()
@@ -151,6 +191,7 @@ def register(
     gsigmas = _per_level(gradient_sigma, len(levels), "gradient_sigma")
     for factor, n_iter, vsigma, gsigma in zip(levels, iterations, vsigmas, gsigmas, strict=True):
         f_img, m_img = pyramid[factor]
+        v_img = vpyramid[factor]
         pts = reg.points(factor, f_img.shape[2:])
         vstep = factor * int(velocity_shrink)
         vshape = [max(2, math.ceil((n - 1) / vstep) + 1) for n in crop_n]
@@ -176,6 +217,8 @@ def register(
         vox = float(vspacing.mean())
         step = learning_rate * vox
         level_mm = [float(x) * factor for x in spacing]
+        ref = reg.reference_gradient(f_img, stats, grid_f, factor, vshape, taper, gkernel, level_mm)
+        ref = ref.clamp(min=1e-12)
         for _ in range(n_iter):
             vel.grad = None
             # The similarity gradient is taken with respect to the displacement exp(v) and
@@ -186,13 +229,15 @@ def register(
             disp.requires_grad_(True)
             w = reg.upsample(disp, grid_f, factor)  # (1, 3, D, H, W) mm at the level's voxels
             with torch.no_grad():
-                value = reg.sample(m_img, base + w[0].detach().permute(1, 2, 3, 0) @ to_grid)
+                where = base + w[0].detach().permute(1, 2, 3, 0) @ to_grid
+                value = reg.sample(m_img, where)
+                seen = None if v_img is None else reg.sample(v_img, where)
                 slope = torch.stack(torch.gradient(value[0, 0], spacing=level_mm))[None]
             # The warped image, linearised in w: its value, and the gradient of the warped
             # image as d(warped)/dw (exact up to a factor I + grad u). Much cheaper than
             # differentiating the resampling (grid_sample's backward pass on CPU).
             warped = value + ((w - w.detach()) * slope).sum(1, keepdim=True)
-            loss = 1.0 - reg.lncc(stats, warped)
+            loss = 1.0 - reg.lncc(stats, warped, seen)
             loss.backward()
             if diffusion > 0:
                 (diffusion * _diffusion(vel / vspacing.view(1, 3, 1, 1, 1))).backward()
@@ -203,7 +248,11 @@ def register(
                 if gkernel is not None:
                     grad = _smooth(torch, grad, gkernel)
                 norm = grad.square().sum(1).sqrt().amax().clamp(min=1e-12)
-                vel -= grad * (step / norm)  # the largest update is ``learning_rate`` voxels
+                # the largest update is ``learning_rate`` voxels while the gradient is at least
+                # ``full_step_at`` times that of a one-voxel misregistration, and shrinks with
+                # it below that: a pair already in register (a scan and itself) is left alone
+                # instead of jittered by full steps
+                vel -= grad * (step / torch.maximum(norm, ref * full_step_at))
                 if kernel is not None:
                     vel.copy_(vel_start + _smooth(torch, vel - vel_start, kernel))
     with torch.no_grad():
@@ -220,6 +269,36 @@ def register(
             local = local.cpu().numpy()
     u = compose(local, box, shape, spacing, matrix, offset)
     return (u, (matrix, offset)) if return_affine else u
+
+
+def _affine_reference(torch, reg, f_img, stats, pts, c, level_mm):
+    """Largest |gradient| of the loss w.r.t. the linear part and the translation when the
+    fixed image is matched against itself shifted by one voxel along z."""
+    lin = torch.zeros(3, 3, device=f_img.device, requires_grad=True)
+    trans = torch.zeros(3, device=f_img.device, requires_grad=True)
+    y = c + torch.einsum("ij,j...->i...", torch.eye(3, device=f_img.device) + lin, pts - c)
+    y = y + trans.view(3, 1, 1, 1)
+    with torch.no_grad():
+        b = torch.roll(f_img, 1, dims=2)
+        slope = torch.stack(torch.gradient(b[0, 0], spacing=level_mm))[None]
+    warped = b + ((y - y.detach())[None] * slope).sum(1, keepdim=True)
+    (1.0 - reg.lncc(stats, warped)).backward()
+    return (max(float(lin.grad.abs().max()), 1e-12), max(float(trans.grad.abs().max()), 1e-12))
+
+
+def _whole_blocks(box, shape, period):
+    """The crop grown (or, at the image's edge, trimmed) to a whole number of ``period``
+    voxels per axis: no partial block at its end, whose average the moving image's pyramid
+    would not share."""
+    out = []
+    for b, n in zip(box, shape, strict=True):
+        size = b.stop - b.start
+        want = -(-size // period) * period
+        stop = b.start + want
+        if stop > n:
+            stop = b.start + (size // period) * period if size >= period else n
+        out.append(slice(b.start, stop))
+    return tuple(out)
 
 
 def _per_level(value, n, name):
@@ -246,7 +325,8 @@ def _device(device: str):
 class _Registration:
     """Grids and operators shared by the affine and deformable stages of one registration."""
 
-    def __init__(self, torch, dev, sp, start, crop_n, centre, *, window, shape, m_full, eps):
+    def __init__(self, torch, dev, sp, start, crop_n, centre, *, window, shape, eps,
+                 moving_start=(0, 0, 0)):  # fmt: skip
         self.torch = torch
         self.F = torch.nn.functional
         self.dev = dev
@@ -256,7 +336,9 @@ class _Registration:
         self.centre = centre
         self.window = int(window)
         self.eps = float(eps)
+        self.tiny = 1e-12  # only keeps 0 / 0 finite; larger values bias the optimum off b ~ a
         self.shape = shape
+        self.moving_start = torch.tensor(moving_start, dtype=torch.float32, device=dev)
         self.moving_shape = {}
         self._box = torch.ones(1, 1, self.window, device=dev) / self.window
 
@@ -305,6 +387,27 @@ class _Registration:
             out = out * ramp.view(shp)
         return out[None, None]
 
+    def reference_gradient(self, f_img, stats, grid_f, factor, vshape, taper, gkernel, level_mm):
+        """The largest smoothed velocity-grid gradient that a one-voxel shift (along z) of the
+        fixed image against itself produces: the scale of "a voxel out of register" at this
+        level (one iteration's cost)."""
+        torch = self.torch
+        out = []
+        for axis in (0,):  # one axis: the lung's texture is about isotropic
+            disp = torch.zeros(1, 3, *vshape, device=self.dev, requires_grad=True)
+            w = self.upsample(disp, grid_f, factor)
+            with torch.no_grad():
+                b = torch.roll(f_img, 1, dims=2 + axis)
+                slope = torch.stack(torch.gradient(b[0, 0], spacing=level_mm))[None]
+            warped = b + (w * slope).sum(1, keepdim=True)
+            (1.0 - self.lncc(stats, warped)).backward()
+            with torch.no_grad():
+                g = disp.grad * taper
+                if gkernel is not None:
+                    g = _smooth(torch, g, gkernel)
+                out.append(g.square().sum(1).sqrt().amax())
+        return torch.stack(out).mean().clamp(min=1e-12)
+
     # -- transforms
     def moving_grid(self, m_img, factor, pts, lin, trans):
         """Where A(pts) falls in the moving level image, normalised for grid_sample.
@@ -318,7 +421,9 @@ class _Registration:
         y = c + torch.einsum("ij,j...->i...", mat, pts - c) + trans.view(3, 1, 1, 1)
         n = torch.tensor(m_img.shape[2:], device=self.dev, dtype=torch.float32)
         scale = 2.0 / (self.sp * factor * (n - 1).clamp(min=1))  # mm -> normalised, per axis
-        offset = 2 * (-(factor - 1) / 2) / (factor * (n - 1).clamp(min=1)) - 1
+        # pooled voxel j of the moving image (which starts at full voxel ``moving_start``) is
+        # centred at full voxel moving_start + factor j + (factor - 1) / 2
+        offset = 2 * (-self.moving_start - (factor - 1) / 2) / (factor * (n - 1).clamp(min=1)) - 1
         norm = y * scale.view(3, 1, 1, 1) + offset.view(3, 1, 1, 1)
         base = norm.permute(1, 2, 3, 0).flip(-1)[None]
         to_grid = (mat * scale.view(3, 1)).T.flip(-1)  # w_zyx @ to_grid -> xyz normalised
@@ -362,16 +467,24 @@ class _Registration:
         with self.torch.no_grad():
             m = _box_filter(self.torch, self.torch.cat([a, a * a], dim=1), self.window)
             ma, maa = m[:, :1], m[:, 1:]
-            return a, ma, (maa - ma * ma).clamp(min=0)
+            va = (maa - ma * ma).clamp(min=0)
+            # a weight from the fixed image alone: windows flatter than the floor count less.
+            # It must not depend on the moving image, or the optimum moves off b ~ a.
+            weight = va * va / (va * va + self.eps)
+            return a, ma, va, weight
 
-    def lncc(self, stats, b):
-        """Mean squared local correlation of the fixed image (``stats``) and ``b``."""
-        a, ma, va = stats
+    def lncc(self, stats, b, seen=None):
+        """Mean squared local correlation of the fixed image (``stats``) and ``b``, each window
+        weighted by the fixed image's local variance against the floor (and by ``seen``, the
+        fraction of it the moving scan imaged)."""
+        a, ma, va, weight = stats
         m = _box_filter(self.torch, self.torch.cat([b, b * b, a * b], dim=1), self.window)
         mb, mbb, mab = m[:, :1], m[:, 1:2], m[:, 2:]
         cov = mab - ma * mb
         vb = (mbb - mb * mb).clamp(min=0)
-        cc = cov * cov / (va * vb + self.eps)
+        if seen is not None:
+            weight = weight * (seen > 0.999)
+        cc = weight * cov * cov / (va * vb + self.tiny)
         return cc.mean()
 
 
