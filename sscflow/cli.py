@@ -118,19 +118,24 @@ def synth(
     seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same files.")] = 0,
     noise: Annotated[float, typer.Option("--noise", min=0.0, help="Scanner noise std, HU.")] = 20.0,
     ribs: Annotated[bool, typer.Option("--ribs/--no-ribs", help="Draw ribs and spine.")] = True,
+    same_grid: Annotated[bool, typer.Option(
+        "--same-grid", help="Write both scans of a patient on the generator's grid, the patient "
+        "unmoved (by default each scan has its own grid, field of view, direction, slice "
+        "thickness and patient position, as real acquisitions do).")] = False,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
 ):
     """Make a synthetic longitudinal chest CT cohort whose truth is known.
 
     Writes images (NIfTI, MHA and DICOM series, mixed across patients), manifest.csv, and truth/
-    (true displacement fields, true log-Jacobian maps, lung masks, planted labels).
+    (true displacement fields, true log-Jacobian maps, lung masks, planted labels). Each scan
+    is its own acquisition (grid, field of view, direction, slices of 0.9-1.8x the spacing or
+    thick, table shift and a small rotation for the follow-up) unless --same-grid.
 
     Example: sscflow synth --patients 24 --out cohort/ --spacing 2.5 --seed 0
     """
-    manifest = _synth(
-        patients, out_dir, spacing, seed, noise, ribs, _config(None, scheduler, workers)
-    )
+    manifest = _synth(patients, out_dir, spacing, seed, noise, ribs,
+                      _config(None, scheduler, workers), acquisitions=not same_grid)  # fmt: skip
     out.print(f"wrote {patients} patients; manifest: {manifest}")
 
 
@@ -160,7 +165,7 @@ def _client(cfg, client=None):
         yield new
 
 
-def _synth(patients, out_dir, spacing, seed, noise, ribs, cfg, client=None):
+def _synth(patients, out_dir, spacing, seed, noise, ribs, cfg, client=None, acquisitions=True):
     from sscflow.synth import synthesize_cohort
 
     with _client(cfg, client) as client, _progress() as bar:
@@ -178,6 +183,7 @@ def _synth(patients, out_dir, spacing, seed, noise, ribs, cfg, client=None):
             progress=progress,
             ribs=ribs,
             noise_hu=noise,
+            acquisitions=acquisitions,
         )
 
 
@@ -480,6 +486,8 @@ def _run_report(summary):
     for name, rec in summary.cohort.items():
         if rec.get("status") in ("failed", "upstream_failed"):
             console.print(f"[red]{name} {rec['status']}[/red]: {rec['message']}", highlight=False)
+    for line in summary.warnings:
+        console.print(f"[yellow]warning[/yellow]: {line}", highlight=False)
     if summary.failed:
         t = Table("patient", "stage", "reason", title="failed patients")
         for rec in summary.failed:
@@ -727,7 +735,7 @@ def demo(
             out.print(f"synthetic cohort {synthetic}: unchanged, not made again")
         else:
             cfg.manifest = _synth(n, synthetic, s.spacing_mm, s.seed, s.noise_hu, s.ribs, cfg,
-                                  client)  # fmt: skip
+                                  client, acquisitions=s.acquisitions)  # fmt: skip
         manifest = read_manifest(cfg.manifest)
         summary = _run(cfg, manifest, force=force, truth_dir=synthetic, client=client)
     try:
@@ -748,7 +756,8 @@ def _synthetic_is_current(folder: Path, n: int, s) -> bool:
     except (OSError, ValueError):
         return False
     want = {"generator_version": GENERATOR_VERSION, "n": n, "seed": s.seed,
-            "spacing": s.spacing_mm, "ribs": s.ribs, "noise_hu": s.noise_hu}  # fmt: skip
+            "spacing": s.spacing_mm, "ribs": s.ribs, "noise_hu": s.noise_hu,
+            "acquisitions": s.acquisitions}  # fmt: skip
     return (folder / "manifest.csv").is_file() and all(made.get(k) == v for k, v in want.items())
 
 

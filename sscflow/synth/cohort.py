@@ -36,7 +36,7 @@ from sscflow.imageio import deterministic_uid, write_dicom_series, write_volume
 from sscflow.synth import deform, phantom
 from sscflow.synth.plan import FORMATS, TARGET_RHO, patient_streams, plan_cohort, spearman
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: each scan its own acquisition
 MAX_SPACING = 6.0
 MANIFEST_COLUMNS = [
     "patient_id", "baseline", "followup",
@@ -219,7 +219,7 @@ def _follow_date(months: float) -> str:
 
 
 def _write_image(array, geometry, path: Path, fmt: str, *, pid, seed, which, date):
-    image = to_sitk(array, geometry.spacing, geometry.origin)
+    image = to_sitk(array, geometry.spacing, geometry.origin, geometry.direction)
     if fmt == "dicom":
         if path.exists():
             shutil.rmtree(path)
@@ -275,6 +275,7 @@ def synthesize_patient(
     fmt: str,
     ribs: bool = True,
     noise_hu: float = 20.0,
+    acquisitions: bool = True,
 ) -> dict:
     """Make one patient's baseline and follow-up scans and truth files under ``out_dir``.
 
@@ -286,7 +287,11 @@ def synthesize_patient(
     seed : the cohort seed (the patient's streams come from ``SeedSequence([seed, index])``)
     fmt : ``nifti``, ``mha`` or ``dicom``
     ribs : draw ribs, sternum and spine
-    noise_hu : s.d. of the scanner noise added to each scan (0 for none)
+    noise_hu : s.d. of the scanner noise added to each scan (0 for none; with acquisitions,
+        each scan's is 0.75-1.25 times this)
+    acquisitions : each scan on its own grid with its own field of view, direction, slice
+        thickness and patient position (:func:`draw_acquisitions`); False writes both scans on
+        the generator's grid, the patient unmoved
 
     Returns
     -------
@@ -301,34 +306,130 @@ def synthesize_patient(
     out = Path(out_dir)
     pid = str(row["patient_id"])
     with _reuse_freed_memory():
-        return _synthesize_patient(row, out, pid, spacing, seed, fmt, ribs, noise_hu)
+        return _synthesize_patient(row, out, pid, spacing, seed, fmt, ribs, noise_hu,
+                                   acquisitions)  # fmt: skip
 
 
-def _synthesize_patient(row, out, pid, spacing, seed, fmt, ribs, noise_hu) -> dict:
-    sim = simulate(row, spacing, seed, ribs=ribs, noise_hu=noise_hu)
+def draw_acquisitions(rng: np.random.Generator, geometry: Geometry, lung, lung_fu, h: float):
+    """Each scan its own acquisition, as real scans of one patient are: grid spacing (in-plane
+    0.86-1.14 h, slices 0.9-1.8 h, one scan in eight with thick slices of max(2.5, 2 h) or
+    5 mm), field of view (0-40 mm beyond the lungs at the apex and at the base, the body
+    in-plane), a direction other than the identity in a third of the files (RAS-like, a 180
+    degree turn about z, or an oblique tilt of up to 8 degrees), and for the follow-up a new
+    patient position (rotation up to 5 degrees about any axis, table shift up to 60 mm along z
+    and 15 mm in-plane). Returns ``{which: dict(grid, matrix, offset, noise_scale, ...)}``.
+    """
+    from sscflow.synth import planted
+
+    axes = [geometry.origin[k] + np.arange(n) * geometry.spacing[k]
+            for k, n in enumerate(geometry.shape)]  # fmt: skip
+    idx = np.argwhere(np.asarray(lung, bool))
+    centre = np.array([axes[k][idx[:, k]].mean() for k in range(3)]) if len(idx) else (
+        np.asarray(geometry.origin) + np.asarray(geometry.shape) * h / 2)  # fmt: skip
+    out = {}
+    for which, mask in (("baseline", lung), ("followup", lung_fu)):
+        if which == "followup":
+            axis = rng.normal(size=3)
+            degrees = float(rng.uniform(0.0, 5.0))
+            matrix = deform.rotation_matrix(axis, degrees)
+            shift = np.array([rng.uniform(-60, 60), rng.uniform(-15, 15), rng.uniform(-15, 15)])
+            offset = centre - matrix @ centre + shift
+        else:
+            axis, degrees, matrix, shift = np.array([1.0, 0, 0]), 0.0, np.eye(3), np.zeros(3)
+            offset = np.zeros(3)
+        inplane = h * float(rng.uniform(0.86, 1.14))
+        thick = rng.random() < 0.125
+        slice_mm = (float(rng.choice([max(2.5, 2 * h), max(5.0, 2 * h)])) if thick
+                    else h * float(rng.uniform(0.9, 1.8)))  # fmt: skip
+        kind = rng.choice(["identity", "identity", "ras", "oblique"])
+        if kind == "ras":  # x and y reversed: a proper rotation (DICOM can store it)
+            direction = np.diag([-1.0, -1.0, 1.0])
+        elif kind == "oblique":
+            tilt = deform.rotation_matrix(rng.normal(size=3), float(rng.uniform(2.0, 8.0)))
+            direction = tilt[::-1, ::-1]  # zyx rotation -> ITK xyz direction
+        else:
+            direction = np.eye(3)
+        margins = (float(rng.uniform(0, 40)), float(rng.uniform(0, 40)))
+        grid = planted.acquisition_grid(mask, geometry, spacing=(slice_mm, inplane, inplane),
+                                        margin_mm=margins, inplane_margin_mm=10.0,
+                                        direction=direction, matrix=matrix, offset=offset)
+        out[which] = {
+            "grid": grid, "matrix": matrix, "offset": offset,
+            "noise_scale": float(rng.uniform(0.75, 1.25)),
+            "record": {
+                f"{which}_slice_mm": round(slice_mm, 4),
+                f"{which}_pixel_mm": round(inplane, 4),
+                f"{which}_direction": str(kind),
+                f"{which}_shape": "x".join(str(n) for n in grid.shape),
+                f"{which}_rotation_deg": round(degrees, 3),
+                **{f"{which}_shift_{k}_mm": round(float(v), 3)
+                   for k, v in zip("zyx", shift, strict=True)},
+            },
+        }  # fmt: skip
+    return out
+
+
+def _acquire(image, geometry: Geometry, acq: dict, h: float) -> np.ndarray:
+    """A noise-free scan on its acquisition grid: slices thicker than the generator's grid
+    are averaged over their thickness (a Gaussian of that FWHM along z) before sampling."""
+    from sscflow.synth import planted
+
+    src = np.asarray(image, np.float32)
+    slice_mm = acq["grid"].spacing[0]
+    if slice_mm > 1.5 * h:
+        sigma = np.sqrt(max(slice_mm**2 - h**2, 0.0)) / 2.355 / h
+        src = ndimage.gaussian_filter1d(src, sigma, axis=0, mode="nearest")
+    return planted.render_on(src, geometry, acq["grid"], matrix=acq["matrix"],
+                             offset=acq["offset"], order=3, fill=-1024.0)  # fmt: skip
+
+
+def _synthesize_patient(row, out, pid, spacing, seed, fmt, ribs, noise_hu,
+                        acquisitions=True) -> dict:  # fmt: skip
+    sim = simulate(row, spacing, seed, ribs=ribs, noise_hu=0.0 if acquisitions else noise_hu)
     geom = sim.geometry
+    grids = {"baseline": geom, "followup": geom}
+    arrays = {"baseline": sim.baseline, "followup": sim.followup}
+    displacement = sim.deformation.displacement
+    lung_fu, fu_geom = sim.lung_followup.astype(np.uint8), geom
+    if acquisitions:
+        from sscflow.synth import planted
+
+        streams = patient_streams(seed, int(row["index"]))
+        rng = np.random.default_rng([int(seed), int(row["index"]), 12])  # the acquisitions
+        acq = draw_acquisitions(rng, geom, sim.lung, sim.lung_followup, geom.spacing[0])
+        for which in ("baseline", "followup"):
+            image = _acquire(arrays[which], geom, acq[which], geom.spacing[0])
+            arrays[which] = _to_hu(image, streams[f"noise_{which}"],
+                                   noise_hu * acq[which]["noise_scale"])  # fmt: skip
+            grids[which] = acq[which]["grid"]
+            sim.record.update(acq[which]["record"])
+        f = acq["followup"]
+        displacement = planted.moved_field(displacement, geom, f["matrix"], f["offset"])
+        lung_fu = (planted.render_on(sim.lung_followup.astype(np.float32), geom, f["grid"],
+                                     matrix=f["matrix"], offset=f["offset"], order=1,
+                                     fill=0.0) >= 0.5).astype(np.uint8)  # fmt: skip
+        fu_geom = f["grid"]
 
     rel = {}
-    for which, array, date in (
-        ("baseline", sim.baseline, "20200101"),
-        ("followup", sim.followup, _follow_date(row["interval_months"])),
-    ):
+    for which, date in (("baseline", "20200101"),
+                        ("followup", _follow_date(row["interval_months"]))):  # fmt: skip
         rel[which] = f"images/{pid}/{which}{SUFFIX[fmt]}"
-        _write_image(array, geom, out / rel[which], fmt, pid=pid, seed=seed, which=which, date=date)
+        _write_image(arrays[which], grids[which], out / rel[which], fmt, pid=pid, seed=seed,
+                     which=which, date=date)  # fmt: skip
 
     tdir = out / "truth" / pid
     tdir.mkdir(parents=True, exist_ok=True)
-    vec = field_to_sitk(sim.deformation.displacement, geom.spacing, geom.origin)
+    vec = field_to_sitk(displacement, geom.spacing, geom.origin)
     # float fields barely compress: zlib level 1 is ~30% faster than the default, ~10% larger
     sitk.WriteImage(sitk.Cast(vec, sitk.sitkVectorFloat32), str(tdir / "displacement.mha"), True, 1)
     log_jac = to_sitk(sim.deformation.log_jacobian, geom.spacing, geom.origin)
     sitk.WriteImage(log_jac, str(tdir / "log_jacobian.mha"), True, 1)
-    for name, array in (
-        ("lung", sim.lung.astype(np.uint8)),
-        ("lung_followup", sim.lung_followup.astype(np.uint8)),
-        ("region", sim.region.astype(np.uint8)),
+    for name, array, g in (
+        ("lung", sim.lung.astype(np.uint8), geom),
+        ("lung_followup", lung_fu, fu_geom),
+        ("region", sim.region.astype(np.uint8), geom),
     ):
-        write_volume(to_sitk(array, geom.spacing, geom.origin), tdir / f"{name}.mha")
+        write_volume(to_sitk(array, g.spacing, g.origin, g.direction), tdir / f"{name}.mha")
 
     manifest = {k: row[k] for k in MANIFEST_COLUMNS if k not in ("baseline", "followup")}
     manifest |= {"baseline": rel["baseline"], "followup": rel["followup"]}
@@ -351,6 +452,7 @@ def synthesize_cohort(
     progress=None,
     ribs: bool = True,
     noise_hu: float = 20.0,
+    acquisitions: bool = True,
 ) -> Path:
     """Plan and write a synthetic longitudinal cohort; returns the path of ``manifest.csv``.
 
@@ -362,7 +464,7 @@ def synthesize_cohort(
     seed : fixes everything; the same seed gives byte-identical NIfTI / MHA files
     client : optional ``dask.distributed.Client``: one future per patient, else serial
     progress : optional ``callable(done, total, patient_id)``, called after each patient
-    ribs, noise_hu : see :func:`synthesize_patient`
+    ribs, noise_hu, acquisitions : see :func:`synthesize_patient`
 
     Raises
     ------
@@ -375,7 +477,7 @@ def synthesize_cohort(
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_cohort(int(n_patients), seed)
     rows = [{k: _plain(v) for k, v in r.items()} for r in plan.to_dict("records")]
-    kwargs = dict(spacing=h, seed=seed, ribs=ribs, noise_hu=noise_hu)
+    kwargs = dict(spacing=h, seed=seed, ribs=ribs, noise_hu=noise_hu, acquisitions=acquisitions)
     total = len(rows)
     records = []
     if client is None:
@@ -386,7 +488,9 @@ def synthesize_cohort(
     else:
         from distributed import as_completed
 
-        token = hashlib.sha1(f"{out.resolve()}|{h}|{ribs}|{noise_hu}".encode()).hexdigest()[:8]
+        token = hashlib.sha1(
+            f"{out.resolve()}|{h}|{ribs}|{noise_hu}|{acquisitions}".encode()
+        ).hexdigest()[:8]
         futures = [
             client.submit(
                 synthesize_patient,
@@ -405,7 +509,8 @@ def synthesize_cohort(
             if progress is not None:
                 progress(done, total, rec["patient_id"])
     records.sort(key=lambda r: r["index"])
-    return _write_tables(out, plan, records, seed=seed, spacing=h, ribs=ribs, noise_hu=noise_hu)
+    return _write_tables(out, plan, records, seed=seed, spacing=h, ribs=ribs, noise_hu=noise_hu,
+                         acquisitions=acquisitions)  # fmt: skip
 
 
 def _write_tables(out: Path, plan, records, **settings) -> Path:
@@ -458,7 +563,8 @@ class Truth:
     lung : (Z, Y, X) uint8, baseline lung truth
     lung_followup : (Z, Y, X) uint8, lung truth on the follow-up grid
     region : (Z, Y, X) uint8, planted-change region (empty for stable patients)
-    geometry : the baseline grid (the follow-up grid is the same)
+    geometry : the grid of the baseline truth (physical space; the scans' own grids differ)
+    followup_geometry : the grid of ``lung_followup`` (the follow-up's physical frame)
     """
 
     displacement: np.ndarray
@@ -467,6 +573,29 @@ class Truth:
     lung_followup: np.ndarray
     region: np.ndarray
     geometry: Geometry
+    followup_geometry: Geometry | None = None
+
+    def on(self, geometry: Geometry) -> Truth:
+        """The baseline truth resampled onto another canonical grid (e.g. the stored baseline's):
+        fields linearly, masks by nearest neighbour; NaN / 0 outside the truth's grid."""
+        if geometry == self.geometry:
+            return self
+        from sscflow.geometry import image_of, reference_image
+
+        ref = reference_image(geometry)
+
+        def resample(array, interp, fill):
+            image = image_of(np.ascontiguousarray(array), self.geometry)
+            out = sitk.Resample(image, ref, sitk.Transform(), interp, fill)
+            return sitk.GetArrayFromImage(out)
+
+        disp = np.stack([resample(self.displacement[k].astype(np.float32), sitk.sitkLinear, 0.0)
+                         for k in range(3)])  # fmt: skip
+        lj = resample(self.log_jacobian.astype(np.float32), sitk.sitkLinear, float("nan"))
+        lung = resample(self.lung.astype(np.uint8), sitk.sitkNearestNeighbor, 0.0).astype(bool)
+        region = resample(self.region.astype(np.uint8), sitk.sitkNearestNeighbor, 0.0)
+        return Truth(disp.astype(np.float32), lj.astype(np.float32), lung, self.lung_followup,
+                     region.astype(bool), geometry, self.followup_geometry)  # fmt: skip
 
 
 def read_truth(out_dir, patient_id: str) -> Truth:
@@ -490,9 +619,12 @@ def read_truth(out_dir, patient_id: str) -> Truth:
         if name == "displacement":
             arrays[name] = field_from_sitk(image)
             geometry = Geometry.of(image)
+        elif name == "lung_followup":
+            arrays[name] = sitk.GetArrayFromImage(image)
+            followup_geometry = Geometry.of(image)
         else:
             arrays[name] = sitk.GetArrayFromImage(image)
     arrays["log_jacobian"] = arrays["log_jacobian"].astype(np.float32, copy=False)
     for name in ("lung", "lung_followup", "region"):  # masks are bool, as Truth says
         arrays[name] = arrays[name].astype(bool)
-    return Truth(geometry=geometry, **arrays)
+    return Truth(geometry=geometry, followup_geometry=followup_geometry, **arrays)

@@ -1,0 +1,249 @@
+"""Known changes planted into a real CT: a longitudinal pair whose answer is known.
+
+A real scan cannot say how far its lung moved; a real scan with a planted change can. Tests and
+benchmarks use this on ``../shared/data/lung1_image.nrrd``:
+
+- :func:`plant_change`: a follow-up in the baseline's frame, ``followup(x + u(x)) = baseline(x) +
+  density(x) + noise``, with posterior-basal sinks (shrinkage) in each lung, a global volume
+  change and a fibrosis-like density rise where the lung shrinks (``sscflow.synth.deform``);
+- :func:`reacquire`: the same anatomy imaged again, as a scanner would: another grid (spacing,
+  field of view, direction) and the patient moved (rotation about any axis, table shift). The
+  true field becomes ``R(x + u(x)) - x``, R the motion.
+
+Everything is physical (z, y, x) mm, LPS: z towards the head, y towards the back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy import ndimage
+
+from sscflow.geometry import Geometry
+from sscflow.synth import deform
+
+__all__ = ["Pair", "acquisition_grid", "lung_sinks", "moved_field", "plant_change", "reacquire",
+           "render_on"]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A baseline, a follow-up (each on its own grid) and the truth on the baseline grid."""
+
+    baseline: np.ndarray  # HU, float32, on baseline_geometry (canonical)
+    baseline_geometry: Geometry
+    followup: np.ndarray  # HU, float32, on followup_geometry (any grid)
+    followup_geometry: Geometry
+    lung: np.ndarray  # bool, baseline grid
+    displacement: np.ndarray  # (3, Z, Y, X) mm: followup(x + u(x)) ~ baseline(x), physical
+    log_jacobian: np.ndarray  # (Z, Y, X) true log det(I + grad u)
+    region: np.ndarray  # bool, the planted-shrinkage region (empty when none)
+
+
+def _axes(geometry: Geometry):
+    return [geometry.origin[k] + np.arange(n) * geometry.spacing[k]
+            for k, n in enumerate(geometry.shape)]  # fmt: skip
+
+
+def lung_sinks(lung, geometry: Geometry, *, sigma_mm: float = 22.0, strength: float = -0.35):
+    """One sink per lung in its posterior, inferior part (the lung's own 30 % extremes)."""
+    lung = np.asarray(lung, bool)
+    axes = _axes(geometry)
+    idx = np.argwhere(lung)
+    pts = np.stack([axes[k][idx[:, k]] for k in range(3)], axis=1)
+    mid_x = np.median(pts[:, 2])
+    sinks = []
+    for side in (pts[:, 2] < mid_x, pts[:, 2] >= mid_x):
+        p = pts[side]
+        if len(p) < 100:
+            continue
+        z_lo = np.percentile(p[:, 0], 30)  # inferior: low z
+        y_hi = np.percentile(p[:, 1], 70)  # posterior: high y
+        sel = p[(p[:, 0] <= z_lo) & (p[:, 1] >= y_hi)]
+        if len(sel) == 0:
+            continue
+        centre = sel.mean(axis=0)
+        sinks.append(deform.Sink(tuple(float(c) for c in centre), float(sigma_mm), float(strength)))
+    return sinks
+
+
+def plant_change(
+    hu,
+    geometry: Geometry,
+    lung,
+    *,
+    seed: int = 0,
+    region_logjac: float = -0.24,
+    global_log_volume: float = -0.02,
+    density_hu: float = 150.0,
+    noise_hu: float = 15.0,
+    sigma_mm: float = 22.0,
+) -> Pair:
+    """A follow-up of ``hu`` (on the canonical ``geometry``) with a known change, same grid.
+
+    Parameters
+    ----------
+    hu, lung : the real baseline CT (HU) and its lung mask
+    region_logjac : the mean true log-Jacobian wanted in the planted region (0: no sinks)
+    global_log_volume : the global log-volume change (inspiration), ~ -0.02 for 2 % less
+    density_hu : the fibrosis-like rise in the shrinking region (textured)
+    noise_hu : independent noise added to the follow-up
+
+    Returns
+    -------
+    Pair with the follow-up on the baseline grid.
+    """
+    rng = np.random.default_rng(seed)
+    hu = np.asarray(hu, np.float32)
+    lung = np.asarray(lung, bool)
+    axes = _axes(geometry)
+    idx = np.argwhere(lung)
+    centre = np.array([axes[k][idx[:, k]].mean() for k in range(3)])
+    sinks = lung_sinks(lung, geometry, sigma_mm=sigma_mm) if region_logjac else []
+    bump = deform.divergence_profile(axes, sinks) if sinks else np.zeros(hu.shape, np.float32)
+    region = lung & (bump > 0.5)
+
+    def build(sinks, planned):
+        return deform.build_deformation(geometry, axes, lung, centre=centre, sinks=sinks,
+                                        planned_mean=planned)  # fmt: skip
+
+    field = build(sinks, global_log_volume)
+    if sinks and region.any():  # scale the sinks once so the region's mean is as wanted
+        got = float(field.log_jacobian[region].mean()) - field.log_volume
+        scale = region_logjac / got if got else 1.0
+        sinks = [replace(s, strength=s.strength * scale) for s in sinks]
+        field = build(sinks, global_log_volume)
+    # the global part: s = planned - local_mean, so planned = local_mean + global_log_volume
+    field = build(sinks, field.local_mean + global_log_volume)
+
+    parenchyma = (lung & (hu < -500)).astype(np.float32)
+    if sinks and density_hu:
+        _, density, _ = deform.density_fields(parenchyma, axes, sinks, rng, geometry.spacing[0],
+                                              ild_hu=0.0, extra_hu=0.0,
+                                              change_hu=float(density_hu))  # fmt: skip
+    else:
+        density = np.zeros_like(hu)
+    follow = deform.warp(hu + density, field.inverse, geometry, order=3)
+    follow += _noise(rng, follow.shape, noise_hu)
+    return Pair(hu, geometry, follow, geometry, lung, field.displacement, field.log_jacobian,
+                region)  # fmt: skip
+
+
+def _noise(rng, shape, sd):
+    if not sd:
+        return np.zeros(shape, np.float32)
+    n = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 0.5)
+    return (n * (sd / max(float(n.std()), 1e-6))).astype(np.float32)
+
+
+def rotation(degrees, axis) -> np.ndarray:
+    """A (z, y, x) rotation matrix about ``axis`` by ``degrees``."""
+    return deform.rotation_matrix(axis, degrees)
+
+
+def acquisition_grid(lung, geometry: Geometry, *, spacing, margin_mm=(30.0, 30.0),
+                     inplane_margin_mm: float = 15.0, direction=None, matrix=None,
+                     offset=None) -> Geometry:  # fmt: skip
+    """A scanner's grid for the moved patient: the lung's bounding box after the motion
+    ``y = matrix @ x + offset``, grown by ``margin_mm`` (below the bases, above the apices;
+    negative cuts into the lung) and ``inplane_margin_mm`` (or the whole body's extent, when
+    larger), with ``spacing`` (z, y, x) mm and ITK ``direction``."""
+    matrix = np.eye(3) if matrix is None else np.asarray(matrix, float)
+    offset = np.zeros(3) if offset is None else np.asarray(offset, float)
+    d = np.eye(3) if direction is None else np.asarray(direction, float)
+    axes = _axes(geometry)
+    idx = np.argwhere(np.asarray(lung, bool))[::7]
+    pts = np.stack([axes[k][idx[:, k]] for k in range(3)], axis=1) @ matrix.T + offset
+    # corners of the whole baseline grid, moved: the body's in-plane extent
+    corners = np.array([[axes[0][i], axes[1][j], axes[2][k]] for i in (0, -1) for j in (0, -1)
+                        for k in (0, -1)]) @ matrix.T + offset  # fmt: skip
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    lo[0] -= margin_mm[0]
+    hi[0] += margin_mm[1]
+    lo[1:] = np.minimum(lo[1:] - inplane_margin_mm, corners[:, 1:].min(axis=0))
+    hi[1:] = np.maximum(hi[1:] + inplane_margin_mm, corners[:, 1:].max(axis=0))
+    # grid axes along the direction's columns (ITK xyz), in grid index order (z, y, x)
+    sp = np.asarray(spacing, float)
+    cols = d[:, ::-1].T[:, ::-1]  # row k: the physical zyx direction of array axis k
+    box = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1])
+                    for c in (lo[2], hi[2])])  # fmt: skip
+    proj = box @ cols.T  # coordinate of each box corner along each grid axis
+    start = proj.min(axis=0)
+    n = np.floor((proj.max(axis=0) - start) / sp).astype(int) + 1
+    origin = cols.T @ start  # physical zyx of voxel 0
+    return Geometry(tuple(int(v) for v in n), tuple(sp), tuple(origin),
+                    tuple(tuple(r) for r in d))  # fmt: skip
+
+
+def grid_points(geometry: Geometry, z0: int, z1: int) -> np.ndarray:
+    """Physical zyx mm (3, z1 - z0, Y, X) of a grid's voxels (any direction)."""
+    _, ny, nx = geometry.shape
+    iz, iy, ix = np.meshgrid(np.arange(z0, z1), np.arange(ny), np.arange(nx), indexing="ij")
+    idx_xyz = np.stack([ix, iy, iz], axis=-1) * np.asarray(geometry.spacing[::-1])
+    d = np.asarray(geometry.direction, float)
+    xyz = np.asarray(geometry.origin[::-1]) + idx_xyz @ d.T
+    return np.moveaxis(xyz[..., ::-1], -1, 0)
+
+
+def render_on(image, geometry: Geometry, grid: Geometry, *, matrix=None, offset=None,
+              order: int = 3, fill: float = -1024.0, slab: int = 8) -> np.ndarray:  # fmt: skip
+    """``image`` (on ``geometry``) seen by a scanner on ``grid`` after the patient moved by
+    ``y = matrix @ x + offset``: grid point q shows ``image`` at R^-1(q). B-spline of ``order``
+    (3: cubic; 1: linear, e.g. for a mask), ``fill`` outside ``geometry``. float32 on ``grid``.
+    """
+    matrix = np.eye(3) if matrix is None else np.asarray(matrix, float)
+    offset = np.zeros(3) if offset is None else np.asarray(offset, float)
+    inv = np.linalg.inv(matrix)
+    sp = np.asarray(geometry.spacing)[:, None, None, None]
+    org = np.asarray(geometry.origin)[:, None, None, None]
+    src = np.asarray(image, np.float32)
+    if order > 1:
+        src = ndimage.spline_filter(src, order=order, output=np.float32, mode="nearest")
+    hi = np.asarray(geometry.shape)[:, None, None, None] - 0.5
+    out = np.empty(grid.shape, np.float32)
+    for z0 in range(0, grid.shape[0], slab):
+        z1 = min(grid.shape[0], z0 + slab)
+        q = grid_points(grid, z0, z1)  # (3, n, Y, X)
+        y = np.einsum("ij,j...->i...", inv, q - offset[:, None, None, None])
+        idx = (y - org) / sp
+        vals = ndimage.map_coordinates(src, idx, order=order, mode="nearest", prefilter=False)
+        vals[np.any((idx < -0.5) | (idx > hi), axis=0)] = fill
+        out[z0:z1] = vals
+    return out
+
+
+def reacquire(pair: Pair, *, matrix=None, offset=None, grid: Geometry, noise_hu: float = 0.0,
+              seed: int = 1) -> Pair:  # fmt: skip
+    """The pair's follow-up imaged again: the patient moved by ``y = matrix @ x + offset``
+    (physical zyx mm) and the scan on ``grid`` (any spacing, field of view, direction).
+
+    A point q of the new grid shows the same-grid follow-up at R^-1(q) (cubic B-spline, so a
+    second interpolation after the planted warp's blurs little). Outside the baseline's grid it
+    is air (-1024 HU). Give the noise here (``noise_hu``) rather than in ``plant_change``, so it
+    is not interpolated. The truth becomes ``R(x + u(x)) - x``.
+    """
+    matrix = np.eye(3) if matrix is None else np.asarray(matrix, float)
+    offset = np.zeros(3) if offset is None else np.asarray(offset, float)
+    g = pair.baseline_geometry
+    if pair.followup_geometry != g:
+        raise ValueError("reacquire: the pair's follow-up must still be on the baseline grid")
+    out = render_on(pair.followup, g, grid, matrix=matrix, offset=offset)
+    if noise_hu:
+        out += _noise(np.random.default_rng(seed), out.shape, noise_hu)
+    u = moved_field(pair.displacement, g, matrix, offset)
+    return replace(pair, followup=out, followup_geometry=grid, displacement=u)
+
+
+def moved_field(displacement, geometry: Geometry, matrix, offset) -> np.ndarray:
+    """``R(x + u(x)) - x`` on ``geometry`` (float32 mm): a field after the patient moved by R."""
+    matrix = np.asarray(matrix, float)
+    offset = np.asarray(offset, float)
+    out = np.empty(displacement.shape, np.float32)
+    axes = _axes(geometry)
+    for z0 in range(0, geometry.shape[0], 16):
+        z1 = min(geometry.shape[0], z0 + 16)
+        x = np.stack(np.meshgrid(axes[0][z0:z1], axes[1], axes[2], indexing="ij"))
+        moved = np.einsum("ij,j...->i...", matrix, x + displacement[:, z0:z1])
+        out[:, z0:z1] = moved + offset[:, None, None, None] - x
+    return out
