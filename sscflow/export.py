@@ -25,7 +25,7 @@ import SimpleITK as sitk
 
 from sscflow import store as st
 from sscflow.errors import IncompleteOutputError, SscflowError
-from sscflow.geometry import Geometry
+from sscflow.geometry import Geometry, warp_to_baseline  # noqa: F401 (re-exported)
 
 FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
 PATIENT_IMAGES = ("baseline", "followup", "lung_mask", "followup_lung_mask", "log_jacobian",
@@ -65,31 +65,6 @@ def displacement_to_sitk(u, geometry: Geometry) -> sitk.Image:
     image.SetOrigin(geometry.origin[::-1])
     image.SetDirection([float(v) for v in np.ravel(geometry.direction)])
     return image
-
-
-def warp_to_baseline(followup, followup_geometry: Geometry, displacement,
-                     baseline_geometry: Geometry, *, fill: float = -1024.0,
-                     interpolator=sitk.sitkLinear) -> np.ndarray:  # fmt: skip
-    """The follow-up resampled at x + u(x) for every point x of the baseline grid.
-
-    Parameters
-    ----------
-    followup : (Z', Y', X') array on its own grid ``followup_geometry``
-    displacement : (3, Z, Y, X) mm on ``baseline_geometry`` (component k along array axis k)
-    fill : value where x + u(x) leaves the follow-up's field of view (-1024 HU: air)
-
-    Returns
-    -------
-    (Z, Y, X) float32 on the baseline grid: ``followup(x + u(x))``, so that it matches the
-    baseline where the registration is right.
-    """
-    moving = sitk.Cast(image_to_sitk(followup, followup_geometry), sitk.sitkFloat32)
-    field = displacement_to_sitk(displacement, baseline_geometry)
-    reference = image_to_sitk(np.zeros(baseline_geometry.shape, np.uint8), baseline_geometry)
-    transform = sitk.DisplacementFieldTransform(field)
-    out = sitk.Resample(moving, reference, transform, interpolator, float(fill),
-                        sitk.sitkFloat32)  # fmt: skip
-    return sitk.GetArrayFromImage(out)
 
 
 def resample_onto(array, geometry: Geometry, target: Geometry, *, fill: float = -1024.0,

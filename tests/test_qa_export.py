@@ -37,9 +37,8 @@ def sscflow(*args, cwd=None):
                           env={**os.environ, "PYTHONIOENCODING": "utf-8", "COLUMNS": "250"})
 
 
-# Registration of pairs on different grids lands with issue 12 (the lead's rewrite); until
-# then the moved copy keeps the scan's grid. Set REGRID = True once it has landed.
-REGRID = False
+# The moved copy is on another grid (registration works in physical space).
+REGRID = True
 
 
 def _moved_copy(path: Path, out: Path, regrid: bool = REGRID) -> None:
