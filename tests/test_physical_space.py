@@ -162,3 +162,58 @@ def test_image_of_keeps_the_direction():
     img = image_of(np.zeros(g.shape, np.float32), g)
     assert Geometry.of(img) == g
     assert isinstance(img, sitk.Image)
+
+
+def _store_pair(tmp_path, follow_matrix, follow_shift, cut_z=None, ball_mm=None):
+    """A tiny store with one patient: texture 'lungs' on a baseline grid, and a follow-up of
+    the same anatomy moved by (matrix, shift) on another grid (z extent cut to ``cut_z``)."""
+    from sscflow import store as st
+
+    tex, world = _texture_world(seed=4)
+    bg = Geometry((40, 36, 44), (3.0, 3.0, 3.0), (-60.0, -54.0, -66.0))
+    n = cut_z or 44
+    fg = Geometry((n, 40, 48), (3.0, 3.0, 3.0), (-66.0 + follow_shift[0], -60.0, -72.0))
+    lungs_b = _lungs(bg)
+    lungs_f = _lungs(fg, follow_matrix, np.asarray(follow_shift, float))
+    if ball_mm:  # the follow-up's "lungs" are something else: a ball
+        p = planted.grid_points(fg, 0, fg.shape[0])
+        lungs_f = (p**2).sum(axis=0) <= ball_mm**2
+    hu_b = np.where(lungs_b, _render(tex, world, bg), 0.0)
+    hu_f = np.where(lungs_f, _render(tex, world, fg, follow_matrix, np.asarray(follow_shift)),
+                    0.0)  # fmt: skip
+    root = st.open_store(tmp_path / "s.zarr")
+    group = st.patient_group(root, "P1")
+    for name, arr, geom in (("baseline", hu_b, bg), ("followup", hu_f, fg),
+                            ("lung_mask", lungs_b, bg), ("followup_lung_mask", lungs_f, fg)):
+        st.write_image(group, name, np.asarray(arr).astype(np.int16 if "lung" not in name
+                                                           else np.uint8), geom,
+                       stage="test", params={}, input_hash=name)  # fmt: skip
+    return tmp_path / "s.zarr"
+
+
+def test_stage_fails_a_pair_whose_lungs_cannot_be_aligned(tmp_path):
+    from sscflow.config import RegistrationConfig
+    from sscflow.errors import RegistrationFailedError
+    from sscflow.registration.stage import register_patient
+
+    # the follow-up's "lungs" are a 30 mm ball (another anatomy, or a failed segmentation):
+    # no rigid map overlaps them with the baseline's
+    store = _store_pair(tmp_path, np.eye(3), (0.0, 0.0, 0.0), ball_mm=30.0)
+    cfg = RegistrationConfig(backend="sitk", levels=(1,), iterations=(2,))
+    with pytest.raises(RegistrationFailedError, match="could not be aligned .*Dice 0\\.[0-4]"):
+        register_patient(store, "P1", cfg)
+
+
+def test_stage_fails_a_followup_covering_too_little_lung(tmp_path):
+    from sscflow import store as st
+    from sscflow.config import RegistrationConfig
+    from sscflow.errors import RegistrationFailedError
+    from sscflow.registration.stage import register_patient
+
+    # the follow-up's grid stops 60 mm above the lungs' lower end: about 40 % of them imaged
+    store = _store_pair(tmp_path, np.eye(3), (0.0, 0.0, 0.0), cut_z=20)
+    cfg = RegistrationConfig(backend="sitk", levels=(1,), iterations=(2,))
+    with pytest.raises(RegistrationFailedError, match=r"covers \d+% of the baseline lung"):
+        register_patient(store, "P1", cfg)
+    group = st.patient_group(st.open_store(store, mode="r"), "P1", create=False)
+    assert st.output_state(group, "displacement") == "absent"

@@ -37,7 +37,7 @@ class Alignment:
 
     matrix: np.ndarray  # (3, 3) rotation, acting on (z, y, x) vectors
     offset: np.ndarray  # (3,) mm
-    dice: float  # lung masks' Dice after alignment (coarse grid)
+    dice: float  # lung masks' Dice after alignment (coarse grid, the whole baseline mask)
     method: str  # which candidate won
     seconds: float = 0.0
 
@@ -144,12 +144,22 @@ def _coarse(image: sitk.Image, grid_mm: float, sigma_mm: float) -> sitk.Image:
     return sitk.SmoothingRecursiveGaussian(out, sigma_mm)
 
 
-def _dice(f: sitk.Image, m: sitk.Image, tx: sitk.Transform) -> float:
+def _dice(f: sitk.Image, m: sitk.Image, tx: sitk.Transform) -> tuple[float, float]:
+    """Dice of the two masks after ``tx``: over the whole baseline mask, and counted only where
+    the follow-up was imaged (which ranks the candidates: a follow-up with a smaller field of
+    view is not penalised for what it did not see)."""
     moved = sitk.Resample(m, f, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    ones = sitk.Image(m.GetSize(), sitk.sitkFloat32) + 1.0
+    ones.CopyInformation(m)
+    seen = sitk.GetArrayViewFromImage(sitk.Resample(ones, f, tx, sitk.sitkLinear, 0.0)) > 0.5
     a = sitk.GetArrayViewFromImage(f) > 0.5
     b = sitk.GetArrayViewFromImage(moved) > 0.5
-    den = int(a.sum()) + int(b.sum())
-    return 2.0 * int((a & b).sum()) / den if den else 0.0
+
+    def dice(x, y):
+        den = int(x.sum()) + int(y.sum())
+        return 2.0 * int((x & y).sum()) / den if den else 0.0
+
+    return dice(a, b), dice(a & seen, b)
 
 
 def _refine(f: sitk.Image, m: sitk.Image, matrix, offset, centre_xyz, iterations: int):
@@ -175,6 +185,47 @@ def _refine(f: sitk.Image, m: sitk.Image, matrix, offset, centre_xyz, iterations
     reg.SetInitialTransform(euler, inPlace=True)
     reg.Execute(f, m)
     return euler
+
+
+def _profile_shift(fm, fg: Geometry, mm, mg: Geometry, step_mm: float = 2.0):
+    """The translation (zyx mm) that best matches the lungs' axial area profiles (1-D
+    correlation over the slices both scans imaged), in-plane by the centroids of the matched
+    slabs: robust when one field of view misses part of the lungs, where the centroids of the
+    whole masks disagree. None when the scans' z extents are too short to compare."""
+
+    def profile(mask, g):
+        idx = np.argwhere(np.asarray(mask, bool))
+        d = np.asarray(g.direction, float)
+        xyz = np.asarray(g.origin[::-1]) + (idx[:, ::-1] * np.asarray(g.spacing[::-1])) @ d.T
+        pts = xyz[:, ::-1]
+        z0 = pts[:, 0].min()
+        bins = np.floor((pts[:, 0] - z0) / step_mm).astype(int)
+        area = np.bincount(bins).astype(float)
+        return pts, z0, bins, area
+
+    pf, zf, bf, af = profile(fm, fg)
+    pm, zm, bm, am = profile(mm, mg)
+    if len(af) < 8 or len(am) < 8:
+        return None
+    best = None
+    for lag in range(-len(am) + 4, len(af) - 3):  # moving bin j sits at fixed bin j + lag
+        j0, j1 = max(0, -lag), min(len(am), len(af) - lag)
+        if j1 - j0 < max(4, 0.5 * min(len(am), len(af))):
+            continue
+        a, b = af[j0 + lag: j1 + lag], am[j0:j1]
+        if a.std() == 0 or b.std() == 0:
+            continue
+        score = float(np.corrcoef(a, b)[0, 1]) - abs(float(a.sum() - b.sum())) / (a.sum() + b.sum())
+        if best is None or score > best[0]:
+            best = (score, lag, j0, j1)
+    if best is None:
+        return None
+    _, lag, j0, j1 = best
+    sel_f = (bf >= j0 + lag) & (bf < j1 + lag)
+    sel_m = (bm >= j0) & (bm < j1)
+    shift = pm[sel_m].mean(axis=0) - pf[sel_f].mean(axis=0)
+    shift[0] = (zm + j0 * step_mm) - (zf + (j0 + lag) * step_mm)
+    return shift
 
 
 def align_masks(
@@ -219,23 +270,25 @@ def align_masks(
     cm, wm, vm = _moments(mm, moving_geometry)
     f = _coarse(mask_image(fm, fixed_geometry), grid_mm, sigma_mm)
     m = _coarse(mask_image(mm, moving_geometry), grid_mm, sigma_mm)
-    candidates = {"centroids": np.eye(3)}
+    candidates = {"centroids": (np.eye(3), cm - cf)}
+    shift = _profile_shift(fm, fixed_geometry, mm, moving_geometry)
+    if shift is not None:
+        candidates["slice profiles"] = (np.eye(3), shift)
     separated = all(
         min(w[0] - w[1], w[1] - w[2]) > 0.1 * w[0] for w in (wf, wm)
     )  # well-defined axes in both scans
     if separated:
         r = _axes_rotation(vf, vm)
         if rotation_angle_deg(r) <= max_rotation_deg:
-            candidates["principal axes"] = r
+            candidates["principal axes"] = (r, cm - r @ cf)
     best = None
-    for name, rot in candidates.items():
-        offset = cm - rot @ cf
+    for name, (rot, offset) in candidates.items():
         tx = _refine(f, m, rot, offset, cf[::-1], iterations)
         matrix, off = from_itk(tx)
-        score = _dice(f, m, tx)
-        if best is None or score > best[0] + 1e-4:
-            best = (score, matrix, off, name)
+        whole, seen = _dice(f, m, tx)
+        if best is None or seen > best[0] + 1e-4:
+            best = (seen, whole, matrix, off, name)
         if best[0] >= good_dice:
             break
-    score, matrix, off, name = best
-    return Alignment(matrix, off, score, name, time.perf_counter() - t0)
+    _, whole, matrix, off, name = best
+    return Alignment(matrix, off, whole, name, time.perf_counter() - t0)
