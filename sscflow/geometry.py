@@ -202,11 +202,17 @@ def inside(points_zyx: np.ndarray, geometry: Geometry, margin_vox: float = 0.0) 
     return np.all((idx >= -0.5 + margin_vox) & (idx <= hi + 0.5 - margin_vox), axis=-1)
 
 
-def grid_points(geometry: Geometry, z: slice = slice(None)) -> np.ndarray:
-    """Physical (3, Z, Y, X) zyx mm of the voxels of a canonical grid (slices ``z`` only)."""
-    if not geometry.is_canonical:
-        raise ValueError("grid_points: only identity-direction grids")
-    axes = [geometry.origin[k] + np.arange(n) * geometry.spacing[k]
-            for k, n in enumerate(geometry.shape)]  # fmt: skip
-    axes[0] = axes[0][z]
-    return np.stack(np.meshgrid(*axes, indexing="ij"))
+def index_to_physical(index_zyx, geometry: Geometry) -> np.ndarray:
+    """Physical (z, y, x) mm of voxel indices (..., 3) in (z, y, x) order, any direction."""
+    idx = np.asarray(index_zyx, np.float64)[..., ::-1] * np.asarray(geometry.spacing[::-1])
+    xyz = np.asarray(geometry.origin[::-1]) + idx @ np.asarray(geometry.direction, float).T
+    return xyz[..., ::-1]
+
+
+def grid_points(geometry: Geometry, z0: int = 0, z1: int | None = None) -> np.ndarray:
+    """Physical (3, z1 - z0, Y, X) zyx mm of a grid's voxels (slices z0..z1), any direction."""
+    z1 = geometry.shape[0] if z1 is None else z1
+    _, ny, nx = geometry.shape
+    idx = np.stack(np.meshgrid(np.arange(z0, z1), np.arange(ny), np.arange(nx), indexing="ij"),
+                   axis=-1)  # fmt: skip
+    return np.moveaxis(index_to_physical(idx, geometry), -1, 0)

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from sscflow.geometry import Geometry, image_of, inside, warp_to_baseline
+from sscflow.geometry import Geometry, grid_points, image_of, inside, warp_to_baseline
 from sscflow.registration import register
 from sscflow.registration.align import align_masks, rotation_angle_deg
 from sscflow.registration.common import log_jacobian
@@ -32,7 +32,7 @@ def _lungs(geometry: Geometry, matrix=None, offset=None):
     """Two ellipsoidal 'lungs' (chest-like, mm), moved by y = matrix x + offset, on a grid."""
     matrix = np.eye(3) if matrix is None else matrix
     offset = np.zeros(3) if offset is None else offset
-    pts = planted.grid_points(geometry, 0, geometry.shape[0])  # (3, Z, Y, X) physical
+    pts = grid_points(geometry, 0, geometry.shape[0])  # (3, Z, Y, X) physical
     x = np.einsum("ij,j...->i...", np.linalg.inv(matrix), pts - offset[:, None, None, None])
     out = np.zeros(geometry.shape, bool)
     for cx in (-55.0, 60.0):  # left lung a bit larger than the right: no mirror symmetry
@@ -73,10 +73,10 @@ def test_warp_to_baseline_reads_the_followup_in_its_own_geometry():
     corner = -np.array([60.0, 64.0, 64.0])[::-1]  # xyz
     fg = Geometry((48, 64, 64), (2.5, 2.0, 2.0), tuple((np.asarray(d) @ corner)[::-1]),
                   tuple(tuple(row) for row in d))  # fmt: skip
-    p = planted.grid_points(fg, 0, fg.shape[0])
+    p = grid_points(fg, 0, fg.shape[0])
     ramp = (0.5 * p[0] - 0.25 * p[1] + 0.75 * p[2]).astype(np.float32)  # value = f(physical)
     bg = Geometry((10, 12, 14), (2.0, 2.0, 2.0), (-5.0, -6.0, -7.0))
-    x = planted.grid_points(bg, 0, bg.shape[0])
+    x = grid_points(bg, 0, bg.shape[0])
     u = np.stack([3.0 + 0.05 * x[1], -2.0 + 0.0 * x[0], 1.0 - 0.03 * x[0]]).astype(np.float32)
     y = x + u
     expect = 0.5 * y[0] - 0.25 * y[1] + 0.75 * y[2]
@@ -133,7 +133,7 @@ def test_register_pair_on_other_grids(backend):
                       "threads": 1}}[backend]  # fmt: skip
     u = register(fixed, moving, mask=mask, moving_mask=mmask, fixed_geometry=bg,
                  moving_geometry=fg, backend=backend, **opts)  # fmt: skip
-    x = planted.grid_points(bg, 0, bg.shape[0])
+    x = grid_points(bg, 0, bg.shape[0])
     true_u = np.einsum("ij,j...->i...", r, x) + t[:, None, None, None] - x
     err = np.sqrt(((u - true_u) ** 2).sum(axis=0))[mask]
     assert err.mean() < 0.6, err.mean()
@@ -176,7 +176,7 @@ def _store_pair(tmp_path, follow_matrix, follow_shift, cut_z=None, ball_mm=None)
     lungs_b = _lungs(bg)
     lungs_f = _lungs(fg, follow_matrix, np.asarray(follow_shift, float))
     if ball_mm:  # the follow-up's "lungs" are something else: a ball
-        p = planted.grid_points(fg, 0, fg.shape[0])
+        p = grid_points(fg, 0, fg.shape[0])
         lungs_f = (p**2).sum(axis=0) <= ball_mm**2
     hu_b = np.where(lungs_b, _render(tex, world, bg), 0.0)
     hu_f = np.where(lungs_f, _render(tex, world, fg, follow_matrix, np.asarray(follow_shift)),
@@ -204,6 +204,7 @@ def test_stage_fails_a_pair_whose_lungs_cannot_be_aligned(tmp_path):
         register_patient(store, "P1", cfg)
 
 
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
 def test_stage_fails_a_followup_covering_too_little_lung(tmp_path):
     from sscflow import store as st
     from sscflow.config import RegistrationConfig
@@ -212,7 +213,8 @@ def test_stage_fails_a_followup_covering_too_little_lung(tmp_path):
 
     # the follow-up's grid stops 60 mm above the lungs' lower end: about 40 % of them imaged
     store = _store_pair(tmp_path, np.eye(3), (0.0, 0.0, 0.0), cut_z=20)
-    cfg = RegistrationConfig(backend="sitk", levels=(1,), iterations=(2,))
+    cfg = RegistrationConfig(backend="torch", levels=(2, 1), iterations=(2, 2),
+                             affine_iterations=(30,), threads=1)  # fmt: skip
     with pytest.raises(RegistrationFailedError, match=r"covers \d+% of the baseline lung"):
         register_patient(store, "P1", cfg)
     group = st.patient_group(st.open_store(store, mode="r"), "P1", create=False)

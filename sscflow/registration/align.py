@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from sscflow.geometry import Geometry
+from sscflow.geometry import Geometry, index_to_physical
 
 __all__ = ["Alignment", "align_masks", "rotation_angle_deg", "to_itk", "from_itk"]
 
@@ -97,11 +97,7 @@ def _moments(mask, geometry: Geometry, max_points: int = 200_000):
     idx = np.argwhere(np.asarray(mask, bool))
     if len(idx) > max_points:
         idx = idx[:: int(math.ceil(len(idx) / max_points))]
-    # physical points: ITK's x = origin + D (index_xyz * spacing_xyz), then back to zyx
-    d = np.asarray(geometry.direction, float)
-    scaled = idx[:, ::-1] * np.asarray(geometry.spacing[::-1])
-    xyz = np.asarray(geometry.origin[::-1]) + scaled @ d.T
-    pts = xyz[:, ::-1]
+    pts = index_to_physical(idx, geometry)
     c = pts.mean(axis=0)
     cov = np.cov((pts - c).T)
     w, v = np.linalg.eigh(cov)
@@ -194,10 +190,7 @@ def _profile_shift(fm, fg: Geometry, mm, mg: Geometry, step_mm: float = 2.0):
     whole masks disagree. None when the scans' z extents are too short to compare."""
 
     def profile(mask, g):
-        idx = np.argwhere(np.asarray(mask, bool))
-        d = np.asarray(g.direction, float)
-        xyz = np.asarray(g.origin[::-1]) + (idx[:, ::-1] * np.asarray(g.spacing[::-1])) @ d.T
-        pts = xyz[:, ::-1]
+        pts = index_to_physical(np.argwhere(np.asarray(mask, bool)), g)
         z0 = pts[:, 0].min()
         bins = np.floor((pts[:, 0] - z0) / step_mm).astype(int)
         area = np.bincount(bins).astype(float)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import ndimage
 
-from sscflow.geometry import Geometry
+from sscflow.geometry import Geometry, grid_points
 from sscflow.synth import deform
 
 __all__ = ["Pair", "acquisition_grid", "lung_sinks", "moved_field", "plant_change", "reacquire",
@@ -174,16 +174,6 @@ def acquisition_grid(lung, geometry: Geometry, *, spacing, margin_mm=(30.0, 30.0
     origin = cols.T @ start  # physical zyx of voxel 0
     return Geometry(tuple(int(v) for v in n), tuple(sp), tuple(origin),
                     tuple(tuple(r) for r in d))  # fmt: skip
-
-
-def grid_points(geometry: Geometry, z0: int, z1: int) -> np.ndarray:
-    """Physical zyx mm (3, z1 - z0, Y, X) of a grid's voxels (any direction)."""
-    _, ny, nx = geometry.shape
-    iz, iy, ix = np.meshgrid(np.arange(z0, z1), np.arange(ny), np.arange(nx), indexing="ij")
-    idx_xyz = np.stack([ix, iy, iz], axis=-1) * np.asarray(geometry.spacing[::-1])
-    d = np.asarray(geometry.direction, float)
-    xyz = np.asarray(geometry.origin[::-1]) + idx_xyz @ d.T
-    return np.moveaxis(xyz[..., ::-1], -1, 0)
 
 
 def render_on(image, geometry: Geometry, grid: Geometry, *, matrix=None, offset=None,
