@@ -147,9 +147,10 @@ def _dice(f: sitk.Image, m: sitk.Image, tx: sitk.Transform) -> tuple[float, floa
     moved = sitk.Resample(m, f, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     ones = sitk.Image(m.GetSize(), sitk.sitkFloat32) + 1.0
     ones.CopyInformation(m)
-    seen = sitk.GetArrayViewFromImage(sitk.Resample(ones, f, tx, sitk.sitkLinear, 0.0)) > 0.5
-    a = sitk.GetArrayViewFromImage(f) > 0.5
-    b = sitk.GetArrayViewFromImage(moved) > 0.5
+    # copies, not views: a view of a temporary image outlives its buffer (a segfault)
+    seen = sitk.GetArrayFromImage(sitk.Resample(ones, f, tx, sitk.sitkLinear, 0.0)) > 0.5
+    a = sitk.GetArrayFromImage(f) > 0.5
+    b = sitk.GetArrayFromImage(moved) > 0.5
 
     def dice(x, y):
         den = int(x.sum()) + int(y.sum())

@@ -189,7 +189,7 @@ def thick_slice_warnings(patient_id: str, qa: dict, cfg: RegistrationConfig) -> 
              if v is not None and v > cfg.thick_slice_mm}  # fmt: skip
     if not thick:
         return []
-    which = ", ".join(f"{k} {v:g} mm" for k, v in thick.items())
+    which = ", ".join(f"{k.replace('followup', 'follow-up')} {v:.3g} mm"
+                      for k, v in thick.items())  # fmt: skip
     return [f"patient {patient_id}: slices thicker than {cfg.thick_slice_mm:g} mm ({which}); "
-            "registered, but fine structure along z is lost and the log-Jacobian is smoother "
-            "there"]  # fmt: skip
+            "registered, but detail along z is lost"]
