@@ -519,12 +519,31 @@ def _account(summary: RunSummary, rec: dict, failed_at: dict) -> None:
         summary.failed.append(rec)
 
 
+def _file_name(path) -> str:
+    """A local path's last part (a URL is kept: it names a bucket, not a patient's folder)."""
+    text = str(path)
+    if "://" in text or ("/" not in text and "\\" not in text):
+        return text
+    return Path(text).name
+
+
+def _names_only(value):
+    """A config dict with every local path cut to its file name."""
+    if isinstance(value, dict):
+        return {k: _names_only(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_names_only(v) for v in value]
+    if isinstance(value, str) and ("/" in value or "\\" in value) and "://" not in value:
+        return Path(value).name
+    return value
+
+
 def record_manifest(root, manifest: Manifest) -> None:
     """Record the run's manifest (its patient ids, path and a hash) in ``STORE/status``: the
     cohort outputs and ``sscflow report`` / ``status`` use it as the current cohort."""
     ids = [p.patient_id for p in manifest.patients]
     group = st.require_group(root, STATUS_GROUP)
-    record = {"path": str(getattr(manifest, "path", "") or ""), "patients": ids,
+    record = {"path": _file_name(getattr(manifest, "path", "") or ""), "patients": ids,
               "sha256": st.hash_values(ids),
               "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     old = dict(group.attrs.get("manifest", {}) or {})
@@ -616,12 +635,13 @@ def _write_run_record(root, cfg, manifest, truth_dir, client) -> None:
     root[STATUS_GROUP].attrs["run"] = {
         "version": __version__,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config_yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
-        "config_source": str(cfg.source),
-        "manifest": str(manifest.path),
+        # file names only: the store carries no file paths (they can name patients or sites)
+        "config_yaml": yaml.safe_dump(_names_only(cfg.to_dict()), sort_keys=False),
+        "config_source": _file_name(cfg.source),
+        "manifest": _file_name(manifest.path),
         "manifest_sha256": st.hash_input(manifest.path) if Path(manifest.path).is_file() else None,
         "patients": len(manifest.patients) + len(manifest.rejected),
-        "truth_dir": str(truth_dir) if truth_dir else None,
+        "truth_dir": _file_name(truth_dir) if truth_dir else None,
         "cluster": cluster,
         "rejected": [{"line": r.line, "patient_id": r.patient_id, "message": r.message}
                      for r in manifest.rejected],  # bad rows: no status record of their own

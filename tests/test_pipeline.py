@@ -202,14 +202,15 @@ def test_dry_run_plans_ten_thousand_patients_without_running(tmp_path):
 
 
 def test_dry_run_reports_missing_scans(tmp_path):
-    from sscflow.errors import ManifestError
+    from sscflow.errors import SscflowError
 
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("patient_id,baseline,followup\nP1,a.nii.gz,b.nii.gz\n")
     cfg_path = _write_config(tmp_path, manifest, tmp_path / "s.zarr")
     from sscflow.cli import run as run_command
 
-    with pytest.raises(ManifestError, match="a.nii.gz does not exist"):
+    # bad rows fail alone, in the dry run as in the run: it says which will fail, exits 1
+    with pytest.raises(SscflowError, match="1 of 1 patients will fail"):
         run_command(cfg_path, dry_run=True)
 
 

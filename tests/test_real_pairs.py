@@ -78,8 +78,8 @@ def run(tmp_path_factory):
     }  # fmt: skip
     (folder / "run.yaml").write_text(yaml.safe_dump(config))
     res = subprocess.run([sys.executable, "-m", "sscflow.cli", "run", str(folder / "run.yaml")],
-                         capture_output=True, text=True, timeout=1500,
-                         env={**os.environ, "COLUMNS": "250"})  # fmt: skip
+                         capture_output=True, text=True, encoding="utf-8", timeout=1500,
+                         env={**os.environ, "COLUMNS": "250", "PYTHONIOENCODING": "utf-8"})
     return folder, res, moved, g
 
 
