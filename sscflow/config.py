@@ -225,7 +225,7 @@ class RegistrationConfig:
     threads: int = 0  # CPU threads; 0 = the cores available to this process
     initial_alignment: str = "lungs"  # "lungs": rigid, from the lung masks; "none"
     smooth_mm: float = 1.0  # Gaussian s.d. on both scans first: hides two grids' interpolation
-    full_step_at: float = 0.5  # torch: full steps down to this share of a 1-voxel gradient
+    full_step_at: float = 1.0  # torch: full steps down to the gradient of a 1-voxel shift
     min_alignment_dice: float = 0.5  # lungs overlapping less after the alignment: the pair fails
     min_lung_coverage: float = 0.8  # baseline lung the follow-up must image, else it fails
     thick_slice_mm: float = 2.5  # scans with thicker source slices are flagged in the summary

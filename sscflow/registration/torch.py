@@ -33,8 +33,8 @@ Method (decisions):
    is ``learning_rate`` velocity-grid voxels while the gradient is at least ``full_step_at``
    times the one a one-voxel shift of the fixed image against itself gives (measured once per
    level), and proportionally smaller below that (scaling every gradient to a full step turned
-   the vanishing gradient of a pair in register into full-size random steps; below 0.5 the
-   descent is unstable at the optimum); then the part of ``v`` added at the current level
+   the vanishing gradient of a pair in register into full-size random steps; below 1 the
+   descent was unstable at the optimum on real CT: a scan registered to itself drifted); then the part of ``v`` added at the current level
    is smoothed (``velocity_sigma``, diffusion-like, demons style), which keeps log-Jacobian
    noise small. The coarser levels' result is not smoothed again at every step of the finer
    ones: that repeated smoothing damped a regional shrinkage's peak. ``velocity_sigma`` and
@@ -84,7 +84,7 @@ def register(
     threads: int = 0,
     return_affine: bool = False,
     valid=None,
-    full_step_at: float = 0.5,
+    full_step_at: float = 1.0,
 ):
     """See :func:`sscflow.registration.register` (inputs already checked).
 
