@@ -168,12 +168,17 @@ def test_rerun_skips_and_recomputes_only_downstream(finished, cohort, client):
     assert again.cohort["group_means"]["status"] == "skipped"
     assert chunk.stat().st_mtime_ns == before
 
+    default = cfg.jacobian.percentiles
     cfg.jacobian.percentiles = (10.0, 90.0)  # changes the log-Jacobian stage's parameters
-    changed = run(cfg, m, client=client, truth_dir=manifest.parent)
-    assert changed.counts["registration"].get("skipped") == N_GOOD
-    assert changed.counts["jacobian"].get("done") == N_GOOD
-    assert changed.counts["to_template"].get("done") == N_GOOD  # downstream of the change
-    assert chunk.stat().st_mtime_ns == before
+    try:
+        changed = run(cfg, m, client=client, truth_dir=manifest.parent)
+        assert changed.counts["registration"].get("skipped") == N_GOOD
+        assert changed.counts["jacobian"].get("done") == N_GOOD
+        assert changed.counts["to_template"].get("done") == N_GOOD  # downstream of the change
+        assert chunk.stat().st_mtime_ns == before
+    finally:  # the shared store and config as the later tests (which copy them) expect them
+        cfg.jacobian.percentiles = default
+        run(cfg, m, client=client, truth_dir=manifest.parent)
 
 
 def test_dry_run_plans_ten_thousand_patients_without_running(tmp_path):
