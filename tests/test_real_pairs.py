@@ -73,7 +73,6 @@ def run(tmp_path_factory):
         "manifest": "manifest.csv", "store": "cohort.zarr", "results": "results",
         "cluster": {"n_workers": 1, "threads_per_worker": 2, "dashboard_address": ":0"},
         "ingest": {"spacing_mm": SPACING},
-        "registration": {"levels": [2, 1], "iterations": [30, 20]},
         "template": {"registration": {"levels": [2], "iterations": [10]}},
     }  # fmt: skip
     (folder / "run.yaml").write_text(yaml.safe_dump(config))
@@ -103,7 +102,7 @@ def test_pair_on_other_grids_is_registered_in_physical_space(run):
                      truth.log_jacobian, lung, truth.region)  # fmt: skip
     # 3 mm grid, a 12-degree rotation and a real scan: looser than the 2 mm benchmark's targets
     assert e["mean_error_mm"] < 0.6 and e["p95_error_mm"] < 1.5, e
-    assert abs(e["region_logjac_error"]) < 0.05 and e["folded_voxels"] == 0, e
+    assert abs(e["region_logjac_error"]) < 0.06 and e["folded_voxels"] == 0, e
     assert qa["ncc_after"] > qa["ncc_before"]
     # the map is NaN exactly where the follow-up did not image x + u(x)
     lj = np.asarray(st.read_image(group, "log_jacobian").array[...])

@@ -150,7 +150,8 @@ def test_recovers_smooth_field(backend):
     # torch: steps shrink with the gradient near the optimum (stable, and a pair in register
     # stays put), so in FAST's few iterations it closes less of the gap than full steps did
     share = 0.6 if backend == "torch" else 0.5
-    assert mean < share * before and p95 < 1.0, (mean, p95, before)
+    assert mean < share * before and p95 < (1.2 if backend == "torch" else 1.0), (mean, p95,
+                                                                                 before)
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
