@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from sscflow.geometry import Geometry, image_of, inside, reference_image
+from sscflow.geometry import Geometry, grid_points, image_of, inside, reference_image
 from sscflow.registration.align import Alignment, to_itk
 
 __all__ = ["coverage_mask", "compose_rigid", "resample_moving"]
@@ -74,14 +74,7 @@ def coverage_mask(displacement, fixed_geometry: Geometry, fov: Geometry, *, slab
     (its original acquisition grid, any direction): bool (Z, Y, X)."""
     shape = fixed_geometry.shape
     out = np.empty(shape, bool)
-    axes = [fixed_geometry.origin[k] + np.arange(n) * fixed_geometry.spacing[k]
-            for k, n in enumerate(shape)]  # fmt: skip
     for z0 in range(0, shape[0], slab):
         z1 = min(shape[0], z0 + slab)
-        pts = np.empty((3, z1 - z0, *shape[1:]), np.float64)
-        pts[0] = axes[0][z0:z1, None, None]
-        pts[1] = axes[1][None, :, None]
-        pts[2] = axes[2][None, None, :]
-        pts += displacement[:, z0:z1]
-        out[z0:z1] = inside(pts, fov)
+        out[z0:z1] = inside(grid_points(fixed_geometry, z0, z1) + displacement[:, z0:z1], fov)
     return out
