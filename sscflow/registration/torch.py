@@ -36,8 +36,8 @@ Method (decisions):
    the vanishing gradient of a pair in register into full-size random steps; below 1 the
    descent was unstable at the optimum on real CT: a scan registered to itself drifted); then
    the part of ``v`` added at the current level is smoothed (``velocity_sigma``, diffusion-
-   like, demons style), which keeps log-Jacobian noise small. The coarser levels' result is not smoothed again at every step of the finer
-   ones: that repeated smoothing damped a regional shrinkage's peak. ``velocity_sigma`` and
+   like, demons style), which keeps log-Jacobian noise small. The coarser levels' result is
+   not smoothed again at every step of the finer ones: that repeated smoothing damped a regional shrinkage's peak. ``velocity_sigma`` and
    ``gradient_sigma`` may also be given per level. (Adam was tried: its per-voxel
    normalisation turned noise in flat regions into full-size steps.)
    The similarity gradient is taken with respect to the displacement ``exp(v)`` on the velocity
