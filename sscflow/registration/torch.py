@@ -16,38 +16,37 @@ Method (decisions):
    log-Jacobian blobs of +-0.05 from that alone).
 4. Affine ``y = c + (I + L)(x - c) + t`` about the crop centre, by Adam on ``1 - LNCC`` on the
    two coarsest levels (``affine_iterations``); it absorbs the inspiration and position change.
-5. Deformable: the map is ``x -> A(exp(v)(x))`` with a stationary velocity field ``v`` (mm) on
-   a grid at least ``velocity_shrink`` voxels coarse, integrated by scaling and squaring
+5. Deformable: the map is ``x -> A(exp(v)(x))`` with a stationary velocity field ``v`` (mm) on a
+   grid at least ``velocity_shrink`` voxels coarse, integrated by scaling and squaring
    (``squarings`` steps), so the result is a diffeomorphism up to interpolation. ``v`` is
    multiplied by a cosine taper that is 1 over the lung bounding box and 0 at the crop border:
-   outside the crop the field is exactly the affine part and continuous with the inside.
-   Loss: ``1 - LNCC`` (squared local correlation, window ``window`` voxels of each level),
-   each window weighted by ``va^2 / (va^2 + (ncc_floor_hu / 1400)^4)`` with ``va`` the fixed
-   image's local variance: a window whose local standard deviation is well below
-   ``ncc_floor_hu`` HU counts little. The weight depends on the fixed image only, so the
-   optimum of every window stays at ``moving ~ fixed`` (a stabiliser added to the denominator
-   instead rewards contrast: it biased a regional shrinkage and moved a scan registered to
-   itself). Plus
-   optionally ``diffusion`` times the mean squared velocity gradient. Gradient descent: the
-   gradient is smoothed (``gradient_sigma``, fluid-like) and scaled so that the largest update
-   is ``learning_rate`` velocity-grid voxels while the gradient is at least ``full_step_at``
-   times the one a one-voxel shift of the fixed image against itself gives (measured once per
-   level), and proportionally smaller below that (scaling every gradient to a full step turned
-   the vanishing gradient of a pair in register into full-size random steps; below 1 the
-   descent was unstable at the optimum on real CT: a scan registered to itself drifted); then
-   the part of ``v`` added at the current level is smoothed (``velocity_sigma``, diffusion-
-   like, demons style), which keeps log-Jacobian noise small. The coarser levels' result is
-   not smoothed again at every step of the finer ones: that repeated smoothing damped a regional shrinkage's peak. ``velocity_sigma`` and
-   ``gradient_sigma`` may also be given per level. (Adam was tried: its per-voxel
-   normalisation turned noise in flat regions into full-size steps.)
-   The similarity gradient is taken with respect to the displacement ``exp(v)`` on the velocity
-   grid and used as the velocity's (``d exp(v) / dv ~ I``, as in log-domain demons), which
-   skips the backward pass through the squarings.
-   The warped image is linearised in the displacement for the gradient (its value from
-   ``grid_sample``, its slope from central differences of the warped image): this avoids
-   ``grid_sample``'s backward pass, the most expensive step on CPU, at no loss of accuracy.
-   Local NCC is invariant to a local linear intensity change, so a fibrosis-like density rise
-   in a shrinking region is not read as less shrinkage (an SSD or demons similarity is).
+   outside the crop the field is exactly the affine part and continuous with the inside. Loss:
+   ``1 - LNCC`` (squared local correlation, window ``window`` voxels of each level), each window
+   weighted by ``va^2 / (va^2 + (ncc_floor_hu / 1400)^4)`` with ``va`` the fixed image's local
+   variance: a window whose local standard deviation is well below ``ncc_floor_hu`` HU counts
+   little. The weight depends on the fixed image only, so the optimum of every window stays at
+   ``moving ~ fixed`` (a stabiliser added to the denominator instead rewards contrast: it biased
+   a regional shrinkage and moved a scan registered to itself). Plus optionally ``diffusion``
+   times the mean squared velocity gradient. Gradient descent: the gradient is smoothed
+   (``gradient_sigma``, fluid-like) and scaled so that the largest update is ``learning_rate``
+   velocity-grid voxels while the gradient is at least ``full_step_at`` times the one a
+   one-voxel shift of the fixed image against itself gives (measured once per level), and
+   proportionally smaller below that (scaling every gradient to a full step turned the vanishing
+   gradient of a pair in register into full-size random steps; below 1 the descent was unstable
+   at the optimum on real CT: a scan registered to itself drifted); then the part of ``v`` added
+   at the current level is smoothed (``velocity_sigma``, diffusion- like, demons style), which
+   keeps log-Jacobian noise small. The coarser levels' result is not smoothed again at every
+   step of the finer ones: that repeated smoothing damped a regional shrinkage's peak.
+   ``velocity_sigma`` and ``gradient_sigma`` may also be given per level. (Adam was tried: its
+   per-voxel normalisation turned noise in flat regions into full-size steps.) The similarity
+   gradient is taken with respect to the displacement ``exp(v)`` on the velocity grid and used
+   as the velocity's (``d exp(v) / dv ~ I``, as in log-domain demons), which skips the backward
+   pass through the squarings. The warped image is linearised in the displacement for the
+   gradient (its value from ``grid_sample``, its slope from central differences of the warped
+   image): this avoids ``grid_sample``'s backward pass, the most expensive step on CPU, at no
+   loss of accuracy. Local NCC is invariant to a local linear intensity change, so a
+   fibrosis-like density rise in a shrinking region is not read as less shrinkage (an SSD or
+   demons similarity is).
 """
 
 from __future__ import annotations
