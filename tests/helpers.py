@@ -77,7 +77,11 @@ def free_port() -> int:
 def moto_s3(monkeypatch, bucket: str = "sscflow-test"):
     """A real S3 API on loopback (moto in server mode, its own process) with an empty bucket,
     as a generator for fixtures: yields ``(s3fs.S3FileSystem(), bucket)``. Credentials and the
-    endpoint go into the environment, where s3fs (and every subprocess) finds them."""
+    endpoint go into the environment, where s3fs (and every subprocess) finds them.
+
+    fsspec caches filesystem instances per process, each bound to the endpoint it was made
+    with; the cache is cleared on the way in and out, or a later server's tests would reach
+    this one's (by then closed) port."""
     import os
     import shutil
     import subprocess
@@ -105,6 +109,7 @@ def moto_s3(monkeypatch, bucket: str = "sscflow-test"):
     try:
         import s3fs
 
+        s3fs.S3FileSystem.clear_instance_cache()
         end = time.monotonic() + 60
         while not answers():
             if time.monotonic() > end:
@@ -114,5 +119,8 @@ def moto_s3(monkeypatch, bucket: str = "sscflow-test"):
         fs.mkdir(bucket)
         yield fs, bucket
     finally:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
         proc.terminate()
         proc.wait(timeout=20)
