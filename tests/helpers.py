@@ -74,14 +74,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_RETIRED: list = []
+
+
+def _retire_s3_filesystems() -> None:
+    """Take every cached s3fs filesystem out of fsspec's instance cache (see ``moto_s3``)."""
+    import s3fs
+
+    _RETIRED.extend(s3fs.S3FileSystem._cache.values())
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def moto_s3(monkeypatch, bucket: str = "sscflow-test"):
     """A real S3 API on loopback (moto in server mode, its own process) with an empty bucket,
     as a generator for fixtures: yields ``(s3fs.S3FileSystem(), bucket)``. Credentials and the
     endpoint go into the environment, where s3fs (and every subprocess) finds them.
 
     fsspec caches filesystem instances per process, each bound to the endpoint it was made
-    with; the cache is cleared on the way in and out, or a later server's tests would reach
-    this one's (by then closed) port."""
+    with; they are taken out of the cache on the way in and out, or a later server's tests
+    would reach this one's (by then closed) port. They stay referenced (``_RETIRED``) until
+    the interpreter exits, as they would in the cache: zarr's asynchronous instances have no
+    finaliser, and collected mid-run their open aiohttp sessions warn."""
     import os
     import shutil
     import subprocess
@@ -109,7 +122,7 @@ def moto_s3(monkeypatch, bucket: str = "sscflow-test"):
     try:
         import s3fs
 
-        s3fs.S3FileSystem.clear_instance_cache()
+        _retire_s3_filesystems()
         end = time.monotonic() + 60
         while not answers():
             if time.monotonic() > end:
@@ -119,8 +132,6 @@ def moto_s3(monkeypatch, bucket: str = "sscflow-test"):
         fs.mkdir(bucket)
         yield fs, bucket
     finally:
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
+        _retire_s3_filesystems()
         proc.terminate()
         proc.wait(timeout=20)
