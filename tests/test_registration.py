@@ -180,6 +180,8 @@ def test_second_order_smoothing_damps_a_smooth_warp_less():
         assert float(det_jacobian(u, SPACING).min()) > 0.0
         errors[order] = _errors(u, true_u, mask)[0]
     assert errors[2] < 0.9 * errors[1], errors
+    with pytest.raises(ValueError, match="smoothing_order must be 1 or 2"):
+        register(fixed, moving, SPACING, mask=mask, backend="torch", smoothing_order=3)
 
 
 def test_sitk_no_folding_on_large_deformation():

@@ -115,6 +115,8 @@ def register(
     dev = _device(device)
     if dev.type == "cpu":
         torch.set_num_threads(n_threads(threads))
+    if smoothing_order not in (1, 2):
+        raise ValueError(f"torch backend: smoothing_order must be 1 or 2, got {smoothing_order!r}")
     levels = tuple(int(f) for f in levels)
     iterations = tuple(int(n) for n in iterations)
     if len(iterations) != len(levels):
