@@ -107,8 +107,12 @@ class IngestConfig:
     spacing_mm: float = 1.0  # isotropic output spacing
     chunk: int = 64  # chunk edge in voxels for stored volumes
     compression_level: int = 3  # Blosc-zstd level, 1 (fast) .. 9 (small)
+    interpolator: str = "bspline"  # CT resampling: "bspline" (cubic) or "linear"
 
     def validate(self, where: str) -> None:
+        if self.interpolator not in ("bspline", "linear"):
+            raise ConfigError(f"{where}.interpolator must be bspline or linear, got "
+                              f"{self.interpolator!r}")  # fmt: skip
         if not 0.2 <= self.spacing_mm <= 10:
             raise ConfigError(
                 f"{where}.spacing_mm must be within 0.2..10 mm, got {self.spacing_mm}"
@@ -216,12 +220,13 @@ class RegistrationConfig:
     affine_iterations: tuple[int, ...] = (100,)  # affine iterations, coarsest levels first
     window: int = 5  # local NCC window, voxels of each level
     ncc_floor_hu: float = 32.0  # local NCC: windows with local s.d. well below this are flat
-    velocity_sigma: float = 1.5  # Gaussian smoothing of each level's velocity increment (voxels)
+    velocity_sigma: float = 2.0  # Gaussian smoothing of each level's velocity increment (voxels)
+    smoothing_order: int = 2  # torch: increments smoothed by G (1) or by 2G - GG (2)
     gradient_sigma: float = 1.0  # Gaussian smoothing of each update (voxels of the velocity grid)
     diffusion: float = 0.0  # weight of a diffusion penalty on the velocity
     learning_rate: float = 0.6  # largest update per step, voxels of the velocity grid
     velocity_shrink: int = 2  # velocity grid step = level shrink x this (image voxels)
-    squarings: int = 6  # scaling-and-squaring steps
+    squarings: int = 4  # scaling-and-squaring steps (at least; more for large velocities)
     threads: int = 0  # CPU threads; 0 = the cores available to this process
     initial_alignment: str = "lungs"  # "lungs": rigid, from the lung masks; "none"
     smooth_mm: float = 1.0  # Gaussian s.d. on both scans first: hides two grids' interpolation
@@ -269,6 +274,9 @@ class RegistrationConfig:
                 f"{where}.learning_rate > 0"
             )
         _positive(self.velocity_shrink, f"{where}.velocity_shrink")
+        if self.smoothing_order not in (1, 2):
+            raise ConfigError(f"{where}.smoothing_order must be 1 or 2, got "
+                              f"{self.smoothing_order!r}")  # fmt: skip
         if not 0 <= self.squarings <= 12:
             raise ConfigError(f"{where}.squarings must be within 0..12, got {self.squarings}")
         if self.threads < 0:

@@ -343,3 +343,72 @@ def test_accuracy_on_synthetic_pairs(tmp_path):
     assert all(got < 0 for _, got, _ in short), short  # the shrinkage's sign, at least
     if any(got >= 0.5 * want for _, got, want in short):
         pytest.xfail(f"planted shrinkage under growing fibrosis under-recovered: {short}")
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_adam_matches_torch_optim():
+    """The affine stage's own Adam (it avoids importing torch.optim, which loads TorchDynamo)
+    takes the steps of torch.optim.Adam with CosineAnnealingLR."""
+    import torch
+
+    from sscflow.registration.torch import _Adam
+
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.randn(3, 3, generator=gen).requires_grad_(), torch.randn(3, generator=gen)]
+    ours[1].requires_grad_()
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    mine = _Adam(torch, [(ours[0], 0.01, 1e-3), (ours[1], 1.0, 1e-2)], 40)
+    opt = torch.optim.Adam([{"params": [ref[0]], "lr": 0.01, "eps": 1e-3},
+                            {"params": [ref[1]], "lr": 1.0, "eps": 1e-2}])  # fmt: skip
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 40)
+    for _ in range(40):
+        for lin, trans in (ours, ref):
+            lin.grad = trans.grad = None
+            ((lin**3).sum() + (trans - 1).square().sum() * lin.sum()).backward()
+        mine.step()
+        opt.step()
+        sched.step()
+    for a, b in zip(ours, ref, strict=True):
+        assert float((a - b).detach().abs().max()) < 1e-4
+    assert not torch.allclose(ours[1], torch.zeros(3))
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_filters_match_scipy():
+    """The shifted-sum box and Gaussian filters against scipy.ndimage on the same array."""
+    import torch
+
+    from sscflow.registration.torch import _box_filter, _gauss_kernels, _smooth
+
+    x = np.random.default_rng(3).normal(size=(2, 9, 11, 13)).astype(np.float32)
+    t = torch.from_numpy(x)[None]
+    box = _box_filter(torch, t, 5)[0].numpy()
+    gauss = _smooth(torch, t, _gauss_kernels(torch, 1.5, "cpu"))[0].numpy()
+    for c in range(2):
+        want = ndimage.uniform_filter(x[c].astype(np.float64), 5, mode="nearest")
+        assert np.abs(box[c] - want).max() < 1e-5
+        want = ndimage.gaussian_filter(x[c].astype(np.float64), 1.5, mode="nearest", truncate=3)
+        assert np.abs(gauss[c] - want).max() < 1e-5
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_exp_of_a_large_linear_velocity_matches_the_matrix_exponential():
+    """exp(v) for v(x) = A x is (expm(A) - I) x; the squarings grow with the velocity (here
+    up to 12 voxels: 4 steps would leave 0.75-voxel steps), so it stays accurate."""
+    import torch
+    from scipy.linalg import expm
+
+    from sscflow.registration.torch import _Registration
+
+    n, sp = 33, 2.0
+    reg = _Registration(torch, torch.device("cpu"), torch.tensor([sp] * 3), torch.zeros(3),
+                        [n] * 3, torch.zeros(3), window=3, shape=(n,) * 3, eps=1e-6)  # fmt: skip
+    a = np.array([[0.3, 0.2, 0.0], [-0.2, 0.3, 0.1], [0.0, -0.1, -0.3]])
+    x = (np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij")) - (n - 1) / 2) * sp
+    v = np.einsum("ij,j...->i...", a, x)
+    assert np.sqrt((v**2).sum(0)).max() / sp > 10
+    disp = reg.exp(torch.from_numpy(v.astype(np.float32))[None], torch.tensor([sp] * 3), 4)
+    want = np.einsum("ij,j...->i...", expm(a) - np.eye(3), x)
+    inner = (slice(None),) + (slice(12, 21),) * 3  # where exp(v)'s path stays inside the grid
+    err = np.abs(disp[0].numpy() - want)[inner].max()
+    assert err < 0.02 * np.abs(want[inner]).max(), err
