@@ -189,7 +189,9 @@ def main(argv=None):
                   f", mean |u| {np.sqrt((u ** 2).sum(0))[lung].mean():.3f} mm, peak memory "
                   f"+{peak:.0f} MiB", flush=True)  # fmt: skip
             if a["seconds"] and seconds:
-                print(f"  initial alignment: {a['seconds'] / seconds:.1%} of the registration")
+                print(f"  initial alignment: {a['seconds'] / seconds:.1%} of the registration "
+                      f"(the follow-up's resampling onto the baseline grid and the common blur "
+                      f"after it: {info['resample_seconds'] / seconds:.1%})")  # fmt: skip
     if "planted" in pairs:
         pair, fu, _ = pairs["planted"]
         u, base, peak = measure(lambda: demons_baseline(hu, fu, g.spacing))
