@@ -216,7 +216,7 @@ class RegistrationConfig:
     device: str = "auto"  # torch: "auto" (CUDA when available), "cpu" or "cuda"
     margin_mm: float = 15.0  # crop to the lung bounding box plus this margin
     levels: tuple[int, ...] = (4, 2, 1)  # shrink factors, coarse to fine
-    iterations: tuple[int, ...] = (40, 30, 20)  # deformable iterations per level
+    iterations: tuple[int, ...] = (50, 40, 15)  # deformable iterations per level
     affine_iterations: tuple[int, ...] = (100,)  # affine iterations, coarsest levels first
     window: int = 5  # local NCC window, voxels of each level
     ncc_floor_hu: float = 32.0  # local NCC: windows with local s.d. well below this are flat
@@ -226,7 +226,7 @@ class RegistrationConfig:
     diffusion: float = 0.0  # weight of a diffusion penalty on the velocity
     learning_rate: float = 0.6  # largest update per step, voxels of the velocity grid
     velocity_shrink: int = 2  # velocity grid step = level shrink x this (image voxels)
-    squarings: int = 4  # scaling-and-squaring steps (at least; more for large velocities)
+    squarings: int = 2  # scaling-and-squaring steps (at least; more for large velocities)
     threads: int = 0  # CPU threads; 0 = the cores available to this process
     initial_alignment: str = "lungs"  # "lungs": rigid, from the lung masks; "none"
     smooth_mm: float = 1.0  # Gaussian s.d. on both scans first: hides two grids' interpolation
