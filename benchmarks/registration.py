@@ -19,9 +19,10 @@ Baseline: SimpleITK FastSymmetricForces demons, three levels (shrink 4, 2, 1), 1
 per level, s.d. 1.5, no mask, on the whole ``planted`` pair (it needs one grid).
 
 After an untimed warm-up (one-iteration registrations: PyTorch's import and first
-allocations, paid once per worker), prints per pair and backend: time (and the initial alignment's), mean / p95 displacement error
-inside the lungs, mean |log-Jacobian error|, planted-region mean log-Jacobian vs truth, folded
-voxels, mean and p95 / p99 |log-Jacobian|; then the issue's targets, and the time ratio
+allocations, paid once per worker), prints per pair and backend: time (and the initial
+alignment's), mean / p95 displacement error inside the lungs, mean |log-Jacobian error|,
+planted-region mean log-Jacobian vs truth, folded voxels, mean and p95 / p99 |log-Jacobian|;
+then the issue's targets, and the time ratio
 sscflow / demons on the ``planted`` pair last.
 
 Usage: python benchmarks/registration.py [--spacing 2] [--backends torch,sitk]
