@@ -1,10 +1,10 @@
 """Ingest: scans of every manifest patient onto the canonical grid, into the store, with lung masks.
 
 For each patient, on a Dask worker: read baseline and follow-up (DICOM series, NIfTI, MHA/MHD,
-NRRD), resample to identity direction and isotropic spacing (cubic B-spline for CT by default, HU as
-int16, -1024
-outside the field of view), segment the lungs, and write ``patients/<id>/{baseline, followup,
-lung_mask, followup_lung_mask}``. Unchanged inputs are skipped; a bad patient fails alone.
+NRRD), resample to identity direction and isotropic spacing (cubic B-spline for CT by default,
+HU as int16, -1024 outside the field of view), segment the lungs, and write
+``patients/<id>/{baseline, followup, lung_mask, followup_lung_mask}``. Unchanged inputs are
+skipped; a bad patient fails alone.
 """
 
 from __future__ import annotations
