@@ -15,6 +15,9 @@ Pairs (``sscflow.synth.planted``):
 - ``identity``: the scan and itself; ``identity + noise``: 20 HU noise added to one;
   ``regridded``: the same scan written on a 0.9 x 0.75 x 0.75 mm grid and ingested again.
 
+Where a follow-up's grid reaches past the baseline's field of view (which cuts the lung
+bases), it shows the baseline's edge continued (``planted.reacquire``'s default), not air.
+
 Baseline: SimpleITK FastSymmetricForces demons, three levels (shrink 4, 2, 1), 100 iterations
 per level, s.d. 1.5, no mask, on the whole ``planted`` pair (it needs one grid).
 

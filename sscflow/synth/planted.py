@@ -177,10 +177,12 @@ def acquisition_grid(lung, geometry: Geometry, *, spacing, margin_mm=(30.0, 30.0
 
 
 def render_on(image, geometry: Geometry, grid: Geometry, *, matrix=None, offset=None,
-              order: int = 3, fill: float = -1024.0, slab: int = 8) -> np.ndarray:  # fmt: skip
+              order: int = 3, fill: float | None = -1024.0,
+              slab: int = 8) -> np.ndarray:  # fmt: skip
     """``image`` (on ``geometry``) seen by a scanner on ``grid`` after the patient moved by
     ``y = matrix @ x + offset``: grid point q shows ``image`` at R^-1(q). B-spline of ``order``
-    (3: cubic; 1: linear, e.g. for a mask), ``fill`` outside ``geometry``. float32 on ``grid``.
+    (3: cubic; 1: linear, e.g. for a mask), ``fill`` outside ``geometry`` (None: the image's
+    edge continued, each point showing the nearest edge voxel). float32 on ``grid``.
     """
     matrix = np.eye(3) if matrix is None else np.asarray(matrix, float)
     offset = np.zeros(3) if offset is None else np.asarray(offset, float)
@@ -198,27 +200,38 @@ def render_on(image, geometry: Geometry, grid: Geometry, *, matrix=None, offset=
         y = np.einsum("ij,j...->i...", inv, q - offset[:, None, None, None])
         idx = (y - org) / sp
         vals = ndimage.map_coordinates(src, idx, order=order, mode="nearest", prefilter=False)
-        vals[np.any((idx < -0.5) | (idx > hi), axis=0)] = fill
+        if fill is not None:
+            vals[np.any((idx < -0.5) | (idx > hi), axis=0)] = fill
         out[z0:z1] = vals
     return out
 
 
 def reacquire(pair: Pair, *, matrix=None, offset=None, grid: Geometry, noise_hu: float = 0.0,
-              seed: int = 1) -> Pair:  # fmt: skip
+              seed: int = 1, fill: float | None = None) -> Pair:  # fmt: skip
     """The pair's follow-up imaged again: the patient moved by ``y = matrix @ x + offset``
     (physical zyx mm) and the scan on ``grid`` (any spacing, field of view, direction).
 
     A point q of the new grid shows the same-grid follow-up at R^-1(q) (cubic B-spline, so a
-    second interpolation after the planted warp's blurs little). Outside the baseline's grid it
-    is air (-1024 HU). Give the noise here (``noise_hu``) rather than in ``plant_change``, so it
-    is not interpolated. The truth becomes ``R(x + u(x)) - x``.
+    second interpolation after the planted warp's blurs little). Give the noise here
+    (``noise_hu``) rather than in ``plant_change``, so it is not interpolated. The truth
+    becomes ``R(x + u(x)) - x``.
+
+    Where the new grid reaches past the baseline's field of view, what a scanner would show is
+    unknown; by default (``fill`` None) the baseline's edge is continued there (each point
+    shows the nearest edge voxel), as a real follow-up shows the anatomy that goes on past the
+    baseline's last slice. Air there (``fill=-1024``) plants a flat lung-to-air interface
+    where the baseline's field of view cuts the lungs, an image difference no acquisition
+    makes, which the registration rightly reads as a change: on the real CT (its field of
+    view cuts the lung bases), the benchmark's rigidly moved copy rendered with air had 97 %
+    of its largest 5 % of log-Jacobians within 20 mm of that cut and p95 |log-Jacobian|
+    0.0243; with the edge continued, 13 % and 0.0062 (2026-12).
     """
     matrix = np.eye(3) if matrix is None else np.asarray(matrix, float)
     offset = np.zeros(3) if offset is None else np.asarray(offset, float)
     g = pair.baseline_geometry
     if pair.followup_geometry != g:
         raise ValueError("reacquire: the pair's follow-up must still be on the baseline grid")
-    out = render_on(pair.followup, g, grid, matrix=matrix, offset=offset)
+    out = render_on(pair.followup, g, grid, matrix=matrix, offset=offset, fill=fill)
     if noise_hu:
         out += _noise(np.random.default_rng(seed), out.shape, noise_hu)
     u = moved_field(pair.displacement, g, matrix, offset)
