@@ -216,8 +216,8 @@ class RegistrationConfig:
     device: str = "auto"  # torch: "auto" (CUDA when available), "cpu" or "cuda"
     margin_mm: float = 15.0  # crop to the lung bounding box plus this margin
     levels: tuple[int, ...] = (4, 2, 1)  # shrink factors, coarse to fine
-    iterations: tuple[int, ...] = (50, 40, 15)  # deformable iterations per level
-    affine_iterations: tuple[int, ...] = (100,)  # affine iterations, coarsest levels first
+    iterations: tuple[int, ...] = (40, 30, 10)  # deformable iterations per level
+    affine_iterations: tuple[int, ...] = (100, 50)  # affine iterations, coarsest levels first
     window: int = 5  # local NCC window, voxels of each level
     ncc_floor_hu: float = 32.0  # local NCC: windows with local s.d. well below this are flat
     velocity_sigma: float = 2.0  # Gaussian smoothing of each level's velocity increment (voxels)

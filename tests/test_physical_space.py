@@ -219,3 +219,32 @@ def test_stage_fails_a_followup_covering_too_little_lung(tmp_path):
         register_patient(store, "P1", cfg)
     group = st.patient_group(st.open_store(store, mode="r"), "P1", create=False)
     assert st.output_state(group, "displacement") == "absent"
+
+
+def test_render_on_continues_the_edge_or_fills():
+    """Past the source grid, ``fill=None`` shows the nearest edge voxel; a number fills."""
+    g = Geometry((4, 3, 5), (2.0, 1.0, 1.0), (10.0, -1.0, -2.0))
+    src = np.broadcast_to(np.arange(5, dtype=np.float32) * 10.0, g.shape).copy()
+    src[-1] += 100.0  # the last z slice differs: the one past it must copy it
+    # two slices past the top of the source along z, same in-plane grid
+    out_g = Geometry((6, 3, 5), g.spacing, g.origin)
+    edge = planted.render_on(src, g, out_g, order=1, fill=None)
+    filled = planted.render_on(src, g, out_g, order=1, fill=-1024.0)
+    np.testing.assert_allclose(edge[:4], src, atol=1e-4)
+    np.testing.assert_allclose(edge[4:], np.broadcast_to(src[-1], (2, 3, 5)), atol=1e-4)
+    np.testing.assert_array_equal(filled[4:], -1024.0)
+
+
+def test_rigid_then_affine_composes_as_two_maps():
+    """register()'s second pass maps p -> R(A(p)), with A given about the baseline's voxel 0."""
+    from sscflow.registration import _then_affine
+    from sscflow.registration.align import Alignment
+
+    g = Geometry((20, 30, 40), (2.0, 1.5, 1.0), (-100.0, 35.0, -7.0))
+    rigid = Alignment(rot(17.0, (0.3, 1.0, 0.2)), np.array([12.0, -40.0, 5.0]), 0.9, "x")
+    m = np.eye(3) + np.array([[0.02, -0.01, 0.0], [0.005, -0.03, 0.01], [0.0, 0.02, 0.01]])
+    t = np.array([1.5, -2.0, 0.7])
+    p = np.random.default_rng(0).uniform(-150, 150, (50, 3))
+    local = (p - np.asarray(g.origin)) @ m.T + t  # A in mm about voxel 0
+    expected = rigid.apply(local + np.asarray(g.origin))
+    np.testing.assert_allclose(_then_affine(rigid, m, t, g).apply(p), expected, atol=1e-9)

@@ -42,8 +42,12 @@ def register(
     affine_iterations: int = 100,
     threads: int = 0,
     seed: int = 0,
-) -> np.ndarray:
-    """See :func:`sscflow.registration.register` (inputs already checked)."""
+    return_affine: bool = False,
+):
+    """See :func:`sscflow.registration.register` (inputs already checked).
+
+    With ``return_affine`` also returns the affine ``(matrix, offset)`` (zyx mm about voxel 0).
+    """
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n_threads(threads))
     shape = fixed.shape
     f_img = to_sitk(np.clip(fixed, *HU_RANGE), spacing)
@@ -59,7 +63,8 @@ def register(
 
     box = crop_box(mask, spacing, margin_mm, shape)
     if not any(iterations):
-        return compose(None, box, shape, spacing, matrix, offset)
+        u = compose(None, box, shape, spacing, matrix, offset)
+        return (u, (matrix, offset)) if return_affine else u
     start = np.array([b.start for b in box], float)
     size = [b.stop - b.start for b in box]
     ref = sitk.Image(size[::-1], sitk.sitkFloat32)
@@ -86,7 +91,8 @@ def register(
         field = demons.Execute(f_lvl, m_lvl, field)
     field = sitk.Resample(field, f_crop, sitk.Transform(), sitk.sitkLinear, 0.0)
     local = field_from_sitk(field) * taper(size, spacing, margin_mm)[None]
-    return compose(local, box, shape, spacing, matrix, offset)
+    u = compose(local, box, shape, spacing, matrix, offset)
+    return (u, (matrix, offset)) if return_affine else u
 
 
 def taper(shape, spacing, margin_mm: float) -> np.ndarray:
