@@ -601,7 +601,8 @@ def _align(timg, tmask, tgeom: Geometry, base, bmask, bgeom: Geometry, backend, 
 
     The same registration as follow-up -> baseline (``sscflow.registration.register``, fixed =
     template, mask = template lungs): the rigid initial alignment from the two lung masks, the
-    baseline resampled once onto the template grid, then affine + deformable.
+    backend's affine pass, the baseline resampled through both onto the template grid, then
+    the deformable stage.
     """
     from sscflow.registration import register
 
@@ -630,9 +631,12 @@ def _resample(volume, source: Geometry, target: Geometry, displacement=None, shi
               fill: float = 0.0, slab: int = 16) -> np.ndarray:  # fmt: skip
     """``volume`` (on ``source``) at the physical points ``x + u(x) + shift`` of ``target``.
 
-    Trilinear (``scipy.ndimage.map_coordinates``, order 1), ``fill`` outside the source grid;
-    both grids canonical. Works in slabs of ``slab`` target slices, so the sample coordinates
-    never take more than a slab's worth of memory. Returns float32 on the target grid.
+    Trilinear (``scipy.ndimage.map_coordinates``, order 1), ``fill`` outside the source grid
+    (more than half a voxel past its edge voxels' centres: a point a hair past the edge still
+    reads the edge voxel; scipy's ``constant`` mode filled it, which dropped a lung cut by the
+    field of view from its edge slice for any outward displacement, however small); both grids
+    canonical. Works in slabs of ``slab`` target slices, so the sample coordinates never take
+    more than a slab's worth of memory. Returns float32 on the target grid.
     """
     vol = np.asarray(volume)
     if vol.dtype not in (np.float32, np.float64):
@@ -651,8 +655,11 @@ def _resample(volume, source: Geometry, target: Geometry, displacement=None, shi
         if displacement is not None:
             for k in range(3):
                 coords[k] += displacement[k, z0:z1] / sp[k]
-        ndimage.map_coordinates(vol, coords, output=out[z0:z1], order=1, mode="constant",
-                                cval=float(fill))  # fmt: skip
+        ndimage.map_coordinates(vol, coords, output=out[z0:z1], order=1, mode="nearest")
+        outside = np.zeros(coords.shape[1:], bool)
+        for k in range(3):
+            outside |= (coords[k] < -0.5) | (coords[k] > vol.shape[k] - 0.5)
+        out[z0:z1][outside] = fill
     return out
 
 

@@ -481,3 +481,18 @@ def test_an_exported_template_round_trips_into_another_store(cohort, tmp_path):
     rebuilt = build_template(other, ["B", "C"], cfg)
     assert rebuilt["action"] == "rebuilt" and "changed since the template was built" in (
         rebuilt["reason"])
+
+
+def test_resample_keeps_the_edge_voxels_under_a_tiny_displacement():
+    """A point a hair past the last voxel reads that voxel; half a voxel and more past, fill."""
+    from sscflow.template import _resample
+
+    g = Geometry((6, 5, 4), (2.0, 2.0, 2.0), (-5.0, 3.0, 0.0))
+    vol = np.random.default_rng(0).uniform(-900, -700, g.shape).astype(np.float32)
+    u = np.full((3, *g.shape), -1e-4, np.float32)  # outward at voxel 0 on every axis
+    np.testing.assert_allclose(_resample(vol, g, g, u, fill=-1024.0), vol, atol=0.05)
+    u = np.zeros((3, *g.shape), np.float32)
+    u[0] = 1.2  # 0.6 voxel up along z: the top slice is past the grid
+    out = _resample(vol, g, g, u, fill=-1024.0)
+    np.testing.assert_array_equal(out[-1], -1024.0)
+    np.testing.assert_allclose(out[:-1], 0.4 * vol[:-1] + 0.6 * vol[1:], rtol=1e-5)
