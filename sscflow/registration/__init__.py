@@ -134,6 +134,7 @@ def register(
     ...
     sscflow.errors.UnknownBackendError: unknown registration backend 'nope'; choose one of: auto, sitk, torch
     """  # noqa: E501
+    import inspect
     import time
 
     from sscflow.registration.align import align_masks, identity
@@ -152,7 +153,7 @@ def register(
     t0 = time.perf_counter()
     alignment = identity()
     if initial_alignment == "lungs" and inputs.mask is not None and inputs.moving_mask is not None:
-        alignment = _snap(align_masks(inputs.mask, fg, inputs.moving_mask, mg))
+        alignment = _snap(align_masks(inputs.mask, fg, inputs.moving_mask, mg), fg)
     t_align = time.perf_counter() - t0
     blur = _common_blur(smooth_mm, fg.spacing)
     fixed_in = blur(inputs.fixed)
@@ -177,13 +178,11 @@ def register(
         # the backend left the correction to the backend's linear interpolation: a scan on
         # another grid showed up to 5 mm and 0.4 deg of mask-alignment error that way, and
         # p99 |log-Jacobian| 0.011 (0.004 with this pass).
-        levels = options.get("levels", (4, 2, 1))
+        levels = options.get("levels") or inspect.signature(func).parameters["levels"].default
         _, (matrix, offset) = func(fixed_in, moved, fg.spacing, mask=inputs.mask,
                                    **{**options, **valid, "iterations": (0,) * len(levels),
                                       "return_affine": True})  # fmt: skip
-        mapping = _then_affine(alignment, matrix, offset, fg)
-        if _negligible(mapping, fg):
-            mapping = _snap(mapping, exact=True)
+        mapping = _snap(_then_affine(alignment, matrix, offset, fg), fg)
         moved, valid = resample(mapping)
         options = {**options, **_NO_AFFINE[name]}
     local = func(fixed_in, moved, fg.spacing, mask=inputs.mask, **options, **valid)
@@ -224,21 +223,15 @@ def _then_affine(alignment, matrix, offset, fixed_geometry):
                      f"{alignment.method} + affine", alignment.seconds)  # fmt: skip
 
 
-def _negligible(alignment, geometry: Geometry, tol_mm: float = 0.01) -> bool:
-    """True when the map moves no corner of ``geometry``'s grid by more than ``tol_mm``."""
+def _snap(alignment, geometry: Geometry, tol_mm: float = 0.01):
+    """An alignment that moves no corner of ``geometry``'s grid by more than ``tol_mm`` is the
+    identity (a scan and itself stay exactly in register: no resampling at all)."""
+    from sscflow.registration.align import Alignment
+
     shape = np.asarray(geometry.shape, float) - 1
     corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], float)
     pts = np.asarray(geometry.origin) + corners * shape * np.asarray(geometry.spacing)
-    return float(np.abs(alignment.apply(pts) - pts).max()) <= tol_mm
-
-
-def _snap(alignment, *, exact: bool = False):
-    """An alignment within 1e-3 mm and 1e-6 of the identity is the identity (a scan and itself
-    stay exactly in register); with ``exact``, any alignment is."""
-    from sscflow.registration.align import Alignment
-
-    if exact or (np.allclose(alignment.matrix, np.eye(3), atol=1e-6)
-                 and np.allclose(alignment.offset, 0.0, atol=1e-3)):  # fmt: skip
+    if float(np.abs(alignment.apply(pts) - pts).max()) <= tol_mm:
         return Alignment(np.eye(3), np.zeros(3), alignment.dice, alignment.method,
                          alignment.seconds)  # fmt: skip
     return alignment
