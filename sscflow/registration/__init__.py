@@ -29,7 +29,7 @@ import importlib.util
 import numpy as np
 
 from sscflow.errors import MissingDependencyError, RegistrationInputError, UnknownBackendError
-from sscflow.geometry import Geometry
+from sscflow.geometry import Geometry, index_to_physical
 from sscflow.registration.common import check_inputs
 
 __all__ = ["BACKENDS", "register", "resolve_backend"]
@@ -228,9 +228,8 @@ def _snap(alignment, geometry: Geometry, tol_mm: float = 0.01):
     identity (a scan and itself stay exactly in register: no resampling at all)."""
     from sscflow.registration.align import Alignment
 
-    shape = np.asarray(geometry.shape, float) - 1
     corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], float)
-    pts = np.asarray(geometry.origin) + corners * shape * np.asarray(geometry.spacing)
+    pts = index_to_physical(corners * (np.asarray(geometry.shape, float) - 1), geometry)
     if float(np.abs(alignment.apply(pts) - pts).max()) <= tol_mm:
         return Alignment(np.eye(3), np.zeros(3), alignment.dice, alignment.method,
                          alignment.seconds)  # fmt: skip
