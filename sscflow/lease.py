@@ -8,10 +8,10 @@ zarr listings of the store stay clean), naming the holder::
      "heartbeat": 1764608584.0, "timeout_s": 120.0, "token": "<uuid4 hex>",
      "command": "sscflow run configs/cohort.yaml"}
 
-- **Acquire**: create the record only if there is none (an exclusive create: ``O_EXCL`` under an
-  ``flock`` on a folder, ``If-None-Match: *`` on S3). When one exists, the run stops at once with
-  :class:`~sscflow.errors.LeaseHeldError` naming the holder and since when, having written
-  nothing; with ``wait`` it polls until the lease is free.
+- **Acquire**: create the record only if there is none (an exclusive create: a check and an
+  atomic rename under an ``flock`` on a folder, ``If-None-Match: *`` on S3). When one
+  exists, the run stops at once with :class:`~sscflow.errors.LeaseHeldError` naming the holder
+  and since when, having written nothing; with ``wait`` it polls until the lease is free.
 - **Heartbeat**: a thread of the holder rewrites ``heartbeat`` every ``timeout_s / 4`` seconds,
   as a compare-and-swap (the same record it read: under the ``flock`` on a folder, ``If-Match``
   on the ETag on S3), so it never overwrites a run that took the lease over.
@@ -21,6 +21,10 @@ zarr listings of the store stay clean), naming the holder::
   racing to take a stale lease over, one wins. "This host" is ``socket.gethostname()`` (with
   the process's start time, so a reused pid is not mistaken for the holder): containers that
   share a host name but not a process namespace need their own names (Kubernetes pods have).
+- **Lost**: a heartbeat that finds the record taken over sets :attr:`Lease.lost`; a run
+  (``sscflow.pipeline.run``) then stops at the next task boundary and writes nothing more, and
+  each of its tasks checks :func:`taken_by` before it writes, so a task that starts after the
+  takeover writes nothing either.
 - **Release**: the holder deletes its record on exit (not someone else's).
 
 Read-only commands (``status``, ``report``, ``predict``, ``export``) take no lease.
@@ -47,7 +51,7 @@ from pathlib import Path
 from sscflow.errors import LeaseHeldError
 from sscflow.store import is_url, storage_options
 
-__all__ = ["Holder", "Lease", "hold", "read_holder", "TIMEOUT_S"]
+__all__ = ["Holder", "Lease", "hold", "read_holder", "taken_by", "TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +273,23 @@ def read_holder(store) -> Holder | None:
         return None
 
 
+def taken_by(store, token: str) -> str | None:
+    """None while the lease of ``store`` is still the one with ``token``; otherwise who holds it
+    now (a sentence), "no run" when nobody does. One read of the record."""
+    try:
+        data, _ = _backend(store).read()
+    except OSError as exc:  # the record cannot be read: not a reason to think it lost
+        log.warning("could not read the lease of store %s: %s", store, exc)
+        return None
+    if data is None:
+        return "no run (the lease record was removed)"
+    try:
+        holder = Holder.from_bytes(data)
+    except (ValueError, KeyError, TypeError):
+        return "a run whose record is unreadable"
+    return None if holder.token == token else holder.describe()
+
+
 # --- the lease
 
 
@@ -367,9 +388,13 @@ class Lease:
                 self._holder = new
                 return True
             self.lost = True
-            log.error("lost the lease of store %s: another run took it over; this run's "
-                      "writes may now race with it", self.store)  # fmt: skip
+            log.error("lost the lease of store %s: another run took it over; this run stops "
+                      "at its next task boundary", self.store)  # fmt: skip
             return False
+
+    def new_holder(self) -> str | None:
+        """Who took this lease over (a sentence), or None while it is still this run's."""
+        return taken_by(self.store, self.token)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

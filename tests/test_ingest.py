@@ -223,15 +223,17 @@ def test_bad_inputs_fail_alone_with_clear_messages(tmp_path):
     for pid, pattern in expect.items():
         assert results[pid].status == "failed"
         assert re.search(pattern, results[pid].message), results[pid].message
-    # the scan that failed has neither image nor mask marked complete
+    # the scan that failed has neither image nor mask marked complete; one whose segmentation
+    # failed keeps its canonical image (the segment stage reruns from it), not a mask
     root = st.open_store(tmp_path / "c.zarr", mode="r")
     failed_scan = {
         "MISSING": ("baseline", "lung_mask"),
         "TRUNC": ("followup", "followup_lung_mask"),
         "FLAT": ("baseline", "lung_mask"),
         "NOAIR": ("baseline", "lung_mask"),
-        "NOLUNG": ("baseline", "lung_mask"),
+        "NOLUNG": ("lung_mask", "lung_labels"),
     }
+    assert st.output_state(st.patient_group(root, "NOLUNG", create=False), "baseline") == "complete"
     for pid, names in failed_scan.items():
         group = st.patient_group(root, pid, create=False)
         for name in names:

@@ -1,0 +1,20 @@
+"""registration: follow-up to baseline, ``patients/<id>/{displacement, coverage}``."""
+
+from dataclasses import asdict
+
+from sscflow.registration.stage import INPUTS, register_patient
+from sscflow.stages.base import PATIENT, Stage
+
+
+def run(ctx, patient, ups) -> dict:
+    out = register_patient(ctx.store, patient.patient_id, ctx.cfg.registration,
+                           truth_dir=ctx.truth_dir, force=ctx.force)  # fmt: skip
+    out["warning"] = "; ".join(out.pop("warnings", None) or []) or None
+    truth = out.pop("truth", None) or {}
+    out.update({f"truth_{k}": v for k, v in truth.items()})
+    return out
+
+
+STAGE = Stage("registration", PATIENT, after=("segment",), reads=INPUTS,
+              writes=("coverage", "displacement"), params=lambda cfg: asdict(cfg.registration),
+              run=run, gpu=True)  # fmt: skip
