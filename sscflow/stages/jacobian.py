@@ -2,11 +2,14 @@
 
 from dataclasses import asdict
 
-from sscflow.jacobian.stage import log_jacobian_patient
 from sscflow.stages.base import PATIENT, Stage, worker_scheduler
 
 
 def run(ctx, patient, ups) -> dict:
+    from sscflow.jacobian.stage import (
+        log_jacobian_patient,  # its numerics load on the worker
+    )
+
     return log_jacobian_patient(ctx.store, patient.patient_id, ctx.cfg.jacobian,
                                 scheduler=worker_scheduler(), force=ctx.force)  # fmt: skip
 

@@ -2,11 +2,12 @@
 
 from dataclasses import asdict
 
-from sscflow.registration.stage import INPUTS, register_patient
 from sscflow.stages.base import PATIENT, Stage
 
 
 def run(ctx, patient, ups) -> dict:
+    from sscflow.registration.stage import register_patient  # its numerics load on the worker
+
     out = register_patient(ctx.store, patient.patient_id, ctx.cfg.registration,
                            truth_dir=ctx.truth_dir, force=ctx.force)  # fmt: skip
     out["warning"] = "; ".join(out.pop("warnings", None) or []) or None
@@ -15,6 +16,6 @@ def run(ctx, patient, ups) -> dict:
     return out
 
 
-STAGE = Stage("registration", PATIENT, after=("segment",), reads=INPUTS,
-              writes=("coverage", "displacement"), params=lambda cfg: asdict(cfg.registration),
-              run=run, gpu=True)  # fmt: skip
+STAGE = Stage("registration", PATIENT, after=("segment",),
+              reads=("baseline", "followup", "lung_mask"), writes=("coverage", "displacement"),
+              params=lambda cfg: asdict(cfg.registration), run=run, gpu=True)  # fmt: skip

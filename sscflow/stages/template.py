@@ -3,10 +3,14 @@
 from dataclasses import asdict
 
 from sscflow.stages.base import COHORT, FAILED, Stage
-from sscflow.template import build_template, describe_provenance
 
 
 def run(ctx, patient, ups) -> dict:
+    from sscflow.template import (  # its numerics load on the worker
+        build_template,
+        describe_provenance,
+    )
+
     ids = [u["patient_id"] for u in ups if u["status"] not in FAILED]
     if not ids and ctx.cfg.template.image is None:
         return {"status": "upstream_failed",

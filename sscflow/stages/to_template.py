@@ -3,10 +3,13 @@
 from dataclasses import asdict
 
 from sscflow.stages.base import PATIENT, Stage
-from sscflow.template import to_template_patient
 
 
 def run(ctx, patient, ups) -> dict:
+    from sscflow.template import (
+        to_template_patient,  # its numerics load on the worker
+    )
+
     out = to_template_patient(ctx.store, patient.patient_id, ctx.cfg.template, force=ctx.force)
     qa = out.pop("qa", None) or {}
     out.update({k: v for k, v in qa.items() if k not in out})
