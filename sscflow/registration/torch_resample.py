@@ -34,7 +34,7 @@ __all__ = ["compose", "gaussian_blur", "resample", "to_device", "warm_up"]
 
 _POLE = math.sqrt(3.0) - 2.0
 _TAPS = 15  # per side: |z|^16 ~ 7e-10
-_SLAB_POINTS = 1 << 23  # points per resampling slab (bounds the grids' memory)
+_SLAB_POINTS = 1 << 21  # points per resampling slab: its temporaries stay near 250 MB
 _WARM: dict[str, float] = {}  # device -> seconds its warm-up took (once per process)
 
 
@@ -145,17 +145,16 @@ def _cubic(F, coef, ci, norm):
     """The cubic B-spline with coefficients ``coef`` (1, 1, D, H, W) at continuous indices
     ``ci`` (..., 3) zyx: eight trilinear lookups (mirror boundary)."""
     base = ci.floor()
-    t = ci - base
+    t = (ci - base).float()  # the fraction in float32; the integer part stays exact
+    base = base.float()
     t2, t3 = t * t, t * t * t
     w0 = (1.0 - t) ** 3 / 6.0
     w1 = (3.0 * t3 - 6.0 * t2 + 4.0) / 6.0
     w2 = (-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0) / 6.0
     w3 = t3 / 6.0
-    g0 = w0 + w1
-    g1 = w2 + w3
-    h = ((base - 1.0 + w1 / g0) * norm - 1.0, (base + 1.0 + w3 / g1) * norm - 1.0)
-    g = (g0.float(), g1.float())
-    h = (h[0].float(), h[1].float())
+    g = (w0 + w1, w2 + w3)
+    norm = norm.float()
+    h = ((base - 1.0 + w1 / g[0]) * norm - 1.0, (base + 1.0 + w3 / g[1]) * norm - 1.0)
     total = None
     for a in (0, 1):
         for b in (0, 1):
