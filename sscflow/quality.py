@@ -6,7 +6,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from sscflow import store as st
-from sscflow.geometry import Geometry, resample
+from sscflow.geometry import Geometry, resample, to_itk
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -75,6 +75,4 @@ def threshold_reference(image: sitk.Image, *, threshold_hu: float = -500.0) -> s
             sitk.BinaryFillhole(sitk.GetImageFromArray(out[k].astype(np.uint8)))
         ).astype(bool)
     out &= ~airway
-    result = sitk.GetImageFromArray(out.astype(np.uint8))
-    result.CopyInformation(image)
-    return result
+    return to_itk(out.astype(np.uint8), Geometry.of(image))
