@@ -22,7 +22,7 @@ from sscflow import store as st
 from sscflow.cohort import Manifest, Patient
 from sscflow.config import IngestConfig, SegmentConfig
 from sscflow.errors import InputImageError, MissingInputError, SscflowError
-from sscflow.geometry import Geometry
+from sscflow.geometry import Geometry, from_itk, resample
 from sscflow.imageio import describe_format, read_volume
 from sscflow.segment import segment_lungs
 
@@ -61,7 +61,7 @@ def canonical_grid(image: sitk.Image, spacing: float) -> Geometry:
     return Geometry(tuple(n[::-1]), (spacing,) * 3, tuple(lo[::-1]))
 
 
-INTERPOLATORS = {"bspline": sitk.sitkBSpline, "linear": sitk.sitkLinear}
+INTERPOLATORS = ("bspline", "linear")
 
 
 def to_canonical(
@@ -80,27 +80,14 @@ def to_canonical(
     """
     geom = Geometry.of(image)
     target = canonical_grid(image, spacing)
-    if geom.is_canonical and np.allclose(geom.spacing, spacing, atol=1e-6):
-        arr = sitk.GetArrayFromImage(image)
-        target = geom
+    if target.same_grid(geom):
+        arr, target = from_itk(image)
     else:
-        ref = sitk.Image([int(v) for v in target.shape[::-1]], sitk.sitkUInt8)
-        ref.SetSpacing(target.spacing[::-1])
-        ref.SetOrigin(target.origin[::-1])
         if interpolator not in INTERPOLATORS:
             raise ValueError(f"to_canonical: interpolator must be one of "
                              f"{', '.join(INTERPOLATORS)}, got {interpolator!r}")
-        interp = sitk.sitkNearestNeighbor if label else INTERPOLATORS[interpolator]
-        src = image if label else sitk.Cast(image, sitk.sitkFloat32)
-        out = sitk.Resample(
-            src,
-            ref,
-            sitk.Transform(),
-            interp,
-            0.0 if label else float(HU_MIN),
-            src.GetPixelID(),
-        )
-        arr = sitk.GetArrayFromImage(out)
+        arr = resample(image, geom, target, interpolator="nearest" if label else interpolator,
+                       fill=0.0 if label else float(HU_MIN))  # fmt: skip
     if label:
         return (arr > 0).astype(np.uint8), target
     if arr.dtype.kind == "f":

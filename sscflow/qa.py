@@ -245,7 +245,7 @@ def draw_patient(root, patient_id: str) -> list[tuple[str, str, str]]:
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
 
-    from sscflow.export import resample_onto, warp_to_baseline
+    from sscflow.geometry import resample, warp_to_baseline
 
     group = st.patient_group(root, patient_id, create=False)
     base, bgeom = _read(group, "baseline")
@@ -269,7 +269,7 @@ def draw_patient(root, patient_id: str) -> list[tuple[str, str, str]]:
                 "centre; yellow: the lung-mask contour.", _png(fig)))  # fmt: skip
 
     if follow is not None:
-        before = resample_onto(follow, fgeom, bgeom)
+        before = resample(follow, fgeom, bgeom, fill=-1024.0)
         pairs = [("before registration", before)]
         if u is not None:
             pairs.append(("after registration", warp_to_baseline(follow, fgeom, u, bgeom)))

@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from sscflow.errors import MissingDependencyError, MissingInputError, SegmentationError
+from sscflow.geometry import Geometry, to_itk
 
 INSTALL = 'pip install "sscflow[lungmask]"'
 
@@ -52,9 +52,8 @@ def segment_lungmask(hu: np.ndarray, spacing, *, weights, min_lung_ml: float = 2
             f"segment.backend: lungmask needs the lungmask package ({exc}): {INSTALL}, or set "
             "segment.backend: threshold"
         ) from None
-    image = sitk.GetImageFromArray(np.asarray(hu, dtype=np.int16))
-    image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
-    image.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # LPS, as lungmask wants
+    hu = np.asarray(hu, dtype=np.int16)
+    image = to_itk(hu, Geometry(hu.shape, spacing, (0.0, 0.0, 0.0)))  # LPS, as lungmask wants
     inferer = LMInferer(modelpath=str(path), force_cpu=True, tqdm_disable=True)
     labels = np.asarray(inferer.apply(image), dtype=np.uint8)
     if labels.shape != hu.shape:

@@ -13,7 +13,7 @@ from scipy import ndimage as ndi
 from sscflow import store as st
 from sscflow.config import JacobianConfig, config_from_dict
 from sscflow.errors import ConfigError, IncompleteOutputError
-from sscflow.geometry import Geometry, field_to_sitk
+from sscflow.geometry import Geometry, to_itk
 from sscflow.jacobian import (
     log_floor,
     log_jacobian,
@@ -35,7 +35,8 @@ def smooth_field(shape, seed=0, amp=3.0, sigma=2.0) -> np.ndarray:
 
 
 def sitk_det(u, spacing) -> np.ndarray:
-    image = sitk.DisplacementFieldJacobianDeterminant(field_to_sitk(u, spacing))
+    image = sitk.DisplacementFieldJacobianDeterminant(
+        to_itk(u, Geometry(u.shape[1:], spacing, (0.0, 0.0, 0.0))))
     return sitk.GetArrayFromImage(image)
 
 

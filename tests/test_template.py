@@ -485,7 +485,7 @@ def test_an_exported_template_round_trips_into_another_store(cohort, tmp_path):
 
 def test_resample_keeps_the_edge_voxels_under_a_tiny_displacement():
     """A point a hair past the last voxel reads that voxel; half a voxel and more past, fill."""
-    from sscflow.template import _resample
+    from sscflow.geometry import resample as _resample
 
     g = Geometry((6, 5, 4), (2.0, 2.0, 2.0), (-5.0, 3.0, 0.0))
     vol = np.random.default_rng(0).uniform(-900, -700, g.shape).astype(np.float32)
