@@ -180,7 +180,8 @@ def register_patient(
                    extra={"lung_coverage": qa["lung_coverage"],
                           "meaning": "1: x + u(x) inside the follow-up's field of view"},
                    **write)  # fmt: skip
-    st.write_image(group, OUTPUT, u, fg, extra={"qa": qa, "convention": CONVENTION}, **write)
+    st.write_image(group, OUTPUT, u, fg, extra={"qa": qa, "convention": CONVENTION},
+                   step=st.displacement_step(fg.spacing), **write)  # fmt: skip
     return {**row, "status": "done", "seconds": time.perf_counter() - t0,
             "warnings": thick_slice_warnings(patient_id, qa, cfg), **qa}  # fmt: skip
 
