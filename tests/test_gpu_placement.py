@@ -143,3 +143,40 @@ def test_no_gpu_is_todays_cluster():
         assert len(info) == 2
         assert all(not w.get("resources") for w in info.values())
         assert placement(client) == Placement(0, 0)
+
+
+@pytest.mark.slow
+def test_run_puts_registration_on_the_gpu_worker_and_the_rest_on_cpu_workers(tmp_path):
+    """``sscflow run``'s dataflow on a cluster with one (CPU-process) GPU worker and the torch
+    backend: registration, template registration and the classifier ran on the GPU worker;
+    ingest, extent, Jacobians and QA on the CPU workers; the summary counts it so."""
+    import yaml
+
+    from sscflow.cohort import read_manifest
+    from sscflow.pipeline import STATUS_GROUP, run
+    from sscflow.store import open_store
+    from sscflow.synth import synthesize_cohort
+
+    with dask_client(ClusterConfig(**SMALL), devices=[Device("0")]) as client:
+        manifest = synthesize_cohort(2, tmp_path / "synthetic", spacing=4.0, seed=0,
+                                     client=client)  # fmt: skip
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump({
+            "manifest": str(manifest), "store": str(tmp_path / "c.zarr"),
+            "cluster": SMALL, "ingest": {"spacing_mm": 4.0}, "segment": {"min_lung_ml": 5.0},
+            "registration": {"backend": "torch", "device": "cpu"}}))  # fmt: skip
+        summary = run(load_config(path), read_manifest(manifest), client=client)
+        gpu_addr = [a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
+                    if w["name"] == "gpu-0"][0]  # fmt: skip
+    where = summary.where
+    for stage in ("registration", "to_template", "template", "classifier"):
+        assert set(where.get(stage, {"GPU": 1})) == {"GPU"}, (stage, where)
+    for stage in ("ingest", "extent", "jacobian", "qa"):
+        assert set(where[stage]) == {"CPU"}, (stage, where)
+    assert where["registration"]["GPU"] == 2
+    root = open_store(tmp_path / "c.zarr", mode="r")
+    for pid in ("SYN001", "SYN002"):
+        stages = dict(root[f"{STATUS_GROUP}/{pid}"].attrs["stages"])
+        assert stages["registration"]["worker"] == gpu_addr
+        assert stages["registration"]["where"] == "GPU"
+        assert stages["ingest"]["worker"] != gpu_addr and stages["jacobian"]["where"] == "CPU"
