@@ -482,6 +482,10 @@ def _run_report(summary):
     rep = summary.cohort.get("report", {})
     if rep.get("status") in ("done", "skipped"):
         out.print(f"report: {rep.get('path')}")
+    if any("GPU" in w for w in summary.where.values()):  # where each stage ran, with GPUs
+        out.print("ran on: " + ", ".join(
+            f"{stage} " + " + ".join(f"{n} {kind}" for kind, n in sorted(w.items()))
+            for stage, w in summary.where.items()))  # fmt: skip
     out.print(f"store: {summary.store}; {summary.seconds:.1f} s")
     for name, rec in summary.cohort.items():
         if rec.get("status") in ("failed", "upstream_failed"):

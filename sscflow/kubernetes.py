@@ -3,8 +3,9 @@
 :func:`cluster_spec` and :func:`gpu_group_spec` build the same resources as
 ``deploy/kubernetes/base`` (a test holds them equal for the default settings), from the config's
 ``cluster.kubernetes`` section: one CPU worker group (the DaskCluster's default group, which a
-DaskAutoscaler can scale) and one GPU worker group whose workers offer ``GPU=1``, so the
-registration, template and classifier stages land on them. :func:`kube_cluster` creates the
+DaskAutoscaler can scale) whose workers offer ``CPU=<threads>``, and one GPU worker group whose
+workers offer ``GPU=1``, so the registration, template and classifier stages land on the GPU
+workers and the others on the CPU workers. :func:`kube_cluster` creates the
 cluster, or connects to it when one of that name exists (a rerun resumes on the same workers).
 
 dask-kubernetes is an optional extra: ``pip install "sscflow[kubernetes]"``.
@@ -39,7 +40,9 @@ def worker_args(nthreads: int, memory: str, *, gpu: bool = False) -> list[str]:
     args = ["dask", "worker", "--name", "$(DASK_WORKER_NAME)", "--nthreads", str(nthreads),
             "--memory-limit", dask_memory_limit(memory), "--dashboard",
             "--dashboard-address", str(WORKER_DASHBOARD_PORT)]  # fmt: skip
-    return args + ["--resources", "GPU=1"] if gpu else args
+    # GPU workers offer the GPU, CPU workers the CPU resource: with a GPU group present, the
+    # CPU stages ask for CPU=1 and so never take a GPU worker's threads (sscflow.cluster)
+    return args + ["--resources", "GPU=1" if gpu else f"CPU={nthreads}"]
 
 
 def scheduler_args() -> list[str]:

@@ -576,9 +576,11 @@ def to_template_patient(
     if OUTPUT in group:  # an interrupted run must not leave an old map beside a new field
         del group[OUTPUT]
     st.write_image(group, DISPLACEMENT, u, tgeom, stage=TO_TEMPLATE_STAGE, params=params,
-                   input_hash=input_hash, extra={"convention": CONVENTION})  # fmt: skip
+                   input_hash=input_hash, extra={"convention": CONVENTION},
+                   step=st.FIELD_STEP_MM)  # fmt: skip
     st.write_image(group, OUTPUT, warped_lj, tgeom, stage=TO_TEMPLATE_STAGE, params=params,
-                   input_hash=input_hash, extra={"qa": qa, "convention": CONVENTION})  # fmt: skip
+                   input_hash=input_hash, extra={"qa": qa, "convention": CONVENTION},
+                   step=st.LOG_JACOBIAN_STEP)  # fmt: skip
     return {**row, "status": "done", "seconds": time.perf_counter() - t0, **qa}
 
 

@@ -100,7 +100,7 @@ def log_jacobian_patient(
         # (a third of the field's bytes, no halo) and is attached with the completion mark in
         # one metadata write, so a run killed in between is redone.
         st.write_image(group, OUTPUT, lj, mask.geometry, stage=STAGE, params=params,
-                       input_hash=input_hash, chunk=c, complete=False,
+                       input_hash=input_hash, chunk=c, complete=False, step=st.LOG_JACOBIAN_STEP,
                        extra={"summary": None, "convention": CONVENTION})
         stored = da.from_zarr(group[OUTPUT]["0"])
         summary = summarize(stored, mask.array.rechunk(stored.chunks), floor=cfg.floor,
