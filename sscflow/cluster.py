@@ -12,9 +12,9 @@ from contextlib import contextmanager
 
 from sscflow.config import ClusterConfig
 from sscflow.errors import ConfigError
+from sscflow.kubernetes import THREAD_ENV, kube_cluster
 
 log = logging.getLogger(__name__)
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def _worker_threads_plugin():
@@ -69,8 +69,6 @@ def dask_client(cfg: ClusterConfig | None = None) -> Iterator:
         client = Client(cfg.scheduler, timeout="30s", security=security(cfg))
         cluster = None
     elif cfg.kind == "kubernetes":
-        from sscflow.kubernetes import kube_cluster
-
         cluster = kube_cluster(cfg.kubernetes)
         client = Client(cluster)
     else:
