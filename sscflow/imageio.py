@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from sscflow.discover.slices import SliceLayoutError, check_slice_layout
 from sscflow.errors import InputImageError, MissingInputError
 
 FILE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm")
@@ -234,8 +235,6 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
 def _check_slice_layout(folder: Path, series_uid: str, files) -> None:
     """Refuse a series whose slices are not one evenly spaced, untilted stack (a gap, a
     duplicated position, uneven spacing, gantry tilt): ITK would read it as uniform."""
-    from sscflow.discover.slices import SliceLayoutError, check_slice_layout
-
     positions, orientations, tilt = [], [], 0.0
     reader = sitk.ImageFileReader()
     for f in files:

@@ -31,6 +31,8 @@ import numpy as np
 
 from sscflow import store as st
 from sscflow.errors import IncompleteOutputError
+from sscflow.export import resample_onto, stored_geometry, warp_to_baseline
+from sscflow.groups import cohort_table
 from sscflow.views.pages import render
 
 STAGE_VERSION = 1
@@ -141,8 +143,6 @@ def _inputs_key(group) -> dict:
 
 def qa_patient(store: str, patient_id: str, results_dir, *, force: bool = False) -> dict:
     """Draw the patient's QA page; returns ``{"status": done|skipped, "path", "flags"}``."""
-    from sscflow.groups import cohort_table
-
     t0 = time.perf_counter()
     root = st.open_store(store, mode="r")
     group = st.patient_group(root, patient_id, create=False)
@@ -173,8 +173,6 @@ def qa_patient(store: str, patient_id: str, results_dir, *, force: bool = False)
 
 
 def _read(group, name):
-    from sscflow.export import stored_geometry
-
     try:
         s = st.read_image(group, name)
     except IncompleteOutputError:
@@ -244,8 +242,6 @@ def draw_patient(root, patient_id: str) -> list[tuple[str, str, str]]:
     """The page's figures: (title, caption, base64 PNG), for the outputs that exist."""
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
-
-    from sscflow.export import resample_onto, warp_to_baseline
 
     group = st.patient_group(root, patient_id, create=False)
     base, bgeom = _read(group, "baseline")

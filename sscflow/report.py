@@ -36,6 +36,7 @@ from sscflow import store as st
 from sscflow.figures import save_figure
 from sscflow.groups import cohort_table
 from sscflow.qa import FLAG_RULES, KEY_FIGURES, flags, format_value, page_path
+from sscflow.quality import lung_mask_dice
 from sscflow.stats import TABLE_ROWS, format_p, spearman_table, summary_table
 from sscflow.template import describe_provenance, template_provenance
 from sscflow.views.pages import render
@@ -333,8 +334,6 @@ def _truth_section(store, table, run, figures: Path) -> dict:
     dice = {}
     truth_dir = run.get("truth_dir")
     if truth_dir and Path(truth_dir, "truth").is_dir():
-        from sscflow.quality import lung_mask_dice
-
         ids = [p for p in table["patient_id"] if np.isfinite(table.set_index(
             "patient_id").at[p, "lung_volume_baseline_ml"])]  # fmt: skip
         try:
