@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from sscflow.config import ClusterConfig
 from sscflow.errors import ConfigError
 from sscflow.gpu import Device, gpu_slots, visible_devices
+from sscflow.kubernetes import THREAD_ENV, kube_cluster
 
 log = logging.getLogger(__name__)
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 GPU, CPU = "GPU", "CPU"  # the Dask resources of GPU workers and of CPU workers beside them
 
 
@@ -195,8 +195,6 @@ def dask_client(cfg: ClusterConfig | None = None, *,
         client = Client(cfg.scheduler, timeout="30s", security=security(cfg))
         cluster = None
     elif cfg.kind == "kubernetes":
-        from sscflow.kubernetes import kube_cluster
-
         cluster = kube_cluster(cfg.kubernetes)
         client = Client(cluster)
     else:

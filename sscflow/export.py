@@ -26,6 +26,7 @@ import SimpleITK as sitk
 from sscflow import store as st
 from sscflow.errors import IncompleteOutputError, SscflowError
 from sscflow.geometry import Geometry, to_itk, warp_to_baseline  # noqa: F401 (re-exported)
+from sscflow.groups import GROUPINGS, _quiet_consolidation
 
 FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
 PATIENT_IMAGES = ("baseline", "followup", "lung_mask", "followup_lung_mask", "log_jacobian",
@@ -94,8 +95,6 @@ def export_cohort_images(store: str, root, out_dir, fmt: str = "nifti") -> list[
     if geometry is None or "group_means" not in root:
         return written
     import xarray as xr
-
-    from sscflow.groups import GROUPINGS, _quiet_consolidation
 
     with _quiet_consolidation():
         ds = xr.open_zarr(st.zarr_store(f"{os.fspath(store).rstrip('/')}/group_means",

@@ -23,7 +23,7 @@ from sscflow.cohort import Manifest, Patient
 from sscflow.config import IngestConfig, SegmentConfig
 from sscflow.errors import InputImageError, MissingInputError, SscflowError
 from sscflow.geometry import Geometry, from_itk, resample
-from sscflow.imageio import describe_format, read_volume
+from sscflow.imageio import describe_format, input_fingerprint, read_volume
 from sscflow.segment import segment_lungs
 
 STAGE = "ingest"
@@ -151,8 +151,8 @@ def _ingest_scan(
         raise MissingInputError(
             f"{where} does not exist; fix the path in the manifest (line {patient.line})"
         )
-    input_hash = st.hash_input(path, series_uid or "")
-    result.input_bytes += _size(path)
+    input_hash, size = input_fingerprint(path, series_uid)  # listings and headers, no pixels
+    result.input_bytes += size
     mask_hash = st.hash_values(input_hash, image_params)
     image_ok = not force and st.is_current(group, which, input_hash, image_params)
     mask_ok = not force and st.is_current(group, mask_name, mask_hash, mask_params)
@@ -228,12 +228,6 @@ def _ingest_scan(
     result.lung_volume_ml[which] = lungs.volume_ml
 
 
-def _size(path) -> int:
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return path.stat().st_size
-
-
 def ingest_cohort(
     manifest: Manifest,
     store: str,
@@ -242,8 +236,12 @@ def ingest_cohort(
     *,
     client=None,
     progress: Callable[[PatientResult, int, int], None] | None = None,
+    force: bool = False,
 ) -> list[PatientResult]:
     """Ingest every manifest patient, one Dask future per patient (serially without a client).
+
+    With ``force`` every scan is read again, also those whose input fingerprint
+    (:func:`sscflow.imageio.input_fingerprint`) is unchanged.
 
     Returns one PatientResult per patient in manifest order; failures are results, not raises.
     """
@@ -252,7 +250,7 @@ def ingest_cohort(
     results: dict[str, PatientResult] = {}
     if client is None:
         for p in manifest.patients:
-            r = ingest_patient(p, store, ingest, segment)
+            r = ingest_patient(p, store, ingest, segment, force=force)
             results[p.patient_id] = r
             if progress:
                 progress(r, len(results), total)
@@ -267,6 +265,7 @@ def ingest_cohort(
                 store,
                 ingest,
                 segment,
+                force=force,
                 key=f"ingest-{p.patient_id}-{token}",
                 pure=False,
             )

@@ -16,13 +16,14 @@ from __future__ import annotations
 import copy
 import re
 
-from sscflow.cluster import THREAD_ENV  # the same thread variables as the LocalCluster's
 from sscflow.config import KubernetesConfig
 from sscflow.errors import SscflowError
 
 UID = 10001  # the images' non-root user
 COMM_PORT, DASHBOARD_PORT, WORKER_DASHBOARD_PORT = 8786, 8787, 8788
 MEMORY_FRACTION = 0.9  # dask's memory limit, of the container's (the rest: nanny, untracked)
+#: the variables that set a worker's thread count for OpenMP / BLAS (set by every cluster kind)
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def dask_memory_limit(quantity: str) -> str:

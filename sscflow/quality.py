@@ -7,6 +7,7 @@ import SimpleITK as sitk
 
 from sscflow import store as st
 from sscflow.geometry import Geometry, resample, to_itk
+from sscflow.synth import read_truth
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -27,8 +28,6 @@ def resample_mask(mask: np.ndarray, geometry: Geometry, target: Geometry) -> np.
 
 def lung_mask_dice(store: str, synthetic_dir, patient_ids) -> dict[str, float]:
     """Dice of each stored baseline lung mask against the synthetic generator's lung truth."""
-    from sscflow.synth import read_truth
-
     root = st.open_store(store, mode="r")
     scores = {}
     for pid in patient_ids:

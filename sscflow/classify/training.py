@@ -59,6 +59,7 @@ from sscflow.classify.data import (
 from sscflow.classify.model import build_model, config_to_dict, resolve_device
 from sscflow.classify.split import SETS, save_split, split_patients
 from sscflow.config import ClassifierConfig
+from sscflow.stats import youden_threshold
 
 MIN_PATIENTS = 6  # labelled patients with maps needed to train at all
 
@@ -275,8 +276,6 @@ def decision_threshold(prob, labels) -> float:
     >>> decision_threshold([0.2, 0.9], [1, 1])
     0.5
     """
-    from sscflow.stats import youden_threshold
-
     if len(set(int(v) for v in labels)) < 2:
         return 0.5
     return float(youden_threshold(np.asarray(prob, dtype=float), np.asarray(labels)))
