@@ -217,12 +217,12 @@ def cohort_section(say, pair, spacing: float, patients: int, reduced: bool, cuda
     import yaml
     from registration import DATA
 
-    from sscflow.geometry import image_of
+    from sscflow.geometry import to_itk
 
     folder = workdir / "cohort"
     folder.mkdir(parents=True, exist_ok=True)
     follow = folder / "followup.nrrd"
-    image = image_of(np.rint(pair.followup).astype(np.int16), pair.followup_geometry)
+    image = to_itk(np.rint(pair.followup).astype(np.int16), pair.followup_geometry)
     sitk.WriteImage(image, str(follow), useCompression=True)
     rows = [f"P{i:03d},{DATA},{follow.name}" for i in range(patients)]
     (folder / "manifest.csv").write_text("patient_id,baseline,followup\n" + "\n".join(rows) + "\n")

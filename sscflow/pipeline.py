@@ -93,6 +93,7 @@ class RunSummary:
     cohort: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)  # one line per patient (thick slices)
+    where: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> {GPU|CPU: tasks}
 
     @property
     def ok(self) -> bool:
@@ -139,8 +140,11 @@ def plan_run(manifest: Manifest, cfg: Config, *, gpu: bool = False, force: bool 
 
 
 def _record(stage, pid, status, seconds=0.0, message="", **extra) -> dict:
+    from sscflow.cluster import worker_kind
+
     return {"stage": stage, "patient_id": pid, "status": status, "seconds": float(seconds),
-            "message": message, "worker": _worker_address(), **extra}  # fmt: skip
+            "message": message, "worker": _worker_address(), "where": worker_kind(),
+            **extra}  # fmt: skip
 
 
 def _worker_address() -> str | None:
@@ -388,16 +392,22 @@ def run(
     client.log_event(TOPIC, {"run": "started"})
     _write_run_record(root, cfg, manifest, truth_dir, client)
 
-    gpu = _wants_gpu(cfg) and has_gpu_workers(client)
+    from sscflow.cluster import placement
+
+    place = placement(client)
+    gpu = _wants_gpu(cfg) and place.gpu_workers > 0
     if _wants_gpu(cfg) and not gpu:
         log.warning("no Dask worker offers a GPU resource: the torch registration runs on CPU")
+    elif place.gpu_workers:
+        log.info("placement: %s", place.describe())
     plan = plan_run(manifest, cfg, gpu=gpu, force=force, rebuild_template=rebuild_template)
     patients = {p.patient_id: p for p in plan.patients}
     retries = cfg.cluster.retries
     futures: dict[str, object] = {}
 
     def submit(task: Task, fn, *args):
-        kw = {"resources": {"GPU": 1}} if task.gpu else {}
+        res = place.resources(task.gpu)
+        kw = {"resources": res} if res else {}
         futures[task.key] = client.submit(fn, *args, key=task.key, retries=retries, pure=False,
                                           **kw)  # fmt: skip
 
@@ -443,7 +453,7 @@ def run(
         fut.release()
         _account(summary, rec, failed_at)
         records[(rec["stage"], rec["patient_id"])] = rec
-        client.log_event(TOPIC, {k: rec[k] for k in ("stage", "status", "seconds")})
+        client.log_event(TOPIC, {k: rec.get(k) for k in ("stage", "status", "seconds", "where")})
         _write_status(root, rec)
         if on_record:
             on_record(rec)
@@ -451,7 +461,7 @@ def run(
 
     def finish(rec):
         _account(summary, rec, failed_at)
-        client.log_event(TOPIC, {k: rec[k] for k in ("stage", "status", "seconds")})
+        client.log_event(TOPIC, {k: rec.get(k) for k in ("stage", "status", "seconds", "where")})
         _write_status(root, rec)
         if on_record:
             on_record(rec)
@@ -461,7 +471,8 @@ def run(
     if rec["status"] in FAILED:
         finish(_record("classifier", None, "upstream_failed", message="no group means"))
     else:
-        kw = {"resources": {"GPU": 1}} if gpu else {}
+        res = place.resources(True)  # the classifier trains on a GPU whenever there is one
+        kw = {"resources": res} if res else {}
         in_store = set(st.patient_ids(root))
         ids = [p.patient_id for p in plan.patients if p.patient_id in in_store]
         fut = client.submit(run_classifier, store, str(results_dir), cfg, force, ids,
@@ -512,6 +523,9 @@ def _account(summary: RunSummary, rec: dict, failed_at: dict) -> None:
     counts[status] = counts.get(status, 0) + 1
     if rec.get("warning"):
         summary.warnings.append(rec["warning"])
+    if rec.get("where") and status != "upstream_failed":
+        where = summary.where.setdefault(stage, {})
+        where[rec["where"]] = where.get(rec["where"], 0) + 1
     if pid is None:
         summary.cohort[stage] = rec
     elif status == "failed" and pid not in failed_at:
@@ -570,6 +584,7 @@ def _write_status(root, rec: dict) -> None:
         "message": rec.get("message", ""),
         "seconds": round(float(rec.get("seconds") or 0.0), 3),
         "worker": rec.get("worker"),
+        "where": rec.get("where"),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     group.attrs["stages"] = stages
