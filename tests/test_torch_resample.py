@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sscflow.geometry import Geometry
+from sscflow.geometry import Geometry, index_to_physical
 from sscflow.registration.align import Alignment
 from sscflow.registration.common import compose as compose_np
 from sscflow.registration.frame import compose_rigid, resample_moving
@@ -40,8 +40,8 @@ def test_resample_matches_simpleitk_across_grids(cubic):
     fg = Geometry((20, 24, 26), (1.5, 1.5, 1.5), (-25.0, 8.0, 2.0))
     r = planted.rotation(7.0, (1.0, 0.4, 0.2))
     # centre onto centre, then moved 12 mm in x: part of the baseline grid falls outside
-    cm = mg.physical_point((np.asarray(mg.shape) - 1) / 2)
-    cf = fg.physical_point((np.asarray(fg.shape) - 1) / 2)
+    cm = index_to_physical((np.asarray(mg.shape) - 1) / 2, mg)
+    cf = index_to_physical((np.asarray(fg.shape) - 1) / 2, fg)
     al = Alignment(r, cm - r @ cf + np.array([3.0, -2.0, 12.0]), float("nan"), "test")
     ref, ref_valid = resample_moving(moving, mg, fg, al, cubic=cubic)
     out, valid = tr.resample(tr.to_device(moving, "cpu"), mg, fg, al.matrix, al.offset,
@@ -123,8 +123,6 @@ def _pair_across_grids():
                   tuple(map(tuple, d)))  # fmt: skip
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in fg.shape], indexing="ij"), -1)
     fixed, mask = at(np.asarray(fg.origin) + idx * 2.0)
-    from sscflow.geometry import index_to_physical
-
     midx = np.stack(np.meshgrid(*[np.arange(n) for n in mg.shape], indexing="ij"), -1)
     y = index_to_physical(midx, mg)
     moving, moving_mask = at((y - t) @ np.linalg.inv(r).T)  # content moved by the map's inverse
