@@ -6,8 +6,9 @@ Blosc-zstd chunks as the pipeline stores them) in a temporary folder, then train
 
   streamed:  as ``train`` does: every map read once from the store (MapDataset, ``--workers``
              loader processes), masked and shrunk to the classifier's resolution, written to
-             the on-disk cache (timed apart: "preparation"); the epochs stream from that cache
-             (CachedDataset + make_loader, ``--workers`` prefetching processes)
+             the on-disk cache (timed apart: "preparation"); the epochs read that cache
+             (CachedDataset + make_loader): held in RAM when it fits (hold_in_ram), else
+             streamed by ``--workers`` prefetching processes
   in memory: a TensorDataset of the same items, already loaded (not timed), no workers
 
 One warm-up epoch each, then ``--epochs`` timed epochs alternating streamed / in memory; the
@@ -63,7 +64,7 @@ def main(argv=None):
     from torch.utils.data import DataLoader, TensorDataset
 
     from sscflow.classify import MapDataset, build_model, make_loader
-    from sscflow.classify.data import CachedDataset, write_cache
+    from sscflow.classify.data import CachedDataset, hold_in_ram, write_cache
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--patients", type=int, default=64)
@@ -100,7 +101,9 @@ def main(argv=None):
         print(f"preparation (as train does): every map read once from the store, masked, "
               f"shrunk x{config.input_shrink} to {shape}, written to the on-disk cache: "
               f"{prepare:.2f} s")  # fmt: skip
-        dataset = CachedDataset(cache, range(len(ids)), labels)
+        dataset = hold_in_ram({"all": CachedDataset(cache, range(len(ids)), labels)})["all"]
+        held = "held in RAM" if dataset.memory is not None else "streamed from the cache file"
+        print(f"items {held} (as train does)")
         streamed = make_loader(dataset, args.batch_size, True, 0, args.workers)
         x_all = torch.stack([source[i][0] for i in range(len(ids))])
         y_all = torch.tensor(labels, dtype=torch.int64)

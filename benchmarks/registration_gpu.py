@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from sscflow.config import RegistrationConfig
-from sscflow.geometry import to_numpy
+from sscflow.geometry import from_itk
 from sscflow.imageio import read_volume
 from sscflow.registration import register
 from sscflow.registration.common import truth_errors
@@ -43,8 +43,8 @@ def main(argv=None):
         print(f"synthesised 2 pairs at {args.spacing:g} mm in {time.perf_counter() - t:.0f} s")
     man = pd.read_csv(out / "manifest.csv").set_index("patient_id")
     pid = "SYN002"  # worsened, with a density rise, for seed 3
-    fixed, _ = to_numpy(read_volume(out / man.loc[pid, "baseline"]))
-    moving, _ = to_numpy(read_volume(out / man.loc[pid, "followup"]))
+    fixed, _ = from_itk(read_volume(out / man.loc[pid, "baseline"]))
+    moving, _ = from_itk(read_volume(out / man.loc[pid, "followup"]))
     truth = read_truth(out, pid)
     sp = truth.geometry.spacing
     cuda = torch.cuda.is_available()

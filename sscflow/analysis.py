@@ -22,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from sscflow.groups import cohort_table
+from sscflow.stats import binary_metrics, roc, youden_threshold
+
 TARGETS = ("functional", "morphologic")
 STAGE_VERSION = 1
 
 
 def _evaluate(y_true, y_pred, score) -> dict:
-    from sscflow.stats import binary_metrics, roc
-
     out = binary_metrics(np.asarray(y_true, int), np.asarray(y_pred, int))
     out["roc"] = roc(np.asarray(y_true, int), np.asarray(score, float))
     out["auc"] = out["roc"].get("auc")
@@ -37,8 +38,6 @@ def _evaluate(y_true, y_pred, score) -> dict:
 
 def extent_baseline(table, split: dict, labels) -> dict | None:
     """The ILD-extent baseline on ``split``'s test set (Youden cut-off from the learning set)."""
-    from sscflow.stats import youden_threshold
-
     if "delta_haa" not in table:
         return None
     haa = table.set_index("patient_id")["delta_haa"]
@@ -66,7 +65,6 @@ def classify_cohort(store, results_dir, config, *, device=None, patient_ids=None
 
     from sscflow.classify.data import targets
     from sscflow.classify.training import train
-    from sscflow.groups import cohort_table
 
     table = cohort_table(store, patient_ids)
     if config.loader_workers and multiprocessing.current_process().daemon:

@@ -200,11 +200,18 @@ def ingest(
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     wait: WaitOpt = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Read every scan again, even those that look unchanged "
+                     "(after editing a file in place without changing its size or time)."),
+    ] = False,
 ):
     """Ingest every manifest patient into a Zarr store: the canonical grid (identity
     direction, isotropic --spacing mm, default 1), int16 HU, lung masks.
 
-    Unchanged inputs are skipped; a bad patient (a missing or unreadable scan, or a manifest
+    Unchanged inputs are skipped: a scan counts as unchanged when its files' names, sizes and
+    modification times and its header are (no pixel is read to decide); --force reads every
+    scan again. A bad patient (a missing or unreadable scan, or a manifest
     row with a bad value) fails alone and the command exits 1 with a summary. Writes the same
     status records as 'sscflow run' (see 'sscflow status').
 
@@ -215,11 +222,11 @@ def ingest(
         cfg.ingest.spacing_mm = spacing
         cfg.ingest.validate("ingest")
     with _lease(store, wait, f"sscflow ingest {manifest}"):
-        results = _ingest(manifest, store, cfg)
+        results = _ingest(manifest, store, cfg, force=force)
     _ingest_summary(results, store)
 
 
-def _ingest(manifest_path, store, cfg, client=None):
+def _ingest(manifest_path, store, cfg, client=None, force=False):
     from sscflow import store as st
     from sscflow.cohort import read_manifest
     from sscflow.ingest import PatientResult, ingest_cohort
@@ -253,7 +260,8 @@ def _ingest(manifest_path, store, cfg, client=None):
                 bar.console.print(f"[red]failed[/red] {result.message}", highlight=False)
 
         return rejected + ingest_cohort(
-            manifest, str(store), cfg.ingest, cfg.segment, client=client, progress=progress
+            manifest, str(store), cfg.ingest, cfg.segment, client=client, progress=progress,
+            force=force,
         )
 
 
@@ -327,7 +335,8 @@ def run(
     config: Annotated[Path, typer.Argument(help="YAML config naming the manifest and the store.")],
     scheduler: SchedulerOpt = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Redo every output, even those that are current.")
+        bool, typer.Option("--force", help="Redo every output, even those that are current "
+                           "(and read every scan again, also one edited in place).")
     ] = False,
     dry_run: Annotated[
         bool,
@@ -485,6 +494,10 @@ def _run_report(summary):
     rep = summary.cohort.get("report", {})
     if rep.get("status") in ("done", "skipped"):
         out.print(f"report: {rep.get('path')}")
+    if any("GPU" in w for w in summary.where.values()):  # where each stage ran, with GPUs
+        out.print("ran on: " + ", ".join(
+            f"{stage} " + " + ".join(f"{n} {kind}" for kind, n in sorted(w.items()))
+            for stage, w in summary.where.items()))  # fmt: skip
     out.print(f"store: {summary.store}; {summary.seconds:.1f} s")
     for name, rec in summary.cohort.items():
         if rec.get("status") in ("failed", "upstream_failed"):

@@ -2,19 +2,37 @@
 
 Every stage gets its client from :func:`dask_client`, so the same code runs on a laptop, against
 ``dask scheduler`` / ``dask worker`` processes, or on Kubernetes.
+
+GPUs are Dask resources. A GPU worker offers ``GPU=<slots>`` (pairs it registers at once) and
+each GPU task asks for ``GPU=1``; when a cluster has GPU workers, its CPU workers offer
+``CPU=<threads>`` and every other task asks for ``CPU=1``, so that ingest, segmentation and
+Jacobians never take a GPU worker's threads (:func:`placement`). The LocalCluster starts one GPU
+worker per visible CUDA device (``cluster.gpus``), pinned to it with ``CUDA_VISIBLE_DEVICES``,
+and hides the devices from its CPU workers; a remote scheduler's and the Kubernetes worker
+groups' workers are started with the same resources (README, deploy/kubernetes).
+
+Our own few lines, not dask-cuda's ``LocalCUDACluster``: that starts only GPU workers (one per
+device, each with ``CUDA_VISIBLE_DEVICES`` rotated) and no CPU workers beside them, so the CPU
+stages would still need a second cluster or hand-made worker specs; it brings RAPIDS-oriented
+dependencies (pynvml, numba) and its own release cadence tied to CUDA versions. What sscflow
+needs from it, pinning a worker to a device, is one environment variable of a Nanny spec.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from sscflow.config import ClusterConfig
 from sscflow.errors import ConfigError
+from sscflow.gpu import Device, gpu_slots, visible_devices
+from sscflow.kubernetes import THREAD_ENV, kube_cluster
 
 log = logging.getLogger(__name__)
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+GPU, CPU = "GPU", "CPU"  # the Dask resources of GPU workers and of CPU workers beside them
 
 
 def _worker_threads_plugin():
@@ -53,44 +71,142 @@ def security(cfg: ClusterConfig):
                     tls_client_key=str(tls.key), require_encryption=True)  # fmt: skip
 
 
+def local_gpus(cfg: ClusterConfig, devices: Sequence[Device] | None = None) -> list[Device]:
+    """The devices the LocalCluster gives a GPU worker each: every visible one for
+    ``cfg.gpus`` "auto", none for 0, the first N for N. ``devices`` replaces the discovery
+    (:func:`sscflow.gpu.visible_devices`), e.g. to test placement on a machine without GPU."""
+    if cfg.gpus == 0:
+        return []
+    found = visible_devices() if devices is None else list(devices)
+    if cfg.gpus == "auto":
+        return found
+    if cfg.gpus > len(found):
+        raise ConfigError(
+            f"cluster.gpus is {cfg.gpus} but {len(found)} CUDA device"
+            f"{'s are' if len(found) != 1 else ' is'} visible (CUDA_VISIBLE_DEVICES, "
+            "nvidia-smi); set cluster.gpus: auto, or a number up to the devices present"
+        )
+    return found[: cfg.gpus]
+
+
+def _local_cluster(cfg: ClusterConfig, devices: list[Device]):
+    """A LocalCluster of ``cfg.n_workers`` CPU workers plus one GPU worker per device."""
+    from distributed import LocalCluster
+    from distributed.system import MEMORY_LIMIT
+
+    threads = str(cfg.threads_per_worker)
+    env = {k: threads for k in THREAD_ENV}
+    dashboard = cfg.dashboard_address
+    if dashboard.startswith(":"):  # a bare port binds to localhost, never to every interface
+        dashboard = "127.0.0.1" + dashboard
+    memory = cfg.memory_limit
+    if memory == "auto" and devices:  # the machine's memory shared by every worker, as "auto"
+        memory = int(MEMORY_LIMIT / (cfg.n_workers + len(devices)))
+    extra = {}
+    if devices:  # the CPU workers neither see the GPUs nor take a GPU task
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        extra["resources"] = {CPU: cfg.threads_per_worker}
+    cluster = LocalCluster(
+        n_workers=cfg.n_workers,
+        threads_per_worker=cfg.threads_per_worker,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=dashboard,
+        memory_limit=memory,
+        env=env,
+        **extra,
+    )
+    if not devices:
+        return cluster
+    for i, device in enumerate(devices):
+        slots = gpu_slots(device.free_bytes, cfg.gpu_slots)
+        spec = copy.deepcopy(cluster.new_spec)
+        spec["options"].update(
+            nthreads=slots,
+            resources={GPU: slots},
+            env={**env, "CUDA_VISIBLE_DEVICES": device.ident},
+        )
+        cluster.worker_spec[f"gpu-{i}"] = spec
+        log.info("GPU worker gpu-%d on CUDA device %s: %d pair(s) at once", i, device.ident, slots)
+    cluster.scale(len(cluster.worker_spec))  # starts the specs just added
+    return cluster
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run's tasks go: the number of workers offering ``GPU`` and ``CPU``."""
+
+    gpu_workers: int = 0
+    cpu_workers: int = 0
+
+    def resources(self, gpu: bool) -> dict:
+        """``client.submit``'s ``resources`` for a task that wants a GPU (``gpu``) or not: GPU
+        work on GPU workers when there are any; other work on the CPU workers when GPU workers
+        exist and CPU workers say so; otherwise anywhere, as without GPUs."""
+        if gpu and self.gpu_workers:
+            return {GPU: 1}
+        if not gpu and self.gpu_workers and self.cpu_workers:
+            return {CPU: 1}
+        return {}
+
+    def describe(self) -> str:
+        if not self.gpu_workers:
+            return "no Dask worker offers a GPU: every stage runs on CPU workers"
+        cpu = (f"{self.cpu_workers} CPU workers (resource CPU)" if self.cpu_workers else
+               "any worker (no worker offers the CPU resource, so CPU stages may also take "
+               "the GPU workers' threads)")  # fmt: skip
+        return (f"{self.gpu_workers} GPU worker{'s' if self.gpu_workers != 1 else ''} for "
+                f"registration, template and classifier; ingest, segmentation, Jacobians on {cpu}")
+
+
+def placement(client) -> Placement:
+    """The :class:`Placement` of ``client``'s cluster, from its workers' resources now."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {}).values()
+    res = [w.get("resources", {}) or {} for w in workers]
+    return Placement(sum(r.get(GPU, 0) > 0 for r in res), sum(r.get(CPU, 0) > 0 for r in res))
+
+
+def worker_kind() -> str | None:
+    """In a task: "GPU" on a worker offering the GPU resource, else "CPU"; None in the client."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    return GPU if worker.state.total_resources.get(GPU, 0) > 0 else CPU
+
+
 @contextmanager
-def dask_client(cfg: ClusterConfig | None = None) -> Iterator:
+def dask_client(cfg: ClusterConfig | None = None, *,
+                devices: Sequence[Device] | None = None) -> Iterator:  # fmt: skip
     """A connected ``distributed.Client``; the LocalCluster it started (if any) closes on exit.
 
     With ``cfg.scheduler`` set (``tcp://host:8786``), connects to that scheduler; with
     ``cfg.kind`` "kubernetes", creates or reuses a DaskCluster (:mod:`sscflow.kubernetes`);
     otherwise starts ``cfg.n_workers`` worker processes with ``cfg.threads_per_worker`` threads
-    each and the dashboard on ``cfg.dashboard_address`` (127.0.0.1 unless changed).
+    each and the dashboard on ``cfg.dashboard_address`` (127.0.0.1 unless changed), plus one GPU
+    worker per CUDA device (:func:`local_gpus`; ``devices`` replaces the discovery).
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     cfg = cfg or ClusterConfig()
     if cfg.scheduler:
         client = Client(cfg.scheduler, timeout="30s", security=security(cfg))
         cluster = None
     elif cfg.kind == "kubernetes":
-        from sscflow.kubernetes import kube_cluster
-
         cluster = kube_cluster(cfg.kubernetes)
         client = Client(cluster)
     else:
         if cfg.tls.enabled:
             log.warning("cluster.tls applies to a remote scheduler (cluster.scheduler); the "
                         "local cluster listens on 127.0.0.1 only")  # fmt: skip
-        threads = str(cfg.threads_per_worker)
-        dashboard = cfg.dashboard_address
-        if dashboard.startswith(":"):  # a bare port binds to localhost, never to every interface
-            dashboard = "127.0.0.1" + dashboard
-        cluster = LocalCluster(
-            n_workers=cfg.n_workers,
-            threads_per_worker=cfg.threads_per_worker,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=dashboard,
-            memory_limit=cfg.memory_limit,
-            env={k: threads for k in THREAD_ENV},
-        )
+        gpus = local_gpus(cfg, devices)
+        if not gpus:
+            log.info("no CUDA device visible: %d CPU workers, no GPU worker", cfg.n_workers)
+        cluster = _local_cluster(cfg, gpus)
         client = Client(cluster)
+        client.wait_for_workers(len(cluster.worker_spec), timeout=120)
     try:
         client.register_plugin(_worker_threads_plugin())
         yield client

@@ -88,6 +88,10 @@ class ClusterConfig:
     memory_limit: str = "auto"  # per worker, e.g. "4GiB"; "auto" divides the machine's memory
     dashboard_address: str = "127.0.0.1:8787"  # ":0" picks a free port
     retries: int = 1  # per task, on worker loss or unexpected error
+    # local cluster: one GPU worker per visible CUDA device ("auto"), none (0), or the first N
+    gpus: int | Literal["auto"] = "auto"
+    # pairs one GPU worker registers at once: "auto" from the device's free memory (sscflow.gpu)
+    gpu_slots: int | Literal["auto"] = "auto"
     tls: TLSConfig = field(default_factory=TLSConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
@@ -96,6 +100,10 @@ class ClusterConfig:
         _positive(self.threads_per_worker, f"{where}.threads_per_worker")
         if self.retries < 0:
             raise ConfigError(f"{where}.retries must be >= 0, got {self.retries}")
+        if self.gpus != "auto" and self.gpus < 0:
+            raise ConfigError(f"{where}.gpus must be auto or >= 0, got {self.gpus}")
+        if self.gpu_slots != "auto":
+            _positive(self.gpu_slots, f"{where}.gpu_slots")
         self.tls.validate(f"{where}.tls")
         self.kubernetes.validate(f"{where}.kubernetes")
 

@@ -25,7 +25,8 @@ import SimpleITK as sitk
 
 from sscflow import store as st
 from sscflow.errors import IncompleteOutputError, SscflowError
-from sscflow.geometry import Geometry, warp_to_baseline  # noqa: F401 (re-exported)
+from sscflow.geometry import Geometry, to_itk, warp_to_baseline  # noqa: F401 (re-exported)
+from sscflow.groups import GROUPINGS, _quiet_consolidation
 
 FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
 PATIENT_IMAGES = ("baseline", "followup", "lung_mask", "followup_lung_mask", "log_jacobian",
@@ -37,44 +38,6 @@ def stored_geometry(image: st.StoredImage) -> Geometry:
     direction = (image.meta.get("geometry") or {}).get("direction")
     g = image.geometry
     return Geometry(g.shape, g.spacing, g.origin, tuple(map(tuple, direction))) if direction else g
-
-
-def image_to_sitk(array, geometry: Geometry) -> sitk.Image:
-    """A (z, y, x) array as a SimpleITK image with ``geometry``'s spacing, origin, direction."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array)))
-    image.SetSpacing(geometry.spacing[::-1])
-    image.SetOrigin(geometry.origin[::-1])
-    image.SetDirection([float(v) for v in np.ravel(geometry.direction)])
-    return image
-
-
-def displacement_to_sitk(u, geometry: Geometry) -> sitk.Image:
-    """A (3, Z, Y, X) field (component k along array axis k, mm) as an ITK displacement image.
-
-    ITK vector components are physical (x, y, z): the array-axis components are reversed to
-    (x, y, z) index order and turned by the grid's direction (the identity on the canonical
-    grid). float64, as ``sitk.DisplacementFieldTransform`` wants.
-    """
-    u = np.asarray(u, dtype=np.float64)
-    if u.ndim != 4 or u.shape[0] != 3:
-        raise ValueError(f"a displacement field must have shape (3, Z, Y, X), got {u.shape}")
-    d = np.asarray(geometry.direction, dtype=np.float64)
-    vec = np.moveaxis(u[::-1], 0, -1) @ d.T  # index-axis (x, y, z) components -> physical
-    image = sitk.GetImageFromArray(np.ascontiguousarray(vec), isVector=True)
-    image.SetSpacing(geometry.spacing[::-1])
-    image.SetOrigin(geometry.origin[::-1])
-    image.SetDirection([float(v) for v in np.ravel(geometry.direction)])
-    return image
-
-
-def resample_onto(array, geometry: Geometry, target: Geometry, *, fill: float = -1024.0,
-                  interpolator=sitk.sitkLinear) -> np.ndarray:  # fmt: skip
-    """``array`` (on ``geometry``) resampled onto ``target`` by physical position, no warp."""
-    moving = sitk.Cast(image_to_sitk(array, geometry), sitk.sitkFloat32)
-    reference = image_to_sitk(np.zeros(target.shape, np.uint8), target)
-    out = sitk.Resample(moving, reference, sitk.Transform(), interpolator, float(fill),
-                        sitk.sitkFloat32)  # fmt: skip
-    return sitk.GetArrayFromImage(out)
 
 
 def _write(image: sitk.Image, path: Path) -> Path:
@@ -100,15 +63,15 @@ def export_patient(root, patient_id: str, out_dir, fmt: str = "nifti") -> list[P
     for name in PATIENT_IMAGES:
         if name in stored:
             s = stored[name]
-            written.append(_write(image_to_sitk(s.array[...], stored_geometry(s)),
+            written.append(_write(to_itk(s.array[...], stored_geometry(s)),
                                   folder / f"{name}{ext}"))  # fmt: skip
     if "displacement" in stored:
         u, geom = stored["displacement"].array[...], stored_geometry(stored["displacement"])
-        written.append(_write(displacement_to_sitk(u, geom), folder / f"displacement{ext}"))
+        written.append(_write(to_itk(u, geom), folder / f"displacement{ext}"))
         if "followup" in stored:
             f = stored["followup"]
             warped = warp_to_baseline(f.array[...], stored_geometry(f), u, geom)
-            written.append(_write(image_to_sitk(warped, geom), folder / f"followup_warped{ext}"))
+            written.append(_write(to_itk(warped, geom), folder / f"followup_warped{ext}"))
     return written
 
 
@@ -128,12 +91,10 @@ def export_cohort_images(store: str, root, out_dir, fmt: str = "nifti") -> list[
         except IncompleteOutputError:
             continue
         geometry = stored_geometry(s)
-        written.append(_write(image_to_sitk(s.array[...], geometry), folder / f"{name}{ext}"))
+        written.append(_write(to_itk(s.array[...], geometry), folder / f"{name}{ext}"))
     if geometry is None or "group_means" not in root:
         return written
     import xarray as xr
-
-    from sscflow.groups import GROUPINGS, _quiet_consolidation
 
     with _quiet_consolidation():
         ds = xr.open_zarr(st.zarr_store(f"{os.fspath(store).rstrip('/')}/group_means",
@@ -144,11 +105,11 @@ def export_cohort_images(store: str, root, out_dir, fmt: str = "nifti") -> list[
         for g in names:
             if int(ds[f"{grouping}_count"].sel({grouping: g})) > 0:
                 arr = ds[f"{grouping}_mean"].sel({grouping: g}).values.astype(np.float32)
-                written.append(_write(image_to_sitk(arr, geometry),
+                written.append(_write(to_itk(arr, geometry),
                                       folder / f"{grouping}_{g}{ext}"))  # fmt: skip
     if "all_mean" in ds:
         arr = ds["all_mean"].values.astype(np.float32)
-        written.append(_write(image_to_sitk(arr, geometry), folder / f"all_patients{ext}"))
+        written.append(_write(to_itk(arr, geometry), folder / f"all_patients{ext}"))
     return written
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sscflow.groups import GROUPINGS, OUTPUT
+from sscflow import store as st
+from sscflow.groups import GROUPINGS, OUTPUT, _quiet_consolidation
 from sscflow.store import zarr_store
 
 COLORBAR_LABEL = "mean log-Jacobian (< 0: shrinkage)"
@@ -135,9 +136,6 @@ def plot_group_means(store, path) -> Path:
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
-
-    from sscflow import store as st
-    from sscflow.groups import _quiet_consolidation
 
     with _quiet_consolidation():
         ds = xr.open_zarr(zarr_store(f"{os.fspath(store).rstrip('/')}/{OUTPUT}",

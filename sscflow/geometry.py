@@ -1,7 +1,10 @@
-"""Image geometry in sscflow's axis order; the one place ITK's (x, y, z) order is converted.
+"""Image geometry in sscflow's axis order: the one boundary to SimpleITK.
 
 sscflow arrays are numpy (z, y, x). SimpleITK images, spacings, origins and vector components are
-(x, y, z). Convert only through the helpers here.
+(x, y, z). Everything that crosses goes through here: :func:`to_itk` / :func:`from_itk` (images
+and displacement fields), :func:`affine_to_itk` / :func:`affine_from_itk` (maps),
+:func:`resample` (every change of grid, with or without a field or an affine) and
+:meth:`Geometry.same_grid` (whether two grids are one, to :data:`GRID_TOLERANCE_MM`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+# Two grids whose voxel centres all lie within this of each other are one grid. The pipeline's
+# own grids agree exactly (stored metadata round-trips floats) or differ by a millimetre or more
+# (another acquisition), so any value in between decides the same; 0.01 mm is the registration's
+# snap rule too, and wider than what the former checks accepted (np.allclose with atol 1e-6 to
+# 1e-3 plus its rtol 1e-5 of an origin of a few hundred mm: up to about 5e-3 mm).
+GRID_TOLERANCE_MM = 0.01
 
 @dataclass(frozen=True)
 class Geometry:
@@ -51,12 +60,28 @@ class Geometry:
         """Volume of one voxel in millilitres (mm^3 / 1000)."""
         return float(np.prod(self.spacing)) / 1000.0
 
-    def physical_point(self, index_zyx) -> np.ndarray:
-        """Physical (z, y, x) mm of a (possibly fractional) voxel index (z, y, x)."""
-        idx_xyz = np.asarray(index_zyx, dtype=float)[::-1]
-        d = np.asarray(self.direction)
-        p_xyz = np.asarray(self.origin[::-1]) + d @ (idx_xyz * np.asarray(self.spacing[::-1]))
-        return p_xyz[::-1]
+    def same_grid(self, other: Geometry, tol_mm: float | None = None) -> bool:
+        """Whether ``other`` puts every voxel at the same physical point: the same shape, and no
+        voxel centre more than ``tol_mm`` (default :data:`GRID_TOLERANCE_MM`, 0.01 mm) apart.
+
+        One number in millimetres covers origin, spacing and direction together: a voxel's
+        position is affine in its index, so the largest gap is at a corner of the grid, and a
+        spacing error counts as often as the grid has voxels along that axis, a direction-cosine
+        error as often as the grid is long (0.01 mm over a 500 mm field of view is 2e-5).
+
+        >>> g = Geometry((10, 10, 10), (1.0, 1.0, 1.0), (-100.0, 0.0, 0.0))
+        >>> g.same_grid(Geometry((10, 10, 10), (1.0, 1.0, 1.0), (-100.004, 0.0, 0.0)))
+        True
+        >>> g.same_grid(Geometry((10, 10, 10), (1.01, 1.0, 1.0), (-100.0, 0.0, 0.0)))
+        False
+        """
+        if self.shape != other.shape:
+            return False
+        tol = GRID_TOLERANCE_MM if tol_mm is None else float(tol_mm)
+        corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], float)
+        corners *= np.asarray(self.shape, float) - 1.0
+        gap = index_to_physical(corners, self) - index_to_physical(corners, other)
+        return bool(np.abs(gap).max() <= tol)
 
     def to_dict(self) -> dict:
         return {
@@ -87,41 +112,70 @@ class Geometry:
         )
 
 
-def to_numpy(image: sitk.Image) -> tuple[np.ndarray, Geometry]:
-    """A SimpleITK image as a (z, y, x) numpy array (a copy) and its geometry."""
-    return sitk.GetArrayFromImage(image), Geometry.of(image)
+def to_itk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """A (Z, Y, X) array, or a (3, Z, Y, X) displacement field, as a SimpleITK image on
+    ``geometry`` (its origin, spacing and direction); the one way an array becomes an ITK image.
 
-
-def to_sitk(array: np.ndarray, spacing, origin=(0.0, 0.0, 0.0), direction=None) -> sitk.Image:
-    """A (z, y, x) numpy array as a SimpleITK image; spacing and origin are (z, y, x) mm."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
-    image.SetOrigin(tuple(float(o) for o in origin[::-1]))
-    if direction is not None:
-        image.SetDirection(tuple(float(v) for v in np.asarray(direction, dtype=float).ravel()))
-    return image
-
-
-def field_to_sitk(displacement: np.ndarray, spacing, origin=(0.0, 0.0, 0.0)) -> sitk.Image:
-    """A (3, Z, Y, X) displacement (component k along array axis k) as an ITK vector image.
-
-    ITK vector components are (x, y, z), so the components are reversed here.
+    A field's component k is in mm along the grid's array axis k (sscflow's contract; on the
+    canonical grid that is physical z, y, x). ITK wants physical (x, y, z) vectors in float64,
+    the pixel type ``sitk.DisplacementFieldTransform`` takes: the components are reversed and
+    turned by the direction (nothing turns on the canonical grid).
     """
-    if displacement.ndim != 4 or displacement.shape[0] != 3:
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.view(np.uint8)
+    if array.shape == geometry.shape:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    elif array.shape == (3, *geometry.shape):
+        vec = np.moveaxis(array[::-1], 0, -1).astype(np.float64, copy=False)
+        d = np.asarray(geometry.direction, np.float64)
+        if not np.array_equal(d, np.eye(3)):
+            vec = vec @ d.T  # index-axis (x, y, z) components -> physical
+        image = sitk.GetImageFromArray(np.ascontiguousarray(vec), isVector=True)
+    else:
         raise ValueError(
-            f"a displacement field must have shape (3, Z, Y, X), got {displacement.shape}"
+            f"to_itk: an array of shape {array.shape} is neither an image nor a (3, Z, Y, X) "
+            f"field on a grid of shape {geometry.shape}"
         )
-    vec = np.moveaxis(displacement[::-1], 0, -1).astype(np.float64, copy=False)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(vec), isVector=True)
-    image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
-    image.SetOrigin(tuple(float(o) for o in origin[::-1]))
+    image.SetSpacing(geometry.spacing[::-1])
+    image.SetOrigin(geometry.origin[::-1])
+    image.SetDirection(tuple(np.asarray(geometry.direction, float).ravel()))
     return image
 
 
-def field_from_sitk(image: sitk.Image) -> np.ndarray:
-    """An ITK displacement image (components x, y, z) as (3, Z, Y, X) float32, z-y-x components."""
-    vec = sitk.GetArrayFromImage(image)  # (Z, Y, X, 3) with components x, y, z
-    return np.ascontiguousarray(np.moveaxis(vec, -1, 0)[::-1]).astype(np.float32)
+def from_itk(image: sitk.Image) -> tuple[np.ndarray, Geometry]:
+    """A 3-D SimpleITK image as a (Z, Y, X) numpy array (a copy) and its geometry; a vector
+    image (a displacement field) as a (3, Z, Y, X) float32 field with component k along array
+    axis k, the inverse of :func:`to_itk`."""
+    geometry = Geometry.of(image)
+    array = sitk.GetArrayFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() == 1:
+        return array, geometry
+    if image.GetNumberOfComponentsPerPixel() != 3:
+        raise ValueError(f"from_itk: a field needs 3 components per voxel, got "
+                         f"{image.GetNumberOfComponentsPerPixel()}")  # fmt: skip
+    d = np.asarray(geometry.direction, np.float64)
+    if not np.array_equal(d, np.eye(3)):
+        array = array @ d  # physical (x, y, z) -> index-axis components (D^-1 = D^T)
+    field = np.ascontiguousarray(np.moveaxis(array, -1, 0)[::-1]).astype(np.float32)
+    return field, geometry
+
+
+def affine_to_itk(matrix, offset) -> sitk.AffineTransform:
+    """``y = matrix @ x + offset`` (physical zyx mm) as an ITK transform (xyz)."""
+    tx = sitk.AffineTransform(3)
+    tx.SetMatrix(tuple(np.asarray(matrix, float)[::-1, ::-1].ravel()))
+    tx.SetTranslation(tuple(np.asarray(offset, float)[::-1]))
+    return tx
+
+
+def affine_from_itk(tx: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
+    """(matrix, offset) in zyx of any ITK transform that is affine, by mapping 4 points."""
+    pts = np.array([[0, 0, 0], [100, 0, 0], [0, 100, 0], [0, 0, 100]], float)  # zyx mm
+    out = np.array([tx.TransformPoint(tuple(p[::-1]))[::-1] for p in pts])
+    offset = out[0]
+    matrix = ((out[1:] - offset) / 100.0).T
+    return matrix, offset
 
 
 def crop_box(mask, spacing, margin_mm: float, shape) -> tuple[slice, slice, slice]:
@@ -144,18 +198,104 @@ def crop_box(mask, spacing, margin_mm: float, shape) -> tuple[slice, slice, slic
     return tuple(box)
 
 
-def image_of(array: np.ndarray, geometry: Geometry) -> sitk.Image:
-    """A (z, y, x) array as a SimpleITK image with the geometry's origin, spacing, direction."""
-    return to_sitk(array, geometry.spacing, geometry.origin, geometry.direction)
+INTERPOLATORS = {
+    "nearest": sitk.sitkNearestNeighbor,
+    "linear": sitk.sitkLinear,
+    "bspline": sitk.sitkBSpline,  # cubic B-spline (ITK's, prefiltered)
+}
+_PIXEL = {np.dtype(t): p for t, p in (
+    (np.uint8, sitk.sitkUInt8), (np.int8, sitk.sitkInt8), (np.uint16, sitk.sitkUInt16),
+    (np.int16, sitk.sitkInt16), (np.uint32, sitk.sitkUInt32), (np.int32, sitk.sitkInt32),
+    (np.uint64, sitk.sitkUInt64), (np.int64, sitk.sitkInt64), (np.float32, sitk.sitkFloat32),
+    (np.float64, sitk.sitkFloat64))}  # fmt: skip
 
 
-def reference_image(geometry: Geometry) -> sitk.Image:
+def _reference(geometry: Geometry) -> sitk.Image:
     """An empty SimpleITK image on ``geometry`` (a Resample reference grid)."""
     ref = sitk.Image([int(n) for n in geometry.shape[::-1]], sitk.sitkUInt8)
     ref.SetSpacing(geometry.spacing[::-1])
     ref.SetOrigin(geometry.origin[::-1])
     ref.SetDirection(tuple(np.asarray(geometry.direction, float).ravel()))
     return ref
+
+
+def resample(
+    image,
+    geometry: Geometry | None,
+    target: Geometry,
+    displacement: np.ndarray | None = None,
+    *,
+    affine=None,
+    interpolator: str = "linear",
+    fill: float = 0.0,
+    dtype=None,
+    slab_voxels: int = 1 << 22,
+) -> np.ndarray:
+    """``image`` read at every voxel x of the grid ``target``: at the physical point x, at
+    ``x + u(x)`` with a ``displacement`` u, or at ``matrix @ x + offset`` with an ``affine``.
+
+    The one resampler: every grid change in sscflow goes through it (SimpleITK's Resample).
+
+    Parameters
+    ----------
+    image : (Z, Y, X) array on ``geometry`` (any origin, spacing, direction), or a SimpleITK
+        image already in hand (``geometry`` None: its own), used without a copy
+    target : the output grid (any direction)
+    displacement : (3, Z, Y, X) mm on ``target``, component k along its array axis k (sscflow's
+        contract); the point x + u(x) is read in the image's own geometry
+    affine : ``(matrix, offset)``, physical zyx mm (``sscflow.registration.align``'s maps);
+        not together with ``displacement``
+    interpolator : "nearest" (in the image's own type), "linear" or "bspline" (cubic B-spline),
+        both on the image's values as float32
+    fill : the value where the point lies more than half a voxel past the image's edge voxel
+        centres; within that half voxel the edge voxel is read (ITK's rule)
+    dtype : the output's; default float32, or the image's own type for "nearest"
+    slab_voxels : a field is handed to ITK in slabs of target slices of about this many
+        voxels (24 bytes a voxel in float64), so its copy never takes more memory than that
+
+    Returns the array on ``target``. The same grid (:meth:`Geometry.same_grid`) with no
+    transform is a copy, without interpolation.
+    """
+    if interpolator not in INTERPOLATORS:
+        raise ValueError(f"resample: interpolator must be one of {', '.join(INTERPOLATORS)}, "
+                         f"got {interpolator!r}")  # fmt: skip
+    if displacement is not None and affine is not None:
+        raise ValueError("resample: give a displacement or an affine, not both")
+    if isinstance(image, sitk.Image):
+        src = image
+        geometry = Geometry.of(image) if geometry is None else geometry
+    else:
+        src = to_itk(np.asarray(image), geometry)
+    own = np.dtype(sitk.GetArrayViewFromImage(src).dtype)
+    out_type = np.dtype(dtype) if dtype is not None else (
+        own if interpolator == "nearest" else np.dtype(np.float32))  # fmt: skip
+    if displacement is None and affine is None and target.same_grid(geometry):
+        return sitk.GetArrayFromImage(src).astype(out_type, copy=False)
+    if interpolator != "nearest" and own != np.float32:
+        src = sitk.Cast(src, sitk.sitkFloat32)
+    interp, pixel = INTERPOLATORS[interpolator], _PIXEL[out_type]
+
+    def run(tx, grid):
+        return sitk.GetArrayFromImage(sitk.Resample(src, _reference(grid), tx, interp,
+                                                    float(fill), pixel))  # fmt: skip
+
+    if displacement is None:
+        tx = sitk.Transform() if affine is None else affine_to_itk(*affine)
+        return run(tx, target)
+    displacement = np.asarray(displacement)
+    if displacement.shape != (3, *target.shape):
+        raise ValueError(f"resample: a displacement on a grid of shape {target.shape} must have "
+                         f"shape {(3, *target.shape)}, got {displacement.shape}")  # fmt: skip
+    nz, ny, nx = target.shape
+    step = max(1, slab_voxels // (ny * nx))
+    out = np.empty(target.shape, out_type)
+    for z0 in range(0, nz, step):
+        z1 = min(nz, z0 + step)
+        part = Geometry((z1 - z0, ny, nx), target.spacing,
+                        tuple(index_to_physical((z0, 0, 0), target)), target.direction)  # fmt: skip
+        tx = sitk.DisplacementFieldTransform(to_itk(displacement[:, z0:z1], part))
+        out[z0:z1] = run(tx, part)
+    return out
 
 
 def warp_to_baseline(
@@ -173,7 +313,7 @@ def warp_to_baseline(
     ``displacement`` is sscflow's contract: (3, Z, Y, X) mm on the (canonical) baseline grid,
     component k along array axis k, x + u(x) a physical point read in the follow-up's own
     geometry (any origin, spacing, direction). ``order`` 1 is linear, 0 nearest neighbour.
-    The same thing by hand with SimpleITK::
+    :func:`resample` with these settings. The same thing by hand with SimpleITK::
 
         field = sitk.ReadImage("displacement.mha")       # an ITK vector image, baseline grid
         tx = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
@@ -181,19 +321,15 @@ def warp_to_baseline(
     """
     if not baseline_geometry.is_canonical:
         raise ValueError("warp_to_baseline: the baseline grid must have an identity direction")
-    image = image_of(np.asarray(followup, np.float32), followup_geometry)
-    field = field_to_sitk(np.asarray(displacement), baseline_geometry.spacing,
-                          baseline_geometry.origin)  # fmt: skip
-    tx = sitk.DisplacementFieldTransform(field)
-    interp = sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor
-    out = sitk.Resample(image, reference_image(baseline_geometry), tx, interp, float(fill),
-                        sitk.sitkFloat32)  # fmt: skip
-    return sitk.GetArrayFromImage(out)
+    return resample(np.asarray(followup, np.float32), followup_geometry, baseline_geometry,
+                    displacement, interpolator="linear" if order == 1 else "nearest",
+                    fill=fill, dtype=np.float32)  # fmt: skip
 
 
 def inside(points_zyx: np.ndarray, geometry: Geometry, margin_vox: float = 0.0) -> np.ndarray:
-    """Whether physical points (3, ...) zyx mm fall inside a grid's field of view (between its
-    first and last voxel centres, less ``margin_vox`` voxels), in any direction."""
+    """Whether physical points (3, ...) zyx mm fall inside a grid's field of view, in any
+    direction: within half a voxel of its edge voxels' centres (the reach of :func:`resample`),
+    less ``margin_vox`` voxels."""
     pts = np.moveaxis(np.asarray(points_zyx, np.float64), 0, -1)[..., ::-1]  # (..., 3) xyz
     d = np.asarray(geometry.direction, float)
     rel = (pts - np.asarray(geometry.origin[::-1])) @ d  # D^-1 = D^T for a rotation

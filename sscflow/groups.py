@@ -653,9 +653,7 @@ def _labels(table: pd.DataFrame) -> tuple[list[str], dict[str, list[str | None]]
 
 
 def _check_grid(pid, g, template) -> None:
-    same = (g.shape == template.shape and np.allclose(g.spacing, template.spacing, atol=1e-6)
-            and np.allclose(g.origin, template.origin, atol=1e-4))  # fmt: skip
-    if not same:
+    if not g.same_grid(template):
         raise ValueError(
             f"patient {pid}: {MAP} grid (shape {g.shape}, spacing {g.spacing}, origin {g.origin})"
             f" differs from the template's (shape {template.shape}, spacing {template.spacing}, "

@@ -7,6 +7,7 @@ headers.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from sscflow.discover.slices import SliceLayoutError, check_slice_layout
 from sscflow.errors import InputImageError, MissingInputError
 
 FILE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm")
@@ -51,6 +53,109 @@ def list_dicom_series(folder: str | os.PathLike) -> list[str]:
         return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def input_fingerprint(path: str | os.PathLike, series_uid: str | None = None) -> tuple[str, int]:
+    """A hash of the scan ``read_volume(path, series_uid=...)`` reads, and the bytes it holds.
+
+    Cheap enough to take on every rerun: no pixel is read. For a DICOM folder the hash covers
+    the chosen series' files (names relative to the folder, sizes, modification times), so
+    another series in the same folder may change without touching it; for a file (NIfTI, MHA,
+    NRRD) its size, modification time and header (geometry, pixel type and the header's
+    fields, as ITK reads them), with the size and time of a detached data file (``.mhd``,
+    ``.nhdr``). The path itself is not hashed: a moved or renamed input stays current.
+
+    An edit in place that keeps a file's size and modification time is not seen: rerun with
+    ``--force`` to read every scan again.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     f = Path(d, "ct.mha")
+    ...     write_volume(sitk.Image([4, 4, 4], sitk.sitkInt16), f)
+    ...     first = input_fingerprint(f)
+    ...     os.utime(f, ns=(0, f.stat().st_mtime_ns + 10**9))
+    ...     first[0] != input_fingerprint(f)[0], first[1] == f.stat().st_size
+    (True, True)
+    """
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_dir():
+        files = _series_files(p, series_uid)
+        for f in files:
+            h.update(_stat_key(f, f.relative_to(p).as_posix()))
+    else:
+        files = [p, *_detached_data(p)]
+        for f in files:
+            h.update(_stat_key(f, "" if f == p else f.name))
+        h.update(_header_digest(p))
+    h.update(str(series_uid or "").encode())
+    return h.hexdigest(), sum(f.stat().st_size for f in files if f.is_file())
+
+
+def _series_files(folder: Path, series_uid: str | None) -> list[Path]:
+    """The files of the series ``series_uid`` in ``folder``, from each file's header up to the
+    series UID (pydicom; no pixel data is read); every file of the folder when no series is
+    named or none is found (reading the folder then fails with the reason)."""
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    if series_uid is None:
+        return files
+    import pydicom
+
+    chosen = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        if str(ds.get("SeriesInstanceUID", "")) == series_uid:
+            chosen.append(f)
+    return chosen or files
+
+
+def _stat_key(f: Path, name: str) -> bytes:
+    try:
+        s = f.stat()
+    except OSError:
+        return f"{name}:absent;".encode()
+    return f"{name}:{s.st_size}:{s.st_mtime_ns};".encode()
+
+
+def _header_digest(p: Path) -> bytes:
+    """What ITK reads from the header, or a marker when it cannot (the read then says why)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return b"unreadable header"
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+    fields = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
+    info = (reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(),
+            reader.GetPixelIDValue(), reader.GetNumberOfComponents(), sorted(fields.items()))
+    return repr(info).encode()
+
+
+def _detached_data(p: Path) -> list[Path]:
+    """The data file a ``.mhd`` (``ElementDataFile``) or ``.nhdr`` (``data file``) names."""
+    keys = {".mhd": "elementdatafile", ".nhdr": "data file"}
+    key = keys.get(p.suffix.lower())
+    if key is None:
+        return []
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(1 << 16).decode("latin-1")
+    except OSError:
+        return []
+    for line in head.splitlines():
+        name, sep, value = line.partition("=" if key == "elementdatafile" else ":")
+        if sep and name.strip().lower() in (key, "datafile"):
+            value = value.strip()
+            if value.upper() != "LOCAL" and (p.parent / value).is_file():
+                return [p.parent / value]
+    return []
 
 
 def read_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> sitk.Image:
@@ -130,8 +235,6 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
 def _check_slice_layout(folder: Path, series_uid: str, files) -> None:
     """Refuse a series whose slices are not one evenly spaced, untilted stack (a gap, a
     duplicated position, uneven spacing, gantry tilt): ITK would read it as uniform."""
-    from sscflow.discover.slices import SliceLayoutError, check_slice_layout
-
     positions, orientations, tilt = [], [], 0.0
     reader = sitk.ImageFileReader()
     for f in files:

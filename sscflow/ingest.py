@@ -24,8 +24,8 @@ from sscflow import store as st
 from sscflow.cohort import Manifest, Patient
 from sscflow.config import IngestConfig, SegmentConfig
 from sscflow.errors import InputImageError, MissingInputError, SscflowError
-from sscflow.geometry import Geometry
-from sscflow.imageio import describe_format, read_volume
+from sscflow.geometry import Geometry, from_itk, resample
+from sscflow.imageio import describe_format, input_fingerprint, read_volume
 from sscflow.segment import segment_lungs
 
 STAGE = "ingest"
@@ -63,7 +63,7 @@ def canonical_grid(image: sitk.Image, spacing: float) -> Geometry:
     return Geometry(tuple(n[::-1]), (spacing,) * 3, tuple(lo[::-1]))
 
 
-INTERPOLATORS = {"bspline": sitk.sitkBSpline, "linear": sitk.sitkLinear}
+INTERPOLATORS = ("bspline", "linear")
 
 
 def to_canonical(
@@ -82,27 +82,14 @@ def to_canonical(
     """
     geom = Geometry.of(image)
     target = canonical_grid(image, spacing)
-    if geom.is_canonical and np.allclose(geom.spacing, spacing, atol=1e-6):
-        arr = sitk.GetArrayFromImage(image)
-        target = geom
+    if target.same_grid(geom):
+        arr, target = from_itk(image)
     else:
-        ref = sitk.Image([int(v) for v in target.shape[::-1]], sitk.sitkUInt8)
-        ref.SetSpacing(target.spacing[::-1])
-        ref.SetOrigin(target.origin[::-1])
         if interpolator not in INTERPOLATORS:
             raise ValueError(f"to_canonical: interpolator must be one of "
                              f"{', '.join(INTERPOLATORS)}, got {interpolator!r}")
-        interp = sitk.sitkNearestNeighbor if label else INTERPOLATORS[interpolator]
-        src = image if label else sitk.Cast(image, sitk.sitkFloat32)
-        out = sitk.Resample(
-            src,
-            ref,
-            sitk.Transform(),
-            interp,
-            0.0 if label else float(HU_MIN),
-            src.GetPixelID(),
-        )
-        arr = sitk.GetArrayFromImage(out)
+        arr = resample(image, geom, target, interpolator="nearest" if label else interpolator,
+                       fill=0.0 if label else float(HU_MIN))  # fmt: skip
     if label:
         return (arr > 0).astype(np.uint8), target
     if arr.dtype.kind == "f":
@@ -195,8 +182,8 @@ def _ingest_scan(patient, which, group, ingest, image_params, result, force):
         raise MissingInputError(
             f"{where} does not exist; fix the path in the manifest (line {patient.line})"
         )
-    input_hash = st.hash_input(path, series_uid or "")
-    result.input_bytes += _size(path)
+    input_hash, size = input_fingerprint(path, series_uid)  # listings and headers, no pixels
+    result.input_bytes += size
     if not force and st.is_current(group, which, input_hash, image_params):
         result.skipped.append(which)
         return
@@ -290,12 +277,6 @@ def _segment_scan(group, which, where, image, seg, params, input_hash, chunk, le
     return {**extra, "qa": qa}
 
 
-def _size(path) -> int:
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return path.stat().st_size
-
-
 def ingest_cohort(
     manifest: Manifest,
     store: str,
@@ -304,8 +285,12 @@ def ingest_cohort(
     *,
     client=None,
     progress: Callable[[PatientResult, int, int], None] | None = None,
+    force: bool = False,
 ) -> list[PatientResult]:
     """Ingest every manifest patient, one Dask future per patient (serially without a client).
+
+    With ``force`` every scan is read again, also those whose input fingerprint
+    (:func:`sscflow.imageio.input_fingerprint`) is unchanged.
 
     Returns one PatientResult per patient in manifest order; failures are results, not raises.
     """
@@ -314,7 +299,7 @@ def ingest_cohort(
     results: dict[str, PatientResult] = {}
     if client is None:
         for p in manifest.patients:
-            r = ingest_patient(p, store, ingest, segment)
+            r = ingest_patient(p, store, ingest, segment, force=force)
             results[p.patient_id] = r
             if progress:
                 progress(r, len(results), total)
@@ -329,6 +314,7 @@ def ingest_cohort(
                 store,
                 ingest,
                 segment,
+                force=force,
                 key=f"ingest-{p.patient_id}-{token}",
                 pure=False,
             )

@@ -3,8 +3,9 @@
 :func:`cluster_spec` and :func:`gpu_group_spec` build the same resources as
 ``deploy/kubernetes/base`` (a test holds them equal for the default settings), from the config's
 ``cluster.kubernetes`` section: one CPU worker group (the DaskCluster's default group, which a
-DaskAutoscaler can scale) and one GPU worker group whose workers offer ``GPU=1``, so the
-registration, template and classifier stages land on them. :func:`kube_cluster` creates the
+DaskAutoscaler can scale) whose workers offer ``CPU=<threads>``, and one GPU worker group whose
+workers offer ``GPU=1``, so the registration, template and classifier stages land on the GPU
+workers and the others on the CPU workers. :func:`kube_cluster` creates the
 cluster, or connects to it when one of that name exists (a rerun resumes on the same workers).
 
 dask-kubernetes is an optional extra: ``pip install "sscflow[kubernetes]"``.
@@ -15,13 +16,14 @@ from __future__ import annotations
 import copy
 import re
 
-from sscflow.cluster import THREAD_ENV  # the same thread variables as the LocalCluster's
 from sscflow.config import KubernetesConfig
 from sscflow.errors import SscflowError
 
 UID = 10001  # the images' non-root user
 COMM_PORT, DASHBOARD_PORT, WORKER_DASHBOARD_PORT = 8786, 8787, 8788
 MEMORY_FRACTION = 0.9  # dask's memory limit, of the container's (the rest: nanny, untracked)
+#: the variables that set a worker's thread count for OpenMP / BLAS (set by every cluster kind)
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def dask_memory_limit(quantity: str) -> str:
@@ -39,7 +41,9 @@ def worker_args(nthreads: int, memory: str, *, gpu: bool = False) -> list[str]:
     args = ["dask", "worker", "--name", "$(DASK_WORKER_NAME)", "--nthreads", str(nthreads),
             "--memory-limit", dask_memory_limit(memory), "--dashboard",
             "--dashboard-address", str(WORKER_DASHBOARD_PORT)]  # fmt: skip
-    return args + ["--resources", "GPU=1"] if gpu else args
+    # GPU workers offer the GPU, CPU workers the CPU resource: with a GPU group present, the
+    # CPU stages ask for CPU=1 and so never take a GPU worker's threads (sscflow.cluster)
+    return args + ["--resources", "GPU=1" if gpu else f"CPU={nthreads}"]
 
 
 def scheduler_args() -> list[str]:

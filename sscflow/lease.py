@@ -8,10 +8,11 @@ zarr listings of the store stay clean), naming the holder::
      "heartbeat": 1764608584.0, "timeout_s": 120.0, "token": "<uuid4 hex>",
      "command": "sscflow run configs/cohort.yaml"}
 
-- **Acquire**: create the record only if there is none (an exclusive create: a check and an
-  atomic rename under an ``flock`` on a folder, ``If-None-Match: *`` on S3). When one
-  exists, the run stops at once with :class:`~sscflow.errors.LeaseHeldError` naming the holder
-  and since when, having written nothing; with ``wait`` it polls until the lease is free.
+- **Acquire**: create the record only if there is none (on a folder: under an exclusive
+  ``flock`` of ``lease/.lock``, test that the record is absent, then write it to a temporary file
+  renamed into place; on S3: a write with ``If-None-Match: *``). When one exists, the run stops
+  at once with :class:`~sscflow.errors.LeaseHeldError` naming the holder and since when, having
+  written nothing; with ``wait`` it polls until the lease is free.
 - **Heartbeat**: a thread of the holder rewrites ``heartbeat`` every ``timeout_s / 4`` seconds,
   as a compare-and-swap (the same record it read: under the ``flock`` on a folder, ``If-Match``
   on the ETag on S3), so it never overwrites a run that took the lease over.

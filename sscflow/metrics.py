@@ -10,7 +10,9 @@ Metrics (a Grafana board can follow a cohort with these):
 - ``sscflow_patients_total{stage, status}``: patients finished per stage, status ``done``,
   ``skipped`` (output current), ``failed`` or ``upstream_failed``;
 - ``sscflow_stage_seconds_total{stage}``: seconds spent in each stage, summed over patients;
-- ``sscflow_runs_total{status}``: runs started / finished.
+- ``sscflow_runs_total{status}``: runs started / finished;
+- ``sscflow_stage_tasks_total{stage, where}``: tasks finished per stage on ``GPU`` or ``CPU``
+  workers (where each stage ran).
 """
 
 from __future__ import annotations
@@ -31,17 +33,23 @@ def counters() -> dict:
             "sscflow_stage_seconds", "Seconds spent per stage, summed over patients", ["stage"]
         )
         _METRICS["runs"] = Counter("sscflow_runs", "sscflow runs by status", ["status"])
+        _METRICS["where"] = Counter(
+            "sscflow_stage_tasks", "Tasks finished per stage on GPU or CPU workers",
+            ["stage", "where"],
+        )
     return _METRICS
 
 
 def record(msg: dict) -> None:
-    """Count one event: ``{"stage", "status", "seconds"}`` or ``{"run": status}``."""
+    """Count one event: ``{"stage", "status", "seconds", "where"}`` or ``{"run": status}``."""
     c = counters()
     if "run" in msg:
         c["runs"].labels(status=str(msg["run"])).inc()
         return
     stage = str(msg.get("stage", "unknown"))
     c["patients"].labels(stage=stage, status=str(msg.get("status", "unknown"))).inc()
+    if msg.get("where"):
+        c["where"].labels(stage=stage, where=str(msg["where"])).inc()
     seconds = float(msg.get("seconds") or 0.0)
     if seconds > 0:
         c["seconds"].labels(stage=stage).inc(seconds)

@@ -45,6 +45,7 @@ from sscflow.config import Config
 from sscflow.errors import LeaseLostError, SscflowError
 from sscflow.lease import taken_by
 from sscflow.stages import BY_NAME, COHORT, FAILED, PATIENT, STAGES, Context, Stage
+from sscflow.stages.base import torch_backend
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class RunSummary:
     cohort: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)  # one line per patient (thick slices)
+    where: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> {GPU|CPU: tasks}
 
     @property
     def ok(self) -> bool:
@@ -110,8 +112,8 @@ def plan_run(manifest: Manifest, cfg: Config, *, gpu: bool = False, force: bool 
     stages are submitted together), a cohort stage after them.
 
     Keys are stable: ``<stage>-<patient_id>-<token>``, where the token is a hash of the store and
-    of the settings, so the same run submitted twice names the same tasks. ``gpu``: the
-    stages that want a GPU get one.
+    of the settings, so the same run submitted twice names the same tasks. ``gpu``: the cluster
+    has GPU workers; the stages that want one (``Stage.gpu``) are placed there.
     """
     extra = ("rebuild-template",) if rebuild_template else ()
     token = st.hash_values(cfg.store, cfg.to_dict(), force, *extra)[:10]
@@ -129,18 +131,19 @@ def plan_run(manifest: Manifest, cfg: Config, *, gpu: bool = False, force: bool 
                 out += [task_key(name, p, token) for p in ids]
         return tuple(out)
 
+    on_gpu = {s.name: gpu and s.gpu(cfg) for s in STAGES}
     run_of: list[Stage] = []  # consecutive patient stages, listed patient by patient
     for stage in (*STAGES, None):
         if stage is not None and stage.scope == PATIENT:
             run_of.append(stage)
             continue
         for pid in ids:
-            tasks += [Task(task_key(s.name, pid, token), s.name, pid, deps(s, pid), gpu and s.gpu)
-                      for s in run_of]  # fmt: skip
+            tasks += [Task(task_key(s.name, pid, token), s.name, pid, deps(s, pid),
+                           on_gpu[s.name]) for s in run_of]  # fmt: skip
         run_of = []
         if stage is not None:
             tasks.append(Task(task_key(stage.name, None, token), stage.name, None,
-                              deps(stage, None), gpu and stage.gpu))  # fmt: skip
+                              deps(stage, None), on_gpu[stage.name]))  # fmt: skip
     return Plan(tasks, list(manifest.patients), token)
 
 
@@ -164,8 +167,11 @@ def execute(stage_name: str, ctx: Context, patient: Patient | None, lease_token:
 
 
 def _record(stage, pid, status, seconds=0.0, message="", **extra) -> dict:
+    from sscflow.cluster import worker_kind
+
     return {"stage": stage, "patient_id": pid, "status": status, "seconds": float(seconds),
-            "message": message, "worker": _worker_address(), **extra}  # fmt: skip
+            "message": message, "worker": _worker_address(), "where": worker_kind(),
+            **extra}  # fmt: skip
 
 
 def _worker_address() -> str | None:
@@ -239,12 +245,7 @@ def has_gpu_workers(client) -> bool:
 
 
 def _wants_gpu(cfg: Config) -> bool:
-    from sscflow.registration import resolve_backend
-
-    try:
-        return resolve_backend(cfg.registration.backend) == "torch"
-    except SscflowError:
-        return False
+    return torch_backend(cfg)
 
 
 def run(
@@ -300,9 +301,14 @@ def run(
     client.log_event(TOPIC, {"run": "started"})
     _write_run_record(root, cfg, manifest, truth_dir, client)
 
-    gpu = _wants_gpu(cfg) and has_gpu_workers(client)
+    from sscflow.cluster import placement
+
+    place = placement(client)
+    gpu = place.gpu_workers > 0
     if _wants_gpu(cfg) and not gpu:
         log.warning("no Dask worker offers a GPU resource: the torch registration runs on CPU")
+    elif place.gpu_workers:
+        log.info("placement: %s", place.describe())
     plan = plan_run(manifest, cfg, gpu=gpu, force=force, rebuild_template=rebuild_template)
     by_key = {t.key: t for t in plan.tasks}
     patients = {p.patient_id: p for p in plan.patients}
@@ -324,7 +330,8 @@ def run(
         while pending and ready(pending[0]):
             task = pending.popleft()
             ups = [records[k] if k in records else futures[k] for k in task.depends]
-            kw = {"resources": {"GPU": 1}} if task.gpu else {}
+            res = place.resources(task.gpu)
+            kw = {"resources": res} if res else {}
             fut = client.submit(execute, task.stage, ctx, patients.get(task.patient_id), token,
                                 ups, key=task.key, retries=retries, pure=False, **kw)  # fmt: skip
             futures[task.key] = fut
@@ -344,7 +351,7 @@ def run(
 
     def finish(rec: dict) -> None:
         _account(summary, rec, failed_at)
-        client.log_event(TOPIC, {k: rec[k] for k in ("stage", "status", "seconds")})
+        client.log_event(TOPIC, {k: rec.get(k) for k in ("stage", "status", "seconds", "where")})
         _write_status(root, rec)
         if on_record:
             on_record(rec)
@@ -393,6 +400,9 @@ def _account(summary: RunSummary, rec: dict, failed_at: dict) -> None:
     counts[status] = counts.get(status, 0) + 1
     if rec.get("warning"):
         summary.warnings.append(rec["warning"])
+    if rec.get("where") and status != "upstream_failed":
+        where = summary.where.setdefault(stage, {})
+        where[rec["where"]] = where.get(rec["where"], 0) + 1
     if pid is None:
         summary.cohort[stage] = rec
     elif status == "failed" and pid not in failed_at:
@@ -451,6 +461,7 @@ def _write_status(root, rec: dict) -> None:
         "message": rec.get("message", ""),
         "seconds": round(float(rec.get("seconds") or 0.0), 3),
         "worker": rec.get("worker"),
+        "where": rec.get("where"),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     group.attrs["stages"] = stages

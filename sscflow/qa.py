@@ -22,7 +22,6 @@ they are unchanged and the page exists.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 import time
@@ -32,6 +31,10 @@ import numpy as np
 
 from sscflow import store as st
 from sscflow.errors import IncompleteOutputError
+from sscflow.export import stored_geometry
+from sscflow.geometry import resample, warp_to_baseline
+from sscflow.groups import cohort_table
+from sscflow.views.pages import render
 
 STAGE_VERSION = 1
 LOGJAC_RANGE = 0.3  # colour limits +/- this, the same for every patient
@@ -141,8 +144,6 @@ def _inputs_key(group) -> dict:
 
 def qa_patient(store: str, patient_id: str, results_dir, *, force: bool = False) -> dict:
     """Draw the patient's QA page; returns ``{"status": done|skipped, "path", "flags"}``."""
-    from sscflow.groups import cohort_table
-
     t0 = time.perf_counter()
     root = st.open_store(store, mode="r")
     group = st.patient_group(root, patient_id, create=False)
@@ -173,8 +174,6 @@ def qa_patient(store: str, patient_id: str, results_dir, *, force: bool = False)
 
 
 def _read(group, name):
-    from sscflow.export import stored_geometry
-
     try:
         s = st.read_image(group, name)
     except IncompleteOutputError:
@@ -245,8 +244,6 @@ def draw_patient(root, patient_id: str) -> list[tuple[str, str, str]]:
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
 
-    from sscflow.export import resample_onto, warp_to_baseline
-
     group = st.patient_group(root, patient_id, create=False)
     base, bgeom = _read(group, "baseline")
     mask, _ = _read(group, "lung_mask")
@@ -269,7 +266,7 @@ def draw_patient(root, patient_id: str) -> list[tuple[str, str, str]]:
                 "centre; yellow: the lung-mask contour.", _png(fig)))  # fmt: skip
 
     if follow is not None:
-        before = resample_onto(follow, fgeom, bgeom)
+        before = resample(follow, fgeom, bgeom, fill=-1024.0)
         pairs = [("before registration", before)]
         if u is not None:
             pairs.append(("after registration", warp_to_baseline(follow, fgeom, u, bgeom)))
@@ -333,34 +330,19 @@ def _overlay(ct, values, centre, spacing, norm, cmap) -> str:
     return _png(fig)
 
 
-CSS = """body{font-family:system-ui,Helvetica,Arial,sans-serif;margin:1.5em auto;max-width:1200px;
-color:#222}table{border-collapse:collapse;font-size:.9em}th,td{border:1px solid #ccc;
-padding:.2em .5em;text-align:right}th{background:#f3f3f3}.flag{background:#fde2e2;
-border:1px solid #e99;padding:.5em 1em}.ok{color:#276}img{max-width:100%}"""
-
-
 def _page(patient_id, row, raised, figures) -> str:
-    pid = html.escape(patient_id)
-    heads = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in KEY_FIGURES)
-    cells = "".join(f"<td>{format_value(row.get(c), f)}</td>" for c, _, f in KEY_FIGURES)
-    if raised:
-        items = "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(r)}</li>" for n, r in raised)
-        flag_html = f"<div class='flag'><b>QA flags</b><ul>{items}</ul></div>"
-    else:
-        flag_html = "<p class='ok'>No QA flag raised.</p>"
     cov = row.get("reg_slice_thickness_mm_baseline"), row.get("reg_slice_thickness_mm_followup")
-    extra = ""
+    thickness = None
     if any(_num(v) is not None for v in cov):
-        extra = (f"<p>Slice thickness: baseline {format_value(cov[0], '{:.2f}')} mm, follow-up "
-                 f"{format_value(cov[1], '{:.2f}')} mm.</p>")  # fmt: skip
-    figs = "".join(f"<h2>{html.escape(t)}</h2><p>{html.escape(c)}</p>"
-                   f"<img alt='{html.escape(t)}' src='data:image/png;base64,{b}'>"
-                   for t, c, b in figures)  # fmt: skip
-    rules = "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(r)}</li>"
-                    for n, r, _ in FLAG_RULES)  # fmt: skip
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<title>QA {pid}</title><style>{CSS}</style></head><body>"
-            f"<p><a href='../index.html'>&larr; cohort report</a></p><h1>QA: patient {pid}</h1>"
-            f"<p>Drawn {when} from the store.</p><table><tr>{heads}</tr><tr>{cells}</tr></table>"
-            f"{extra}{flag_html}{figs}<h2>Flag rules</h2><ul>{rules}</ul></body></html>")
+        thickness = [format_value(v, "{:.2f}") for v in cov]
+    return render(
+        "qa.html",
+        patient_id=patient_id,
+        when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        heads=[h for _, h, _ in KEY_FIGURES],
+        cells=[format_value(row.get(c), f) for c, _, f in KEY_FIGURES],
+        thickness=thickness,
+        raised=raised,
+        figures=figures,
+        rules=[(n, r) for n, r, _ in FLAG_RULES],
+    )

@@ -6,7 +6,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from sscflow import store as st
-from sscflow.geometry import Geometry, to_sitk
+from sscflow.geometry import Geometry, resample, to_itk
+from sscflow.synth import read_truth
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -21,20 +22,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def resample_mask(mask: np.ndarray, geometry: Geometry, target: Geometry) -> np.ndarray:
-    """Nearest-neighbour resampling of a (z, y, x) mask from one canonical grid to another."""
-    if geometry == target:
-        return mask
-    src = to_sitk(mask.astype(np.uint8), geometry.spacing, geometry.origin, geometry.direction)
-    ref = to_sitk(np.zeros(target.shape, np.uint8), target.spacing, target.origin)
-    return sitk.GetArrayFromImage(
-        sitk.Resample(src, ref, sitk.Transform(), sitk.sitkNearestNeighbor)
-    )
+    """Nearest-neighbour resampling of a (z, y, x) mask onto another grid (uint8)."""
+    return resample(np.asarray(mask).astype(np.uint8), geometry, target, interpolator="nearest")
 
 
 def lung_mask_dice(store: str, synthetic_dir, patient_ids) -> dict[str, float]:
     """Dice of each stored baseline lung mask against the synthetic generator's lung truth."""
-    from sscflow.synth import read_truth
-
     root = st.open_store(store, mode="r")
     scores = {}
     for pid in patient_ids:
@@ -81,6 +74,4 @@ def threshold_reference(image: sitk.Image, *, threshold_hu: float = -500.0) -> s
             sitk.BinaryFillhole(sitk.GetImageFromArray(out[k].astype(np.uint8)))
         ).astype(bool)
     out &= ~airway
-    result = sitk.GetImageFromArray(out.astype(np.uint8))
-    result.CopyInformation(image)
-    return result
+    return to_itk(out.astype(np.uint8), Geometry.of(image))

@@ -23,7 +23,6 @@ follow-up (the paper's Figures 2 and 5); the paper's Table 1 reads with the oppo
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import time
@@ -32,33 +31,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sscflow import __version__
+from sscflow import store as st
+from sscflow.figures import save_figure
+from sscflow.groups import cohort_table
 from sscflow.qa import FLAG_RULES, KEY_FIGURES, flags, format_value, page_path
+from sscflow.quality import lung_mask_dice
+from sscflow.stats import TABLE_ROWS, format_p, spearman_table, summary_table
+from sscflow.template import describe_provenance, template_provenance
+from sscflow.views.pages import render
 
 TARGETS = {"functional": "Functional worsening (ATS/ERS: FVC -10 or DLCO -15 points)",
            "morphologic": "Morphologic worsening (visual; improved counts as stable)"}  # fmt: skip
 GROUPS = {"functional": ("worsening", "stable"), "visual": ("worsened", "stable", "improved")}
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
-max-width:1100px;color:#222;line-height:1.4}
-h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ccc;padding-bottom:.2em;
-margin-top:1.8em}table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f3f3f3}
-td:first-child,th:first-child{text-align:left}.note{background:#fff6d6;border:1px solid #e8d48a;
-padding:.6em 1em}.muted{color:#666}img{max-width:100%}
-"""
 
 
 def _png(fig) -> str:
-    """A matplotlib figure as an embedded ``<img>`` (base64 PNG)."""
+    """A matplotlib figure as base64 PNG, for an embedded ``<img>``."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    data = base64.b64encode(buf.getvalue()).decode()
-    return f'<img alt="figure" src="data:image/png;base64,{data}">'
-
-
-def _img_file(path: Path) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _figure(width=7.0, height=3.2, ncols=1):
@@ -70,14 +62,14 @@ def _figure(width=7.0, height=3.2, ncols=1):
 
 
 def box_plots(table: pd.DataFrame, by: str, columns: list[tuple[str, str]],
-              save: Path | None = None) -> str:
+              save: Path | None = None) -> dict:
     """Box plots of ``columns`` ((column, label) pairs) by the groups of ``by`` (Figures 3, 4);
-    also written to ``save`` (PNG and SVG) when given."""
+    also written to ``save`` (PNG and SVG) when given. Returns ``{"png": base64 PNG or None,
+    "by", "has_columns"}`` (no PNG when no patient has a label or no column has values)."""
     columns = [(c, lab) for c, lab in columns if c in table and table[c].notna().any()]
     groups = [g for g in GROUPS[by] if (table[by] == g).any()] if by in table else []
     if not columns or not groups:
-        return (f'<p class="muted">No box plots: no patient has a {by} label'
-                f'{"" if columns else " and values to plot"}.</p>')
+        return {"png": None, "by": by, "has_columns": bool(columns)}
     fig, axes = _figure(3.0 * len(columns), 3.2, len(columns))
     for ax, (col, label) in zip(axes, columns, strict=True):
         data = [table.loc[table[by] == g, col].dropna().to_numpy() for g in groups]
@@ -88,11 +80,11 @@ def box_plots(table: pd.DataFrame, by: str, columns: list[tuple[str, str]],
         ax.tick_params(labelsize=8)
     fig.tight_layout()
     _save(fig, save)
-    return _png(fig)
+    return {"png": _png(fig), "by": by, "has_columns": True}
 
 
 def roc_figure(curves: dict[str, dict], save: Path | None = None) -> str:
-    """ROC curves, one line per (name -> {"fpr", "tpr", "auc"})."""
+    """ROC curves, one line per (name -> {"fpr", "tpr", "auc"}), as base64 PNG."""
     fig, (ax,) = _figure(4.2, 4.0)
     for name, c in curves.items():
         if c and c.get("fpr"):
@@ -108,13 +100,22 @@ def roc_figure(curves: dict[str, dict], save: Path | None = None) -> str:
 
 def _save(fig, path: Path | None) -> None:
     if path is not None:
-        from sscflow.figures import save_figure
-
         save_figure(fig, path)
 
 
-def _table_html(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, escape=True, na_rep="–", border=0)
+def _cell(value) -> str:
+    """A table cell's text: an en dash for a missing value."""
+    if value is None or (isinstance(value, float | np.floating) and np.isnan(value)):
+        return "–"
+    if isinstance(value, np.generic):
+        value = value.item()
+    return str(value)
+
+
+def _table(df: pd.DataFrame) -> dict:
+    """A DataFrame as the templates' table: column names and rows of text."""
+    return {"columns": [str(c) for c in df.columns],
+            "rows": [[_cell(v) for v in row] for row in df.itertuples(index=False)]}
 
 
 def _metric_rows(name: str, m: dict) -> dict:
@@ -167,32 +168,28 @@ def write_report(store: str, results_dir, *, synthetic: bool | None = None) -> P
     results = Path(results_dir)
     out = results / "report" / "index.html"
     try:
-        page = _build(store, results, synthetic)
+        page = render("report.html", **_build(store, results, synthetic))
     except Exception as exc:
-        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        _write_page(out, "<h1>sscflow cohort report: failed</h1><p class='note'>The report of "
-                    f"store <code>{html.escape(str(store))}</code> could not be written at "
-                    f"{when}: {html.escape(f'{type(exc).__name__}: {exc}')}.</p><p>Run "
-                    "<code>sscflow --debug report STORE</code> for the details; the previous "
-                    "report was removed so that it is not taken for a current one.</p>")
+        _write_page(out, render("report_failed.html", store=str(store), when=_now(),
+                                error=f"{type(exc).__name__}: {exc}"))  # fmt: skip
         raise
     _write_page(out, page)
     return out
 
 
-def _write_page(out: Path, body: str) -> None:
-    page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            "<title>sscflow cohort report</title><style>" + CSS + "</style></head><body>"
-            + body + "</body></html>")  # fmt: skip
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def _write_page(out: Path, page: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".html.partial")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)  # never a half-written page
 
 
-def _build(store, results: Path, synthetic) -> str:
-    from sscflow import store as st
-    from sscflow.groups import cohort_table
+def _build(store, results: Path, synthetic) -> dict:
+    """What the report shows, as the template's context."""
     from sscflow.pipeline import STATUS_GROUP, manifest_patients, store_status
 
     root = st.open_store(store, mode="r")
@@ -209,101 +206,66 @@ def _build(store, results: Path, synthetic) -> str:
     if synthetic is None:
         synthetic = bool(run.get("truth_dir")) or (truth is not None and bool(truth.notna().any()))
     figures = results / "figures"
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    parts = [f"<h1>sscflow cohort report</h1><p class='muted'>Store "
-             f"<code>{html.escape(str(store))}</code>, written {when}.</p>"]  # fmt: skip
-    if synthetic:
-        parts.append("<p class='note'><b>These data are synthetic</b> (made by "
-                     "<code>sscflow synth</code>): no patient is real; the section <a "
-                     "href='#truth'>Against the synthetic truth</a> checks the method against "
-                     "the known answer.</p>")  # fmt: skip
-    parts.append("<p>Convention: log-Jacobian = log det(I + ∇u) is <b>negative where the lung "
-                 "shrank</b> from baseline to follow-up (the paper's Figures 2 and 5; its Table 1 "
-                 "medians read with the opposite sign). PFT changes are follow-up minus baseline, "
-                 "in % predicted points.</p>")  # fmt: skip
 
     failed = [(pid, s, r["message"]) for pid, row in state.items()
               for s, r in row.items() if r["status"] == "failed"]  # fmt: skip
     failed += [(f"line {r['line']} ({r['patient_id'] or 'no id'})", "manifest", r["message"])
                for r in run.get("rejected", []) if r.get("patient_id") not in state]
-    n_ids = len(state)
     done = int(table["logjac_mean"].notna().sum()) if "logjac_mean" in table else 0
-    parts.append(_cohort_section(table, n_ids, done, len(failed)))
-    parts.append(_tables_section(table))
-    parts.append(_spearman_section(table))
-    parts.append(_classifier_section(results, figures))
-    parts.append(_maps_section(results, cohort_state))
     cols = [("logjac_mean", "mean log-Jacobian"), *((c, LABELS[c]) for c in LABELS)]
-    parts.append("<h2>By functional change (Figure 3)</h2>"
-                 + box_plots(table, "functional", cols, figures / "boxplots_functional"))
-    parts.append("<h2>By morphologic change (Figure 4)</h2>"
-                 + box_plots(table, "visual", cols, figures / "boxplots_visual"))
-    parts.append(_qa_section(table, results))
-    if synthetic:
-        parts.append(_truth_section(store, table, run, figures))
-    parts.append("<h2 id='failed'>Failed patients</h2>")
-    if failed:
-        parts.append("<p>Each patient's reason is given once, at the stage where it failed; "
-                     "its later stages are <i>upstream failed</i>.</p>"
-                     + _table_html(pd.DataFrame(failed, columns=["patient", "stage", "reason"])))
-    else:
-        parts.append("<p>None.</p>")
     bad_cohort = [(s, r["status"], r["message"]) for s, r in cohort_state.items()
                   if r["status"] in ("failed", "upstream_failed") and s != "report"]
-    if bad_cohort:
-        parts.append("<h3>Cohort stages not done</h3>" + _table_html(
-            pd.DataFrame(bad_cohort, columns=["stage", "status", "reason"])))
-    parts.append(_provenance_section(root, run))
-    return "\n".join(parts)
+    return {
+        "store": str(store), "when": _now(), "synthetic": synthetic,
+        "cohort": _cohort_section(table, len(state), done, len(failed)),
+        "summary_tables": _tables_section(table),
+        "spearman": _spearman_section(table),
+        "classifier": _classifier_section(results, figures),
+        "small_test": SMALL_TEST,
+        "maps": _maps_section(results, cohort_state),
+        "box_plots": [
+            {"title": "By functional change (Figure 3)",
+             **box_plots(table, "functional", cols, figures / "boxplots_functional")},
+            {"title": "By morphologic change (Figure 4)",
+             **box_plots(table, "visual", cols, figures / "boxplots_visual")},
+        ],
+        "qa": _qa_section(table, results),
+        "truth": _truth_section(store, table, run, figures) if synthetic else None,
+        "failed": _table(pd.DataFrame(failed, columns=["patient", "stage", "reason"]))
+        if failed else None,
+        "bad_cohort": _table(pd.DataFrame(bad_cohort, columns=["stage", "status", "reason"]))
+        if bad_cohort else None,
+        "provenance": _provenance_section(root, run),
+    }  # fmt: skip
 
 
-def _cohort_section(table, n_ids, done, n_failed) -> str:
+def _cohort_section(table, n_ids, done, n_failed) -> dict:
     counts = []
     for by, groups in GROUPS.items():
         if by in table:
             c = ", ".join(f"{g} {int((table[by] == g).sum())}" for g in groups)
-            counts.append(f"<li>{by}: {c}, no label {int(table[by].isna().sum())}</li>")
-    text = (f"<h2>Cohort</h2><p>{n_ids} patient{'s' if n_ids != 1 else ''}; {done} with a "
-            f"log-Jacobian map; {n_failed} failed (<a href='#failed'>see below</a>).</p>"
-            f"<ul>{''.join(counts)}</ul>")  # fmt: skip
-    if done == 0:
-        text += ("<p class='note'><b>No patient has a log-Jacobian map</b>: every patient failed "
-                 "or has not run yet, so there are no maps, tables or classifiers to show. The "
-                 "reasons are under <a href='#failed'>Failed patients</a>; fix the inputs and run "
-                 "<code>sscflow run</code> again (finished work is kept).</p>")  # fmt: skip
-    elif n_ids == 1:
-        text += "<p class='note'>One patient: group statistics need more.</p>"
-    return text
+            counts.append((by, c, int(table[by].isna().sum())))
+    return {"n_ids": n_ids, "done": done, "n_failed": n_failed, "counts": counts}
 
 
-def _tables_section(table) -> str:
-    from sscflow.stats import TABLE_ROWS, summary_table
-
-    parts = []
+def _tables_section(table) -> list[dict]:
+    out = []
     for title, by, need in (("Table 1: by functional change", "functional",
                              "FVC and DLCO at both times"),
                             ("Table 2: by morphologic (visual) change", "visual",
                              "a visual column")):  # fmt: skip
+        made = None
         if by in table and table[by].notna().any():
-            t = summary_table(table, by, list(GROUPS[by]), TABLE_ROWS)
-            parts.append(f"<h2>{title}</h2>" + _table_html(t) +
-                         "<p class='muted'>Median (interquartile range) or count (%); P: "
-                         "Mann-Whitney (2 groups), Kruskal-Wallis (3), Fisher's exact (counts)."
-                         "</p>")  # fmt: skip
-        else:
-            parts.append(f"<h2>{title}</h2><p class='muted'>Not made: no patient has a {by} "
-                         f"label (the manifest needs {need}).</p>")  # fmt: skip
-    return "\n".join(parts)
+            made = _table(summary_table(table, by, list(GROUPS[by]), TABLE_ROWS))
+        out.append({"title": title, "by": by, "need": need, "table": made})
+    return out
 
 
-def _spearman_section(table) -> str:
-    from sscflow.stats import format_p, spearman_table
-
-    head = "<h2>Mean log-Jacobian against PFT change (Spearman)</h2>"
+def _spearman_section(table) -> dict | None:
     rho = spearman_table(table) if "logjac_mean" in table else pd.DataFrame()
     rho = rho[rho["n"] > 0] if len(rho) else rho
     if not len(rho):
-        return head + "<p class='muted'>Not made: no patient has both a map and PFT changes.</p>"
+        return None
     show = pd.DataFrame({
         "variable": [LABELS.get(v, v) for v in rho["variable"]],
         "n": rho["n"].astype(int),
@@ -313,18 +275,17 @@ def _spearman_section(table) -> str:
                    for lo, hi in zip(rho["ci_low"], rho["ci_high"], strict=True)],
         "P": [format_p(p) or "–" for p in rho["p"]],
     })  # fmt: skip
-    return head + _table_html(show) + ("<p class='muted'>– : not defined (fewer than 3 pairs, "
-                                       "or a constant column).</p>")
+    return _table(show)
 
 
-def _classifier_section(results: Path, figures: Path) -> str:
-    parts = ["<h2>Classifier (test set, exact 95% CIs)</h2>"]
+def _classifier_section(results: Path, figures: Path) -> dict:
+    targets = []
     curves = {}
     for target, label in TARGETS.items():
         folder = results / "classifier" / target
         metrics = _read_json(folder / "metrics.json")
         if metrics is None:
-            parts.append(f"<p class='muted'>{html.escape(label)}: not trained.</p>")
+            targets.append({"label": label, "table": None})
             continue
         cnn = metrics["cnn"]
         rows = [_metric_rows("CNN on log-Jacobian maps (cut-off: validation Youden)", cnn)]
@@ -336,70 +297,43 @@ def _classifier_section(results: Path, figures: Path) -> str:
         majority = max(pos, n - pos) / n if n else float("nan")
         rows.append({"Method": "Majority class (predict the commoner class for everyone)",
                      "n (test)": n, "Accuracy": format_value(majority, "{:.0%}")})
-        parts.append(f"<h3>{html.escape(label)}</h3>" + _table_html(pd.DataFrame(rows)))
-        if n < SMALL_TEST:
-            parts.append(f"<p class='note'><b>Warning:</b> the test set has {n} patient"
-                         f"{'s' if n != 1 else ''} (fewer than {SMALL_TEST}): these metrics "
-                         "mean little; compare the accuracy with the majority class's "
-                         f"({format_value(majority, '{:.0%}')}).</p>")  # fmt: skip
+        targets.append({"label": label, "table": _table(pd.DataFrame(rows)), "n": n,
+                        "majority": format_value(majority, "{:.0%}")})  # fmt: skip
         curves[f"{target}: CNN"] = cnn.get("roc", {})
         curves[f"{target}: ILD extent"] = (metrics.get("ild_extent") or {}).get("roc", {})
+    roc = None
     if any(c and c.get("fpr") for c in curves.values()):
-        parts.append("<h3>ROC curves (test set)</h3>" + roc_figure(curves, figures / "roc"))
-    return "\n".join(parts)
+        roc = roc_figure(curves, figures / "roc")
+    return {"targets": targets, "roc": roc}
 
 
-def _maps_section(results: Path, cohort_state: dict) -> str:
-    head = ("<h2>Group-mean log-Jacobian maps (template space)</h2><p class='muted'>Each panel: "
-            "the group's mean map, averaged along left-right (sagittal) or front-back (coronal) "
-            "inside the template lungs, over the template CT; n is the group's size. With no "
-            "labels, the mean of every patient is shown.</p>")  # fmt: skip
+def _maps_section(results: Path, cohort_state: dict) -> dict:
     fig5 = results / "figures" / "group_means_sagittal.png"
     gm = cohort_state.get("group_means", {})
     if gm.get("status") in ("failed", "upstream_failed"):
-        return head + (f"<p class='note'>Not made: the group-means stage "
-                       f"{gm['status'].replace('_', ' ')}: {html.escape(gm.get('message', ''))}"
-                       "</p>")  # fmt: skip
+        return {"failed": gm["status"].replace("_", " "), "message": gm.get("message", "")}
     if fig5.is_file():
-        return head + _img_file(fig5)
-    return head + "<p class='muted'>Not made: no run has reached the group-means stage.</p>"
+        return {"failed": None, "png": base64.b64encode(fig5.read_bytes()).decode(),
+                "alt": fig5.stem}  # fmt: skip
+    return {"failed": None, "png": None}
 
 
-def _qa_section(table, results: Path) -> str:
-    parts = ["<h2 id='qa'>Per-patient QA</h2><p>Each patient's page shows the lung mask on "
-             "the baseline, the follow-up before and after registration, the log-Jacobian map "
-             "over the CT and the template-space map.</p>"]  # fmt: skip
-    if not len(table):
-        return parts[0] + "<p class='muted'>No patient in the store.</p>"
+def _qa_section(table, results: Path) -> dict:
     rows = []
     for rec in table.to_dict("records"):
         pid = str(rec["patient_id"])
-        link = page_path(results, pid)
-        cell = (f"<a href='qa/{html.escape(pid)}.html'>{html.escape(pid)}</a>"
-                if link.is_file() else html.escape(pid))
-        raised = flags(rec)
-        flag = ", ".join(html.escape(n) for n, _ in raised) or "–"
-        rows.append(f"<tr><td>{cell}</td>" + "".join(
-            f"<td>{format_value(rec.get(c), f)}</td>" for c, _, f in KEY_FIGURES)
-            + f"<td>{flag}</td></tr>")  # fmt: skip
-    heads = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in KEY_FIGURES)
-    parts.append(f"<table><tr><th>patient</th>{heads}<th>flags</th></tr>{''.join(rows)}</table>")
-    rules = "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(r)}</li>"
-                    for n, r, _ in FLAG_RULES)  # fmt: skip
-    parts.append(f"<p>Flag rules:</p><ul>{rules}</ul>")
-    return "\n".join(parts)
+        rows.append({"patient_id": pid, "link": page_path(results, pid).is_file(),
+                     "cells": [format_value(rec.get(c), f) for c, _, f in KEY_FIGURES],
+                     "flags": ", ".join(n for n, _ in flags(rec)) or "–"})  # fmt: skip
+    return {"rows": rows, "heads": [h for _, h, _ in KEY_FIGURES],
+            "rules": [(n, r) for n, r, _ in FLAG_RULES]}
 
 
-def _truth_section(store, table, run, figures: Path) -> str:
-    parts = ["<h2 id='truth'>Against the synthetic truth</h2><p>Lung masks against the "
-             "generator's lungs (Dice) and the registration's displacement against the true "
-             "field (mean error in the baseline lungs, mm).</p>"]  # fmt: skip
+def _truth_section(store, table, run, figures: Path) -> dict:
     cols = [c for c in table.columns if c.startswith("reg_truth_")]
     dice = {}
     truth_dir = run.get("truth_dir")
     if truth_dir and Path(truth_dir, "truth").is_dir():
-        from sscflow.quality import lung_mask_dice
-
         ids = [p for p in table["patient_id"] if np.isfinite(table.set_index(
             "patient_id").at[p, "lung_volume_baseline_ml"])]  # fmt: skip
         try:
@@ -410,7 +344,7 @@ def _truth_section(store, table, run, figures: Path) -> str:
     t.insert(1, "lung Dice", [dice.get(p, np.nan) for p in t["patient_id"]])
     t = t[t.drop(columns="patient_id").notna().any(axis=1)]
     if not len(t):
-        return parts[0] + "<p class='muted'>No patient has a comparison with the truth yet.</p>"
+        return {"summary": None}
     summary = []
     for c in t.columns[1:]:
         v = pd.to_numeric(t[c], errors="coerce").dropna()
@@ -419,12 +353,10 @@ def _truth_section(store, table, run, figures: Path) -> str:
                             "median": format_value(v.median(), "{:.3f}"),
                             "min": format_value(v.min(), "{:.3f}"),
                             "max": format_value(v.max(), "{:.3f}")})  # fmt: skip
-    parts.append(_table_html(pd.DataFrame(summary)))
     show = t.copy()
     for c in show.columns[1:]:
         show[c] = [format_value(v, "{:.3f}") for v in show[c]]
     show.columns = [c.removeprefix("reg_truth_") for c in show.columns]
-    parts.append("<details><summary>Per patient</summary>" + _table_html(show) + "</details>")
     fig, axes = _figure(6.0, 2.6, 2)
     for ax, (c, label) in zip(axes, (("lung Dice", "lung Dice"),
                                      ("reg_truth_mean_error_mm", "displacement error (mm)")),
@@ -436,15 +368,11 @@ def _truth_section(store, table, run, figures: Path) -> str:
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     _save(fig, figures / "truth")
-    parts.append(_png(fig))
-    return "\n".join(parts)
+    return {"summary": _table(pd.DataFrame(summary)), "per_patient": _table(show),
+            "png": _png(fig)}
 
 
-def _provenance_section(root, run: dict) -> str:
-    from sscflow import __version__
-    from sscflow import store as st
-    from sscflow.template import describe_provenance, template_provenance
-
+def _provenance_section(root, run: dict) -> dict:
     spacing = None
     for pid in st.patient_ids(root):
         meta = root[f"{st.PATIENTS}/{pid}"].get("baseline")
@@ -474,20 +402,12 @@ def _provenance_section(root, run: dict) -> str:
     for stage, counts in backends.items():
         rows.append((f"{stage} backend", ", ".join(f"{k}: {v} patients"
                                                     for k, v in counts.items())))  # fmt: skip
-    body = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>"
-                   f"{html.escape(str(v))}</td></tr>" for k, v in rows)  # fmt: skip
-    config = run.get("config_yaml")
-    cfg = (f"<details><summary>Config of the run (YAML)</summary><pre>{html.escape(config)}"
-           "</pre></details>") if config else "<p class='muted'>No run record (config).</p>"
-    return f"<h2>Provenance</h2><table>{body}</table>{cfg}"
+    return {"rows": [(k, str(v)) for k, v in rows], "config": run.get("config_yaml")}
 
 
 def report_key(store, results_dir) -> str:
     """A hash of everything the report shows (cohort table, run records, classifier metrics,
     group means, QA pages, run provenance less its start time): unchanged, the report is."""
-    from sscflow import __version__
-    from sscflow import store as st
-    from sscflow.groups import cohort_table
     from sscflow.pipeline import STATUS_GROUP, store_status
 
     root = st.open_store(store, mode="r")

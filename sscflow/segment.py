@@ -39,12 +39,11 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from sscflow.errors import SegmentationError
+from sscflow.segment_lungmask import segment_lungmask
 
 WORK_MM = 2.0  # working grid spacing for every decision
 TRACHEA_MIDLINE_MM = 30.0  # the trachea's centre lies within this of the body's midline
 TRACHEA_AREA_MM2 = (50.0, 1100.0)  # section of the trachea lumen in an axial slice
-ENVELOPE_WINDOW_MM = 60.0  # the pleural-depth lower envelope is taken over this window
-COSTAL_DEPTH_MM = 35.0  # lung surface within this of the rib-cage hull faces the chest wall
 BONE_HU = 200.0
 RIGHT, LEFT = 1, 2
 SPINE_MM = 20.0
@@ -121,9 +120,8 @@ def segment_lungs(
             f"segment_lungs: spacing must be three positive numbers, got {spacing}"
         )
     if backend == "lungmask":
-        from sscflow.segment_lungmask import segment_lungmask
-
-        return segment_lungmask(hu, spacing, weights=lungmask_weights, min_lung_ml=min_lung_ml)
+        labels = segment_lungmask(hu, spacing, weights=lungmask_weights)
+        return _from_labels(labels, spacing, min_lung_ml)
     if backend != "threshold":
         raise SegmentationError(
             f"segment.backend must be 'threshold' or 'lungmask', got {backend!r}"
@@ -230,6 +228,43 @@ def segment_lungs(
 
 # ----------------------------------------------------------------------------------------------
 # grids
+
+
+def _from_labels(labels: np.ndarray, spacing, min_lung_ml: float) -> LungMask:
+    """A ``LungMask`` from a learned model's labels (1 right, 2 left; anything else is not lung).
+    ``airway_ml`` is 0: such a model leaves the airways out itself.
+
+    >>> labels = np.zeros((4, 4, 4), np.uint8)
+    >>> labels[:2], labels[2:] = 1, 7
+    >>> m = _from_labels(labels, (10.0, 10.0, 10.0), 1.0)
+    >>> m.volume_ml, m.components, m.warnings[0].startswith("one lung found (the right)")
+    (32.0, 1, True)
+    """
+    labels = np.where((labels == RIGHT) | (labels == LEFT), labels, 0).astype(np.uint8)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    counts = np.bincount(labels.ravel(), minlength=3)
+    right_ml, left_ml = counts[RIGHT] * voxel_ml, counts[LEFT] * voxel_ml
+    found = [k for k in (RIGHT, LEFT) if counts[k] * voxel_ml >= min_lung_ml]
+    if not found:
+        raise SegmentationError(
+            f"lungmask found no lung of at least min_lung_ml={min_lung_ml:g} mL "
+            f"(right {right_ml:.1f} mL, left {left_ml:.1f} mL)"
+        )
+    warnings = ()
+    if len(found) == 1:
+        side = "right" if found[0] == RIGHT else "left"
+        warnings = (f"one lung found (the {side}): a pneumonectomy, or a collapsed lung?",)
+    return LungMask(
+        mask=(labels > 0).astype(np.uint8),
+        volume_ml=float(right_ml + left_ml),
+        airway_ml=0.0,
+        components=len(found),
+        labels=labels,
+        right_ml=float(right_ml),
+        left_ml=float(left_ml),
+        trachea_found=True,
+        warnings=warnings,
+    )
 
 
 def _block_mean(hu: np.ndarray, factors) -> np.ndarray:

@@ -12,28 +12,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from sscflow.errors import MissingDependencyError, MissingInputError, SegmentationError
+from sscflow.geometry import Geometry, to_itk
 
 INSTALL = 'pip install "sscflow[lungmask]"'
 
 
-def segment_lungmask(hu: np.ndarray, spacing, *, weights, min_lung_ml: float = 20.0):
-    """Segment the lungs of ``hu`` ((Z, Y, X) HU, identity direction (LPS), ``spacing`` mm along
-    z, y, x) with lungmask's model from the local file ``weights``.
-
-    Returns a :class:`sscflow.segment.LungMask` on the same grid (labels 1 right, 2 left, as
-    lungmask's R231 gives them). ``airway_ml`` is 0: the model leaves the airways out itself.
+def segment_lungmask(hu: np.ndarray, spacing, *, weights) -> np.ndarray:
+    """The labels lungmask's model gives ``hu`` ((Z, Y, X) HU, identity direction (LPS),
+    ``spacing`` mm along z, y, x) with the weights in the local file ``weights``: a (Z, Y, X)
+    uint8 array on the same grid (1 right lung, 2 left lung, as R231 gives them; other values
+    as the model gives them). :func:`sscflow.segment.segment_lungs` makes it a ``LungMask``.
 
     Raises
     ------
     MissingDependencyError (an ImportError) when lungmask is not installed;
-    SegmentationError (a ValueError) when ``weights`` is not set;
+    SegmentationError (a ValueError) when ``weights`` is not set or the model's output does
+    not match the volume;
     MissingInputError (a FileNotFoundError) when the file does not exist.
     """
-    from sscflow.segment import LEFT, RIGHT, LungMask
-
     if weights is None or str(weights) == "":
         raise SegmentationError(
             "segment.backend: lungmask needs segment.lungmask_weights, the path of a local "
@@ -52,37 +50,12 @@ def segment_lungmask(hu: np.ndarray, spacing, *, weights, min_lung_ml: float = 2
             f"segment.backend: lungmask needs the lungmask package ({exc}): {INSTALL}, or set "
             "segment.backend: threshold"
         ) from None
-    image = sitk.GetImageFromArray(np.asarray(hu, dtype=np.int16))
-    image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
-    image.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # LPS, as lungmask wants
+    hu = np.asarray(hu, dtype=np.int16)
+    image = to_itk(hu, Geometry(hu.shape, spacing, (0.0, 0.0, 0.0)))  # LPS, as lungmask wants
     inferer = LMInferer(modelpath=str(path), force_cpu=True, tqdm_disable=True)
     labels = np.asarray(inferer.apply(image), dtype=np.uint8)
     if labels.shape != hu.shape:
         raise SegmentationError(
             f"lungmask returned shape {labels.shape} for a volume of shape {hu.shape}"
         )
-    labels[(labels != RIGHT) & (labels != LEFT)] = 0
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    counts = np.bincount(labels.ravel(), minlength=3)
-    right_ml, left_ml = counts[RIGHT] * voxel_ml, counts[LEFT] * voxel_ml
-    found = [k for k in (RIGHT, LEFT) if counts[k] * voxel_ml >= min_lung_ml]
-    if not found:
-        raise SegmentationError(
-            f"lungmask found no lung of at least min_lung_ml={min_lung_ml:g} mL "
-            f"(right {right_ml:.1f} mL, left {left_ml:.1f} mL)"
-        )
-    warnings = ()
-    if len(found) == 1:
-        side = "right" if found[0] == RIGHT else "left"
-        warnings = (f"one lung found (the {side}): a pneumonectomy, or a collapsed lung?",)
-    return LungMask(
-        mask=(labels > 0).astype(np.uint8),
-        volume_ml=float(right_ml + left_ml),
-        airway_ml=0.0,
-        components=len(found),
-        labels=labels,
-        right_ml=float(right_ml),
-        left_ml=float(left_ml),
-        trachea_found=True,
-        warnings=warnings,
-    )
+    return labels

@@ -48,7 +48,7 @@ from scipy import ndimage
 from sscflow import store as st
 from sscflow.config import RegistrationConfig, SegmentConfig, TemplateConfig
 from sscflow.errors import IncompleteOutputError, InputImageError, SscflowError
-from sscflow.geometry import Geometry
+from sscflow.geometry import Geometry, resample
 
 __all__ = ["build_template", "choose_template", "describe_provenance", "template_provenance",
            "to_template_patient"]
@@ -413,9 +413,7 @@ def _template_from_file(cfg: TemplateConfig, spacing) -> tuple[np.ndarray, np.nd
         )
     if cfg.lung_mask is not None:
         lungs, mgeom = to_canonical(read_volume(cfg.lung_mask), float(spacing[0]), label=True)
-        same = (mgeom.shape == geometry.shape
-                and np.allclose(mgeom.origin, geometry.origin, atol=1e-3))  # fmt: skip
-        if not same:
+        if not mgeom.same_grid(geometry):
             raise InputImageError(
                 f"template lung mask {cfg.lung_mask} is on another grid than the image "
                 f"{cfg.image} (canonical shape {mgeom.shape}, origin {mgeom.origin} vs shape "
@@ -446,8 +444,8 @@ def _average(hu, lungs, geometry, used, cfg: TemplateConfig):
             mask = np.asarray(images[MASK].array[...])
             bgeom = images["baseline"].geometry
             u, _ = _align(hu, lungs, geometry, base, mask, bgeom, backend, options)
-            total += _resample(base, bgeom, geometry, u, fill=HU_MIN)
-            votes += _resample(mask, bgeom, geometry, u, fill=0.0) >= 0.5
+            total += resample(base, bgeom, geometry, u, fill=HU_MIN)
+            votes += resample(mask, bgeom, geometry, u, fill=0.0) >= 0.5
         n = len(used)
         hu = np.clip(np.rint(total / n), HU_MIN, 3071).astype(np.int16)
         lungs = (votes / n >= 0.5).astype(np.uint8)
@@ -524,7 +522,7 @@ def to_template_patient(
     pgeom = inputs["baseline"].geometry
     for name in (MASK, "log_jacobian"):
         g = inputs[name].geometry
-        if g.shape != pgeom.shape or not np.allclose(g.origin, pgeom.origin, atol=1e-3):
+        if not g.same_grid(pgeom):
             raise ValueError(
                 f"patient {patient_id}: {name} grid (shape {g.shape}, origin {g.origin}) differs "
                 f"from the baseline's (shape {pgeom.shape}, origin {pgeom.origin}); rerun the "
@@ -551,8 +549,8 @@ def to_template_patient(
     t1 = time.perf_counter()
     u, shift = _align(timg, tmask, tgeom, base, pmask, pgeom, backend, options)
     runtime = time.perf_counter() - t1
-    warped_lj = _resample(lj, pgeom, tgeom, u, fill=0.0)
-    warped_mask = _resample(pmask, pgeom, tgeom, u, fill=0.0) >= 0.5
+    warped_lj = resample(lj, pgeom, tgeom, u, fill=0.0)
+    warped_mask = resample(pmask, pgeom, tgeom, u, fill=0.0) >= 0.5
     timg_f = timg.astype(np.float32)
     sel = tmask if tmask.any() else None
     qa = {
@@ -563,17 +561,19 @@ def to_template_patient(
         "dice": _dice(tmask, warped_mask),
         "mean_template": _nanmean(warped_lj[tmask]) if tmask.any() else None,
         "mean_patient": _nanmean(lj[pmask]) if pmask.any() else None,
-        "ncc_before": round(ncc(timg_f, _resample(base, pgeom, tgeom, None, shift, fill=HU_MIN),
-                                sel), 5),
-        "ncc_after": round(ncc(timg_f, _resample(base, pgeom, tgeom, u, fill=HU_MIN), sel), 5),
+        "ncc_before": round(ncc(timg_f, resample(base, pgeom, tgeom, affine=(np.eye(3), shift),
+                                                 fill=HU_MIN), sel), 5),
+        "ncc_after": round(ncc(timg_f, resample(base, pgeom, tgeom, u, fill=HU_MIN), sel), 5),
         "folded_fraction": folded_fraction(u, tgeom.spacing, sel),
     }  # fmt: skip
     if OUTPUT in group:  # an interrupted run must not leave an old map beside a new field
         del group[OUTPUT]
     st.write_image(group, DISPLACEMENT, u, tgeom, stage=TO_TEMPLATE_STAGE, params=params,
-                   input_hash=input_hash, extra={"convention": CONVENTION})  # fmt: skip
+                   input_hash=input_hash, extra={"convention": CONVENTION},
+                   step=st.FIELD_STEP_MM)  # fmt: skip
     st.write_image(group, OUTPUT, warped_lj, tgeom, stage=TO_TEMPLATE_STAGE, params=params,
-                   input_hash=input_hash, extra={"qa": qa, "convention": CONVENTION})  # fmt: skip
+                   input_hash=input_hash, extra={"qa": qa, "convention": CONVENTION},
+                   step=st.LOG_JACOBIAN_STEP)  # fmt: skip
     return {**row, "status": "done", "seconds": time.perf_counter() - t0, **qa}
 
 
@@ -611,42 +611,6 @@ def _centroid_mm(mask, geometry: Geometry) -> np.ndarray:
     """Physical (z, y, x) mm of a mask's centre of mass."""
     c = np.asarray(ndimage.center_of_mass(np.asarray(mask, bool)), float)
     return np.asarray(geometry.origin) + c * np.asarray(geometry.spacing)
-
-
-def _resample(volume, source: Geometry, target: Geometry, displacement=None, shift=(0, 0, 0), *,
-              fill: float = 0.0, slab: int = 16) -> np.ndarray:  # fmt: skip
-    """``volume`` (on ``source``) at the physical points ``x + u(x) + shift`` of ``target``.
-
-    Trilinear (``scipy.ndimage.map_coordinates``, order 1), ``fill`` outside the source grid
-    (more than half a voxel past its edge voxels' centres: a point a hair past the edge still
-    reads the edge voxel; scipy's ``constant`` mode filled it, which dropped a lung cut by the
-    field of view from its edge slice for any outward displacement, however small); both grids
-    canonical. Works in slabs of ``slab`` target slices, so the sample coordinates never take
-    more than a slab's worth of memory. Returns float32 on the target grid.
-    """
-    vol = np.asarray(volume)
-    if vol.dtype not in (np.float32, np.float64):
-        vol = vol.astype(np.float32)
-    sp = np.asarray(source.spacing)
-    axes = [(target.origin[k] + np.arange(n) * target.spacing[k] + shift[k] - source.origin[k])
-            / sp[k] for k, n in enumerate(target.shape)]  # fmt: skip
-    out = np.empty(target.shape, np.float32)
-    ny, nx = target.shape[1:]
-    for z0 in range(0, target.shape[0], slab):
-        z1 = min(target.shape[0], z0 + slab)
-        coords = np.empty((3, z1 - z0, ny, nx), np.float64)
-        coords[0] = axes[0][z0:z1, None, None]
-        coords[1] = axes[1][None, :, None]
-        coords[2] = axes[2][None, None, :]
-        if displacement is not None:
-            for k in range(3):
-                coords[k] += displacement[k, z0:z1] / sp[k]
-        ndimage.map_coordinates(vol, coords, output=out[z0:z1], order=1, mode="nearest")
-        outside = np.zeros(coords.shape[1:], bool)
-        for k in range(3):
-            outside |= (coords[k] < -0.5) | (coords[k] > vol.shape[k] - 0.5)
-        out[z0:z1][outside] = fill
-    return out
 
 
 def _nanmean(values) -> float | None:

@@ -158,6 +158,14 @@ def test_items_are_shrunk_to_the_classifier_resolution(cohort, tmp_path):
     assert torch.equal(batches[1][0][0], half[2][0]) and batches[0][1].tolist() == [0, 1]
     clone = pickle.loads(pickle.dumps(cached))  # what a worker process receives
     assert clone._array is None and torch.equal(clone[0][0], half[2][0])
+    # held in RAM (hold_in_ram, as train does when it fits): the same batches, no processes
+    streamed = CachedDataset(cache, [2, 0, 1], [0, 0, 1])
+    held = CachedDataset(cache, [2, 0, 1], [0, 0, 1]).load()
+    assert held.nbytes == 3 * 8**3 * 4 and held.memory.shape == (3, 8, 8, 8)
+    for a, b in zip(make_loader(streamed, 2, True, 3, 2), make_loader(held, 2, True, 3, 2),
+                    strict=True):  # fmt: skip
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert make_loader(held, 2, True, 3, 2).num_workers == 0
     # the model takes the shrunk grid: 8 -> 4 -> 2 -> 1
     model = build_model(ClassifierConfig(channels=(4, 8, 16)), half.item_shape)
     assert model.classifier.in_features == 16 and not any(

@@ -514,8 +514,9 @@ def sizing_problems(docs: list[dict]) -> list[str]:
         resources = _option(args, "--resources")
         if group == "gpu" and (gpus != "1" or resources != "GPU=1"):
             problems.append(f"{at}: nvidia.com/gpu {gpus} with --resources {resources}")
-        if group == "cpu" and (gpus != "0" or resources is not None):
-            problems.append(f"{at}: GPU resources on the CPU group")
+        if group == "cpu" and (gpus != "0" or resources != f"CPU={_option(args, '--nthreads')}"):
+            problems.append(f"{at}: nvidia.com/gpu {gpus} with --resources {resources} (the "
+                            "CPU group offers CPU=<nthreads> and no GPU)")  # fmt: skip
     return problems
 
 
@@ -567,8 +568,9 @@ def test_sizing_rules_catch_mismatches():
 def test_worker_args_are_what_the_operator_expects():
     for group in ("cpu", "gpu"):
         args = k8s.worker_args(group)
-        tail = ["--resources", "GPU=1"] if group == "gpu" else []
         c = k8s.worker_container(group)
+        cpu = str(c["resources"]["limits"]["cpu"])
+        tail = ["--resources", "GPU=1" if group == "gpu" else f"CPU={cpu}"]
         assert args == ["dask", "worker", "--name", "$(DASK_WORKER_NAME)",
                         "--nthreads", str(c["resources"]["limits"]["cpu"]),
                         "--memory-limit", _option(args, "--memory-limit"),

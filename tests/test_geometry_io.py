@@ -7,7 +7,7 @@ import SimpleITK as sitk
 from helpers import make_volume
 
 from sscflow.errors import InputImageError, MissingInputError
-from sscflow.geometry import Geometry, field_from_sitk, field_to_sitk, to_sitk
+from sscflow.geometry import Geometry, from_itk, to_itk
 from sscflow.imageio import deterministic_uid, read_volume, write_dicom_series, write_volume
 from sscflow.ingest import to_canonical
 
@@ -96,7 +96,7 @@ def test_resampling_preserves_sphere_volume():
 
 def test_canonical_input_is_copied_not_interpolated():
     arr = np.random.default_rng(1).integers(-1000, 1000, size=(5, 6, 7)).astype(np.int16)
-    image = to_sitk(arr, (2.0, 2.0, 2.0), (1.0, 2.0, 3.0))
+    image = to_itk(arr, Geometry(arr.shape, (2.0, 2.0, 2.0), (1.0, 2.0, 3.0)))
     hu, geom = to_canonical(image, 2.0)
     np.testing.assert_array_equal(hu, arr)
     assert geom.origin == (1.0, 2.0, 3.0)
@@ -125,7 +125,8 @@ def test_read_errors(tmp_path):
     with pytest.raises(MissingInputError, match="does not exist"):
         read_volume(tmp_path / "none.nii.gz")
     bad = tmp_path / "trunc.nii.gz"
-    write_volume(to_sitk(np.zeros((10, 10, 10), np.int16), (1, 1, 1)), bad)
+    g = Geometry((10, 10, 10), (1, 1, 1), (0, 0, 0))
+    write_volume(to_itk(np.zeros(g.shape, np.int16), g), bad)
     bad.write_bytes(bad.read_bytes()[:60])
     with pytest.raises(InputImageError, match="could not be read"):
         read_volume(bad)
@@ -169,8 +170,9 @@ def test_several_series_need_a_uid(tmp_path):
 
 def test_field_conversion_round_trip():
     u = np.random.default_rng(0).normal(size=(3, 4, 5, 6)).astype(np.float32)
-    img = field_to_sitk(u, (1.0, 2.0, 3.0))
+    img = to_itk(u, Geometry((4, 5, 6), (1.0, 2.0, 3.0), (0.0, 0.0, 0.0)))
     # ITK's first component is x: our component 2
     np.testing.assert_allclose(img[1, 2, 3][0], u[2, 3, 2, 1])
-    np.testing.assert_array_equal(field_from_sitk(img), u)
-    assert Geometry.of(img).spacing == (1.0, 2.0, 3.0)
+    field, geometry = from_itk(img)
+    np.testing.assert_array_equal(field, u)
+    assert geometry.spacing == (1.0, 2.0, 3.0) and geometry.shape == (4, 5, 6)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from helpers import MINI_SEGMENT, make_volume, mini_chest
 from sscflow import store as st
 from sscflow.cohort import read_manifest
 from sscflow.config import IngestConfig
-from sscflow.imageio import deterministic_uid, write_dicom_series, write_volume
+from sscflow.imageio import deterministic_uid, input_fingerprint, write_dicom_series, write_volume
 from sscflow.ingest import ingest_cohort
 from sscflow.quality import dice
 
@@ -238,3 +240,99 @@ def test_bad_inputs_fail_alone_with_clear_messages(tmp_path):
         group = st.patient_group(root, pid, create=False)
         for name in names:
             assert st.output_state(group, name) != "complete", (pid, name)
+
+
+def _series(image, folder, uid, prefix):
+    """Write ``image`` as DICOM series ``uid`` into ``folder`` (files named ``prefix*``), beside
+    whatever the folder already holds."""
+    tmp = folder.parent / f"{folder.name}_{prefix}"
+    files = write_dicom_series(image, tmp, patient_id="MRN0042", patient_name=PATIENT_NAME,
+                               series_uid=uid, study_uid="1.2.826.0.1.3680043.2.1125.9")
+    folder.mkdir(exist_ok=True)
+    out = []
+    for k, f in enumerate(files):
+        out.append(folder / f"{prefix}{k:03d}.dcm")
+        os.replace(f, out[-1])
+    return out
+
+
+def _poke_in_place(f, offset_from_end=200):
+    """Change bytes of ``f`` near its end (pixel data) keeping its size and modification time."""
+    stat = f.stat()
+    with open(f, "r+b") as fh:
+        fh.seek(stat.st_size - offset_from_end)
+        old = fh.read(8)
+        fh.seek(stat.st_size - offset_from_end)
+        fh.write(bytes(b ^ 0x55 for b in old))
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert f.stat().st_size == stat.st_size and f.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+def test_skip_decision_follows_the_chosen_series_and_force_rereads(tmp_path):
+    """Two series share a folder and the manifest picks one: changing the other ingests nothing
+    again, changing the chosen one (content and time) does. An edit in place that keeps size and
+    time is not seen (no pixel is read to decide), and ``force`` reads it."""
+    folder = tmp_path / "dicom"
+    uid1, uid2 = deterministic_uid("chosen"), deterministic_uid("other")
+    chosen = _series(chest(), folder, uid1, "a")
+    other = _series(chest(), folder, uid2, "b")
+    fu = write_scan(chest(), tmp_path / "fu.nii.gz")
+    (tmp_path / "manifest.csv").write_text(
+        "patient_id,baseline,followup,baseline_series_uid\n"
+        f"A,{folder.name},{fu.name},{uid1}\n")  # fmt: skip
+    manifest = read_manifest(tmp_path / "manifest.csv")
+    store = str(tmp_path / "c.zarr")
+
+    def statuses(**kw):
+        return [r.written for r in ingest_cohort(manifest, store, INGEST, MINI_SEGMENT, **kw)]
+
+    assert statuses() == [["baseline", "followup", "lung_labels", "lung_mask",
+                           "followup_lung_labels", "followup_lung_mask"]]  # fmt: skip
+    time.sleep(0.01)  # a new modification time for what is rewritten below
+    for f in other:
+        f.unlink()
+    _series(chest(lung_z_radius=24.0), folder, uid2, "b")  # the other series changes
+    assert statuses() == [[]]
+    _poke_in_place(chosen[len(chosen) // 2])  # same size and time: not seen ...
+    _poke_in_place(fu, 40)
+    assert statuses() == [[]]
+    assert statuses(force=True)[0][:1] == ["baseline"]  # ... until forced
+    for f in chosen:
+        f.unlink()
+    _series(chest(lung_z_radius=24.0), folder, uid1, "a")  # the chosen series changes
+    write_scan(chest(lung_z_radius=26.0), fu)  # the follow-up file, in place
+    assert statuses() == [["baseline", "followup", "lung_labels", "lung_mask",
+                           "followup_lung_labels", "followup_lung_mask"]]  # fmt: skip
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read() calls so far (Linux /proc/self/io)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").is_file(), reason="needs Linux /proc/self/io")
+def test_the_skip_decision_reads_headers_not_pixels(tmp_path):
+    """input_fingerprint reads a few kB of each file whatever its size: counted by the kernel
+    (/proc/self/io), so the count holds for ITK's and pydicom's reads alike."""
+    rng = np.random.default_rng(0)  # noise: compression cannot make the files small
+    image = sitk.GetImageFromArray(rng.integers(-1000, 400, (24, 256, 256)).astype(np.int16))
+    folder = tmp_path / "dicom"
+    chosen = _series(image, folder, deterministic_uid("chosen"), "a")
+    _series(image, folder, deterministic_uid("other"), "b")
+    sitk.WriteImage(image, str(tmp_path / "ct.mha"), False)
+    sitk.WriteImage(image, str(tmp_path / "ct.nrrd"), False)
+    sitk.WriteImage(image, str(tmp_path / "ct.nii"), False)
+    input_fingerprint(folder, deterministic_uid("chosen"))  # imports (pydicom) read files too
+    cases = [(folder, deterministic_uid("chosen"), sum(f.stat().st_size for f in chosen))]
+    cases += [(tmp_path / n, None, (tmp_path / n).stat().st_size)
+              for n in ("ct.mha", "ct.nrrd", "ct.nii")]  # fmt: skip
+    for path, uid, size in cases:
+        before = _bytes_read()
+        _, counted = input_fingerprint(path, uid)
+        read = _bytes_read() - before
+        assert counted == size, path
+        files = len(list(path.iterdir())) if path.is_dir() else 1
+        assert size > 3_000_000 and read < size / 10 and read < 100_000 * files, (path, read)

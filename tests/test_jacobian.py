@@ -13,7 +13,7 @@ from scipy import ndimage as ndi
 from sscflow import store as st
 from sscflow.config import JacobianConfig, config_from_dict
 from sscflow.errors import ConfigError, IncompleteOutputError
-from sscflow.geometry import Geometry, field_to_sitk
+from sscflow.geometry import Geometry, to_itk
 from sscflow.jacobian import (
     log_floor,
     log_jacobian,
@@ -35,7 +35,8 @@ def smooth_field(shape, seed=0, amp=3.0, sigma=2.0) -> np.ndarray:
 
 
 def sitk_det(u, spacing) -> np.ndarray:
-    image = sitk.DisplacementFieldJacobianDeterminant(field_to_sitk(u, spacing))
+    image = sitk.DisplacementFieldJacobianDeterminant(
+        to_itk(u, Geometry(u.shape[1:], spacing, (0.0, 0.0, 0.0))))
     return sitk.GetArrayFromImage(image)
 
 
@@ -371,9 +372,13 @@ def test_stage_writes_the_map_and_its_summary(tiny_store):
     image = st.read_image(group, "log_jacobian")
     assert image.geometry == GEOM
     assert image.array.dtype == np.float32 and image.array.chunks == (8, 8, 8)
-    expected = log_jacobian(u, GEOM.spacing)
+    full = log_jacobian(u, GEOM.spacing)
+    np.testing.assert_allclose(full, sitk_log_jacobian(u, GEOM.spacing), rtol=0, atol=1e-5)
+    # stored rounded to 2^-12: within half a step of the full-precision map
+    assert image.meta["quantisation"] == {"step": 2.0**-12, "max_abs_error": 2.0**-13}
+    assert np.abs(image.array[...] - full).max() <= 2.0**-13
+    expected = st.quantise(full, 2.0**-12)
     np.testing.assert_array_equal(image.array[...], expected)
-    np.testing.assert_allclose(expected, sitk_log_jacobian(u, GEOM.spacing), rtol=0, atol=1e-5)
 
     summary = image.meta["summary"]
     mean, (median, p10, p90) = _expected_summary(expected, mask, (10, 90))

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from sscflow.geometry import Geometry, grid_points, image_of, inside, warp_to_baseline
+from sscflow.geometry import Geometry, grid_points, inside, to_itk, warp_to_baseline
 from sscflow.registration import register
 from sscflow.registration.align import align_masks, rotation_angle_deg
 from sscflow.registration.common import log_jacobian
@@ -156,10 +156,10 @@ def test_a_scan_registered_to_itself_stays_put(backend):
     assert mag.mean() < 0.05 and np.percentile(lj, 99) < 0.01, (mag.mean(), lj.max())
 
 
-def test_image_of_keeps_the_direction():
+def test_to_itk_keeps_the_direction():
     d = rot(30.0, (0.0, 0.0, 1.0))[::-1, ::-1]
     g = Geometry((3, 4, 5), (1.0, 2.0, 3.0), (1.0, 2.0, 3.0), tuple(tuple(r) for r in d))
-    img = image_of(np.zeros(g.shape, np.float32), g)
+    img = to_itk(np.zeros(g.shape, np.float32), g)
     assert Geometry.of(img) == g
     assert isinstance(img, sitk.Image)
 

@@ -246,7 +246,7 @@ def _value(z, y, x):
     return 300.0 * np.sin(z / 11.0) + 200.0 * np.cos(y / 9.0) + 3.0 * x - 400.0
 
 
-def _small_store(path, input_hash="x"):
+def _small_store(path, input_hash="x", patient_id="P1"):
     """Patient P1 written by hand: baseline and follow-up on different grids, a lung mask, a
     log-Jacobian map with NaN outside the lungs and a constant displacement."""
     value = _value
@@ -257,7 +257,7 @@ def _small_store(path, input_hash="x"):
         idx = np.indices(g.shape).astype(float)
         grids[name] = value(*[g.origin[k] + idx[k] * g.spacing[k] for k in range(3)])
     root = st.open_store(path)
-    group = st.patient_group(root, "P1")
+    group = st.patient_group(root, patient_id)
     kw = dict(stage="test", params={}, input_hash=input_hash)
     st.write_image(group, "baseline", grids["baseline"].astype(np.int16), bgeom, **kw)
     st.write_image(group, "followup", grids["followup"].astype(np.int16), fgeom, **kw)
@@ -288,3 +288,34 @@ def test_qa_page_is_drawn_resumed_and_redrawn_when_an_input_changes(tmp_path):
     assert qa_patient(str(tmp_path / "s.zarr"), "P1", tmp_path / "results")["status"] == "done"
     assert [n for n, _ in flags({"reg_lncc_before": 0.5, "reg_lncc_after": 0.4,
                                  "reg_lung_coverage": 0.9})] == ["similarity", "coverage"]
+
+
+EVIL_ID = "P<script>alert(1)"  # a store key cannot hold "/" (or "\\")
+EVIL_TEXT = "<script>alert('manifest')</script>&"
+
+
+def test_patient_id_and_manifest_text_are_escaped_in_both_pages(tmp_path):
+    """Text from the manifest (a patient id, a path, the config) reaches both pages as text:
+    the templates escape it, so no <script> element appears however the text is made."""
+    from sscflow.pipeline import STATUS_GROUP
+    from sscflow.qa import qa_patient
+    from sscflow.report import write_report
+
+    store = str(tmp_path / "s.zarr")
+    _small_store(store, patient_id=EVIL_ID)
+    st.require_group(st.open_store(store), STATUS_GROUP).attrs["run"] = {
+        "manifest": EVIL_TEXT, "config_yaml": f"manifest: {EVIL_TEXT}\n",
+        "rejected": [{"line": 3, "patient_id": EVIL_TEXT, "message": EVIL_TEXT}]}  # fmt: skip
+    assert qa_patient(store, EVIL_ID, tmp_path / "results")["status"] == "done"
+    qa = (tmp_path / "results/report/qa" / f"{EVIL_ID}.html").read_text(encoding="utf-8")
+    report = write_report(store, tmp_path / "results").read_text(encoding="utf-8")
+    for page in (qa, report):
+        assert "<script" not in page.lower()
+        assert "P&lt;script&gt;alert(1)" in page
+    assert report.count("&lt;script&gt;alert(&#39;manifest&#39;)&lt;/script&gt;&amp;") >= 3
+    assert f"href='qa/{EVIL_ID}" not in report and "href='qa/P&lt;script&gt;" in report
+    # the page that replaces a failed report escapes the store's name too
+    with pytest.raises(FileNotFoundError):
+        write_report(str(tmp_path / f"{EVIL_TEXT}.zarr"), tmp_path / "results")
+    failed = (tmp_path / "results/report/index.html").read_text(encoding="utf-8")
+    assert "report: failed" in failed and "<script" not in failed.lower()

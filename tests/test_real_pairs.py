@@ -26,7 +26,7 @@ import SimpleITK as sitk
 import yaml
 
 from sscflow import store as st
-from sscflow.geometry import Geometry, image_of
+from sscflow.geometry import Geometry, to_itk
 from sscflow.ingest import to_canonical
 from sscflow.registration.common import truth_errors
 from sscflow.segment import segment_lungs
@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.slow,
 
 
 def _write(array, geometry: Geometry, path: Path) -> None:
-    image = image_of(np.rint(array).astype(np.int16), geometry)
+    image = to_itk(np.rint(array).astype(np.int16), geometry)
     sitk.WriteImage(image, str(path), useCompression=True)
 
 
@@ -145,7 +145,7 @@ def _register_copy(scan, follow_up, grid):
     from sscflow.registration.common import log_jacobian
 
     hu, g, lung, _ = scan
-    fu, fg = to_canonical(image_of(follow_up, grid), TARGET_SPACING)
+    fu, fg = to_canonical(to_itk(follow_up, grid), TARGET_SPACING)
     mmask = segment_lungs(fu, fg.spacing).mask
     u = register(hu, fu.astype(np.float32), mask=lung, moving_mask=mmask, fixed_geometry=g,
                  moving_geometry=fg)  # fmt: skip

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.stats import spearmanr
 
-from sscflow.geometry import Geometry, field_from_sitk, inside
+from sscflow.geometry import Geometry, from_itk, inside
 from sscflow.imageio import read_volume
 from sscflow.synth import (
     Truth,
@@ -288,9 +288,10 @@ def _warp_back(out, rec):
                         sitk.sitkBSpline, -1024.0)  # fmt: skip
     g = Geometry.of(field)
     axes = [g.origin[k] + np.arange(n) * g.spacing[k] for k, n in enumerate(g.shape)]
-    pts = np.stack(np.meshgrid(*axes, indexing="ij")) + field_from_sitk(field)
+    u = from_itk(field)[0]
+    pts = np.stack(np.meshgrid(*axes, indexing="ij")) + u
     fov = Geometry.of(follow)
-    seen = inside(pts, fov, margin_vox=1.0) & inside(pts - field_from_sitk(field),
+    seen = inside(pts, fov, margin_vox=1.0) & inside(pts - u,
                                                      Geometry.of(base), margin_vox=1.0)
     return sitk.GetArrayFromImage(ref).astype(float), sitk.GetArrayFromImage(back), seen
 

@@ -251,12 +251,25 @@ class CachedDataset(Dataset):
             raise ValueError(f"CachedDataset: {len(self.labels)} labels for "
                              f"{len(self.indices)} items")  # fmt: skip
         self._array = None  # (pid of the process that opened it, memory map)
+        self.memory: torch.Tensor | None = None  # the rows in RAM, after :meth:`load`
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getstate__(self):
         return {**self.__dict__, "_array": None}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this dataset's rows (what :meth:`load` holds in RAM)."""
+        rows = self._rows()
+        return len(self.indices) * int(np.prod(rows.shape[1:])) * rows.dtype.itemsize
+
+    def load(self) -> CachedDataset:
+        """Read this dataset's rows into RAM once (one tensor, item order): its batches are
+        then slices of that tensor, served in this process with no loader workers."""
+        self.memory = torch.from_numpy(np.ascontiguousarray(self._rows()[self.indices]))
+        return self
 
     def _rows(self) -> np.ndarray:
         if self._array is None or self._array[0] != os.getpid():
@@ -267,6 +280,11 @@ class CachedDataset(Dataset):
         """Item ``i`` as ``(x (1, Z, Y, X), label)``; for a list of items (what
         :func:`make_loader` asks for) the whole batch, ``(x (B, 1, Z, Y, X), labels (B,))``,
         from one read of the memory map."""
+        if self.memory is not None:
+            if isinstance(i, (list, tuple)):
+                return (self.memory[list(i)][:, None],
+                        torch.tensor([self.labels[k] for k in i], dtype=torch.int64))
+            return self.memory[i][None], torch.tensor(self.labels[i], dtype=torch.int64)
         if isinstance(i, (list, tuple)):
             x = torch.from_numpy(self._rows()[[self.indices[k] for k in i]])
             return x[:, None], torch.tensor([self.labels[k] for k in i], dtype=torch.int64)
@@ -292,6 +310,32 @@ def write_cache(dataset: MapDataset, path, *, workers: int = 0, batch_size: int 
     return str(path)
 
 
+def memory_budget() -> int:
+    """Bytes the classifier may hold in RAM for its items: a quarter of the Dask worker's memory
+    limit when it runs in one, else a quarter of the memory available now."""
+    limit = None
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+    except (ImportError, ValueError, AttributeError):
+        pass
+    if not limit:
+        import psutil
+
+        limit = psutil.virtual_memory().available
+    return int(limit) // 4
+
+
+def hold_in_ram(datasets: dict[str, CachedDataset]) -> dict[str, CachedDataset]:
+    """``datasets`` with every item read into RAM (:meth:`CachedDataset.load`) when twice their
+    bytes fit in :func:`memory_budget` (the sets, then all items again for the predictions);
+    unchanged, streamed from the memory-mapped cache by loader processes, otherwise."""
+    if 2 * sum(d.nbytes for d in datasets.values()) <= memory_budget():
+        return {k: d.load() for k, d in datasets.items()}
+    return datasets
+
+
 def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int, *,
                 pin_memory: bool = False) -> DataLoader:  # fmt: skip
     """A DataLoader over ``dataset`` that prefetches with ``workers`` processes (0: in-process).
@@ -299,7 +343,9 @@ def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int
     The order depends only on ``seed`` and the epoch, not on ``workers``: shuffling uses its
     own generator (the loader's generator, which also draws the workers' base seed once per
     iterator, would otherwise advance differently with persistent workers). Workers are
-    persistent and each keeps 2 batches in flight.
+    persistent and each keeps 2 batches in flight. A :class:`CachedDataset` held in RAM
+    (:meth:`CachedDataset.load`) is served in this process: a batch is one slice of a tensor,
+    cheaper than any hand-over from a worker process (what kept a GPU waiting).
     """
     if workers < 0:
         raise ValueError(f"make_loader: workers must be >= 0, got {workers}")
@@ -309,6 +355,8 @@ def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int
         sampler = SequentialSampler(dataset)
     if isinstance(dataset, CachedDataset):  # whole batches from the cache, no per-item collation
         sampler, batch_size = BatchSampler(sampler, batch_size, drop_last=False), None
+        if dataset.memory is not None:  # a batch is a slice of a tensor in RAM: no processes
+            workers = 0
     return DataLoader(
         dataset,
         batch_size=batch_size,

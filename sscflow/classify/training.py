@@ -47,6 +47,7 @@ from sscflow.classify.data import (
     MAP,
     CachedDataset,
     MapDataset,
+    hold_in_ram,
     make_loader,
     open_root,
     shrunk_shape,
@@ -58,6 +59,7 @@ from sscflow.classify.data import (
 from sscflow.classify.model import build_model, config_to_dict, resolve_device
 from sscflow.classify.split import SETS, save_split, split_patients
 from sscflow.config import ClassifierConfig
+from sscflow.stats import youden_threshold
 
 MIN_PATIENTS = 6  # labelled patients with maps needed to train at all
 
@@ -113,6 +115,7 @@ def train(store, table: pd.DataFrame, target: str, config: ClassifierConfig, out
     rows = {p: i for i, p in enumerate(order)}
     datasets = {k: CachedDataset(cache, [rows[p] for p in split[k]],
                                  [int(labels.loc[p]) for p in split[k]]) for k in SETS}  # fmt: skip
+    datasets = hold_in_ram(datasets)
     item_shape = shrunk_shape(input_shape, config.input_shrink)
     pin = dev.type == "cuda"
     with cache_dir, _deterministic(dev), torch.random.fork_rng(devices=_cuda_indices(dev)):
@@ -249,6 +252,8 @@ def _predict_sets(model, split, datasets, config, dev, pin) -> tuple[list[tuple]
     labels = [v for k in SETS for v in datasets[k].labels]
     everyone = CachedDataset(datasets["train"].path, [i for k in SETS
                              for i in datasets[k].indices], labels)  # fmt: skip
+    if datasets["train"].memory is not None:
+        everyone.load()
     loader = make_loader(everyone, config.batch_size, False, config.seed,
                          config.loader_workers, pin_memory=pin)  # fmt: skip
     prob = _evaluate(model, loader, dev)[1]
@@ -271,8 +276,6 @@ def decision_threshold(prob, labels) -> float:
     >>> decision_threshold([0.2, 0.9], [1, 1])
     0.5
     """
-    from sscflow.stats import youden_threshold
-
     if len(set(int(v) for v in labels)) < 2:
         return 0.5
     return float(youden_threshold(np.asarray(prob, dtype=float), np.asarray(labels)))

@@ -19,11 +19,12 @@ import uuid
 
 import numpy as np
 
-from sscflow.jacobian.core import _weights, log_floor
 
+def log_jacobian_dask(displacement, weights, floor, fill):
+    """The dask path of ``log_jacobian`` (arguments already checked): one task per block.
 
-def log_jacobian_dask(displacement, spacing, floor):
-    """The dask path of ``log_jacobian`` (arguments already checked): one task per block."""
+    ``weights`` are the kernel's central-difference weights (1 / (2 h) per axis), ``fill`` the
+    value of a folded voxel; :mod:`sscflow.jacobian.core` computes both."""
     import dask.array as da
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
@@ -31,14 +32,15 @@ def log_jacobian_dask(displacement, spacing, floor):
     u = displacement.rechunk({0: 3})
     dtype = u.dtype if u.dtype in (np.float32, np.float64) else np.float32
     u = u.astype(dtype, copy=False)
-    token = tokenize(u, spacing, floor)
+    token = tokenize(u, weights, floor)
     planes, name = f"log-jacobian-planes-{token}", f"log-jacobian-{token}"
     numblocks = u.numblocks[1:]
     dsk = {}
     for index in np.ndindex(*numblocks):
         dsk[(planes, *index)] = (_outer_planes, (u.name, 0, *index))
         neighbours = _neighbours(planes, index, numblocks)
-        dsk[(name, *index)] = (_block, (u.name, 0, *index), neighbours, spacing, float(floor))
+        dsk[(name, *index)] = (_block, (u.name, 0, *index), neighbours, weights, float(floor),
+                              fill)  # fmt: skip
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[u])
     return da.Array(graph, name, chunks=u.chunks[1:], dtype=np.float32,
                     meta=np.empty((0, 0, 0), np.float32))
@@ -68,7 +70,7 @@ def _outer_planes(block: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _block(center, neighbours, spacing, floor):
+def _block(center, neighbours, weights, floor, fill):
     """log_jacobian of one block from the block and its neighbours' outer planes.
 
     ``neighbours`` holds, per axis (z, y, x) and side (below, above), the neighbour block's
@@ -90,11 +92,11 @@ def _block(center, neighbours, spacing, floor):
                 cut[1 + axis] = slice(at, at + 1)
                 u[tuple(cut)] = planes[2 * axis + which]
     out = np.empty(n, np.float32)
-    _kernel.log_jacobian_serial(u, out, *lo, *_weights(spacing), floor, log_floor(floor))
+    _kernel.log_jacobian_serial(u, out, *lo, *weights, floor, fill)
     return out
 
 
-def log_jacobian_zarr(array, spacing, floor, window):
+def log_jacobian_zarr(array, weights, floor, fill, window):
     """The graph of ``core.log_jacobian_zarr`` (arguments already checked)."""
     import dask.array as da
     from dask.highlevelgraph import HighLevelGraph
@@ -116,7 +118,7 @@ def log_jacobian_zarr(array, spacing, floor, window):
         dsk[(read, *index)] = (_read_block, array, region, after)
         dsk[(planes, *index)] = (_outer_planes, (read, *index))
         neighbours = _neighbours(planes, index, numblocks)
-        dsk[(name, *index)] = (_block, (read, *index), neighbours, spacing, float(floor))
+        dsk[(name, *index)] = (_block, (read, *index), neighbours, weights, float(floor), fill)
     for iz in range(numblocks[0] - window):
         dsk[(done, iz)] = (_slab_done, [(name, iz, *rest) for rest in np.ndindex(*numblocks[1:])])
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[])

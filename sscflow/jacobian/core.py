@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from sscflow.jacobian import blockwise
+
 DEFAULT_FLOOR = 1e-6
 
 
@@ -67,9 +69,8 @@ def log_jacobian(displacement, spacing, *, floor: float = DEFAULT_FLOOR):
     """
     spacing = _check(displacement, spacing, floor)
     if hasattr(displacement, "dask"):
-        from sscflow.jacobian.blockwise import log_jacobian_dask
-
-        return log_jacobian_dask(displacement, spacing, floor)
+        return blockwise.log_jacobian_dask(displacement, _weights(spacing), floor,
+                                           log_floor(floor))  # fmt: skip
     from sscflow.jacobian import _kernel
 
     u = _as_field(np.asarray(displacement))
@@ -136,6 +137,4 @@ def log_jacobian_zarr(array, spacing, *, floor: float = DEFAULT_FLOOR, window: i
     spacing = _check(array, spacing, floor)
     if not (isinstance(window, int) and window >= 2):
         raise ValueError(f"log_jacobian_zarr: window must be an integer >= 2, got {window!r}")
-    from sscflow.jacobian import blockwise
-
-    return blockwise.log_jacobian_zarr(array, spacing, floor, window)
+    return blockwise.log_jacobian_zarr(array, _weights(spacing), floor, log_floor(floor), window)

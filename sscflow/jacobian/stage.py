@@ -100,7 +100,7 @@ def log_jacobian_patient(
         # (a third of the field's bytes, no halo) and is attached with the completion mark in
         # one metadata write, so a run killed in between is redone.
         st.write_image(group, OUTPUT, lj, mask.geometry, stage=STAGE, params=params,
-                       input_hash=input_hash, chunk=c, complete=False,
+                       input_hash=input_hash, chunk=c, complete=False, step=st.LOG_JACOBIAN_STEP,
                        extra={"summary": None, "convention": CONVENTION})
         stored = da.from_zarr(group[OUTPUT]["0"])
         summary = summarize(stored, mask.array.rechunk(stored.chunks), floor=cfg.floor,
@@ -118,9 +118,7 @@ def _check_grids(patient_id, disp, mask) -> None:
             "write it as a (3, Z, Y, X) float32 field in mm"
         )
     dg, mg = disp.geometry, mask.geometry
-    same = (dg.shape == mg.shape and np.allclose(dg.spacing, mg.spacing, atol=1e-6)
-            and np.allclose(dg.origin, mg.origin, atol=1e-4))
-    if not same:
+    if not dg.same_grid(mg):
         raise ValueError(
             f"patient {patient_id}: {DISPLACEMENT} grid (shape {dg.shape}, spacing {dg.spacing}, "
             f"origin {dg.origin}) differs from the baseline {MASK}'s (shape {mg.shape}, spacing "

@@ -80,6 +80,7 @@ def register(
     initial_alignment: str = "lungs",
     smooth_mm: float = 1.0,
     return_info: bool = False,
+    resample_on_device: bool | None = None,
     **options,
 ):
     """Register ``moving`` (follow-up) to ``fixed`` (baseline), in physical space.
@@ -110,8 +111,13 @@ def register(
         follow-up's resampling onto the baseline grid: a common blur that hides the different
         interpolation blur of two grids (0: none)
     return_info : also return a dict: the initial alignment (and its seconds), the seconds spent
-        resampling the follow-up onto the baseline grid (both times) and blurring it, and the
-        total seconds
+        resampling the follow-up onto the baseline grid (both times) and blurring it, the
+        total seconds, the torch device of that work (None: SimpleITK on the CPU) and the
+        seconds of its one-off warm-up (0 after the process's first registration)
+    resample_on_device : the follow-up's resampling, the common blur and the composition of
+        the maps in torch on the backend's device: None (the default) when the torch backend
+        runs on CUDA (the pair then crosses to the device once and back once), True also on
+        CPU, False never
     **options : backend parameters (see ``sscflow.config.RegistrationConfig``)
 
     Returns
@@ -151,21 +157,57 @@ def register(
     func = _load(name)
     fg, mg = inputs.fixed_geometry, inputs.moving_geometry
     t0 = time.perf_counter()
+    dev = _torch_device(name, options, resample_on_device)
+    warm = 0.0
+    if dev is not None:
+        from sscflow.registration import torch_resample as tr
+
+        warm = tr.warm_up(dev)  # once per process
+    t1 = time.perf_counter()
     alignment = identity()
     if initial_alignment == "lungs" and inputs.mask is not None and inputs.moving_mask is not None:
         alignment = _snap(align_masks(inputs.mask, fg, inputs.moving_mask, mg), fg)
-    t_align = time.perf_counter() - t0
-    blur = _common_blur(smooth_mm, fg.spacing)
-    fixed_in = blur(inputs.fixed)
+    t_align = time.perf_counter() - t1
     t_resample = 0.0
+    if dev is None:
+        blur = _common_blur(smooth_mm, fg.spacing)
+        fixed_in = blur(inputs.fixed)
 
-    def resample(mapping, cubic=True):
-        nonlocal t_resample
+        def resample(mapping, cubic=True):
+            nonlocal t_resample
+            t = time.perf_counter()
+            moved, valid = resample_moving(inputs.moving, mg, fg, mapping, cubic=cubic)
+            moved = blur(moved)
+            t_resample += time.perf_counter() - t
+            return moved, ({"valid": valid} if name == "torch" else {})
+    else:
+        # The pair goes to the device once; the resampling, the common blur, the backend and
+        # the composition of the maps run there, and the displacement comes back once.
         t = time.perf_counter()
-        moved, valid = resample_moving(inputs.moving, mg, fg, mapping, cubic=cubic)
-        moved = blur(moved)
+        sigma = [float(smooth_mm) / s for s in fg.spacing] if smooth_mm and smooth_mm > 0 else None
+        blur = (lambda a: tr.gaussian_blur(a, sigma)) if sigma else (lambda a: a)
+        fixed_in = blur(tr.to_device(inputs.fixed, dev))
+        moving_t = tr.to_device(inputs.moving, dev)
+        coefficients = []
+        _sync(dev)
         t_resample += time.perf_counter() - t
-        return moved, ({"valid": valid} if name == "torch" else {})
+
+        def resample(mapping, cubic=True):
+            nonlocal t_resample
+            t = time.perf_counter()
+            if mg == fg and _is_identity(mapping):  # a pair in register: copied exactly
+                moved, valid = moving_t, None
+            else:
+                if cubic and not coefficients:  # once, for every cubic resampling
+                    coefficients.append(tr.bspline_coefficients(moving_t))
+                coef = coefficients[0] if cubic else None
+                moved, valid = tr.resample(moving_t, mg, fg, mapping.matrix, mapping.offset,
+                                           cubic=cubic, coefficients=coef)  # fmt: skip
+            moved = blur(moved)
+            _sync(dev)
+            t_resample += time.perf_counter() - t
+            return moved, ({"valid": valid, "as_tensor": True} if valid is not None
+                           else {"as_tensor": True})  # fmt: skip
 
     mapping = alignment
     two_pass = _AFFINE_PASS[name](options)
@@ -179,19 +221,27 @@ def register(
         # another grid showed up to 5 mm and 0.4 deg of mask-alignment error that way, and
         # p99 |log-Jacobian| 0.011 (0.004 with this pass).
         levels = options.get("levels") or inspect.signature(func).parameters["levels"].default
-        _, (matrix, offset) = func(fixed_in, moved, fg.spacing, mask=inputs.mask,
-                                   **{**options, **valid, "iterations": (0,) * len(levels),
-                                      "return_affine": True})  # fmt: skip
+        first = func(fixed_in, moved, fg.spacing, mask=inputs.mask,
+                     **{**options, **valid, "iterations": (0,) * len(levels),
+                        "return_affine": True})  # fmt: skip
+        matrix, offset = first[-1]
         mapping = _snap(_then_affine(alignment, matrix, offset, fg), fg)
         moved, valid = resample(mapping)
         options = {**options, **_NO_AFFINE[name]}
     local = func(fixed_in, moved, fg.spacing, mask=inputs.mask, **options, **valid)
-    u = compose_rigid(local, fg, mapping)
+    if dev is None:
+        u = compose_rigid(local, fg, mapping)
+    else:
+        w, box, (matrix, offset) = local
+        u = tr.compose(w, box, fg, matrix, offset, mapping.matrix, mapping.offset)
+        u = u.cpu().numpy()
     if not return_info:
         return u
     info = {"initial_alignment": {**alignment.to_dict(), "seconds": round(t_align, 3)},
             "resample_seconds": round(t_resample, 3),
-            "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+            "seconds": round(time.perf_counter() - t0, 3),
+            "device": str(dev) if dev is not None else None,
+            "warm_up_seconds": round(warm, 3)}  # fmt: skip
     return u, info
 
 
@@ -199,6 +249,31 @@ def register(
 _AFFINE_PASS = {"torch": lambda o: any(o.get("affine_iterations", (1,))),
                 "sitk": lambda o: o.get("affine", True) and o.get("affine_iterations", 1) > 0}
 _NO_AFFINE = {"torch": {"affine_iterations": (0,)}, "sitk": {"affine": False}}
+
+
+def _torch_device(name, options, on_device):
+    """The torch device the resampling, blur and composition run on, or None (SimpleITK and
+    numpy on the CPU): the torch backend's device when it is CUDA (``on_device`` None), or
+    whenever ``on_device`` is True."""
+    if name != "torch" or on_device is False:
+        return None
+    from sscflow.registration.torch import _device
+
+    dev = _device(options.get("device", "auto"))
+    return dev if on_device or dev.type == "cuda" else None
+
+
+def _sync(dev):
+    """Wait for the device's queued work (so that the phases' seconds are the device's)."""
+    if dev.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(dev)
+
+
+def _is_identity(alignment) -> bool:
+    return bool(np.allclose(alignment.matrix, np.eye(3), atol=1e-9)
+                and np.allclose(alignment.offset, 0.0, atol=1e-9))  # fmt: skip
 
 
 def _common_blur(smooth_mm, spacing):

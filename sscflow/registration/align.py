@@ -26,9 +26,16 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from sscflow.geometry import Geometry, index_to_physical
+from sscflow.geometry import (
+    Geometry,
+    affine_from_itk,
+    affine_to_itk,
+    index_to_physical,
+    resample,
+    to_itk,
+)
 
-__all__ = ["Alignment", "align_masks", "rotation_angle_deg", "to_itk", "from_itk"]
+__all__ = ["Alignment", "align_masks", "rotation_angle_deg"]
 
 
 @dataclass(frozen=True)
@@ -64,32 +71,6 @@ def rotation_angle_deg(matrix) -> float:
     """The angle of a rotation matrix, degrees."""
     c = (np.trace(np.asarray(matrix, float)) - 1.0) / 2.0
     return math.degrees(math.acos(min(1.0, max(-1.0, c))))
-
-
-def to_itk(matrix, offset) -> sitk.AffineTransform:
-    """``y = matrix @ x + offset`` (zyx, absolute mm) as an ITK transform (xyz)."""
-    tx = sitk.AffineTransform(3)
-    tx.SetMatrix(tuple(np.asarray(matrix, float)[::-1, ::-1].ravel()))
-    tx.SetTranslation(tuple(np.asarray(offset, float)[::-1]))
-    return tx
-
-
-def from_itk(tx: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
-    """(matrix, offset) in zyx of any ITK transform that is affine, by mapping 4 points."""
-    pts = np.array([[0, 0, 0], [100, 0, 0], [0, 100, 0], [0, 0, 100]], float)  # zyx mm
-    out = np.array([tx.TransformPoint(tuple(p[::-1]))[::-1] for p in pts])
-    offset = out[0]
-    matrix = ((out[1:] - offset) / 100.0).T
-    return matrix, offset
-
-
-def mask_image(mask, geometry: Geometry) -> sitk.Image:
-    """A 0/1 mask as a float32 SimpleITK image with the geometry's origin, spacing, direction."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(mask, np.float32)))
-    image.SetSpacing(geometry.spacing[::-1])
-    image.SetOrigin(geometry.origin[::-1])
-    image.SetDirection(tuple(np.asarray(geometry.direction, float).ravel()))
-    return image
 
 
 def _moments(mask, geometry: Geometry, max_points: int = 200_000):
@@ -130,27 +111,23 @@ def _coarse(image: sitk.Image, grid_mm: float, sigma_mm: float) -> sitk.Image:
     pts = np.array([image.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners])
     lo, hi = pts.min(axis=0), pts.max(axis=0)
     n = np.maximum(2, np.floor((hi - lo) / grid_mm).astype(int) + 1)
-    ref = sitk.Image([int(v) for v in n], sitk.sitkFloat32)
-    ref.SetSpacing([grid_mm] * 3)
-    ref.SetOrigin(tuple(lo))
+    grid = Geometry(tuple(n[::-1]), (grid_mm,) * 3, tuple(lo[::-1]))
     # block-average first (a cheap anti-alias), then resample, then smooth on the coarse grid
     shrink = [max(1, int(grid_mm // s)) for s in image.GetSpacing()]
     small = sitk.BinShrink(image, shrink) if max(shrink) > 1 else image
-    out = sitk.Resample(small, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return sitk.SmoothingRecursiveGaussian(out, sigma_mm)
+    out = resample(small, None, grid, fill=0.0, dtype=np.float32)
+    return sitk.SmoothingRecursiveGaussian(to_itk(out, grid), sigma_mm)
 
 
 def _dice(f: sitk.Image, m: sitk.Image, tx: sitk.Transform) -> tuple[float, float]:
     """Dice of the two masks after ``tx``: over the whole baseline mask, and counted only where
     the follow-up was imaged (which ranks the candidates: a follow-up with a smaller field of
     view is not penalised for what it did not see)."""
-    moved = sitk.Resample(m, f, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    ones = sitk.Image(m.GetSize(), sitk.sitkFloat32) + 1.0
-    ones.CopyInformation(m)
-    # copies, not views: a view of a temporary image outlives its buffer (a segfault)
-    seen = sitk.GetArrayFromImage(sitk.Resample(ones, f, tx, sitk.sitkLinear, 0.0)) > 0.5
+    grid, mg = Geometry.of(f), Geometry.of(m)
+    affine = affine_from_itk(tx)
+    b = resample(m, mg, grid, affine=affine, fill=0.0) > 0.5
+    seen = resample(np.ones(mg.shape, np.float32), mg, grid, affine=affine, fill=0.0) > 0.5
     a = sitk.GetArrayFromImage(f) > 0.5
-    b = sitk.GetArrayFromImage(moved) > 0.5
 
     def dice(x, y):
         den = int(x.sum()) + int(y.sum())
@@ -161,7 +138,7 @@ def _dice(f: sitk.Image, m: sitk.Image, tx: sitk.Transform) -> tuple[float, floa
 
 def _refine(f: sitk.Image, m: sitk.Image, matrix, offset, centre_xyz, iterations: int):
     """Rigid refinement of a start (matrix, offset) by mean squares of the smoothed masks."""
-    start = to_itk(matrix, offset)
+    start = affine_to_itk(matrix, offset)
     euler = sitk.Euler3DTransform()
     euler.SetCenter(tuple(float(c) for c in centre_xyz))
     # the start as an Euler transform about the centre (a proper rotation: exact)
@@ -262,8 +239,8 @@ def align_masks(
             raise ValueError(f"initial alignment: the {name} lung mask is empty")
     cf, wf, vf = _moments(fm, fixed_geometry)
     cm, wm, vm = _moments(mm, moving_geometry)
-    f = _coarse(mask_image(fm, fixed_geometry), grid_mm, sigma_mm)
-    m = _coarse(mask_image(mm, moving_geometry), grid_mm, sigma_mm)
+    f = _coarse(to_itk(fm.astype(np.float32), fixed_geometry), grid_mm, sigma_mm)
+    m = _coarse(to_itk(mm.astype(np.float32), moving_geometry), grid_mm, sigma_mm)
     candidates = {"centroids": (np.eye(3), cm - cf)}
     shift = _profile_shift(fm, fixed_geometry, mm, moving_geometry)
     if shift is not None:
@@ -278,7 +255,7 @@ def align_masks(
     best = None
     for name, (rot, offset) in candidates.items():
         tx = _refine(f, m, rot, offset, cf[::-1], iterations)
-        matrix, off = from_itk(tx)
+        matrix, off = affine_from_itk(tx)
         whole, seen = _dice(f, m, tx)
         if best is None or seen > best[0] + 1e-4:
             best = (seen, whole, matrix, off, name)

@@ -14,11 +14,10 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
 from sscflow.errors import RegistrationInputError
-from sscflow.geometry import Geometry, crop_box, field_to_sitk, to_sitk  # noqa: F401 (re-exported)
+from sscflow.geometry import Geometry, crop_box  # noqa: F401 (re-exported)
 
 FOLD_FLOOR = 1e-6  # det J at or below this counts as folded; the log uses this floor
 
@@ -163,15 +162,6 @@ def compose(local, box, shape, spacing, matrix, offset) -> np.ndarray:
             add = matrix[k, 0] * local[0] + matrix[k, 1] * local[1] + matrix[k, 2] * local[2]
             out[(k, *box)] += add.astype(np.float32)
     return out
-
-
-def warp(moving, displacement, spacing, *, order: int = 1, fill: float = -1024.0) -> np.ndarray:
-    """``moving(x + u(x))`` on the fixed grid (linear interpolation; ``fill`` outside)."""
-    image = to_sitk(np.asarray(moving, np.float32), spacing)
-    tx = sitk.DisplacementFieldTransform(field_to_sitk(displacement, spacing))
-    interp = sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor
-    out = sitk.Resample(image, image, tx, interp, float(fill), sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(out)
 
 
 def log_jacobian(displacement, spacing, floor: float = FOLD_FLOOR) -> np.ndarray:

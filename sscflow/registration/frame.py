@@ -17,10 +17,9 @@
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
 
-from sscflow.geometry import Geometry, grid_points, image_of, inside, reference_image
-from sscflow.registration.align import Alignment, to_itk
+from sscflow.geometry import Geometry, grid_points, inside, resample
+from sscflow.registration.align import Alignment
 
 __all__ = ["coverage_mask", "compose_rigid", "resample_moving"]
 
@@ -35,22 +34,15 @@ def resample_moving(moving, moving_geometry: Geometry, fixed_geometry: Geometry,
     already in register (R the identity on the same grid) is copied exactly.
     """
     moving = np.asarray(moving, np.float32)
-    same = (
-        moving_geometry == fixed_geometry
-        and np.allclose(alignment.matrix, np.eye(3), atol=1e-9)
-        and np.allclose(alignment.offset, 0.0, atol=1e-9)
-    )
-    if same:
-        return moving, np.ones(moving.shape, np.float32)
-    ref = reference_image(fixed_geometry)
-    tx = to_itk(alignment.matrix, alignment.offset)
+    identity = (np.allclose(alignment.matrix, np.eye(3), atol=1e-9)
+                and np.allclose(alignment.offset, 0.0, atol=1e-9))  # fmt: skip
+    affine = None if identity else (alignment.matrix, alignment.offset)
     # cubic B-spline: the one interpolation the follow-up gets here blurs less than linear
-    interp = sitk.sitkBSpline if cubic else sitk.sitkLinear
-    out = sitk.Resample(image_of(moving, moving_geometry), ref, tx, interp, float(fill),
-                        sitk.sitkFloat32)  # fmt: skip
-    ones = image_of(np.ones(moving.shape, np.float32), moving_geometry)
-    valid = sitk.Resample(ones, ref, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(valid)
+    out = resample(moving, moving_geometry, fixed_geometry, affine=affine,
+                   interpolator="bspline" if cubic else "linear", fill=fill)  # fmt: skip
+    valid = resample(np.ones(moving.shape, np.float32), moving_geometry, fixed_geometry,
+                     affine=affine, fill=0.0)  # fmt: skip
+    return out, valid
 
 
 def compose_rigid(local: np.ndarray, fixed_geometry: Geometry, alignment: Alignment) -> np.ndarray:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from sscflow.geometry import field_from_sitk, to_sitk
+from sscflow.geometry import Geometry, affine_from_itk, from_itk, resample, to_itk
 from sscflow.registration.common import compose, crop_box, dilate_mask, n_threads
 
 HU_RANGE = (-1000.0, 400.0)
@@ -50,8 +50,9 @@ def register(
     """
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n_threads(threads))
     shape = fixed.shape
-    f_img = to_sitk(np.clip(fixed, *HU_RANGE), spacing)
-    m_img = to_sitk(np.clip(moving, *HU_RANGE), spacing)
+    grid = Geometry(shape, spacing, (0.0, 0.0, 0.0))
+    f_img = to_itk(np.clip(fixed, *HU_RANGE), grid)
+    m_img = to_itk(np.clip(moving, *HU_RANGE), grid)
 
     if affine:
         weight = None if mask is None else dilate_mask(mask, spacing, margin_mm)
@@ -67,11 +68,9 @@ def register(
         return (u, (matrix, offset)) if return_affine else u
     start = np.array([b.start for b in box], float)
     size = [b.stop - b.start for b in box]
-    ref = sitk.Image(size[::-1], sitk.sitkFloat32)
-    ref.SetSpacing(tuple(float(s) for s in spacing[::-1]))
-    ref.SetOrigin(tuple((start * np.asarray(spacing))[::-1]))
-    f_crop = sitk.Resample(f_img, ref, sitk.Transform(), sitk.sitkLinear, HU_RANGE[0])
-    m_crop = sitk.Resample(m_img, ref, _to_itk(matrix, offset), sitk.sitkLinear, HU_RANGE[0])
+    crop = Geometry(size, spacing, start * np.asarray(spacing))
+    f_crop = to_itk(resample(f_img, grid, crop, fill=HU_RANGE[0]), crop)
+    m_crop = to_itk(resample(m_img, grid, crop, affine=(matrix, offset), fill=HU_RANGE[0]), crop)
 
     field = None
     for factor, n_iter in zip(levels, iterations, strict=True):
@@ -90,7 +89,7 @@ def register(
         demons.SetMaximumUpdateStepLength(2.0)
         field = demons.Execute(f_lvl, m_lvl, field)
     field = sitk.Resample(field, f_crop, sitk.Transform(), sitk.sitkLinear, 0.0)
-    local = field_from_sitk(field) * taper(size, spacing, margin_mm)[None]
+    local = from_itk(field)[0] * taper(size, spacing, margin_mm)[None]
     u = compose(local, box, shape, spacing, matrix, offset)
     return (u, (matrix, offset)) if return_affine else u
 
@@ -123,7 +122,8 @@ def affine_transform(f_img, m_img, weight, spacing, *, iterations=100, seed=0):
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(0.1, int(seed))
     if weight is not None:
-        reg.SetMetricFixedMask(to_sitk(weight.astype(np.uint8), spacing))
+        reg.SetMetricFixedMask(to_itk(weight.astype(np.uint8), Geometry(weight.shape, spacing,
+                                                                         (0.0, 0.0, 0.0))))
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=2.0,
@@ -141,21 +141,4 @@ def affine_transform(f_img, m_img, weight, spacing, *, iterations=100, seed=0):
     )
     reg.SetInitialTransform(init, inPlace=False)
     tx = reg.Execute(f_img, m_img)
-    return _from_itk(tx)
-
-
-def _from_itk(tx: sitk.Transform):
-    """(matrix, offset) in zyx of any ITK transform that is affine, by mapping 4 points."""
-    pts = np.array([[0, 0, 0], [100, 0, 0], [0, 100, 0], [0, 0, 100]], float)  # zyx mm
-    out = np.array([tx.TransformPoint(tuple(p[::-1]))[::-1] for p in pts])
-    offset = out[0]
-    matrix = ((out[1:] - offset) / 100.0).T
-    return matrix, offset
-
-
-def _to_itk(matrix, offset) -> sitk.AffineTransform:
-    """``y = matrix @ x + offset`` (zyx) as an ITK transform (xyz)."""
-    tx = sitk.AffineTransform(3)
-    tx.SetMatrix(tuple(np.asarray(matrix, float)[::-1, ::-1].ravel()))
-    tx.SetTranslation(tuple(np.asarray(offset, float)[::-1]))
-    return tx
+    return affine_from_itk(tx)

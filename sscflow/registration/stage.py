@@ -12,6 +12,7 @@ Skipped when the output is current (same inputs and parameters).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict
 
@@ -121,9 +122,10 @@ def register_patient(
         mmask = None
     thickness = {"baseline": slice_thickness(base), "followup": slice_thickness(follow)}
     t1 = time.perf_counter()
-    u, info = register(fixed, moving, mask=lung if lung.any() else None, moving_mask=mmask,
-                       fixed_geometry=fg, moving_geometry=mg, backend=backend,
-                       return_info=True, **options)  # fmt: skip
+    with _device_memory(backend, options, fixed.size + moving.size, patient_id):
+        u, info = register(fixed, moving, mask=lung if lung.any() else None, moving_mask=mmask,
+                           fixed_geometry=fg, moving_geometry=mg, backend=backend,
+                           return_info=True, **options)  # fmt: skip
     runtime = time.perf_counter() - t1
     align = info["initial_alignment"]
     dice = align.get("dice")
@@ -170,9 +172,21 @@ def register_patient(
                    extra={"lung_coverage": qa["lung_coverage"],
                           "meaning": "1: x + u(x) inside the follow-up's field of view"},
                    **write)  # fmt: skip
-    st.write_image(group, OUTPUT, u, fg, extra={"qa": qa, "convention": CONVENTION}, **write)
+    st.write_image(group, OUTPUT, u, fg, extra={"qa": qa, "convention": CONVENTION},
+                   step=st.displacement_step(fg.spacing), **write)  # fmt: skip
     return {**row, "status": "done", "seconds": time.perf_counter() - t0,
             "warnings": thick_slice_warnings(patient_id, qa, cfg), **qa}  # fmt: skip
+
+
+def _device_memory(backend: str, options: dict, voxels: int, patient_id: str):
+    """The pair's share of the GPU (:func:`sscflow.gpu.reserve`) when the torch backend may
+    run on CUDA: it waits for room beside the pairs running on this worker, or fails alone when
+    the GPU is too small for it. Nothing to hold on CPU."""
+    if backend != "torch" or options.get("device", "auto") == "cpu":
+        return contextlib.nullcontext()
+    from sscflow.gpu import reserve
+
+    return reserve(voxels, f"patient {patient_id}")
 
 
 def thick_slice_warnings(patient_id: str, qa: dict, cfg: RegistrationConfig) -> list[str]:

@@ -114,12 +114,17 @@ def register(
     valid=None,
     full_step_at: float = 1.0,
     smoothing_order: int = 2,
+    as_tensor: bool = False,
 ):
     """See :func:`sscflow.registration.register` (inputs already checked).
 
     With ``return_affine`` also returns the affine ``(matrix, offset)`` (zyx mm about voxel 0).
     ``valid`` (Z, Y, X) in [0, 1], on the same grid, says where the moving scan was imaged
     (``register`` resampled it onto the fixed grid); the similarity counts only those voxels.
+    ``fixed``, ``moving`` and ``valid`` may be numpy arrays or tensors (on the device: nothing
+    is copied). With ``as_tensor``, returns the parts of the map instead of the displacement:
+    ``(w, box, (matrix, offset))``, w the deformable part (3, *box shape) mm on the device (or
+    None) on the crop ``box``, for ``torch_resample.compose``.
     """
     import torch
 
@@ -140,6 +145,9 @@ def register(
     inner = crop_box(mask, spacing, 0.0, shape) if mask is not None else box
 
     def prep(a):
+        if isinstance(a, torch.Tensor):
+            a = a.to(dev, torch.float32).clamp(*HU_RANGE)
+            return ((a - HU_RANGE[0]) / (HU_RANGE[1] - HU_RANGE[0])).contiguous()[None, None]
         a = np.clip(a, *HU_RANGE)
         a = (a - HU_RANGE[0]) / (HU_RANGE[1] - HU_RANGE[0])
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dev)[None, None]
@@ -158,9 +166,12 @@ def register(
     m_full = prep(moving[mbox])
     v_full = None
     if valid is not None:
-        v = np.asarray(valid, np.float32)[mbox]
+        if isinstance(valid, torch.Tensor):
+            v = valid[mbox].to(dev, torch.float32).contiguous()
+        else:
+            v = torch.from_numpy(np.ascontiguousarray(np.asarray(valid, np.float32)[mbox]))
         if float(v.min()) < 1.0:
-            v_full = torch.from_numpy(np.ascontiguousarray(v)).to(dev)[None, None]
+            v_full = v.to(dev)[None, None]
     start = torch.tensor([b.start for b in box], dtype=torch.float32, device=dev)
     crop_n = [b.stop - b.start for b in box]
     centre = (start + (torch.tensor(crop_n, device=dev) - 1) / 2) * sp  # mm
@@ -305,7 +316,11 @@ def register(
             local = torch.nn.functional.grid_sample(
                 disp, grid, mode="bilinear", padding_mode="border", align_corners=True
             )[0]
+            if as_tensor:
+                return local, box, (matrix, offset)
             local = local.cpu().numpy()
+    if as_tensor:
+        return None, box, (matrix, offset)
     u = compose(local, box, shape, spacing, matrix, offset)
     return (u, (matrix, offset)) if return_affine else u
 

@@ -45,7 +45,8 @@ class Stage:
         "upstream_failed" with a ``message``); a bad patient's error is raised
     needs : the stages of ``after`` whose failure makes this one ``upstream_failed`` without
         running (all of ``after`` by default; a cohort stage is never held up by patients)
-    gpu : it runs on a GPU worker when the cluster has one
+    gpu : ``cfg -> bool``: it runs on a GPU worker when the cluster has one (registration
+        with the torch backend, say); never by default
     """
 
     name: str
@@ -56,11 +57,26 @@ class Stage:
     params: Callable[[Config], dict]
     run: Callable[[Context, object, list[dict]], dict]
     needs: tuple[str, ...] | None = None
-    gpu: bool = False
+    gpu: Callable[[Config], bool] = lambda cfg: False
 
     @property
     def blocking(self) -> tuple[str, ...]:
         return self.after if self.needs is None else self.needs
+
+
+def torch_backend(cfg: Config) -> bool:
+    """Whether the registration backend resolves to torch (which a GPU speeds up)."""
+    from sscflow.errors import SscflowError
+    from sscflow.registration import resolve_backend
+
+    try:
+        return resolve_backend(cfg.registration.backend) == "torch"
+    except SscflowError:
+        return False
+
+
+def always(cfg: Config) -> bool:
+    return True
 
 
 def worker_scheduler() -> str:

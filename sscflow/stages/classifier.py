@@ -7,7 +7,7 @@ from pathlib import Path
 from sscflow import store as st
 from sscflow.analysis import STAGE_VERSION, TARGETS, classify_cohort
 from sscflow.groups import cohort_table
-from sscflow.stages.base import COHORT, Stage, cohort_ids
+from sscflow.stages.base import COHORT, Stage, always, cohort_ids
 
 RECORD = "cohort/classifier"
 MAP = "log_jacobian_template"
@@ -54,4 +54,4 @@ def run(ctx, patient, ups) -> dict:
 STAGE = Stage("classifier", COHORT, after=("to_template", "group_means"),
               needs=("group_means",), reads=(MAP,), writes=(RECORD,),
               params=lambda cfg: {**asdict(cfg.classifier), "version": STAGE_VERSION},
-              run=run, gpu=True)  # fmt: skip
+              run=run, gpu=always)  # fmt: skip

@@ -2,7 +2,7 @@
 
 from dataclasses import asdict
 
-from sscflow.stages.base import PATIENT, Stage
+from sscflow.stages.base import PATIENT, Stage, torch_backend
 
 
 def run(ctx, patient, ups) -> dict:
@@ -18,4 +18,4 @@ def run(ctx, patient, ups) -> dict:
 
 STAGE = Stage("registration", PATIENT, after=("segment",),
               reads=("baseline", "followup", "lung_mask"), writes=("coverage", "displacement"),
-              params=lambda cfg: asdict(cfg.registration), run=run, gpu=True)  # fmt: skip
+              params=lambda cfg: asdict(cfg.registration), run=run, gpu=torch_backend)  # fmt: skip

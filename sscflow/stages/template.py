@@ -2,7 +2,7 @@
 
 from dataclasses import asdict
 
-from sscflow.stages.base import COHORT, FAILED, Stage
+from sscflow.stages.base import COHORT, FAILED, Stage, torch_backend
 
 
 def run(ctx, patient, ups) -> dict:
@@ -27,4 +27,4 @@ def run(ctx, patient, ups) -> dict:
 
 STAGE = Stage("template", COHORT, after=("segment",), reads=("baseline", "lung_mask"),
               writes=("template/image", "template/lung_mask"),
-              params=lambda cfg: asdict(cfg.template), run=run, gpu=True)  # fmt: skip
+              params=lambda cfg: asdict(cfg.template), run=run, gpu=torch_backend)  # fmt: skip

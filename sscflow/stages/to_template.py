@@ -2,7 +2,7 @@
 
 from dataclasses import asdict
 
-from sscflow.stages.base import PATIENT, Stage
+from sscflow.stages.base import PATIENT, Stage, torch_backend
 
 
 def run(ctx, patient, ups) -> dict:
@@ -20,4 +20,4 @@ STAGE = Stage("to_template", PATIENT, after=("jacobian", "template"),
               reads=("baseline", "lung_mask", "log_jacobian"),
               writes=("template_displacement", "log_jacobian_template"),
               params=lambda cfg: asdict(cfg.template.registration), run=run,
-              gpu=True)  # fmt: skip
+              gpu=torch_backend)  # fmt: skip

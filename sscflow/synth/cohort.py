@@ -31,7 +31,7 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 
-from sscflow.geometry import Geometry, field_from_sitk, field_to_sitk, to_sitk
+from sscflow.geometry import Geometry, from_itk, resample, to_itk
 from sscflow.imageio import deterministic_uid, write_dicom_series, write_volume
 from sscflow.synth import deform, phantom
 from sscflow.synth.plan import FORMATS, TARGET_RHO, patient_streams, plan_cohort, spearman
@@ -219,7 +219,7 @@ def _follow_date(months: float) -> str:
 
 
 def _write_image(array, geometry, path: Path, fmt: str, *, pid, seed, which, date):
-    image = to_sitk(array, geometry.spacing, geometry.origin, geometry.direction)
+    image = to_itk(array, geometry)
     if fmt == "dicom":
         if path.exists():
             shutil.rmtree(path)
@@ -419,17 +419,17 @@ def _synthesize_patient(row, out, pid, spacing, seed, fmt, ribs, noise_hu,
 
     tdir = out / "truth" / pid
     tdir.mkdir(parents=True, exist_ok=True)
-    vec = field_to_sitk(displacement, geom.spacing, geom.origin)
+    vec = to_itk(displacement, geom)
     # float fields barely compress: zlib level 1 is ~30% faster than the default, ~10% larger
     sitk.WriteImage(sitk.Cast(vec, sitk.sitkVectorFloat32), str(tdir / "displacement.mha"), True, 1)
-    log_jac = to_sitk(sim.deformation.log_jacobian, geom.spacing, geom.origin)
+    log_jac = to_itk(sim.deformation.log_jacobian, geom)
     sitk.WriteImage(log_jac, str(tdir / "log_jacobian.mha"), True, 1)
     for name, array, g in (
         ("lung", sim.lung.astype(np.uint8), geom),
         ("lung_followup", lung_fu, fu_geom),
         ("region", sim.region.astype(np.uint8), geom),
     ):
-        write_volume(to_sitk(array, g.spacing, g.origin, g.direction), tdir / f"{name}.mha")
+        write_volume(to_itk(array, g), tdir / f"{name}.mha")
 
     manifest = {k: row[k] for k in MANIFEST_COLUMNS if k not in ("baseline", "followup")}
     manifest |= {"baseline": rel["baseline"], "followup": rel["followup"]}
@@ -580,20 +580,14 @@ class Truth:
         fields linearly, masks by nearest neighbour; NaN / 0 outside the truth's grid."""
         if geometry == self.geometry:
             return self
-        from sscflow.geometry import image_of, reference_image
 
-        ref = reference_image(geometry)
+        def onto(array, interpolator, fill):
+            return resample(array, self.geometry, geometry, interpolator=interpolator, fill=fill)
 
-        def resample(array, interp, fill):
-            image = image_of(np.ascontiguousarray(array), self.geometry)
-            out = sitk.Resample(image, ref, sitk.Transform(), interp, fill)
-            return sitk.GetArrayFromImage(out)
-
-        disp = np.stack([resample(self.displacement[k].astype(np.float32), sitk.sitkLinear, 0.0)
-                         for k in range(3)])  # fmt: skip
-        lj = resample(self.log_jacobian.astype(np.float32), sitk.sitkLinear, float("nan"))
-        lung = resample(self.lung.astype(np.uint8), sitk.sitkNearestNeighbor, 0.0).astype(bool)
-        region = resample(self.region.astype(np.uint8), sitk.sitkNearestNeighbor, 0.0)
+        disp = np.stack([onto(self.displacement[k], "linear", 0.0) for k in range(3)])
+        lj = onto(self.log_jacobian, "linear", float("nan"))
+        lung = onto(self.lung.astype(np.uint8), "nearest", 0.0).astype(bool)
+        region = onto(self.region.astype(np.uint8), "nearest", 0.0)
         return Truth(disp.astype(np.float32), lj.astype(np.float32), lung, self.lung_followup,
                      region.astype(bool), geometry, self.followup_geometry)  # fmt: skip
 
@@ -617,7 +611,7 @@ def read_truth(out_dir, patient_id: str) -> Truth:
             )
         image = sitk.ReadImage(str(path))
         if name == "displacement":
-            arrays[name] = field_from_sitk(image)
+            arrays[name] = from_itk(image)[0]
             geometry = Geometry.of(image)
         elif name == "lung_followup":
             arrays[name] = sitk.GetArrayFromImage(image)
