@@ -238,16 +238,6 @@ def rejected_record(row) -> dict:
 # --- the client side
 
 
-def has_gpu_workers(client) -> bool:
-    """True when a worker of the cluster offers a ``GPU`` resource."""
-    workers = client.scheduler_info(n_workers=-1).get("workers", {})
-    return any(w.get("resources", {}).get("GPU", 0) > 0 for w in workers.values())
-
-
-def _wants_gpu(cfg: Config) -> bool:
-    return torch_backend(cfg)
-
-
 def run(
     cfg: Config,
     manifest: Manifest,
@@ -305,7 +295,7 @@ def run(
 
     place = placement(client)
     gpu = place.gpu_workers > 0
-    if _wants_gpu(cfg) and not gpu:
+    if torch_backend(cfg) and not gpu:
         log.warning("no Dask worker offers a GPU resource: the torch registration runs on CPU")
     elif place.gpu_workers:
         log.info("placement: %s", place.describe())
