@@ -315,6 +315,7 @@ class Lease:
         self.command = command
         self.token = uuid.uuid4().hex
         self.lost = False
+        self._checked = 0.0
         self._backend = _backend(store)
         self._holder: Holder | None = None
         self._stop = threading.Event()
@@ -396,6 +397,17 @@ class Lease:
     def new_holder(self) -> str | None:
         """Who took this lease over (a sentence), or None while it is still this run's."""
         return taken_by(self.store, self.token)
+
+    def check(self, every_s: float = 1.0) -> bool:
+        """Whether the lease is still this run's: :attr:`lost` as the heartbeat left it, and,
+        at most once every ``every_s`` seconds, one read of the record (so a takeover is seen
+        within about a second, not only at the next heartbeat). Sets :attr:`lost`."""
+        now = time.monotonic()
+        if not self.lost and now - self._checked >= every_s:
+            self._checked = now
+            if taken_by(self.store, self.token) is not None:
+                self.lost = True
+        return not self.lost
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

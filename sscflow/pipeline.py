@@ -328,7 +328,7 @@ def run(
             running.add(fut)
 
     def check_lease(rec: dict | None = None) -> None:
-        if lease is None or not (lease.lost or (rec or {}).get("status") == LOST):
+        if lease is None or (lease.check() and (rec or {}).get("status") != LOST):
             return
         client.cancel(list(futures.values()))
         who = (rec or {}).get("message") if (rec or {}).get("status") == LOST else None

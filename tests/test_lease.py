@@ -220,9 +220,10 @@ def small_cohort(tmp_path_factory, client):
 def test_a_run_whose_lease_is_taken_over_stops_and_writes_nothing_more(any_store, small_cohort,
                                                                        client, tmp_path):
     """In the middle of a real run (two workers, one thread each) another run takes the lease
-    over: the run raises LeaseLostError naming the new holder, writes no status record after
-    that, at most the two tasks then running finish their output, and no later stage or cohort
-    output is written."""
+    over: once the run has seen it (its heartbeat, here every 0.2 s) it raises LeaseLostError
+    naming the new holder and writes no status record more; at most the two tasks then running
+    finish their output, tasks that start later write nothing (each checks the lease first),
+    and no later stage or cohort output is written."""
     from sscflow.cohort import read_manifest
     from sscflow.config import Config, IngestConfig, SegmentConfig
     from sscflow.errors import LeaseLostError
@@ -243,6 +244,9 @@ def test_a_run_whose_lease_is_taken_over_stops_and_writes_nothing_more(any_store
             while not backend.replace(thief.to_bytes(), backend.read()[1]):
                 pass  # the holder's heartbeat came in between: swap again
             seen["files"] = _files(store)
+            deadline = time.time() + 10
+            while not lease.lost and time.time() < deadline:  # the run's heartbeat sees it
+                time.sleep(0.05)
 
     lease = Lease(store, heartbeat_s=0.2)
     lease.acquire()
