@@ -80,3 +80,11 @@ def test_a_failed_segmentation_fails_the_downstream_patient_stages_not_the_cohor
     gm = execute("classifier", ctx, None, None, [failed, {**failed, "stage": "group_means",
                                                           "patient_id": None}])
     assert gm["status"] == "upstream_failed" and gm["message"] == "group_means (cohort) failed"
+
+
+def test_the_cohort_stages_record_their_methods_versions():
+    from sscflow import analysis, groups
+    from sscflow.stages import classifier, group_means
+
+    assert group_means.VERSION == groups.STAGE_VERSION
+    assert classifier.VERSION == analysis.STAGE_VERSION

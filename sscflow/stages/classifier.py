@@ -5,15 +5,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sscflow import store as st
-from sscflow.analysis import STAGE_VERSION, TARGETS, classify_cohort
-from sscflow.groups import cohort_table
 from sscflow.stages.base import COHORT, Stage, always, cohort_ids
 
 RECORD = "cohort/classifier"
 MAP = "log_jacobian_template"
+VERSION = 1  # sscflow.analysis.STAGE_VERSION (a test keeps them equal)
 
 
 def run(ctx, patient, ups) -> dict:
+    from sscflow.analysis import TARGETS, classify_cohort  # loads on the worker
+    from sscflow.groups import cohort_table
+
     root = st.open_store(ctx.store)
     in_store = set(st.patient_ids(root))
     ids = [p for p in cohort_ids(ups) if p in in_store]
@@ -53,5 +55,5 @@ def run(ctx, patient, ups) -> dict:
 
 STAGE = Stage("classifier", COHORT, after=("to_template", "group_means"),
               needs=("group_means",), reads=(MAP,), writes=(RECORD,),
-              params=lambda cfg: {**asdict(cfg.classifier), "version": STAGE_VERSION},
+              params=lambda cfg: {**asdict(cfg.classifier), "version": VERSION},
               run=run, gpu=always)  # fmt: skip

@@ -1,10 +1,11 @@
 """qa: each patient's QA page, ``RESULTS/report/qa/<id>.html``, recorded in ``@qa_page``."""
 
-from sscflow.qa import qa_patient
 from sscflow.stages.base import PATIENT, Stage
 
 
 def run(ctx, patient, ups) -> dict:
+    from sscflow.qa import qa_patient  # pages and figures load on the worker
+
     return qa_patient(ctx.store, patient.patient_id, ctx.results, force=ctx.force)
 
 

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 from sscflow import store as st
-from sscflow.report import report_key, write_report
 from sscflow.stages.base import COHORT, Stage
 
 RECORD = "cohort/report"
@@ -11,6 +10,8 @@ VERSION = 1
 
 
 def run(ctx, patient, ups) -> dict:
+    from sscflow.report import report_key, write_report  # pages and figures load on the worker
+
     root = st.open_store(ctx.store)
     key = report_key(ctx.store, ctx.results)
     params = STAGE.params(ctx.cfg)
