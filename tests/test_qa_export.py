@@ -69,7 +69,7 @@ def real_run(tmp_path_factory):
         f"REAL1,{DATA},moved.nrrd\n"
         f"REAL2,{DATA},missing_followup.nrrd\n"
     )
-    reg = {"backend": "sitk", "levels": [4], "iterations": [20]}  # small and quick
+    reg = {"backend": "sitk", "sitk": {"levels": [4], "iterations": [20]}}  # small and quick
     config = {
         "manifest": "manifest.csv", "store": "cohort.zarr", "results": "results",
         "cluster": {"n_workers": 1, "threads_per_worker": 2, "dashboard_address": ":0"},

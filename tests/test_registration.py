@@ -16,6 +16,7 @@ from sscflow.errors import MissingDependencyError, RegistrationInputError, Unkno
 from sscflow.geometry import Geometry, field_to_sitk
 from sscflow.registration import BACKENDS, register, resolve_backend
 from sscflow.registration.common import crop_box, truth_errors
+from sscflow.registration.sitk import Options as SitkOptions
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 BACKEND_NAMES = [
@@ -238,7 +239,7 @@ def test_bad_inputs(backend):
 
 def test_backend_registry(monkeypatch):
     assert set(BACKENDS) == {"sitk", "torch"}
-    with pytest.raises(UnknownBackendError, match="choose one of: auto, sitk, torch"):
+    with pytest.raises(UnknownBackendError, match="choose one of: auto, torch, sitk"):
         register(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), SPACING, backend="elastix")
     assert resolve_backend("auto") == ("torch" if HAS_TORCH else "sitk")
     real = importlib.util.find_spec
@@ -274,7 +275,8 @@ def test_stage_writes_displacement_and_qa_then_skips(tmp_path):
     from sscflow.registration.stage import register_patient
 
     path = _tiny_store(tmp_path)
-    cfg = RegistrationConfig(backend="sitk", levels=(2, 1), iterations=(20, 10), margin_mm=6.0)
+    cfg = RegistrationConfig(backend="sitk",
+                             sitk=SitkOptions(levels=(2, 1), iterations=(20, 10), margin_mm=6.0))
     first = register_patient(path, "P001", cfg)
     assert first["status"] == "done" and first["backend"] == "sitk"
     group = st.patient_group(st.open_store(path, "r"), "P001", create=False)
@@ -287,8 +289,43 @@ def test_stage_writes_displacement_and_qa_then_skips(tmp_path):
     assert image.meta["stage"] == "registration"
     again = register_patient(path, "P001", cfg)
     assert again["status"] == "skipped" and again["lncc_after"] == qa["lncc_after"]
-    other = RegistrationConfig(backend="sitk", levels=(2, 1), iterations=(20, 5), margin_mm=6.0)
+    other = RegistrationConfig(backend="sitk",
+                               sitk=SitkOptions(levels=(2, 1), iterations=(20, 5), margin_mm=6.0))
     assert register_patient(path, "P001", other)["status"] == "done"
+
+
+def test_stage_runs_the_sitk_backend_with_its_own_settings(tmp_path):
+    """``register_patient`` with backend sitk hands register() the sitk section (its own
+    defaults, not the torch backend's), records exactly that, and hashes only that: changing
+    the torch section redoes nothing, changing the sitk section redoes the field."""
+    import dataclasses
+
+    from sscflow.registration.stage import register_patient
+    from sscflow.registration.torch import Options as TorchOptions
+
+    path = _tiny_store(tmp_path)
+    cfg = RegistrationConfig(backend="sitk", sitk=SitkOptions(margin_mm=6.0))
+    assert register_patient(path, "P001", cfg)["status"] == "done"
+    group = st.patient_group(st.open_store(path, "r"), "P001", create=False)
+    meta = st.read_image(group, "displacement").meta
+    own = {k: list(v) if isinstance(v, tuple) else v
+           for k, v in dataclasses.asdict(SitkOptions(margin_mm=6.0)).items()}  # fmt: skip
+    expected = {"initial_alignment": "lungs", "smooth_mm": 1.0, **own}
+    assert meta["params"]["backend"] == "sitk" and meta["params"]["options"] == expected
+    assert meta["qa"]["parameters"] == expected
+    assert meta["qa"]["parameters"]["iterations"] == [100, 60, 30]  # not torch's (40, 30, 10)
+    other_torch = dataclasses.replace(cfg, torch=TorchOptions(iterations=(1, 1, 1), window=7))
+    assert register_patient(path, "P001", other_torch)["status"] == "skipped"
+    other_sitk = dataclasses.replace(cfg, sitk=SitkOptions(margin_mm=6.0, sigma=2.0))
+    assert register_patient(path, "P001", other_sitk)["status"] == "done"
+
+
+def test_register_refuses_an_option_its_backend_does_not_have():
+    z = np.zeros(SHAPE, np.float32)
+    with pytest.raises(RegistrationInputError, match="unknown option 'window' for backend 'sitk'"):
+        register(z, z, SPACING, backend="sitk", window=5)
+    with pytest.raises(RegistrationInputError, match=r"sitk\.iterations needs one count"):
+        register(z, z, SPACING, backend="sitk", levels=(2, 1), iterations=(3,))
 
 
 def test_stage_names_missing_input(tmp_path):

@@ -80,14 +80,81 @@ Measured with ``velocity_sigma`` 2.0 (real CT, cubic ingest, idle): planted regi
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from sscflow.registration.common import compose, crop_box, n_threads
+from sscflow.errors import ConfigError
+from sscflow.registration.common import check_common_options, compose, crop_box, n_threads
 
 HU_RANGE = (-1000.0, 400.0)
 MOVING_PAD_MM = 30.0  # the moving image is used over the fixed crop grown by this much
+
+
+@dataclass
+class Options:
+    """The torch backend's settings (the ``registration.torch`` section of the config)."""
+
+    device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
+    margin_mm: float = 15.0  # crop to the lung bounding box plus this margin
+    levels: tuple[int, ...] = (4, 2, 1)  # shrink factors, coarse to fine
+    iterations: tuple[int, ...] = (40, 30, 10)  # deformable iterations per level
+    affine_iterations: tuple[int, ...] = (100, 50)  # affine iterations, coarsest levels first
+    window: int = 5  # local NCC window, voxels of each level
+    ncc_floor_hu: float = 32.0  # local NCC: windows with local s.d. well below this are flat
+    velocity_sigma: float = 2.0  # Gaussian smoothing of each level's velocity increment (voxels)
+    smoothing_order: int = 2  # increments smoothed by G (1) or by 2G - GG (2)
+    gradient_sigma: float = 1.0  # Gaussian smoothing of each update (voxels of the velocity grid)
+    diffusion: float = 0.0  # weight of a diffusion penalty on the velocity
+    learning_rate: float = 0.6  # largest update per step, voxels of the velocity grid
+    velocity_shrink: int = 2  # velocity grid step = level shrink x this (image voxels)
+    squarings: int = 2  # scaling-and-squaring steps (at least; more for large velocities)
+    threads: int = 0  # CPU threads; 0 = the cores available to this process
+    full_step_at: float = 1.0  # full steps down to the gradient of a 1-voxel shift
+
+    def validate(self, where: str) -> None:
+        """Raise ConfigError naming the key (``where.window``) for an impossible value."""
+        check_common_options(self, where)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"{where}.device must be auto, cpu or cuda, got {self.device!r}")
+        if any(n < 0 for n in self.affine_iterations):
+            raise ConfigError(f"{where}.affine_iterations must be >= 0, got "
+                              f"{list(self.affine_iterations)}")  # fmt: skip
+        if not self.ncc_floor_hu > 0:
+            raise ConfigError(f"{where}.ncc_floor_hu must be > 0, got {self.ncc_floor_hu}")
+        if self.window < 3 or self.window % 2 == 0:
+            raise ConfigError(f"{where}.window must be an odd number >= 3, got {self.window}")
+        sigmas = [*_values(self.velocity_sigma), *_values(self.gradient_sigma)]
+        if min(*sigmas, self.diffusion) < 0 or not self.learning_rate > 0:
+            raise ConfigError(f"{where}.velocity_sigma, gradient_sigma and diffusion must be "
+                              f">= 0 and {where}.learning_rate > 0")  # fmt: skip
+        if self.velocity_shrink < 1:
+            raise ConfigError(f"{where}.velocity_shrink must be >= 1, got {self.velocity_shrink}")
+        if self.smoothing_order not in (1, 2):
+            raise ConfigError(f"{where}.smoothing_order must be 1 or 2, got "
+                              f"{self.smoothing_order!r}")  # fmt: skip
+        if not 0 <= self.squarings <= 12:
+            raise ConfigError(f"{where}.squarings must be within 0..12, got {self.squarings}")
+        if not self.full_step_at > 0:
+            raise ConfigError(f"{where}.full_step_at must be > 0, got {self.full_step_at}")
+
+    def affine_stage(self) -> Options | None:
+        """These options with the affine stage alone (no deformable iterations), or None
+        without an affine stage."""
+        if not any(self.affine_iterations):
+            return None
+        return dataclasses.replace(self, iterations=(0,) * len(self.levels))
+
+    def deformable_stage(self) -> Options:
+        """These options without the affine stage."""
+        return dataclasses.replace(self, affine_iterations=(0,))
+
+
+def _values(x) -> tuple[float, ...]:
+    """A number, or one per level, as a tuple of floats."""
+    return (float(x),) if isinstance(x, (int, float)) else tuple(float(v) for v in x)
 
 
 def register(
@@ -96,31 +163,23 @@ def register(
     spacing,
     *,
     mask=None,
-    device: str = "auto",
-    margin_mm: float = 15.0,
-    levels=(4, 2, 1),
-    iterations=(40, 30, 10),
-    affine_iterations=(100, 50),
-    window: int = 5,
-    ncc_floor_hu: float = 32.0,
-    velocity_sigma: float = 2.0,
-    gradient_sigma: float = 1.0,
-    diffusion: float = 0.0,
-    learning_rate: float = 0.6,
-    velocity_shrink: int = 2,
-    squarings: int = 2,
-    threads: int = 0,
-    return_affine: bool = False,
     valid=None,
-    full_step_at: float = 1.0,
-    smoothing_order: int = 2,
+    options: Options | None = None,
+    return_affine: bool = False,
 ):
     """See :func:`sscflow.registration.register` (inputs already checked).
 
-    With ``return_affine`` also returns the affine ``(matrix, offset)`` (zyx mm about voxel 0).
-    ``valid`` (Z, Y, X) in [0, 1], on the same grid, says where the moving scan was imaged
-    (``register`` resampled it onto the fixed grid); the similarity counts only those voxels.
+    ``options`` are this backend's settings (``Options()`` when None). With ``return_affine``
+    also returns the affine ``(matrix, offset)`` (zyx mm about voxel 0). ``valid`` (Z, Y, X) in
+    [0, 1], on the same grid, says where the moving scan was imaged (``register`` resampled it
+    onto the fixed grid); the similarity counts only those voxels.
     """
+    o = options if options is not None else Options()
+    device, margin_mm, levels, iterations = o.device, o.margin_mm, o.levels, o.iterations
+    affine_iterations, window, ncc_floor_hu = o.affine_iterations, o.window, o.ncc_floor_hu
+    velocity_sigma, gradient_sigma, diffusion = o.velocity_sigma, o.gradient_sigma, o.diffusion
+    learning_rate, velocity_shrink, squarings = o.learning_rate, o.velocity_shrink, o.squarings
+    threads, full_step_at, smoothing_order = o.threads, o.full_step_at, o.smoothing_order
     import torch
 
     dev = _device(device)
@@ -406,7 +465,6 @@ class _Registration:
         self.tiny = 1e-12  # only keeps 0 / 0 finite; larger values bias the optimum off b ~ a
         self.shape = shape
         self.moving_start = torch.tensor(moving_start, dtype=torch.float32, device=dev)
-        self.moving_shape = {}
         self._box = torch.ones(1, 1, self.window, device=dev) / self.window
 
     # -- pyramid and grids
