@@ -1,81 +1,62 @@
 """PyTorch backend: affine, then a diffeomorphic stationary velocity field with local NCC.
 
 Runs on CPU, or on CUDA when available (``device="auto"``). PyTorch is imported inside the
-functions, so ``import sscflow`` does not load it.
+functions, so ``import sscflow`` does not load it. Settings: ``Options`` (the config's
+``registration.torch`` section). Figures below: ``benchmarks/registration.py`` (real CT at
+2 mm with planted changes); what was tried and not kept is in ``benchmarks/NOTES.md``.
 
-Method (decisions):
-
-1. Intensities: HU clipped to [-1000, 400] and scaled to [0, 1].
-2. Crop: the fixed (baseline) volume is cropped to the lung bounding box plus ``margin_mm``
-   (grown to whole pyramid blocks); the moving volume (already resampled onto the fixed grid by
+1. Intensities: HU clipped to [-1000, 400] (air to soft tissue) and scaled to [0, 1].
+2. Crop: the fixed (baseline) volume is cropped to the lung bounding box plus ``margin_mm``,
+   grown to whole pyramid blocks. The moving volume (already resampled onto the fixed grid by
    ``register``) is used over that crop plus 30 mm, so the warped crop rarely samples outside
-   it, and only where the follow-up was imaged counts (``valid``).
-3. Pyramid: box-averaged images at the shrink ``levels`` (default 4, 2, 1); the moving crop
-   starts on the same block grid as the fixed one, so both average the same voxel blocks
-   (blocks out of phase read as a deformation: a scan registered to itself showed
-   log-Jacobian blobs of +-0.05 from that alone).
+   it; only voxels the follow-up imaged (``valid``) count in the similarity.
+3. Pyramid: box-averaged images at the shrink ``levels`` (default 4, 2, 1). The moving crop
+   starts on the same block grid as the fixed one, so both average the same voxel blocks:
+   blocks out of phase read as a deformation (log-Jacobian blobs of +-0.05 on a scan
+   registered to itself).
 4. Affine ``y = c + (I + L)(x - c) + t`` about the crop centre, by Adam on ``1 - LNCC`` on the
-   two coarsest levels (``affine_iterations``, default 100 and 50); it absorbs the inspiration
-   and position change. ``sscflow.registration.register`` runs this stage alone first
-   (``iterations`` all 0, ``return_affine``), resamples the follow-up through it, then the
-   deformable stage with ``affine_iterations=(0,)``. The second level matters: the coarsest
-   alone left a 0.5 % scale error on a scan written on another grid.
-5. Deformable: the map is ``x -> A(exp(v)(x))`` with a stationary velocity field ``v`` (mm) on a
-   grid at least ``velocity_shrink`` voxels coarse, integrated by scaling and squaring
-   (at least ``squarings`` steps, more while the scaled velocity's largest vector exceeds half
-   a velocity-grid voxel), so the result is a diffeomorphism up to interpolation. ``v`` is
-   multiplied by a cosine taper that is 1 over the lung bounding box and 0 at the crop border:
-   outside the crop the field is exactly the affine part and continuous with the inside. Loss:
-   ``1 - LNCC`` (squared local correlation, window ``window`` voxels of each level), each window
-   weighted by ``va^2 / (va^2 + (ncc_floor_hu / 1400)^4)`` with ``va`` the fixed image's local
-   variance: a window whose local standard deviation is well below ``ncc_floor_hu`` HU counts
-   little. The weight depends on the fixed image only, so the optimum of every window stays at
-   ``moving ~ fixed`` (a stabiliser added to the denominator instead rewards contrast: it biased
-   a regional shrinkage and moved a scan registered to itself). Plus optionally ``diffusion``
-   times the mean squared velocity gradient. Gradient descent: the gradient is smoothed
-   (``gradient_sigma``, fluid-like) and scaled so that the largest update is ``learning_rate``
-   velocity-grid voxels while the gradient is at least ``full_step_at`` times the one a
-   one-voxel shift of the fixed image against itself gives (measured once per level), and
-   proportionally smaller below that (scaling every gradient to a full step turned the vanishing
-   gradient of a pair in register into full-size random steps; below 1 the descent was unstable
-   at the optimum on real CT: a scan registered to itself drifted); then the part of ``v`` added
-   at the current level is smoothed (``velocity_sigma``, diffusion- like, demons style), which
-   keeps log-Jacobian noise small. The coarser levels' result is not smoothed again at every
-   step of the finer ones: that repeated smoothing damped a regional shrinkage's peak.
-   ``velocity_sigma`` and ``gradient_sigma`` may also be given per level. (Adam was tried: its
-   per-voxel normalisation turned noise in flat regions into full-size steps.) The similarity
-   gradient is taken with respect to the displacement ``exp(v)`` on the velocity grid and used
-   as the velocity's (``d exp(v) / dv ~ I``, as in log-domain demons), which skips the backward
-   pass through the squarings. The warped image is linearised in the displacement for the
-   gradient (its value from ``grid_sample``, its slope from central differences of the warped
-   image): this avoids ``grid_sample``'s backward pass, the most expensive step on CPU, at no
-   loss of accuracy. Local NCC is invariant to a local linear intensity change, so a
-   fibrosis-like density rise in a shrinking region is not read as less shrinkage (an SSD or
-   demons similarity is).
-
-Tried against the noise of pairs on other grids (real CT at 2 mm: the benchmark's rigid and
-regridded pairs, 2026-12) and not kept, each measured against the planted pair's regional
-log-Jacobian: steps decaying within a level (every level, the coarse ones only, the last one
-only), the mean of the last level's iterates, a 7-voxel window, more velocity smoothing at one
-level, a 2 mm common blur, an anti-aliasing prefilter at ingest. The iterate mean changed
-nothing (the noise is the regulariser's equilibrium with the interpolation differences, not
-optimiser jitter); every other change moved along one curve, trading regional bias for noise
-(steps decaying at every level: rigid p95 |logjac| 0.031 -> 0.008, planted region error
-+0.025 -> +0.115). A better trade needs another regulariser, not another setting.
-
-Most of that noise turned out to come from outside this backend (measured 2026-12, same
-pairs): the follow-up was resampled once at the coarse lung-mask alignment (up to 5 mm and
-0.4 deg off), leaving the correction to this backend's linear interpolation, and the
-benchmark's follow-ups showed air past the baseline's field of view, where it cuts the lung
-bases. With ``register``'s affine pass and the edge continued: rigid p95 |log-Jacobian|
-0.024 -> 0.006, regridded p99 0.023 -> 0.004.
-
-``smoothing_order=2`` (the default) is that other regulariser: each increment is smoothed by
-``2G - GG`` instead of ``G``, whose penalty grows as k^4 rather than k^2 at long wavelengths,
-so a 20 mm regional change is damped far less for the same suppression of fine-scale noise.
-Measured with ``velocity_sigma`` 2.0 (real CT, cubic ingest, idle): planted region error
-+0.011 (order 1: +0.025), moved +0.014 (+0.035), rigid p95 |logjac| 0.023, regridded p99
-0.022; at ``velocity_sigma`` 1.5 (linear ingest, loaded): region +0.004 but rigid p95 0.0486.
+   two coarsest levels (``affine_iterations``, default 100 and 50), with a cosine-annealed
+   step and Adam's eps at a tenth of the gradient a one-voxel shift gives, so steps vanish
+   with the gradient once the images are in register. It absorbs the inspiration and
+   position change; the second level is needed for the scale (the coarsest alone left a 0.5 %
+   scale error on a scan written on another grid). ``sscflow.registration.register`` runs
+   this stage alone first (``Options.affine_stage``), resamples the follow-up through it, then
+   the deformable stage without it (``Options.deformable_stage``).
+5. Deformable: the map is ``x -> A(exp(v)(x))`` with a stationary velocity field ``v`` (mm) on
+   a grid ``velocity_shrink`` times coarser than each level, integrated by scaling and
+   squaring (at least ``squarings`` steps, more while the scaled velocity's largest vector
+   exceeds half a velocity-grid voxel, the condition for each composition to stay
+   invertible), so the result is a diffeomorphism up to interpolation. ``v`` is multiplied by
+   a cosine taper, 1 over the lung bounding box and 0 at the crop border: outside the crop
+   the field is exactly the affine part and continuous with the inside.
+6. Similarity: ``1 - LNCC`` (squared local correlation over a ``window``-voxel box at each
+   level). Local NCC is invariant to a local linear intensity change, so a fibrosis-like
+   density rise where the lung shrinks is not read as less shrinkage (an SSD or demons
+   similarity is). Each window is weighted by ``va^2 / (va^2 + (ncc_floor_hu / 1400)^4)``,
+   ``va`` the fixed image's local variance: windows much flatter than ``ncc_floor_hu`` HU
+   count little. The weight depends on the fixed image only, so every window's optimum stays
+   at ``moving ~ fixed``.
+7. Optimiser: gradient descent on ``v``. The similarity gradient is taken with respect to the
+   displacement ``exp(v)`` on the velocity grid and used as the velocity's (``d exp(v)/dv ~
+   I``, as in log-domain demons), which skips the backward pass through the squarings; the
+   warped image is linearised in the displacement (value from ``grid_sample``, slope from
+   central differences), which skips ``grid_sample``'s backward pass, the most expensive step
+   on CPU. The gradient is smoothed (``gradient_sigma``, fluid-like) and scaled so that the
+   largest update is ``learning_rate`` velocity-grid voxels while the gradient is at least
+   ``full_step_at`` times the one a one-voxel shift of the fixed image against itself gives
+   (measured once per level), and proportionally smaller below it: a pair already in register
+   is left alone, not jittered by full-size steps. Optionally ``diffusion`` times the mean
+   squared velocity gradient is added to the loss.
+8. Regulariser: after each step, the part of ``v`` added at the current level is smoothed by
+   ``2G - GG`` (``smoothing_order=2``, ``G`` a Gaussian of ``velocity_sigma`` voxels; ``G``
+   alone with ``smoothing_order=1``); the coarser levels' result is not smoothed again, which
+   would damp a regional change's peak. ``2G - GG`` penalises long wavelengths as k^4 rather
+   than k^2, so a 20 mm regional change is damped far less for the same suppression of
+   fine-scale noise: with ``velocity_sigma`` 2.0 the planted region's mean log-Jacobian error
+   was +0.011 (order 1: +0.025), the moved pair's +0.014 (+0.035), rigid p95 |log-Jacobian|
+   0.023 and regridded p99 0.022 (order 1 and 2 alike); at ``velocity_sigma`` 1.5 the region
+   error fell to +0.004 but rigid p95 rose to 0.049. ``velocity_sigma`` and
+   ``gradient_sigma`` may also be given per level.
 """
 
 from __future__ import annotations
