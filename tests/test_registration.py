@@ -300,11 +300,13 @@ def test_stage_runs_the_sitk_backend_with_its_own_settings(tmp_path):
     the torch section redoes nothing, changing the sitk section redoes the field."""
     import dataclasses
 
+    from sscflow.config import config_from_dict
     from sscflow.registration.stage import register_patient
     from sscflow.registration.torch import Options as TorchOptions
 
     path = _tiny_store(tmp_path)
-    cfg = RegistrationConfig(backend="sitk", sitk=SitkOptions(margin_mm=6.0))
+    cfg = config_from_dict({"registration": {"backend": "sitk",
+                                             "sitk": {"margin_mm": 6}}}).registration  # fmt: skip
     assert register_patient(path, "P001", cfg)["status"] == "done"
     group = st.patient_group(st.open_store(path, "r"), "P001", create=False)
     meta = st.read_image(group, "displacement").meta
@@ -316,7 +318,7 @@ def test_stage_runs_the_sitk_backend_with_its_own_settings(tmp_path):
     assert meta["qa"]["parameters"]["iterations"] == [100, 60, 30]  # not torch's (40, 30, 10)
     other_torch = dataclasses.replace(cfg, torch=TorchOptions(iterations=(1, 1, 1), window=7))
     assert register_patient(path, "P001", other_torch)["status"] == "skipped"
-    other_sitk = dataclasses.replace(cfg, sitk=SitkOptions(margin_mm=6.0, sigma=2.0))
+    other_sitk = dataclasses.replace(cfg, sitk=SitkOptions(margin_mm=6.0, sigma=3.0))
     assert register_patient(path, "P001", other_sitk)["status"] == "done"
 
 
