@@ -92,8 +92,8 @@ def backend_options(name: str, **options):
 
     Raises RegistrationInputError (a ValueError) naming an unknown or impossible setting.
 
-    >>> backend_options("sitk", sigma=2.0).sigma
-    2.0
+    >>> backend_options("sitk", sigma=3.0).sigma
+    3.0
     >>> backend_options("sitk", window=5)
     Traceback (most recent call last):
     ...
@@ -186,8 +186,8 @@ def register(
     ------
     RegistrationInputError (ValueError) for volumes that are not 3-D, NaN / inf values, a bad
     spacing or geometry, an empty mask, an option the backend does not have or an impossible
-    value of one; UnknownBackendError (ValueError) for an unknown
-    backend; MissingDependencyError (ImportError) naming the extra to install.
+    value of one; UnknownBackendError (ValueError) for an unknown backend;
+    MissingDependencyError (ImportError) naming the extra to install.
 
     Examples
     --------
