@@ -253,6 +253,7 @@ def warm_up(device) -> float:
 
 def _warm_up(torch, key: str) -> float:
     from sscflow.registration.align import identity
+    from sscflow.registration.torch import Options
     from sscflow.registration.torch import register as backend
 
     t0 = time.perf_counter()
@@ -267,8 +268,9 @@ def _warm_up(torch, key: str) -> float:
     coef = bspline_coefficients(fixed)
     moving, valid = resample(fixed, g, g, np.eye(3), np.full(3, 0.3), coefficients=coef)
     moving = gaussian_blur(moving, (0.5, 0.5, 0.5))
-    local, box, aff = backend(fixed, moving, g.spacing, mask=mask, device=key, levels=(2, 1),
-                              iterations=(1, 1), affine_iterations=(1, 1), valid=valid,
+    tiny = Options(device=key.split(":")[0], levels=(2, 1), iterations=(1, 1),
+                   affine_iterations=(1, 1))  # fmt: skip
+    local, box, aff = backend(fixed, moving, g.spacing, mask=mask, valid=valid, options=tiny,
                               return_affine=True, as_tensor=True)  # fmt: skip
     ident = identity()
     u = compose(local, box, g, *aff, ident.matrix, ident.offset)
