@@ -191,3 +191,23 @@ def test_a_moved_export_is_reported_without_its_path(cohort, tmp_path):
     text = " ".join(r.message for r in m.rejected)
     assert "the series folder the key file records no longer exists" in text
     assert [i for i in ids if i in text] == [] and str(ex.root) not in text
+
+
+def test_the_date_shift_keeps_intervals_and_depends_on_key_and_patient():
+    from sscflow.discover import DEIDENTIFICATION
+    from sscflow.discover.pseudonym import date_shift_days, shift_date
+
+    a, b = b"k" * 32, b"j" * 32
+    s = date_shift_days(a, "Müller-Ørsted")
+    assert s == date_shift_days(a, "Müller-Ørsted") and -3650 <= s <= -365
+    assert len({date_shift_days(a, f"P{i}") for i in range(50)}) > 40
+    assert date_shift_days(b, "Müller-Ørsted") != s
+    one, two = shift_date("20190110", s), shift_date("20200305", s)
+    import datetime
+
+    def days(x):
+        return datetime.date(int(x[:4]), int(x[4:6]), int(x[6:]))
+
+    assert (days(two) - days(one)).days == (days("20200305") - days("20190110")).days == 420
+    assert one != "20190110" and shift_date("", s) == ""
+    assert DEIDENTIFICATION["version"] == 1 and DEIDENTIFICATION["codes"][0][0] == "113100"

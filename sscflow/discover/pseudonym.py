@@ -110,6 +110,12 @@ class PseudonymKey:
         UID): ``2.25.`` and the integer of a version-8 UUID from HMAC-SHA256(secret, UID)."""
         return keyed_uid(self.secret, original)
 
+    def date_shift_days(self, patient_id: str) -> int:
+        """A per-patient shift of dates, from the key: -(365 ... 3650) days. Every date of one
+        patient moves by the same amount, so intervals are kept (PS3.15 'Retain Longitudinal
+        Temporal Information with Modified Dates'); the real date never leaves the key's side."""
+        return date_shift_days(self.secret, patient_id)
+
     def file_ref(self, path: str) -> str:
         """A keyed reference (``F`` + 12 hex digits) for a file of the export; the path is kept
         in :attr:`files`."""
@@ -182,3 +188,19 @@ def open_private_side(key, *, manifest=None, store=None) -> PseudonymKey | None:
     if store is not None and "://" not in str(store):
         forbidden.append(Path(store))
     return PseudonymKey.open(key, scheme=None, forbidden=forbidden, must_exist=True)
+
+
+def date_shift_days(secret: bytes, patient_id: str) -> int:
+    """-(365 + HMAC-SHA256(secret, PatientID) mod 3286) days: 1 to 10 years back."""
+    digest = hmac.new(secret, b"date:" + patient_id.encode("utf-8"), hashlib.sha256).digest()
+    return -(365 + int.from_bytes(digest[:8], "big") % 3286)
+
+
+def shift_date(yyyymmdd: str, days: int) -> str:
+    """A DICOM DA value moved by ``days`` ('' stays '')."""
+    import datetime
+
+    if not yyyymmdd:
+        return ""
+    d = datetime.date(int(yyyymmdd[:4]), int(yyyymmdd[4:6]), int(yyyymmdd[6:8]))
+    return (d + datetime.timedelta(days=days)).strftime("%Y%m%d")
