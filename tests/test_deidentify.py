@@ -302,7 +302,7 @@ def identified_run(tmp_path_factory):
         "ingest": {"spacing_mm": SPACING},
         "segment": {"min_lung_ml": 5.0},
         "classifier": {"epochs": 5, "loader_workers": 0},
-        "discover": {"min_extent_mm": 0.0, "max_slice_thickness_mm": 10.0},
+        "discover": {"min_extent_mm": 0.0, "max_slice_thickness_mm": 20.0},
     }
     cfg = out / "run.yaml"
     out.mkdir()
@@ -387,7 +387,7 @@ def test_no_dicom_identifier_reaches_any_output(identified_run):
 def test_control_the_search_finds_the_identifiers_in_the_input_dicom(identified_run):
     """The inputs hold every identifier, so a search that found nothing above could fail."""
     _, dicom, _, _, _ = identified_run
-    one_slice = sorted(dicom.rglob("*.dcm"))[0]
+    one_slice = sorted((dicom / series_of(0)[0][2]).glob("*.dcm"))[0]
     ds = pydicom.dcmread(one_slice)
     assert str(ds.PatientName) == HEADER["PatientName"] and ds.PatientID == HEADER["PatientID"]
     hits = find_identifiers([("slice", one_slice.read_bytes())])
