@@ -63,6 +63,11 @@ WaitOpt = Annotated[
     typer.Option("--wait", help="When another run holds the store's lease, wait for it "
                  "instead of stopping."),
 ]  # fmt: skip
+KeyOpt = Annotated[
+    Path | None,
+    typer.Option("--key", help="The key file 'sscflow discover' wrote (its private side links "
+                 "the cohort's keyed references back to the export); default: discover.key."),
+]  # fmt: skip
 
 
 def _version(value: bool):
@@ -285,8 +290,10 @@ def _ingest_summary(results, store):
 def discover(
     dicom_root: Annotated[Path, typer.Argument(help="The DICOM export (any folder layout).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Cohort folder to write.")],
-    key: Annotated[Path, typer.Option("--key", help="Pseudonym key file (created, or reused "
-                                      "for stable pseudonyms); outside the cohort and store.")],
+    key: Annotated[Path | None, typer.Option(
+        "--key", help="Pseudonym key file (created, or reused for stable pseudonyms; it also "
+        "keeps the link back to the export); outside the cohort and store. Default: "
+        "discover.key of the config.")] = None,
     pft: Annotated[
         Path | None, typer.Option("--pft", help="PFT CSV: patient_id, date, fvc, dlco, tlc, kco.")
     ] = None,
@@ -305,6 +312,10 @@ def discover(
     from sscflow.discover.run import discover as discover_cohort
 
     cfg = _config(config, scheduler, workers)
+    key = key or cfg.discover.key
+    if key is None:
+        raise SscflowError("give the key file: --key ~/sscflow-keys/cohort.key (or discover.key "
+                           "in the config); it is created if it does not exist")  # fmt: skip
     with _client(cfg) as client, _progress() as bar:
         task = bar.add_task("headers", total=None, last="")
 
@@ -355,6 +366,7 @@ def run(
                      "maps and what follows, nothing upstream."),
     ] = False,
     wait: WaitOpt = False,
+    key: KeyOpt = None,
 ):
     """Run every stage for every manifest patient: ingest (scans and lung masks), ILD extent,
     registration, log-Jacobian, template space, QA pages; then for the cohort: group means,
@@ -381,7 +393,8 @@ def run(
     if cfg.manifest is None or cfg.store is None:
         raise SscflowError(f"config {config}: 'manifest' and 'store' must both be set for a run")
     t0 = time.perf_counter()
-    manifest = read_manifest(cfg.manifest, check_files=dry_run, lenient=True)
+    manifest = read_manifest(cfg.manifest, check_files=dry_run, lenient=True,
+                             key=_private_side(key, cfg))  # fmt: skip
     if dry_run:
         _dry_run(cfg, manifest, force, t0)
         return
@@ -551,7 +564,7 @@ def status(
     if manifest is not None:
         from sscflow.cohort import read_manifest
 
-        members = [p.patient_id for p in read_manifest(manifest).patients]
+        members = [p.patient_id for p in read_manifest(manifest, scans=False).patients]
     else:
         members = manifest_patients(store)
     removed = [] if members is None else sorted(set(state) - set(members))
@@ -811,6 +824,7 @@ def _demo_report(synthetic: Path, store: str, patient_ids):
 @_command()
 def validate(
     path: Annotated[Path, typer.Argument(help="A config (.yaml) or a manifest (.csv).")],
+    key: KeyOpt = None,
 ):
     """Check a config or a manifest and print what was understood; exit 1 listing every problem.
 
@@ -821,7 +835,9 @@ def validate(
     Example: sscflow validate configs/cohort.yaml
     """
     from sscflow.cohort import read_manifest
+    from sscflow.config import Config
 
+    cfg = Config()
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
@@ -837,16 +853,25 @@ def validate(
         if not path.is_file():
             raise SscflowError(f"config {cfg.source}: the manifest it names, {path}, does not "
                                "exist; 'sscflow run' would stop (fix 'manifest')")  # fmt: skip
-    lenient = read_manifest(path, check_files=True, lenient=True)
+    cfg.manifest = path
+    private = _private_side(key, cfg)
+    lenient = read_manifest(path, check_files=True, lenient=True, key=private)
     if lenient.rejected:
         _print_rejected(lenient)
-    manifest = read_manifest(path, check_files=True)
+    manifest = read_manifest(path, check_files=True, key=private)
     table = manifest.table()
     out.print(f"manifest {path} is valid: {len(manifest)} patients, every scan path exists")
     for col in ("visual", "functional"):
         if col in table:
             counts = table[col].fillna("no label").value_counts().to_dict()
             out.print(f"  {col}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+def _private_side(key, cfg):
+    """The key file (--key, else discover.key) opened for a discovered cohort's private side."""
+    from sscflow.discover.pseudonym import open_private_side
+
+    return open_private_side(key or cfg.discover.key, manifest=cfg.manifest, store=cfg.store)
 
 
 def main(argv: list[str] | None = None) -> None:

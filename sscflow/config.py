@@ -435,7 +435,7 @@ def config_from_dict(data: Any, *, source: str = "<dict>", base: Path | None = N
             value = getattr(cfg, name)
             if value is not None and not value.is_absolute():
                 setattr(cfg, name, (base / value).resolve())
-        for section, names in ((cfg.template, ("image", "lung_mask")),
+        for section, names in ((cfg.template, ("image", "lung_mask")), (cfg.discover, ("key",)),
                                (cfg.cluster.tls, ("ca_file", "cert", "key"))):  # fmt: skip
             for name in names:
                 value = getattr(section, name)
