@@ -505,6 +505,15 @@ def _run_report(summary):
         )
 
 
+StatusFormat = Annotated[
+    str,
+    typer.Option("--format", "-f", help="table (for people), csv (one row per patient and "
+                 "stage) or json (for scripts and dashboards; README, 'sscflow status --format "
+                 "json')."),
+]
+STATUS_JSON_VERSION = 1  # bump when the JSON of 'sscflow status --format json' changes
+
+
 @_command()
 def status(
     store: Annotated[str, typer.Argument(help="The cohort store (a .zarr folder).")],
@@ -520,6 +529,7 @@ def status(
         Path | None,
         typer.Option("--config", "-c", help="A run config: its manifest is the current one."),
     ] = None,
+    fmt: StatusFormat = "table",
 ):
     """Print per-patient, per-stage state: done, failed (with the reason, once, at the stage
     where it happened), upstream_failed (a later stage of a patient that failed) or pending.
@@ -528,6 +538,7 @@ def status(
     kept, but the cohort outputs leave them out) are listed as "not in the manifest". The
     manifest is --manifest, else the one of --config, else the one the last run recorded.
     Also shows how the template was made and who holds the store's lease. Reads only.
+    Into a pipe or a file the table is never cut; --format csv or json print every patient.
 
     Example: sscflow status demo/cohort.zarr --manifest demo/synthetic/manifest.csv
     """
@@ -535,6 +546,8 @@ def status(
     from sscflow.pipeline import PATIENT_STAGES, manifest_patients, store_status
     from sscflow.template import describe_provenance, template_provenance
 
+    if fmt not in ("table", "csv", "json"):
+        raise SscflowError(f"--format must be table, csv or json, got {fmt!r}")
     state = store_status(store)
     cohort = state.pop(None)
     if manifest is None and config is not None:
@@ -556,6 +569,15 @@ def status(
         for s in PATIENT_STAGES:
             k = row[s]["status"]
             counts[s][k] = counts[s].get(k, 0) + 1
+    holder = read_holder(store)
+    template = describe_provenance(template_provenance(store))
+    if fmt == "json":
+        _status_json(store, state, cohort, removed, counts, template, holder)
+        return
+    if fmt == "csv":
+        _status_csv(state, cohort, removed)
+        return
+    show = out if out.is_terminal else Console(soft_wrap=True, width=100_000)  # never cut
     title = f"{store}: {len(state) - len(removed)} patients"
     if removed:
         title += f" (and {len(removed)} not in the manifest)"
@@ -567,13 +589,12 @@ def status(
     for s, rec in cohort.items():
         states = ("done", "failed", "upstream_failed", "pending")
         table.add_row(s + " (cohort)", *["1" if rec["status"] == k else "0" for k in states])
-    out.print(table)
-    out.print(f"template: {describe_provenance(template_provenance(store))}")
-    holder = read_holder(store)
-    out.print(f"lease: held by {holder.describe()}" if holder else "lease: free (no run)")
+    show.print(table)
+    show.print(f"template: {template}")
+    show.print(f"lease: held by {holder.describe()}" if holder else "lease: free (no run)")
     if removed:
-        out.print(f"not in the manifest ({len(removed)}; outputs kept, left out of the cohort "
-                  f"outputs): {', '.join(removed)}")  # fmt: skip
+        show.print(f"not in the manifest ({len(removed)}; outputs kept, left out of the cohort "
+                   f"outputs): {', '.join(removed)}")  # fmt: skip
     rows = [(pid, row) for pid, row in sorted(state.items())
             if all_ or pid in removed or any(r["status"] != "done" for r in row.values())]
     if rows:
@@ -585,7 +606,43 @@ def status(
                 t.add_row(pid, *["not in the manifest"] * len(PATIENT_STAGES), reason)
             else:
                 t.add_row(pid, *[row[s]["status"] for s in PATIENT_STAGES], reason)
-        out.print(t)
+        show.print(t)
+
+
+def _status_json(store, state, cohort, removed, counts, template, holder):
+    """The JSON contract of ``sscflow status --format json`` (README, "Status for scripts")."""
+    import json
+
+    doc = {
+        "version": STATUS_JSON_VERSION,
+        "store": str(store),
+        "patients": {pid: {s: {"status": r["status"], "message": r["message"]}
+                           for s, r in row.items()}
+                     for pid, row in sorted(state.items()) if pid not in removed},
+        "not_in_manifest": list(removed),
+        "counts": counts,
+        "cohort": {s: {"status": r["status"], "message": r.get("message", "")}
+                   for s, r in cohort.items()},
+        "template": template,
+        "lease": None if holder is None else {
+            "host": holder.host, "pid": holder.pid, "command": holder.command,
+            "started": holder.started, "heartbeat": holder.heartbeat},
+    }  # fmt: skip
+    sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+
+
+def _status_csv(state, cohort, removed):
+    """One row per patient and stage (cohort stages with an empty patient_id)."""
+    import csv
+
+    w = csv.writer(sys.stdout, lineterminator="\n")
+    w.writerow(["patient_id", "stage", "status", "message"])
+    for pid, row in sorted(state.items()):
+        for s, r in row.items():
+            w.writerow([pid, s, "not_in_manifest" if pid in removed else r["status"],
+                        r["message"]])  # fmt: skip
+    for s, r in cohort.items():
+        w.writerow(["", s, r["status"], r.get("message", "")])
 
 
 @_command()
