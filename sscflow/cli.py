@@ -158,10 +158,11 @@ def _client(cfg, client=None):
     if client is not None:
         yield client
         return
-    from sscflow.cluster import dask_client
+    from sscflow.cluster import dashboard_note, dask_client
 
     with dask_client(cfg.cluster) as new:
-        console.print(f"dashboard: {new.dashboard_link}")
+        console.print(f"dashboard: {new.dashboard_link}"
+                      f"{dashboard_note(cfg.cluster, new.dashboard_link)}", highlight=False)
         yield new
 
 
@@ -859,12 +860,16 @@ def _demo_report(synthetic: Path, store: str, patient_ids):
 @_command()
 def validate(
     path: Annotated[Path, typer.Argument(help="A config (.yaml) or a manifest (.csv).")],
+    full: Annotated[
+        bool, typer.Option("--full", help="Print the whole effective config, defaults included.")
+    ] = False,
 ):
     """Check a config or a manifest and print what was understood; exit 1 listing every problem.
 
-    A config's problems come all at once, each with its line and column; then the manifest it
-    names is checked exactly as 'sscflow run' will (every row, every scan path), and the
-    patients that would fail are listed with the reason.
+    For a config, prints the settings that differ from the defaults (--full: every setting);
+    its problems come all at once, each with its line and column; then the manifest it
+    names is checked exactly as 'sscflow run' will (every row, every scan path), and each
+    problem is listed once, with its line and column.
 
     Example: sscflow validate configs/cohort.yaml
     """
@@ -873,11 +878,15 @@ def validate(
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        from sscflow.config import load_config
+        from sscflow.config import Config, load_config
 
         cfg = load_config(path)
-        out.print(f"config {path} is valid:")
-        out.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+        settings = cfg.to_dict() if full else _changed(cfg.to_dict(), Config().to_dict())
+        what = "" if full else (" (settings that differ from the defaults; --full for all)"
+                                if settings else "; every setting is the default")
+        out.print(f"config {path} is valid{what}" + (":" if settings else ""), highlight=False)
+        if settings:
+            out.print(yaml.safe_dump(settings, sort_keys=False).rstrip(), highlight=False)
         if cfg.manifest is None:
             out.print("(the config names no manifest; 'sscflow run' needs one)")
             return
@@ -886,8 +895,14 @@ def validate(
             raise SscflowError(f"config {cfg.source}: the manifest it names, {path}, does not "
                                "exist; 'sscflow run' would stop (fix 'manifest')")  # fmt: skip
     lenient = read_manifest(path, check_files=True, lenient=True)
-    if lenient.rejected:
-        _print_rejected(lenient)
+    if lenient.rejected:  # every problem once, with its line and column (the error's list)
+        try:
+            read_manifest(path, check_files=True)
+        except SscflowError as exc:
+            bad, total = len(lenient.rejected), len(lenient) + len(lenient.rejected)
+            rest = "'sscflow run' runs the others" if bad < total else "none would run"
+            raise SscflowError(f"{exc}\n{bad} of {total} patients would fail at ingest; "
+                               f"{rest}") from None  # fmt: skip
     manifest = read_manifest(path, check_files=True)
     table = manifest.table()
     out.print(f"manifest {path} is valid: {len(manifest)} patients, every scan path exists")
@@ -895,6 +910,20 @@ def validate(
         if col in table:
             counts = table[col].fillna("no label").value_counts().to_dict()
             out.print(f"  {col}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+def _changed(settings: dict, defaults: dict) -> dict:
+    """The parts of ``settings`` that differ from ``defaults``, nested as they are."""
+    diff = {}
+    for key, value in settings.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            sub = _changed(value, default)
+            if sub:
+                diff[key] = sub
+        elif value != default:
+            diff[key] = value
+    return diff
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -99,6 +99,8 @@ def _local_cluster(cfg: ClusterConfig, devices: list[Device]):
     dashboard = cfg.dashboard_address
     if dashboard.startswith(":"):  # a bare port binds to localhost, never to every interface
         dashboard = "127.0.0.1" + dashboard
+    if not _port_free(dashboard):  # another run's dashboard: any free port, without
+        dashboard = dashboard.rpartition(":")[0] + ":0"  # distributed's four-line warning
     memory = cfg.memory_limit
     if memory == "auto" and devices:  # the machine's memory shared by every worker, as "auto"
         memory = int(MEMORY_LIMIT / (cfg.n_workers + len(devices)))
@@ -130,6 +132,31 @@ def _local_cluster(cfg: ClusterConfig, devices: list[Device]):
         log.info("GPU worker gpu-%d on CUDA device %s: %d pair(s) at once", i, device.ident, slots)
     cluster.scale(len(cluster.worker_spec))  # starts the specs just added
     return cluster
+
+
+def _port_free(address: str) -> bool:
+    """Whether ``host:port`` can be listened on now (port 0, any free one, always can)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return True
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host or "127.0.0.1", int(port)))
+        except OSError:
+            return False
+    return True
+
+
+def dashboard_note(cfg: ClusterConfig, link: str) -> str:
+    """``" (port 8787 is in use: another run?)"`` when the dashboard of a local cluster is
+    not on its configured port, else ``""``."""
+    want = cfg.dashboard_address.rpartition(":")[2]
+    got = link.split("://")[-1].split("/")[0].rpartition(":")[2]
+    if cfg.scheduler or cfg.kind == "kubernetes" or not want.isdigit() or int(want) == 0:
+        return ""
+    return "" if got == want else f" (port {want} is in use: another run?)"
 
 
 @dataclass(frozen=True)

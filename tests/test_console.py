@@ -66,3 +66,58 @@ def test_status_csv_and_json(status_store):
     assert doc["cohort"]["template"]["status"] == "pending" and doc["lease"] is None
     bad = sscflow("status", path, "--format", "xml")
     assert bad.returncode == 1 and "--format must be table, csv or json" in bad.stderr
+
+
+def test_validate_config_prints_only_what_differs(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ingest:\n  spacing_mm: 2.5\ncluster:\n  n_workers: 3\n")
+    res = sscflow("validate", str(cfg))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[1:5] == ["cluster:", "  n_workers: 3", "ingest:", "  spacing_mm: 2.5"], lines
+    assert len(lines) == 6 and "synth" not in res.stdout and "kubernetes" not in res.stdout
+    full = sscflow("validate", str(cfg), "--full")
+    assert full.returncode == 0 and "kubernetes:" in full.stdout and "synth:" in full.stdout
+    assert len(full.stdout.splitlines()) > 50
+
+
+def test_validate_prints_each_manifest_problem_once(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_text("patient_id,baseline,followup,visual\nP1,a.nii.gz,b.nii.gz,better\n")
+    res = sscflow("validate", str(m))
+    text = res.stdout + res.stderr
+    assert res.returncode == 1
+    for problem in ("column visual: unknown label 'better'", "a.nii.gz does not exist",
+                    "b.nii.gz does not exist"):  # fmt: skip
+        assert text.count(problem) == 1, (problem, text)
+    assert "1 of 1 patients would fail at ingest; none would run" in res.stderr
+
+
+def test_a_taken_dashboard_port_is_one_quiet_line(tmp_path):
+    """Another program holds the configured dashboard port: the command says which link it
+    used, in one line, and neither distributed's UserWarning nor the nanny's kill warning."""
+    import socket
+
+    import SimpleITK as sitk
+    import yaml
+    from helpers import mini_chest_image
+
+    sitk.WriteImage(mini_chest_image(), str(tmp_path / "ct.nii.gz"))
+    (tmp_path / "m.csv").write_text("patient_id,baseline,followup\nP1,ct.nii.gz,ct.nii.gz\n")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        config = tmp_path / "c.yaml"
+        config.write_text(yaml.safe_dump({"cluster": {"n_workers": 1,
+                                                      "dashboard_address": f":{port}"},
+                                          "segment": {"min_lung_ml": 1.0}}))  # fmt: skip
+        res = sscflow("ingest", str(tmp_path / "m.csv"), "--store", str(tmp_path / "s.zarr"),
+                      "--spacing", "3", "--config", str(config))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    text = res.stdout + res.stderr
+    for noise in ("UserWarning", "already in use", "warnings.warn", "still alive", "WARNING"):
+        assert noise not in text, (noise, text)
+    link = [line for line in res.stderr.splitlines() if line.startswith("dashboard: ")]
+    assert len(link) == 1 and f"(port {port} is in use" in link[0], res.stderr
+    assert f":{port}/" not in link[0]
