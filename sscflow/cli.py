@@ -158,12 +158,104 @@ def _client(cfg, client=None):
     if client is not None:
         yield client
         return
+    from contextlib import ExitStack
+
     from sscflow.cluster import dashboard_note, dask_client
 
-    with dask_client(cfg.cluster) as new:
+    with ExitStack() as stack:
+        with _workers_deaf():  # only while the worker processes start
+            new = stack.enter_context(dask_client(cfg.cluster))
         console.print(f"dashboard: {new.dashboard_link}"
                       f"{dashboard_note(cfg.cluster, new.dashboard_link)}", highlight=False)
         yield new
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM during a run: unwinds like KeyboardInterrupt (closing the cluster and
+    releasing the lease on the way out); ``code`` is the exit status, 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.code = 128 + signum
+
+
+@contextmanager
+def _workers_deaf():
+    """Local worker processes started in the block ignore SIGINT and SIGTERM (a disposition
+    kept across their exec): Ctrl-C reaches the whole process group, and only this process
+    should act on it, closing the workers itself, without their tracebacks."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    before = {k: signal.signal(k, signal.SIG_IGN) for k in kinds}
+    try:
+        yield
+    finally:
+        for k, handler in before.items():
+            if signal.getsignal(k) == signal.SIG_IGN:  # not yet restored by an inner block
+                signal.signal(k, handler)
+
+
+@contextmanager
+def _interruptible():
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the block; a second one while it
+    unwinds ends the process at once (the lease then goes stale and is taken over)."""
+    import os
+    import signal
+
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    state = {"hit": None}
+
+    def handler(signum, frame):
+        if state["hit"] is not None:
+            os._exit(128 + state["hit"])
+        state["hit"] = signum
+        _quiet_dask()
+        raise Interrupted(signum)
+
+    before = {k: signal.signal(k, handler) for k in kinds}
+    try:
+        yield
+    finally:
+        for k, old in before.items():
+            signal.signal(k, old)
+
+
+def _quiet_dask():
+    """Dask's own lines about cancelled tasks and lost workers, expected while a run is
+    stopped on purpose, stay out of the console (``--debug`` keeps them)."""
+    import logging
+
+    if not _state["debug"]:
+        for name in ("distributed", "tornado", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _outputs_in_store(store) -> tuple[int, int]:
+    """(complete, incomplete) outputs under the store's patients and template: what an
+    interrupted run kept, and what it was writing (discarded; a rerun redoes it)."""
+    from sscflow import store as st
+
+    try:
+        root = st.open_store(str(store), mode="r")
+    except (OSError, ValueError, KeyError):
+        return 0, 0
+    groups = [root[f"{st.PATIENTS}/{pid}"] for pid in st.patient_ids(root)]
+    if st.TEMPLATE in root:
+        groups.append(root[st.TEMPLATE])
+    states = [st.output_state(g, name) for g in groups for name, _ in g.groups()]
+    return states.count("complete"), states.count("incomplete")
+
+
+def _say_interrupted(store, exc: Interrupted):
+    kept, partial = _outputs_in_store(store)
+    console.print(f"interrupted: {kept} outputs kept, {partial} in progress discarded; run the "
+                  "same command to resume", highlight=False)
+    sys.exit(exc.code)
 
 
 def _synth(patients, out_dir, spacing, seed, noise, ribs, cfg, client=None, acquisitions=True):
@@ -379,9 +471,12 @@ def run(
         return
     synthetic = cfg.manifest.parent  # sscflow synth writes truth/ beside its manifest
     truth_dir = synthetic if (synthetic / "truth").is_dir() else None
-    with _lease(cfg.store, wait, f"sscflow run {config}"):
-        summary = _run(cfg, manifest, force=force, truth_dir=truth_dir,
-                       rebuild_template=rebuild_template)  # fmt: skip
+    try:
+        with _interruptible(), _lease(cfg.store, wait, f"sscflow run {config}"):
+            summary = _run(cfg, manifest, force=force, truth_dir=truth_dir,
+                           rebuild_template=rebuild_template)  # fmt: skip
+    except Interrupted as exc:
+        _say_interrupted(cfg.store, exc)
     _run_report(summary)
 
 
@@ -791,15 +886,19 @@ def demo(
     cfg.store = str(out_dir / "cohort.zarr")
     cfg.results = out_dir / "results"
     synthetic = out_dir / "synthetic"
-    with _lease(cfg.store, False, "sscflow demo"), _client(cfg) as client:  # one cluster
-        if not force and _synthetic_is_current(synthetic, n, s):
-            cfg.manifest = synthetic / "manifest.csv"
-            out.print(f"synthetic cohort {synthetic}: unchanged, not made again")
-        else:
-            cfg.manifest = _synth(n, synthetic, s.spacing_mm, s.seed, s.noise_hu, s.ribs, cfg,
-                                  client, acquisitions=s.acquisitions)  # fmt: skip
-        manifest = read_manifest(cfg.manifest)
-        summary = _run(cfg, manifest, force=force, truth_dir=synthetic, client=client)
+    try:
+        with _interruptible(), _lease(cfg.store, False, "sscflow demo"), \
+                _client(cfg) as client:  # one cluster
+            if not force and _synthetic_is_current(synthetic, n, s):
+                cfg.manifest = synthetic / "manifest.csv"
+                out.print(f"synthetic cohort {synthetic}: unchanged, not made again")
+            else:
+                cfg.manifest = _synth(n, synthetic, s.spacing_mm, s.seed, s.noise_hu, s.ribs,
+                                      cfg, client, acquisitions=s.acquisitions)  # fmt: skip
+            manifest = read_manifest(cfg.manifest)
+            summary = _run(cfg, manifest, force=force, truth_dir=synthetic, client=client)
+    except Interrupted as exc:
+        _say_interrupted(cfg.store, exc)
     try:
         _run_report(summary)
     finally:

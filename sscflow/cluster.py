@@ -47,8 +47,15 @@ def _worker_threads_plugin():
             import SimpleITK as sitk
 
             sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(worker.state.nthreads))
+            logging.getLogger("distributed.worker.state_machine").addFilter(_not_cancelled)
 
     return MatchThreads()
+
+
+def _not_cancelled(record: logging.LogRecord) -> bool:
+    """False for a worker's "Async instruction for <Task cancelled ...> ended with
+    CancelledError": a task stopped because the run was interrupted, as asked."""
+    return "ended with CancelledError" not in record.getMessage()
 
 
 def security(cfg: ClusterConfig):
@@ -240,6 +247,24 @@ def dask_client(cfg: ClusterConfig | None = None, *,
         client.register_plugin(_worker_threads_plugin())
         yield client
     finally:
-        client.close()
+        client.close()  # first: no future of ours is lost when the workers go
+        if cluster is not None and cfg.kind != "kubernetes" and not cfg.scheduler:
+            _close_workers(cluster)
         if cluster is not None:
             cluster.close()
+
+
+def _close_workers(cluster, timeout: float = 60.0) -> None:
+    """Close a LocalCluster's workers, giving each process ``timeout`` s to exit before its
+    nanny kills it: a worker that ran the pipeline may need more than the 4 s that the
+    cluster's own close allows (and the nanny's "still alive ..., killing" warning)."""
+    import asyncio
+
+    async def close_all():
+        await asyncio.gather(*(w.close(timeout=timeout) for w in cluster.workers.values()),
+                             return_exceptions=True)  # fmt: skip
+
+    try:
+        cluster.sync(close_all)
+    except Exception as exc:  # the cluster's own close still follows
+        log.info("closing the workers: %s", exc)

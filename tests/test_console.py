@@ -121,3 +121,53 @@ def test_a_taken_dashboard_port_is_one_quiet_line(tmp_path):
     link = [line for line in res.stderr.splitlines() if line.startswith("dashboard: ")]
     assert len(link) == 1 and f"(port {port} is in use" in link[0], res.stderr
     assert f":{port}/" not in link[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])
+def test_an_interrupted_run_stops_cleanly_and_says_what_was_kept(tmp_path, signum, code):
+    """A real signal to the run's process group (as Ctrl-C sends) once the first outputs are
+    written: no traceback, no Dask lines, the lease released, one line saying what was kept."""
+    import signal
+    import time
+
+    import yaml
+
+    from sscflow.cli import _outputs_in_store
+    from sscflow.lease import read_holder
+
+    made = sscflow("synth", "--patients", "3", "--out", str(tmp_path / "syn"), "--spacing", "4",
+                   "--workers", "1")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    store = tmp_path / "s.zarr"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "manifest": str(tmp_path / "syn/manifest.csv"), "store": str(store),
+        "cluster": {"n_workers": 1, "threads_per_worker": 1, "dashboard_address": ":0"},
+        "ingest": {"spacing_mm": 4.0}, "segment": {"min_lung_ml": 5.0}}))  # fmt: skip
+    environ = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    proc = subprocess.Popen([sys.executable, "-m", "sscflow.cli", "run", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**environ, "PYTHONIOENCODING": "utf-8"},
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if _outputs_in_store(store)[0] >= 2:
+                break
+        except Exception:  # a store being written: look again
+            pass
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(proc.pid, signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    text = stdout + stderr
+    assert proc.returncode == code, text
+    for noise in ("Traceback", "KeyboardInterrupt", "distributed.", "still alive", "WARNING"):
+        assert noise not in text, (noise, text)
+    kept, partial = _outputs_in_store(store)
+    assert kept >= 2
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted: {kept} outputs kept, ") and last.endswith(
+        "in progress discarded; run the same command to resume"), stderr
+    assert read_holder(str(store)) is None  # the lease was released
