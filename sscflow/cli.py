@@ -586,7 +586,7 @@ def _run_report(summary):
     for name, rec in summary.cohort.items():
         if rec.get("status") in ("failed", "upstream_failed"):
             console.print(f"[red]{name} {rec['status']}[/red]: {rec['message']}", highlight=False)
-    for line in summary.warnings:
+    for line in group_warnings(summary.warnings):
         console.print(f"[yellow]warning[/yellow]: {line}", highlight=False)
     if summary.failed:
         t = Table("patient", "stage", "reason", title="failed patients")
@@ -608,6 +608,36 @@ StatusFormat = Annotated[
                  "json')."),
 ]
 STATUS_JSON_VERSION = 1  # bump when the JSON of 'sscflow status --format json' changes
+
+
+def group_warnings(lines: list[str]) -> list[str]:
+    """One line per kind of warning, with the patients it concerns, sorted, instead of one
+    line per patient: ``slices thicker than 2.5 mm; registered, but detail along z is lost:
+    3 patients — SYN001, SYN002, SYN003``. The kind is a warning's text without its
+    ``patient ID:`` and its parenthesised figures (each patient's own).
+
+    >>> group_warnings(["patient B: thick (4 mm)", "patient A: thick (5 mm)", "odd"])
+    ['thick: 2 patients — A, B', 'odd']
+    """
+    import re
+
+    kinds: dict[str, list[str]] = {}
+    for line in lines:
+        m = re.match(r"patient (\S+): (.*)$", line, re.S)
+        pid, text = (m.group(1), m.group(2)) if m else (None, line)
+        kind = re.sub(r"\s*\([^()]*\)", "", text).strip()
+        kinds.setdefault(kind, [])
+        if pid is not None:
+            kinds[kind].append(pid)
+    grouped = []
+    for kind, pids in kinds.items():
+        ids = sorted(set(pids))
+        if ids:
+            n = f"{len(ids)} patient{'s' if len(ids) != 1 else ''}"
+            grouped.append(f"{kind}: {n} — {', '.join(ids)}")
+        else:
+            grouped.append(kind)
+    return grouped
 
 
 @_command()

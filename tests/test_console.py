@@ -128,7 +128,6 @@ def test_a_taken_dashboard_port_is_one_quiet_line(tmp_path):
 def test_an_interrupted_run_stops_cleanly_and_says_what_was_kept(tmp_path, signum, code):
     """A real signal to the run's process group (as Ctrl-C sends) once the first outputs are
     written: no traceback, no Dask lines, the lease released, one line saying what was kept."""
-    import signal
     import time
 
     import yaml
@@ -171,3 +170,21 @@ def test_an_interrupted_run_stops_cleanly_and_says_what_was_kept(tmp_path, signu
     assert last.startswith(f"interrupted: {kept} outputs kept, ") and last.endswith(
         "in progress discarded; run the same command to resume"), stderr
     assert read_holder(str(store)) is None  # the lease was released
+
+
+def test_warnings_are_grouped_by_kind():
+    from sscflow.cli import group_warnings
+    from sscflow.config import RegistrationConfig
+    from sscflow.registration.stage import thick_slice_warnings
+
+    cfg = RegistrationConfig()
+    lines = []
+    for i in (3, 1, 2):  # unsorted, as they finish
+        lines += thick_slice_warnings(f"SYN00{i}", {"slice_thickness_mm": {
+            "baseline": 3.0 + i, "followup": 1.0}}, cfg)  # fmt: skip
+    lines.append("patient SYN002: one lung found (the left): a pneumonectomy, or a collapsed lung?")
+    assert len(lines) == 4
+    assert group_warnings(lines) == [
+        f"slices thicker than {cfg.thick_slice_mm:g} mm; registered, but detail along z is lost: "
+        "3 patients — SYN001, SYN002, SYN003",
+        "one lung found: a pneumonectomy, or a collapsed lung?: 1 patient — SYN002"]
