@@ -163,11 +163,104 @@ def _client(cfg, client=None):
     if client is not None:
         yield client
         return
-    from sscflow.cluster import dask_client
+    from contextlib import ExitStack
 
-    with dask_client(cfg.cluster) as new:
-        console.print(f"dashboard: {new.dashboard_link}")
+    from sscflow.cluster import dashboard_note, dask_client
+
+    with ExitStack() as stack:
+        with _workers_deaf():  # only while the worker processes start
+            new = stack.enter_context(dask_client(cfg.cluster))
+        console.print(f"dashboard: {new.dashboard_link}"
+                      f"{dashboard_note(cfg.cluster, new.dashboard_link)}", highlight=False)
         yield new
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM during a run: unwinds like KeyboardInterrupt (closing the cluster and
+    releasing the lease on the way out); ``code`` is the exit status, 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.code = 128 + signum
+
+
+@contextmanager
+def _workers_deaf():
+    """Local worker processes started in the block ignore SIGINT and SIGTERM (a disposition
+    kept across their exec): Ctrl-C reaches the whole process group, and only this process
+    should act on it, closing the workers itself, without their tracebacks."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    before = {k: signal.signal(k, signal.SIG_IGN) for k in kinds}
+    try:
+        yield
+    finally:
+        for k, handler in before.items():
+            if signal.getsignal(k) == signal.SIG_IGN:  # not yet restored by an inner block
+                signal.signal(k, handler)
+
+
+@contextmanager
+def _interruptible():
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the block; a second one while it
+    unwinds ends the process at once (the lease then goes stale and is taken over)."""
+    import os
+    import signal
+
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    state = {"hit": None}
+
+    def handler(signum, frame):
+        if state["hit"] is not None:
+            os._exit(128 + state["hit"])
+        state["hit"] = signum
+        _quiet_dask()
+        raise Interrupted(signum)
+
+    before = {k: signal.signal(k, handler) for k in kinds}
+    try:
+        yield
+    finally:
+        for k, old in before.items():
+            signal.signal(k, old)
+
+
+def _quiet_dask():
+    """Dask's own lines about cancelled tasks and lost workers, expected while a run is
+    stopped on purpose, stay out of the console (``--debug`` keeps them)."""
+    import logging
+
+    if not _state["debug"]:
+        for name in ("distributed", "tornado", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _outputs_in_store(store) -> tuple[int, int]:
+    """(complete, incomplete) outputs under the store's patients and template: what an
+    interrupted run kept, and what it was writing (discarded; a rerun redoes it)."""
+    from sscflow import store as st
+
+    try:
+        root = st.open_store(str(store), mode="r")
+    except (OSError, ValueError, KeyError):
+        return 0, 0
+    groups = [root[f"{st.PATIENTS}/{pid}"] for pid in st.patient_ids(root)]
+    if st.TEMPLATE in root:
+        groups.append(root[st.TEMPLATE])
+    states = [st.output_state(g, name) for g in groups for name, _ in g.groups()]
+    return states.count("complete"), states.count("incomplete")
+
+
+def _say_interrupted(store, exc: Interrupted):
+    kept, partial = _outputs_in_store(store)
+    console.print(f"interrupted: {kept} outputs kept, {partial} in progress discarded; run the "
+                  "same command to resume", highlight=False)
+    sys.exit(exc.code)
 
 
 def _synth(patients, out_dir, spacing, seed, noise, ribs, cfg, client=None, acquisitions=True):
@@ -400,9 +493,12 @@ def run(
         return
     synthetic = cfg.manifest.parent  # sscflow synth writes truth/ beside its manifest
     truth_dir = synthetic if (synthetic / "truth").is_dir() else None
-    with _lease(cfg.store, wait, f"sscflow run {config}"):
-        summary = _run(cfg, manifest, force=force, truth_dir=truth_dir,
-                       rebuild_template=rebuild_template)  # fmt: skip
+    try:
+        with _interruptible(), _lease(cfg.store, wait, f"sscflow run {config}"):
+            summary = _run(cfg, manifest, force=force, truth_dir=truth_dir,
+                           rebuild_template=rebuild_template)  # fmt: skip
+    except Interrupted as exc:
+        _say_interrupted(cfg.store, exc)
     _run_report(summary)
 
 
@@ -512,7 +608,7 @@ def _run_report(summary):
     for name, rec in summary.cohort.items():
         if rec.get("status") in ("failed", "upstream_failed"):
             console.print(f"[red]{name} {rec['status']}[/red]: {rec['message']}", highlight=False)
-    for line in summary.warnings:
+    for line in group_warnings(summary.warnings):
         console.print(f"[yellow]warning[/yellow]: {line}", highlight=False)
     if summary.failed:
         t = Table("patient", "stage", "reason", title="failed patients")
@@ -525,6 +621,45 @@ def _run_report(summary):
             f"{n} patient{'s' if n != 1 else ''} failed (see above); fix the input and rerun: "
             "finished work is kept" if n else "a cohort stage failed (see above)"
         )
+
+
+StatusFormat = Annotated[
+    str,
+    typer.Option("--format", "-f", help="table (for people), csv (one row per patient and "
+                 "stage) or json (for scripts and dashboards; README, 'sscflow status --format "
+                 "json')."),
+]
+STATUS_JSON_VERSION = 1  # bump when the JSON of 'sscflow status --format json' changes
+
+
+def group_warnings(lines: list[str]) -> list[str]:
+    """One line per kind of warning, with the patients it concerns, sorted, instead of one
+    line per patient: ``slices thicker than 2.5 mm; registered, but detail along z is lost:
+    3 patients — SYN001, SYN002, SYN003``. The kind is a warning's text without its
+    ``patient ID:`` and its parenthesised figures (each patient's own).
+
+    >>> group_warnings(["patient B: thick (4 mm)", "patient A: thick (5 mm)", "odd"])
+    ['thick: 2 patients — A, B', 'odd']
+    """
+    import re
+
+    kinds: dict[str, list[str]] = {}
+    for line in lines:
+        m = re.match(r"patient (\S+): (.*)$", line, re.S)
+        pid, text = (m.group(1), m.group(2)) if m else (None, line)
+        kind = re.sub(r"\s*\([^()]*\)", "", text).strip()
+        kinds.setdefault(kind, [])
+        if pid is not None:
+            kinds[kind].append(pid)
+    grouped = []
+    for kind, pids in kinds.items():
+        ids = sorted(set(pids))
+        if ids:
+            n = f"{len(ids)} patient{'s' if len(ids) != 1 else ''}"
+            grouped.append(f"{kind}: {n} — {', '.join(ids)}")
+        else:
+            grouped.append(kind)
+    return grouped
 
 
 @_command()
@@ -542,6 +677,7 @@ def status(
         Path | None,
         typer.Option("--config", "-c", help="A run config: its manifest is the current one."),
     ] = None,
+    fmt: StatusFormat = "table",
 ):
     """Print per-patient, per-stage state: done, failed (with the reason, once, at the stage
     where it happened), upstream_failed (a later stage of a patient that failed) or pending.
@@ -550,6 +686,7 @@ def status(
     kept, but the cohort outputs leave them out) are listed as "not in the manifest". The
     manifest is --manifest, else the one of --config, else the one the last run recorded.
     Also shows how the template was made and who holds the store's lease. Reads only.
+    Into a pipe or a file the table is never cut; --format csv or json print every patient.
 
     Example: sscflow status demo/cohort.zarr --manifest demo/synthetic/manifest.csv
     """
@@ -557,6 +694,8 @@ def status(
     from sscflow.pipeline import PATIENT_STAGES, manifest_patients, store_status
     from sscflow.template import describe_provenance, template_provenance
 
+    if fmt not in ("table", "csv", "json"):
+        raise SscflowError(f"--format must be table, csv or json, got {fmt!r}")
     state = store_status(store)
     cohort = state.pop(None)
     if manifest is None and config is not None:
@@ -578,6 +717,15 @@ def status(
         for s in PATIENT_STAGES:
             k = row[s]["status"]
             counts[s][k] = counts[s].get(k, 0) + 1
+    holder = read_holder(store)
+    template = describe_provenance(template_provenance(store))
+    if fmt == "json":
+        _status_json(store, state, cohort, removed, counts, template, holder)
+        return
+    if fmt == "csv":
+        _status_csv(state, cohort, removed)
+        return
+    show = out if out.is_terminal else Console(soft_wrap=True, width=100_000)  # never cut
     title = f"{store}: {len(state) - len(removed)} patients"
     if removed:
         title += f" (and {len(removed)} not in the manifest)"
@@ -589,13 +737,12 @@ def status(
     for s, rec in cohort.items():
         states = ("done", "failed", "upstream_failed", "pending")
         table.add_row(s + " (cohort)", *["1" if rec["status"] == k else "0" for k in states])
-    out.print(table)
-    out.print(f"template: {describe_provenance(template_provenance(store))}")
-    holder = read_holder(store)
-    out.print(f"lease: held by {holder.describe()}" if holder else "lease: free (no run)")
+    show.print(table)
+    show.print(f"template: {template}")
+    show.print(f"lease: held by {holder.describe()}" if holder else "lease: free (no run)")
     if removed:
-        out.print(f"not in the manifest ({len(removed)}; outputs kept, left out of the cohort "
-                  f"outputs): {', '.join(removed)}")  # fmt: skip
+        show.print(f"not in the manifest ({len(removed)}; outputs kept, left out of the cohort "
+                   f"outputs): {', '.join(removed)}")  # fmt: skip
     rows = [(pid, row) for pid, row in sorted(state.items())
             if all_ or pid in removed or any(r["status"] != "done" for r in row.values())]
     if rows:
@@ -607,7 +754,43 @@ def status(
                 t.add_row(pid, *["not in the manifest"] * len(PATIENT_STAGES), reason)
             else:
                 t.add_row(pid, *[row[s]["status"] for s in PATIENT_STAGES], reason)
-        out.print(t)
+        show.print(t)
+
+
+def _status_json(store, state, cohort, removed, counts, template, holder):
+    """The JSON contract of ``sscflow status --format json`` (README, "Status for scripts")."""
+    import json
+
+    doc = {
+        "version": STATUS_JSON_VERSION,
+        "store": str(store),
+        "patients": {pid: {s: {"status": r["status"], "message": r["message"]}
+                           for s, r in row.items()}
+                     for pid, row in sorted(state.items()) if pid not in removed},
+        "not_in_manifest": list(removed),
+        "counts": counts,
+        "cohort": {s: {"status": r["status"], "message": r.get("message", "")}
+                   for s, r in cohort.items()},
+        "template": template,
+        "lease": None if holder is None else {
+            "host": holder.host, "pid": holder.pid, "command": holder.command,
+            "started": holder.started, "heartbeat": holder.heartbeat},
+    }  # fmt: skip
+    sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+
+
+def _status_csv(state, cohort, removed):
+    """One row per patient and stage (cohort stages with an empty patient_id)."""
+    import csv
+
+    w = csv.writer(sys.stdout, lineterminator="\n")
+    w.writerow(["patient_id", "stage", "status", "message"])
+    for pid, row in sorted(state.items()):
+        for s, r in row.items():
+            w.writerow([pid, s, "not_in_manifest" if pid in removed else r["status"],
+                        r["message"]])  # fmt: skip
+    for s, r in cohort.items():
+        w.writerow(["", s, r["status"], r.get("message", "")])
 
 
 @_command()
@@ -755,15 +938,19 @@ def demo(
     cfg.store = str(out_dir / "cohort.zarr")
     cfg.results = out_dir / "results"
     synthetic = out_dir / "synthetic"
-    with _lease(cfg.store, False, "sscflow demo"), _client(cfg) as client:  # one cluster
-        if not force and _synthetic_is_current(synthetic, n, s):
-            cfg.manifest = synthetic / "manifest.csv"
-            out.print(f"synthetic cohort {synthetic}: unchanged, not made again")
-        else:
-            cfg.manifest = _synth(n, synthetic, s.spacing_mm, s.seed, s.noise_hu, s.ribs, cfg,
-                                  client, acquisitions=s.acquisitions)  # fmt: skip
-        manifest = read_manifest(cfg.manifest)
-        summary = _run(cfg, manifest, force=force, truth_dir=synthetic, client=client)
+    try:
+        with _interruptible(), _lease(cfg.store, False, "sscflow demo"), \
+                _client(cfg) as client:  # one cluster
+            if not force and _synthetic_is_current(synthetic, n, s):
+                cfg.manifest = synthetic / "manifest.csv"
+                out.print(f"synthetic cohort {synthetic}: unchanged, not made again")
+            else:
+                cfg.manifest = _synth(n, synthetic, s.spacing_mm, s.seed, s.noise_hu, s.ribs,
+                                      cfg, client, acquisitions=s.acquisitions)  # fmt: skip
+            manifest = read_manifest(cfg.manifest)
+            summary = _run(cfg, manifest, force=force, truth_dir=synthetic, client=client)
+    except Interrupted as exc:
+        _say_interrupted(cfg.store, exc)
     try:
         _run_report(summary)
     finally:
@@ -825,12 +1012,16 @@ def _demo_report(synthetic: Path, store: str, patient_ids):
 def validate(
     path: Annotated[Path, typer.Argument(help="A config (.yaml) or a manifest (.csv).")],
     key: KeyOpt = None,
+    full: Annotated[
+        bool, typer.Option("--full", help="Print the whole effective config, defaults included.")
+    ] = False,
 ):
     """Check a config or a manifest and print what was understood; exit 1 listing every problem.
 
-    A config's problems come all at once, each with its line and column; then the manifest it
-    names is checked exactly as 'sscflow run' will (every row, every scan path), and the
-    patients that would fail are listed with the reason.
+    For a config, prints the settings that differ from the defaults (--full: every setting);
+    its problems come all at once, each with its line and column; then the manifest it
+    names is checked exactly as 'sscflow run' will (every row, every scan path), and each
+    problem is listed once, with its line and column.
 
     Example: sscflow validate configs/cohort.yaml
     """
@@ -841,11 +1032,15 @@ def validate(
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        from sscflow.config import load_config
+        from sscflow.config import Config, load_config
 
         cfg = load_config(path)
-        out.print(f"config {path} is valid:")
-        out.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+        settings = cfg.to_dict() if full else _changed(cfg.to_dict(), Config().to_dict())
+        what = "" if full else (" (settings that differ from the defaults; --full for all)"
+                                if settings else "; every setting is the default")
+        out.print(f"config {path} is valid{what}" + (":" if settings else ""), highlight=False)
+        if settings:
+            out.print(yaml.safe_dump(settings, sort_keys=False).rstrip(), highlight=False)
         if cfg.manifest is None:
             out.print("(the config names no manifest; 'sscflow run' needs one)")
             return
@@ -856,8 +1051,14 @@ def validate(
     cfg.manifest = path
     private = _private_side(key, cfg)
     lenient = read_manifest(path, check_files=True, lenient=True, key=private)
-    if lenient.rejected:
-        _print_rejected(lenient)
+    if lenient.rejected:  # every problem once, with its line and column (the error's list)
+        try:
+            read_manifest(path, check_files=True, key=private)
+        except SscflowError as exc:
+            bad, total = len(lenient.rejected), len(lenient) + len(lenient.rejected)
+            rest = "'sscflow run' runs the others" if bad < total else "none would run"
+            raise SscflowError(f"{exc}\n{bad} of {total} patients would fail at ingest; "
+                               f"{rest}") from None  # fmt: skip
     manifest = read_manifest(path, check_files=True, key=private)
     table = manifest.table()
     out.print(f"manifest {path} is valid: {len(manifest)} patients, every scan path exists")
@@ -872,6 +1073,20 @@ def _private_side(key, cfg):
     from sscflow.discover.pseudonym import open_private_side
 
     return open_private_side(key or cfg.discover.key, manifest=cfg.manifest, store=cfg.store)
+
+
+def _changed(settings: dict, defaults: dict) -> dict:
+    """The parts of ``settings`` that differ from ``defaults``, nested as they are."""
+    diff = {}
+    for key, value in settings.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            sub = _changed(value, default)
+            if sub:
+                diff[key] = sub
+        elif value != default:
+            diff[key] = value
+    return diff
 
 
 def main(argv: list[str] | None = None) -> None:
