@@ -26,6 +26,8 @@ import textwrap
 import time
 from pathlib import Path
 
+ONE_THREAD = {"torch": {"threads": 1}, "sitk": {"threads": 1}}  # the registration sections
+
 
 def small_cohort(tmp: Path, patients: int, spacing: float, **settings):
     """A synthetic cohort in ``tmp/synthetic`` (seed 0, not timed) and a config maker:
@@ -154,8 +156,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sscflow-bench-") as tmp:
         tmp = Path(tmp)
         manifest, config = small_cohort(tmp, args.patients, args.spacing,
-                                        registration={"threads": 1},
-                                        template={"registration": {"threads": 1}})  # fmt: skip
+                                        registration=ONE_THREAD,
+                                        template={"registration": ONE_THREAD})  # fmt: skip
 
         cfg_loop, cfg_run = config("loop.zarr"), config("run.zarr")
         warm_up()

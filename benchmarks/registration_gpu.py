@@ -51,7 +51,9 @@ def main(argv=None):
     device = "cuda" if cuda else "cpu"
     print(f"device {torch.cuda.get_device_name() if cuda else 'CPU (no CUDA device)'}, "
           f"pair {pid} {fixed.shape} at {sp[0]:g} mm")  # fmt: skip
-    opts = RegistrationConfig(backend="torch", device=device).options("torch")
+    cfg = RegistrationConfig(backend="torch")
+    cfg.torch.device = device
+    opts = cfg.options("torch")
     fixed = fixed.astype(np.float32)
     moving = moving.astype(np.float32)
 

@@ -63,6 +63,11 @@ WaitOpt = Annotated[
     typer.Option("--wait", help="When another run holds the store's lease, wait for it "
                  "instead of stopping."),
 ]  # fmt: skip
+KeyOpt = Annotated[
+    Path | None,
+    typer.Option("--key", help="The key file 'sscflow discover' wrote (its private side links "
+                 "the cohort's keyed references back to the export); default: discover.key."),
+]  # fmt: skip
 
 
 def _version(value: bool):
@@ -158,11 +163,104 @@ def _client(cfg, client=None):
     if client is not None:
         yield client
         return
-    from sscflow.cluster import dask_client
+    from contextlib import ExitStack
 
-    with dask_client(cfg.cluster) as new:
-        console.print(f"dashboard: {new.dashboard_link}")
+    from sscflow.cluster import dashboard_note, dask_client
+
+    with ExitStack() as stack:
+        with _workers_deaf():  # only while the worker processes start
+            new = stack.enter_context(dask_client(cfg.cluster))
+        console.print(f"dashboard: {new.dashboard_link}"
+                      f"{dashboard_note(cfg.cluster, new.dashboard_link)}", highlight=False)
         yield new
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM during a run: unwinds like KeyboardInterrupt (closing the cluster and
+    releasing the lease on the way out); ``code`` is the exit status, 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.code = 128 + signum
+
+
+@contextmanager
+def _workers_deaf():
+    """Local worker processes started in the block ignore SIGINT and SIGTERM (a disposition
+    kept across their exec): Ctrl-C reaches the whole process group, and only this process
+    should act on it, closing the workers itself, without their tracebacks."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    before = {k: signal.signal(k, signal.SIG_IGN) for k in kinds}
+    try:
+        yield
+    finally:
+        for k, handler in before.items():
+            if signal.getsignal(k) == signal.SIG_IGN:  # not yet restored by an inner block
+                signal.signal(k, handler)
+
+
+@contextmanager
+def _interruptible():
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the block; a second one while it
+    unwinds ends the process at once (the lease then goes stale and is taken over)."""
+    import os
+    import signal
+
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    state = {"hit": None}
+
+    def handler(signum, frame):
+        if state["hit"] is not None:
+            os._exit(128 + state["hit"])
+        state["hit"] = signum
+        _quiet_dask()
+        raise Interrupted(signum)
+
+    before = {k: signal.signal(k, handler) for k in kinds}
+    try:
+        yield
+    finally:
+        for k, old in before.items():
+            signal.signal(k, old)
+
+
+def _quiet_dask():
+    """Dask's own lines about cancelled tasks and lost workers, expected while a run is
+    stopped on purpose, stay out of the console (``--debug`` keeps them)."""
+    import logging
+
+    if not _state["debug"]:
+        for name in ("distributed", "tornado", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _outputs_in_store(store) -> tuple[int, int]:
+    """(complete, incomplete) outputs under the store's patients and template: what an
+    interrupted run kept, and what it was writing (discarded; a rerun redoes it)."""
+    from sscflow import store as st
+
+    try:
+        root = st.open_store(str(store), mode="r")
+    except (OSError, ValueError, KeyError):
+        return 0, 0
+    groups = [root[f"{st.PATIENTS}/{pid}"] for pid in st.patient_ids(root)]
+    if st.TEMPLATE in root:
+        groups.append(root[st.TEMPLATE])
+    states = [st.output_state(g, name) for g in groups for name, _ in g.groups()]
+    return states.count("complete"), states.count("incomplete")
+
+
+def _say_interrupted(store, exc: Interrupted):
+    kept, partial = _outputs_in_store(store)
+    console.print(f"interrupted: {kept} outputs kept, {partial} in progress discarded; run the "
+                  "same command to resume", highlight=False)
+    sys.exit(exc.code)
 
 
 def _synth(patients, out_dir, spacing, seed, noise, ribs, cfg, client=None, acquisitions=True):
@@ -285,8 +383,10 @@ def _ingest_summary(results, store):
 def discover(
     dicom_root: Annotated[Path, typer.Argument(help="The DICOM export (any folder layout).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Cohort folder to write.")],
-    key: Annotated[Path, typer.Option("--key", help="Pseudonym key file (created, or reused "
-                                      "for stable pseudonyms); outside the cohort and store.")],
+    key: Annotated[Path | None, typer.Option(
+        "--key", help="Pseudonym key file (created, or reused for stable pseudonyms; it also "
+        "keeps the link back to the export); outside the cohort and store. Default: "
+        "discover.key of the config.")] = None,
     pft: Annotated[
         Path | None, typer.Option("--pft", help="PFT CSV: patient_id, date, fvc, dlco, tlc, kco.")
     ] = None,
@@ -305,6 +405,10 @@ def discover(
     from sscflow.discover.run import discover as discover_cohort
 
     cfg = _config(config, scheduler, workers)
+    key = key or cfg.discover.key
+    if key is None:
+        raise SscflowError("give the key file: --key ~/sscflow-keys/cohort.key (or discover.key "
+                           "in the config); it is created if it does not exist")  # fmt: skip
     with _client(cfg) as client, _progress() as bar:
         task = bar.add_task("headers", total=None, last="")
 
@@ -355,6 +459,7 @@ def run(
                      "maps and what follows, nothing upstream."),
     ] = False,
     wait: WaitOpt = False,
+    key: KeyOpt = None,
 ):
     """Run every stage for every manifest patient: ingest (scans and lung masks), ILD extent,
     registration, log-Jacobian, template space, QA pages; then for the cohort: group means,
@@ -381,15 +486,19 @@ def run(
     if cfg.manifest is None or cfg.store is None:
         raise SscflowError(f"config {config}: 'manifest' and 'store' must both be set for a run")
     t0 = time.perf_counter()
-    manifest = read_manifest(cfg.manifest, check_files=dry_run, lenient=True)
+    manifest = read_manifest(cfg.manifest, check_files=dry_run, lenient=True,
+                             key=_private_side(key, cfg))  # fmt: skip
     if dry_run:
         _dry_run(cfg, manifest, force, t0)
         return
     synthetic = cfg.manifest.parent  # sscflow synth writes truth/ beside its manifest
     truth_dir = synthetic if (synthetic / "truth").is_dir() else None
-    with _lease(cfg.store, wait, f"sscflow run {config}") as lease:
-        summary = _run(cfg, manifest, force=force, truth_dir=truth_dir,
-                       rebuild_template=rebuild_template, lease=lease)  # fmt: skip
+    try:
+        with _interruptible(), _lease(cfg.store, wait, f"sscflow run {config}") as lease:
+            summary = _run(cfg, manifest, force=force, truth_dir=truth_dir,
+                           rebuild_template=rebuild_template, lease=lease)  # fmt: skip
+    except Interrupted as exc:
+        _say_interrupted(cfg.store, exc)
     _run_report(summary)
 
 
@@ -502,7 +611,7 @@ def _run_report(summary):
     for name, rec in summary.cohort.items():
         if rec.get("status") in ("failed", "upstream_failed"):
             console.print(f"[red]{name} {rec['status']}[/red]: {rec['message']}", highlight=False)
-    for line in summary.warnings:
+    for line in group_warnings(summary.warnings):
         console.print(f"[yellow]warning[/yellow]: {line}", highlight=False)
     if summary.failed:
         t = Table("patient", "stage", "reason", title="failed patients")
@@ -515,6 +624,45 @@ def _run_report(summary):
             f"{n} patient{'s' if n != 1 else ''} failed (see above); fix the input and rerun: "
             "finished work is kept" if n else "a cohort stage failed (see above)"
         )
+
+
+StatusFormat = Annotated[
+    str,
+    typer.Option("--format", "-f", help="table (for people), csv (one row per patient and "
+                 "stage) or json (for scripts and dashboards; README, 'sscflow status --format "
+                 "json')."),
+]
+STATUS_JSON_VERSION = 1  # bump when the JSON of 'sscflow status --format json' changes
+
+
+def group_warnings(lines: list[str]) -> list[str]:
+    """One line per kind of warning, with the patients it concerns, sorted, instead of one
+    line per patient: ``slices thicker than 2.5 mm; registered, but detail along z is lost:
+    3 patients — SYN001, SYN002, SYN003``. The kind is a warning's text without its
+    ``patient ID:`` and its parenthesised figures (each patient's own).
+
+    >>> group_warnings(["patient B: thick (4 mm)", "patient A: thick (5 mm)", "odd"])
+    ['thick: 2 patients — A, B', 'odd']
+    """
+    import re
+
+    kinds: dict[str, list[str]] = {}
+    for line in lines:
+        m = re.match(r"patient (\S+): (.*)$", line, re.S)
+        pid, text = (m.group(1), m.group(2)) if m else (None, line)
+        kind = re.sub(r"\s*\([^()]*\)", "", text).strip()
+        kinds.setdefault(kind, [])
+        if pid is not None:
+            kinds[kind].append(pid)
+    grouped = []
+    for kind, pids in kinds.items():
+        ids = sorted(set(pids))
+        if ids:
+            n = f"{len(ids)} patient{'s' if len(ids) != 1 else ''}"
+            grouped.append(f"{kind}: {n} — {', '.join(ids)}")
+        else:
+            grouped.append(kind)
+    return grouped
 
 
 @_command()
@@ -532,6 +680,7 @@ def status(
         Path | None,
         typer.Option("--config", "-c", help="A run config: its manifest is the current one."),
     ] = None,
+    fmt: StatusFormat = "table",
 ):
     """Print per-patient, per-stage state: done, failed (with the reason, once, at the stage
     where it happened), upstream_failed (a later stage of a patient that failed) or pending.
@@ -540,6 +689,7 @@ def status(
     kept, but the cohort outputs leave them out) are listed as "not in the manifest". The
     manifest is --manifest, else the one of --config, else the one the last run recorded.
     Also shows how the template was made and who holds the store's lease. Reads only.
+    Into a pipe or a file the table is never cut; --format csv or json print every patient.
 
     Example: sscflow status demo/cohort.zarr --manifest demo/synthetic/manifest.csv
     """
@@ -548,6 +698,8 @@ def status(
     from sscflow.stages import PATIENT, STAGES
     from sscflow.template import describe_provenance, template_provenance
 
+    if fmt not in ("table", "csv", "json"):
+        raise SscflowError(f"--format must be table, csv or json, got {fmt!r}")
     state = store_status(store)
     cohort = state.pop(None)
     stages = [s.name for s in STAGES if s.scope == PATIENT]
@@ -556,7 +708,7 @@ def status(
     if manifest is not None:
         from sscflow.cohort import read_manifest
 
-        members = [p.patient_id for p in read_manifest(manifest).patients]
+        members = [p.patient_id for p in read_manifest(manifest, scans=False).patients]
     else:
         members = manifest_patients(store)
     removed = [] if members is None else sorted(set(state) - set(members))
@@ -570,6 +722,15 @@ def status(
         for name in stages:
             k = row[name]["status"]
             counts[name][k] = counts[name].get(k, 0) + 1
+    holder = read_holder(store)
+    template = describe_provenance(template_provenance(store))
+    if fmt == "json":
+        _status_json(store, state, cohort, removed, counts, template, holder)
+        return
+    if fmt == "csv":
+        _status_csv(state, cohort, removed)
+        return
+    show = out if out.is_terminal else Console(soft_wrap=True, width=100_000)  # never cut
     title = f"{store}: {len(state) - len(removed)} patients"
     if removed:
         title += f" (and {len(removed)} not in the manifest)"
@@ -581,13 +742,12 @@ def status(
     for s, rec in cohort.items():
         states = ("done", "failed", "upstream_failed", "pending")
         table.add_row(s + " (cohort)", *["1" if rec["status"] == k else "0" for k in states])
-    out.print(table)
-    out.print(f"template: {describe_provenance(template_provenance(store))}")
-    holder = read_holder(store)
-    out.print(f"lease: held by {holder.describe()}" if holder else "lease: free (no run)")
+    show.print(table)
+    show.print(f"template: {template}")
+    show.print(f"lease: held by {holder.describe()}" if holder else "lease: free (no run)")
     if removed:
-        out.print(f"not in the manifest ({len(removed)}; outputs kept, left out of the cohort "
-                  f"outputs): {', '.join(removed)}")  # fmt: skip
+        show.print(f"not in the manifest ({len(removed)}; outputs kept, left out of the cohort "
+                   f"outputs): {', '.join(removed)}")  # fmt: skip
     rows = [(pid, row) for pid, row in sorted(state.items())
             if all_ or pid in removed or any(r["status"] != "done" for r in row.values())]
     if rows:
@@ -599,7 +759,43 @@ def status(
                 t.add_row(pid, *["not in the manifest"] * len(stages), reason)
             else:
                 t.add_row(pid, *[row[name]["status"] for name in stages], reason)
-        out.print(t)
+        show.print(t)
+
+
+def _status_json(store, state, cohort, removed, counts, template, holder):
+    """The JSON contract of ``sscflow status --format json`` (README, "Status for scripts")."""
+    import json
+
+    doc = {
+        "version": STATUS_JSON_VERSION,
+        "store": str(store),
+        "patients": {pid: {s: {"status": r["status"], "message": r["message"]}
+                           for s, r in row.items()}
+                     for pid, row in sorted(state.items()) if pid not in removed},
+        "not_in_manifest": list(removed),
+        "counts": counts,
+        "cohort": {s: {"status": r["status"], "message": r.get("message", "")}
+                   for s, r in cohort.items()},
+        "template": template,
+        "lease": None if holder is None else {
+            "host": holder.host, "pid": holder.pid, "command": holder.command,
+            "started": holder.started, "heartbeat": holder.heartbeat},
+    }  # fmt: skip
+    sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+
+
+def _status_csv(state, cohort, removed):
+    """One row per patient and stage (cohort stages with an empty patient_id)."""
+    import csv
+
+    w = csv.writer(sys.stdout, lineterminator="\n")
+    w.writerow(["patient_id", "stage", "status", "message"])
+    for pid, row in sorted(state.items()):
+        for s, r in row.items():
+            w.writerow([pid, s, "not_in_manifest" if pid in removed else r["status"],
+                        r["message"]])  # fmt: skip
+    for s, r in cohort.items():
+        w.writerow(["", s, r["status"], r.get("message", "")])
 
 
 @_command()
@@ -747,16 +943,20 @@ def demo(
     cfg.store = str(out_dir / "cohort.zarr")
     cfg.results = out_dir / "results"
     synthetic = out_dir / "synthetic"
-    with _lease(cfg.store, False, "sscflow demo") as lease, _client(cfg) as client:
-        if not force and _synthetic_is_current(synthetic, n, s):
-            cfg.manifest = synthetic / "manifest.csv"
-            out.print(f"synthetic cohort {synthetic}: unchanged, not made again")
-        else:
-            cfg.manifest = _synth(n, synthetic, s.spacing_mm, s.seed, s.noise_hu, s.ribs, cfg,
-                                  client, acquisitions=s.acquisitions)  # fmt: skip
-        manifest = read_manifest(cfg.manifest)
-        summary = _run(cfg, manifest, force=force, truth_dir=synthetic, client=client,
-                       lease=lease)  # fmt: skip
+    try:
+        with _interruptible(), _lease(cfg.store, False, "sscflow demo") as lease, \
+                _client(cfg) as client:  # one cluster
+            if not force and _synthetic_is_current(synthetic, n, s):
+                cfg.manifest = synthetic / "manifest.csv"
+                out.print(f"synthetic cohort {synthetic}: unchanged, not made again")
+            else:
+                cfg.manifest = _synth(n, synthetic, s.spacing_mm, s.seed, s.noise_hu, s.ribs,
+                                      cfg, client, acquisitions=s.acquisitions)  # fmt: skip
+            manifest = read_manifest(cfg.manifest)
+            summary = _run(cfg, manifest, force=force, truth_dir=synthetic, client=client,
+                           lease=lease)  # fmt: skip
+    except Interrupted as exc:
+        _say_interrupted(cfg.store, exc)
     try:
         _run_report(summary)
     finally:
@@ -817,25 +1017,36 @@ def _demo_report(synthetic: Path, store: str, patient_ids):
 @_command()
 def validate(
     path: Annotated[Path, typer.Argument(help="A config (.yaml) or a manifest (.csv).")],
+    key: KeyOpt = None,
+    full: Annotated[
+        bool, typer.Option("--full", help="Print the whole effective config, defaults included.")
+    ] = False,
 ):
     """Check a config or a manifest and print what was understood; exit 1 listing every problem.
 
-    A config's problems come all at once, each with its line and column; then the manifest it
-    names is checked exactly as 'sscflow run' will (every row, every scan path), and the
-    patients that would fail are listed with the reason.
+    For a config, prints the settings that differ from the defaults (--full: every setting);
+    its problems come all at once, each with its line and column; then the manifest it
+    names is checked exactly as 'sscflow run' will (every row, every scan path), and each
+    problem is listed once, with its line and column.
 
     Example: sscflow validate configs/cohort.yaml
     """
     from sscflow.cohort import read_manifest
+    from sscflow.config import Config
 
+    cfg = Config()
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        from sscflow.config import load_config
+        from sscflow.config import Config, load_config
 
         cfg = load_config(path)
-        out.print(f"config {path} is valid:")
-        out.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+        settings = cfg.to_dict() if full else _changed(cfg.to_dict(), Config().to_dict())
+        what = "" if full else (" (settings that differ from the defaults; --full for all)"
+                                if settings else "; every setting is the default")
+        out.print(f"config {path} is valid{what}" + (":" if settings else ""), highlight=False)
+        if settings:
+            out.print(yaml.safe_dump(settings, sort_keys=False).rstrip(), highlight=False)
         if cfg.manifest is None:
             out.print("(the config names no manifest; 'sscflow run' needs one)")
             return
@@ -843,16 +1054,45 @@ def validate(
         if not path.is_file():
             raise SscflowError(f"config {cfg.source}: the manifest it names, {path}, does not "
                                "exist; 'sscflow run' would stop (fix 'manifest')")  # fmt: skip
-    lenient = read_manifest(path, check_files=True, lenient=True)
-    if lenient.rejected:
-        _print_rejected(lenient)
-    manifest = read_manifest(path, check_files=True)
+    cfg.manifest = path
+    private = _private_side(key, cfg)
+    lenient = read_manifest(path, check_files=True, lenient=True, key=private)
+    if lenient.rejected:  # every problem once, with its line and column (the error's list)
+        try:
+            read_manifest(path, check_files=True, key=private)
+        except SscflowError as exc:
+            bad, total = len(lenient.rejected), len(lenient) + len(lenient.rejected)
+            rest = "'sscflow run' runs the others" if bad < total else "none would run"
+            raise SscflowError(f"{exc}\n{bad} of {total} patients would fail at ingest; "
+                               f"{rest}") from None  # fmt: skip
+    manifest = read_manifest(path, check_files=True, key=private)
     table = manifest.table()
     out.print(f"manifest {path} is valid: {len(manifest)} patients, every scan path exists")
     for col in ("visual", "functional"):
         if col in table:
             counts = table[col].fillna("no label").value_counts().to_dict()
             out.print(f"  {col}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+def _private_side(key, cfg):
+    """The key file (--key, else discover.key) opened for a discovered cohort's private side."""
+    from sscflow.discover.pseudonym import open_private_side
+
+    return open_private_side(key or cfg.discover.key, manifest=cfg.manifest, store=cfg.store)
+
+
+def _changed(settings: dict, defaults: dict) -> dict:
+    """The parts of ``settings`` that differ from ``defaults``, nested as they are."""
+    diff = {}
+    for key, value in settings.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            sub = _changed(value, default)
+            if sub:
+                diff[key] = sub
+        elif value != default:
+            diff[key] = value
+    return diff
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -47,8 +47,15 @@ def _worker_threads_plugin():
             import SimpleITK as sitk
 
             sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(worker.state.nthreads))
+            logging.getLogger("distributed.worker.state_machine").addFilter(_not_cancelled)
 
     return MatchThreads()
+
+
+def _not_cancelled(record: logging.LogRecord) -> bool:
+    """False for a worker's "Async instruction for <Task cancelled ...> ended with
+    CancelledError": a task stopped because the run was interrupted, as asked."""
+    return "ended with CancelledError" not in record.getMessage()
 
 
 def security(cfg: ClusterConfig):
@@ -99,6 +106,8 @@ def _local_cluster(cfg: ClusterConfig, devices: list[Device]):
     dashboard = cfg.dashboard_address
     if dashboard.startswith(":"):  # a bare port binds to localhost, never to every interface
         dashboard = "127.0.0.1" + dashboard
+    if not _port_free(dashboard):  # another run's dashboard: any free port, without
+        dashboard = dashboard.rpartition(":")[0] + ":0"  # distributed's four-line warning
     memory = cfg.memory_limit
     if memory == "auto" and devices:  # the machine's memory shared by every worker, as "auto"
         memory = int(MEMORY_LIMIT / (cfg.n_workers + len(devices)))
@@ -130,6 +139,31 @@ def _local_cluster(cfg: ClusterConfig, devices: list[Device]):
         log.info("GPU worker gpu-%d on CUDA device %s: %d pair(s) at once", i, device.ident, slots)
     cluster.scale(len(cluster.worker_spec))  # starts the specs just added
     return cluster
+
+
+def _port_free(address: str) -> bool:
+    """Whether ``host:port`` can be listened on now (port 0, any free one, always can)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return True
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host or "127.0.0.1", int(port)))
+        except OSError:
+            return False
+    return True
+
+
+def dashboard_note(cfg: ClusterConfig, link: str) -> str:
+    """``" (port 8787 is in use: another run?)"`` when the dashboard of a local cluster is
+    not on its configured port, else ``""``."""
+    want = cfg.dashboard_address.rpartition(":")[2]
+    got = link.split("://")[-1].split("/")[0].rpartition(":")[2]
+    if cfg.scheduler or cfg.kind == "kubernetes" or not want.isdigit() or int(want) == 0:
+        return ""
+    return "" if got == want else f" (port {want} is in use: another run?)"
 
 
 @dataclass(frozen=True)
@@ -211,6 +245,24 @@ def dask_client(cfg: ClusterConfig | None = None, *,
         client.register_plugin(_worker_threads_plugin())
         yield client
     finally:
-        client.close()
+        client.close()  # first: no future of ours is lost when the workers go
+        if cluster is not None and cfg.kind != "kubernetes" and not cfg.scheduler:
+            _close_workers(cluster)
         if cluster is not None:
             cluster.close()
+
+
+def _close_workers(cluster, timeout: float = 60.0) -> None:
+    """Close a LocalCluster's workers, giving each process ``timeout`` s to exit before its
+    nanny kills it: a worker that ran the pipeline may need more than the 4 s that the
+    cluster's own close allows (and the nanny's "still alive ..., killing" warning)."""
+    import asyncio
+
+    async def close_all():
+        await asyncio.gather(*(w.close(timeout=timeout) for w in cluster.workers.values()),
+                             return_exceptions=True)  # fmt: skip
+
+    try:
+        cluster.sync(close_all)
+    except Exception as exc:  # the cluster's own close still follows
+        log.info("closing the workers: %s", exc)

@@ -8,6 +8,11 @@ tlc_baseline, tlc_followup, kco_baseline, kco_followup`` (% predicted), ``visual
 
 Functional worsening follows the ATS/ERS/JRS/ALAT rule: an FVC% decline of 10 points or more, or a
 DLCO% decline of 15 points or more. A patient without the values the rule needs gets no label.
+
+A manifest written by ``sscflow discover`` names its scans ``key:<keyed SeriesInstanceUID>``
+(never a path of the export, never an original UID): they are resolved through the private side
+of the key file given as ``key`` (``--key`` or ``discover.key``), which records the series folder
+and the original UIDs. Such a manifest without its key is refused with one line saying so.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sscflow.errors import ManifestError, MissingInputError
+from sscflow.errors import ManifestError, MissingInputError, SscflowError
 
 REQUIRED = ("patient_id", "baseline", "followup")
 SERIES = ("baseline_series_uid", "followup_series_uid")
@@ -37,6 +42,11 @@ OPTIONAL = SERIES + PFT_COLUMNS + ("visual", "interval_months", "age", "sex")
 FVC_DECLINE = 10.0  # points of % predicted
 DLCO_DECLINE = 15.0
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+REF_PREFIX = "key:"  # as sscflow.discover.pseudonym.REF_PREFIX
+
+
+class PrivateSideError(SscflowError, ValueError):
+    """A discovered cohort's manifest was read without the key file that resolves its scans."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,13 @@ class Patient:
     baseline_series_uid: str | None = None
     followup_series_uid: str | None = None
     clinical: dict = field(default_factory=dict)
+    refs: dict = field(default_factory=dict)  # 'baseline'/'followup' -> its key: reference
+
+    def describe(self, which: str) -> str:
+        """'baseline <path>', or for a discovered cohort 'baseline key:<keyed UID>' (the export's
+        folder names people and dates: it stays on the private side)."""
+        label = {"baseline": "baseline", "followup": "follow-up"}[which]
+        return f"{label} {self.refs.get(which) or self.scan(which)[0]}"
 
     @property
     def functional(self) -> str | None:
@@ -127,7 +144,7 @@ def functional_label(clinical: dict) -> str | None:
 
 
 def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
-                  lenient: bool = False) -> Manifest:  # fmt: skip
+                  lenient: bool = False, key=None, scans: bool = True) -> Manifest:  # fmt: skip
     """Read and validate a manifest CSV.
 
     Every problem is collected and reported together, each naming the line, the column and what
@@ -135,11 +152,16 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
     ``check_files`` a missing scan is also a problem (ingest instead fails that patient alone).
     With ``lenient`` a row's problems do not stop the others: the row goes to
     ``Manifest.rejected`` (what ``run``, ``ingest`` and ``--dry-run`` report as that patient's
-    failure); problems of the file itself (unreadable, columns) still raise.
+    failure); problems of the file itself (unreadable, columns) still raise. ``key`` (a key file
+    path or an open :class:`~sscflow.discover.pseudonym.PseudonymKey`) resolves the
+    ``key:`` scan references of a discovered cohort; messages about them name no path or UID.
+    ``scans=False`` (the patient list alone, e.g. ``sscflow status``) leaves them unresolved.
 
     Raises
     ------
-    MissingInputError if the manifest does not exist; ManifestError (a ValueError) otherwise.
+    MissingInputError if the manifest does not exist; PrivateSideError when it holds ``key:``
+    references and no key is given; KeyFileError for a misplaced or unreadable key file;
+    ManifestError (a ValueError) otherwise.
     """
     path = Path(path)
     if not path.is_file():
@@ -163,6 +185,7 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
         raise ManifestError(path, problems)
     if df.empty:
         raise ManifestError(path, ["no patients (the file has a header but no rows)"])
+    private = _private_side(path, df, key) if scans else None
 
     patients, seen, rejected = [], {}, []
     for i, rec in enumerate(df.to_dict("records")):
@@ -182,10 +205,23 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
             row_problems.append(f"{where}, column patient_id: duplicate of line {seen[pid]}")
         else:
             seen[pid] = line
-        scans = {}
+        scans, uids, refs = {}, {}, {}
         for col in ("baseline", "followup"):
             if not rec[col]:
                 row_problems.append(f"{where}, column {col}: empty (give the scan's path)")
+                continue
+            if private is not None and rec[col].startswith(REF_PREFIX):
+                link = private.resolve(rec[col])
+                if link is None:
+                    row_problems.append(f"{where}, column {col}: {rec[col]} is not in the key "
+                                        "file given (the key of another discover?)")  # fmt: skip
+                    continue
+                scans[col], uids[col] = Path(link["folder"]), link["series_uid"]
+                refs[col] = rec[col]
+                if check_files and not scans[col].is_dir():
+                    row_problems.append(f"{where}, column {col}: the series folder the key file "
+                                        "records no longer exists (was the export moved? run "
+                                        "'sscflow discover' again with the same key)")  # fmt: skip
                 continue
             p = Path(rec[col]).expanduser()
             p = p if p.is_absolute() else (path.parent / p)
@@ -232,11 +268,32 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
                     baseline=scans["baseline"],
                     followup=scans["followup"],
                     line=line,
-                    baseline_series_uid=rec.get("baseline_series_uid") or None,
-                    followup_series_uid=rec.get("followup_series_uid") or None,
+                    baseline_series_uid=uids.get("baseline")
+                    or rec.get("baseline_series_uid") or None,
+                    followup_series_uid=uids.get("followup")
+                    or rec.get("followup_series_uid") or None,
                     clinical=clinical,
+                    refs=refs,
                 )
             )
     if problems and not lenient:
         raise ManifestError(path, problems)
     return Manifest(path=path, patients=tuple(patients), rejected=tuple(rejected))
+
+
+def _private_side(path: Path, df: pd.DataFrame, key):
+    """The open key file when the manifest holds ``key:`` references, else None."""
+    refs = any(str(v).startswith(REF_PREFIX) for c in ("baseline", "followup") for v in df[c])
+    if not refs:
+        return None
+    if key is None:
+        raise PrivateSideError(
+            f"manifest {path} was written by 'sscflow discover': its scans are keyed references "
+            "resolved through the private key file; pass --key KEYFILE (the --key given to "
+            "discover) or set discover.key in the config"
+        )
+    if isinstance(key, (str, os.PathLike)):
+        from sscflow.discover.pseudonym import PseudonymKey
+
+        key = PseudonymKey.open(key, scheme=None, forbidden=[path.parent], must_exist=True)
+    return key

@@ -19,6 +19,7 @@ import yaml
 
 from sscflow.discover.settings import DiscoverConfig
 from sscflow.errors import ConfigError
+from sscflow.registration import BACKENDS, options_class
 from sscflow.store import is_url
 
 
@@ -212,96 +213,75 @@ class JacobianConfig:
 
 
 @dataclass
-class RegistrationConfig:
+class _RegistrationCommon:
     """Follow-up to baseline registration (see ``sscflow.registration``).
 
-    ``backend`` "auto" is the torch SVF + local NCC backend when PyTorch is installed, else the
-    SimpleITK affine + diffeomorphic demons backend. The other fields are the torch backend's
-    parameters (the sitk backend uses ``margin_mm``, ``levels`` and ``threads``).
+    The common keys (``backend``, ``initial_alignment``, ``smooth_mm`` and the pass/fail
+    thresholds), then one section per registered backend (``torch``, ``sitk``): that backend's
+    own ``Options`` with its own defaults. ``backend`` "auto" is the torch SVF + local NCC
+    backend when PyTorch is installed, else the SimpleITK affine + diffeomorphic demons backend.
+    Only the chosen backend's section is used, and only it is in the stage's parameters (its
+    hash): changing the other's settings redoes nothing.
     """
 
-    backend: str = "auto"  # "auto", "torch" or "sitk"
-    device: str = "auto"  # torch: "auto" (CUDA when available), "cpu" or "cuda"
-    margin_mm: float = 15.0  # crop to the lung bounding box plus this margin
-    levels: tuple[int, ...] = (4, 2, 1)  # shrink factors, coarse to fine
-    iterations: tuple[int, ...] = (40, 30, 10)  # deformable iterations per level
-    affine_iterations: tuple[int, ...] = (100, 50)  # affine iterations, coarsest levels first
-    window: int = 5  # local NCC window, voxels of each level
-    ncc_floor_hu: float = 32.0  # local NCC: windows with local s.d. well below this are flat
-    velocity_sigma: float = 2.0  # Gaussian smoothing of each level's velocity increment (voxels)
-    smoothing_order: int = 2  # torch: increments smoothed by G (1) or by 2G - GG (2)
-    gradient_sigma: float = 1.0  # Gaussian smoothing of each update (voxels of the velocity grid)
-    diffusion: float = 0.0  # weight of a diffusion penalty on the velocity
-    learning_rate: float = 0.6  # largest update per step, voxels of the velocity grid
-    velocity_shrink: int = 2  # velocity grid step = level shrink x this (image voxels)
-    squarings: int = 2  # scaling-and-squaring steps (at least; more for large velocities)
-    threads: int = 0  # CPU threads; 0 = the cores available to this process
+    backend: str = "auto"  # "auto" (torch when PyTorch is installed, else sitk), or a name
     initial_alignment: str = "lungs"  # "lungs": rigid, from the lung masks; "none"
     smooth_mm: float = 1.0  # Gaussian s.d. on both scans first: hides two grids' interpolation
-    full_step_at: float = 1.0  # torch: full steps down to the gradient of a 1-voxel shift
     min_alignment_dice: float = 0.5  # lungs overlapping less after the alignment: the pair fails
     min_lung_coverage: float = 0.8  # baseline lung the follow-up must image, else it fails
     thick_slice_mm: float = 2.5  # scans with thicker source slices are flagged in the summary
 
     def validate(self, where: str) -> None:
+        if self.backend != "auto" and self.backend not in REGISTRATION_BACKENDS:
+            raise ConfigError(f"{where}.backend must be one of "
+                              f"{', '.join(['auto', *REGISTRATION_BACKENDS])}, got "
+                              f"{self.backend!r}")  # fmt: skip
         if self.initial_alignment not in ("lungs", "none"):
             raise ConfigError(f"{where}.initial_alignment must be lungs or none, got "
                               f"{self.initial_alignment!r}")  # fmt: skip
         for key in ("min_alignment_dice", "min_lung_coverage"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"{where}.{key} must be within 0..1, got {getattr(self, key)}")
-        if self.smooth_mm < 0 or not self.full_step_at > 0:
-            raise ConfigError(f"{where}.smooth_mm must be >= 0 and {where}.full_step_at > 0")
+        if self.smooth_mm < 0:
+            raise ConfigError(f"{where}.smooth_mm must be >= 0, got {self.smooth_mm}")
         if not self.thick_slice_mm > 0:
             raise ConfigError(f"{where}.thick_slice_mm must be > 0, got {self.thick_slice_mm}")
-        if self.backend not in ("auto", "torch", "sitk"):
-            raise ConfigError(
-                f"{where}.backend must be one of auto, torch, sitk, got {self.backend!r}"
-            )
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"{where}.device must be auto, cpu or cuda, got {self.device!r}")
-        if self.margin_mm < 0:
-            raise ConfigError(f"{where}.margin_mm must be >= 0, got {self.margin_mm}")
-        if not self.levels or any(f < 1 for f in self.levels):
-            raise ConfigError(f"{where}.levels must be shrink factors >= 1, got {self.levels}")
-        if len(self.iterations) != len(self.levels) or any(n < 0 for n in self.iterations):
-            raise ConfigError(
-                f"{where}.iterations needs one count >= 0 per level ({len(self.levels)}), "
-                f"got {list(self.iterations)}"
-            )
-        if any(n < 0 for n in self.affine_iterations):
-            raise ConfigError(f"{where}.affine_iterations must be >= 0")
-        if not self.ncc_floor_hu > 0:
-            raise ConfigError(f"{where}.ncc_floor_hu must be > 0, got {self.ncc_floor_hu}")
-        if self.window < 3 or self.window % 2 == 0:
-            raise ConfigError(f"{where}.window must be an odd number >= 3, got {self.window}")
-        if (min(self.velocity_sigma, self.gradient_sigma, self.diffusion) < 0
-                or not self.learning_rate > 0):  # fmt: skip
-            raise ConfigError(
-                f"{where}.velocity_sigma, gradient_sigma and diffusion must be >= 0 and "
-                f"{where}.learning_rate > 0"
-            )
-        _positive(self.velocity_shrink, f"{where}.velocity_shrink")
-        if self.smoothing_order not in (1, 2):
-            raise ConfigError(f"{where}.smoothing_order must be 1 or 2, got "
-                              f"{self.smoothing_order!r}")  # fmt: skip
-        if not 0 <= self.squarings <= 12:
-            raise ConfigError(f"{where}.squarings must be within 0..12, got {self.squarings}")
-        if self.threads < 0:
-            raise ConfigError(f"{where}.threads must be >= 0, got {self.threads}")
+        for name in REGISTRATION_BACKENDS:
+            getattr(self, name).validate(f"{where}.{name}")
 
     def options(self, backend: str) -> dict:
-        """Keyword options for ``register(..., backend=backend)``."""
-        if backend == "sitk":
-            return {"margin_mm": self.margin_mm, "levels": tuple(self.levels),
-                    "iterations": tuple(self.iterations), "threads": self.threads,
-                    "initial_alignment": self.initial_alignment,
-                    "smooth_mm": self.smooth_mm}  # fmt: skip
-        d = dataclasses.asdict(self)
-        for key in ("backend", "min_alignment_dice", "min_lung_coverage", "thick_slice_mm"):
-            d.pop(key)
+        """Keyword options for ``register(..., backend=backend)``: the common keys that
+        ``register`` takes and the backend's own section, nothing of the other backends'."""
+        own = {f.name: getattr(getattr(self, backend), f.name)
+               for f in dataclasses.fields(getattr(self, backend))}  # fmt: skip
+        d = {"initial_alignment": self.initial_alignment, "smooth_mm": self.smooth_mm, **own}
         return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
+    @classmethod
+    def moved_key(cls, key: str, keypath: str) -> str | None:
+        """Where a key of the old flat section went (``registration.iterations`` ->
+        ``registration.torch.iterations``), or None for a key no backend has."""
+        owners = [name for name in REGISTRATION_BACKENDS
+                  if key in {f.name for f in dataclasses.fields(options_class(name))}]  # fmt: skip
+        if not owners:
+            return None
+        where = keypath.rpartition(".")[0]
+        first, *rest = (f"{where}.{name}.{key}" for name in owners)
+        also = f" (or {', '.join(rest)})" if rest else ""
+        return f"{keypath} moved to {first}{also} (each backend has its own section)"
+
+
+REGISTRATION_BACKENDS = tuple(BACKENDS)
+
+# One section per registered backend, built from its own ``Options`` (its defaults): a backend
+# added to sscflow.registration.BACKENDS gets its config section without a line here.
+RegistrationConfig = dataclasses.make_dataclass(
+    "RegistrationConfig",
+    [(name, options_class(name), field(default_factory=options_class(name)))
+     for name in REGISTRATION_BACKENDS],  # fmt: skip
+    bases=(_RegistrationCommon,),
+    namespace={"__module__": __name__, "__doc__": _RegistrationCommon.__doc__},
+)
 
 @dataclass
 class TemplateConfig:
@@ -455,7 +435,7 @@ def config_from_dict(data: Any, *, source: str = "<dict>", base: Path | None = N
             value = getattr(cfg, name)
             if value is not None and not value.is_absolute():
                 setattr(cfg, name, (base / value).resolve())
-        for section, names in ((cfg.template, ("image", "lung_mask")),
+        for section, names in ((cfg.template, ("image", "lung_mask")), (cfg.discover, ("key",)),
                                (cfg.cluster.tls, ("ca_file", "cert", "key"))):  # fmt: skip
             for name in names:
                 value = getattr(section, name)
@@ -513,7 +493,9 @@ def _build(cls, data, where, problems=None):
         keypath = f"{where}.{key}" if where else str(key)
         if key not in fields:
             known = ", ".join(sorted(fields))
-            problems.append((keypath, f"unknown key '{keypath}' (known keys here: {known})"))
+            moved = cls.moved_key(key, keypath) if hasattr(cls, "moved_key") else None
+            problems.append((keypath, moved or f"unknown key '{keypath}' (known keys here: "
+                                               f"{known})"))  # fmt: skip
             continue
         hint = hints[key]
         if dataclasses.is_dataclass(hint):

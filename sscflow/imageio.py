@@ -189,55 +189,61 @@ def read_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> si
             raise InputImageError(
                 f"{p} could not be read (truncated or not an image): {_itk_reason(exc)}"
             ) from None
+    what = "the DICOM series" if p.is_dir() else str(p)  # an export's folder names nobody
     if image.GetDimension() != 3 or min(image.GetSize()) < 2:
         size = "x".join(str(s) for s in image.GetSize())
         raise InputImageError(
-            f"{p} has {image.GetDimension()} dimensions (size {size}); a CT volume needs 3 "
+            f"{what} has {image.GetDimension()} dimensions (size {size}); a CT volume needs 3 "
             "with at least 2 voxels along each"
         )
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputImageError(
-            f"{p} has {image.GetNumberOfComponentsPerPixel()} components per voxel; a CT volume "
+            f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel; a CT volume "
             "has one (Hounsfield units)"
         )
     return image
 
 
 def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+    """A series of ``folder``. The messages name neither the folder nor a UID (they reach the
+    store's status records; the folder of an export carries names, IDs and dates): the caller
+    says which scan it was."""
     uids = list_dicom_series(folder)
     if not uids:
-        raise InputImageError(f"{folder} holds no DICOM series")
+        raise InputImageError("the DICOM folder holds no DICOM series")
     if series_uid is None:
         if len(uids) > 1:
             raise InputImageError(
-                f"{folder} holds {len(uids)} DICOM series ({', '.join(uids)}); give the one to "
-                "use as the SeriesInstanceUID in the manifest (baseline_series_uid / "
-                "followup_series_uid)"
+                f"the DICOM folder holds {len(uids)} DICOM series; give the one to use as the "
+                "SeriesInstanceUID in the manifest (baseline_series_uid / followup_series_uid), "
+                "or let 'sscflow discover' choose"
             )
         series_uid = uids[0]
     elif series_uid not in uids:
         raise InputImageError(
-            f"{folder} has no DICOM series {series_uid}; found: {', '.join(uids)}"
+            f"the DICOM folder has no DICOM series with the SeriesInstanceUID the manifest gives "
+            f"(it holds {len(uids)} other series)"
         )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
-    _check_slice_layout(folder, series_uid, files)
+    _check_slice_layout(series_uid, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOff()  # never load patient tags
     try:
         return reader.Execute()
     except RuntimeError as exc:
-        raise InputImageError(
-            f"{folder}: DICOM series {series_uid} could not be read: {_itk_reason(exc)}"
-        ) from None
+        reason = _itk_reason(exc).replace(str(folder), "<folder>")
+        for f in files:
+            reason = reason.replace(os.path.basename(f), "<file>")
+        raise InputImageError(f"the DICOM series could not be read: {reason}") from None
 
 
-def _check_slice_layout(folder: Path, series_uid: str, files) -> None:
+def _check_slice_layout(series_uid: str, files) -> None:
     """Refuse a series whose slices are not one evenly spaced, untilted stack (a gap, a
     duplicated position, uneven spacing, gantry tilt): ITK would read it as uniform."""
     positions, orientations, tilt = [], [], 0.0
     reader = sitk.ImageFileReader()
-    for f in files:
+    for k, f in enumerate(files):
         reader.SetFileName(f)
         try:
             reader.ReadImageInformation()
@@ -246,16 +252,16 @@ def _check_slice_layout(folder: Path, series_uid: str, files) -> None:
             if reader.HasMetaDataKey("0018|1120") and reader.GetMetaData("0018|1120").strip():
                 tilt = tilt or float(reader.GetMetaData("0018|1120"))
         except (RuntimeError, ValueError):
-            raise InputImageError(f"{folder}: DICOM series {series_uid}: slice {f} has no "
+            raise InputImageError(f"DICOM series: slice {k + 1} of {len(files)} has no "
                                   "readable position or orientation") from None  # fmt: skip
     if len(files) < 2:
         return  # a single slice fails the 3-D check after reading
     try:
         check_slice_layout(positions, orientations, tilt_deg=tilt)
     except SliceLayoutError as exc:
-        raise InputImageError(f"{folder}: DICOM series {series_uid} refused: {exc.detail}; "
-                              "ingest never assumes uniform spacing (re-export the series "
-                              "complete and untilted)") from None  # fmt: skip
+        raise InputImageError(f"DICOM series refused: {exc.detail}; ingest never assumes "
+                              "uniform spacing (re-export the series complete and "
+                              "untilted)") from None  # fmt: skip
 
 
 def _itk_reason(exc: Exception) -> str:

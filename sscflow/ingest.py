@@ -158,7 +158,7 @@ def ingest_images(patient: Patient, store: str, ingest: IngestConfig, *,
         for which in SCANS:  # a missing scan fails the patient before any reading
             path = patient.scan(which)[0]
             if not path.exists():
-                raise MissingInputError(f"{LABEL[which]} {path} does not exist; fix the path "
+                raise MissingInputError(f"{patient.describe(which)} does not exist; fix the path "
                                         f"in the manifest (line {patient.line})")  # fmt: skip
         for which in SCANS:
             _ingest_scan(patient, which, group, ingest, image_params, result, force)
@@ -177,7 +177,7 @@ def ingest_images(patient: Patient, store: str, ingest: IngestConfig, *,
 
 def _ingest_scan(patient, which, group, ingest, image_params, result, force):
     path, series_uid = patient.scan(which)
-    where = f"{LABEL[which]} {path}"
+    where = patient.describe(which)  # a discovered cohort's names no export folder
     if not path.exists():
         raise MissingInputError(
             f"{where} does not exist; fix the path in the manifest (line {patient.line})"
@@ -190,7 +190,8 @@ def _ingest_scan(patient, which, group, ingest, image_params, result, force):
     try:
         image = read_volume(path, series_uid=series_uid)
     except SscflowError as exc:
-        raise type(exc)(f"{LABEL[which]} {exc}") from None
+        # a file's message names the file; a DICOM folder's names nothing (see imageio)
+        raise type(exc)(f"{where}: {exc}" if path.is_dir() else f"{LABEL[which]} {exc}") from None
     hu, geometry = to_canonical(image, ingest.spacing_mm, interpolator=ingest.interpolator)
     if hu.min() > -500:
         raise InputImageError(

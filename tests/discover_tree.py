@@ -45,9 +45,11 @@ class Export:
         positions=None,
         extra=None,
         number=1,
+        uid=None,
     ):
-        """Write one series of ``n`` slices; ``drop`` / ``duplicate`` slice indices."""
-        uid = deterministic_uid("discover-test", name)
+        """Write one series of ``n`` slices; ``drop`` / ``duplicate`` slice indices; ``uid``
+        the SeriesInstanceUID (default: made from the name)."""
+        uid = uid or deterministic_uid("discover-test", name)
         pos = positions or stack_positions(n, spacing, origin=(-2.0, -2.0, -100.0), shear=shear)
         px = pixels if pixels is not None else [np.full((4, 4), -800, np.int16)] * len(pos)
         keep = [k for k in range(len(pos)) if k not in drop]

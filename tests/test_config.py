@@ -91,3 +91,66 @@ def test_cohort_example_lists_the_defaults():
     from sscflow.discover.settings import DiscoverConfig
 
     assert cfg.discover == DiscoverConfig()
+
+
+def test_registration_has_a_section_per_backend_with_its_own_defaults():
+    from sscflow.registration import BACKENDS, options_class
+
+    cfg = config_from_dict({"registration": {"backend": "sitk", "sitk": {"iterations": [5, 4, 3]},
+                                             "torch": {"window": 7}}})  # fmt: skip
+    reg = cfg.registration
+    assert reg.sitk.iterations == (5, 4, 3) and reg.sitk.sigma == options_class("sitk")().sigma
+    assert reg.torch.window == 7 and reg.torch.iterations == (40, 30, 10)
+    for name in BACKENDS:  # one section per registered backend, its own Options
+        assert type(getattr(reg, name)) is options_class(name)
+    # register() gets the common keys and the chosen backend's section, nothing of the other's
+    opts = reg.options("sitk")
+    assert opts["iterations"] == (5, 4, 3) and opts["initial_alignment"] == "lungs"
+    assert "window" not in opts and "device" not in opts
+    # the sitk backend's own defaults differ from the torch backend's
+    assert config_from_dict({}).registration.options("sitk")["iterations"] == (100, 60, 30)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"registration": {"iterations": [1, 2, 3]}},
+         r"registration\.iterations moved to registration\.torch\.iterations "
+         r"\(or registration\.sitk\.iterations\)"),
+        ({"registration": {"window": 5}}, r"registration\.window moved to registration\.torch"
+                                          r"\.window \(each backend"),
+        ({"template": {"registration": {"levels": [2]}}},
+         r"template\.registration\.levels moved to template\.registration\.torch\.levels"),
+        ({"registration": {"sitk": {"window": 5}}},
+         r"unknown key 'registration\.sitk\.window' \(known keys here: affine, "),
+        ({"registration": {"colour": 5}}, r"unknown key 'registration\.colour'"),
+        ({"registration": {"sitk": {"sigma": "wide"}}},
+         r"'registration\.sitk\.sigma' must be a number, got a string"),
+        ({"registration": {"torch": {"levels": [2, 1], "iterations": [3]}}},
+         r"registration\.torch\.iterations needs one count >= 0 per level \(2\)"),
+        ({"registration": {"sitk": {"sigma": 0}}}, r"registration\.sitk\.sigma must be > 0"),
+        ({"registration": {"torch": {"device": "tpu"}}}, r"registration\.torch\.device must be"),
+        ({"registration": {"backend": "elastix"}},
+         r"registration\.backend must be one of auto, torch, sitk, got 'elastix'"),
+    ],
+)
+def test_registration_section_names_the_key(data, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(data, source="x.yaml")
+
+
+def test_cohort_example_spells_out_every_registration_key():
+    """configs/cohort.yaml lists every registration key, each backend's section whole."""
+    import dataclasses
+
+    import yaml
+
+    from sscflow.config import RegistrationConfig
+
+    section = yaml.safe_load((CONFIGS / "cohort.yaml").read_text())["registration"]
+    cfg = RegistrationConfig()
+    assert set(section) == {f.name for f in dataclasses.fields(cfg)}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            assert set(section[f.name]) == {g.name for g in dataclasses.fields(value)}, f.name

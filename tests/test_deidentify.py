@@ -1,11 +1,15 @@
-"""No patient identifier from DICOM headers reaches any output of ``sscflow run``.
+"""No patient identifier from DICOM headers or from the export's layout reaches any output.
 
-A small synthetic cohort is written as DICOM series whose headers carry a fake patient's name,
-ID, birth date, accession number, institution, referring physician, address and study dates;
-the manifest names the patients by pseudonym (``SYN001``...), as a user's manifest does. The
-real command, ``sscflow run CONFIG`` in a subprocess, then makes every output (store, tables,
-figures, classifiers, report), and every byte of every file it wrote, its captured output and
-``sscflow status``'s output is searched for every identifier: case-insensitively, the name's parts
+A small synthetic cohort is written as a PACS-style DICOM export
+(``<Name>_<ID>/<StudyDate>_<Description>/<SeriesNumber>_<Description>/``) whose headers carry
+each fake patient's own name and ID (ASCII, UTF-8 ``ISO_IR 192`` and latin-1 ``ISO_IR 100``),
+and a shared birth date, accession number, institution, referring physician, address and study
+dates, with vendor-style dated UIDs (``1.3.12.2.1107.5.1.4.<serial>.3000000<yymmddhhmmss>...``)
+and a third study for one patient. The real commands, in subprocesses, then run the user's path:
+``sscflow discover`` (with a PFT table), ``sscflow validate --key``, ``sscflow run --key``,
+``sscflow status`` and ``sscflow export``; every byte and every name of every file they wrote (the
+cohort folder, the store, the results, the export), their captured output, is searched for every
+identifier, in UTF-8, latin-1 and UTF-16: case-insensitively, the name's parts
 separately, the numbers without their prefixes and the dates in other formats. The search looks
 inside what it can open: Zarr metadata JSON (unescaped), Zarr arrays that hold text, zip
 archives (torch models), gzip files, base64 ``data:`` URIs (the report's embedded figures) and
@@ -22,7 +26,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -34,9 +37,20 @@ import pydicom
 import pytest
 import yaml
 
-from sscflow.imageio import deterministic_uid, read_volume, write_dicom_series
+from sscflow.imageio import read_volume, write_dicom_series
 
 N_PATIENTS = 6  # the classifier trains from 6 labelled patients: every output is made
+# each patient's own identity: (PatientName, PatientID, SpecificCharacterSet)
+WHO = [
+    ("Zorvaniek^Qelfimbra", "PID-93817264", None),
+    ("Müllerbrandt^Jörgwin", "MÜB-58203946", "ISO_IR 192"),
+    ("Lefèvrequin^Zoébalt", "LFÈ-40917735", "ISO_IR 100"),
+    ("Ørstedvik^Åsmundra", "ØRS-62750418", "ISO_IR 192"),
+    ("Kowalczek^Bartimöz", "KWZ-31840592", "ISO_IR 100"),
+    ("Dubrintosz^Xeraphin", "DBX-74291056", None),
+]
+SERIAL = "40193"  # the scanner serial in the vendor-style UIDs
+MIDDLE_DATE = "20231201"  # a third study of the first patient
 SPACING = 6.0  # mm, the coarsest synth grid; the lungs still segment
 
 # The fake patient in every DICOM header (the manifest's pseudonyms are SYN001, ...). The letters
@@ -58,7 +72,36 @@ DATES = {
     "PatientBirthDate": "19471203",
     "StudyDate": HEADER["StudyDate"],
     "followup StudyDate": FOLLOWUP_DATE,
+    "middle StudyDate": MIDDLE_DATE,
 }
+
+
+def vendor_uid(date: str, time: str, n: int) -> str:
+    return f"1.3.12.2.1107.5.1.4.{SERIAL}.3000000{date[2:]}{time}{n:05d}"
+
+
+def series_of(i: int) -> list[tuple[str, str, str]]:
+    """(which, StudyDate, folder) of patient ``i``'s studies, in the export's layout."""
+    name, pid, _ = WHO[i]
+    top = f"{name.replace('^', '_')}_{pid}"
+    dates = [("baseline", HEADER["StudyDate"])] + ([("middle", MIDDLE_DATE)] if i == 0 else [])
+    dates.append(("followup", FOLLOWUP_DATE))
+    return [(w, d, f"{top}/{d}_Thorax/{k + 2}_Lung_1.0") for k, (w, d) in enumerate(dates)]
+
+
+def export_identifiers() -> dict[str, list[str]]:
+    """Each patient's own identifiers: IDs, names and parts, original UIDs, folder names."""
+    out = {}
+    for i, (name, pid, _) in enumerate(WHO):
+        out[f"PatientName {i}"] = [name, *name.split("^")]
+        out[f"PatientID {i}"] = [pid, pid.split("-")[1]]
+        uids, folders = [], []
+        for k, (_, date, folder) in enumerate(series_of(i)):
+            uids += [vendor_uid(date, "101500", 10 * i + k), vendor_uid(date, "101544", 10 * i + k)]
+            folders += [f for f in folder.split("/") if "_" in f]
+        out[f"UIDs {i}"] = uids + [f"{SERIAL}.3000000{HEADER['StudyDate'][2:]}"]
+        out[f"folders {i}"] = sorted(set(folders))
+    return out
 MONTHS = "January February March April May June July August September October November December"
 
 
@@ -83,7 +126,7 @@ def needles() -> dict[str, list[str]]:
         "ReferringPhysicianName": ["Drumwalsk^Oyendiphe", "Drumwalsk", "Oyendiphe"],
     }
     out |= {tag: _date_forms(value) for tag, value in DATES.items()}
-    return out
+    return out | export_identifiers()
 
 
 # --- the search -------------------------------------------------------------------------------
@@ -154,18 +197,34 @@ def _zarr_text(store: Path) -> list[tuple[str, bytes]]:
     return out
 
 
+def _encoded(form: str) -> list[bytes]:
+    """``form`` lower-cased as UTF-8, latin-1 and UTF-16 (both byte orders) would store it."""
+    out = []
+    for enc in ("utf-8", "latin-1", "utf-16-le", "utf-16-be"):
+        try:
+            b = form.lower().encode(enc)
+        except UnicodeEncodeError:
+            continue
+        if b not in out:
+            out.append(b)
+    return out
+
+
 def find_identifiers(blobs) -> list[str]:
     """Every (where, identifier, form) found in ``blobs``: an iterable of (label, bytes)."""
-    forms = [(tag, f, f.lower().encode()) for tag, fs in needles().items() for f in fs]
+    forms = [(tag, f, b) for tag, fs in needles().items() for f in fs for b in _encoded(f)]
     hits = []
     for where, blob in blobs:
         low = blob.lower()
         hits += [f"{where}: {tag} as {form!r}" for tag, form, b in forms if b in low]
-    return hits
+    return sorted(set(hits), key=hits.index)
 
 
 def file_blobs(folder: Path):
-    """(label, bytes) for every file under ``folder`` and every view of it the search opens."""
+    """(label, bytes) for every file under ``folder`` and every view of it the search opens,
+    and every file and folder name (its path relative to ``folder``, as UTF-8)."""
+    for path in sorted(folder.rglob("*")):
+        yield f"name of {path.relative_to(folder)}", str(path.relative_to(folder)).encode()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
         data = path.read_bytes()
         for label, view in _views(path, data):
@@ -175,42 +234,44 @@ def file_blobs(folder: Path):
 # --- the cohort ---------------------------------------------------------------------------------
 
 
-def _tag_headers(folder: Path, study_date: str) -> None:
-    """Put every identifying tag of HEADER (and ``study_date``) into each slice's header."""
+def _tag_headers(folder: Path, study_date: str, who: tuple, uids: tuple) -> None:
+    """Put every identifying tag of HEADER, this patient's name and ID in its character set,
+    ``study_date`` and the vendor-style (study, series) UIDs into each slice's header."""
+    name, pid, charset = who
     for f in sorted(folder.glob("*.dcm")):
         ds = pydicom.dcmread(f)
+        if charset:
+            ds.SpecificCharacterSet = charset
         for key, value in HEADER.items():
             setattr(ds, key, value)
+        ds.PatientName, ds.PatientID, ds.PatientPosition = name, pid, "HFS"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = uids
         for key in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
             setattr(ds, key, study_date)
         ds.save_as(f)
 
 
-def _as_identified_dicom(synthetic: Path) -> Path:
-    """Rewrite every scan of the synthetic cohort as a DICOM series carrying HEADER."""
-    manifest = synthetic / "manifest.csv"
-    with open(manifest, encoding="utf-8") as fh:
+def _as_identified_export(synthetic: Path, export: Path) -> Path:
+    """Write every scan of the synthetic cohort into a PACS-style DICOM export carrying HEADER
+    and each patient's identity; returns the PFT table (PatientID, date, values) for discover."""
+    with open(synthetic / "manifest.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    for row in rows:
-        pid = row["patient_id"]
-        for which, date in (("baseline", HEADER["StudyDate"]), ("followup", FOLLOWUP_DATE)):
-            src = synthetic / row[which]
-            image = read_volume(src)
-            dst = synthetic / "dicom" / pid / which
-            write_dicom_series(image, dst, patient_id=HEADER["PatientID"],
-                               patient_name=HEADER["PatientName"],
-                               birth_date=HEADER["PatientBirthDate"], study_date=date,
-                               series_uid=deterministic_uid("deid", pid, which),
-                               study_uid=deterministic_uid("deid", pid, which, "study"),
-                               series_number=1 if which == "baseline" else 2)  # fmt: skip
-            _tag_headers(dst, date)
-            row[which] = dst.relative_to(synthetic).as_posix()
-    shutil.rmtree(synthetic / "images")  # only the identified DICOM series are left as input
-    with open(manifest, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    pft = ["patient_id,date,fvc,dlco,tlc,kco"]
+    for i, row in enumerate(rows):
+        for k, (which, date, folder) in enumerate(series_of(i)):
+            image = read_volume(synthetic / row["followup" if which == "followup" else "baseline"])
+            uids = (vendor_uid(date, "101500", 10 * i + k), vendor_uid(date, "101544", 10 * i + k))
+            write_dicom_series(image, export / folder, patient_id="x", patient_name="x",
+                               study_date=date, series_uid=uids[1], study_uid=uids[0],
+                               series_number=k + 2)  # fmt: skip
+            _tag_headers(export / folder, date, WHO[i], uids)
+            values = [row[f"{m}_{'followup' if which == 'followup' else 'baseline'}"]
+                      for m in ("fvc", "dlco", "tlc", "kco")]  # fmt: skip
+            iso = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+            pft.append(",".join([WHO[i][1], iso, *values]))
+    path = synthetic.parent / "pft.csv"
+    path.write_text("\n".join(pft) + "\n", encoding="utf-8")
+    return path
 
 
 def _sscflow(*args, cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -221,25 +282,27 @@ def _sscflow(*args, cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def identified_run(tmp_path_factory):
-    """The synthetic cohort as identified DICOM, run end to end by ``sscflow run``.
+    """The synthetic cohort as an identified DICOM export, through discover, validate, run,
+    status and export, each the real command.
 
-    Returns (work folder, input DICOM folder, every output folder, the captured logs).
+    Returns (work folder, the export, the output folder, the captured logs, the pseudonyms).
     """
     from sscflow.synth import synthesize_cohort
 
     work = tmp_path_factory.mktemp("deid")
-    synthetic = work / "synthetic"
+    synthetic, export = work / "synthetic", work / "export"
     synthesize_cohort(N_PATIENTS, synthetic, spacing=SPACING, seed=0)
-    manifest = _as_identified_dicom(synthetic)
-    out = work / "out"
+    pft = _as_identified_export(synthetic, export)
+    out, key = work / "out", work / "private" / "cohort.key"
     config = {
-        "manifest": str(manifest),
+        "manifest": str(out / "cohort" / "manifest.csv"),
         "store": str(out / "cohort.zarr"),
         "results": str(out / "results"),
         "cluster": {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"},
         "ingest": {"spacing_mm": SPACING},
         "segment": {"min_lung_ml": 5.0},
         "classifier": {"epochs": 5, "loader_workers": 0},
+        "discover": {"min_extent_mm": 0.0, "max_slice_thickness_mm": 20.0},
     }
     cfg = out / "run.yaml"
     out.mkdir()
@@ -250,22 +313,45 @@ def identified_run(tmp_path_factory):
            "TMPDIR": str(scratch)}  # fmt: skip
     logs = out / "logs"
     logs.mkdir()
-    res = _sscflow("--debug", "run", str(cfg), cwd=out, env=env)
-    (logs / "run.stdout").write_text(res.stdout, encoding="utf-8")
-    (logs / "run.stderr").write_text(res.stderr, encoding="utf-8")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    status = _sscflow("status", str(out / "cohort.zarr"), "--all", cwd=out, env=env)
-    assert status.returncode == 0, status.stderr
-    (logs / "status.stdout").write_text(status.stdout + status.stderr, encoding="utf-8")
-    return work, synthetic / "dicom", out, logs
+
+    def step(name, *args):
+        res = _sscflow(*args, cwd=out, env=env)
+        (logs / f"{name}.stdout").write_text(res.stdout + res.stderr, encoding="utf-8")
+        assert res.returncode == 0, (name, res.stdout[-3000:] + res.stderr[-3000:])
+        return res
+
+    step("discover", "discover", str(export), "--out", str(out / "cohort"), "--key", str(key),
+         "--pft", str(pft), "--config", str(cfg))  # fmt: skip
+    # the user adds the visual reading (morphologic labels) by pseudonym
+    links = {v: k for k, v in json.loads(key.read_text())["links"].items()}
+    visual = {}
+    with open(synthetic / "manifest.csv", encoding="utf-8") as fh:
+        for i, row in enumerate(csv.DictReader(fh)):
+            visual[links[WHO[i][1]]] = row["visual"]
+    manifest = out / "cohort" / "manifest.csv"
+    with open(manifest, encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        row["visual"] = visual[row["patient_id"]]
+    with open(manifest, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    step("validate", "validate", str(cfg), "--key", str(key))
+    step("run", "--debug", "run", str(cfg), "--key", str(key))
+    step("status", "status", str(out / "cohort.zarr"), "--all")
+    step("export", "export", str(out / "cohort.zarr"), "--out", str(out / "export"))
+    return work, export, out, logs, [r["patient_id"] for r in rows]
 
 
 @pytest.mark.slow
 def test_every_output_exists(identified_run):
     """The run made the outputs the search must cover (else an empty search would pass)."""
-    _, _, out, _ = identified_run
+    _, _, out, _, pseudonyms = identified_run
     store, results = out / "cohort.zarr", out / "results"
-    for pid in (f"SYN{i:03d}" for i in range(1, N_PATIENTS + 1)):
+    assert len(pseudonyms) == N_PATIENTS  # one patient per PatientID, whatever the encoding
+    assert [p for p in (out / "export").rglob("*.nii.gz")]
+    for pid in pseudonyms:
         assert (store / "patients" / pid / "log_jacobian_template" / "zarr.json").is_file(), pid
     assert (store / "group_means" / "zarr.json").is_file()
     assert (results / "patients.csv").is_file()
@@ -279,30 +365,41 @@ def test_every_output_exists(identified_run):
 
 @pytest.mark.slow
 def test_no_dicom_identifier_reaches_any_output(identified_run):
-    work, _, out, _ = identified_run
+    work, _, out, logs, _ = identified_run
     blobs = list(file_blobs(out)) + _zarr_text(out / "cohort.zarr")
     assert len(blobs) > 100
-    assert find_identifiers(blobs) == []
+    # the terminal's output (logs/) may name the export: the person running the command sees it
+    outputs = [(w, b) for w, b in blobs if "logs" not in w and "run.yaml" not in w]
+    hits = find_identifiers(outputs)
+    print(f"identifier search over {len(outputs)} files, names and views under the cohort "
+          f"folder, store, results, QA pages and export: {hits or 'nothing found'}")
+    assert hits == []
     # nor a path of the inputs (the store and the results keep no file paths)
-    inputs = [str(work / "synthetic"), "synthetic/dicom", "dicom/SYN0"]
-    outputs = [(w, b) for w, b in blobs if not w.startswith(("logs/", "run.yaml"))]
+    inputs = [str(work / "synthetic"), str(work / "export"), "synthetic/", "export/Z"]
     assert [(w, p) for w, b in outputs for p in inputs if p.encode() in b] == []
-    # nothing sscflow wrote lies elsewhere: beside the inputs there are only synth's own files
+    # nothing sscflow wrote lies elsewhere: beside the inputs there is only the private side
     written = {p.name for p in work.iterdir()}
-    assert written == {"synthetic", "out"}
-    assert find_identifiers(file_blobs(work / "synthetic" / "truth")) == []
+    assert written == {"synthetic", "export", "pft.csv", "out", "private"}
+    assert find_identifiers(file_blobs(work / "private"))  # where the link back lives
 
 
 @pytest.mark.slow
 def test_control_the_search_finds_the_identifiers_in_the_input_dicom(identified_run):
     """The inputs hold every identifier, so a search that found nothing above could fail."""
-    _, dicom, _, _ = identified_run
-    one_slice = sorted(dicom.rglob("*.dcm"))[0]
+    _, dicom, _, _, _ = identified_run
+    one_slice = sorted((dicom / series_of(0)[0][2]).glob("*.dcm"))[0]
     ds = pydicom.dcmread(one_slice)
     assert str(ds.PatientName) == HEADER["PatientName"] and ds.PatientID == HEADER["PatientID"]
     hits = find_identifiers([("slice", one_slice.read_bytes())])
     found = {h.split(": ", 1)[1].split(" as ")[0] for h in hits}
-    assert found == set(HEADER)
+    assert found >= set(HEADER) and "UIDs 0" in found
+    for i in (1, 2):  # the UTF-8 and the latin-1 names, as their files store them
+        f = sorted((dicom / series_of(i)[0][2]).glob("*.dcm"))[0]
+        raw = f.read_bytes()
+        assert WHO[i][0].encode("utf-8" if i == 1 else "latin-1") in raw
+        assert any(f"PatientName {i}" in h for h in find_identifiers([("s", raw)]))
+    names = find_identifiers(file_blobs(dicom))
+    assert any(h.startswith("name of ") and "folders 2" in h for h in names)
     # every form found in raw DICOM bytes: the name, the parts, the ID, the date as stored
     for form in ("Zorvaniek^Qelfimbra", "Zorvaniek", "Qelfimbra", "PID-93817264", "19471203",
                  "ACC-55019283", "Hopital Xqzvbnm", "Drumwalsk^Oyendiphe", "20230417"):  # fmt: skip

@@ -160,11 +160,11 @@ def test_several_series_need_a_uid(tmp_path):
         for f in sub.iterdir():
             f.rename(folder / f"{sub.name}_{f.name}")
         sub.rmdir()
-    with pytest.raises(InputImageError, match=f"holds 2 DICOM series.*{ua}"):
+    with pytest.raises(InputImageError, match="holds 2 DICOM series; give the one"):
         read_volume(folder)
     got = read_volume(folder, series_uid=ub)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(b))
-    with pytest.raises(InputImageError, match="has no DICOM series 1.2.3"):
+    with pytest.raises(InputImageError, match="has no DICOM series with the SeriesInstanceUID"):
         read_volume(folder, series_uid="1.2.3")
 
 

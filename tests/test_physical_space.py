@@ -199,7 +199,8 @@ def test_stage_fails_a_pair_whose_lungs_cannot_be_aligned(tmp_path):
     # the follow-up's "lungs" are a 30 mm ball (another anatomy, or a failed segmentation):
     # no rigid map overlaps them with the baseline's
     store = _store_pair(tmp_path, np.eye(3), (0.0, 0.0, 0.0), ball_mm=30.0)
-    cfg = RegistrationConfig(backend="sitk", levels=(1,), iterations=(2,))
+    cfg = RegistrationConfig(backend="sitk")
+    cfg.sitk.levels, cfg.sitk.iterations = (1,), (2,)
     with pytest.raises(RegistrationFailedError, match="could not be aligned .*Dice 0\\.[0-4]"):
         register_patient(store, "P1", cfg)
 
@@ -213,8 +214,9 @@ def test_stage_fails_a_followup_covering_too_little_lung(tmp_path):
 
     # the follow-up's grid stops 60 mm above the lungs' lower end: about 40 % of them imaged
     store = _store_pair(tmp_path, np.eye(3), (0.0, 0.0, 0.0), cut_z=20)
-    cfg = RegistrationConfig(backend="torch", levels=(2, 1), iterations=(2, 2),
-                             affine_iterations=(30,), threads=1)  # fmt: skip
+    cfg = RegistrationConfig(backend="torch")
+    cfg.torch.levels, cfg.torch.iterations, cfg.torch.affine_iterations = (2, 1), (2, 2), (30,)
+    cfg.torch.threads = 1
     with pytest.raises(RegistrationFailedError, match=r"covers \d+% of the baseline lung"):
         register_patient(store, "P1", cfg)
     group = st.patient_group(st.open_store(store, mode="r"), "P1", create=False)

@@ -25,6 +25,7 @@ from sscflow import store as st
 from sscflow.config import RegistrationConfig, TemplateConfig
 from sscflow.errors import IncompleteOutputError, InputImageError
 from sscflow.geometry import Geometry
+from sscflow.registration.torch import Options as TorchOptions
 from sscflow.template import build_template, choose_template, to_template_patient
 
 SP = 2.5  # mm, every stored grid
@@ -39,12 +40,14 @@ PATIENTS = {
 }
 REG = RegistrationConfig(
     backend="torch",
-    levels=(2, 1),
-    iterations=(30, 15),
-    affine_iterations=(80,),
-    margin_mm=5.0,
-    threads=1,
-    velocity_shrink=2,
+    torch=TorchOptions(
+        levels=(2, 1),
+        iterations=(30, 15),
+        affine_iterations=(80,),
+        margin_mm=5.0,
+        threads=1,
+        velocity_shrink=2,
+    ),
 )
 CFG = TemplateConfig(registration=REG)
 
@@ -283,7 +286,7 @@ def test_rerun_skips_and_force_redoes(median_store, tmp_path):
     assert _mtimes(path / "patients" / "B") == patient_files
 
     # another registration parameter is another output
-    other = replace(CFG, registration=replace(REG, iterations=(20, 10)))
+    other = replace(CFG, registration=replace(REG, torch=replace(REG.torch, iterations=(20, 10))))
     assert build_template(path, list(PATIENTS), other)["status"] == "done"
     assert to_template_patient(path, "B", other)["status"] == "done"
     assert to_template_patient(path, "B", other)["status"] == "skipped"

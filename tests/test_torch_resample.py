@@ -100,6 +100,17 @@ def test_warm_up_runs_once_per_device():
     assert tr.warm_up("cpu") == 0.0
 
 
+def test_warm_up_from_concurrent_threads_runs_once():
+    # a GPU worker starts several pairs at once; CUDA's lazily loaded linear algebra fails when
+    # two threads load it together, so exactly one thread may warm the device up
+    from concurrent.futures import ThreadPoolExecutor
+
+    tr._WARM.pop("cpu", None)
+    with ThreadPoolExecutor(4) as pool:
+        seconds = list(pool.map(lambda _: tr.warm_up("cpu"), range(4)))
+    assert sum(s > 0.0 for s in seconds) == 1, seconds
+
+
 def _pair_across_grids():
     """A textured baseline on a 2 mm grid and its follow-up, rotated 6 degrees and moved, on an
     oblique grid of other spacing; lung masks of both (a box moved with the content)."""

@@ -17,7 +17,23 @@ pulmonary function tests within a window; pseudonymises; writes ``manifest.csv``
 - :mod:`~sscflow.discover.synthetic` writing synthetic DICOM exports (tests, benchmark)
 """
 
-__all__ = ["discover", "DiscoverConfig"]
+__all__ = ["discover", "DiscoverConfig", "DEIDENTIFICATION"]
+
+# What sscflow does to de-identify, for the store's run record and the report (provenance).
+# The codes are DICOM CID 7050 (De-identification Method), as a DICOM object would carry them.
+DEIDENTIFICATION = {
+    "method": "sscflow discover: pseudonyms, keyed UIDs, intervals (or keyed date shift)",
+    "version": 1,
+    "pseudonyms": "P + HMAC-SHA256(key, PatientID) (or P0001... in keyed-hash order)",
+    "uids": "2.25 + UUIDv8 from HMAC-SHA256(key, original UID)",
+    "dates": "intervals only; where a date is needed, a keyed per-patient shift",
+    "private_side": "the key file: PatientIDs, export folders, original UIDs",
+    "codes": [
+        ("113100", "DCM", "Basic Application Confidentiality Profile"),
+        ("113107", "DCM", "Retain Longitudinal Temporal Information Modified Dates Option"),
+        ("113108", "DCM", "Retain Patient Characteristics Option"),
+    ],
+}
 
 
 def __getattr__(name):  # lazy: sscflow.config imports the settings module alone

@@ -6,6 +6,12 @@ building a Dataset; files it cannot take, such as big endian, deflated or withou
 through ``pydicom.dcmread(stop_before_pixels=True)``), checks from the file size that the pixel
 data the header announces is all there (a truncated file), and returns plain tuples, so batches
 travel cheaply between workers and the client.
+
+Text (PatientID, descriptions, kernels, contrast agent) is decoded with the file's
+SpecificCharacterSet (0008,0005), by pydicom's character set support on both paths, so a
+PatientID written in UTF-8 (ISO_IR 192) and in latin-1 (ISO_IR 100) is the same patient; a file
+without the element is read as latin-1 (ASCII, the default repertoire, is a subset). Text that
+is not valid in the declared character set makes the file 'unreadable', with the reason.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 # the tags discover reads; identifiers among them (PatientID, birth date) are used in memory to
 # group and pseudonymise, never written out
 TAGS = (
+    "SpecificCharacterSet",
     "SOPClassUID",
     "Modality",
     "PatientID",
@@ -110,6 +117,7 @@ def _plain(value):
 # how each tag's raw bytes decode: text, text list (backslash-separated), number, number list,
 # or an unsigned 16-bit integer
 _KIND = {
+    "SpecificCharacterSet": "texts",
     "ImageType": "texts",
     "ImageOrientationPatient": "numbers",
     "ImagePositionPatient": "numbers",
@@ -126,6 +134,53 @@ _KIND = {
 }
 
 
+# the tags whose value representation (LO, SH) follows SpecificCharacterSet
+CHARSET_TAGS = frozenset(
+    {"PatientID", "SeriesDescription", "ProtocolName", "ConvolutionKernel",
+     "ContrastBolusAgent", "ContrastBolusRoute", "ContrastBolusVolume"}
+)  # fmt: skip
+
+
+class HeaderTextError(ValueError):
+    """A text element is not valid in the file's SpecificCharacterSet."""
+
+
+def encodings_of(charset) -> list[str] | None:
+    """Python codecs for a SpecificCharacterSet value (None: not declared, read as latin-1)."""
+    import warnings
+
+    from pydicom.charset import convert_encodings
+
+    terms = [charset] if isinstance(charset, str) else list(charset or [])
+    terms = [t.strip() for t in terms]
+    if not any(terms):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            return list(convert_encodings(terms))
+        except (LookupError, UserWarning, ValueError):
+            raise HeaderTextError(f"unknown SpecificCharacterSet {chr(92).join(terms)}") from None
+
+
+def decode_text(b: bytes, encodings: list[str] | None) -> str:
+    """``b`` as text in ``encodings`` (pydicom's codecs; ISO 2022 escapes handled)."""
+    if encodings is None:
+        return b.decode("latin-1")
+    import warnings
+
+    from pydicom.charset import decode_bytes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            if len(encodings) == 1 and b"\x1b" not in b:
+                return b.decode(encodings[0])  # strict: an invalid byte is an error
+            return decode_bytes(b, encodings, set())
+        except (UnicodeError, UserWarning, LookupError, ValueError):
+            raise HeaderTextError(f"not valid {chr(92).join(encodings)}") from None
+
+
 def _tag_numbers():
     from pydicom.datadict import tag_for_keyword
 
@@ -135,8 +190,9 @@ def _tag_numbers():
 _TAG_NUMBERS: list = []
 
 
-def _decode(raw, kind: str):
-    """A raw element's value without pydicom's conversion machinery (the slow part)."""
+def _decode(raw, kind: str, encodings=None):
+    """A raw element's value without pydicom's conversion machinery (the slow part);
+    ``encodings`` (from :func:`encodings_of`) for text that follows the character set."""
     b = raw.value
     if b is None or b == b"":
         return None
@@ -147,7 +203,7 @@ def _decode(raw, kind: str):
         if raw.VR not in (None, "US", "UN", "SS") or len(b) < 2:
             return None
         return float(int.from_bytes(b[:2], "little" if raw.is_little_endian else "big"))
-    text = b.decode("latin-1").strip(" \x00")
+    text = decode_text(b, encodings).strip(" \x00")
     if kind == "text":
         return text or None
     parts = [t.strip(" \x00") for t in text.split("\\")]
@@ -225,10 +281,19 @@ def read_header(path: str) -> FileRecord:
     except Exception as exc:  # noqa: BLE001 - any parse failure means an unreadable file
         return FileRecord(path, "unreadable", f"unreadable DICOM ({type(exc).__name__})")
     tags = {}
+    try:
+        charset = data.get(0x00080005)
+        encodings = encodings_of(_decode(charset, "texts") if charset is not None else None)
+    except HeaderTextError as exc:
+        return FileRecord(path, "unreadable", f"header text: {exc}")
     for name, tag, kind in _TAG_NUMBERS:
         try:
             raw = data.get(tag)
-            tags[name] = None if raw is None else _decode(raw, kind)
+            text_codecs = encodings if name in CHARSET_TAGS else None
+            tags[name] = None if raw is None else _decode(raw, kind, text_codecs)
+        except HeaderTextError as exc:
+            return FileRecord(path, "unreadable", f"header text: {name} is {exc} "
+                              "(its SpecificCharacterSet)")  # fmt: skip
         except Exception:  # noqa: BLE001 - a malformed value reads as absent
             tags[name] = None
     syntax, sop = (_meta_text(meta, t) for t in (0x00020010, 0x00020002))

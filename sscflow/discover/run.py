@@ -15,7 +15,7 @@ from sscflow.cohort import PFT, read_manifest
 from sscflow.discover.flowchart import write_flowchart
 from sscflow.discover.headers import batches, iter_files, read_headers, relative
 from sscflow.discover.pft import read_pft_table
-from sscflow.discover.pseudonym import PseudonymKey
+from sscflow.discover.pseudonym import REF_PREFIX, PseudonymKey
 from sscflow.discover.select import build_studies, pick_patients
 from sscflow.discover.series import RULES, check_series, group_series
 from sscflow.discover.settings import DiscoverConfig
@@ -128,7 +128,8 @@ def discover(
             file_counts["dicom"] += 1
             continue
         file_counts[status] += 1
-        rows.append(_row("file", file=relative(path, root), rule=status, detail=problem))
+        rows.append(_row("file", file=pkey.file_ref(relative(path, root)), rule=status,
+                         detail=problem))  # fmt: skip
     if file_counts["dicom"] == 0:
         log.warning("discover: no DICOM image file under %s", root)
 
@@ -139,7 +140,9 @@ def discover(
     picks = pick_patients(studies, cfg)
     every_pid = sorted({c.patient_id for c in checks if c.patient_id})
     pseudo = pkey.assign(every_pid)
-    pkey.save()  # before any output names a pseudonym
+    for c in checks:  # the link back to the export: on the private side only
+        pkey.link_series(str(Path(c.folder).resolve()), c.uid, c.study_uid)
+    pkey.save()  # before any output names a pseudonym or a keyed UID
 
     # study numbers per patient, by date: "2/3" is the patient's second of three studies
     number = {}
@@ -162,7 +165,8 @@ def discover(
         else:
             st = study_of[c.study_uid]
             if st.best is not None and st.best.uid != c.uid:
-                rule, detail = "lower_rank", f"{NOT_CHOSEN['lower_rank']} ({st.best.uid})"
+                rule = "lower_rank"
+                detail = f"{NOT_CHOSEN['lower_rank']} ({pkey.uid(st.best.uid)})"
             else:
                 rule, detail = "study_not_used", NOT_CHOSEN["study_not_used"]
         rows.append(
@@ -170,7 +174,7 @@ def discover(
                 "series",
                 pseudo.get(c.patient_id, ""),
                 study_number(c.study_uid),
-                c.uid,
+                pkey.uid(c.uid),
                 rule=rule,
                 detail=detail,
             )
@@ -190,7 +194,7 @@ def discover(
                 "study",
                 pseudo.get(st.patient_id, ""),
                 study_number(st.uid),
-                st.best.uid if st.best else "",
+                pkey.uid(st.best.uid) if st.best else "",
                 rule=rule,
                 detail=detail,
             )
@@ -202,7 +206,7 @@ def discover(
     t_select = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     included = [p for p in picks if not p.rule]
-    manifest = _write_manifest(included, pseudo, out)
+    manifest = _write_manifest(included, pseudo, pkey, out)
     order = {"patient": 0, "study": 1, "series": 2, "file": 3}
     rows.sort(
         key=lambda r: (order[r["level"]], r["patient_id"], r["study"], r["series_uid"], r["file"])
@@ -278,14 +282,17 @@ def _read_all(files, per_task, client, progress):
     return [r for chunk in results for r in chunk]
 
 
-def _write_manifest(included, pseudo, out: Path) -> Path | None:
+def _write_manifest(included, pseudo, pkey: PseudonymKey, out: Path) -> Path | None:
+    """manifest.csv: pseudonyms, ``key:<keyed series UID>`` scan references (resolved through
+    the key file by ``sscflow run --key``), keyed UIDs, PFT values, interval, age, sex."""
     path = out / "manifest.csv"
     rows = []
     for p in sorted(included, key=lambda p: pseudo[p.patient_id]):
         row = {"patient_id": pseudo[p.patient_id]}
         for which, st in (("baseline", p.baseline), ("followup", p.followup)):
-            row[which] = Path(os.path.relpath(st.best.folder, out)).as_posix()
-            row[f"{which}_series_uid"] = st.best.uid
+            keyed = pkey.uid(st.best.uid)
+            row[which] = REF_PREFIX + keyed
+            row[f"{which}_series_uid"] = keyed
             for m in PFT:
                 v = st.pft.values.get(m) if st.pft else None
                 row[f"{m}_{which}"] = "" if v is None else f"{v:g}"
@@ -298,7 +305,7 @@ def _write_manifest(included, pseudo, out: Path) -> Path | None:
         path.unlink(missing_ok=True)  # no patient: no manifest, rather than one that fails later
         return None
     pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).to_csv(path, index=False)
-    read_manifest(path)  # what discover writes, sscflow run reads as it is
+    read_manifest(path, key=pkey)  # what discover writes, sscflow run reads as it is
     return path
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from sscflow.errors import ConfigError
@@ -83,6 +84,9 @@ class DiscoverConfig:
     pft_columns: PFTColumns = field(default_factory=PFTColumns)
     pseudonym: Literal["hash", "sequence"] = "hash"  # P + keyed hash, or P0001, P0002, ...
     files_per_task: int = 500  # files whose headers one Dask task reads
+    # the key file (pseudonyms and the private side: export paths, original UIDs); what
+    # --key gives discover, run, validate and export when the option is left out
+    key: Path | None = None
 
     def validate(self, where: str) -> None:
         if not self.min_extent_mm >= 0:

@@ -10,34 +10,55 @@ k along array axis k, such that ``moving(x + u(x)) ~ fixed(x)`` with x + u(x) a 
 read in the moving scan's own geometry (the two scans need not share a grid);
 ``log det(I + grad u) < 0`` where tissue shrinks from baseline to follow-up.
 
-Backends live in a small registry (name -> "module:function") and are imported only when used:
+Backends live in a small registry (name -> module) and are imported only when used. Each
+backend module has ``register(fixed, moving, spacing, *, mask, valid, options, return_affine)``
+and ``Options``, a dataclass of its own settings with its own defaults (the config's
+``registration.<name>`` section); a new backend is one module and one line in ``BACKENDS``.
 
 - ``"torch"``: affine, then a stationary velocity field integrated by scaling and squaring
   (diffeomorphic) with a local NCC similarity, which a local density rise does not read as
   shrinkage. CPU, or CUDA when available. Needs the ``gpu`` extra.
 - ``"sitk"``: SimpleITK affine, then multi-resolution diffeomorphic demons (an SSD similarity:
-  a density rise where the lung shrinks biases the recovered shrinkage towards zero).
+  a density rise where the lung shrinks biases the recovered shrinkage).
 
 ``"auto"`` (the configuration's default) is "torch" when PyTorch is installed, else "sitk".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
+from dataclasses import dataclass
 
 import numpy as np
 
-from sscflow.errors import MissingDependencyError, RegistrationInputError, UnknownBackendError
+from sscflow.errors import (
+    ConfigError,
+    MissingDependencyError,
+    RegistrationInputError,
+    UnknownBackendError,
+)
 from sscflow.geometry import Geometry, index_to_physical
 from sscflow.registration.common import check_inputs
 
-__all__ = ["BACKENDS", "register", "resolve_backend"]
+__all__ = ["BACKENDS", "Backend", "backend_options", "options_class", "register",
+           "resolve_backend"]
 
-# name -> ("module:function", the extra that installs its dependency, the module it needs)
-BACKENDS: dict[str, tuple[str, str | None, str | None]] = {
-    "sitk": ("sscflow.registration.sitk:register", None, None),
-    "torch": ("sscflow.registration.torch:register", "gpu", "torch"),
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a backend lives: its module (``register`` and ``Options`` in it), and the
+    package it needs with the extra that installs it (None: always there)."""
+
+    module: str
+    needs: str | None = None
+    extra: str | None = None
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend("sscflow.registration.torch", needs="torch", extra="gpu"),
+    "sitk": Backend("sscflow.registration.sitk"),
 }
 
 
@@ -56,15 +77,54 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def _load(name: str):
-    target, extra, needs = BACKENDS[name]
-    if needs is not None and importlib.util.find_spec(needs) is None:
-        raise MissingDependencyError(
-            f'registration backend {name!r} needs {needs}: pip install "sscflow[{extra}]" '
-            f"(or choose backend='sitk')"
+def options_class(name: str) -> type:
+    """The ``Options`` dataclass of backend ``name`` (its module is imported; the package the
+    backend needs, e.g. torch, is not).
+
+    >>> options_class("sitk")().iterations
+    (100, 60, 30)
+    """
+    return importlib.import_module(BACKENDS[resolve_backend(name)].module).Options
+
+
+def backend_options(name: str, **options):
+    """Backend ``name``'s ``Options`` with these keyword settings over its own defaults.
+
+    Raises RegistrationInputError (a ValueError) naming an unknown or impossible setting.
+
+    >>> backend_options("sitk", sigma=3.0).sigma
+    3.0
+    >>> backend_options("sitk", window=5)
+    Traceback (most recent call last):
+    ...
+    sscflow.errors.RegistrationInputError: register: unknown option 'window' for backend 'sitk'; its options: margin_mm, levels, iterations, sigma, affine, affine_iterations, threads, seed
+    """  # noqa: E501
+    cls = options_class(name)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        raise RegistrationInputError(
+            f"register: unknown option {unknown[0]!r} for backend {name!r}; its options: "
+            f"{', '.join(known)}"
         )
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    opts = cls(**values)
+    try:
+        opts.validate(name)
+    except ConfigError as exc:
+        raise RegistrationInputError(f"register: {exc}") from None
+    return opts
+
+
+def _load(name: str):
+    backend = BACKENDS[name]
+    if backend.needs is not None and importlib.util.find_spec(backend.needs) is None:
+        raise MissingDependencyError(
+            f"registration backend {name!r} needs {backend.needs}: pip install "
+            f'"sscflow[{backend.extra}]" '
+            "(or choose backend='sitk')"
+        )
+    return importlib.import_module(backend.module).register
 
 
 def register(
@@ -118,7 +178,9 @@ def register(
         the maps in torch on the backend's device: None (the default) when the torch backend
         runs on CUDA (the pair then crosses to the device once and back once), True also on
         CPU, False never
-    **options : backend parameters (see ``sscflow.config.RegistrationConfig``)
+    **options : the backend's settings over its own defaults: the fields of its ``Options``
+        (``sscflow.registration.torch.Options``, ``sscflow.registration.sitk.Options``; in the
+        config, the ``registration.torch`` and ``registration.sitk`` sections)
 
     Returns
     -------
@@ -129,8 +191,9 @@ def register(
     Raises
     ------
     RegistrationInputError (ValueError) for volumes that are not 3-D, NaN / inf values, a bad
-    spacing or geometry, an empty mask; UnknownBackendError (ValueError) for an unknown
-    backend; MissingDependencyError (ImportError) naming the extra to install.
+    spacing or geometry, an empty mask, an option the backend does not have or an impossible
+    value of one; UnknownBackendError (ValueError) for an unknown backend;
+    MissingDependencyError (ImportError) naming the extra to install.
 
     Examples
     --------
@@ -138,9 +201,8 @@ def register(
     >>> register(z, z, (1.0, 1.0, 1.0), backend="nope")
     Traceback (most recent call last):
     ...
-    sscflow.errors.UnknownBackendError: unknown registration backend 'nope'; choose one of: auto, sitk, torch
+    sscflow.errors.UnknownBackendError: unknown registration backend 'nope'; choose one of: auto, torch, sitk
     """  # noqa: E501
-    import inspect
     import time
 
     from sscflow.registration.align import align_masks, identity
@@ -154,10 +216,11 @@ def register(
     inputs = check_inputs(fixed, moving, spacing, mask, moving_mask=moving_mask,
                           fixed_geometry=fixed_geometry, moving_geometry=moving_geometry,
                           moving_spacing=options.pop("moving_spacing", None))  # fmt: skip
+    opts = backend_options(name, **options)
     func = _load(name)
     fg, mg = inputs.fixed_geometry, inputs.moving_geometry
     t0 = time.perf_counter()
-    dev = _torch_device(name, options, resample_on_device)
+    dev = _torch_device(name, opts, resample_on_device)
     warm = 0.0
     if dev is not None:
         from sscflow.registration import torch_resample as tr
@@ -169,6 +232,7 @@ def register(
         alignment = _snap(align_masks(inputs.mask, fg, inputs.moving_mask, mg), fg)
     t_align = time.perf_counter() - t1
     t_resample = 0.0
+    extra = {}  # what the backend is also told: on the device, return the map's parts
     if dev is None:
         blur = _common_blur(smooth_mm, fg.spacing)
         fixed_in = blur(inputs.fixed)
@@ -179,7 +243,7 @@ def register(
             moved, valid = resample_moving(inputs.moving, mg, fg, mapping, cubic=cubic)
             moved = blur(moved)
             t_resample += time.perf_counter() - t
-            return moved, ({"valid": valid} if name == "torch" else {})
+            return moved, valid
     else:
         # The pair goes to the device once; the resampling, the common blur, the backend and
         # the composition of the maps run there, and the displacement comes back once.
@@ -191,6 +255,7 @@ def register(
         coefficients = []
         _sync(dev)
         t_resample += time.perf_counter() - t
+        extra = {"as_tensor": True}
 
         def resample(mapping, cubic=True):
             nonlocal t_resample
@@ -206,29 +271,27 @@ def register(
             moved = blur(moved)
             _sync(dev)
             t_resample += time.perf_counter() - t
-            return moved, ({"valid": valid, "as_tensor": True} if valid is not None
-                           else {"as_tensor": True})  # fmt: skip
+            return moved, valid
 
     mapping = alignment
-    two_pass = _AFFINE_PASS[name](options)
+    affine_only = opts.affine_stage()
     # linear for the affine pass alone (its coarse levels do not see the difference)
-    moved, valid = resample(alignment, cubic=not two_pass)
-    if two_pass:
+    moved, valid = resample(alignment, cubic=affine_only is None)
+    if affine_only is not None:
         # First pass: the backend's affine stage alone. The follow-up is then resampled again,
         # from its own grid, through rigid o affine, and the deformable stage runs on that with
         # no affine of its own. Resampling once at the coarse rigid map and correcting it in
         # the backend left the correction to the backend's linear interpolation: a scan on
         # another grid showed up to 5 mm and 0.4 deg of mask-alignment error that way, and
         # p99 |log-Jacobian| 0.011 (0.004 with this pass).
-        levels = options.get("levels") or inspect.signature(func).parameters["levels"].default
-        first = func(fixed_in, moved, fg.spacing, mask=inputs.mask,
-                     **{**options, **valid, "iterations": (0,) * len(levels),
-                        "return_affine": True})  # fmt: skip
+        first = func(fixed_in, moved, fg.spacing, mask=inputs.mask, valid=valid,
+                     options=affine_only, return_affine=True, **extra)  # fmt: skip
         matrix, offset = first[-1]
         mapping = _snap(_then_affine(alignment, matrix, offset, fg), fg)
         moved, valid = resample(mapping)
-        options = {**options, **_NO_AFFINE[name]}
-    local = func(fixed_in, moved, fg.spacing, mask=inputs.mask, **options, **valid)
+        opts = opts.deformable_stage()
+    local = func(fixed_in, moved, fg.spacing, mask=inputs.mask, valid=valid, options=opts,
+                 **extra)  # fmt: skip
     if dev is None:
         u = compose_rigid(local, fg, mapping)
     else:
@@ -245,13 +308,7 @@ def register(
     return u, info
 
 
-# Does the backend (with these options) have an affine stage, and how is it switched off?
-_AFFINE_PASS = {"torch": lambda o: any(o.get("affine_iterations", (1,))),
-                "sitk": lambda o: o.get("affine", True) and o.get("affine_iterations", 1) > 0}
-_NO_AFFINE = {"torch": {"affine_iterations": (0,)}, "sitk": {"affine": False}}
-
-
-def _torch_device(name, options, on_device):
+def _torch_device(name, opts, on_device):
     """The torch device the resampling, blur and composition run on, or None (SimpleITK and
     numpy on the CPU): the torch backend's device when it is CUDA (``on_device`` None), or
     whenever ``on_device`` is True."""
@@ -259,7 +316,7 @@ def _torch_device(name, options, on_device):
         return None
     from sscflow.registration.torch import _device
 
-    dev = _device(options.get("device", "auto"))
+    dev = _device(opts.device)
     return dev if on_device or dev.type == "cuda" else None
 
 

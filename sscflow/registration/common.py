@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from sscflow.errors import RegistrationInputError
+from sscflow.errors import ConfigError, RegistrationInputError
 from sscflow.geometry import Geometry, crop_box  # noqa: F401 (re-exported)
 
 FOLD_FLOOR = 1e-6  # det J at or below this counts as folded; the log uses this floor
@@ -119,6 +119,22 @@ def _spacing(spacing, name) -> tuple[float, float, float]:
             f"register: {name} must be three positive numbers (z, y, x) mm, got {spacing!r}"
         )
     return sp
+
+
+def check_common_options(options, where: str) -> None:
+    """The checks every backend's ``Options`` shares: ``margin_mm`` >= 0, one shrink factor >= 1
+    per level and one iteration count >= 0 per level, ``threads`` >= 0. Raises ConfigError
+    naming the key (``where.levels``)."""
+    if options.margin_mm < 0:
+        raise ConfigError(f"{where}.margin_mm must be >= 0, got {options.margin_mm}")
+    if not options.levels or any(f < 1 for f in options.levels):
+        raise ConfigError(f"{where}.levels must be shrink factors >= 1, got {options.levels}")
+    iterations = options.iterations
+    if len(iterations) != len(options.levels) or any(n < 0 for n in iterations):
+        raise ConfigError(f"{where}.iterations needs one count >= 0 per level "
+                          f"({len(options.levels)}), got {list(iterations)}")  # fmt: skip
+    if options.threads < 0:
+        raise ConfigError(f"{where}.threads must be >= 0, got {options.threads}")
 
 
 def n_threads(threads: int = 0) -> int:

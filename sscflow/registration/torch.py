@@ -1,93 +1,141 @@
 """PyTorch backend: affine, then a diffeomorphic stationary velocity field with local NCC.
 
 Runs on CPU, or on CUDA when available (``device="auto"``). PyTorch is imported inside the
-functions, so ``import sscflow`` does not load it.
+functions, so ``import sscflow`` does not load it. Settings: ``Options`` (the config's
+``registration.torch`` section). Figures below: ``benchmarks/registration.py`` (real CT at
+2 mm with planted changes); what was tried and not kept is in ``benchmarks/NOTES.md``.
 
-Method (decisions):
-
-1. Intensities: HU clipped to [-1000, 400] and scaled to [0, 1].
-2. Crop: the fixed (baseline) volume is cropped to the lung bounding box plus ``margin_mm``
-   (grown to whole pyramid blocks); the moving volume (already resampled onto the fixed grid by
+1. Intensities: HU clipped to [-1000, 400] (air to soft tissue) and scaled to [0, 1].
+2. Crop: the fixed (baseline) volume is cropped to the lung bounding box plus ``margin_mm``,
+   grown to whole pyramid blocks. The moving volume (already resampled onto the fixed grid by
    ``register``) is used over that crop plus 30 mm, so the warped crop rarely samples outside
-   it, and only where the follow-up was imaged counts (``valid``).
-3. Pyramid: box-averaged images at the shrink ``levels`` (default 4, 2, 1); the moving crop
-   starts on the same block grid as the fixed one, so both average the same voxel blocks
-   (blocks out of phase read as a deformation: a scan registered to itself showed
-   log-Jacobian blobs of +-0.05 from that alone).
+   it; only voxels the follow-up imaged (``valid``) count in the similarity.
+3. Pyramid: box-averaged images at the shrink ``levels`` (default 4, 2, 1). The moving crop
+   starts on the same block grid as the fixed one, so both average the same voxel blocks:
+   blocks out of phase read as a deformation (log-Jacobian blobs of +-0.05 on a scan
+   registered to itself).
 4. Affine ``y = c + (I + L)(x - c) + t`` about the crop centre, by Adam on ``1 - LNCC`` on the
-   two coarsest levels (``affine_iterations``, default 100 and 50); it absorbs the inspiration
-   and position change. ``sscflow.registration.register`` runs this stage alone first
-   (``iterations`` all 0, ``return_affine``), resamples the follow-up through it, then the
-   deformable stage with ``affine_iterations=(0,)``. The second level matters: the coarsest
-   alone left a 0.5 % scale error on a scan written on another grid.
-5. Deformable: the map is ``x -> A(exp(v)(x))`` with a stationary velocity field ``v`` (mm) on a
-   grid at least ``velocity_shrink`` voxels coarse, integrated by scaling and squaring
-   (at least ``squarings`` steps, more while the scaled velocity's largest vector exceeds half
-   a velocity-grid voxel), so the result is a diffeomorphism up to interpolation. ``v`` is
-   multiplied by a cosine taper that is 1 over the lung bounding box and 0 at the crop border:
-   outside the crop the field is exactly the affine part and continuous with the inside. Loss:
-   ``1 - LNCC`` (squared local correlation, window ``window`` voxels of each level), each window
-   weighted by ``va^2 / (va^2 + (ncc_floor_hu / 1400)^4)`` with ``va`` the fixed image's local
-   variance: a window whose local standard deviation is well below ``ncc_floor_hu`` HU counts
-   little. The weight depends on the fixed image only, so the optimum of every window stays at
-   ``moving ~ fixed`` (a stabiliser added to the denominator instead rewards contrast: it biased
-   a regional shrinkage and moved a scan registered to itself). Plus optionally ``diffusion``
-   times the mean squared velocity gradient. Gradient descent: the gradient is smoothed
-   (``gradient_sigma``, fluid-like) and scaled so that the largest update is ``learning_rate``
-   velocity-grid voxels while the gradient is at least ``full_step_at`` times the one a
-   one-voxel shift of the fixed image against itself gives (measured once per level), and
-   proportionally smaller below that (scaling every gradient to a full step turned the vanishing
-   gradient of a pair in register into full-size random steps; below 1 the descent was unstable
-   at the optimum on real CT: a scan registered to itself drifted); then the part of ``v`` added
-   at the current level is smoothed (``velocity_sigma``, diffusion- like, demons style), which
-   keeps log-Jacobian noise small. The coarser levels' result is not smoothed again at every
-   step of the finer ones: that repeated smoothing damped a regional shrinkage's peak.
-   ``velocity_sigma`` and ``gradient_sigma`` may also be given per level. (Adam was tried: its
-   per-voxel normalisation turned noise in flat regions into full-size steps.) The similarity
-   gradient is taken with respect to the displacement ``exp(v)`` on the velocity grid and used
-   as the velocity's (``d exp(v) / dv ~ I``, as in log-domain demons), which skips the backward
-   pass through the squarings. The warped image is linearised in the displacement for the
-   gradient (its value from ``grid_sample``, its slope from central differences of the warped
-   image): this avoids ``grid_sample``'s backward pass, the most expensive step on CPU, at no
-   loss of accuracy. Local NCC is invariant to a local linear intensity change, so a
-   fibrosis-like density rise in a shrinking region is not read as less shrinkage (an SSD or
-   demons similarity is).
-
-Tried against the noise of pairs on other grids (real CT at 2 mm: the benchmark's rigid and
-regridded pairs, 2026-12) and not kept, each measured against the planted pair's regional
-log-Jacobian: steps decaying within a level (every level, the coarse ones only, the last one
-only), the mean of the last level's iterates, a 7-voxel window, more velocity smoothing at one
-level, a 2 mm common blur, an anti-aliasing prefilter at ingest. The iterate mean changed
-nothing (the noise is the regulariser's equilibrium with the interpolation differences, not
-optimiser jitter); every other change moved along one curve, trading regional bias for noise
-(steps decaying at every level: rigid p95 |logjac| 0.031 -> 0.008, planted region error
-+0.025 -> +0.115). A better trade needs another regulariser, not another setting.
-
-Most of that noise turned out to come from outside this backend (measured 2026-12, same
-pairs): the follow-up was resampled once at the coarse lung-mask alignment (up to 5 mm and
-0.4 deg off), leaving the correction to this backend's linear interpolation, and the
-benchmark's follow-ups showed air past the baseline's field of view, where it cuts the lung
-bases. With ``register``'s affine pass and the edge continued: rigid p95 |log-Jacobian|
-0.024 -> 0.006, regridded p99 0.023 -> 0.004.
-
-``smoothing_order=2`` (the default) is that other regulariser: each increment is smoothed by
-``2G - GG`` instead of ``G``, whose penalty grows as k^4 rather than k^2 at long wavelengths,
-so a 20 mm regional change is damped far less for the same suppression of fine-scale noise.
-Measured with ``velocity_sigma`` 2.0 (real CT, cubic ingest, idle): planted region error
-+0.011 (order 1: +0.025), moved +0.014 (+0.035), rigid p95 |logjac| 0.023, regridded p99
-0.022; at ``velocity_sigma`` 1.5 (linear ingest, loaded): region +0.004 but rigid p95 0.0486.
+   two coarsest levels (``affine_iterations``, default 100 and 50), with a cosine-annealed
+   step and Adam's eps at a tenth of the gradient a one-voxel shift gives, so steps vanish
+   with the gradient once the images are in register. It absorbs the inspiration and
+   position change; the second level is needed for the scale (the coarsest alone left a 0.5 %
+   scale error on a scan written on another grid). ``sscflow.registration.register`` runs
+   this stage alone first (``Options.affine_stage``), resamples the follow-up through it, then
+   the deformable stage without it (``Options.deformable_stage``).
+5. Deformable: the map is ``x -> A(exp(v)(x))`` with a stationary velocity field ``v`` (mm) on
+   a grid ``velocity_shrink`` times coarser than each level, integrated by scaling and
+   squaring (at least ``squarings`` steps, more while the scaled velocity's largest vector
+   exceeds half a velocity-grid voxel, the condition for each composition to stay
+   invertible), so the result is a diffeomorphism up to interpolation. ``v`` is multiplied by
+   a cosine taper, 1 over the lung bounding box and 0 at the crop border: outside the crop
+   the field is exactly the affine part and continuous with the inside.
+6. Similarity: ``1 - LNCC`` (squared local correlation over a ``window``-voxel box at each
+   level). Local NCC is invariant to a local linear intensity change, so a fibrosis-like
+   density rise where the lung shrinks is not read as less shrinkage (an SSD or demons
+   similarity is). Each window is weighted by ``va^2 / (va^2 + (ncc_floor_hu / 1400)^4)``,
+   ``va`` the fixed image's local variance: windows much flatter than ``ncc_floor_hu`` HU
+   count little. The weight depends on the fixed image only, so every window's optimum stays
+   at ``moving ~ fixed``.
+7. Optimiser: gradient descent on ``v``. The similarity gradient is taken with respect to the
+   displacement ``exp(v)`` on the velocity grid and used as the velocity's (``d exp(v)/dv ~
+   I``, as in log-domain demons), which skips the backward pass through the squarings; the
+   warped image is linearised in the displacement (value from ``grid_sample``, slope from
+   central differences), which skips ``grid_sample``'s backward pass, the most expensive step
+   on CPU. The gradient is smoothed (``gradient_sigma``, fluid-like) and scaled so that the
+   largest update is ``learning_rate`` velocity-grid voxels while the gradient is at least
+   ``full_step_at`` times the one a one-voxel shift of the fixed image against itself gives
+   (measured once per level), and proportionally smaller below it: a pair already in register
+   is left alone, not jittered by full-size steps. Optionally ``diffusion`` times the mean
+   squared velocity gradient is added to the loss.
+8. Regulariser: after each step, the part of ``v`` added at the current level is smoothed by
+   ``2G - GG`` (``smoothing_order=2``, ``G`` a Gaussian of ``velocity_sigma`` voxels; ``G``
+   alone with ``smoothing_order=1``); the coarser levels' result is not smoothed again, which
+   would damp a regional change's peak. ``2G - GG`` penalises long wavelengths as k^4 rather
+   than k^2, so a 20 mm regional change is damped far less for the same suppression of
+   fine-scale noise: with ``velocity_sigma`` 2.0 the planted region's mean log-Jacobian error
+   was +0.011 (order 1: +0.025), the moved pair's +0.014 (+0.035), rigid p95 |log-Jacobian|
+   0.023 and regridded p99 0.022 (order 1 and 2 alike); at ``velocity_sigma`` 1.5 the region
+   error fell to +0.004 but rigid p95 rose to 0.049. ``velocity_sigma`` and
+   ``gradient_sigma`` may also be given per level.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from sscflow.registration.common import compose, crop_box, n_threads
+from sscflow.errors import ConfigError
+from sscflow.registration.common import check_common_options, compose, crop_box, n_threads
 
 HU_RANGE = (-1000.0, 400.0)
 MOVING_PAD_MM = 30.0  # the moving image is used over the fixed crop grown by this much
+
+
+@dataclass
+class Options:
+    """The torch backend's settings (the ``registration.torch`` section of the config)."""
+
+    device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
+    margin_mm: float = 15.0  # crop to the lung bounding box plus this margin
+    levels: tuple[int, ...] = (4, 2, 1)  # shrink factors, coarse to fine
+    iterations: tuple[int, ...] = (40, 30, 10)  # deformable iterations per level
+    affine_iterations: tuple[int, ...] = (100, 50)  # affine iterations, coarsest levels first
+    window: int = 5  # local NCC window, voxels of each level
+    ncc_floor_hu: float = 32.0  # local NCC: windows with local s.d. well below this are flat
+    velocity_sigma: float = 2.0  # Gaussian smoothing of each level's velocity increment (voxels)
+    smoothing_order: int = 2  # increments smoothed by G (1) or by 2G - GG (2)
+    gradient_sigma: float = 1.0  # Gaussian smoothing of each update (voxels of the velocity grid)
+    diffusion: float = 0.0  # weight of a diffusion penalty on the velocity
+    learning_rate: float = 0.6  # largest update per step, voxels of the velocity grid
+    velocity_shrink: int = 2  # velocity grid step = level shrink x this (image voxels)
+    squarings: int = 2  # scaling-and-squaring steps (at least; more for large velocities)
+    threads: int = 0  # CPU threads; 0 = the cores available to this process
+    full_step_at: float = 1.0  # full steps down to the gradient of a 1-voxel shift
+
+    def validate(self, where: str) -> None:
+        """Raise ConfigError naming the key (``where.window``) for an impossible value."""
+        check_common_options(self, where)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"{where}.device must be auto, cpu or cuda, got {self.device!r}")
+        if any(n < 0 for n in self.affine_iterations):
+            raise ConfigError(f"{where}.affine_iterations must be >= 0, got "
+                              f"{list(self.affine_iterations)}")  # fmt: skip
+        if not self.ncc_floor_hu > 0:
+            raise ConfigError(f"{where}.ncc_floor_hu must be > 0, got {self.ncc_floor_hu}")
+        if self.window < 3 or self.window % 2 == 0:
+            raise ConfigError(f"{where}.window must be an odd number >= 3, got {self.window}")
+        sigmas = [*_values(self.velocity_sigma), *_values(self.gradient_sigma)]
+        if min(*sigmas, self.diffusion) < 0 or not self.learning_rate > 0:
+            raise ConfigError(f"{where}.velocity_sigma, gradient_sigma and diffusion must be "
+                              f">= 0 and {where}.learning_rate > 0")  # fmt: skip
+        if self.velocity_shrink < 1:
+            raise ConfigError(f"{where}.velocity_shrink must be >= 1, got {self.velocity_shrink}")
+        if self.smoothing_order not in (1, 2):
+            raise ConfigError(f"{where}.smoothing_order must be 1 or 2, got "
+                              f"{self.smoothing_order!r}")  # fmt: skip
+        if not 0 <= self.squarings <= 12:
+            raise ConfigError(f"{where}.squarings must be within 0..12, got {self.squarings}")
+        if not self.full_step_at > 0:
+            raise ConfigError(f"{where}.full_step_at must be > 0, got {self.full_step_at}")
+
+    def affine_stage(self) -> Options | None:
+        """These options with the affine stage alone (no deformable iterations), or None
+        without an affine stage."""
+        if not any(self.affine_iterations):
+            return None
+        return dataclasses.replace(self, iterations=(0,) * len(self.levels))
+
+    def deformable_stage(self) -> Options:
+        """These options without the affine stage."""
+        return dataclasses.replace(self, affine_iterations=(0,))
+
+
+def _values(x) -> tuple[float, ...]:
+    """A number, or one per level, as a tuple of floats."""
+    return (float(x),) if isinstance(x, (int, float)) else tuple(float(v) for v in x)
 
 
 def register(
@@ -96,36 +144,28 @@ def register(
     spacing,
     *,
     mask=None,
-    device: str = "auto",
-    margin_mm: float = 15.0,
-    levels=(4, 2, 1),
-    iterations=(40, 30, 10),
-    affine_iterations=(100, 50),
-    window: int = 5,
-    ncc_floor_hu: float = 32.0,
-    velocity_sigma: float = 2.0,
-    gradient_sigma: float = 1.0,
-    diffusion: float = 0.0,
-    learning_rate: float = 0.6,
-    velocity_shrink: int = 2,
-    squarings: int = 2,
-    threads: int = 0,
-    return_affine: bool = False,
     valid=None,
-    full_step_at: float = 1.0,
-    smoothing_order: int = 2,
+    options: Options | None = None,
+    return_affine: bool = False,
     as_tensor: bool = False,
 ):
     """See :func:`sscflow.registration.register` (inputs already checked).
 
-    With ``return_affine`` also returns the affine ``(matrix, offset)`` (zyx mm about voxel 0).
-    ``valid`` (Z, Y, X) in [0, 1], on the same grid, says where the moving scan was imaged
-    (``register`` resampled it onto the fixed grid); the similarity counts only those voxels.
-    ``fixed``, ``moving`` and ``valid`` may be numpy arrays or tensors (on the device: nothing
-    is copied). With ``as_tensor``, returns the parts of the map instead of the displacement:
-    ``(w, box, (matrix, offset))``, w the deformable part (3, *box shape) mm on the device (or
-    None) on the crop ``box``, for ``torch_resample.compose``.
+    ``options`` are this backend's settings (``Options()`` when None). With ``return_affine``
+    also returns the affine ``(matrix, offset)`` (zyx mm about voxel 0). ``valid`` (Z, Y, X) in
+    [0, 1], on the same grid, says where the moving scan was imaged (``register`` resampled it
+    onto the fixed grid); the similarity counts only those voxels. ``fixed``, ``moving`` and
+    ``valid`` may be numpy arrays or tensors (on the device: nothing is copied). With
+    ``as_tensor``, returns the parts of the map instead of the displacement: ``(w, box, (matrix,
+    offset))``, w the deformable part (3, *box shape) mm on the device (or None) on the crop
+    ``box``, for ``torch_resample.compose``.
     """
+    o = options if options is not None else Options()
+    device, margin_mm, levels, iterations = o.device, o.margin_mm, o.levels, o.iterations
+    affine_iterations, window, ncc_floor_hu = o.affine_iterations, o.window, o.ncc_floor_hu
+    velocity_sigma, gradient_sigma, diffusion = o.velocity_sigma, o.gradient_sigma, o.diffusion
+    learning_rate, velocity_shrink, squarings = o.learning_rate, o.velocity_shrink, o.squarings
+    threads, full_step_at, smoothing_order = o.threads, o.full_step_at, o.smoothing_order
     import torch
 
     dev = _device(device)
@@ -421,7 +461,6 @@ class _Registration:
         self.tiny = 1e-12  # only keeps 0 / 0 finite; larger values bias the optimum off b ~ a
         self.shape = shape
         self.moving_start = torch.tensor(moving_start, dtype=torch.float32, device=dev)
-        self.moving_shape = {}
         self._box = torch.ones(1, 1, self.window, device=dev) / self.window
 
     # -- pyramid and grids

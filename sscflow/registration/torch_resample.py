@@ -24,6 +24,7 @@ axis into two linear interpolations each, at shifted positions).
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import numpy as np
@@ -36,6 +37,10 @@ _POLE = math.sqrt(3.0) - 2.0
 _TAPS = 15  # per side: |z|^16 ~ 7e-10
 _SLAB_POINTS = 1 << 21  # points per resampling slab: its temporaries stay near 250 MB
 _WARM: dict[str, float] = {}  # device -> seconds its warm-up took (once per process)
+# one warm-up at a time: a GPU worker runs several pairs in threads, and CUDA loads its linear
+# algebra library lazily on the first call, which fails when two threads make that call at once
+# ("lazy wrapper should be called at most once", seen on an H200 with 3 pairs per GPU)
+_WARM_LOCK = threading.Lock()
 
 
 def to_device(array, device):
@@ -240,7 +245,15 @@ def warm_up(device) -> float:
     key = str(torch.device(device))
     if key in _WARM:
         return 0.0
+    with _WARM_LOCK:
+        if key in _WARM:  # another thread warmed it while this one waited
+            return 0.0
+        return _warm_up(torch, key)
+
+
+def _warm_up(torch, key: str) -> float:
     from sscflow.registration.align import identity
+    from sscflow.registration.torch import Options
     from sscflow.registration.torch import register as backend
 
     t0 = time.perf_counter()
@@ -250,12 +263,14 @@ def warm_up(device) -> float:
     hu = (rng.normal(-700.0, 200.0, g.shape)).astype(np.float32)
     mask = np.zeros(g.shape, bool)
     mask[4:20, 4:20, 4:20] = True
-    fixed = to_device(hu, device)
+    torch.linalg.inv(torch.eye(3, device=key))  # loads the device's linear algebra library
+    fixed = to_device(hu, key)
     coef = bspline_coefficients(fixed)
     moving, valid = resample(fixed, g, g, np.eye(3), np.full(3, 0.3), coefficients=coef)
     moving = gaussian_blur(moving, (0.5, 0.5, 0.5))
-    local, box, aff = backend(fixed, moving, g.spacing, mask=mask, device=key, levels=(2, 1),
-                              iterations=(1, 1), affine_iterations=(1, 1), valid=valid,
+    tiny = Options(device=key.split(":")[0], levels=(2, 1), iterations=(1, 1),
+                   affine_iterations=(1, 1))  # fmt: skip
+    local, box, aff = backend(fixed, moving, g.spacing, mask=mask, valid=valid, options=tiny,
                               return_affine=True, as_tensor=True)  # fmt: skip
     ident = identity()
     u = compose(local, box, g, *aff, ident.matrix, ident.offset)
