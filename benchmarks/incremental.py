@@ -47,7 +47,10 @@ def incremental_run(tmp: Path, patients: int, added: int, spacing: float, worker
     from sscflow.cluster import dask_client
     from sscflow.cohort import read_manifest
     from sscflow.config import ClusterConfig
-    from sscflow.pipeline import PATIENT_STAGES, run
+    from sscflow.pipeline import run
+    from sscflow.stages import PATIENT, STAGES
+
+    PATIENT_STAGES = [s.name for s in STAGES if s.scope == PATIENT]  # noqa: N806
 
     full, config = small_cohort(tmp, patients + added, spacing)
     with open(full.path, newline="") as fh:

@@ -191,7 +191,11 @@ def main() -> None:
 
     import dataflow
 
-    from sscflow.pipeline import COHORT_STAGES, PATIENT_STAGES, plan_run
+    from sscflow.pipeline import plan_run
+    from sscflow.stages import COHORT, PATIENT, STAGES
+
+    PATIENT_STAGES = [s.name for s in STAGES if s.scope == PATIENT]  # noqa: N806
+    COHORT_STAGES = [s.name for s in STAGES if s.scope == COHORT]  # noqa: N806
 
     with tempfile.TemporaryDirectory(prefix="sscflow-bench-scale-") as tmp:
         manifest, config = dataflow.small_cohort(Path(tmp), args.patients, args.spacing)

@@ -10,8 +10,7 @@ functional and for morphologic worsening, and evaluates on the same held-out tes
   cut-off found on the learning set (training + validation), applied once to the test set.
 
 Writes ``results/classifier/<target>/{model.pt, metadata.json, split.json, predictions.csv,
-metrics.json}``. Skipped when ``metrics.json`` records the same inputs (maps, labels, extents)
-and settings, unless ``force``.
+metrics.json}``. Resuming is the classifier stage's (``sscflow.stages.classifier``).
 """
 
 from __future__ import annotations
@@ -23,25 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sscflow import store as st
 from sscflow.groups import cohort_table
 from sscflow.stats import binary_metrics, roc, youden_threshold
 
 TARGETS = ("functional", "morphologic")
 STAGE_VERSION = 1
-
-
-def _input_hash(store, table, config) -> str:
-    root = st.open_store(store, mode="r")
-    maps = []
-    for pid in table["patient_id"]:
-        group = root[f"{st.PATIENTS}/{pid}"]
-        if st.output_state(group, "log_jacobian_template") == "complete":
-            meta = dict(group["log_jacobian_template"].attrs["sscflow"])
-            maps.append([pid, meta.get("input_hash"), meta.get("params")])
-    cols = [c for c in ("patient_id", "functional", "visual", "delta_haa") if c in table]
-    return st.hash_values(maps, table[cols].astype(str).values.tolist(),
-                          dataclasses.asdict(config), STAGE_VERSION)  # fmt: skip
 
 
 def _evaluate(y_true, y_pred, score) -> dict:
@@ -69,8 +54,7 @@ def extent_baseline(table, split: dict, labels) -> dict | None:
     return out
 
 
-def classify_cohort(store, results_dir, config, *, force: bool = False, device=None,
-                    patient_ids=None) -> dict:  # fmt: skip
+def classify_cohort(store, results_dir, config, *, device=None, patient_ids=None) -> dict:
     """Train and evaluate both targets; returns ``{target: {"status", "cnn", "ild_extent"}}``.
 
     ``patient_ids``: the cohort to learn from (a run passes its manifest's patients); every
@@ -83,7 +67,6 @@ def classify_cohort(store, results_dir, config, *, force: bool = False, device=N
     from sscflow.classify.training import train
 
     table = cohort_table(store, patient_ids)
-    key = _input_hash(store, table, config)
     if config.loader_workers and multiprocessing.current_process().daemon:
         # a Dask worker process is daemonic and may not start DataLoader processes: stream the
         # maps from the store in this process instead (same data, no prefetch processes)
@@ -92,11 +75,6 @@ def classify_cohort(store, results_dir, config, *, force: bool = False, device=N
     for target in TARGETS:
         folder = Path(results_dir) / "classifier" / target
         metrics_path = folder / "metrics.json"
-        if not force and metrics_path.is_file():
-            old = json.loads(metrics_path.read_text())
-            if old.get("input_hash") == key:
-                out[target] = {**old, "status": "skipped"}
-                continue
         t0 = time.perf_counter()
         try:
             result = train(store, table, target, config, folder, device=device)
@@ -108,7 +86,6 @@ def classify_cohort(store, results_dir, config, *, force: bool = False, device=N
         labels = targets(table, target)
         metrics = {
             "target": target,
-            "input_hash": key,
             "cnn": _evaluate(result["y_true"], result["y_pred"], result["y_prob"]),
             "ild_extent": extent_baseline(table, split, labels),
             "seconds": round(time.perf_counter() - t0, 2),

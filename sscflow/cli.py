@@ -494,9 +494,9 @@ def run(
     synthetic = cfg.manifest.parent  # sscflow synth writes truth/ beside its manifest
     truth_dir = synthetic if (synthetic / "truth").is_dir() else None
     try:
-        with _interruptible(), _lease(cfg.store, wait, f"sscflow run {config}"):
+        with _interruptible(), _lease(cfg.store, wait, f"sscflow run {config}") as lease:
             summary = _run(cfg, manifest, force=force, truth_dir=truth_dir,
-                           rebuild_template=rebuild_template)  # fmt: skip
+                           rebuild_template=rebuild_template, lease=lease)  # fmt: skip
     except Interrupted as exc:
         _say_interrupted(cfg.store, exc)
     _run_report(summary)
@@ -534,14 +534,16 @@ def _print_rejected(manifest):
     out.print(t)
 
 
-def _run(cfg, manifest, *, force=False, truth_dir=None, client=None, rebuild_template=False):
-    from sscflow.pipeline import COHORT_STAGES, PATIENT_STAGES, run
+def _run(cfg, manifest, *, force=False, truth_dir=None, client=None, rebuild_template=False,
+         lease=None):  # fmt: skip
+    from sscflow.pipeline import run
+    from sscflow.stages import PATIENT, STAGES
 
     n = len(manifest) + len(manifest.rejected)
     with _client(cfg, client) as client, _progress() as bar:
-        tasks = {s: bar.add_task(s, total=n, last="") for s in PATIENT_STAGES}
-        for stage in COHORT_STAGES:
-            tasks[stage] = bar.add_task(stage.replace("_", " "), total=1, last="")
+        tasks = {s.name: bar.add_task(s.name.replace("_", " "), last="",
+                                      total=n if s.scope == PATIENT else 1)
+                 for s in STAGES}  # fmt: skip
         skipped: dict[str, int] = {}
 
         def on_record(rec):
@@ -559,7 +561,8 @@ def _run(cfg, manifest, *, force=False, truth_dir=None, client=None, rebuild_tem
                                       f"\n{rec['traceback']}", highlight=False, markup=False)
 
         return run(cfg, manifest, client=client, force=force, truth_dir=truth_dir,
-                   on_record=on_record, rebuild_template=rebuild_template)  # fmt: skip
+                   on_record=on_record, rebuild_template=rebuild_template,
+                   lease=lease)  # fmt: skip
 
 
 def _run_report(summary):
@@ -691,13 +694,15 @@ def status(
     Example: sscflow status demo/cohort.zarr --manifest demo/synthetic/manifest.csv
     """
     from sscflow.lease import read_holder
-    from sscflow.pipeline import PATIENT_STAGES, manifest_patients, store_status
+    from sscflow.pipeline import manifest_patients, store_status
+    from sscflow.stages import PATIENT, STAGES
     from sscflow.template import describe_provenance, template_provenance
 
     if fmt not in ("table", "csv", "json"):
         raise SscflowError(f"--format must be table, csv or json, got {fmt!r}")
     state = store_status(store)
     cohort = state.pop(None)
+    stages = [s.name for s in STAGES if s.scope == PATIENT]
     if manifest is None and config is not None:
         manifest = _config(config).manifest
     if manifest is not None:
@@ -709,14 +714,14 @@ def status(
     removed = [] if members is None else sorted(set(state) - set(members))
     for pid in members or ():
         if pid not in state:  # in the manifest, never run
-            state[pid] = {s: {"status": "pending", "message": ""} for s in PATIENT_STAGES}
-    counts = {s: {} for s in PATIENT_STAGES}
+            state[pid] = {name: {"status": "pending", "message": ""} for name in stages}
+    counts = {name: {} for name in stages}
     for pid, row in state.items():
         if pid in removed:
             continue
-        for s in PATIENT_STAGES:
-            k = row[s]["status"]
-            counts[s][k] = counts[s].get(k, 0) + 1
+        for name in stages:
+            k = row[name]["status"]
+            counts[name][k] = counts[name].get(k, 0) + 1
     holder = read_holder(store)
     template = describe_provenance(template_provenance(store))
     if fmt == "json":
@@ -730,9 +735,9 @@ def status(
     if removed:
         title += f" (and {len(removed)} not in the manifest)"
     table = Table("stage", "done", "failed", "upstream failed", "pending", title=title)
-    for s in PATIENT_STAGES:
-        c = counts[s]
-        table.add_row(s, *[str(c.get(k, 0)) for k in ("done", "failed", "upstream_failed",
+    for name in stages:
+        c = counts[name]
+        table.add_row(name, *[str(c.get(k, 0)) for k in ("done", "failed", "upstream_failed",
                                                       "pending")])  # fmt: skip
     for s, rec in cohort.items():
         states = ("done", "failed", "upstream_failed", "pending")
@@ -746,14 +751,14 @@ def status(
     rows = [(pid, row) for pid, row in sorted(state.items())
             if all_ or pid in removed or any(r["status"] != "done" for r in row.values())]
     if rows:
-        t = Table("patient", *PATIENT_STAGES, "reason")
+        t = Table("patient", *stages, "reason")
         for pid, row in rows:
             reason = "; ".join(f"{s}: {r['message']}" for s, r in row.items()
                                if r["status"] == "failed" and r["message"])  # fmt: skip
             if pid in removed:
-                t.add_row(pid, *["not in the manifest"] * len(PATIENT_STAGES), reason)
+                t.add_row(pid, *["not in the manifest"] * len(stages), reason)
             else:
-                t.add_row(pid, *[row[s]["status"] for s in PATIENT_STAGES], reason)
+                t.add_row(pid, *[row[name]["status"] for name in stages], reason)
         show.print(t)
 
 
@@ -939,7 +944,7 @@ def demo(
     cfg.results = out_dir / "results"
     synthetic = out_dir / "synthetic"
     try:
-        with _interruptible(), _lease(cfg.store, False, "sscflow demo"), \
+        with _interruptible(), _lease(cfg.store, False, "sscflow demo") as lease, \
                 _client(cfg) as client:  # one cluster
             if not force and _synthetic_is_current(synthetic, n, s):
                 cfg.manifest = synthetic / "manifest.csv"
@@ -948,7 +953,8 @@ def demo(
                 cfg.manifest = _synth(n, synthetic, s.spacing_mm, s.seed, s.noise_hu, s.ribs,
                                       cfg, client, acquisitions=s.acquisitions)  # fmt: skip
             manifest = read_manifest(cfg.manifest)
-            summary = _run(cfg, manifest, force=force, truth_dir=synthetic, client=client)
+            summary = _run(cfg, manifest, force=force, truth_dir=synthetic, client=client,
+                           lease=lease)  # fmt: skip
     except Interrupted as exc:
         _say_interrupted(cfg.store, exc)
     try:

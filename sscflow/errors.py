@@ -61,6 +61,11 @@ class LeaseHeldError(SscflowError):
     """Another run holds the store's lease (see ``sscflow.lease``); the message names it."""
 
 
+class LeaseLostError(SscflowError):
+    """This run's lease was taken over by another run; the run stopped, the message names the
+    new holder."""
+
+
 class RegistrationFailedError(SscflowError, ValueError):
     """A pair that cannot be registered: lungs that do not align, a follow-up that covers too
     little of the baseline lung."""

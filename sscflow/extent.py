@@ -140,19 +140,11 @@ def extent_patient(
         raise IncompleteOutputError(
             f"patient {patient_id} is not in the store; ingest the patient first"
         ) from None
-    images = {}
-    for scan, mask in SCANS.items():
-        for name in (scan, mask):
-            try:
-                images[name] = st.read_image(group, name, lazy=True)
-            except IncompleteOutputError as exc:
-                raise IncompleteOutputError(
-                    f"patient {patient_id}: {exc}; ingest the patient first"
-                ) from None
-
+    names = [name for pair in SCANS.items() for name in pair]
+    images = st.read_inputs(group, names, f"patient {patient_id}", "ingest the patient first",
+                            lazy=True)  # fmt: skip
     params = {"low_hu": float(low), "high_hu": float(high), "version": STAGE_VERSION}
-    upstream = [(images[n].meta.get("input_hash"), images[n].meta.get("params")) for n in images]
-    input_hash = st.hash_values(*upstream)
+    input_hash = st.upstream_hash(images.values())
     row = {"patient_id": patient_id}
     stored = dict(group.attrs.get(ATTRIBUTE, {}) or {})
     current = stored.get("input_hash") == input_hash and stored.get("params") == params

@@ -527,7 +527,8 @@ def _divide(sums: np.ndarray, n: np.ndarray) -> np.ndarray:
 
 
 def group_means(store, table: pd.DataFrame | None, *, client=None, chunk: int | None = None,
-                left_out=()) -> dict:  # fmt: skip
+                left_out=(), input_hash: str | None = None,
+                params: dict | None = None) -> dict:  # fmt: skip
     """Stream the per-group mean log-Jacobian maps into ``STORE/group_means``.
 
     Parameters
@@ -541,6 +542,9 @@ def group_means(store, table: pd.DataFrame | None, *, client=None, chunk: int | 
     chunk : spatial chunk edge (voxels) for reading and writing; the maps' stored chunks if None
     left_out : patients the caller left out before ``table`` (failed at an earlier stage, say);
         recorded in ``left_out`` with those of ``table`` that have no map
+    input_hash, params : what the output records as made from (the group-means stage passes
+        its own, ``sscflow.stages.group_means``); by default the maps' and labels' hash and
+        ``chunk``
 
     Returns
     -------
@@ -568,11 +572,13 @@ def group_means(store, table: pd.DataFrame | None, *, client=None, chunk: int | 
     out = group_mean_dataset(maps)
     out.attrs["left_out"] = [str(p) for p in left_out if str(p) not in out.attrs["left_out"]] + \
         list(out.attrs["left_out"])
-    params = {"chunk": chunk, "version": STAGE_VERSION}
-    input_hash = st.hash_values(
-        [(str(p), _input_of(root, str(p))) for p in maps["patient"].values],
-        {g: [str(v) for v in maps[f"{g}_label"].values] for g in GROUPINGS},
-    )
+    if params is None:
+        params = {"chunk": chunk, "version": STAGE_VERSION}
+    if input_hash is None:
+        input_hash = st.hash_values(
+            [(str(p), _input_of(root, str(p))) for p in maps["patient"].values],
+            {g: [str(v) for v in maps[f"{g}_label"].values] for g in GROUPINGS},
+        )
     meta = {"stage": STAGE, "params": params, "input_hash": input_hash, "complete": False}
     out.attrs["sscflow"] = meta
     path = st.zarr_store(f"{os.fspath(store).rstrip('/')}/{OUTPUT}")
@@ -584,14 +590,14 @@ def group_means(store, table: pd.DataFrame | None, *, client=None, chunk: int | 
         delayed.compute()
     # The completion mark is written after every chunk, then the consolidated metadata that
     # xarray.open_zarr reads is refreshed.
-    group = zarr.open_group(path, mode="r+", zarr_format=3)
-    group.attrs["sscflow"] = {**meta, "complete": True}
-    with _quiet_consolidation():
-        zarr.consolidate_metadata(path, zarr_format=3)
     counts = {
         g: {str(k): int(v) for k, v in zip(out[g].values, out[f"{g}_count"].values, strict=True)}
         for g in GROUPINGS
     }
+    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    group.attrs["sscflow"] = {**meta, "counts": counts, "complete": True}
+    with _quiet_consolidation():
+        zarr.consolidate_metadata(path, zarr_format=3)
     return {
         "path": path,
         "n_patients": int(out.attrs["n_patients"]),

@@ -2,9 +2,11 @@
 
 For each patient, on a Dask worker: read baseline and follow-up (DICOM series, NIfTI, MHA/MHD,
 NRRD), resample to identity direction and isotropic spacing (cubic B-spline for CT by default,
-HU as int16, -1024 outside the field of view), segment the lungs, and write
-``patients/<id>/{baseline, followup, lung_mask, followup_lung_mask}``. Unchanged inputs are
-skipped; a bad patient fails alone.
+HU as int16, -1024 outside the field of view) and write ``patients/<id>/{baseline, followup}``
+(:func:`ingest_images`, the ingest stage). Then, from those stored images alone, segment the
+lungs into ``lung_mask``, ``followup_lung_mask`` and their left/right labels
+(:func:`segment_patient`, the segment stage). Unchanged inputs are skipped; a bad patient fails
+alone.
 """
 
 from __future__ import annotations
@@ -103,9 +105,42 @@ def ingest_patient(
     *,
     force: bool = False,
 ) -> PatientResult:
-    """Ingest one patient into ``store``. Never raises for bad input: the result says 'failed'.
+    """Ingest one patient into ``store`` and segment its lungs (:func:`ingest_images`, then
+    :func:`segment_patient`). Never raises for bad input: the result says 'failed'.
 
     With ``force`` the scans are re-read and rewritten even when the stored ones are current.
+    """
+    t0 = time.perf_counter()
+    result = ingest_images(patient, store, ingest, force=force)
+    if result.status != "failed":
+        try:
+            seg = segment_patient(store, patient.patient_id, segment, chunk=ingest.chunk,
+                                  compression_level=ingest.compression_level, force=force,
+                                  sources={w: patient.scan(w)[0] for w in SCANS})  # fmt: skip
+        except SscflowError as exc:
+            result.status, result.message = "failed", f"patient {patient.patient_id}: {exc}"
+            result.traceback = traceback.format_exc()
+        except Exception as exc:  # an unexpected failure still fails this patient alone
+            result.status = "failed"
+            result.message = f"patient {patient.patient_id}: {type(exc).__name__}: {exc}"
+            result.traceback = traceback.format_exc()
+        else:
+            result.written += seg["written"]
+            result.skipped += seg["skipped"]
+            result.warnings += seg["warnings"]
+            result.lung_volume_ml = seg["lung_volume_ml"]
+            if seg["written"] and result.status == "skipped":
+                result.status = "done"
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def ingest_images(patient: Patient, store: str, ingest: IngestConfig, *,
+                  force: bool = False) -> PatientResult:  # fmt: skip
+    """The ingest stage: one patient's scans onto the canonical grid, into
+    ``patients/<id>/{baseline, followup}``. Never raises for bad input: the result says 'failed'.
+
+    A scan whose stored image is current (same input file hash and settings) is not read.
     """
     t0 = time.perf_counter()
     result = PatientResult(patient.patient_id, "done")
@@ -120,15 +155,13 @@ def ingest_patient(
             "interpolator": ingest.interpolator,
             "version": STAGE_VERSION,
         }
-        mask_params = {**asdict(segment), "version": STAGE_VERSION}
         for which in SCANS:  # a missing scan fails the patient before any reading
             path = patient.scan(which)[0]
             if not path.exists():
                 raise MissingInputError(f"{patient.describe(which)} does not exist; fix the path "
                                         f"in the manifest (line {patient.line})")  # fmt: skip
-        for which, mask_name in SCANS.items():
-            _ingest_scan(patient, which, mask_name, group, ingest, segment, image_params,
-                         mask_params, result, force)  # fmt: skip
+        for which in SCANS:
+            _ingest_scan(patient, which, group, ingest, image_params, result, force)
     except SscflowError as exc:
         result.status, result.message = "failed", f"patient {patient.patient_id}: {exc}"
         result.traceback = traceback.format_exc()
@@ -142,9 +175,7 @@ def ingest_patient(
     return result
 
 
-def _ingest_scan(
-    patient, which, mask_name, group, ingest, segment, image_params, mask_params, result, force
-):
+def _ingest_scan(patient, which, group, ingest, image_params, result, force):
     path, series_uid = patient.scan(which)
     where = patient.describe(which)  # a discovered cohort's names no export folder
     if not path.exists():
@@ -153,16 +184,8 @@ def _ingest_scan(
         )
     input_hash, size = input_fingerprint(path, series_uid)  # listings and headers, no pixels
     result.input_bytes += size
-    mask_hash = st.hash_values(input_hash, image_params)
-    image_ok = not force and st.is_current(group, which, input_hash, image_params)
-    mask_ok = not force and st.is_current(group, mask_name, mask_hash, mask_params)
-    mask_ok = mask_ok and st.is_current(group, LABELS[which], mask_hash, mask_params)
-    if image_ok and mask_ok:
-        result.skipped += [which, LABELS[which], mask_name]
-        meta = group[mask_name].attrs["sscflow"]
-        result.lung_volume_ml[which] = meta["lung_volume_ml"]
-        warned = (meta.get("qa") or {}).get("warnings", [])
-        result.warnings += [f"{LABEL[which]}: {w}" for w in warned]
+    if not force and st.is_current(group, which, input_hash, image_params):
+        result.skipped.append(which)
         return
     try:
         image = read_volume(path, series_uid=series_uid)
@@ -175,32 +198,70 @@ def _ingest_scan(
             f"{where} holds no air (lowest value {int(hu.min())} HU); a chest CT in Hounsfield "
             "units has air below -900 HU (check the rescale slope and intercept)"
         )
-    try:
-        lungs = segment_lungs(hu, geometry.spacing, **asdict(segment))
-    except SscflowError as exc:
-        raise type(exc)(f"{where}: {exc}") from None
     source = {
         "format": describe_format(path),
         "geometry": Geometry.of(image).to_dict(),
         "series_uid_given": series_uid is not None,
     }
-    write = dict(chunk=ingest.chunk, compression_level=ingest.compression_level)
-    if not image_ok:
-        st.write_image(
-            group,
-            which,
-            hu,
-            geometry,
-            stage=STAGE,
-            params=image_params,
-            input_hash=input_hash,
-            extra={"source": source},
-            fill_value=HU_MIN,
-            **write,
-        )
-        result.written.append(which)
-    else:
-        result.skipped.append(which)
+    st.write_image(group, which, hu, geometry, stage=STAGE, params=image_params,
+                   input_hash=input_hash, extra={"source": source}, fill_value=HU_MIN,
+                   chunk=ingest.chunk, compression_level=ingest.compression_level)  # fmt: skip
+    result.written.append(which)
+
+
+def segment_patient(store, patient_id: str, segment: SegmentConfig | None = None, *,
+                    chunk: int = 64, compression_level: int = 3, force: bool = False,
+                    sources: dict | None = None) -> dict:  # fmt: skip
+    """The segmentation stage: the lungs of the stored canonical ``baseline`` and ``followup``
+    into ``lung_mask`` / ``lung_labels`` and ``followup_lung_mask`` / ``followup_lung_labels``.
+
+    Reads only the store (never the input files): a changed ``segment`` section redoes the masks
+    from the stored images. A scan whose masks are current is skipped. ``sources`` (scan ->
+    its input file, e.g. ``{"baseline": Path(...)}``) only names the file in error messages.
+
+    Returns
+    -------
+    dict: ``patient_id``, ``status`` ("done" or "skipped"), ``written``, ``skipped``,
+    ``lung_volume_ml`` ({scan: ml}), ``warnings`` (one line per warning of a scan).
+
+    Raises
+    ------
+    IncompleteOutputError when a scan is not in the store; SegmentationError when no lungs are
+    found.
+    """
+    seg = segment or SegmentConfig()
+    t0 = time.perf_counter()
+    group = st.patient_group(st.open_store(store), patient_id, create=False)
+    images = st.read_inputs(group, SCANS, f"patient {patient_id}", "ingest the patient first")
+    params = {**asdict(seg), "version": STAGE_VERSION}
+    out = {"patient_id": patient_id, "written": [], "skipped": [], "lung_volume_ml": {},
+           "warnings": []}  # fmt: skip
+    for which, mask_name in SCANS.items():
+        image = images[which]
+        input_hash = st.upstream_hash([image])
+        meta = None if force else st.current_record(group, (LABELS[which], mask_name),
+                                                    input_hash, params)  # fmt: skip
+        if meta is None:
+            where = " ".join([LABEL[which], *([str(sources[which])] if sources else [])])
+            meta = _segment_scan(group, which, where, image, seg, params, input_hash, chunk,
+                                 compression_level)  # fmt: skip
+            out["written"] += [LABELS[which], mask_name]
+        else:
+            out["skipped"] += [LABELS[which], mask_name]
+        out["lung_volume_ml"][which] = meta["lung_volume_ml"]
+        out["warnings"] += [f"{LABEL[which]}: {w}" for w in (meta.get("qa") or {}).get(
+            "warnings", [])]  # fmt: skip
+    out["status"] = "done" if out["written"] else "skipped"
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _segment_scan(group, which, where, image, seg, params, input_hash, chunk, level) -> dict:
+    hu = np.asarray(image.array[...])
+    try:
+        lungs = segment_lungs(hu, image.geometry.spacing, **asdict(seg))
+    except SscflowError as exc:
+        raise type(exc)(f"{where}: {exc}") from None
     qa = {
         "right_ml": lungs.right_ml,
         "left_ml": lungs.left_ml,
@@ -210,23 +271,11 @@ def _ingest_scan(
     extra = {"lung_volume_ml": lungs.volume_ml, "airway_ml": lungs.airway_ml, "of": which,
              "qa": qa}  # fmt: skip
     labels = lungs.labels if lungs.labels is not None else lungs.mask
-    st.write_image(group, LABELS[which], labels, geometry, stage="segment", params=mask_params,
-                   input_hash=mask_hash, extra=extra, label_of=which, **write)  # fmt: skip
-    st.write_image(
-        group,
-        mask_name,
-        lungs.mask,
-        geometry,
-        stage="segment",
-        params=mask_params,
-        input_hash=mask_hash,
-        extra=extra,
-        label_of=which,
-        **write,
-    )
-    result.written += [LABELS[which], mask_name]
-    result.warnings += [f"{LABEL[which]}: {w}" for w in lungs.warnings]
-    result.lung_volume_ml[which] = lungs.volume_ml
+    write = dict(stage="segment", params=params, input_hash=input_hash, extra=extra,
+                 label_of=which, chunk=chunk, compression_level=level)  # fmt: skip
+    st.write_image(group, LABELS[which], labels, image.geometry, **write)
+    st.write_image(group, SCANS[which], lungs.mask, image.geometry, **write)
+    return {**extra, "qa": qa}
 
 
 def ingest_cohort(

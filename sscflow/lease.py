@@ -22,6 +22,10 @@ zarr listings of the store stay clean), naming the holder::
   racing to take a stale lease over, one wins. "This host" is ``socket.gethostname()`` (with
   the process's start time, so a reused pid is not mistaken for the holder): containers that
   share a host name but not a process namespace need their own names (Kubernetes pods have).
+- **Lost**: a heartbeat that finds the record taken over sets :attr:`Lease.lost`; a run
+  (``sscflow.pipeline.run``) then stops at the next task boundary and writes nothing more, and
+  each of its tasks checks :func:`taken_by` before it writes, so a task that starts after the
+  takeover writes nothing either.
 - **Release**: the holder deletes its record on exit (not someone else's).
 
 Read-only commands (``status``, ``report``, ``predict``, ``export``) take no lease.
@@ -48,7 +52,7 @@ from pathlib import Path
 from sscflow.errors import LeaseHeldError
 from sscflow.store import is_url, storage_options
 
-__all__ = ["Holder", "Lease", "hold", "read_holder", "TIMEOUT_S"]
+__all__ = ["Holder", "Lease", "hold", "read_holder", "taken_by", "TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +274,23 @@ def read_holder(store) -> Holder | None:
         return None
 
 
+def taken_by(store, token: str) -> str | None:
+    """None while the lease of ``store`` is still the one with ``token``; otherwise who holds it
+    now (a sentence), "no run" when nobody does. One read of the record."""
+    try:
+        data, _ = _backend(store).read()
+    except OSError as exc:  # the record cannot be read: not a reason to think it lost
+        log.warning("could not read the lease of store %s: %s", store, exc)
+        return None
+    if data is None:
+        return "no run (the lease record was removed)"
+    try:
+        holder = Holder.from_bytes(data)
+    except (ValueError, KeyError, TypeError):
+        return "a run whose record is unreadable"
+    return None if holder.token == token else holder.describe()
+
+
 # --- the lease
 
 
@@ -294,6 +315,7 @@ class Lease:
         self.command = command
         self.token = uuid.uuid4().hex
         self.lost = False
+        self._checked = 0.0
         self._backend = _backend(store)
         self._holder: Holder | None = None
         self._stop = threading.Event()
@@ -368,9 +390,24 @@ class Lease:
                 self._holder = new
                 return True
             self.lost = True
-            log.error("lost the lease of store %s: another run took it over; this run's "
-                      "writes may now race with it", self.store)  # fmt: skip
+            log.error("lost the lease of store %s: another run took it over; this run stops "
+                      "at its next task boundary", self.store)  # fmt: skip
             return False
+
+    def new_holder(self) -> str | None:
+        """Who took this lease over (a sentence), or None while it is still this run's."""
+        return taken_by(self.store, self.token)
+
+    def check(self, every_s: float = 1.0) -> bool:
+        """Whether the lease is still this run's: :attr:`lost` as the heartbeat left it, and,
+        at most once every ``every_s`` seconds, one read of the record (so a takeover is seen
+        within about a second, not only at the next heartbeat). Sets :attr:`lost`."""
+        now = time.monotonic()
+        if not self.lost and now - self._checked >= every_s:
+            self._checked = now
+            if taken_by(self.store, self.token) is not None:
+                self.lost = True
+        return not self.lost
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

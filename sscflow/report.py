@@ -418,8 +418,7 @@ def report_key(store, results_dir) -> str:
     state = store_status(store)
     state.get(None, {}).pop("report", None)
     metrics = [(results / "classifier" / t / "metrics.json") for t in TARGETS]
-    gm = dict(root["group_means"].attrs).get("sscflow_input_hash") if "group_means" in root \
-        else None
+    gm = (st.stored_record(root, "group_means") or {}).get("input_hash")
     pages = [(p, dict(root[f"{st.PATIENTS}/{p}"].attrs.get("qa_page", {})).get("input_hash"))
              for p in st.patient_ids(root)]  # fmt: skip
     return st.hash_values(__version__, cohort_table(root).to_csv(index=False),

@@ -368,3 +368,74 @@ def _default(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+# --- the resume rule every stage shares: read the inputs, hash them, skip a current output
+
+
+def read_inputs(parent: zarr.Group, names, who: str, fix: str, *,
+                lazy: bool = False) -> dict[str, StoredImage]:  # fmt: skip
+    """The complete images ``parent/<name>`` for each name, in order.
+
+    Raises IncompleteOutputError naming ``who`` (``"patient P1"``) and what to run first
+    (``fix``) for the first one that is absent or incomplete.
+    """
+    out = {}
+    for name in names:
+        try:
+            out[name] = read_image(parent, name, lazy=lazy)
+        except IncompleteOutputError as exc:
+            raise IncompleteOutputError(f"{who}: {exc}; {fix}") from None
+    return out
+
+
+def upstream_hash(inputs, *extra: Any) -> str:
+    """The input hash of an output: each input's own input hash and parameters, in order, then
+    ``extra``. ``inputs`` are StoredImages or their ``sscflow`` attributes (dicts)."""
+    parts = []
+    for item in inputs:
+        meta = item.meta if isinstance(item, StoredImage) else dict(item or {})
+        parts += [meta.get("input_hash"), meta.get("params")]
+    return hash_values(*parts, *extra)
+
+
+def stored_record(parent: zarr.Group, name: str) -> dict | None:
+    """The ``sscflow`` attribute of a complete output ``parent/name`` (an image, or a group that
+    records a stage's output), or None when it is absent or incomplete."""
+    try:
+        group = parent[name]
+        meta = dict(group.attrs.get("sscflow", {}) or {})
+    except (KeyError, ValueError, json.JSONDecodeError, OSError):
+        return None
+    if meta.get("complete") is not True or ("ome" in group.attrs and "0" not in group):
+        return None
+    return meta
+
+
+def current_record(parent: zarr.Group, names, input_hash: str, params: dict) -> dict | None:
+    """The record of the last of ``names`` when every one is complete and was made from these
+    inputs and parameters (the output may be skipped), else None."""
+    meta = None
+    want = _jsonable(params)
+    for name in names:
+        meta = stored_record(parent, name)
+        if meta is None or meta.get("input_hash") != input_hash or meta.get("params") != want:
+            return None
+    return meta
+
+
+def write_record(parent: zarr.Group, name: str, *, stage: str, params: dict, input_hash: str,
+                 extra: dict | None = None) -> None:  # fmt: skip
+    """Record a stage's output that lives outside the store (a results file) as the complete
+    group ``parent/name``: the same record an image carries, so the same rule resumes it."""
+    group = require_group(parent, name)
+    group.attrs["sscflow"] = {"stage": stage, "params": _jsonable(params),
+                              "input_hash": input_hash, **_jsonable(extra or {}),
+                              "complete": True}  # fmt: skip
+
+
+def drop_record(parent: zarr.Group, name: str) -> None:
+    """Mark ``parent/name``'s record incomplete (before its output is rewritten)."""
+    meta = stored_record(parent, name)
+    if meta is not None:
+        parent[name].attrs["sscflow"] = {**meta, "complete": False}

@@ -512,19 +512,13 @@ def to_template_patient(
             f"patient {patient_id}: the store has no template; build the template first "
             "(build_template)"
         ) from None
-    inputs = {}
-    for key, grp, name, fix in (
-        ("template", tgroup, IMAGE, "build the template first (build_template)"),
-        ("template_mask", tgroup, MASK, "build the template first (build_template)"),
-    ):
-        inputs[key] = _read(grp, name, patient_id, fix)
+    who = f"patient {patient_id}"
+    tpl = st.read_inputs(tgroup, (IMAGE, MASK), who, "build the template first (build_template)")
+    inputs = {"template": tpl[IMAGE], "template_mask": tpl[MASK]}
     group = st.patient_group(root, patient_id, create=False)
-    for name, fix in (
-        ("baseline", "ingest the patient first"),
-        (MASK, "ingest the patient first"),
-        ("log_jacobian", "run the registration and jacobian stages for it first"),
-    ):
-        inputs[name] = _read(group, name, patient_id, fix)
+    inputs.update(st.read_inputs(group, ("baseline", MASK), who, "ingest the patient first"))
+    inputs.update(st.read_inputs(group, ("log_jacobian",), who,
+                                 "run the registration and jacobian stages for it first"))
     pgeom = inputs["baseline"].geometry
     for name in (MASK, "log_jacobian"):
         g = inputs[name].geometry
@@ -537,13 +531,12 @@ def to_template_patient(
 
     options = reg_cfg.options(backend)
     params = {"backend": backend, "options": options, "version": TO_TEMPLATE_VERSION}
-    input_hash = st.hash_values(*[(inputs[k].meta.get("input_hash"), inputs[k].meta.get("params"))
-                                  for k in ("template", "template_mask", "baseline", MASK,
-                                            "log_jacobian")])  # fmt: skip
+    input_hash = st.upstream_hash(inputs[k] for k in ("template", "template_mask", "baseline",
+                                                      MASK, "log_jacobian"))  # fmt: skip
     row = {"patient_id": patient_id}
-    if (not force and st.is_current(group, DISPLACEMENT, input_hash, params)
-            and st.is_current(group, OUTPUT, input_hash, params)):  # fmt: skip
-        qa = dict(group[OUTPUT].attrs["sscflow"].get("qa", {}))
+    meta = None if force else st.current_record(group, (DISPLACEMENT, OUTPUT), input_hash, params)
+    if meta is not None:
+        qa = dict(meta.get("qa", {}))
         return {**row, "status": "skipped", "seconds": time.perf_counter() - t0, **qa}
 
     tgeom = inputs["template"].geometry
@@ -582,13 +575,6 @@ def to_template_patient(
                    input_hash=input_hash, extra={"qa": qa, "convention": CONVENTION},
                    step=st.LOG_JACOBIAN_STEP)  # fmt: skip
     return {**row, "status": "done", "seconds": time.perf_counter() - t0, **qa}
-
-
-def _read(group, name, patient_id, fix) -> st.StoredImage:
-    try:
-        return st.read_image(group, name)
-    except IncompleteOutputError as exc:
-        raise IncompleteOutputError(f"patient {patient_id}: {exc}; {fix}") from None
 
 
 # --- shared numerics

@@ -88,9 +88,10 @@ def test_graph_sees_imports_inside_functions():
     assert "sscflow.store" in graph["sscflow.ingest"]
 
 
-# report reads the run records through pipeline.store_status / manifest_patients while pipeline
-# runs the report: the circle goes when those move below both (the stage table's status module).
-KNOWN = [["sscflow.pipeline", "sscflow.report"]]
+# report reads the run records through pipeline.store_status / manifest_patients while the stage
+# table (through its report stage) runs the report: the circle goes when store_status takes the
+# table as an argument and the run records move below report.
+KNOWN = [["sscflow.pipeline", "sscflow.report", "sscflow.stages", "sscflow.stages.report"]]
 
 
 def test_no_import_circles():

@@ -225,15 +225,17 @@ def test_bad_inputs_fail_alone_with_clear_messages(tmp_path):
     for pid, pattern in expect.items():
         assert results[pid].status == "failed"
         assert re.search(pattern, results[pid].message), results[pid].message
-    # the scan that failed has neither image nor mask marked complete
+    # the scan that failed has neither image nor mask marked complete; one whose segmentation
+    # failed keeps its canonical image (the segment stage reruns from it), not a mask
     root = st.open_store(tmp_path / "c.zarr", mode="r")
     failed_scan = {
         "MISSING": ("baseline", "lung_mask"),
         "TRUNC": ("followup", "followup_lung_mask"),
         "FLAT": ("baseline", "lung_mask"),
         "NOAIR": ("baseline", "lung_mask"),
-        "NOLUNG": ("baseline", "lung_mask"),
+        "NOLUNG": ("lung_mask", "lung_labels"),
     }
+    assert st.output_state(st.patient_group(root, "NOLUNG", create=False), "baseline") == "complete"
     for pid, names in failed_scan.items():
         group = st.patient_group(root, pid, create=False)
         for name in names:
@@ -284,7 +286,7 @@ def test_skip_decision_follows_the_chosen_series_and_force_rereads(tmp_path):
     def statuses(**kw):
         return [r.written for r in ingest_cohort(manifest, store, INGEST, MINI_SEGMENT, **kw)]
 
-    assert statuses() == [["baseline", "lung_labels", "lung_mask", "followup",
+    assert statuses() == [["baseline", "followup", "lung_labels", "lung_mask",
                            "followup_lung_labels", "followup_lung_mask"]]  # fmt: skip
     time.sleep(0.01)  # a new modification time for what is rewritten below
     for f in other:
@@ -299,7 +301,7 @@ def test_skip_decision_follows_the_chosen_series_and_force_rereads(tmp_path):
         f.unlink()
     _series(chest(lung_z_radius=24.0), folder, uid1, "a")  # the chosen series changes
     write_scan(chest(lung_z_radius=26.0), fu)  # the follow-up file, in place
-    assert statuses() == [["baseline", "lung_labels", "lung_mask", "followup",
+    assert statuses() == [["baseline", "followup", "lung_labels", "lung_mask",
                            "followup_lung_labels", "followup_lung_mask"]]  # fmt: skip
 
 

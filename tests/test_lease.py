@@ -8,6 +8,7 @@ its heartbeat is older than its timeout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -205,3 +206,70 @@ def test_read_only_commands_need_no_lease(tmp_path):
         done = _sscflow("status", str(store))
     assert done.returncode == 0, done.stderr
     assert "lease: held by 'sscflow run busy.yaml'" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory, client):
+    from sscflow.synth import synthesize_cohort
+
+    folder = tmp_path_factory.mktemp("lease-run")
+    return synthesize_cohort(2, folder / "synthetic", spacing=6.0, seed=1, client=client)
+
+
+@pytest.mark.slow
+def test_a_run_whose_lease_is_taken_over_stops_and_writes_nothing_more(any_store, small_cohort,
+                                                                       client, tmp_path):
+    """In the middle of a real run (two workers, one thread each) another run takes the lease
+    over: once the run has seen it (its heartbeat, here every 0.2 s) it raises LeaseLostError
+    naming the new holder and writes no status record more; at most the two tasks then running
+    finish their output, tasks that start later write nothing (each checks the lease first),
+    and no later stage or cohort output is written."""
+    from sscflow.cohort import read_manifest
+    from sscflow.config import Config, IngestConfig, SegmentConfig
+    from sscflow.errors import LeaseLostError
+    from sscflow.lease import _backend
+    from sscflow.pipeline import run
+
+    store = any_store
+    cfg = Config(store=store, results=tmp_path / "results", ingest=IngestConfig(spacing_mm=6.0),
+                 segment=SegmentConfig(min_lung_ml=5.0))  # fmt: skip
+    thief = Holder("other-host", 1, 0.0, time.time(), time.time(), 120.0, "thief-token",
+                   "sscflow run stolen.yaml")  # fmt: skip
+    seen = {}
+
+    def on_record(rec):
+        seen.setdefault("records", []).append(rec)
+        if "files" not in seen:  # the first record: take the lease over now
+            backend = _backend(store)
+            while not backend.replace(thief.to_bytes(), backend.read()[1]):
+                pass  # the holder's heartbeat came in between: swap again
+            seen["files"] = _files(store)
+            deadline = time.time() + 10
+            while not lease.lost and time.time() < deadline:  # the run's heartbeat sees it
+                time.sleep(0.05)
+
+    lease = Lease(store, heartbeat_s=0.2)
+    lease.acquire()
+    with contextlib.ExitStack() as stack:
+        stack.callback(lease.release)
+        if "://" in store:  # workers that see the S3 endpoint (started after it)
+            from sscflow.cluster import dask_client
+            from sscflow.config import ClusterConfig
+
+            client = stack.enter_context(dask_client(ClusterConfig(
+                n_workers=2, threads_per_worker=1, dashboard_address=":0")))  # fmt: skip
+        with pytest.raises(LeaseLostError) as err:
+            run(cfg, read_manifest(small_cohort), client=client, on_record=on_record,
+                lease=lease)  # fmt: skip
+    message = str(err.value)
+    assert "\n" not in message and "'sscflow run stolen.yaml' on host other-host" in message
+    assert read_holder(store).token == "thief-token"  # the new holder's record is left alone
+    assert len(seen["records"]) == 1  # nothing was recorded after the takeover
+    after = _files(store)
+    new = {p for p in after if p not in seen["files"] or after[p] != seen["files"][p]}
+    written = {p.split("/patients/")[1].split("/")[1] for p in new if "/patients/" in p}
+    # only what the (at most two) tasks running at the takeover finished; nothing later
+    assert not any("/status/" in p for p in new), sorted(new)
+    assert not written & {"displacement", "log_jacobian", "log_jacobian_template"}, written
+    assert not any(k in p for p in after for k in ("/group_means/", "/cohort/", "/template/"))
+    assert not (tmp_path / "results" / "report").exists()

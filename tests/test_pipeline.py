@@ -182,7 +182,8 @@ def test_rerun_skips_and_recomputes_only_downstream(finished, cohort, client):
 
 
 def test_dry_run_plans_ten_thousand_patients_without_running(tmp_path):
-    """The plan grows with patients (5 tasks each + 1), and a dry run writes nothing."""
+    """The plan grows with patients (7 tasks each + 4 cohort tasks), and a dry run writes
+    nothing."""
     scan = tmp_path / "scan.nii.gz"
     scan.write_bytes(b"x")
     manifest = tmp_path / "manifest.csv"
@@ -193,16 +194,24 @@ def test_dry_run_plans_ten_thousand_patients_without_running(tmp_path):
     store = tmp_path / "never.zarr"
     cfg_path = _write_config(tmp_path, manifest, store)
     plan = plan_run(read_manifest(manifest), load_config(cfg_path))
-    assert len(plan.tasks) == 6 * 10_000 + 1
+    assert len(plan.tasks) == 7 * 10_000 + 4
     assert len({t.key for t in plan.tasks}) == len(plan.tasks)
-    assert plan.count() == {"ingest": 10_000, "extent": 10_000, "registration": 10_000,
-                            "jacobian": 10_000, "template": 1, "to_template": 10_000,
-                            "qa": 10_000}  # fmt: skip
+    assert plan.count() == {"ingest": 10_000, "segment": 10_000, "extent": 10_000,
+                            "registration": 10_000, "jacobian": 10_000, "template": 1,
+                            "to_template": 10_000, "qa": 10_000, "group_means": 1,
+                            "classifier": 1, "report": 1}  # fmt: skip
+    # every dependency comes first; the report follows every patient's QA page
+    seen = set()
+    for t in plan.tasks:
+        assert set(t.depends) <= seen, t.key
+        seen.add(t.key)
+    report = plan.tasks[-1]
+    assert report.stage == "report" and len(report.depends) == 10_001
     done = subprocess.run([sys.executable, "-m", "sscflow.cli", "run", str(cfg_path), "--dry-run"],
                           capture_output=True, text=True, encoding="utf-8", timeout=120,
                           env={**os.environ, "PYTHONIOENCODING": "utf-8"})  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "10000 patients" in done.stdout and "60001 tasks" in done.stdout
+    assert "10000 patients" in done.stdout and "70004 tasks" in done.stdout
     assert not store.exists()
 
 
@@ -494,7 +503,9 @@ def test_added_patients_run_alone_and_a_removed_one_leaves_the_cohort_outputs(
 
     import pandas as pd
 
-    from sscflow.pipeline import PATIENT_STAGES
+    from sscflow.stages import PATIENT, STAGES
+
+    PATIENT_STAGES = [s.name for s in STAGES if s.scope == PATIENT]  # noqa: N806
 
     _, manifest = cohort
     with open(manifest) as fh:

@@ -16,7 +16,6 @@ import numpy as np
 
 from sscflow import store as st
 from sscflow.config import JacobianConfig
-from sscflow.errors import IncompleteOutputError
 from sscflow.jacobian.core import log_jacobian_zarr
 from sscflow.jacobian.summary import summarize
 
@@ -68,8 +67,10 @@ def log_jacobian_patient(
     t0 = time.perf_counter()
     root = st.open_store(store)
     group = st.patient_group(root, patient_id, create=False)
-    disp = _read(group, patient_id, DISPLACEMENT, "run the registration stage for it first")
-    mask = _read(group, patient_id, MASK, "ingest the patient first")
+    who = f"patient {patient_id}"
+    disp = st.read_inputs(group, (DISPLACEMENT,), who, "run the registration stage for it first",
+                          lazy=True)[DISPLACEMENT]  # fmt: skip
+    mask = st.read_inputs(group, (MASK,), who, "ingest the patient first", lazy=True)[MASK]
     _check_grids(patient_id, disp, mask)
     coverage = None
     if st.output_state(group, COVERAGE) == "complete":
@@ -77,12 +78,11 @@ def log_jacobian_patient(
         _check_grids(patient_id, disp, coverage)
 
     params = {"floor": cfg.floor, "percentiles": list(cfg.percentiles), "version": STAGE_VERSION}
-    input_hash = st.hash_values(disp.meta.get("input_hash"), disp.meta.get("params"),
-                                mask.meta.get("input_hash"), mask.meta.get("params"),
-                                coverage is not None)  # fmt: skip
+    input_hash = st.upstream_hash([disp, mask], coverage is not None)
     row = {"patient_id": patient_id}
-    if not force and st.is_current(group, OUTPUT, input_hash, params):
-        summary = dict(group[OUTPUT].attrs["sscflow"]["summary"])
+    meta = None if force else st.current_record(group, (OUTPUT,), input_hash, params)
+    if meta is not None:
+        summary = dict(meta["summary"])
         return {**row, "status": "skipped", "seconds": time.perf_counter() - t0, **summary}
 
     c = cfg.chunk
@@ -108,13 +108,6 @@ def log_jacobian_patient(
     summary["mask"] = MASK
     st.finish_image(group, OUTPUT, {"summary": summary})
     return {**row, "status": "done", "seconds": time.perf_counter() - t0, **summary}
-
-
-def _read(group, patient_id, name, fix):
-    try:
-        return st.read_image(group, name, lazy=True)
-    except IncompleteOutputError as exc:
-        raise IncompleteOutputError(f"patient {patient_id}: {exc}; {fix}") from None
 
 
 def _check_grids(patient_id, disp, mask) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from sscflow import store as st
 from sscflow.config import RegistrationConfig
-from sscflow.errors import IncompleteOutputError, RegistrationFailedError
+from sscflow.errors import RegistrationFailedError
 from sscflow.geometry import Geometry
 from sscflow.registration import register, resolve_backend
 from sscflow.registration.common import folded_fraction, similarity, truth_errors
@@ -95,14 +95,7 @@ def register_patient(
     backend = resolve_backend(cfg.backend)
     root = st.open_store(store)
     group = st.patient_group(root, patient_id, create=False)
-    images = {}
-    for name in INPUTS:
-        try:
-            images[name] = st.read_image(group, name)
-        except IncompleteOutputError as exc:
-            raise IncompleteOutputError(
-                f"patient {patient_id}: {exc}; ingest the patient first"
-            ) from None
+    images = st.read_inputs(group, INPUTS, f"patient {patient_id}", "ingest the patient first")
     base, follow, mask = (images[n] for n in INPUTS)
     moving_mask = None
     if st.output_state(group, MOVING_MASK) == "complete":
@@ -111,12 +104,11 @@ def register_patient(
     params = {"backend": backend, "options": options, "version": STAGE_VERSION,
               "min_lung_coverage": cfg.min_lung_coverage,
               "min_alignment_dice": cfg.min_alignment_dice}  # fmt: skip
-    input_hash = st.hash_values(*[(images[n].meta.get("input_hash"), images[n].meta.get("params"))
-                                  for n in INPUTS])  # fmt: skip
+    input_hash = st.upstream_hash(images[n] for n in INPUTS)
     row = {"patient_id": patient_id}
-    if (not force and st.is_current(group, OUTPUT, input_hash, params)
-            and st.is_current(group, COVERAGE, input_hash, params)):  # fmt: skip
-        qa = dict(group[OUTPUT].attrs["sscflow"].get("qa", {}))
+    meta = None if force else st.current_record(group, (COVERAGE, OUTPUT), input_hash, params)
+    if meta is not None:
+        qa = dict(meta.get("qa", {}))
         return {**row, "status": "skipped", "seconds": time.perf_counter() - t0,
                 "warnings": thick_slice_warnings(patient_id, qa, cfg), **qa}  # fmt: skip
 

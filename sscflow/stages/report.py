@@ -1,0 +1,28 @@
+"""report: the cohort report, ``RESULTS/report/index.html``; recorded in ``STORE/cohort/report``."""
+
+from pathlib import Path
+
+from sscflow import store as st
+from sscflow.stages.base import COHORT, Stage
+
+RECORD = "cohort/report"
+VERSION = 1
+
+
+def run(ctx, patient, ups) -> dict:
+    from sscflow.report import report_key, write_report  # pages and figures load on the worker
+
+    root = st.open_store(ctx.store)
+    key = report_key(ctx.store, ctx.results)
+    params = STAGE.params(ctx.cfg)
+    page = Path(ctx.results) / "report" / "index.html"
+    if not ctx.force and page.is_file() and st.current_record(root, (RECORD,), key, params):
+        return {"status": "skipped", "path": str(page)}
+    st.drop_record(root, RECORD)
+    path = write_report(ctx.store, ctx.results)
+    st.write_record(root, RECORD, stage="report", params=params, input_hash=key)
+    return {"status": "done", "path": str(path)}
+
+
+STAGE = Stage("report", COHORT, after=("qa", "classifier"), needs=(), reads=(),
+              writes=(RECORD,), params=lambda cfg: {"version": VERSION}, run=run)  # fmt: skip
