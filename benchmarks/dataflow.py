@@ -56,6 +56,7 @@ def sequential_loop(cfg, manifest) -> None:
     from sscflow.groups import cohort_table, group_means, write_cohort_table
     from sscflow.ingest import ingest_patient
     from sscflow.jacobian.stage import log_jacobian_patient
+    from sscflow.pipeline import store_status
     from sscflow.registration.stage import register_patient
     from sscflow.report import write_report
     from sscflow.template import build_template, to_template_patient
@@ -75,7 +76,7 @@ def sequential_loop(cfg, manifest) -> None:
     group_means(store, table)
     plot_group_means(store, Path(cfg.results) / "figures" / "group_means_sagittal.png")
     classify_cohort(store, cfg.results, cfg.classifier)
-    write_report(store, cfg.results)
+    write_report(store, cfg.results, store_status(store))
 
 
 PLAN_SCRIPT = textwrap.dedent(

@@ -189,9 +189,10 @@ def cohort_outputs_cost(tmp: Path, sizes, shape, spacing) -> list[dict]:
             row["means_s"] = time.perf_counter() - t
             t = time.perf_counter()
             try:
+                from sscflow.pipeline import store_status
                 from sscflow.report import write_report
 
-                write_report(store, results, synthetic=True)
+                write_report(store, results, store_status(store), synthetic=True)
                 row["report_s"] = time.perf_counter() - t
             except Exception as exc:  # the report is another module's: say why, keep going
                 row["report_s"] = float("nan")

@@ -328,7 +328,8 @@ def _ingest(manifest_path, store, cfg, client=None, force=False):
     from sscflow import store as st
     from sscflow.cohort import read_manifest
     from sscflow.ingest import PatientResult, ingest_cohort
-    from sscflow.pipeline import STATUS_GROUP, _write_status, ingest_record, rejected_record
+    from sscflow.pipeline import ingest_record, rejected_record
+    from sscflow.status import STATUS_GROUP, write_status
 
     manifest = read_manifest(manifest_path, lenient=True)
     rejected = []
@@ -344,7 +345,7 @@ def _ingest(manifest_path, store, cfg, client=None, force=False):
         if _state["debug"] and result.traceback:
             console.print(f"traceback of ingest {result.patient_id}:\n{result.traceback}",
                           highlight=False, markup=False)  # fmt: skip
-        _write_status(root, ingest_record(result))
+        write_status(root, ingest_record(result))
 
     if not manifest.patients:
         return rejected
@@ -694,8 +695,9 @@ def status(
     Example: sscflow status demo/cohort.zarr --manifest demo/synthetic/manifest.csv
     """
     from sscflow.lease import read_holder
-    from sscflow.pipeline import manifest_patients, store_status
+    from sscflow.pipeline import store_status
     from sscflow.stages import PATIENT, STAGES
+    from sscflow.status import manifest_patients
     from sscflow.template import describe_provenance, template_provenance
 
     if fmt not in ("table", "csv", "json"):
@@ -814,11 +816,11 @@ def report(
 
     Example: sscflow report demo/cohort.zarr
     """
-    from sscflow.pipeline import default_results
+    from sscflow.pipeline import default_results, store_status
     from sscflow.report import write_report
 
     try:
-        path = write_report(store, results or default_results(store))
+        path = write_report(store, results or default_results(store), store_status(store))
     except SscflowError:
         raise
     except Exception as exc:  # the page now says it failed; say why in one line

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sscflow import status
 from sscflow import store as st
 from sscflow.cohort import Manifest, Patient
 from sscflow.config import Config
@@ -46,10 +47,10 @@ from sscflow.errors import LeaseLostError, SscflowError
 from sscflow.lease import taken_by
 from sscflow.stages import BY_NAME, COHORT, FAILED, PATIENT, STAGES, Context, Stage
 from sscflow.stages.base import torch_backend
+from sscflow.status import STATUS_GROUP, manifest_patients, write_status  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-STATUS_GROUP = "status"
 LOST = "lease_lost"  # a task that found the store's lease taken over: it wrote nothing
 
 
@@ -303,7 +304,7 @@ def run(
     by_key = {t.key: t for t in plan.tasks}
     patients = {p.patient_id: p for p in plan.patients}
     ctx = Context(store, str(results_dir), cfg, force, str(truth_dir) if truth_dir else None,
-                  rebuild_template)  # fmt: skip
+                  rebuild_template, STAGES)  # fmt: skip
     token = lease.token if lease is not None else None
     retries = cfg.cluster.retries
     futures: dict[str, object] = {}
@@ -342,7 +343,7 @@ def run(
     def finish(rec: dict) -> None:
         _account(summary, rec, failed_at)
         client.log_event(TOPIC, {k: rec.get(k) for k in ("stage", "status", "seconds", "where")})
-        _write_status(root, rec)
+        write_status(root, rec)
         if on_record:
             on_record(rec)
 
@@ -350,7 +351,7 @@ def run(
         rec = rejected_record(row)
         _account(summary, rec, failed_at)
         if row.valid_id and row.patient_id not in patients:
-            _write_status(root, rec)
+            write_status(root, rec)
         if on_record:
             on_record(rec)
     check_lease()
@@ -432,31 +433,6 @@ def record_manifest(root, manifest: Manifest) -> None:
         group.attrs["manifest"] = record
 
 
-def manifest_patients(store) -> list[str] | None:
-    """The patient ids of the manifest of the store's last run (None before any run)."""
-    root = store if hasattr(store, "attrs") else st.open_store(store, mode="r")
-    if STATUS_GROUP not in root:
-        return None
-    record = dict(root[STATUS_GROUP].attrs.get("manifest", {}) or {})
-    return [str(p) for p in record["patients"]] if "patients" in record else None
-
-
-def _write_status(root, rec: dict) -> None:
-    """The run record of one patient-stage (or cohort stage) under ``STORE/status``."""
-    name = rec["patient_id"] or "_cohort"
-    group = root[STATUS_GROUP].require_group(name)
-    stages = dict(group.attrs.get("stages", {}))
-    stages[rec["stage"]] = {
-        "status": rec["status"],
-        "message": rec.get("message", ""),
-        "seconds": round(float(rec.get("seconds") or 0.0), 3),
-        "worker": rec.get("worker"),
-        "where": rec.get("where"),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    group.attrs["stages"] = stages
-
-
 def _write_run_record(root, cfg, manifest, truth_dir, client) -> None:
     """Provenance of this run (what the report's provenance section shows), under
     ``STORE/status`` attribute ``run``: version, start, config as YAML, manifest and its sha256,
@@ -490,38 +466,5 @@ def _write_run_record(root, cfg, manifest, truth_dir, client) -> None:
 
 
 def store_status(store: str) -> dict:
-    """Per patient and stage: ``{"status": done|failed|upstream_failed|pending, "message"}``.
-
-    The latest run's record is used when it failed; otherwise a stage whose outputs
-    (``Stage.writes``) are complete counts as done. Also returns the cohort stages under the key
-    ``None``.
-    """
-    root = st.open_store(store, mode="r")
-    in_store = set(st.patient_ids(root))
-    records = {}
-    if STATUS_GROUP in root:
-        for name, group in root[STATUS_GROUP].groups():
-            records[name] = dict(group.attrs.get("stages", {}))
-    ids = in_store | {n for n in records if n != "_cohort"}
-
-    def state(stage: Stage, group, rec: dict | None) -> dict:
-        if rec and rec["status"] in FAILED:
-            return {"status": rec["status"], "message": rec.get("message", "")}
-        done = group is not None and all(_written(group, w) for w in stage.writes)
-        return {"status": "done" if done else "pending", "message": ""}
-
-    out: dict = {}
-    for pid in sorted(ids):
-        group = root[f"{st.PATIENTS}/{pid}"] if pid in in_store else None
-        out[pid] = {s.name: state(s, group, records.get(pid, {}).get(s.name))
-                    for s in STAGES if s.scope == PATIENT}  # fmt: skip
-    out[None] = {s.name: state(s, root, records.get("_cohort", {}).get(s.name))
-                 for s in STAGES if s.scope == COHORT}  # fmt: skip
-    return out
-
-
-def _written(group, path: str) -> bool:
-    """Whether a stage's output ``path`` (``@name``: an attribute of ``group``) is complete."""
-    if path.startswith("@"):
-        return path[1:] in group.attrs
-    return st.stored_record(group, path) is not None
+    """:func:`sscflow.status.store_status` for the stages of :data:`sscflow.stages.STAGES`."""
+    return status.store_status(store, STAGES)

@@ -38,6 +38,7 @@ from sscflow.groups import cohort_table
 from sscflow.qa import FLAG_RULES, KEY_FIGURES, flags, format_value, page_path
 from sscflow.quality import lung_mask_dice
 from sscflow.stats import TABLE_ROWS, format_p, spearman_table, summary_table
+from sscflow.status import STATUS_GROUP, manifest_patients
 from sscflow.template import describe_provenance, template_provenance
 from sscflow.views.pages import render
 
@@ -150,13 +151,14 @@ LABELS = {"delta_fvc": "ΔFVC (% pred.)", "delta_dlco": "ΔDLCO (% pred.)",
 SMALL_TEST = 20  # fewer test patients than this: the metrics are said to mean little
 
 
-def write_report(store: str, results_dir, *, synthetic: bool | None = None) -> Path:
+def write_report(store: str, results_dir, state: dict, *, synthetic: bool | None = None) -> Path:
     """Write ``results_dir/report/index.html`` from the store and the results folder.
 
     Parameters
     ----------
     store : the cohort store
     results_dir : where ``patients.csv``, ``figures/`` and ``classifier/`` are
+    state : every stage's status per patient (``sscflow.pipeline.store_status``)
     synthetic : say plainly that the data are synthetic; None detects it (the run recorded a
         synthetic truth folder, or the registration QA holds errors against a truth)
 
@@ -168,7 +170,7 @@ def write_report(store: str, results_dir, *, synthetic: bool | None = None) -> P
     results = Path(results_dir)
     out = results / "report" / "index.html"
     try:
-        page = render("report.html", **_build(store, results, synthetic))
+        page = render("report.html", **_build(store, results, synthetic, state))
     except Exception as exc:
         _write_page(out, render("report_failed.html", store=str(store), when=_now(),
                                 error=f"{type(exc).__name__}: {exc}"))  # fmt: skip
@@ -188,16 +190,14 @@ def _write_page(out: Path, page: str) -> None:
     tmp.replace(out)  # never a half-written page
 
 
-def _build(store, results: Path, synthetic) -> dict:
+def _build(store, results: Path, synthetic, state: dict) -> dict:
     """What the report shows, as the template's context."""
-    from sscflow.pipeline import STATUS_GROUP, manifest_patients, store_status
-
     root = st.open_store(store, mode="r")
     run = dict(root[STATUS_GROUP].attrs.get("run", {})) if STATUS_GROUP in root else {}
     members = manifest_patients(root)  # the last run's manifest: removed patients are left out
     in_store = set(st.patient_ids(root))
     table = cohort_table(root, None if members is None else [p for p in members if p in in_store])
-    state = store_status(store)
+    state = dict(state)
     cohort_state = state.pop(None, {})
     if members is not None:
         keep = set(members)
@@ -405,17 +405,15 @@ def _provenance_section(root, run: dict) -> dict:
     return {"rows": [(k, str(v)) for k, v in rows], "config": run.get("config_yaml")}
 
 
-def report_key(store, results_dir) -> str:
+def report_key(store, results_dir, state: dict) -> str:
     """A hash of everything the report shows (cohort table, run records, classifier metrics,
     group means, QA pages, run provenance less its start time): unchanged, the report is."""
-    from sscflow.pipeline import STATUS_GROUP, store_status
-
     root = st.open_store(store, mode="r")
     results = Path(results_dir)
     run = dict(root[STATUS_GROUP].attrs.get("run", {})) if STATUS_GROUP in root else {}
     for key in ("started", "cluster"):  # differ on every run, show nothing new
         run.pop(key, None)
-    state = store_status(store)
+    state = {k: dict(v) for k, v in state.items()}
     state.get(None, {}).pop("report", None)
     metrics = [(results / "classifier" / t / "metrics.json") for t in TARGETS]
     gm = (st.stored_record(root, "group_means") or {}).get("input_hash")

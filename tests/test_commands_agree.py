@@ -18,7 +18,8 @@ from sscflow.cohort import read_manifest
 from sscflow.config import IngestConfig, SegmentConfig, load_config
 from sscflow.errors import ConfigError
 from sscflow.ingest import ingest_patient
-from sscflow.pipeline import STATUS_GROUP, _write_status, ingest_record
+from sscflow.pipeline import ingest_record, store_status
+from sscflow.status import STATUS_GROUP, write_status
 
 
 def sscflow(*args):
@@ -108,13 +109,13 @@ def test_report_for_a_cohort_where_every_patient_failed(bad_rows):
     for p in read_manifest(manifest).patients:  # what 'sscflow ingest' does, in this process
         result = ingest_patient(p, store, IngestConfig(spacing_mm=3.0), SegmentConfig())
         assert result.status == "failed"
-        _write_status(root, ingest_record(result))
-    page = write_report(store, folder / "results").read_text(encoding="utf-8")
+        write_status(root, ingest_record(result))
+    page = write_report(store, folder / "results", store_status(store)).read_text(encoding="utf-8")
     assert "No patient has a log-Jacobian map" in page and "P3" in page
     assert "gone.nii.gz" in page and not re.search(r"\bnan\b", page.lower())
     # a report that fails leaves a page that says so, not the previous one
     with pytest.raises(FileNotFoundError):
-        write_report(str(folder / "absent.zarr"), folder / "results")
+        write_report(str(folder / "absent.zarr"), folder / "results", {})
     page = (folder / "results/report/index.html").read_text(encoding="utf-8")
     assert "report: failed" in page and "absent.zarr" in page
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from sscflow import store as st
-from sscflow.pipeline import STATUS_GROUP, _write_status
+from sscflow.status import STATUS_GROUP, write_status
 
 LONG_ID = "P405417ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
@@ -35,7 +35,7 @@ def status_store(tmp_path):
     reason = "registration did not converge after 200 iterations (metric -0.12345)"
     for stage, status, message in (("ingest", "done", ""), ("extent", "done", ""),
                                    ("registration", "failed", reason)):  # fmt: skip
-        _write_status(root, {"patient_id": LONG_ID, "stage": stage, "status": status,
+        write_status(root, {"patient_id": LONG_ID, "stage": stage, "status": status,
                              "message": message})  # fmt: skip
     return path, reason
 

@@ -306,9 +306,10 @@ EVIL_TEXT = "<script>alert('manifest')</script>&"
 def test_patient_id_and_manifest_text_are_escaped_in_both_pages(tmp_path):
     """Text from the manifest (a patient id, a path, the config) reaches both pages as text:
     the templates escape it, so no <script> element appears however the text is made."""
-    from sscflow.pipeline import STATUS_GROUP
+    from sscflow.pipeline import store_status
     from sscflow.qa import qa_patient
     from sscflow.report import write_report
+    from sscflow.status import STATUS_GROUP
 
     store = str(tmp_path / "s.zarr")
     _small_store(store, patient_id=EVIL_ID)
@@ -317,7 +318,8 @@ def test_patient_id_and_manifest_text_are_escaped_in_both_pages(tmp_path):
         "rejected": [{"line": 3, "patient_id": EVIL_TEXT, "message": EVIL_TEXT}]}  # fmt: skip
     assert qa_patient(store, EVIL_ID, tmp_path / "results")["status"] == "done"
     qa = (tmp_path / "results/report/qa" / f"{EVIL_ID}.html").read_text(encoding="utf-8")
-    report = write_report(store, tmp_path / "results").read_text(encoding="utf-8")
+    report = write_report(store, tmp_path / "results", store_status(store))
+    report = report.read_text(encoding="utf-8")
     for page in (qa, report):
         assert "<script" not in page.lower()
         assert "P&lt;script&gt;alert(1)" in page
@@ -325,6 +327,6 @@ def test_patient_id_and_manifest_text_are_escaped_in_both_pages(tmp_path):
     assert f"href='qa/{EVIL_ID}" not in report and "href='qa/P&lt;script&gt;" in report
     # the page that replaces a failed report escapes the store's name too
     with pytest.raises(FileNotFoundError):
-        write_report(str(tmp_path / f"{EVIL_TEXT}.zarr"), tmp_path / "results")
+        write_report(str(tmp_path / f"{EVIL_TEXT}.zarr"), tmp_path / "results", {})
     failed = (tmp_path / "results/report/index.html").read_text(encoding="utf-8")
     assert "report: failed" in failed and "<script" not in failed.lower()

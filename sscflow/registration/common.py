@@ -183,13 +183,13 @@ def compose(local, box, shape, spacing, matrix, offset) -> np.ndarray:
 def log_jacobian(displacement, spacing, floor: float = FOLD_FLOOR) -> np.ndarray:
     """log det(I + grad u) by ``sscflow.jacobian`` (equal to SimpleITK's filter); det J at or
     below ``floor`` (folding) is set to ``log(floor)``."""
-    from sscflow.jacobian import log_jacobian as _log_jacobian
+    from sscflow.jacobian.core import log_jacobian as _log_jacobian
 
     return _log_jacobian(np.asarray(displacement, np.float32), spacing, floor=floor)
 
 
 def _folded(log_jac, floor: float = FOLD_FLOOR) -> np.ndarray:
-    from sscflow.jacobian import log_floor
+    from sscflow.jacobian.core import log_floor
 
     return log_jac <= log_floor(floor)
 

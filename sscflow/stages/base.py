@@ -8,10 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sscflow.config import Config
-
-PATIENT, COHORT = "patient", "cohort"
-FINISHED = ("done", "skipped")
-FAILED = ("failed", "upstream_failed")
+from sscflow.status import COHORT, FAILED, FINISHED, PATIENT  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -24,6 +21,7 @@ class Context:
     force: bool = False
     truth_dir: str | None = None
     rebuild_template: bool = False
+    stages: tuple = ()  # the run's stage table (the report reads every stage's status)
 
 
 @dataclass(frozen=True)

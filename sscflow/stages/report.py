@@ -4,6 +4,7 @@ from pathlib import Path
 
 from sscflow import store as st
 from sscflow.stages.base import COHORT, Stage
+from sscflow.status import store_status
 
 RECORD = "cohort/report"
 VERSION = 1
@@ -13,13 +14,14 @@ def run(ctx, patient, ups) -> dict:
     from sscflow.report import report_key, write_report  # pages and figures load on the worker
 
     root = st.open_store(ctx.store)
-    key = report_key(ctx.store, ctx.results)
+    state = store_status(ctx.store, ctx.stages)  # the table, from the pipeline: no circle
+    key = report_key(ctx.store, ctx.results, state)
     params = STAGE.params(ctx.cfg)
     page = Path(ctx.results) / "report" / "index.html"
     if not ctx.force and page.is_file() and st.current_record(root, (RECORD,), key, params):
         return {"status": "skipped", "path": str(page)}
     st.drop_record(root, RECORD)
-    path = write_report(ctx.store, ctx.results)
+    path = write_report(ctx.store, ctx.results, state)
     st.write_record(root, RECORD, stage="report", params=params, input_hash=key)
     return {"status": "done", "path": str(path)}
 
