@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sscflow import store as st
 from sscflow.config import ClassifierConfig
-from sscflow.geometry import Geometry
+from sscflow.core import store as st
+from sscflow.core.geometry import Geometry
 
 
 def make_store(path: Path, patients: int, size: int) -> list[int]:
@@ -63,8 +63,8 @@ def main(argv=None):
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from sscflow.classify import MapDataset, build_model, make_loader
-    from sscflow.classify.data import CachedDataset, hold_in_ram, write_cache
+    from sscflow.methods.classify import MapDataset, build_model, make_loader
+    from sscflow.methods.classify.data import CachedDataset, hold_in_ram, write_cache
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--patients", type=int, default=64)

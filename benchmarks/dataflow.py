@@ -5,7 +5,7 @@ Makes a small synthetic cohort (not timed), then in this one process:
             (ingest_patient, extent_patient, register_patient, log_jacobian_patient,
             build_template, to_template_patient, then the cohort table, group means, figure,
             classifier and report), into its own store;
-  sscflow:  ``sscflow.pipeline.run`` on a one-worker, one-thread in-process LocalCluster (the
+  sscflow:  ``sscflow.flow.pipeline.run`` on a one-worker, one-thread in-process LocalCluster (the
             same compute resources), into another store: futures, retries, run records, metrics
             events, progress callbacks, cohort table and figure included.
 Both use the same threads for the array work. Also prints the scheduler overhead per task (many
@@ -50,16 +50,16 @@ def small_cohort(tmp: Path, patients: int, spacing: float, **settings):
 
 def sequential_loop(cfg, manifest) -> None:
     """The bare loop users would write around the same stage functions."""
-    from sscflow.analysis import classify_cohort
-    from sscflow.extent import extent_patient
-    from sscflow.figures import plot_group_means
-    from sscflow.groups import cohort_table, group_means, write_cohort_table
-    from sscflow.ingest import ingest_patient
-    from sscflow.jacobian.stage import log_jacobian_patient
-    from sscflow.pipeline import store_status
-    from sscflow.registration.stage import register_patient
-    from sscflow.report import write_report
-    from sscflow.template import build_template, to_template_patient
+    from sscflow.flow.pipeline import store_status
+    from sscflow.methods.analysis import classify_cohort
+    from sscflow.methods.extent import extent_patient
+    from sscflow.methods.groups import cohort_table, group_means, write_cohort_table
+    from sscflow.methods.ingest import ingest_patient
+    from sscflow.methods.jacobian.stage import log_jacobian_patient
+    from sscflow.methods.registration.stage import register_patient
+    from sscflow.methods.template import build_template, to_template_patient
+    from sscflow.views.figures import plot_group_means
+    from sscflow.views.report import write_report
 
     store = str(cfg.store)
     ids = [p.patient_id for p in manifest.patients]
@@ -85,7 +85,7 @@ PLAN_SCRIPT = textwrap.dedent(
     t0 = time.perf_counter()
     from sscflow.cohort import read_manifest
     from sscflow.config import load_config
-    from sscflow.pipeline import plan_run
+    from sscflow.flow.pipeline import plan_run
     cfg = load_config(sys.argv[1])
     plan = plan_run(read_manifest(cfg.manifest, check_files=True), cfg)
     dt = time.perf_counter() - t0
@@ -118,10 +118,10 @@ def warm_up() -> None:
     """Pay one-time costs (numba compilation, torch and plotting imports) before timing."""
     import numpy as np
 
-    import sscflow.figures  # noqa: F401
-    import sscflow.groups  # noqa: F401
-    from sscflow.jacobian import log_jacobian
-    from sscflow.registration import register
+    import sscflow.methods.groups  # noqa: F401
+    import sscflow.views.figures  # noqa: F401
+    from sscflow.methods.jacobian import log_jacobian
+    from sscflow.methods.registration import register
 
     log_jacobian(np.zeros((3, 8, 8, 8), np.float32), (1.0, 1.0, 1.0))
     rng = np.random.default_rng(0)
@@ -152,7 +152,7 @@ def main() -> None:
 
     from distributed import Client, LocalCluster
 
-    from sscflow.pipeline import run
+    from sscflow.flow.pipeline import run
 
     with tempfile.TemporaryDirectory(prefix="sscflow-bench-") as tmp:
         tmp = Path(tmp)

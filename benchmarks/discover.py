@@ -26,8 +26,8 @@ import numpy as np
 
 def make_export(root: Path, n_files: int, slices: int) -> int:
     """Write whole patients, at least ``n_files`` files; returns how many were written."""
+    from sscflow.core.imageio import deterministic_uid
     from sscflow.discover.synthetic import stack_positions, write_slices
-    from sscflow.imageio import deterministic_uid
 
     px = np.full((16, 16), -800, np.int16)
     layout = [
@@ -85,11 +85,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each (best kept)")
     args = ap.parse_args(argv)
 
-    from sscflow.cluster import dask_client
     from sscflow.config import ClusterConfig
     from sscflow.discover.headers import iter_files, read_headers
     from sscflow.discover.run import discover
     from sscflow.discover.settings import DiscoverConfig
+    from sscflow.flow.cluster import dask_client
 
     with tempfile.TemporaryDirectory(prefix="sscflow-discover-bench-") as tmp:
         tmp = Path(tmp)

@@ -142,9 +142,9 @@ def registration_section(say, spacing: float, repeats: int, cuda: bool) -> dict:
     from registration import DATA, make_pairs
 
     from sscflow.config import RegistrationConfig
-    from sscflow.registration import register
-    from sscflow.registration.common import log_jacobian, truth_errors
-    from sscflow.segment import segment_lungs
+    from sscflow.methods.registration import register
+    from sscflow.methods.registration.common import log_jacobian, truth_errors
+    from sscflow.methods.segment import segment_lungs
 
     t = time.perf_counter()
     hu, g, lung, pairs = make_pairs(spacing, ["planted, moved"])
@@ -217,7 +217,7 @@ def cohort_section(say, pair, spacing: float, patients: int, reduced: bool, cuda
     import yaml
     from registration import DATA
 
-    from sscflow.geometry import to_itk
+    from sscflow.core.geometry import to_itk
 
     folder = workdir / "cohort"
     folder.mkdir(parents=True, exist_ok=True)
@@ -273,7 +273,7 @@ def classifier_section(say, reduced: bool) -> float | None:
 
 def store_section(say, store: Path) -> float | None:
     """Section 5: bytes on disk per baseline voxel, per patient of the cohort's store."""
-    from sscflow import store as st
+    from sscflow.core import store as st
 
     root = st.open_store(store)
     per_voxel, sizes = [], []

@@ -1,7 +1,7 @@
 """Cohorts that grow: a rerun after adding 10% more patients, against the first run.
 
 In this one process:
-  first run: ``sscflow.pipeline.run`` of a synthetic cohort of ``--patients`` patients (made
+  first run: ``sscflow.flow.pipeline.run`` of a synthetic cohort of ``--patients`` patients (made
              first, not timed) on a LocalCluster of ``--workers`` one-thread workers (started
              and warmed up once, not timed), into a fresh store: every stage, cohort stages
              (template, group means, table, figure, classifier, report) included;
@@ -44,10 +44,10 @@ def incremental_run(tmp: Path, patients: int, added: int, spacing: float, worker
     """Time a first run of ``patients`` and a rerun with ``added`` more; count their tasks."""
     from dataflow import small_cohort
 
-    from sscflow.cluster import dask_client
     from sscflow.cohort import read_manifest
     from sscflow.config import ClusterConfig
-    from sscflow.pipeline import run
+    from sscflow.flow.cluster import dask_client
+    from sscflow.flow.pipeline import run
     from sscflow.stages import PATIENT, STAGES
 
     PATIENT_STAGES = [s.name for s in STAGES if s.scope == PATIENT]  # noqa: N806
@@ -99,8 +99,8 @@ def write_maps(store: str, n: int, shape: tuple[int, int, int], spacing: float, 
     import numpy as np
     from scipy import ndimage
 
-    from sscflow import store as st
-    from sscflow.geometry import Geometry
+    from sscflow.core import store as st
+    from sscflow.core.geometry import Geometry
 
     rng = np.random.default_rng(seed)
     geom = Geometry(shape, (spacing,) * 3, tuple(-(s - 1) * spacing / 2 for s in shape))
@@ -163,9 +163,9 @@ class PeakRSS:
 
 def cohort_outputs_cost(tmp: Path, sizes, shape, spacing) -> list[dict]:
     """For each size n: cohort table + group means + report of the first n patients."""
-    from sscflow import store as st
-    from sscflow.groups import cohort_table, group_means, write_cohort_table
-    from sscflow.pipeline import record_manifest
+    from sscflow.core import store as st
+    from sscflow.flow.pipeline import record_manifest
+    from sscflow.methods.groups import cohort_table, group_means, write_cohort_table
 
     store = str(tmp / "maps.zarr")
     t0 = time.perf_counter()
@@ -189,8 +189,8 @@ def cohort_outputs_cost(tmp: Path, sizes, shape, spacing) -> list[dict]:
             row["means_s"] = time.perf_counter() - t
             t = time.perf_counter()
             try:
-                from sscflow.pipeline import store_status
-                from sscflow.report import write_report
+                from sscflow.flow.pipeline import store_status
+                from sscflow.views.report import write_report
 
                 write_report(store, results, store_status(store), synthetic=True)
                 row["report_s"] = time.perf_counter() - t

@@ -24,7 +24,7 @@ import SimpleITK as sitk
 
 def baseline_ingest(manifest, out: Path, spacing: float) -> None:
     """What users script today: read, resample to an isotropic identity grid, save."""
-    from sscflow.ingest import canonical_grid
+    from sscflow.methods.ingest import canonical_grid
 
     out.mkdir(parents=True, exist_ok=True)
     for p in manifest.patients:
@@ -64,11 +64,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
-    from sscflow import store as st
-    from sscflow.cluster import dask_client
     from sscflow.cohort import read_manifest
     from sscflow.config import ClusterConfig, IngestConfig, SegmentConfig
-    from sscflow.ingest import ingest_cohort
+    from sscflow.core import store as st
+    from sscflow.flow.cluster import dask_client
+    from sscflow.methods.ingest import ingest_cohort
     from sscflow.synth import synthesize_cohort
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # one core each, like one worker

@@ -3,7 +3,7 @@
 Default (in memory, one process): a smooth random 3 x N^3 float32 field (N = 256), then
   baseline: SimpleITK DisplacementFieldJacobianDeterminant on the field as an ITK float32 vector
             image (made once, not timed), followed by np.log of the determinant
-  sscflow:  sscflow.jacobian.log_jacobian on the numpy field (numba kernel, all cores)
+  sscflow:  sscflow.methods.jacobian.log_jacobian on the numpy field (numba kernel, all cores)
 alternating runs, median of --repeats each. The first sscflow call (JIT compile or cache load) is
 timed apart and excluded. Prints the largest difference to SimpleITK (float64 input), the
 memory-bandwidth bound (bytes that must move / measured copy bandwidth), the dask blockwise path
@@ -78,8 +78,8 @@ def _timed(fn) -> float:
 def in_memory(size: int, repeats: int) -> None:
     import SimpleITK as sitk
 
-    from sscflow.geometry import Geometry, to_itk
-    from sscflow.jacobian import log_jacobian
+    from sscflow.core.geometry import Geometry, to_itk
+    from sscflow.methods.jacobian import log_jacobian
 
     spacing = (1.0, 1.0, 1.0)
     shape = (size,) * 3
@@ -135,8 +135,8 @@ def in_memory(size: int, repeats: int) -> None:
 def out_of_core(shape, chunk: int, keep: bool) -> None:
     import dask.array as da
 
-    from sscflow import store as st
-    from sscflow.geometry import Geometry
+    from sscflow.core import store as st
+    from sscflow.core.geometry import Geometry
 
     tmp = Path(tempfile.mkdtemp(prefix="sscflow-jacobian-", dir="/tmp"))
     path = tmp / "cohort.zarr"
@@ -173,7 +173,7 @@ def out_of_core(shape, chunk: int, keep: bool) -> None:
 
         code = ("import json, resource, sys, time\n"
                 "from sscflow.config import JacobianConfig\n"
-                "from sscflow.jacobian import log_jacobian_patient\n"
+                "from sscflow.methods.jacobian import log_jacobian_patient\n"
                 "t = time.perf_counter()\n"
                 f"row = log_jacobian_patient({str(path)!r}, 'BIG', JacobianConfig(chunk={c}))\n"
                 "row['wall_s'] = time.perf_counter() - t\n"
@@ -201,7 +201,7 @@ def out_of_core(shape, chunk: int, keep: bool) -> None:
 
 def _check_slab(st, path, geometry) -> None:
     """The streamed map equals the in-memory result on a slab of slices (edges included)."""
-    from sscflow.jacobian import log_jacobian
+    from sscflow.methods.jacobian import log_jacobian
 
     group = st.patient_group(st.open_store(path, "r"), "BIG", create=False)
     z0, z1 = 100, 140

@@ -2,7 +2,7 @@
 plain SimpleITK demons, same pairs, one process.
 
 Data: the real chest CT ``../shared/data/lung1_image.nrrd`` (pyradiomics, 0.57 x 0.57 x 5 mm),
-resampled to ``--spacing`` (2 mm) as ``sscflow ingest`` does, lungs by ``sscflow.segment``.
+resampled to ``--spacing`` (2 mm) as ``sscflow ingest`` does, lungs by ``sscflow.methods.segment``.
 Pairs (``sscflow.synth.planted``):
 
 - ``planted``: a follow-up with posterior-basal shrinkage (about -0.24 mean log-Jacobian in the
@@ -50,11 +50,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from sscflow.geometry import Geometry, from_itk, to_itk
-from sscflow.ingest import to_canonical
-from sscflow.registration import options_class, register
-from sscflow.registration.common import log_jacobian, n_threads, truth_errors
-from sscflow.segment import segment_lungs
+from sscflow.core.geometry import Geometry, from_itk, to_itk
+from sscflow.methods.ingest import to_canonical
+from sscflow.methods.registration import options_class, register
+from sscflow.methods.registration.common import log_jacobian, n_threads, truth_errors
+from sscflow.methods.segment import segment_lungs
 from sscflow.synth import planted
 
 PAIRS = {"planted": "planted", "moved": "planted, moved", "rigid": "rigid",

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 
 from sscflow.config import RegistrationConfig
-from sscflow.geometry import from_itk
-from sscflow.imageio import read_volume
-from sscflow.registration import register
-from sscflow.registration.common import truth_errors
+from sscflow.core.geometry import from_itk
+from sscflow.core.imageio import read_volume
+from sscflow.methods.registration import register
+from sscflow.methods.registration.common import truth_errors
 from sscflow.synth import read_truth, synthesize_cohort
 
 TARGET_S = 10.0

@@ -1,10 +1,10 @@
-"""What a no-op rerun costs: ``sscflow.pipeline.run`` of a synthetic cohort, then the same run
+"""What a no-op rerun costs: ``sscflow.flow.pipeline.run`` of a synthetic cohort, then the same run
 again with nothing changed, and what the skip decision costs per patient.
 
 Makes a synthetic cohort of ``--patients`` patients at ``--spacing`` mm (not timed), runs it once
 on a one-worker, one-thread in-process LocalCluster (the first run, timed), then again (the
 no-op rerun: every stage skips). The skip decision per patient is timed apart, in this process,
-through the function a worker runs (``sscflow.pipeline.execute``) for each patient stage. Also
+through the function a worker runs (``sscflow.flow.pipeline.execute``) for each patient stage. Also
 plans a 10,000-patient manifest in a fresh process (time, peak RSS). The ratio rerun / first run
 is printed last (target <= 0.05 at 40 patients at 2.5 mm).
 
@@ -24,7 +24,7 @@ from dataflow import dry_run_10k, small_cohort, warm_up
 
 def skip_decision_per_patient(cfg, manifest) -> float:
     """Seconds per patient for every patient stage to decide it has nothing to do."""
-    from sscflow.pipeline import execute
+    from sscflow.flow.pipeline import execute
     from sscflow.stages import PATIENT, STAGES, Context
 
     ctx = Context(str(cfg.store), str(cfg.results), cfg)
@@ -49,7 +49,7 @@ def main() -> None:
 
     from distributed import Client, LocalCluster
 
-    from sscflow.pipeline import run
+    from sscflow.flow.pipeline import run
 
     with tempfile.TemporaryDirectory(prefix="sscflow-rerun-") as tmp:
         tmp = Path(tmp)

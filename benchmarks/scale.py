@@ -1,11 +1,11 @@
 """Scaling of ``sscflow run``: one worker against two, and a projection to cohort scale.
 
 Makes a small synthetic cohort (not timed), then in this one process:
-  1 worker:  ``sscflow.pipeline.run`` on a LocalCluster of one worker process with one thread,
+  1 worker:  ``sscflow.flow.pipeline.run`` on a LocalCluster of one worker process with one thread,
              into a fresh store;
   2 workers: the same on a LocalCluster of two one-thread worker processes, into another fresh
-             store (the cluster is started by ``sscflow.cluster.dask_client``, as ``sscflow run``
-             does; its start-up and a warm-up of every worker are not timed).
+             store (the cluster is started by ``sscflow.flow.cluster.dask_client``, as ``sscflow
+             run`` does; its start-up and a warm-up of every worker are not timed).
 From the one-worker run's records it takes the median seconds per patient of each patient stage
 and the seconds of each cohort stage; splits group means and classifier into a start-up and a
 cost per patient (``cohort_slopes``); measures the scheduler overhead per task (2000 no-op
@@ -101,7 +101,7 @@ def _hours(seconds: float) -> str:
 
 
 def timed_run(cfg, manifest, n_workers: int):
-    """``sscflow.pipeline.run`` on a fresh n-worker LocalCluster.
+    """``sscflow.flow.pipeline.run`` on a fresh n-worker LocalCluster.
 
     Returns (seconds, RunSummary, the task records, scheduler overhead per task in seconds; the
     last measured on the one-worker cluster only, else None).
@@ -109,9 +109,9 @@ def timed_run(cfg, manifest, n_workers: int):
     import cloudpickle
     import dataflow
 
-    from sscflow.cluster import dask_client
     from sscflow.config import ClusterConfig
-    from sscflow.pipeline import run
+    from sscflow.flow.cluster import dask_client
+    from sscflow.flow.pipeline import run
 
     cloudpickle.register_pickle_by_value(dataflow)  # workers do not have benchmarks/ on their path
     cluster = ClusterConfig(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0")
@@ -139,9 +139,9 @@ def cohort_slopes(cfg, ids: list[str]) -> dict[str, float]:
     import dask
     import torch
 
-    from sscflow import store as st
-    from sscflow.classify import build_model
-    from sscflow.groups import cohort_table, group_means
+    from sscflow.core import store as st
+    from sscflow.methods.classify import build_model
+    from sscflow.methods.groups import cohort_table, group_means
 
     store, n = str(cfg.store), len(ids)
     table = cohort_table(store, ids)
@@ -191,7 +191,7 @@ def main() -> None:
 
     import dataflow
 
-    from sscflow.pipeline import plan_run
+    from sscflow.flow.pipeline import plan_run
     from sscflow.stages import COHORT, PATIENT, STAGES
 
     PATIENT_STAGES = [s.name for s in STAGES if s.scope == PATIENT]  # noqa: N806

@@ -5,7 +5,7 @@ and speed against a bare SimpleITK pipeline, in one process.
 
 Data: the real chest CT ``lung1_image.nrrd`` (512 x 512 x 48, 0.57 x 0.57 x 5 mm) resampled to
 ingest's 1 mm grid. No expert lung label exists for it here, so the 0.97-Dice-on-an-expert-label
-target cannot be measured by this script; the reference is :func:`sscflow.quality.
+target cannot be measured by this script; the reference is :func:`sscflow.methods.quality.
 threshold_reference`, built on the scan's own 5 mm grid by other code (unsmoothed -500 HU
 threshold, components, airways from the top slices removed, closing, per-slice hole fill) and
 resampled by nearest neighbour. Planted disease: textures of -500..-100 HU and -300..0 HU (with
@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from sscflow.imageio import read_volume
-from sscflow.ingest import to_canonical
-from sscflow.quality import dice, threshold_reference
-from sscflow.segment import segment_lungs
+from sscflow.core.imageio import read_volume
+from sscflow.methods.ingest import to_canonical
+from sscflow.methods.quality import dice, threshold_reference
+from sscflow.methods.segment import segment_lungs
 from sscflow.synth.plant import plant_texture, subpleural_region
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

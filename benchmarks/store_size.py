@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from sscflow import store as st
-from sscflow.ingest import to_canonical
-from sscflow.jacobian import log_jacobian
-from sscflow.segment import segment_lungs
+from sscflow.core import store as st
+from sscflow.methods.ingest import to_canonical
+from sscflow.methods.jacobian import log_jacobian
+from sscflow.methods.segment import segment_lungs
 from sscflow.synth import planted
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lung1_image.nrrd"

@@ -4,6 +4,7 @@ Importing the package stays light: torch, dask-kubernetes and plotting libraries
 inside the functions that need them.
 """
 
+from sscflow import _moved
 from sscflow.errors import (
     ConfigError,
     IncompleteOutputError,
@@ -17,6 +18,8 @@ from sscflow.errors import (
 )
 
 __version__ = "0.1.0"
+
+_moved.install()  # sscflow 0.1's module paths (sscflow.registration, ...) still import
 
 __all__ = [
     "ConfigError",

@@ -146,9 +146,9 @@ def synth(
 
 @contextmanager
 def _lease(store, wait: bool, command: str):
-    """The store's lease for the block (sscflow.lease): one run per store. Another live run's
+    """The store's lease for the block (sscflow.flow.lease): one run per store. Another live run's
     lease stops this one at once (LeaseHeldError, exit 1) unless ``wait``."""
-    from sscflow.lease import hold
+    from sscflow.flow.lease import hold
 
     def say(message):
         console.print(message, highlight=False)
@@ -165,7 +165,7 @@ def _client(cfg, client=None):
         return
     from contextlib import ExitStack
 
-    from sscflow.cluster import dashboard_note, dask_client
+    from sscflow.flow.cluster import dashboard_note, dask_client
 
     with ExitStack() as stack:
         with _workers_deaf():  # only while the worker processes start
@@ -243,7 +243,7 @@ def _quiet_dask():
 def _outputs_in_store(store) -> tuple[int, int]:
     """(complete, incomplete) outputs under the store's patients and template: what an
     interrupted run kept, and what it was writing (discarded; a rerun redoes it)."""
-    from sscflow import store as st
+    from sscflow.core import store as st
 
     try:
         root = st.open_store(str(store), mode="r")
@@ -325,11 +325,11 @@ def ingest(
 
 
 def _ingest(manifest_path, store, cfg, client=None, force=False):
-    from sscflow import store as st
     from sscflow.cohort import read_manifest
-    from sscflow.ingest import PatientResult, ingest_cohort
-    from sscflow.pipeline import ingest_record, rejected_record
-    from sscflow.status import STATUS_GROUP, write_status
+    from sscflow.core import store as st
+    from sscflow.flow.pipeline import ingest_record, rejected_record
+    from sscflow.flow.status import STATUS_GROUP, write_status
+    from sscflow.methods.ingest import PatientResult, ingest_cohort
 
     manifest = read_manifest(manifest_path, lenient=True)
     rejected = []
@@ -504,7 +504,7 @@ def run(
 
 
 def _dry_run(cfg, manifest, force, t0):
-    from sscflow.pipeline import plan_run
+    from sscflow.flow.pipeline import plan_run
 
     plan = plan_run(manifest, cfg, force=force)
     counts = plan.count()
@@ -526,7 +526,7 @@ def _dry_run(cfg, manifest, force, t0):
 
 
 def _print_rejected(manifest):
-    from sscflow.pipeline import rejected_record
+    from sscflow.flow.pipeline import rejected_record
 
     t = Table("patient", "stage", "reason", title="patients that will fail")
     for row in manifest.rejected:
@@ -537,7 +537,7 @@ def _print_rejected(manifest):
 
 def _run(cfg, manifest, *, force=False, truth_dir=None, client=None, rebuild_template=False,
          lease=None):  # fmt: skip
-    from sscflow.pipeline import run
+    from sscflow.flow.pipeline import run
     from sscflow.stages import PATIENT, STAGES
 
     n = len(manifest) + len(manifest.rejected)
@@ -694,11 +694,11 @@ def status(
 
     Example: sscflow status demo/cohort.zarr --manifest demo/synthetic/manifest.csv
     """
-    from sscflow.lease import read_holder
-    from sscflow.pipeline import store_status
+    from sscflow.flow.lease import read_holder
+    from sscflow.flow.pipeline import store_status
+    from sscflow.flow.status import manifest_patients
+    from sscflow.methods.template import describe_provenance, template_provenance
     from sscflow.stages import PATIENT, STAGES
-    from sscflow.status import manifest_patients
-    from sscflow.template import describe_provenance, template_provenance
 
     if fmt not in ("table", "csv", "json"):
         raise SscflowError(f"--format must be table, csv or json, got {fmt!r}")
@@ -816,8 +816,8 @@ def report(
 
     Example: sscflow report demo/cohort.zarr
     """
-    from sscflow.pipeline import default_results, store_status
-    from sscflow.report import write_report
+    from sscflow.flow.pipeline import default_results, store_status
+    from sscflow.views.report import write_report
 
     try:
         path = write_report(store, results or default_results(store), store_status(store))
@@ -851,7 +851,7 @@ def export(
 
     Example: sscflow export demo/cohort.zarr --out exported/ --patients SYN001 --format nifti
     """
-    from sscflow.export import export_store
+    from sscflow.views.export import export_store
 
     with _progress() as bar:
         task = bar.add_task("export", total=len(patients) if patients else None, last="")
@@ -878,8 +878,8 @@ def predict(
 
     Example: sscflow predict new.zarr --model demo/results/classifier/functional --out p.csv
     """
-    from sscflow import store as st
-    from sscflow.classify.prediction import predict as predict_patients
+    from sscflow.core import store as st
+    from sscflow.methods.classify.prediction import predict as predict_patients
 
     MAP = "log_jacobian_template"
 
@@ -995,7 +995,7 @@ def _demo_config(workers):
 def _demo_report(synthetic: Path, store: str, patient_ids):
     import pandas as pd
 
-    from sscflow.quality import lung_mask_dice
+    from sscflow.methods.quality import lung_mask_dice
 
     scores = lung_mask_dice(store, synthetic, patient_ids)
     if scores:

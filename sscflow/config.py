@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
+from sscflow.core.store import is_url
 from sscflow.discover.settings import DiscoverConfig
 from sscflow.errors import ConfigError
-from sscflow.registration import BACKENDS, options_class
-from sscflow.store import is_url
+from sscflow.methods.registration import BACKENDS, options_class
 
 
 @dataclass
@@ -91,7 +91,8 @@ class ClusterConfig:
     retries: int = 1  # per task, on worker loss or unexpected error
     # local cluster: one GPU worker per visible CUDA device ("auto"), none (0), or the first N
     gpus: int | Literal["auto"] = "auto"
-    # pairs one GPU worker registers at once: "auto" from the device's free memory (sscflow.gpu)
+    # pairs one GPU worker registers at once: "auto" from the device's free memory
+    # (sscflow.flow.gpu)
     gpu_slots: int | Literal["auto"] = "auto"
     tls: TLSConfig = field(default_factory=TLSConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
@@ -136,8 +137,9 @@ class IngestConfig:
 
 @dataclass
 class SegmentConfig:
-    """Lung masks (sscflow.segment): airways grown from the trachea, left/right lungs, a pleural
-    boundary from the chest wall that keeps dense subpleural disease; or the lungmask model."""
+    """Lung masks (sscflow.methods.segment): airways grown from the trachea, left/right lungs, a
+    pleural boundary from the chest wall that keeps dense subpleural disease; or the lungmask
+    model."""
 
     lung_threshold_hu: float = -400.0  # aerated lung is below this, soft tissue above
     airway_threshold_hu: float = -950.0  # airway lumen (mean over ~2 mm) is below this
@@ -145,7 +147,7 @@ class SegmentConfig:
     min_lung_ml: float = 20.0  # smaller air components are dropped
     dense_max_hu: float = 100.0  # dense disease up to this at the pleura stays in the mask
     subpleural_mm: float = 20.0  # how deep under the pleura it is looked for; 0: not at all
-    backend: str = "threshold"  # threshold (sscflow.segment) or lungmask (an extra)
+    backend: str = "threshold"  # threshold (sscflow.methods.segment) or lungmask (an extra)
     lungmask_weights: str | None = None  # lungmask: a local weights file; never downloaded
 
     def validate(self, where: str) -> None:
@@ -214,7 +216,7 @@ class JacobianConfig:
 
 @dataclass
 class _RegistrationCommon:
-    """Follow-up to baseline registration (see ``sscflow.registration``).
+    """Follow-up to baseline registration (see ``sscflow.methods.registration``).
 
     The common keys (``backend``, ``initial_alignment``, ``smooth_mm`` and the pass/fail
     thresholds), then one section per registered backend (``torch``, ``sitk``): that backend's
@@ -274,7 +276,7 @@ class _RegistrationCommon:
 REGISTRATION_BACKENDS = tuple(BACKENDS)
 
 # One section per registered backend, built from its own ``Options`` (its defaults): a backend
-# added to sscflow.registration.BACKENDS gets its config section without a line here.
+# added to sscflow.methods.registration.BACKENDS gets its config section without a line here.
 RegistrationConfig = dataclasses.make_dataclass(
     "RegistrationConfig",
     [(name, options_class(name), field(default_factory=options_class(name)))
@@ -285,7 +287,7 @@ RegistrationConfig = dataclasses.make_dataclass(
 
 @dataclass
 class TemplateConfig:
-    """The common space where maps are compared (see ``sscflow.template``).
+    """The common space where maps are compared (see ``sscflow.methods.template``).
 
     Without ``image`` the template is built from the cohort: ``method`` "median" takes the baseline
     whose lung volume is nearest the cohort median; "average" starts there and replaces it
@@ -308,7 +310,8 @@ class TemplateConfig:
 
 @dataclass
 class ClassifierConfig:
-    """The worsening classifier (see ``sscflow.classify``): a 3D CNN over template-space maps.
+    """The worsening classifier (see ``sscflow.methods.classify``): a 3D CNN over
+    template-space maps.
 
     Four layers as in the paper: ``channels`` stride-2 3D convolutions (kernel ``kernel``) with
     batch norm and ReLU, then a fully connected layer to two classes; cross-entropy, Adam.

@@ -58,7 +58,7 @@ class UnknownBackendError(SscflowError, ValueError):
 
 
 class LeaseHeldError(SscflowError):
-    """Another run holds the store's lease (see ``sscflow.lease``); the message names it."""
+    """Another run holds the store's lease (see ``sscflow.flow.lease``); the message names it."""
 
 
 class LeaseLostError(SscflowError):

@@ -10,7 +10,7 @@ from sscflow.config import ClusterConfig
 @pytest.fixture(scope="session")
 def client():
     """A real LocalCluster (two worker processes) shared by the tests that need one."""
-    from sscflow.cluster import dask_client
+    from sscflow.flow.cluster import dask_client
 
     with dask_client(ClusterConfig(n_workers=2, threads_per_worker=1, dashboard_address=":0")) as c:
         yield c

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sscflow.core.imageio import deterministic_uid
 from sscflow.discover.synthetic import stack_positions, write_slices
-from sscflow.imageio import deterministic_uid
 
 LUNG, SOFT = "B60f", "B30f"
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sscflow.analysis import extent_baseline
+from sscflow.methods.analysis import extent_baseline
 
 
 def test_extent_baseline_uses_the_learning_cut_off_on_the_test_set():

@@ -17,8 +17,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sscflow import store as st  # noqa: E402
-from sscflow.classify import (  # noqa: E402
+from sscflow.config import ClassifierConfig  # noqa: E402
+from sscflow.core import store as st  # noqa: E402
+from sscflow.core.geometry import Geometry  # noqa: E402
+from sscflow.methods.classify import (  # noqa: E402
     MapDataset,
     build_model,
     load_split,
@@ -29,8 +31,6 @@ from sscflow.classify import (  # noqa: E402
     targets,
     train,
 )
-from sscflow.config import ClassifierConfig  # noqa: E402
-from sscflow.geometry import Geometry  # noqa: E402
 
 SHAPE = (16, 16, 16)
 GEOMETRY = Geometry(SHAPE, (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
@@ -110,7 +110,7 @@ def trained(cohort, tmp_path_factory):
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, sscflow, sscflow.classify; print('torch' in sys.modules)"
+    code = "import sys, sscflow, sscflow.methods.classify; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -137,7 +137,7 @@ def test_model_has_four_layers_and_output_shape():
 def test_items_are_shrunk_to_the_classifier_resolution(cohort, tmp_path):
     """input_shrink 2: each item is the masked map's mean over 2x2x2 blocks (checked against
     numpy block means; 16^3 -> 8^3); the on-disk cache holds the same items, one per row."""
-    from sscflow.classify.data import CachedDataset, write_cache
+    from sscflow.methods.classify.data import CachedDataset, write_cache
 
     path, _ = cohort
     full = MapDataset(path, [pid(0), NAN_PATIENT, pid(2)], [0, 1, 0])

@@ -13,13 +13,13 @@ import SimpleITK as sitk
 import yaml
 from helpers import mini_chest_image
 
-from sscflow import store as st
 from sscflow.cohort import read_manifest
 from sscflow.config import IngestConfig, SegmentConfig, load_config
+from sscflow.core import store as st
 from sscflow.errors import ConfigError
-from sscflow.ingest import ingest_patient
-from sscflow.pipeline import ingest_record, store_status
-from sscflow.status import STATUS_GROUP, write_status
+from sscflow.flow.pipeline import ingest_record, store_status
+from sscflow.flow.status import STATUS_GROUP, write_status
+from sscflow.methods.ingest import ingest_patient
 
 
 def sscflow(*args):
@@ -99,7 +99,7 @@ def test_validate_config_whose_manifest_is_missing(tmp_path):
 
 
 def test_report_for_a_cohort_where_every_patient_failed(bad_rows):
-    from sscflow.report import write_report
+    from sscflow.views.report import write_report
 
     folder, manifest, config = bad_rows
     manifest.write_text("patient_id,baseline,followup\nP3,ct.nii.gz,gone.nii.gz\n")
@@ -121,7 +121,7 @@ def test_report_for_a_cohort_where_every_patient_failed(bad_rows):
 
 
 def test_an_empty_dicom_folder_is_one_clear_error_without_itk_noise(tmp_path):
-    code = ("from sscflow.imageio import read_volume\n"
+    code = ("from sscflow.core.imageio import read_volume\n"
             f"try:\n    read_volume({str(tmp_path)!r})\n"
             "except Exception as exc:\n    print(type(exc).__name__, exc)\n")  # fmt: skip
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -94,7 +94,7 @@ def test_cohort_example_lists_the_defaults():
 
 
 def test_registration_has_a_section_per_backend_with_its_own_defaults():
-    from sscflow.registration import BACKENDS, options_class
+    from sscflow.methods.registration import BACKENDS, options_class
 
     cfg = config_from_dict({"registration": {"backend": "sitk", "sitk": {"iterations": [5, 4, 3]},
                                              "torch": {"window": 7}}})  # fmt: skip

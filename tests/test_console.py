@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from sscflow import store as st
-from sscflow.status import STATUS_GROUP, write_status
+from sscflow.core import store as st
+from sscflow.flow.status import STATUS_GROUP, write_status
 
 LONG_ID = "P405417ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
@@ -133,7 +133,7 @@ def test_an_interrupted_run_stops_cleanly_and_says_what_was_kept(tmp_path, signu
     import yaml
 
     from sscflow.cli import _outputs_in_store
-    from sscflow.lease import read_holder
+    from sscflow.flow.lease import read_holder
 
     made = sscflow("synth", "--patients", "3", "--out", str(tmp_path / "syn"), "--spacing", "4",
                    "--workers", "1")  # fmt: skip
@@ -175,7 +175,7 @@ def test_an_interrupted_run_stops_cleanly_and_says_what_was_kept(tmp_path, signu
 def test_warnings_are_grouped_by_kind():
     from sscflow.cli import group_warnings
     from sscflow.config import RegistrationConfig
-    from sscflow.registration.stage import thick_slice_warnings
+    from sscflow.methods.registration.stage import thick_slice_warnings
 
     cfg = RegistrationConfig()
     lines = []

@@ -37,7 +37,7 @@ import pydicom
 import pytest
 import yaml
 
-from sscflow.imageio import read_volume, write_dicom_series
+from sscflow.core.imageio import read_volume, write_dicom_series
 
 N_PATIENTS = 6  # the classifier trains from 6 labelled patients: every output is made
 # each patient's own identity: (PatientName, PatientID, SpecificCharacterSet)

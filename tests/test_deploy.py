@@ -712,14 +712,14 @@ def test_autoscaler_scales_the_cpu_group():
     assert 1 <= scaler["spec"]["minimum"] <= scaler["spec"]["maximum"]
 
 
-# --- sscflow run --cluster kubernetes builds the same resources (sscflow/kubernetes.py) ---
+# --- sscflow run --cluster kubernetes builds the same resources (sscflow/flow/kubernetes.py) ---
 
 
 def test_sscflow_builds_the_manifests_cluster_from_the_default_settings():
     """One source of truth: the DaskCluster and GPU worker group that `sscflow run --cluster
     kubernetes` creates equal deploy/kubernetes/base for the default cluster.kubernetes."""
     from sscflow.config import KubernetesConfig
-    from sscflow.kubernetes import cluster_spec, gpu_group_spec
+    from sscflow.flow.kubernetes import cluster_spec, gpu_group_spec
 
     docs = docs_of("base")
     cfg = KubernetesConfig()
@@ -731,7 +731,7 @@ def test_sscflow_builds_the_manifests_cluster_from_the_default_settings():
 
 def test_sscflow_builds_a_valid_cluster_for_other_settings():
     from sscflow.config import KubernetesConfig
-    from sscflow.kubernetes import cluster_spec, gpu_group_spec
+    from sscflow.flow.kubernetes import cluster_spec, gpu_group_spec
 
     cfg = KubernetesConfig(name="trial-7", cpu_workers=10, gpu_workers=2, worker_cpu=8,
                            worker_memory="64Gi", data_claim=None,
@@ -754,7 +754,7 @@ def test_sscflow_builds_a_valid_cluster_for_other_settings():
 def test_kubernetes_settings_are_checked():
     from sscflow.config import config_from_dict
     from sscflow.errors import ConfigError
-    from sscflow.kubernetes import dask_memory_limit
+    from sscflow.flow.kubernetes import dask_memory_limit
 
     assert dask_memory_limit("16Gi") == "14.4GiB" and dask_memory_limit("1000Mi") == "900MiB"
     for bad, match in (({"worker_memory": "32GB"}, "Mi or Gi"), ({"name": "Bad_Name"}, "DNS"),

@@ -19,6 +19,7 @@ import pytest
 from discover_tree import SOFT, Export, patient, study
 
 from sscflow.config import config_from_dict
+from sscflow.core.imageio import read_volume
 from sscflow.discover.headers import read_header
 from sscflow.discover.pft import PFTTableError
 from sscflow.discover.pseudonym import KeyFileError
@@ -26,7 +27,6 @@ from sscflow.discover.run import discover
 from sscflow.discover.settings import DiscoverConfig
 from sscflow.discover.synthetic import stack_positions
 from sscflow.errors import InputImageError, SscflowError
-from sscflow.imageio import read_volume
 
 CFG = DiscoverConfig(min_extent_mm=20.0)  # the test stacks are 20 mm long
 PIDS = {k: f"PID-{k}-900{i}" for i, k in enumerate("ABCDEXF", start=1)}
@@ -496,7 +496,7 @@ def test_header_fast_path_agrees_with_pydicom_dcmread(cohort, tmp_path, monkeypa
     import SimpleITK as sitk
 
     import sscflow.discover.headers as headers
-    from sscflow.imageio import write_dicom_series
+    from sscflow.core.imageio import write_dicom_series
 
     _, ex, _, _, _ = cohort
     img = sitk.GetImageFromArray(np.zeros((3, 4, 4), np.int16))

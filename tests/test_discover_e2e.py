@@ -22,8 +22,8 @@ import pytest
 import yaml
 from test_deidentify import _date_forms, _zarr_text, file_blobs
 
+from sscflow.core.imageio import deterministic_uid, read_volume
 from sscflow.discover.synthetic import image_slices, write_slices
-from sscflow.imageio import deterministic_uid, read_volume
 
 SPACING = 6.0
 PEOPLE = [  # (PatientID, name, birth date, accession, baseline date, follow-up date or None)

@@ -6,10 +6,10 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from sscflow import store as st
+from sscflow.core import store as st
+from sscflow.core.geometry import Geometry
 from sscflow.errors import IncompleteOutputError
-from sscflow.extent import extent_patient, high_attenuation_area
-from sscflow.geometry import Geometry
+from sscflow.methods.extent import extent_patient, high_attenuation_area
 
 SHAPE = (4, 5, 6)
 GEOMETRY = Geometry(SHAPE, (2.0, 1.0, 1.0), (0.0, -3.0, 5.0))

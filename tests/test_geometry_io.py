@@ -6,10 +6,10 @@ import pytest
 import SimpleITK as sitk
 from helpers import make_volume
 
+from sscflow.core.geometry import Geometry, from_itk, to_itk
+from sscflow.core.imageio import deterministic_uid, read_volume, write_dicom_series, write_volume
 from sscflow.errors import InputImageError, MissingInputError
-from sscflow.geometry import Geometry, from_itk, to_itk
-from sscflow.imageio import deterministic_uid, read_volume, write_dicom_series, write_volume
-from sscflow.ingest import to_canonical
+from sscflow.methods.ingest import to_canonical
 
 
 def sphere_fraction(center, radius):

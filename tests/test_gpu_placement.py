@@ -1,6 +1,6 @@
 """GPU workers of the local cluster, and where each stage's tasks run.
 
-This machine has no GPU: the devices are given to :func:`sscflow.cluster.dask_client` by hand
+This machine has no GPU: the devices are given to :func:`sscflow.flow.cluster.dask_client` by hand
 (its ``devices`` argument replaces the discovery), so the "GPU" worker is an ordinary worker
 process pinned with ``CUDA_VISIBLE_DEVICES`` and offering the GPU resource. What is tested is
 the placement (which worker ran what), which does not depend on a device being there.
@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from sscflow.cluster import CPU, GPU, Placement, dask_client, local_gpus, placement
 from sscflow.config import ClusterConfig, load_config
 from sscflow.errors import ConfigError
-from sscflow.gpu import Device, DeviceBudget, GpuMemoryError, gpu_slots, visible_devices
+from sscflow.flow.cluster import CPU, GPU, Placement, dask_client, local_gpus, placement
+from sscflow.flow.gpu import Device, DeviceBudget, GpuMemoryError, gpu_slots, visible_devices
 
 SMALL = dict(n_workers=2, threads_per_worker=1, dashboard_address=":0")
 
@@ -153,8 +153,8 @@ def test_run_puts_registration_on_the_gpu_worker_and_the_rest_on_cpu_workers(tmp
     import yaml
 
     from sscflow.cohort import read_manifest
-    from sscflow.pipeline import STATUS_GROUP, run
-    from sscflow.store import open_store
+    from sscflow.core.store import open_store
+    from sscflow.flow.pipeline import STATUS_GROUP, run
     from sscflow.synth import synthesize_cohort
 
     with dask_client(ClusterConfig(**SMALL), devices=[Device("0")]) as client:

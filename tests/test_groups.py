@@ -13,17 +13,17 @@ import pytest
 import xarray as xr
 from dask.callbacks import Callback
 
-from sscflow import store as st
+from sscflow.core import store as st
+from sscflow.core.geometry import Geometry
 from sscflow.errors import IncompleteOutputError
-from sscflow.figures import plot_group_means, sagittal_projection
-from sscflow.geometry import Geometry
-from sscflow.groups import (
+from sscflow.methods.groups import (
     cohort_table,
     group_mean_dataset,
     group_means,
     patient_maps,
     write_cohort_table,
 )
+from sscflow.views.figures import plot_group_means, sagittal_projection
 
 TEMPLATE = Geometry((12, 10, 14), (2.0, 1.5, 1.25), (-10.0, 5.0, -8.0))
 NATIVE = Geometry((4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
@@ -332,9 +332,10 @@ def test_plot_group_means_writes_a_png(cohort, tmp_path):
 def test_modules_stay_out_of_import_sscflow():
     code = (
         "import sys, sscflow\n"
-        "print(','.join(m for m in ('sscflow.groups', 'sscflow.figures', 'matplotlib', 'xarray')"
+        "print(','.join(m for m in ('sscflow.methods.groups', 'sscflow.views.figures',"
+        " 'matplotlib', 'xarray')"
         " if m in sys.modules))\n"
-        "import sscflow.groups, sscflow.figures\n"
+        "import sscflow.methods.groups, sscflow.views.figures\n"
         "print('matplotlib' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

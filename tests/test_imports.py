@@ -84,8 +84,8 @@ def test_cycle_finder_finds_a_hidden_circle():
 
 def test_graph_sees_imports_inside_functions():
     graph = import_graph()
-    assert "sscflow.kubernetes" in graph["sscflow.cluster"]  # imported in dask_client
-    assert "sscflow.store" in graph["sscflow.ingest"]
+    assert "sscflow.flow.kubernetes" in graph["sscflow.flow.cluster"]  # imported in dask_client
+    assert "sscflow.core.store" in graph["sscflow.methods.ingest"]
 
 
 # report reads the run records through pipeline.store_status / manifest_patients while the stage

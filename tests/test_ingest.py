@@ -12,12 +12,17 @@ import pytest
 import SimpleITK as sitk
 from helpers import MINI_SEGMENT, make_volume, mini_chest
 
-from sscflow import store as st
 from sscflow.cohort import read_manifest
 from sscflow.config import IngestConfig
-from sscflow.imageio import deterministic_uid, input_fingerprint, write_dicom_series, write_volume
-from sscflow.ingest import ingest_cohort
-from sscflow.quality import dice
+from sscflow.core import store as st
+from sscflow.core.imageio import (
+    deterministic_uid,
+    input_fingerprint,
+    write_dicom_series,
+    write_volume,
+)
+from sscflow.methods.ingest import ingest_cohort
+from sscflow.methods.quality import dice
 
 SPHERE = ((7.3, -4.1, 0.4), 5.0)  # physical (z, y, x) mm and radius, in the mediastinum
 PATIENT_NAME = "DOE^JANE^SECRET"

@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 from scipy import ndimage as ndi
 
-from sscflow import store as st
 from sscflow.config import JacobianConfig, config_from_dict
+from sscflow.core import store as st
+from sscflow.core.geometry import Geometry, to_itk
 from sscflow.errors import ConfigError, IncompleteOutputError
-from sscflow.geometry import Geometry, to_itk
-from sscflow.jacobian import (
+from sscflow.methods.jacobian import (
     log_floor,
     log_jacobian,
     log_jacobian_patient,
@@ -428,7 +428,7 @@ def test_a_run_killed_before_the_summary_is_redone(tiny_store, monkeypatch):
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("sscflow.jacobian.stage.summarize", killed)
+    monkeypatch.setattr("sscflow.methods.jacobian.stage.summarize", killed)
     with pytest.raises(KeyboardInterrupt):
         log_jacobian_patient(path, "P001", cfg)
     monkeypatch.undo()

@@ -1,4 +1,5 @@
-"""One run per store: the lease (sscflow.lease) on a folder and on S3 (moto server on loopback).
+"""One run per store: the lease (sscflow.flow.lease) on a folder and on S3 (moto server on
+loopback).
 
 Real processes hold the leases here: this test process, `python -c` children (one SIGKILLed
 while it holds a lease), and `sscflow run` / `sscflow ingest` subprocesses refused by a held
@@ -22,7 +23,7 @@ import pytest
 from helpers import moto_s3
 
 from sscflow.errors import LeaseHeldError
-from sscflow.lease import Holder, Lease, hold, read_holder
+from sscflow.flow.lease import Holder, Lease, hold, read_holder
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_the_heartbeat_keeps_a_live_lease_and_a_stale_one_is_taken_over(store):
 def test_the_lease_of_a_killed_process_is_taken_over_at_once(store):
     """A run SIGKILLed while it holds the lease (its heartbeat is fresh, its timeout long) on
     this host: the next run sees the process is gone and takes over, as a rerun after a crash."""
-    code = ("import os, signal, sys; from sscflow.lease import Lease; "
+    code = ("import os, signal, sys; from sscflow.flow.lease import Lease; "
             "Lease(sys.argv[1], timeout_s=3600).acquire(); os.kill(os.getpid(), signal.SIGKILL)")
     child = subprocess.run([sys.executable, "-c", code, store], timeout=60)
     assert child.returncode == -signal.SIGKILL
@@ -147,7 +148,7 @@ def test_wait_waits_for_the_lease(store):
 
 def test_one_of_two_racing_creates_wins(any_store):
     store = any_store
-    from sscflow.lease import _backend
+    from sscflow.flow.lease import _backend
 
     a, b = _backend(store), _backend(store)
     record = Holder("h", 1, 0.0, 0.0, 0.0, 1.0, "t").to_bytes()
@@ -227,8 +228,8 @@ def test_a_run_whose_lease_is_taken_over_stops_and_writes_nothing_more(any_store
     from sscflow.cohort import read_manifest
     from sscflow.config import Config, IngestConfig, SegmentConfig
     from sscflow.errors import LeaseLostError
-    from sscflow.lease import _backend
-    from sscflow.pipeline import run
+    from sscflow.flow.lease import _backend
+    from sscflow.flow.pipeline import run
 
     store = any_store
     cfg = Config(store=store, results=tmp_path / "results", ingest=IngestConfig(spacing_mm=6.0),
@@ -253,8 +254,8 @@ def test_a_run_whose_lease_is_taken_over_stops_and_writes_nothing_more(any_store
     with contextlib.ExitStack() as stack:
         stack.callback(lease.release)
         if "://" in store:  # workers that see the S3 endpoint (started after it)
-            from sscflow.cluster import dask_client
             from sscflow.config import ClusterConfig
+            from sscflow.flow.cluster import dask_client
 
             client = stack.enter_context(dask_client(ClusterConfig(
                 n_workers=2, threads_per_worker=1, dashboard_address=":0")))  # fmt: skip

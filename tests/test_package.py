@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_import_stays_light():
     """`import sscflow` (and the CLI module) must not pull torch or Kubernetes clients."""
     code = (
-        "import sys, sscflow, sscflow.cli, sscflow.ingest, sscflow.synth, sscflow.store\n"
+        "import sys, sscflow, sscflow.cli, sscflow.methods.ingest, sscflow.synth,"
+        " sscflow.core.store\n"
         "heavy = [m for m in ('torch', 'kubernetes', 'kr8s', 'dask_kubernetes', 'matplotlib')"
         " if m in sys.modules]\n"
         "print(','.join(heavy))\n"
@@ -61,5 +62,27 @@ def test_doctests_collect_and_pass_without_torch(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     header = next(x for x in res.stdout.splitlines() if "torch is not importable" in x)
     left_out = header.split(": ", 1)[1].split(", ")
-    assert left_out and all(p.startswith("sscflow/classify/") for p in left_out), left_out
+    assert left_out and all(p.startswith("sscflow/methods/classify/") for p in left_out), left_out
     assert " passed" in res.stdout.splitlines()[-1] and "error" not in res.stdout.splitlines()[-1]
+
+
+def test_the_old_module_paths_are_the_new_modules():
+    """README's 0.1 imports (``sscflow.registration``, ``sscflow.pipeline``, ...) still work, and
+    name the same module objects as the new paths: no second copy whose state could diverge."""
+    code = (
+        "import importlib, sys\n"
+        "import sscflow\n"
+        "from sscflow._moved import MOVED\n"
+        "for old, new in MOVED.items():\n"
+        "    a = importlib.import_module('sscflow.' + old)\n"
+        "    b = importlib.import_module('sscflow.' + new)\n"
+        "    assert a is b and a.__spec__.name == 'sscflow.' + new, old\n"
+        "from sscflow.registration.stage import register_patient\n"
+        "from sscflow.methods.registration.stage import register_patient as same\n"
+        "assert register_patient is same\n"
+        "assert sys.modules['sscflow.registration.stage'] is sys.modules["
+        "'sscflow.methods.registration.stage']\n"
+        "print(len(MOVED))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout) >= 20

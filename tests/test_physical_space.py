@@ -12,11 +12,11 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from sscflow.geometry import Geometry, grid_points, inside, to_itk, warp_to_baseline
-from sscflow.registration import register
-from sscflow.registration.align import align_masks, rotation_angle_deg
-from sscflow.registration.common import log_jacobian
-from sscflow.registration.frame import coverage_mask
+from sscflow.core.geometry import Geometry, grid_points, inside, to_itk, warp_to_baseline
+from sscflow.methods.registration import register
+from sscflow.methods.registration.align import align_masks, rotation_angle_deg
+from sscflow.methods.registration.common import log_jacobian
+from sscflow.methods.registration.frame import coverage_mask
 from sscflow.synth import planted
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -167,7 +167,7 @@ def test_to_itk_keeps_the_direction():
 def _store_pair(tmp_path, follow_matrix, follow_shift, cut_z=None, ball_mm=None):
     """A tiny store with one patient: texture 'lungs' on a baseline grid, and a follow-up of
     the same anatomy moved by (matrix, shift) on another grid (z extent cut to ``cut_z``)."""
-    from sscflow import store as st
+    from sscflow.core import store as st
 
     tex, world = _texture_world(seed=4)
     bg = Geometry((40, 36, 44), (3.0, 3.0, 3.0), (-60.0, -54.0, -66.0))
@@ -194,7 +194,7 @@ def _store_pair(tmp_path, follow_matrix, follow_shift, cut_z=None, ball_mm=None)
 def test_stage_fails_a_pair_whose_lungs_cannot_be_aligned(tmp_path):
     from sscflow.config import RegistrationConfig
     from sscflow.errors import RegistrationFailedError
-    from sscflow.registration.stage import register_patient
+    from sscflow.methods.registration.stage import register_patient
 
     # the follow-up's "lungs" are a 30 mm ball (another anatomy, or a failed segmentation):
     # no rigid map overlaps them with the baseline's
@@ -207,10 +207,10 @@ def test_stage_fails_a_pair_whose_lungs_cannot_be_aligned(tmp_path):
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
 def test_stage_fails_a_followup_covering_too_little_lung(tmp_path):
-    from sscflow import store as st
     from sscflow.config import RegistrationConfig
+    from sscflow.core import store as st
     from sscflow.errors import RegistrationFailedError
-    from sscflow.registration.stage import register_patient
+    from sscflow.methods.registration.stage import register_patient
 
     # the follow-up's grid stops 60 mm above the lungs' lower end: about 40 % of them imaged
     store = _store_pair(tmp_path, np.eye(3), (0.0, 0.0, 0.0), cut_z=20)
@@ -239,8 +239,8 @@ def test_render_on_continues_the_edge_or_fills():
 
 def test_rigid_then_affine_composes_as_two_maps():
     """register()'s second pass maps p -> R(A(p)), with A given about the baseline's voxel 0."""
-    from sscflow.registration import _then_affine
-    from sscflow.registration.align import Alignment
+    from sscflow.methods.registration import _then_affine
+    from sscflow.methods.registration.align import Alignment
 
     g = Geometry((20, 30, 40), (2.0, 1.5, 1.0), (-100.0, 35.0, -7.0))
     rigid = Alignment(rot(17.0, (0.3, 1.0, 0.2)), np.array([12.0, -40.0, 5.0]), 0.9, "x")

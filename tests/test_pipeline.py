@@ -29,10 +29,10 @@ import yaml
 import zarr
 from helpers import free_port, moto_s3
 
-from sscflow import store as st
 from sscflow.cohort import read_manifest
 from sscflow.config import load_config
-from sscflow.pipeline import STATUS_GROUP, plan_run, run, store_status
+from sscflow.core import store as st
+from sscflow.flow.pipeline import STATUS_GROUP, plan_run, run, store_status
 
 SPACING = 4.0
 N_GOOD = 6
@@ -570,7 +570,7 @@ def test_added_patients_run_alone_and_a_removed_one_leaves_the_cohort_outputs(
 @pytest.mark.slow
 def test_rebuild_template_redoes_the_template_space_stages_only(finished, cohort, client):
     from sscflow.cli import _run_report
-    from sscflow.template import template_provenance
+    from sscflow.methods.template import template_provenance
 
     _, manifest = cohort
     with open(manifest) as fh:

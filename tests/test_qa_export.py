@@ -22,9 +22,9 @@ import SimpleITK as sitk
 import yaml
 import zarr
 
-from sscflow import store as st
-from sscflow.export import warp_to_baseline
-from sscflow.geometry import Geometry
+from sscflow.core import store as st
+from sscflow.core.geometry import Geometry
+from sscflow.views.export import warp_to_baseline
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lung1_image.nrrd"
 SHIFT_MM = (4.0, -3.0, 2.5)  # the follow-up's content moves by this (x, y, z), mm
@@ -126,7 +126,7 @@ def test_unlabelled_real_ct_cohort_runs_and_names_the_bad_patient(real_run):
     assert "report: 0 done, 1 unchanged (skipped)" in again.stdout
     # the run handed the sitk backend its own section: its own defaults where the config is
     # silent (sigma), nothing of the torch backend's
-    from sscflow.registration.sitk import Options as SitkOptions
+    from sscflow.methods.registration.sitk import Options as SitkOptions
 
     field = zarr.open_group(str(folder / "cohort.zarr" / "patients" / "REAL1" / "displacement"),
                             mode="r")  # fmt: skip
@@ -162,7 +162,7 @@ def test_export_reads_back_with_simpleitk_and_the_field_reproduces_the_warp(real
     folder, _ = real_run
     store = folder / "cohort.zarr"
     out = tmp_path / "exported"
-    from sscflow.export import export_store
+    from sscflow.views.export import export_store
 
     export_store(str(store), out, patients=["REAL1"], fmt="nifti")  # what 'sscflow export' runs
     root = st.open_store(store, mode="r")
@@ -222,7 +222,7 @@ def test_export_of_a_small_store_reads_back_in_every_format(tmp_path, fmt):
     """A store written by hand (baseline and follow-up on different grids, a constant field,
     a mask, a map with NaN): every exported file has the store's geometry and values, and the
     warped follow-up is the follow-up's analytic value at x + u(x)."""
-    from sscflow.export import FORMATS, export_store
+    from sscflow.views.export import FORMATS, export_store
 
     bgeom, fgeom, u, group, value = _small_store(tmp_path / "s.zarr")
     out = tmp_path / "out"
@@ -282,7 +282,7 @@ def _small_store(path, input_hash="x", patient_id="P1"):
 
 
 def test_qa_page_is_drawn_resumed_and_redrawn_when_an_input_changes(tmp_path):
-    from sscflow.qa import flags, qa_patient
+    from sscflow.views.qa import flags, qa_patient
 
     _small_store(tmp_path / "s.zarr")
     first = qa_patient(str(tmp_path / "s.zarr"), "P1", tmp_path / "results")
@@ -306,10 +306,10 @@ EVIL_TEXT = "<script>alert('manifest')</script>&"
 def test_patient_id_and_manifest_text_are_escaped_in_both_pages(tmp_path):
     """Text from the manifest (a patient id, a path, the config) reaches both pages as text:
     the templates escape it, so no <script> element appears however the text is made."""
-    from sscflow.pipeline import store_status
-    from sscflow.qa import qa_patient
-    from sscflow.report import write_report
-    from sscflow.status import STATUS_GROUP
+    from sscflow.flow.pipeline import store_status
+    from sscflow.flow.status import STATUS_GROUP
+    from sscflow.views.qa import qa_patient
+    from sscflow.views.report import write_report
 
     store = str(tmp_path / "s.zarr")
     _small_store(store, patient_id=EVIL_ID)

@@ -25,11 +25,11 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from sscflow import store as st
-from sscflow.geometry import Geometry, to_itk
-from sscflow.ingest import to_canonical
-from sscflow.registration.common import truth_errors
-from sscflow.segment import segment_lungs
+from sscflow.core import store as st
+from sscflow.core.geometry import Geometry, to_itk
+from sscflow.methods.ingest import to_canonical
+from sscflow.methods.registration.common import truth_errors
+from sscflow.methods.segment import segment_lungs
 from sscflow.synth import planted
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lung1_image.nrrd"
@@ -142,8 +142,8 @@ def scan():
 
 def _register_copy(scan, follow_up, grid):
     """Register a follow-up file's data (ingested as ``sscflow ingest`` would) to the scan."""
-    from sscflow.registration import register
-    from sscflow.registration.common import log_jacobian
+    from sscflow.methods.registration import register
+    from sscflow.methods.registration.common import log_jacobian
 
     hu, g, lung, _ = scan
     fu, fg = to_canonical(to_itk(follow_up, grid), TARGET_SPACING)

@@ -10,13 +10,13 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from sscflow import store as st
 from sscflow.config import RegistrationConfig
+from sscflow.core import store as st
+from sscflow.core.geometry import Geometry, to_itk
 from sscflow.errors import MissingDependencyError, RegistrationInputError, UnknownBackendError
-from sscflow.geometry import Geometry, to_itk
-from sscflow.registration import BACKENDS, register, resolve_backend
-from sscflow.registration.common import crop_box, truth_errors
-from sscflow.registration.sitk import Options as SitkOptions
+from sscflow.methods.registration import BACKENDS, register, resolve_backend
+from sscflow.methods.registration.common import crop_box, truth_errors
+from sscflow.methods.registration.sitk import Options as SitkOptions
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 BACKEND_NAMES = [
@@ -258,7 +258,7 @@ def test_truth_errors_of_the_truth_is_zero():
     lj = np.log(det_jacobian(u, SPACING))
     region = _lung_mask()
     e = truth_errors(u, SPACING, u, lj, _lung_mask(), region)
-    # truth_errors takes log-Jacobians from sscflow.jacobian; the truth here is SimpleITK's
+    # truth_errors takes log-Jacobians from sscflow.methods.jacobian; the truth here is SimpleITK's
     assert e["mean_error_mm"] == 0.0 and e["folded_voxels"] == 0
     assert e["logjac_mae"] < 1e-6 and abs(e["region_logjac_error"]) < 1e-6
 
@@ -275,7 +275,7 @@ def _tiny_store(tmp_path):
 
 
 def test_stage_writes_displacement_and_qa_then_skips(tmp_path):
-    from sscflow.registration.stage import register_patient
+    from sscflow.methods.registration.stage import register_patient
 
     path = _tiny_store(tmp_path)
     cfg = RegistrationConfig(backend="sitk",
@@ -304,8 +304,8 @@ def test_stage_runs_the_sitk_backend_with_its_own_settings(tmp_path):
     import dataclasses
 
     from sscflow.config import config_from_dict
-    from sscflow.registration.stage import register_patient
-    from sscflow.registration.torch import Options as TorchOptions
+    from sscflow.methods.registration.stage import register_patient
+    from sscflow.methods.registration.torch import Options as TorchOptions
 
     path = _tiny_store(tmp_path)
     cfg = config_from_dict({"registration": {"backend": "sitk",
@@ -335,7 +335,7 @@ def test_register_refuses_an_option_its_backend_does_not_have():
 
 def test_stage_names_missing_input(tmp_path):
     from sscflow.errors import IncompleteOutputError
-    from sscflow.registration.stage import register_patient
+    from sscflow.methods.registration.stage import register_patient
 
     root = st.open_store(tmp_path / "s.zarr")
     st.patient_group(root, "P002")
@@ -348,9 +348,9 @@ def test_stage_names_missing_input(tmp_path):
 def test_accuracy_on_synthetic_pairs(tmp_path):
     """Default torch backend on three synthetic pairs (two worsening) at 4 mm vs the truth, each
     scan its own acquisition (grid, field of view, direction, slices, patient position)."""
-    from sscflow.imageio import read_volume
-    from sscflow.ingest import to_canonical
-    from sscflow.segment import segment_lungs
+    from sscflow.core.imageio import read_volume
+    from sscflow.methods.ingest import to_canonical
+    from sscflow.methods.segment import segment_lungs
     from sscflow.synth import read_truth, synthesize_cohort
 
     out = tmp_path / "synth"
@@ -393,7 +393,7 @@ def test_adam_matches_torch_optim():
     takes the steps of torch.optim.Adam with CosineAnnealingLR."""
     import torch
 
-    from sscflow.registration.torch import _Adam
+    from sscflow.methods.registration.torch import _Adam
 
     gen = torch.Generator().manual_seed(0)
     ours = [torch.randn(3, 3, generator=gen).requires_grad_(), torch.randn(3, generator=gen)]
@@ -420,7 +420,7 @@ def test_filters_match_scipy():
     """The shifted-sum box and Gaussian filters against scipy.ndimage on the same array."""
     import torch
 
-    from sscflow.registration.torch import _box_filter, _gauss_kernels, _smooth
+    from sscflow.methods.registration.torch import _box_filter, _gauss_kernels, _smooth
 
     x = np.random.default_rng(3).normal(size=(2, 9, 11, 13)).astype(np.float32)
     t = torch.from_numpy(x)[None]
@@ -440,7 +440,7 @@ def test_exp_of_a_large_linear_velocity_matches_the_matrix_exponential():
     import torch
     from scipy.linalg import expm
 
-    from sscflow.registration.torch import _Registration
+    from sscflow.methods.registration.torch import _Registration
 
     n, sp = 33, 2.0
     reg = _Registration(torch, torch.device("cpu"), torch.tensor([sp] * 3), torch.zeros(3),

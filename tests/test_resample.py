@@ -1,4 +1,4 @@
-"""The geometry boundary (``sscflow.geometry``): ``resample``, ``to_itk`` / ``from_itk``,
+"""The geometry boundary (``sscflow.core.geometry``): ``resample``, ``to_itk`` / ``from_itk``,
 ``affine_to_itk`` / ``affine_from_itk`` and ``Geometry.same_grid``, against references that do
 not use them: ``scipy.ndimage.map_coordinates`` in physical coordinates, SimpleITK's own
 Resample with hand-built ITK transforms, and closed forms. Small volumes, grids that differ in
@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from sscflow.geometry import (
+from sscflow.core.geometry import (
     GRID_TOLERANCE_MM,
     Geometry,
     affine_from_itk,

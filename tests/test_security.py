@@ -22,10 +22,10 @@ import yaml
 import zarr
 from helpers import free_port
 
-from sscflow import store as st
-from sscflow.cluster import dask_client, security
 from sscflow.config import ClusterConfig, TLSConfig, load_config
+from sscflow.core import store as st
 from sscflow.errors import ConfigError
+from sscflow.flow.cluster import dask_client, security
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402

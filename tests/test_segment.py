@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sscflow import store as st
 from sscflow.cohort import read_manifest
 from sscflow.config import IngestConfig, SegmentConfig
+from sscflow.core import store as st
+from sscflow.core.imageio import read_volume
 from sscflow.errors import SegmentationError
-from sscflow.imageio import read_volume
-from sscflow.ingest import ingest_cohort, to_canonical
-from sscflow.quality import dice, lung_mask_dice, resample_mask
-from sscflow.segment import segment_lungs
+from sscflow.methods.ingest import ingest_cohort, to_canonical
+from sscflow.methods.quality import dice, lung_mask_dice, resample_mask
+from sscflow.methods.segment import segment_lungs
 from sscflow.synth import read_truth, synthesize_cohort
 
 SPACING = 2.5

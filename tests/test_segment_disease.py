@@ -11,8 +11,8 @@ import pytest
 
 from sscflow.config import SegmentConfig, config_from_dict
 from sscflow.errors import ConfigError, MissingDependencyError, MissingInputError, SegmentationError
-from sscflow.quality import dice
-from sscflow.segment import segment_lungs
+from sscflow.methods.quality import dice
+from sscflow.methods.segment import segment_lungs
 from sscflow.synth import deform, phantom
 from sscflow.synth.plan import patient_streams
 from sscflow.synth.plant import plant_texture, subpleural_region
@@ -211,9 +211,9 @@ def real_ct():
     image_path, label_path = DATA / "lung1_image.nrrd", DATA / "lung1_label.nrrd"
     if not image_path.exists():
         pytest.skip(f"{image_path} is not there")
-    from sscflow.imageio import read_volume
-    from sscflow.ingest import to_canonical
-    from sscflow.quality import threshold_reference
+    from sscflow.core.imageio import read_volume
+    from sscflow.methods.ingest import to_canonical
+    from sscflow.methods.quality import threshold_reference
 
     image = read_volume(image_path)
     hu, geometry = to_canonical(image, 1.0)

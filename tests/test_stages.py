@@ -1,7 +1,7 @@
 """The stage table (sscflow.stages) and the rule every stage resumes by.
 
 Real stores, real scans (analytic chests written as NIfTI/MHA), the stages run through the same
-function a Dask worker runs (``sscflow.pipeline.execute``).
+function a Dask worker runs (``sscflow.flow.pipeline.execute``).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import numpy as np
 from helpers import MINI_SEGMENT
 from test_ingest import INGEST, chest, write_manifest, write_scan
 
-import sscflow.ingest
-from sscflow import store as st
+import sscflow.methods.ingest
 from sscflow.config import Config
-from sscflow.pipeline import execute
+from sscflow.core import store as st
+from sscflow.flow.pipeline import execute
 from sscflow.stages import BY_NAME, COHORT, PATIENT, STAGES, Context
 
 
@@ -52,8 +52,8 @@ def test_a_changed_segment_setting_reruns_segmentation_from_the_stored_scans(tmp
     def no_reading(*args, **kw):
         raise AssertionError("an input file was read or resampled again")
 
-    monkeypatch.setattr(sscflow.ingest, "read_volume", no_reading)
-    monkeypatch.setattr(sscflow.ingest, "to_canonical", no_reading)
+    monkeypatch.setattr(sscflow.methods.ingest, "read_volume", no_reading)
+    monkeypatch.setattr(sscflow.methods.ingest, "to_canonical", no_reading)
     # a closing of 0 mm keeps the vessels' holes and the lung surface's notches out of the mask
     changed = replace(cfg, segment=replace(MINI_SEGMENT, closing_mm=0.0))
     ctx = replace(ctx, cfg=changed)
@@ -83,7 +83,7 @@ def test_a_failed_segmentation_fails_the_downstream_patient_stages_not_the_cohor
 
 
 def test_the_cohort_stages_record_their_methods_versions():
-    from sscflow import analysis, groups
+    from sscflow.methods import analysis, groups
     from sscflow.stages import classifier, group_means
 
     assert group_means.VERSION == groups.STAGE_VERSION

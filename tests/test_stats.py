@@ -1,4 +1,4 @@
-"""sscflow.stats against published values, scipy called directly and hand counts."""
+"""sscflow.methods.stats against published values, scipy called directly and hand counts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from sscflow import stats
+from sscflow.methods import stats
 
 # --- Clopper-Pearson ----------------------------------------------------------------------------
 

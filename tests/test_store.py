@@ -6,9 +6,9 @@ import pytest
 import xarray as xr
 import zarr
 
-from sscflow import store as st
+from sscflow.core import store as st
+from sscflow.core.geometry import Geometry
 from sscflow.errors import IncompleteOutputError
-from sscflow.geometry import Geometry
 
 GEOM = Geometry((8, 9, 10), (2.0, 1.5, 1.0), (-10.0, 20.0, 5.5))
 
@@ -138,13 +138,13 @@ def test_stored_fields_and_maps_keep_their_error_bounds_on_the_real_ct(tmp_path)
     """The real CT with the planted change, moved and re-imaged (a field of about -70..170 mm):
     the stored displacement is within 0.01 mm of the float32 field, the template field too,
     and the log-Jacobian computed from the stored field, then stored, within 0.001 of the one
-    from the full-precision field (sscflow.jacobian against itself on the two fields); NaN
+    from the full-precision field (sscflow.methods.jacobian against itself on the two fields); NaN
     outside the lung stays NaN; the quantised fields take under half the bytes."""
     import SimpleITK as sitk
 
-    from sscflow.ingest import to_canonical
-    from sscflow.jacobian import log_jacobian
-    from sscflow.segment import segment_lungs
+    from sscflow.methods.ingest import to_canonical
+    from sscflow.methods.jacobian import log_jacobian
+    from sscflow.methods.segment import segment_lungs
     from sscflow.synth import planted
 
     hu, g = to_canonical(sitk.ReadImage(str(REAL_CT)), 2.5)

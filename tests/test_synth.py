@@ -19,8 +19,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.stats import spearmanr
 
-from sscflow.geometry import Geometry, from_itk, inside
-from sscflow.imageio import read_volume
+from sscflow.core.geometry import Geometry, from_itk, inside
+from sscflow.core.imageio import read_volume
 from sscflow.synth import (
     Truth,
     deform,

@@ -21,12 +21,12 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from sscflow import store as st
 from sscflow.config import RegistrationConfig, TemplateConfig
+from sscflow.core import store as st
+from sscflow.core.geometry import Geometry
 from sscflow.errors import IncompleteOutputError, InputImageError
-from sscflow.geometry import Geometry
-from sscflow.registration.torch import Options as TorchOptions
-from sscflow.template import build_template, choose_template, to_template_patient
+from sscflow.methods.registration.torch import Options as TorchOptions
+from sscflow.methods.template import build_template, choose_template, to_template_patient
 
 SP = 2.5  # mm, every stored grid
 RAMP_A = np.array([0.01, 0.006, -0.008])  # per mm, (z, y, x)
@@ -405,7 +405,7 @@ def _bytes(folder):
 
 
 def test_template_is_kept_when_patients_come_and_go_and_rebuilt_on_request(cohort, tmp_path):
-    from sscflow.template import describe_provenance, template_provenance
+    from sscflow.methods.template import describe_provenance, template_provenance
 
     path = _copy(cohort, tmp_path)
     first = build_template(path, ["A", "B"], CFG)
@@ -452,7 +452,7 @@ def test_an_exported_template_round_trips_into_another_store(cohort, tmp_path):
     does), is the template of another cohort's store: same voxels, same physical grid."""
     import hashlib
 
-    from sscflow.template import template_provenance
+    from sscflow.methods.template import template_provenance
 
     first = tmp_path / "first" / "cohort.zarr"
     shutil.copytree(cohort, first)
@@ -488,7 +488,7 @@ def test_an_exported_template_round_trips_into_another_store(cohort, tmp_path):
 
 def test_resample_keeps_the_edge_voxels_under_a_tiny_displacement():
     """A point a hair past the last voxel reads that voxel; half a voxel and more past, fill."""
-    from sscflow.geometry import resample as _resample
+    from sscflow.core.geometry import resample as _resample
 
     g = Geometry((6, 5, 4), (2.0, 2.0, 2.0), (-5.0, 3.0, 0.0))
     vol = np.random.default_rng(0).uniform(-900, -700, g.shape).astype(np.float32)

@@ -1,5 +1,5 @@
-"""The torch resampling, blur and composition (``sscflow.registration.torch_resample``) against
-SimpleITK, scipy and the numpy composition, on the CPU device; and ``register`` with its
+"""The torch resampling, blur and composition (``sscflow.methods.registration.torch_resample``)
+against SimpleITK, scipy and the numpy composition, on the CPU device; and ``register`` with its
 torch path against its SimpleITK path."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sscflow.geometry import Geometry, index_to_physical
-from sscflow.registration.align import Alignment
-from sscflow.registration.common import compose as compose_np
-from sscflow.registration.frame import compose_rigid, resample_moving
+from sscflow.core.geometry import Geometry, index_to_physical
+from sscflow.methods.registration.align import Alignment
+from sscflow.methods.registration.common import compose as compose_np
+from sscflow.methods.registration.frame import compose_rigid, resample_moving
 from sscflow.synth import planted
 
 torch = pytest.importorskip("torch")
-tr = pytest.importorskip("sscflow.registration.torch_resample")
+tr = pytest.importorskip("sscflow.methods.registration.torch_resample")
 
 
 def _volume(shape, seed=0):
@@ -143,7 +143,7 @@ def _pair_across_grids():
 def test_register_on_the_torch_path_matches_the_simpleitk_path():
     """The whole torch path of ``register`` (on the CPU device here; on CUDA in production)
     gives the field of its SimpleITK path: the follow-up differs by float rounding only."""
-    from sscflow.registration import register
+    from sscflow.methods.registration import register
 
     fixed, fg, mask, moving, mg, moving_mask = _pair_across_grids()
     opts = {"levels": (2, 1), "iterations": (30, 15), "affine_iterations": (60, 30),

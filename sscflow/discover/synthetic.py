@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sscflow.imageio import CT_SOP_CLASS_UID, deterministic_uid
+from sscflow.core.imageio import CT_SOP_CLASS_UID, deterministic_uid
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 

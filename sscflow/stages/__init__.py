@@ -7,8 +7,8 @@ plan, dispatch, resume, ``sscflow status``, progress bars and run summary all co
 :data:`STAGES`. Adding a stage is one module and one line below.
 
 Every output records the hash of its inputs (their own hashes, in order) and of its parameters
-(``sscflow.store.upstream_hash``); an output whose record matches is skipped
-(``sscflow.store.current_record``), whether a patient's or the cohort's.
+(``sscflow.core.store.upstream_hash``); an output whose record matches is skipped
+(``sscflow.core.store.current_record``), whether a patient's or the cohort's.
 """
 
 from sscflow.stages import (

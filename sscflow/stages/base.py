@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sscflow.config import Config
-from sscflow.status import COHORT, FAILED, FINISHED, PATIENT  # noqa: F401 (re-exported)
+from sscflow.flow.status import COHORT, FAILED, FINISHED, PATIENT  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Stage:
 def torch_backend(cfg: Config) -> bool:
     """Whether the registration backend resolves to torch (which a GPU speeds up)."""
     from sscflow.errors import SscflowError
-    from sscflow.registration import resolve_backend
+    from sscflow.methods.registration import resolve_backend
 
     try:
         return resolve_backend(cfg.registration.backend) == "torch"
@@ -79,7 +79,7 @@ def always(cfg: Config) -> bool:
 
 def worker_scheduler() -> str:
     """Blockwise work inside a task: one thread on a one-thread worker, else threads."""
-    from sscflow.registration.common import n_threads
+    from sscflow.methods.registration.common import n_threads
 
     return "synchronous" if n_threads() <= 1 else "threads"
 

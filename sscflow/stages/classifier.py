@@ -4,17 +4,17 @@ its record is ``STORE/cohort/classifier``."""
 from dataclasses import asdict
 from pathlib import Path
 
-from sscflow import store as st
+from sscflow.core import store as st
 from sscflow.stages.base import COHORT, Stage, always, cohort_ids
 
 RECORD = "cohort/classifier"
 MAP = "log_jacobian_template"
-VERSION = 1  # sscflow.analysis.STAGE_VERSION (a test keeps them equal)
+VERSION = 1  # sscflow.methods.analysis.STAGE_VERSION (a test keeps them equal)
 
 
 def run(ctx, patient, ups) -> dict:
-    from sscflow.analysis import TARGETS, classify_cohort  # loads on the worker
-    from sscflow.groups import cohort_table
+    from sscflow.methods.analysis import TARGETS, classify_cohort  # loads on the worker
+    from sscflow.methods.groups import cohort_table
 
     root = st.open_store(ctx.store)
     in_store = set(st.patient_ids(root))

@@ -1,6 +1,6 @@
 """extent: the ILD-extent (HAA) baseline of each scan, an attribute of the patient group."""
 
-from sscflow.extent import ILD_HIGH_HU, ILD_LOW_HU, extent_patient
+from sscflow.methods.extent import ILD_HIGH_HU, ILD_LOW_HU, extent_patient
 from sscflow.stages.base import PATIENT, Stage, worker_scheduler
 
 

@@ -2,20 +2,20 @@
 
 from pathlib import Path
 
-from sscflow import store as st
+from sscflow.core import store as st
 from sscflow.stages.base import COHORT, FINISHED, Stage, cohort_ids, worker_scheduler
 
 OUTPUT = "group_means"
 MAP = "log_jacobian_template"
 FIGURE = Path("figures") / "group_means_sagittal.png"
-VERSION = 1  # sscflow.groups.STAGE_VERSION (a test keeps them equal)
+VERSION = 1  # sscflow.methods.groups.STAGE_VERSION (a test keeps them equal)
 
 
 def run(ctx, patient, ups) -> dict:
     import dask  # xarray, matplotlib and their kin load on the worker
 
-    from sscflow.figures import plot_group_means
-    from sscflow.groups import cohort_table, group_means, write_cohort_table
+    from sscflow.methods.groups import cohort_table, group_means, write_cohort_table
+    from sscflow.views.figures import plot_group_means
 
     ids = cohort_ids(ups)
     status = {u["patient_id"]: u["status"] for u in ups}

@@ -6,7 +6,7 @@ from sscflow.stages.base import PATIENT, Stage
 
 
 def run(ctx, patient, ups) -> dict:
-    from sscflow.ingest import ingest_images  # its numerics load on the worker
+    from sscflow.methods.ingest import ingest_images  # its numerics load on the worker
 
     r = ingest_images(patient, ctx.store, ctx.cfg.ingest, force=ctx.force)
     out = {"status": r.status, "seconds": r.seconds, "message": r.message}

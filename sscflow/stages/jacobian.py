@@ -6,7 +6,7 @@ from sscflow.stages.base import PATIENT, Stage, worker_scheduler
 
 
 def run(ctx, patient, ups) -> dict:
-    from sscflow.jacobian.stage import (
+    from sscflow.methods.jacobian.stage import (
         log_jacobian_patient,  # its numerics load on the worker
     )
 

@@ -4,7 +4,7 @@ from sscflow.stages.base import PATIENT, Stage
 
 
 def run(ctx, patient, ups) -> dict:
-    from sscflow.qa import qa_patient  # pages and figures load on the worker
+    from sscflow.views.qa import qa_patient  # pages and figures load on the worker
 
     return qa_patient(ctx.store, patient.patient_id, ctx.results, force=ctx.force)
 

@@ -6,7 +6,9 @@ from sscflow.stages.base import PATIENT, Stage, torch_backend
 
 
 def run(ctx, patient, ups) -> dict:
-    from sscflow.registration.stage import register_patient  # its numerics load on the worker
+    from sscflow.methods.registration.stage import (
+        register_patient,  # its numerics load on the worker
+    )
 
     out = register_patient(ctx.store, patient.patient_id, ctx.cfg.registration,
                            truth_dir=ctx.truth_dir, force=ctx.force)  # fmt: skip

@@ -2,16 +2,19 @@
 
 from pathlib import Path
 
-from sscflow import store as st
+from sscflow.core import store as st
+from sscflow.flow.status import store_status
 from sscflow.stages.base import COHORT, Stage
-from sscflow.status import store_status
 
 RECORD = "cohort/report"
 VERSION = 1
 
 
 def run(ctx, patient, ups) -> dict:
-    from sscflow.report import report_key, write_report  # pages and figures load on the worker
+    from sscflow.views.report import (  # pages and figures load on the worker
+        report_key,
+        write_report,
+    )
 
     root = st.open_store(ctx.store)
     state = store_status(ctx.store, ctx.stages)  # the table, from the pipeline: no circle

@@ -6,7 +6,7 @@ from sscflow.stages.base import PATIENT, Stage
 
 
 def run(ctx, patient, ups) -> dict:
-    from sscflow.ingest import SCANS, segment_patient  # its numerics load on the worker
+    from sscflow.methods.ingest import SCANS, segment_patient  # its numerics load on the worker
 
     cfg = ctx.cfg
     sources = {w: patient.scan(w)[0] for w in SCANS}  # named in error messages only

@@ -6,7 +6,7 @@ from sscflow.stages.base import COHORT, FAILED, Stage, torch_backend
 
 
 def run(ctx, patient, ups) -> dict:
-    from sscflow.template import (  # its numerics load on the worker
+    from sscflow.methods.template import (  # its numerics load on the worker
         build_template,
         describe_provenance,
     )

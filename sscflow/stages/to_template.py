@@ -6,7 +6,7 @@ from sscflow.stages.base import PATIENT, Stage, torch_backend
 
 
 def run(ctx, patient, ups) -> dict:
-    from sscflow.template import (
+    from sscflow.methods.template import (
         to_template_patient,  # its numerics load on the worker
     )
 

@@ -31,8 +31,8 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 
-from sscflow.geometry import Geometry, from_itk, resample, to_itk
-from sscflow.imageio import deterministic_uid, write_dicom_series, write_volume
+from sscflow.core.geometry import Geometry, from_itk, resample, to_itk
+from sscflow.core.imageio import deterministic_uid, write_dicom_series, write_volume
 from sscflow.synth import deform, phantom
 from sscflow.synth.plan import FORMATS, TARGET_RHO, patient_streams, plan_cohort, spearman
 

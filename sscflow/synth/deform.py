@@ -30,7 +30,7 @@ from scipy import ndimage
 from scipy.interpolate import make_interp_spline
 from scipy.special import erf
 
-from sscflow.geometry import Geometry, to_itk
+from sscflow.core.geometry import Geometry, to_itk
 
 Z_SHARE, Y_SHARE, X_SHARE = 0.6, 0.2, 0.2  # how the global log-volume change splits per axis
 COARSE_MM = 6.0  # grid on which the flow is integrated (or the image spacing, if coarser)

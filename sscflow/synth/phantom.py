@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import ndtr
 
-from sscflow.geometry import Geometry
+from sscflow.core.geometry import Geometry
 
 FOV_MM = (300.0, 280.0, 360.0)  # (z, y, x) extent of the scan
 FOV_CENTRE = (-160.0, 30.0, 0.0)  # physical (z, y, x) LPS mm of the centre of the scan

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import ndimage
 
-from sscflow.geometry import Geometry, grid_points
+from sscflow.core.geometry import Geometry, grid_points
 from sscflow.synth import deform
 
 __all__ = ["Pair", "acquisition_grid", "lung_sinks", "moved_field", "plant_change", "reacquire",

@@ -1,0 +1,2 @@
+"""The ground every stage stands on: physical geometry (the one SimpleITK boundary), the Zarr store
+and its resume contract, image reading."""

@@ -1,0 +1,201 @@
+"""The registration stage: ``patients/<id>/{baseline, followup, lung_mask}`` -> ``displacement``.
+
+Writes ``STORE/patients/<id>/displacement``, a (3, Z, Y, X) float32 field in mm on the baseline
+grid (an NGFF image group with a channel axis), with a QA record in its ``sscflow.views.qa``
+attribute: backend, parameters, runtime, the initial alignment, the lung coverage (the fraction
+of the baseline lung whose x + u(x) the follow-up imaged), each scan's original slice
+thickness, similarity before and after (inside the lung mask), folded fraction, and, given the
+synthetic cohort's folder, the errors against the truth. Beside it,
+``STORE/patients/<id>/coverage`` marks the baseline voxels that were measured.
+Skipped when the output is current (same inputs and parameters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from sscflow.config import RegistrationConfig
+from sscflow.core import store as st
+from sscflow.core.geometry import Geometry
+from sscflow.errors import RegistrationFailedError
+from sscflow.methods.registration import register, resolve_backend
+from sscflow.methods.registration.common import folded_fraction, similarity, truth_errors
+from sscflow.methods.registration.frame import coverage_mask
+
+STAGE = "registration"
+STAGE_VERSION = 2
+OUTPUT = "displacement"
+COVERAGE = "coverage"
+INPUTS = ("baseline", "followup", "lung_mask")
+MOVING_MASK = "followup_lung_mask"
+CONVENTION = ("followup(x + u(x)) ~ baseline(x); u (3, Z, Y, X) mm on the baseline grid, "
+              "component k along axis k; x + u(x) a physical point of the follow-up")  # fmt: skip
+
+
+def slice_thickness(image: st.StoredImage) -> float | None:
+    """The source scan's slice spacing (mm) before ingest, from the stored original geometry."""
+    geom = (image.meta.get("source") or {}).get("geometry")
+    if not geom:
+        return None
+    return round(float(Geometry.from_dict(geom).spacing[0]), 4)
+
+
+def source_geometry(image: st.StoredImage) -> Geometry:
+    """The scan's original grid (its field of view), or the stored grid when unknown."""
+    geom = (image.meta.get("source") or {}).get("geometry")
+    return Geometry.from_dict(geom) if geom else image.geometry
+
+
+def register_patient(
+    store,
+    patient_id: str,
+    config: RegistrationConfig | None = None,
+    *,
+    truth_dir=None,
+    chunk: int = 64,
+    compression_level: int = 3,
+    force: bool = False,
+) -> dict:
+    """Register one patient's follow-up to its baseline and store the displacement.
+
+    The two scans are on their own grids (as ingested: each its own extent and origin); they
+    relate through physical coordinates only. Writes ``patients/<id>/coverage`` (uint8 on the
+    baseline grid: 1 where x + u(x) lies inside the follow-up's original field of view), then
+    ``patients/<id>/displacement``.
+
+    Parameters
+    ----------
+    store : path (or URL) of the cohort store
+    patient_id : reads ``patients/<id>/baseline``, ``followup``, ``lung_mask`` and
+        ``followup_lung_mask`` (the initial alignment's; segmented again when absent)
+    config : backend and its parameters (``RegistrationConfig``; defaults when None)
+    truth_dir : optional folder of a synthetic cohort (``sscflow.synth``); its true field for
+        this patient is compared with the result in the QA record
+    chunk, compression_level : storage of the field
+    force : recompute even when the stored field is current
+
+    Returns
+    -------
+    dict: ``patient_id``, ``status`` ("done" or "skipped"), ``seconds``, ``warnings`` and the
+    QA record (``lung_coverage``, ``slice_thickness_mm``, ``initial_alignment``, similarity
+    before and after, folded fraction, ...).
+
+    Raises
+    ------
+    IncompleteOutputError (a FileNotFoundError) naming the missing input;
+    RegistrationFailedError (a ValueError) when the lungs cannot be aligned or the follow-up
+    covers less of the baseline lung than ``config.min_lung_coverage``.
+    """
+    cfg = config or RegistrationConfig()
+    t0 = time.perf_counter()
+    backend = resolve_backend(cfg.backend)
+    root = st.open_store(store)
+    group = st.patient_group(root, patient_id, create=False)
+    images = st.read_inputs(group, INPUTS, f"patient {patient_id}", "ingest the patient first")
+    base, follow, mask = (images[n] for n in INPUTS)
+    moving_mask = None
+    if st.output_state(group, MOVING_MASK) == "complete":
+        moving_mask = st.read_image(group, MOVING_MASK)
+    options = cfg.options(backend)
+    params = {"backend": backend, "options": options, "version": STAGE_VERSION,
+              "min_lung_coverage": cfg.min_lung_coverage,
+              "min_alignment_dice": cfg.min_alignment_dice}  # fmt: skip
+    input_hash = st.upstream_hash(images[n] for n in INPUTS)
+    row = {"patient_id": patient_id}
+    meta = None if force else st.current_record(group, (COVERAGE, OUTPUT), input_hash, params)
+    if meta is not None:
+        qa = dict(meta.get("qa", {}))
+        return {**row, "status": "skipped", "seconds": time.perf_counter() - t0,
+                "warnings": thick_slice_warnings(patient_id, qa, cfg), **qa}  # fmt: skip
+
+    fg, mg = base.geometry, follow.geometry
+    spacing = fg.spacing
+    fixed = np.asarray(base.array[...], np.float32)
+    moving = np.asarray(follow.array[...], np.float32)
+    lung = np.asarray(mask.array[...]).astype(bool)
+    mmask = None if moving_mask is None else np.asarray(moving_mask.array[...]).astype(bool)
+    if mmask is not None and not mmask.any():
+        mmask = None
+    thickness = {"baseline": slice_thickness(base), "followup": slice_thickness(follow)}
+    t1 = time.perf_counter()
+    with _device_memory(backend, options, fixed.size + moving.size, patient_id):
+        u, info = register(fixed, moving, mask=lung if lung.any() else None, moving_mask=mmask,
+                           fixed_geometry=fg, moving_geometry=mg, backend=backend,
+                           return_info=True, **options)  # fmt: skip
+    runtime = time.perf_counter() - t1
+    align = info["initial_alignment"]
+    dice = align.get("dice")
+    if dice is not None and np.isfinite(dice) and dice < cfg.min_alignment_dice:
+        raise RegistrationFailedError(
+            f"patient {patient_id}: the follow-up's lungs could not be aligned with the "
+            f"baseline's (lung-mask Dice {dice:.2f} after the initial alignment, below "
+            f"registration.min_alignment_dice {cfg.min_alignment_dice:g}); check that both "
+            "scans are chest CTs of this patient and that both lung masks look right"
+        )
+    covered = coverage_mask(u, fg, source_geometry(follow))
+    coverage = float(covered[lung].mean()) if lung.any() else 0.0
+    if coverage < cfg.min_lung_coverage:
+        raise RegistrationFailedError(
+            f"patient {patient_id}: the follow-up covers {coverage:.0%} of the baseline lung "
+            f"(registration.min_lung_coverage is {cfg.min_lung_coverage:g}); its field of view "
+            "misses the rest (for instance the apices or the bases). Use a follow-up series "
+            "that covers the whole chest, or lower registration.min_lung_coverage"
+        )
+    sel = lung if lung.any() else None
+    qa = {
+        "backend": backend,
+        "parameters": options,
+        "config": asdict(cfg),
+        "runtime_s": round(runtime, 3),
+        "initial_alignment": align,
+        "lung_coverage": round(coverage, 5),
+        "slice_thickness_mm": thickness,
+        "baseline_grid": fg.to_dict(),
+        "followup_grid": mg.to_dict(),
+        "folded_fraction": folded_fraction(u, spacing, sel),
+        **similarity(fixed, moving, u, spacing, sel, fixed_geometry=fg, moving_geometry=mg,
+                     covered=covered),
+    }
+    if truth_dir is not None:
+        from sscflow.synth import read_truth
+
+        truth = read_truth(truth_dir, patient_id).on(fg)
+        qa["truth"] = truth_errors(u, spacing, truth.displacement, truth.log_jacobian,
+                                   truth.lung & covered, truth.region & covered)  # fmt: skip
+    write = dict(stage=STAGE, params=params, input_hash=input_hash, chunk=chunk,
+                 compression_level=compression_level)  # fmt: skip
+    st.write_image(group, COVERAGE, covered.astype(np.uint8), fg,
+                   extra={"lung_coverage": qa["lung_coverage"],
+                          "meaning": "1: x + u(x) inside the follow-up's field of view"},
+                   **write)  # fmt: skip
+    st.write_image(group, OUTPUT, u, fg, extra={"qa": qa, "convention": CONVENTION},
+                   step=st.displacement_step(fg.spacing), **write)  # fmt: skip
+    return {**row, "status": "done", "seconds": time.perf_counter() - t0,
+            "warnings": thick_slice_warnings(patient_id, qa, cfg), **qa}  # fmt: skip
+
+
+def _device_memory(backend: str, options: dict, voxels: int, patient_id: str):
+    """The pair's share of the GPU (:func:`sscflow.flow.gpu.reserve`) when the torch backend may
+    run on CUDA: it waits for room beside the pairs running on this worker, or fails alone when
+    the GPU is too small for it. Nothing to hold on CPU."""
+    if backend != "torch" or options.get("device", "auto") == "cpu":
+        return contextlib.nullcontext()
+    from sscflow.flow.gpu import reserve
+
+    return reserve(voxels, f"patient {patient_id}")
+
+
+def thick_slice_warnings(patient_id: str, qa: dict, cfg: RegistrationConfig) -> list[str]:
+    """One line per patient whose scans' slices are thicker than ``cfg.thick_slice_mm``."""
+    thick = {k: v for k, v in (qa.get("slice_thickness_mm") or {}).items()
+             if v is not None and v > cfg.thick_slice_mm}  # fmt: skip
+    if not thick:
+        return []
+    which = ", ".join(f"{k.replace('followup', 'follow-up')} {v:.3g} mm"
+                      for k, v in thick.items())  # fmt: skip
+    return [f"patient {patient_id}: slices thicker than {cfg.thick_slice_mm:g} mm ({which}); "
+            "registered, but detail along z is lost"]

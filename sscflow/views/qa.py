@@ -1,0 +1,348 @@
+"""Per-patient QA pages: what each stage did to one patient, as pictures, offline.
+
+``qa_patient(store, patient_id, results_dir)`` draws, from what the store holds for the patient:
+
+- the baseline CT in axial, coronal and sagittal slices through the lung centre, with the lung
+  mask's contour;
+- the follow-up against the baseline on the same slices, before registration (the follow-up
+  resampled onto the baseline grid by physical position) and after (resampled at x + u(x)), as
+  checkerboards (alternating 4 cm squares of baseline and follow-up) and as the absolute
+  difference in HU;
+- the log-Jacobian map over the baseline CT (diverging colours centred at 0, fixed range
+  ``LOGJAC_RANGE``, colour bar in log-Jacobian units; NaN where not measured is left clear);
+- the template-space map over the template CT;
+
+and writes ``results_dir/report/qa/<patient_id>.html``: one self-contained page (images embedded,
+no scripts), with the patient's key figures and the QA flags (:data:`FLAG_RULES`) it raises.
+The stage is resumable: the page records a hash of the inputs it was drawn from (every output's
+input hash and parameters) in the patient group's ``qa_page`` attribute and is skipped when
+they are unchanged and the page exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sscflow.core import store as st
+from sscflow.core.geometry import resample, warp_to_baseline
+from sscflow.errors import IncompleteOutputError
+from sscflow.methods.groups import cohort_table
+from sscflow.views.export import stored_geometry
+from sscflow.views.pages import render
+
+STAGE_VERSION = 1
+LOGJAC_RANGE = 0.3  # colour limits +/- this, the same for every patient
+CHECKER_MM = 40.0
+INPUTS = ("baseline", "followup", "lung_mask", "followup_lung_mask", "displacement",
+          "log_jacobian", "log_jacobian_template")  # fmt: skip
+
+#: (name, rule as shown to the reader, test on a cohort-table row: True raises the flag)
+FLAG_RULES: list[tuple[str, str, object]] = [
+    ("similarity", "local NCC inside the lungs did not improve with registration "
+     "(lncc_after <= lncc_before)",
+     lambda r: _lt_eq(r.get("reg_lncc_after"), r.get("reg_lncc_before"))),
+    ("folding", "more than 0.1% of lung voxels fold (det J <= 0)",
+     lambda r: _gt(r.get("folded_fraction"), 0.001)),
+    ("coverage", "less than 95% of the baseline lungs map inside the follow-up's field of view",
+     lambda r: _lt(r.get("reg_lung_coverage"), 0.95)),
+    ("template", "template-space lung Dice below 0.80", lambda r: _lt(r.get("tpl_dice"), 0.80)),
+    ("volume", "follow-up / baseline lung volume outside 0.67 to 1.5",
+     lambda r: _outside(_ratio(r.get("lung_volume_followup_ml"), r.get("lung_volume_baseline_ml")),
+                        0.67, 1.5)),
+    ("log-Jacobian", "mean log-Jacobian in the lungs beyond +/-0.2 (an 18% volume change)",
+     lambda r: _outside(r.get("logjac_mean"), -0.2, 0.2)),
+]  # fmt: skip
+
+#: (cohort-table column, heading, format) of the key figures on the page and in the report
+KEY_FIGURES = [
+    ("lung_volume_baseline_ml", "lung volume baseline (mL)", "{:.0f}"),
+    ("lung_volume_followup_ml", "lung volume follow-up (mL)", "{:.0f}"),
+    ("reg_lncc_before", "local NCC before", "{:.3f}"),
+    ("reg_lncc_after", "local NCC after", "{:.3f}"),
+    ("folded_fraction", "folded fraction", "{:.4%}"),
+    ("reg_lung_coverage", "lung coverage", "{:.1%}"),
+    ("tpl_dice", "template Dice", "{:.3f}"),
+    ("logjac_mean", "mean log-Jacobian", "{:+.4f}"),
+]
+
+
+def _num(v):
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _lt(a, b):
+    a = _num(a)
+    return None if a is None else a < b
+
+
+def _gt(a, b):
+    a = _num(a)
+    return None if a is None else a > b
+
+
+def _lt_eq(a, b):
+    a, b = _num(a), _num(b)
+    return None if a is None or b is None else a <= b
+
+
+def _ratio(a, b):
+    a, b = _num(a), _num(b)
+    return None if a is None or not b else a / b
+
+
+def _outside(v, lo, hi):
+    v = _num(v)
+    return None if v is None else not lo <= v <= hi
+
+
+def flags(row: dict) -> list[tuple[str, str]]:
+    """The (name, rule) of every :data:`FLAG_RULES` entry the row raises (missing values: none).
+
+    >>> flags({"tpl_dice": 0.5, "folded_fraction": 0.0})
+    [('template', 'template-space lung Dice below 0.80')]
+    """
+    return [(name, rule) for name, rule, test in FLAG_RULES if test(row)]
+
+
+def format_value(value, fmt: str) -> str:
+    """``fmt`` applied to a finite number, else an en dash (never "nan" or "-0").
+
+    >>> format_value(-0.00001, "{:+.4f}"), format_value(float("nan"), "{:.1f}")
+    ('+0.0000', '–')
+    """
+    v = _num(value)
+    if v is None:
+        return "–"
+    text = fmt.format(v)
+    if text.lstrip("+-").strip("0.%") == "" and text.startswith("-"):
+        text = text[1:] if not fmt.startswith("{:+") else "+" + text[1:]
+    return text
+
+
+def page_path(results_dir, patient_id: str) -> Path:
+    return Path(results_dir) / "report" / "qa" / f"{patient_id}.html"
+
+
+def _inputs_key(group) -> dict:
+    out = {}
+    for name in INPUTS:
+        if st.output_state(group, name) == "complete":
+            meta = group[name].attrs["sscflow"]
+            out[name] = [meta.get("input_hash"), meta.get("params")]
+    return out
+
+
+def qa_patient(store: str, patient_id: str, results_dir, *, force: bool = False) -> dict:
+    """Draw the patient's QA page; returns ``{"status": done|skipped, "path", "flags"}``."""
+    t0 = time.perf_counter()
+    root = st.open_store(store, mode="r")
+    group = st.patient_group(root, patient_id, create=False)
+    if st.output_state(group, "baseline") != "complete":
+        raise IncompleteOutputError(f"patient {patient_id}: no baseline in the store; ingest it")
+    path = page_path(results_dir, patient_id)
+    key = st.hash_values(_inputs_key(group), dict(group.attrs.get("sscflow", {})), STAGE_VERSION)
+    old = dict(group.attrs.get("qa_page", {}) or {})
+    row = cohort_table(root, [patient_id]).iloc[0].to_dict()
+    raised = flags(row)
+    if not force and old.get("input_hash") == key and path.is_file():
+        return {"status": "skipped", "path": str(path), "flags": len(raised),
+                "seconds": time.perf_counter() - t0}
+    figures = draw_patient(root, patient_id)
+    page = _page(patient_id, row, raised, figures)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".html.partial")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    rw = st.open_store(store)
+    st.patient_group(rw, patient_id, create=False).attrs["qa_page"] = {
+        "input_hash": key, "path": str(path), "flags": [n for n, _ in raised]}  # fmt: skip
+    return {"status": "done", "path": str(path), "flags": len(raised),
+            "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+# --- drawing ---------------------------------------------------------------------------------
+
+
+def _read(group, name):
+    try:
+        s = st.read_image(group, name)
+    except IncompleteOutputError:
+        return None, None
+    return np.asarray(s.array[...]), stored_geometry(s)
+
+
+def _centre(mask, shape):
+    if mask is not None and mask.any():
+        return tuple(int(round(float(np.mean(i)))) for i in np.nonzero(mask))
+    return tuple(s // 2 for s in shape)
+
+
+def _views(volume, centre, spacing):
+    """(name, 2-D slice, extent, aspect) for axial, coronal, sagittal through ``centre``;
+    every slice is shown with superior / anterior / patient's right conventions."""
+    cz, cy, cx = centre
+    dz, dy, dx = spacing
+    nz, ny, nx = volume.shape[-3:]
+    return [
+        ("axial", volume[..., cz, :, :], (0, nx * dx, ny * dy, 0)),
+        ("coronal", volume[..., :, cy, :], (0, nx * dx, 0, nz * dz)),
+        ("sagittal", volume[..., :, :, cx], (0, ny * dy, 0, nz * dz)),
+    ]
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _row_figure(n=3, height=3.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.2 * n + 0.8, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, n, squeeze=False)[0]
+
+
+def _ct(ax, img, ext, title):
+    ax.imshow(img, cmap="gray", vmin=-1000, vmax=300, extent=ext, origin="lower"
+              if ext[2] < ext[3] else "upper", interpolation="nearest")  # fmt: skip
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _origin(ext):
+    return "lower" if ext[2] < ext[3] else "upper"
+
+
+def checkerboard(a, b, spacing2d, square_mm: float = CHECKER_MM) -> np.ndarray:
+    """Alternating squares of ``a`` and ``b`` (2-D, same shape), ``square_mm`` wide.
+
+    >>> checkerboard(np.zeros((2, 4)), np.ones((2, 4)), (1.0, 1.0), 2.0).tolist()
+    [[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]
+    """
+    iy = (np.arange(a.shape[0]) * spacing2d[0] // square_mm).astype(int)
+    ix = (np.arange(a.shape[1]) * spacing2d[1] // square_mm).astype(int)
+    pick = (iy[:, None] + ix[None, :]) % 2 == 1
+    return np.where(pick, b, a)
+
+
+def draw_patient(root, patient_id: str) -> list[tuple[str, str, str]]:
+    """The page's figures: (title, caption, base64 PNG), for the outputs that exist."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    group = st.patient_group(root, patient_id, create=False)
+    base, bgeom = _read(group, "baseline")
+    mask, _ = _read(group, "lung_mask")
+    follow, fgeom = _read(group, "followup")
+    u, _ = _read(group, "displacement")
+    lj, _ = _read(group, "log_jacobian")
+    out = []
+    centre = _centre(mask, base.shape)
+    spacing = bgeom.spacing
+
+    fig, axes = _row_figure()
+    for ax, (name, img, ext) in zip(axes, _views(base, centre, spacing), strict=True):
+        _ct(ax, img, ext, name)
+        if mask is not None:
+            m = dict((n, i) for n, i, _ in _views(mask, centre, spacing))[name]
+            if m.any():
+                ax.contour(m.astype(float), levels=[0.5], colors="#ffcc00", linewidths=0.8,
+                           extent=ext, origin=_origin(ext))  # fmt: skip
+    out.append(("Baseline and lung mask", "Baseline CT (W 1300, L -350) through the lung "
+                "centre; yellow: the lung-mask contour.", _png(fig)))  # fmt: skip
+
+    if follow is not None:
+        before = resample(follow, fgeom, bgeom, fill=-1024.0)
+        pairs = [("before registration", before)]
+        if u is not None:
+            pairs.append(("after registration", warp_to_baseline(follow, fgeom, u, bgeom)))
+        for label, moved in pairs:
+            fig, axes = _row_figure(6, 3.0)
+            views_b = _views(base.astype(np.float32), centre, spacing)
+            views_m = _views(moved, centre, spacing)
+            for k, ((name, b, ext), (_, m, _)) in enumerate(zip(views_b, views_m, strict=True)):
+                sp2 = [spacing[i] for i in {"axial": (1, 2), "coronal": (0, 2),
+                                            "sagittal": (0, 1)}[name]]  # fmt: skip
+                _ct(axes[k], checkerboard(b, m, sp2), ext, f"{name}: checkerboard")
+                diff = np.abs(m - b)
+                axes[3 + k].imshow(diff, cmap="magma", vmin=0, vmax=400, extent=ext,
+                                   origin=_origin(ext), interpolation="nearest")  # fmt: skip
+                axes[3 + k].set_title(f"{name}: |follow-up - baseline|", fontsize=9)
+                axes[3 + k].set_xticks([])
+                axes[3 + k].set_yticks([])
+            inside = mask.astype(bool) if mask is not None and mask.any() else slice(None)
+            mad = float(np.mean(np.abs(moved - base)[inside]))
+            out.append((f"Follow-up {label}", f"Checkerboard of {CHECKER_MM:.0f} mm squares "
+                        "(baseline and follow-up alternate) and absolute difference (0 to 400 "
+                        f"HU); mean absolute difference in the lungs {mad:.0f} HU. Before: the "
+                        "follow-up placed by its scanner coordinates only; after: resampled at "
+                        "x + u(x).", _png(fig)))  # fmt: skip
+
+    norm = Normalize(-LOGJAC_RANGE, LOGJAC_RANGE)
+    cmap = colormaps["RdBu_r"].with_extremes(bad=(0, 0, 0, 0))
+    if lj is not None:
+        shown = np.where(mask.astype(bool), lj, np.nan) if mask is not None else lj
+        out.append(("Log-Jacobian over the baseline",
+                    f"log det(I + grad u) inside the baseline lungs, fixed range "
+                    f"\u00b1{LOGJAC_RANGE} (blue < 0: shrinkage from baseline to follow-up); clear "
+                    "where not measured.",
+                    _overlay(base, shown, centre, spacing, norm, cmap)))  # fmt: skip
+    try:
+        tpl = st.template_group(root)
+        timg, tgeom = _read(tpl, "image")
+        tmask, _ = _read(tpl, "lung_mask")
+    except IncompleteOutputError:
+        timg = None
+    lj_t, _ = _read(group, "log_jacobian_template")
+    if timg is not None and lj_t is not None:
+        shown = np.where(tmask.astype(bool), lj_t, np.nan) if tmask is not None else lj_t
+        out.append(("Template-space map", "The log-Jacobian map brought to the template, over "
+                    "the template CT, inside the template lungs (same colours).",
+                    _overlay(timg, shown, _centre(tmask, timg.shape), tgeom.spacing, norm,
+                             cmap)))  # fmt: skip
+    return out
+
+
+def _overlay(ct, values, centre, spacing, norm, cmap) -> str:
+    fig, axes = _row_figure()
+    image = None
+    vals = dict((n, v) for n, v, _ in _views(values, centre, spacing))
+    for ax, (name, img, ext) in zip(axes, _views(ct, centre, spacing), strict=True):
+        _ct(ax, img, ext, name)
+        image = ax.imshow(vals[name], cmap=cmap, norm=norm, extent=ext, origin=_origin(ext),
+                          interpolation="nearest")  # fmt: skip
+    bar = fig.colorbar(image, ax=list(axes), shrink=0.8)
+    bar.set_label("log-Jacobian (< 0: shrinkage)", fontsize=8)
+    return _png(fig)
+
+
+def _page(patient_id, row, raised, figures) -> str:
+    cov = row.get("reg_slice_thickness_mm_baseline"), row.get("reg_slice_thickness_mm_followup")
+    thickness = None
+    if any(_num(v) is not None for v in cov):
+        thickness = [format_value(v, "{:.2f}") for v in cov]
+    return render(
+        "qa.html",
+        patient_id=patient_id,
+        when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        heads=[h for _, h, _ in KEY_FIGURES],
+        cells=[format_value(row.get(c), f) for c, _, f in KEY_FIGURES],
+        thickness=thickness,
+        raised=raised,
+        figures=figures,
+        rules=[(n, r) for n, r, _ in FLAG_RULES],
+    )
