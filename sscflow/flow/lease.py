@@ -124,7 +124,8 @@ def _alive(pid: int, started: float) -> bool:
         return True
 
 
-# --- where the record lives: a folder (flock + O_EXCL) or an object store (conditional writes)
+# --- where the record lives: a folder (flock, then a temporary file renamed into place) or an
+# object store (conditional writes)
 
 
 class _Folder:
