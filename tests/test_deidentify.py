@@ -364,6 +364,21 @@ def test_every_output_exists(identified_run):
 
 
 @pytest.mark.slow
+def test_the_deidentification_is_recorded_in_the_run_and_the_report(identified_run):
+    """Provenance: the run record and the report name the method and its version."""
+    import zarr
+
+    from sscflow.discover import DEIDENTIFICATION
+
+    _, _, out, _, _ = identified_run
+    run = zarr.open_group(str(out / "cohort.zarr" / "status"), mode="r").attrs["run"]
+    assert run["deidentification"]["method"] == DEIDENTIFICATION["method"]
+    assert run["deidentification"]["version"] == DEIDENTIFICATION["version"]
+    page = (out / "results" / "report" / "index.html").read_text(encoding="utf-8")
+    assert "de-identification" in page and "113100" in page
+
+
+@pytest.mark.slow
 def test_no_dicom_identifier_reaches_any_output(identified_run):
     work, _, out, logs, _ = identified_run
     blobs = list(file_blobs(out)) + _zarr_text(out / "cohort.zarr")

@@ -434,6 +434,17 @@ def record_manifest(root, manifest: Manifest) -> None:
         group.attrs["manifest"] = record
 
 
+def _deidentification(manifest) -> dict | None:
+    """The de-identification method and its version when the manifest came from ``sscflow
+    discover`` (its scans are keyed references), else None (a hand-written manifest)."""
+    from sscflow.discover import DEIDENTIFICATION
+
+    if not any(p.refs for p in manifest.patients):
+        return None
+    return {"method": DEIDENTIFICATION["method"], "version": DEIDENTIFICATION["version"],
+            "codes": [list(c) for c in DEIDENTIFICATION["codes"]]}  # fmt: skip
+
+
 def _write_run_record(root, cfg, manifest, truth_dir, client) -> None:
     """Provenance of this run (what the report's provenance section shows), under
     ``STORE/status`` attribute ``run``: version, start, config as YAML, manifest and its sha256,
@@ -458,6 +469,8 @@ def _write_run_record(root, cfg, manifest, truth_dir, client) -> None:
         "patients": len(manifest.patients) + len(manifest.rejected),
         "truth_dir": _file_name(truth_dir) if truth_dir else None,
         "cluster": cluster,
+        # a discovered cohort (scans named by keyed references): how it was de-identified
+        "deidentification": _deidentification(manifest),
         "rejected": [{"line": r.line, "patient_id": r.patient_id, "message": r.message}
                      for r in manifest.rejected],  # bad rows: no status record of their own
     }

@@ -399,6 +399,10 @@ def _provenance_section(root, run: dict) -> dict:
             ("canonical grid spacing (mm)", format_value(spacing, "{:g}")),
             ("template", describe_provenance(template_provenance(root))),
             ("cluster", run.get("cluster", "–"))]  # fmt: skip
+    deid = run.get("deidentification")
+    if deid:  # a discovered cohort
+        rows.append(("de-identification", f"{deid.get('method')} (version {deid.get('version')};"
+                     f" DICOM CID 7050: {', '.join(c[0] for c in deid.get('codes', []))})"))
     for stage, counts in backends.items():
         rows.append((f"{stage} backend", ", ".join(f"{k}: {v} patients"
                                                     for k, v in counts.items())))  # fmt: skip
