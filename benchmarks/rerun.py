@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dataflow import dry_run_10k, small_cohort, warm_up
+from dataflow import ONE_THREAD, dry_run_10k, small_cohort, warm_up
 
 
 def skip_decision_per_patient(cfg, manifest) -> float:
@@ -54,8 +54,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sscflow-rerun-") as tmp:
         tmp = Path(tmp)
         manifest, config = small_cohort(tmp, args.patients, args.spacing,
-                                        registration={"threads": 1},
-                                        template={"registration": {"threads": 1}})  # fmt: skip
+                                        registration=ONE_THREAD,
+                                        template={"registration": ONE_THREAD})  # fmt: skip
         cfg = config("run.zarr")
         warm_up()
         cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
