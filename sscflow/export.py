@@ -12,6 +12,8 @@ geometry (origin, spacing, direction), read from the store's OME-NGFF metadata.
 
 Formats: ``nifti`` (``.nii.gz``), ``nrrd`` (``.nrrd``) or ``mha`` (``.mha``). NIfTI stores RAS
 on disk; ITK converts from and to LPS, so the files open aligned in every ITK-based tool.
+``dicom``: the baseline as a CT series, the lung mask as DICOM SEG and the log-Jacobian map as a
+DICOM Parametric Map, per patient (:mod:`sscflow.export_dicom`).
 """
 
 from __future__ import annotations
@@ -120,8 +122,8 @@ def export_store(store: str, out_dir, *, patients=None, fmt: str = "nifti",
     Returns ``{"patients": {id: [paths]}, "template": [paths]}``. Raises SscflowError for an
     unknown format or a patient that is not in the store (naming the ones that are).
     """
-    if fmt not in FORMATS:
-        raise SscflowError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt not in (*FORMATS, "dicom"):
+        raise SscflowError(f"--format must be one of {', '.join(FORMATS)}, dicom; got {fmt!r}")
     root = st.open_store(store, mode="r")
     known = st.patient_ids(root)
     ids = list(patients) if patients else known
@@ -130,11 +132,17 @@ def export_store(store: str, out_dir, *, patients=None, fmt: str = "nifti",
         raise SscflowError(f"store {store} has no patient {', '.join(unknown)} (it has "
                            f"{', '.join(known[:10])}{', ...' if len(known) > 10 else ''})")
     out = {"patients": {}, "template": []}
+    if fmt == "dicom":
+        from sscflow.export_dicom import export_patient_dicom as write
+    else:
+        def write(root, pid, out_dir):
+            return export_patient(root, pid, out_dir, fmt)
     for i, pid in enumerate(ids):
-        out["patients"][pid] = export_patient(root, pid, out_dir, fmt)
+        out["patients"][pid] = write(root, pid, out_dir)
         if progress:
             progress(pid, i + 1, len(ids))
-    out["template"] = export_cohort_images(store, root, out_dir, fmt)
+    if fmt != "dicom":  # the template has no CT series to reference
+        out["template"] = export_cohort_images(store, root, out_dir, fmt)
     return out
 
 
