@@ -229,6 +229,25 @@ def _write_atomic_dicom(ds, path: Path) -> Path:
     return path
 
 
+def write_patient_dicom(folder, pseudonym: str, geometry, baseline: np.ndarray,
+                        lung_mask=None, log_jacobian=None) -> list[Path]:  # fmt: skip
+    """The CT series of ``baseline`` on ``geometry`` (any direction) into ``folder/CT/``, and the
+    mask and the map given (on the same grid) as SEG and Parametric Map beside it."""
+    _highdicom()
+    folder = Path(folder)
+    uids = _Uids(pseudonym, baseline, geometry)
+    ct = ct_series(baseline, geometry, pseudonym, uids)
+    written = [_write_atomic_dicom(ds, folder / "CT" / f"CT{k + 1:04d}.dcm")
+               for k, ds in enumerate(ct)]  # fmt: skip
+    if lung_mask is not None:
+        written.append(_write_atomic_dicom(lung_segmentation(ct, lung_mask, uids),
+                                           folder / "lung_mask.SEG.dcm"))  # fmt: skip
+    if log_jacobian is not None:
+        written.append(_write_atomic_dicom(parametric_map(ct, log_jacobian, uids),
+                                           folder / "log_jacobian.PM.dcm"))  # fmt: skip
+    return written
+
+
 def export_patient_dicom(root, patient_id: str, out_dir) -> list[Path]:
     """Write one patient's baseline CT series, lung SEG and log-Jacobian Parametric Map (those
     that are complete) into ``out_dir/<patient_id>/``."""
@@ -239,14 +258,8 @@ def export_patient_dicom(root, patient_id: str, out_dir) -> list[Path]:
     except IncompleteOutputError:
         return []
     geometry = stored_geometry(base)
-    array = base.array[...]
-    uids = _Uids(patient_id, array, geometry)
-    ct = ct_series(array, geometry, patient_id, uids)
-    folder = Path(out_dir) / patient_id
-    written = [_write_atomic_dicom(ds, folder / "CT" / f"CT{k + 1:04d}.dcm")
-               for k, ds in enumerate(ct)]  # fmt: skip
-    for name, make, filename in (("lung_mask", lung_segmentation, "lung_mask.SEG.dcm"),
-                                 ("log_jacobian", parametric_map, "log_jacobian.PM.dcm")):
+    on_grid = {}
+    for name in ("lung_mask", "log_jacobian"):
         try:
             s = st.read_image(group, name)
         except IncompleteOutputError:
@@ -254,5 +267,6 @@ def export_patient_dicom(root, patient_id: str, out_dir) -> list[Path]:
         if not stored_geometry(s).same_grid(geometry):
             raise SscflowError(f"{patient_id}: {name} is not on the baseline's grid; "
                                "rerun 'sscflow run'")  # fmt: skip
-        written.append(_write_atomic_dicom(make(ct, s.array[...], uids), folder / filename))
-    return written
+        on_grid[name] = s.array[...]
+    return write_patient_dicom(Path(out_dir) / patient_id, patient_id, geometry,
+                               base.array[...], **on_grid)  # fmt: skip
