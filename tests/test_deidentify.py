@@ -92,8 +92,9 @@ def series_of(i: int, layout: str = "pacs") -> list[tuple[str, str, str]]:
     dates = [("baseline", HEADER["StudyDate"])] + ([("middle", MIDDLE_DATE)] if i == 0 else [])
     dates.append(("followup", FOLLOWUP_DATE))
     if layout == "uid":
-        return [(w, d, f"{vendor_uid(d, '101500', 10 * i + k)}/{vendor_uid(d, '101544', 10 * i + k)}")
-                for k, (w, d) in enumerate(dates)]  # fmt: skip
+        uids = [(vendor_uid(d, "101500", 10 * i + k), vendor_uid(d, "101544", 10 * i + k))
+                for k, (_, d) in enumerate(dates)]  # fmt: skip
+        return [(w, d, f"{a}/{b}") for (w, d), (a, b) in zip(dates, uids, strict=True)]
     if layout == "flat":
         return [(w, d, "DICOM") for w, d in dates]
     return [(w, d, f"{top}/{d}_Thorax/{k + 2}_Lung_1.0") for k, (w, d) in enumerate(dates)]
