@@ -303,6 +303,7 @@ def ingest(
         typer.Option("--force", help="Read every scan again, even those that look unchanged "
                      "(after editing a file in place without changing its size or time)."),
     ] = False,
+    key: KeyOpt = None,
 ):
     """Ingest every manifest patient into a Zarr store: the canonical grid (identity
     direction, isotropic --spacing mm, default 1), int16 HU, lung masks.
@@ -313,25 +314,29 @@ def ingest(
     row with a bad value) fails alone and the command exits 1 with a summary. Writes the same
     status records as 'sscflow run' (see 'sscflow status').
 
+    A manifest 'sscflow discover' wrote needs its private side: --key (or discover.key).
+
     Example: sscflow ingest cohort/manifest.csv --store cohort.zarr --spacing 1.0
     """
     cfg = _config(config, scheduler, workers)
     if spacing is not None:
         cfg.ingest.spacing_mm = spacing
         cfg.ingest.validate("ingest")
+    cfg.manifest, cfg.store = manifest, store  # where the key file may not lie
+    private = _private_side(key, cfg)
     with _lease(store, wait, f"sscflow ingest {manifest}"):
-        results = _ingest(manifest, store, cfg, force=force)
+        results = _ingest(manifest, store, cfg, force=force, key=private)
     _ingest_summary(results, store)
 
 
-def _ingest(manifest_path, store, cfg, client=None, force=False):
+def _ingest(manifest_path, store, cfg, client=None, force=False, key=None):
     from sscflow.cohort import read_manifest
     from sscflow.core import store as st
     from sscflow.flow.pipeline import ingest_record, rejected_record
     from sscflow.flow.status import STATUS_GROUP, write_status
     from sscflow.methods.ingest import PatientResult, ingest_cohort
 
-    manifest = read_manifest(manifest_path, lenient=True)
+    manifest = read_manifest(manifest_path, lenient=True, key=key)
     rejected = []
     for row in manifest.rejected:  # bad rows fail alone, as in 'sscflow run'
         rec = rejected_record(row)
@@ -841,13 +846,17 @@ def export(
                      "option per id); every patient when omitted."),
     ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", "-f", help="nifti (.nii.gz), nrrd or mha.")
+        str, typer.Option("--format", "-f", help="nifti (.nii.gz), nrrd, mha, or dicom (the "
+                          "baseline CT series, the lung mask as SEG, the log-Jacobian map as a "
+                          "Parametric Map; needs the dicom extra).")
     ] = "nifti",
 ):
     """Export images for ITK-SNAP, 3D Slicer, ANTs and napari: per patient the baseline,
     follow-up, follow-up warped onto the baseline, lung masks, log-Jacobian maps (native and
     template space) and the displacement field as an ITK vector warp; the template and the
-    group means; each file with its real geometry.
+    group means; each file with its real geometry. --format dicom writes per patient a
+    pseudonymised CT series of the baseline, the lung mask as DICOM SEG and the log-Jacobian
+    map as a DICOM Parametric Map, for OHIF, 3D Slicer and Orthanc.
 
     Example: sscflow export demo/cohort.zarr --out exported/ --patients SYN001 --format nifti
     """

@@ -80,12 +80,23 @@ def vendor_uid(date: str, time: str, n: int) -> str:
     return f"1.3.12.2.1107.5.1.4.{SERIAL}.3000000{date[2:]}{time}{n:05d}"
 
 
-def series_of(i: int) -> list[tuple[str, str, str]]:
-    """(which, StudyDate, folder) of patient ``i``'s studies, in the export's layout."""
+LAYOUTS = ("pacs", "uid", "flat")  # the folder layouts PACS exports come in
+
+
+def series_of(i: int, layout: str = "pacs") -> list[tuple[str, str, str]]:
+    """(which, StudyDate, folder) of patient ``i``'s studies, in the export's ``layout``: ``pacs``
+    (``<Name>_<ID>/<StudyDate>_<Description>/<SeriesNumber>_<Description>``), ``uid``
+    (``<StudyInstanceUID>/<SeriesInstanceUID>``) or ``flat`` (every file in ``DICOM/``)."""
     name, pid, _ = WHO[i]
     top = f"{name.replace('^', '_')}_{pid}"
     dates = [("baseline", HEADER["StudyDate"])] + ([("middle", MIDDLE_DATE)] if i == 0 else [])
     dates.append(("followup", FOLLOWUP_DATE))
+    if layout == "uid":
+        uids = [(vendor_uid(d, "101500", 10 * i + k), vendor_uid(d, "101544", 10 * i + k))
+                for k, (_, d) in enumerate(dates)]  # fmt: skip
+        return [(w, d, f"{a}/{b}") for (w, d), (a, b) in zip(dates, uids, strict=True)]
+    if layout == "flat":
+        return [(w, d, "DICOM") for w, d in dates]
     return [(w, d, f"{top}/{d}_Thorax/{k + 2}_Lung_1.0") for k, (w, d) in enumerate(dates)]
 
 
@@ -251,20 +262,30 @@ def _tag_headers(folder: Path, study_date: str, who: tuple, uids: tuple) -> None
         ds.save_as(f)
 
 
-def _as_identified_export(synthetic: Path, export: Path) -> Path:
-    """Write every scan of the synthetic cohort into a PACS-style DICOM export carrying HEADER
-    and each patient's identity; returns the PFT table (PatientID, date, values) for discover."""
+def _as_identified_export(synthetic: Path, export: Path, layout: str = "pacs") -> Path:
+    """Write every scan of the synthetic cohort into a DICOM export (folders as ``layout``, see
+    :func:`series_of`) carrying HEADER and each patient's identity; returns the PFT table
+    (PatientID, date, values) for discover."""
+    import shutil
+
     with open(synthetic / "manifest.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     pft = ["patient_id,date,fvc,dlco,tlc,kco"]
     for i, row in enumerate(rows):
-        for k, (which, date, folder) in enumerate(series_of(i)):
+        for k, (which, date, folder) in enumerate(series_of(i, layout)):
             image = read_volume(synthetic / row["followup" if which == "followup" else "baseline"])
             uids = (vendor_uid(date, "101500", 10 * i + k), vendor_uid(date, "101544", 10 * i + k))
-            write_dicom_series(image, export / folder, patient_id="x", patient_name="x",
+            staging = export.parent / f".staging-{export.name}" if layout == "flat" else None
+            where = staging or export / folder
+            write_dicom_series(image, where, patient_id="x", patient_name="x",
                                study_date=date, series_uid=uids[1], study_uid=uids[0],
                                series_number=k + 2)  # fmt: skip
-            _tag_headers(export / folder, date, WHO[i], uids)
+            _tag_headers(where, date, WHO[i], uids)
+            if staging:  # one folder for every file: names numbered across the export
+                (export / folder).mkdir(parents=True, exist_ok=True)
+                for f in sorted(staging.glob("*.dcm")):
+                    f.rename(export / folder / f"IM{i:02d}{k:02d}{f.stem[-4:]}.dcm")
+                shutil.rmtree(staging)
             values = [row[f"{m}_{'followup' if which == 'followup' else 'baseline'}"]
                       for m in ("fvc", "dlco", "tlc", "kco")]  # fmt: skip
             iso = f"{date[:4]}-{date[4:6]}-{date[6:]}"
@@ -338,9 +359,13 @@ def identified_run(tmp_path_factory):
         writer.writeheader()
         writer.writerows(rows)
     step("validate", "validate", str(cfg), "--key", str(key))
+    step("ingest", "ingest", str(manifest), "--store", str(out / "cohort.zarr"), "--key", str(key),
+         "--config", str(cfg))  # fmt: skip
     step("run", "--debug", "run", str(cfg), "--key", str(key))
     step("status", "status", str(out / "cohort.zarr"), "--all")
     step("export", "export", str(out / "cohort.zarr"), "--out", str(out / "export"))
+    step("export-dicom", "export", str(out / "cohort.zarr"), "--out", str(out / "export_dicom"),
+         "--format", "dicom")  # fmt: skip
     return work, export, out, logs, [r["patient_id"] for r in rows]
 
 
@@ -351,6 +376,9 @@ def test_every_output_exists(identified_run):
     store, results = out / "cohort.zarr", out / "results"
     assert len(pseudonyms) == N_PATIENTS  # one patient per PatientID, whatever the encoding
     assert [p for p in (out / "export").rglob("*.nii.gz")]
+    for pid in pseudonyms:  # the DICOM export: CT series, SEG and Parametric Map
+        assert len(list((out / "export_dicom" / pid / "CT").glob("*.dcm"))) > 10, pid
+        assert (out / "export_dicom" / pid / "log_jacobian.PM.dcm").is_file(), pid
     for pid in pseudonyms:
         assert (store / "patients" / pid / "log_jacobian_template" / "zarr.json").is_file(), pid
     assert (store / "group_means" / "zarr.json").is_file()
@@ -460,3 +488,46 @@ def test_control_the_search_opens_every_container(tmp_path):
                 "OtherPatientIDs", "PatientAddress"):  # fmt: skip
         assert any(f": {tag} as " in h for h in hits), tag
     assert any("[data-uri#0/png-zTXt]" in h for h in hits), hits
+
+
+def test_discover_finds_the_same_series_in_every_export_layout(tmp_path):
+    """The same scans exported by name, ID and date, by UID and flat (every file in one folder)
+    give discover the same cohort: the same manifest, byte for byte, with one key; the private
+    side points each series at its folder in that layout."""
+    from sscflow.discover import DiscoverConfig, discover
+    from sscflow.discover.pseudonym import PseudonymKey
+    from sscflow.synth import synthesize_cohort
+
+    synthetic = tmp_path / "synthetic"
+    synthesize_cohort(2, synthetic, spacing=SPACING, seed=0, ribs=False)
+    key = tmp_path / "private" / "cohort.key"
+    cfg = DiscoverConfig(min_extent_mm=0.0, max_slice_thickness_mm=20.0)
+    manifests, folders = {}, {}
+    for layout in LAYOUTS:
+        export = tmp_path / f"export-{layout}"
+        pft = _as_identified_export(synthetic, export, layout)
+        res = discover(export, tmp_path / f"cohort-{layout}", key=key, cfg=cfg, pft=pft)
+        manifests[layout] = (tmp_path / f"cohort-{layout}" / "manifest.csv").read_text()
+        private = PseudonymKey.open(key, scheme=None, must_exist=True)
+        with open(tmp_path / f"cohort-{layout}" / "manifest.csv", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        folders[layout] = sorted(private.resolve(r[c])["folder"] for r in rows
+                                 for c in ("baseline", "followup"))  # fmt: skip
+        assert len(rows) == 2 and res is not None, layout
+    # a discovered manifest needs its private side at ingest too
+    manifest, env = tmp_path / "cohort-flat" / "manifest.csv", {**os.environ, "COLUMNS": "250"}
+    res = _sscflow("ingest", str(manifest), "--store", str(tmp_path / "s.zarr"), cwd=tmp_path,
+                   env=env)  # fmt: skip
+    assert res.returncode == 1 and "--key" in res.stdout + res.stderr, res.stdout + res.stderr
+    inside = tmp_path / "cohort-flat" / "cohort.key"
+    inside.write_bytes(key.read_bytes())
+    res = _sscflow("ingest", str(manifest), "--store", str(tmp_path / "s.zarr"), "--key",
+                   str(inside), cwd=tmp_path, env=env)  # fmt: skip
+    assert res.returncode == 1 and "lies inside" in " ".join((res.stdout + res.stderr).split())
+    assert manifests["uid"] == manifests["pacs"] and manifests["flat"] == manifests["pacs"]
+    expected = {layout: sorted({f for i in range(2) for w, _, f in series_of(i, layout)
+                                if w != "middle"}) for layout in LAYOUTS}  # fmt: skip
+    for layout in LAYOUTS:
+        got = sorted({os.path.relpath(f, tmp_path / f"export-{layout}") if os.path.isabs(f)
+                      else f for f in folders[layout]})  # fmt: skip
+        assert got == expected[layout], (layout, got)

@@ -286,6 +286,13 @@ class StoredImage:
     meta: dict
 
 
+def stored_geometry(image: StoredImage) -> Geometry:
+    """The geometry of a stored image: NGFF scale and translation, direction from ``sscflow``."""
+    direction = (image.meta.get("geometry") or {}).get("direction")
+    g = image.geometry
+    return Geometry(g.shape, g.spacing, g.origin, tuple(map(tuple, direction))) if direction else g
+
+
 def read_image(parent: zarr.Group, name: str, *, lazy: bool = False) -> StoredImage:
     """Open a complete image group. ``lazy`` returns a dask array chunked like the store.
 

@@ -12,6 +12,8 @@ geometry (origin, spacing, direction), read from the store's OME-NGFF metadata.
 
 Formats: ``nifti`` (``.nii.gz``), ``nrrd`` (``.nrrd``) or ``mha`` (``.mha``). NIfTI stores RAS
 on disk; ITK converts from and to LPS, so the files open aligned in every ITK-based tool.
+``dicom``: the baseline as a CT series, the lung mask as DICOM SEG and the log-Jacobian map as a
+DICOM Parametric Map, per patient (:mod:`sscflow.views.dicom`).
 """
 
 from __future__ import annotations
@@ -31,13 +33,6 @@ from sscflow.methods.groups import GROUPINGS, _quiet_consolidation
 FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
 PATIENT_IMAGES = ("baseline", "followup", "lung_mask", "followup_lung_mask", "log_jacobian",
                   "log_jacobian_template")  # fmt: skip
-
-
-def stored_geometry(image: st.StoredImage) -> Geometry:
-    """The geometry of a stored image: NGFF scale and translation, direction from ``sscflow``."""
-    direction = (image.meta.get("geometry") or {}).get("direction")
-    g = image.geometry
-    return Geometry(g.shape, g.spacing, g.origin, tuple(map(tuple, direction))) if direction else g
 
 
 def _write(image: sitk.Image, path: Path) -> Path:
@@ -63,14 +58,14 @@ def export_patient(root, patient_id: str, out_dir, fmt: str = "nifti") -> list[P
     for name in PATIENT_IMAGES:
         if name in stored:
             s = stored[name]
-            written.append(_write(to_itk(s.array[...], stored_geometry(s)),
+            written.append(_write(to_itk(s.array[...], st.stored_geometry(s)),
                                   folder / f"{name}{ext}"))  # fmt: skip
     if "displacement" in stored:
-        u, geom = stored["displacement"].array[...], stored_geometry(stored["displacement"])
+        u, geom = stored["displacement"].array[...], st.stored_geometry(stored["displacement"])
         written.append(_write(to_itk(u, geom), folder / f"displacement{ext}"))
         if "followup" in stored:
             f = stored["followup"]
-            warped = warp_to_baseline(f.array[...], stored_geometry(f), u, geom)
+            warped = warp_to_baseline(f.array[...], st.stored_geometry(f), u, geom)
             written.append(_write(to_itk(warped, geom), folder / f"followup_warped{ext}"))
     return written
 
@@ -90,7 +85,7 @@ def export_cohort_images(store: str, root, out_dir, fmt: str = "nifti") -> list[
             s = st.read_image(tpl, name)
         except IncompleteOutputError:
             continue
-        geometry = stored_geometry(s)
+        geometry = st.stored_geometry(s)
         written.append(_write(to_itk(s.array[...], geometry), folder / f"{name}{ext}"))
     if geometry is None or "group_means" not in root:
         return written
@@ -120,8 +115,8 @@ def export_store(store: str, out_dir, *, patients=None, fmt: str = "nifti",
     Returns ``{"patients": {id: [paths]}, "template": [paths]}``. Raises SscflowError for an
     unknown format or a patient that is not in the store (naming the ones that are).
     """
-    if fmt not in FORMATS:
-        raise SscflowError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt not in (*FORMATS, "dicom"):
+        raise SscflowError(f"--format must be one of {', '.join(FORMATS)}, dicom; got {fmt!r}")
     root = st.open_store(store, mode="r")
     known = st.patient_ids(root)
     ids = list(patients) if patients else known
@@ -130,11 +125,17 @@ def export_store(store: str, out_dir, *, patients=None, fmt: str = "nifti",
         raise SscflowError(f"store {store} has no patient {', '.join(unknown)} (it has "
                            f"{', '.join(known[:10])}{', ...' if len(known) > 10 else ''})")
     out = {"patients": {}, "template": []}
+    if fmt == "dicom":
+        from sscflow.views.dicom import export_patient_dicom as write
+    else:
+        def write(root, pid, out_dir):
+            return export_patient(root, pid, out_dir, fmt)
     for i, pid in enumerate(ids):
-        out["patients"][pid] = export_patient(root, pid, out_dir, fmt)
+        out["patients"][pid] = write(root, pid, out_dir)
         if progress:
             progress(pid, i + 1, len(ids))
-    out["template"] = export_cohort_images(store, root, out_dir, fmt)
+    if fmt != "dicom":  # the template has no CT series to reference
+        out["template"] = export_cohort_images(store, root, out_dir, fmt)
     return out
 
 

@@ -33,7 +33,6 @@ from sscflow.core import store as st
 from sscflow.core.geometry import resample, warp_to_baseline
 from sscflow.errors import IncompleteOutputError
 from sscflow.methods.groups import cohort_table
-from sscflow.views.export import stored_geometry
 from sscflow.views.pages import render
 
 STAGE_VERSION = 1
@@ -178,7 +177,7 @@ def _read(group, name):
         s = st.read_image(group, name)
     except IncompleteOutputError:
         return None, None
-    return np.asarray(s.array[...]), stored_geometry(s)
+    return np.asarray(s.array[...]), st.stored_geometry(s)
 
 
 def _centre(mask, shape):
