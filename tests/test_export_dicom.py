@@ -213,3 +213,34 @@ def test_the_command_writes_dicom_and_names_the_extra_when_highdicom_is_missing(
     monkeypatch.setitem(sys.modules, "highdicom", None)  # as if not installed
     with pytest.raises(SscflowError, match=r"pip install 'sscflow\[dicom\]'"):
         export_store(str(tmp_path / "s.zarr"), tmp_path / "x", fmt="dicom")
+
+
+def test_template_space_maps_open_over_the_template(tmp_path):
+    """The template as a CT series with its SEG, and each patient's template-space map as a
+    Parametric Map referencing it, on the template's grid with its values (NaN too)."""
+    store = str(tmp_path / "s.zarr")
+    _store(store, GRIDS["canonical"])
+    root = st.open_store(store)
+    grid = Geometry((8, 10, 12), (2.0, 2.0, 2.0), (-10.0, -12.0, -14.0))
+    tpl = _images(grid, seed=3)
+    kw = dict(stage="test", params={}, input_hash="x")
+    group = st.require_group(root, st.TEMPLATE)
+    st.write_image(group, "image", tpl["baseline"], grid, **kw)
+    st.write_image(group, "lung_mask", tpl["lung_mask"], grid, label_of="image", **kw)
+    st.write_image(st.patient_group(root, PID), "log_jacobian_template", tpl["log_jacobian"],
+                   grid, **kw)  # fmt: skip
+    out = tmp_path / "dicom"
+    written = export_store(store, out, fmt="dicom")["template"]
+    folder = out / "template"
+    assert len(written) == grid.shape[0] + 2  # the CT slices, the SEG, one map
+    pm = hd.imread(folder / f"{PID}.log_jacobian_template.PM.dcm")
+    values = _on_store_grid(pm.get_volume(), grid)
+    np.testing.assert_array_equal(values, tpl["log_jacobian"].astype(np.float64))
+    mask = _on_store_grid(hd.seg.segread(folder / "lung_mask.SEG.dcm").get_volume(), grid)
+    np.testing.assert_array_equal(mask, tpl["lung_mask"])
+    ct = pydicom.dcmread(folder / "CT" / "CT0001.dcm")
+    assert pm.ReferencedSeriesSequence[0].SeriesInstanceUID == ct.SeriesInstanceUID
+    assert pm.FrameOfReferenceUID == ct.FrameOfReferenceUID
+    assert ct.PatientID == "TEMPLATE" and PID in pm.SeriesDescription
+    patient_pm = hd.imread(out / PID / "log_jacobian.PM.dcm")
+    assert patient_pm.SOPInstanceUID != pm.SOPInstanceUID

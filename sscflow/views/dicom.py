@@ -269,3 +269,51 @@ def export_patient_dicom(root, patient_id: str, out_dir) -> list[Path]:
         on_grid[name] = s.array[...]
     return write_patient_dicom(Path(out_dir) / patient_id, patient_id, geometry,
                                base.array[...], **on_grid)  # fmt: skip
+
+
+TEMPLATE_ID = "TEMPLATE"  # the template's patient name and ID in the DICOM export
+
+
+def export_template_dicom(root, patient_ids, out_dir) -> list[Path]:
+    """The template as a CT series with its lung SEG into ``out_dir/template/``, and beside them
+    one Parametric Map per patient of ``patient_ids`` whose template-space log-Jacobian map is
+    complete (``<patient_id>.log_jacobian_template.PM.dcm``, the pseudonym in its series
+    description): the maps of a cohort open over one anatomy in a viewer, as in the group-mean
+    figures. Nothing when the template stage has not run."""
+    _highdicom()
+    try:
+        tpl = st.template_group(root)
+        image = st.read_image(tpl, "image")
+    except IncompleteOutputError:
+        return []
+    geometry = st.stored_geometry(image)
+    folder = Path(out_dir) / "template"
+    mask = None
+    try:
+        m = st.read_image(tpl, "lung_mask")
+        mask = m.array[...] if st.stored_geometry(m).same_grid(geometry) else None
+    except IncompleteOutputError:
+        pass
+    written = write_patient_dicom(folder, TEMPLATE_ID, geometry, image.array[...], lung_mask=mask)
+    ct = _read_series(folder / "CT")
+    uids = _Uids(TEMPLATE_ID, image.array[...], geometry)
+    for pid in patient_ids:
+        group = st.patient_group(root, pid, create=False)
+        try:
+            s = st.read_image(group, "log_jacobian_template")
+        except IncompleteOutputError:
+            continue
+        if not st.stored_geometry(s).same_grid(geometry):
+            raise SscflowError(f"{pid}: log_jacobian_template is not on the template's grid; "
+                               "rerun 'sscflow run --rebuild-template'")  # fmt: skip
+        pm = parametric_map(ct, s.array[...], uids, role=f"{pid}/log_jacobian_template")
+        pm.SeriesDescription = f"{pid}: log-Jacobian in template space"[:64]  # LO: 64 at most
+        written.append(_write_atomic_dicom(pm, folder / f"{pid}.log_jacobian_template.PM.dcm"))
+    return written
+
+
+def _read_series(folder: Path) -> list:
+    """The CT datasets written into ``folder`` (slice order), as highdicom needs its sources."""
+    import pydicom
+
+    return [pydicom.dcmread(p) for p in sorted(Path(folder).glob("CT*.dcm"))]

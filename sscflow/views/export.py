@@ -134,7 +134,11 @@ def export_store(store: str, out_dir, *, patients=None, fmt: str = "nifti",
         out["patients"][pid] = write(root, pid, out_dir)
         if progress:
             progress(pid, i + 1, len(ids))
-    if fmt != "dicom":  # the template has no CT series to reference
+    if fmt == "dicom":  # the template as a CT series, the template-space maps over it
+        from sscflow.views.dicom import export_template_dicom
+
+        out["template"] = export_template_dicom(root, ids, out_dir)
+    else:
         out["template"] = export_cohort_images(store, root, out_dir, fmt)
     return out
 
