@@ -850,6 +850,11 @@ def export(
                           "baseline CT series, the lung mask as SEG, the log-Jacobian map as a "
                           "Parametric Map; needs the dicom extra).")
     ] = "nifti",
+    nan_value: Annotated[
+        float | None, typer.Option("--nan-value", help="Write this number instead of NaN (not "
+                                   "measured) into the log-Jacobian maps, for viewers that cannot "
+                                   "show NaN; each map's _measured mask says where it is.")
+    ] = None,
 ):
     """Export images for ITK-SNAP, 3D Slicer, ANTs and napari: per patient the baseline,
     follow-up, follow-up warped onto the baseline, lung masks, log-Jacobian maps (native and
@@ -857,6 +862,9 @@ def export(
     group means; each file with its real geometry. --format dicom writes per patient a
     pseudonymised CT series of the baseline, the lung mask as DICOM SEG and the log-Jacobian
     map as a DICOM Parametric Map, for OHIF, 3D Slicer and Orthanc.
+
+    Beside each log-Jacobian map, <map>_measured (1 where measured): ITK's NIfTI reader
+    (ITK-SNAP, 3D Slicer) reads NaN as 0; --format nrrd or mha keep NaN, --nan-value picks a fill.
 
     Example: sscflow export demo/cohort.zarr --out exported/ --patients SYN001 --format nifti
     """
@@ -868,7 +876,8 @@ def export(
         def progress(pid, done, total):
             bar.update(task, completed=done, total=total, last=pid)
 
-        result = export_store(store, out_dir, patients=patients, fmt=fmt, progress=progress)
+        result = export_store(store, out_dir, patients=patients, fmt=fmt, progress=progress,
+                              nan_value=nan_value)
     n = sum(len(v) for v in result["patients"].values()) + len(result["template"])
     out.print(f"exported {n} files for {len(result['patients'])} patients (and the template) "
               f"to {out_dir}")

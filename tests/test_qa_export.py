@@ -255,6 +255,29 @@ def _value(z, y, x):
     return 300.0 * np.sin(z / 11.0) + 200.0 * np.cos(y / 9.0) + 3.0 * x - 400.0
 
 
+@pytest.mark.parametrize("fmt", ["nifti", "mha"])
+def test_export_says_where_the_map_was_not_measured(tmp_path, fmt):
+    """ITK's NIfTI reader reads NaN as 0 ("no change" in a viewer): the export writes each
+    map's measured mask beside it, and --nan-value writes a chosen fill instead of NaN."""
+    from sscflow.views.export import FORMATS
+
+    _, _, _, group, _ = _small_store(tmp_path / "s.zarr")
+    stored = st.read_image(group, "log_jacobian").array[...]
+    ext = FORMATS[fmt]
+    res = sscflow("export", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "a"),
+                  "--format", fmt)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    measured = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a/P1" /
+                                                         f"log_jacobian_measured{ext}")))
+    np.testing.assert_array_equal(measured, np.isfinite(stored).astype(np.uint8))
+    assert 0 < measured.sum() < measured.size
+    res = sscflow("export", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "b"),
+                  "--format", fmt, "--nan-value", "-9")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    filled = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b/P1" / f"log_jacobian{ext}")))
+    np.testing.assert_array_equal(filled, np.where(np.isfinite(stored), stored, -9.0))
+
+
 def _small_store(path, input_hash="x", patient_id="P1"):
     """Patient P1 written by hand: baseline and follow-up on different grids, a lung mask, a
     log-Jacobian map with NaN outside the lungs and a constant displacement."""

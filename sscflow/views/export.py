@@ -43,8 +43,18 @@ def _write(image: sitk.Image, path: Path) -> Path:
     return path
 
 
-def export_patient(root, patient_id: str, out_dir, fmt: str = "nifti") -> list[Path]:
-    """Write one patient's images (those that are complete) into ``out_dir/<patient_id>/``."""
+MAPS = ("log_jacobian", "log_jacobian_template")  # NaN where not measured
+
+
+def export_patient(root, patient_id: str, out_dir, fmt: str = "nifti",
+                   nan_value: float | None = None) -> list[Path]:  # fmt: skip
+    """Write one patient's images (those that are complete) into ``out_dir/<patient_id>/``.
+
+    Beside each log-Jacobian map, ``<map>_measured`` (uint8: 1 where the map has a value, 0 where
+    it is NaN, not measured), since ITK's NIfTI reader (ITK-SNAP, 3D Slicer, SimpleITK) reads a
+    NaN voxel as 0, which a viewer would show as "no change". ``nan_value`` writes that number
+    instead of NaN into the maps, for viewers that cannot show NaN at all.
+    """
     ext = FORMATS[fmt]
     group = st.patient_group(root, patient_id, create=False)
     folder = Path(out_dir) / patient_id
@@ -58,8 +68,14 @@ def export_patient(root, patient_id: str, out_dir, fmt: str = "nifti") -> list[P
     for name in PATIENT_IMAGES:
         if name in stored:
             s = stored[name]
-            written.append(_write(to_itk(s.array[...], st.stored_geometry(s)),
-                                  folder / f"{name}{ext}"))  # fmt: skip
+            values, geometry = s.array[...], st.stored_geometry(s)
+            if name in MAPS:
+                measured = np.isfinite(values)
+                written.append(_write(to_itk(measured.astype(np.uint8), geometry),
+                                      folder / f"{name}_measured{ext}"))  # fmt: skip
+                if nan_value is not None:
+                    values = np.where(measured, values, np.float32(nan_value))
+            written.append(_write(to_itk(values, geometry), folder / f"{name}{ext}"))
     if "displacement" in stored:
         u, geom = stored["displacement"].array[...], st.stored_geometry(stored["displacement"])
         written.append(_write(to_itk(u, geom), folder / f"displacement{ext}"))
@@ -109,8 +125,10 @@ def export_cohort_images(store: str, root, out_dir, fmt: str = "nifti") -> list[
 
 
 def export_store(store: str, out_dir, *, patients=None, fmt: str = "nifti",
-                 progress: Callable[[str, int, int], None] | None = None) -> dict:  # fmt: skip
-    """Export ``patients`` (every patient of the store when None) and the cohort images.
+                 progress: Callable[[str, int, int], None] | None = None,
+                 nan_value: float | None = None) -> dict:  # fmt: skip
+    """Export ``patients`` (every patient of the store when None) and the cohort images
+    (``nan_value``: see :func:`export_patient`; not for DICOM, whose float maps keep NaN).
 
     Returns ``{"patients": {id: [paths]}, "template": [paths]}``. Raises SscflowError for an
     unknown format or a patient that is not in the store (naming the ones that are).
@@ -129,7 +147,7 @@ def export_store(store: str, out_dir, *, patients=None, fmt: str = "nifti",
         from sscflow.views.dicom import export_patient_dicom as write
     else:
         def write(root, pid, out_dir):
-            return export_patient(root, pid, out_dir, fmt)
+            return export_patient(root, pid, out_dir, fmt, nan_value)
     for i, pid in enumerate(ids):
         out["patients"][pid] = write(root, pid, out_dir)
         if progress:
