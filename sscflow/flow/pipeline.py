@@ -122,15 +122,16 @@ def plan_run(manifest: Manifest, cfg: Config, *, gpu: bool = False, force: bool 
     ids = [p.patient_id for p in manifest.patients]
     tasks: list[Task] = []
 
+    # per stage, in the order of ``after``: a cohort stage's key, or a patient stage's name
+    after = {s.name: [(task_key(n, None, token), None) if BY_NAME[n].scope == COHORT else
+                      (None, n) for n in s.after] for s in STAGES}  # fmt: skip
+
     def deps(stage: Stage, pid: str | None) -> tuple[str, ...]:
+        if pid is not None:  # 10,000 patients x 5 stages: the f-string inline
+            return tuple(key or f"{name}-{pid}-{token}" for key, name in after[stage.name])
         out = []
-        for name in stage.after:
-            if BY_NAME[name].scope == COHORT:
-                out.append(task_key(name, None, token))
-            elif pid is not None:
-                out.append(task_key(name, pid, token))
-            else:
-                out += [task_key(name, p, token) for p in ids]
+        for key, name in after[stage.name]:
+            out += [key] if key else [task_key(name, p, token) for p in ids]
         return tuple(out)
 
     on_gpu = {s.name: gpu and s.gpu(cfg) for s in STAGES}

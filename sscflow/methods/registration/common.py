@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from sscflow.core.geometry import Geometry, crop_box  # noqa: F401 (re-exported)
 from sscflow.errors import ConfigError, RegistrationInputError
@@ -216,6 +215,9 @@ def ncc(a, b, mask=None) -> float:
 
 def local_ncc(a, b, mask=None, window: int = 5) -> float:
     """Mean local NCC (squared, window ``window`` voxels) inside ``mask`` (or everywhere)."""
+    from scipy import ndimage  # here: sscflow.config reads the backends' options through this
+    # package, and planning a run need not load scipy.ndimage
+
     a = np.asarray(a, np.float32)
     b = np.asarray(b, np.float32)
 
@@ -288,4 +290,6 @@ def dilate_mask(mask, spacing, mm: float) -> np.ndarray:
         return np.asarray(mask, bool)
     g = np.ogrid[tuple(slice(-k, k + 1) for k in r)]
     ball = sum((gi / max(k, 1)) ** 2 for gi, k in zip(g, r, strict=True)) <= 1.0
+    from scipy import ndimage
+
     return ndimage.binary_dilation(np.asarray(mask, bool), structure=ball)
