@@ -117,13 +117,8 @@ def ingest_patient(
             seg = segment_patient(store, patient.patient_id, segment, chunk=ingest.chunk,
                                   compression_level=ingest.compression_level, force=force,
                                   sources={w: patient.scan(w)[0] for w in SCANS})  # fmt: skip
-        except SscflowError as exc:
-            result.status, result.message = "failed", f"patient {patient.patient_id}: {exc}"
-            result.traceback = traceback.format_exc()
-        except Exception as exc:  # an unexpected failure still fails this patient alone
-            result.status = "failed"
-            result.message = f"patient {patient.patient_id}: {type(exc).__name__}: {exc}"
-            result.traceback = traceback.format_exc()
+        except Exception as exc:
+            _failed(result, exc)
         else:
             result.written += seg["written"]
             result.skipped += seg["skipped"]
@@ -133,6 +128,14 @@ def ingest_patient(
                 result.status = "done"
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _failed(result: PatientResult, exc: Exception) -> None:
+    """Mark ``result`` failed by ``exc``, in an ``except`` block: an expected error by its
+    message, an unexpected one by its type too (either way this patient fails alone)."""
+    what = str(exc) if isinstance(exc, SscflowError) else f"{type(exc).__name__}: {exc}"
+    result.status, result.message = "failed", f"patient {result.patient_id}: {what}"
+    result.traceback = traceback.format_exc()
 
 
 def ingest_images(patient: Patient, store: str, ingest: IngestConfig, *,
@@ -162,13 +165,8 @@ def ingest_images(patient: Patient, store: str, ingest: IngestConfig, *,
                                         f"in the manifest (line {patient.line})")  # fmt: skip
         for which in SCANS:
             _ingest_scan(patient, which, group, ingest, image_params, result, force)
-    except SscflowError as exc:
-        result.status, result.message = "failed", f"patient {patient.patient_id}: {exc}"
-        result.traceback = traceback.format_exc()
-    except Exception as exc:  # an unexpected failure still fails this patient alone
-        result.status = "failed"
-        result.message = f"patient {patient.patient_id}: {type(exc).__name__}: {exc}"
-        result.traceback = traceback.format_exc()
+    except Exception as exc:
+        _failed(result, exc)
     if result.status == "done" and not result.written:
         result.status = "skipped"
     result.seconds = time.perf_counter() - t0
