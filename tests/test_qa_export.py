@@ -353,3 +353,41 @@ def test_patient_id_and_manifest_text_are_escaped_in_both_pages(tmp_path):
         write_report(str(tmp_path / f"{EVIL_TEXT}.zarr"), tmp_path / "results", {})
     failed = (tmp_path / "results/report/index.html").read_text(encoding="utf-8")
     assert "report: failed" in failed and "<script" not in failed.lower()
+
+
+def test_report_prints_no_metric_the_test_set_cannot_define(tmp_path):
+    """A test set with one class (no worsening patient): no sensitivity and no AUC are printed
+    as numbers, the report says why; a defined metric keeps its number."""
+    import json
+
+    from sscflow.flow.pipeline import store_status
+    from sscflow.views.report import write_report
+
+    store = str(tmp_path / "s.zarr")
+    _small_store(store)
+    results = tmp_path / "results"
+    folder = results / "classifier" / "functional"
+    folder.mkdir(parents=True)
+    cnn = {"n": 5, "tp": 0, "fp": 1, "tn": 4, "fn": 0, "sensitivity": 0.0, "specificity": 0.8,
+           "specificity_ci": [0.28, 0.99], "accuracy": 0.8, "ppv": 0.0, "npv": 1.0, "auc": 1.0}
+    (folder / "metrics.json").write_text(json.dumps({"cnn": cnn}))
+    page = write_report(store, results, store_status(store)).read_text(encoding="utf-8")
+    assert "not defined: no worsening patient in the test set" in page
+    assert "not defined: one class only in the test set" in page
+    assert "1.00" not in page  # the AUC of one class
+    assert "80% (28–99)" in page  # specificity is defined and printed
+
+
+def test_spearman_says_why_a_value_is_missing():
+    """Three pairs: rho is defined, its 95% CI is not (Fisher z needs n >= 4); a constant
+    column has no rho at all. Each missing value names its own reason."""
+    import pandas as pd
+
+    from sscflow.views.report import _spearman_section
+
+    table = pd.DataFrame({"patient_id": ["a", "b", "c"], "logjac_mean": [-0.1, 0.0, 0.05],
+                          "delta_fvc": [-12.0, 1.0, 3.0], "delta_dlco": [2.0, 2.0, 2.0]})
+    rows = {r[0]: r for r in _spearman_section(table)["rows"]}
+    fvc, dlco = rows["ΔFVC (% pred.)"], rows["ΔDLCO (% pred.)"]
+    assert fvc[2] == "1.00" and fvc[3] == "not defined: needs 4 pairs or more (Fisher z)"
+    assert dlco[2] == "not defined: a constant column"

@@ -119,9 +119,36 @@ def _table(df: pd.DataFrame) -> dict:
             "rows": [[_cell(v) for v in row] for row in df.itertuples(index=False)]}
 
 
+def _undefined(m: dict) -> dict[str, str]:
+    """Why a metric is not defined for this test set (from its confusion counts): a rate whose
+    denominator is 0, an AUC with one class only. Printing a number there would mislead.
+
+    >>> _undefined({"tp": 0, "fp": 0, "tn": 3, "fn": 2})["ppv"]
+    'not defined: no patient predicted worsening'
+    >>> sorted(_undefined({"tp": 0, "fp": 1, "tn": 4, "fn": 0}))
+    ['auc', 'sensitivity']
+    """
+    try:
+        tp, fp, tn, fn = (int(m[k]) for k in ("tp", "fp", "tn", "fn"))
+    except (KeyError, TypeError, ValueError):
+        return {}
+    why = {"sensitivity": (tp + fn, "no worsening patient in the test set"),
+           "specificity": (tn + fp, "no stable patient in the test set"),
+           "ppv": (tp + fp, "no patient predicted worsening"),
+           "npv": (tn + fn, "no patient predicted stable")}  # fmt: skip
+    out = {k: f"not defined: {text}" for k, (n, text) in why.items() if n == 0}
+    if tp + fn == 0 or tn + fp == 0:
+        out["auc"] = "not defined: one class only in the test set"
+    return out
+
+
 def _metric_rows(name: str, m: dict) -> dict:
+    undefined = _undefined(m)
+
     def cell(key):
         v, ci = m.get(key), m.get(f"{key}_ci")
+        if key in undefined:
+            return undefined[key]
         if v is None or (isinstance(v, float) and np.isnan(v)):
             return "–"
         lo, hi = ci if ci else (float("nan"), float("nan"))
@@ -131,10 +158,10 @@ def _metric_rows(name: str, m: dict) -> dict:
 
     auc = m.get("auc")
     auc = None if auc is None else float(auc)
+    auc_cell = undefined.get("auc") or ("–" if auc is None or np.isnan(auc) else f"{auc:.2f}")
     return {"Method": name, "n (test)": m.get("n", "–"), "Sensitivity": cell("sensitivity"),
             "Specificity": cell("specificity"), "Accuracy": cell("accuracy"), "PPV": cell("ppv"),
-            "NPV": cell("npv"),
-            "AUC": "–" if auc is None or np.isnan(auc) else f"{auc:.2f}",
+            "NPV": cell("npv"), "AUC": auc_cell,
             "TP/FP/TN/FN": f"{m.get('tp', '–')}/{m.get('fp', '–')}/{m.get('tn', '–')}/"
                            f"{m.get('fn', '–')}"}  # fmt: skip
 
@@ -269,10 +296,13 @@ def _spearman_section(table) -> dict | None:
     show = pd.DataFrame({
         "variable": [LABELS.get(v, v) for v in rho["variable"]],
         "n": rho["n"].astype(int),
-        "rho": [format_value(v, "{:.2f}") for v in rho["rho"]],
+        "rho": [format_value(v, "{:.2f}") if np.isfinite(v) else
+                "not defined: " + ("fewer than 3 pairs" if n < 3 else "a constant column")
+                for v, n in zip(rho["rho"], rho["n"], strict=True)],
         "95% CI": [f"{format_value(lo, '{:.2f}')} to {format_value(hi, '{:.2f}')}"
-                   if np.isfinite(lo) and np.isfinite(hi) else "–"
-                   for lo, hi in zip(rho["ci_low"], rho["ci_high"], strict=True)],
+                   if np.isfinite(lo) and np.isfinite(hi) else
+                   "not defined: needs 4 pairs or more (Fisher z)" if np.isfinite(v) else "–"
+                   for lo, hi, v in zip(rho["ci_low"], rho["ci_high"], rho["rho"], strict=True)],
         "P": [format_p(p) or "–" for p in rho["p"]],
     })  # fmt: skip
     return _table(show)
