@@ -408,6 +408,7 @@ def discover(
 
     Example: sscflow discover /data/export --out cohort/ --pft pft.csv --key ~/keys/cohort.key
     """
+    from sscflow.discover.run import check_inputs
     from sscflow.discover.run import discover as discover_cohort
 
     cfg = _config(config, scheduler, workers)
@@ -415,6 +416,9 @@ def discover(
     if key is None:
         raise SscflowError("give the key file: --key ~/sscflow-keys/cohort.key (or discover.key "
                            "in the config); it is created if it does not exist")  # fmt: skip
+    # the arguments and files are checked before a cluster starts or a bar is drawn
+    inputs = check_inputs(dicom_root, out_dir, key=key, cfg=cfg.discover, pft=pft,
+                          store=cfg.store)  # fmt: skip
     with _client(cfg) as client, _progress() as bar:
         task = bar.add_task("headers", total=None, last="")
 
@@ -422,7 +426,8 @@ def discover(
             bar.update(task, completed=done, total=total, last="files")
 
         res = discover_cohort(dicom_root, out_dir, key=key, cfg=cfg.discover, pft=pft,
-                              store=cfg.store, client=client, progress=progress)  # fmt: skip
+                              store=cfg.store, client=client, progress=progress,
+                              inputs=inputs)  # fmt: skip
     f = res.files
     out.print(f"{f['found']} files: {f['dicom']} DICOM images read, {f['not_dicom']} not DICOM, "
               f"{f['unreadable']} unreadable, {f['without_series']} without a series (skipped); "

@@ -188,3 +188,14 @@ def test_warnings_are_grouped_by_kind():
         f"slices thicker than {cfg.thick_slice_mm:g} mm; registered, but detail along z is lost: "
         "3 patients — SYN001, SYN002, SYN003",
         "one lung found: a pneumonectomy, or a collapsed lung?: 1 patient — SYN002"]
+
+
+def test_discover_refuses_a_bad_pft_table_before_any_cluster_or_bar(tmp_path):
+    """Argument and file checks come first: no Dask cluster, no 'headers 0/?' bar, one line."""
+    (tmp_path / "export").mkdir()
+    (tmp_path / "pft.csv").write_text("patient_id,date,weight\nX,2020-01-01,80\n")
+    res = sscflow("discover", str(tmp_path / "export"), "--out", str(tmp_path / "cohort"),
+                  "--key", str(tmp_path / "k.key"), "--pft", str(tmp_path / "pft.csv"))
+    text = res.stdout + res.stderr
+    assert res.returncode == 1 and "none of the PFT value columns" in text, text
+    assert "headers" not in text and "dashboard" not in text, text

@@ -60,6 +60,37 @@ class DiscoverResult:
     timings: dict = field(default_factory=dict)  # seconds: list, headers, select, write
 
 
+@dataclass
+class Inputs:
+    """What :func:`check_inputs` found usable: the folders, the opened key, the PFT tests."""
+
+    root: Path
+    out: Path
+    key: PseudonymKey
+    tests: pd.DataFrame | None
+
+
+def check_inputs(root, out, *, key, cfg: DiscoverConfig | None = None, pft=None,
+                 store=None) -> Inputs:  # fmt: skip
+    """Every check of the arguments that needs no header read (the DICOM folder, the PFT rule,
+    the key file's place and mode, the PFT table), so that a command refuses bad arguments
+    before it starts a cluster or draws a progress bar. Raises as :func:`discover` does."""
+    cfg = cfg or DiscoverConfig()
+    root, out = Path(root).resolve(), Path(out).resolve()
+    if not root.is_dir():
+        raise MissingInputError(f"DICOM folder {root} does not exist")
+    if cfg.require_pft and pft is None:
+        raise SscflowError(
+            "discover.require_pft is true (the paper's rule: a PFT within "
+            f"{cfg.pft_window_days} days of each CT), but no --pft table was given; "
+            "give one, or set discover.require_pft: false"
+        )
+    forbidden = [out] + ([Path(store)] if store and "://" not in str(store) else [])
+    pkey = PseudonymKey.open(key, scheme=cfg.pseudonym, forbidden=forbidden)
+    tests = read_pft_table(pft, cfg.pft_columns) if pft is not None else None
+    return Inputs(root, out, pkey, tests)
+
+
 def discover(
     root,
     out,
@@ -70,6 +101,7 @@ def discover(
     store=None,
     client=None,
     progress=None,
+    inputs: Inputs | None = None,
 ) -> DiscoverResult:
     """Index ``root`` (headers only), select the cohort and write it into ``out``.
 
@@ -94,18 +126,8 @@ def discover(
     """
     t0 = time.perf_counter()
     cfg = cfg or DiscoverConfig()
-    root, out = Path(root).resolve(), Path(out).resolve()
-    if not root.is_dir():
-        raise MissingInputError(f"DICOM folder {root} does not exist")
-    if cfg.require_pft and pft is None:
-        raise SscflowError(
-            "discover.require_pft is true (the paper's rule: a PFT within "
-            f"{cfg.pft_window_days} days of each CT), but no --pft table was given; "
-            "give one, or set discover.require_pft: false"
-        )
-    forbidden = [out] + ([Path(store)] if store and "://" not in str(store) else [])
-    pkey = PseudonymKey.open(key, scheme=cfg.pseudonym, forbidden=forbidden)
-    tests = read_pft_table(pft, cfg.pft_columns) if pft is not None else None
+    inputs = inputs or check_inputs(root, out, key=key, cfg=cfg, pft=pft, store=store)
+    root, out, pkey, tests = inputs.root, inputs.out, inputs.key, inputs.tests
 
     skip = {str(out), str(pkey.path.resolve())}
     files = [p for p in iter_files(root) if not p.startswith(str(out) + os.sep) and p not in skip]
