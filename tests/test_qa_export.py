@@ -391,3 +391,23 @@ def test_spearman_says_why_a_value_is_missing():
     fvc, dlco = rows["ΔFVC (% pred.)"], rows["ΔDLCO (% pred.)"]
     assert fvc[2] == "1.00" and fvc[3] == "not defined: needs 4 pairs or more (Fisher z)"
     assert dlco[2] == "not defined: a constant column"
+
+
+def test_qa_sagittal_views_cut_through_each_lung():
+    """On a phantom chest (two lungs either side of the mediastinum), each sagittal view of the
+    QA page holds a good part of its own lung, where the view at the lungs' centroid (the
+    midline, the page's old choice) holds next to none."""
+    from sscflow.synth.phantom import draw_anatomy, grid_geometry, render_baseline
+    from sscflow.views.qa import _centre, _views
+
+    rng = np.random.default_rng(3)
+    geometry = grid_geometry(4.0)
+    ph = render_baseline(draw_anatomy(rng), [], geometry, rng, ribs=False, disease=False)
+    lung = np.asarray(ph.lung, bool)
+    centre = _centre(lung, lung.shape)
+    views = {name: view for name, view, _ in _views(lung, centre, geometry.spacing)}
+    midline = lung[:, :, centre[2]].sum()
+    for name in ("sagittal, right lung", "sagittal, left lung"):
+        assert views[name].sum() > 10 * max(midline, 1), (name, views[name].sum(), midline)
+    x = np.nonzero(lung)[2]
+    assert centre[3] < centre[2] < centre[4] and x.min() < centre[3] and centre[4] < x.max()

@@ -2,8 +2,8 @@
 
 ``qa_patient(store, patient_id, results_dir)`` draws, from what the store holds for the patient:
 
-- the baseline CT in axial, coronal and sagittal slices through the lung centre, with the lung
-  mask's contour;
+- the baseline CT in axial and coronal slices through the lungs' centroid and a sagittal slice
+  through each lung's own centroid, with the lung mask's contour;
 - the follow-up against the baseline on the same slices, before registration (the follow-up
   resampled onto the baseline grid by physical position) and after (resampled at x + u(x)), as
   checkerboards (alternating 4 cm squares of baseline and follow-up) and as the absolute
@@ -38,6 +38,7 @@ from sscflow.views.pages import render
 STAGE_VERSION = 1
 LOGJAC_RANGE = 0.3  # colour limits +/- this, the same for every patient
 CHECKER_MM = 40.0
+TITLE_PT = 11  # panel titles, readable at 100% zoom
 INPUTS = ("baseline", "followup", "lung_mask", "followup_lung_mask", "displacement",
           "log_jacobian", "log_jacobian_template")  # fmt: skip
 
@@ -181,21 +182,41 @@ def _read(group, name):
 
 
 def _centre(mask, shape):
-    if mask is not None and mask.any():
-        return tuple(int(round(float(np.mean(i)))) for i in np.nonzero(mask))
-    return tuple(s // 2 for s in shape)
+    """Where the views cut: (z, y, x) of the lungs' centroid, then the x of each lung's own
+    centroid (patient's right first: x grows towards the patient's left). The centroid of both
+    lungs lies on the mediastinum, so a sagittal view there shows almost no lung; each lung's
+    half of the mask (either side of that centroid) gives its own.
+
+    >>> m = np.zeros((4, 6, 20), bool); m[:, 1:5, 2:7] = True; m[:, 1:5, 12:18] = True
+    >>> _centre(m, m.shape)[2:]  # the centroid of both on the gap, then each lung's
+    (10, 4, 14)
+    """
+    if mask is None or not mask.any():
+        c = tuple(s // 2 for s in shape)
+        return (*c, c[2], c[2])
+    idx = np.nonzero(mask)
+    centre = tuple(int(round(float(np.mean(i)))) for i in idx)
+    per_x = np.bincount(idx[2], minlength=shape[2]).astype(float)
+    x = np.arange(shape[2], dtype=float)
+    sides = []
+    for part in (x < centre[2], x >= centre[2]):
+        w = per_x * part
+        sides.append(int(round(float((w @ x) / w.sum()))) if w.sum() else centre[2])
+    return (*centre, *sides)
 
 
 def _views(volume, centre, spacing):
-    """(name, 2-D slice, extent, aspect) for axial, coronal, sagittal through ``centre``;
-    every slice is shown with superior / anterior / patient's right conventions."""
-    cz, cy, cx = centre
+    """(name, 2-D slice, extent) for axial and coronal through the lungs' centroid and one
+    sagittal through each lung's centroid; every slice is shown with superior / anterior /
+    patient's right conventions."""
+    cz, cy, cx, x_right, x_left = centre
     dz, dy, dx = spacing
     nz, ny, nx = volume.shape[-3:]
     return [
         ("axial", volume[..., cz, :, :], (0, nx * dx, ny * dy, 0)),
         ("coronal", volume[..., :, cy, :], (0, nx * dx, 0, nz * dz)),
-        ("sagittal", volume[..., :, :, cx], (0, ny * dy, 0, nz * dz)),
+        ("sagittal, right lung", volume[..., :, :, x_right], (0, ny * dy, 0, nz * dz)),
+        ("sagittal, left lung", volume[..., :, :, x_left], (0, ny * dy, 0, nz * dz)),
     ]
 
 
@@ -205,7 +226,7 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _row_figure(n=3, height=3.0):
+def _row_figure(n=4, height=3.0):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -217,7 +238,7 @@ def _row_figure(n=3, height=3.0):
 def _ct(ax, img, ext, title):
     ax.imshow(img, cmap="gray", vmin=-1000, vmax=300, extent=ext, origin="lower"
               if ext[2] < ext[3] else "upper", interpolation="nearest")  # fmt: skip
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=TITLE_PT)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -261,8 +282,9 @@ def draw_patient(root, patient_id: str) -> list[tuple[str, str, str]]:
             if m.any():
                 ax.contour(m.astype(float), levels=[0.5], colors="#ffcc00", linewidths=0.8,
                            extent=ext, origin=_origin(ext))  # fmt: skip
-    out.append(("Baseline and lung mask", "Baseline CT (W 1300, L -350) through the lung "
-                "centre; yellow: the lung-mask contour.", _png(fig)))  # fmt: skip
+    out.append(("Baseline and lung mask", "Baseline CT (W 1300, L -350) through the lungs' "
+                "centroid, sagittal through each lung's; yellow: the lung-mask "
+                "contour.", _png(fig)))  # fmt: skip
 
     if follow is not None:
         before = resample(follow, fgeom, bgeom, fill=-1024.0)
@@ -270,19 +292,19 @@ def draw_patient(root, patient_id: str) -> list[tuple[str, str, str]]:
         if u is not None:
             pairs.append(("after registration", warp_to_baseline(follow, fgeom, u, bgeom)))
         for label, moved in pairs:
-            fig, axes = _row_figure(6, 3.0)
+            fig, axes = _row_figure(8, 3.0)
             views_b = _views(base.astype(np.float32), centre, spacing)
             views_m = _views(moved, centre, spacing)
             for k, ((name, b, ext), (_, m, _)) in enumerate(zip(views_b, views_m, strict=True)):
-                sp2 = [spacing[i] for i in {"axial": (1, 2), "coronal": (0, 2),
-                                            "sagittal": (0, 1)}[name]]  # fmt: skip
+                sp2 = [spacing[i] for i in {"axial": (1, 2), "coronal": (0, 2)}.get(name, (0, 1))]
                 _ct(axes[k], checkerboard(b, m, sp2), ext, f"{name}: checkerboard")
                 diff = np.abs(m - b)
-                axes[3 + k].imshow(diff, cmap="magma", vmin=0, vmax=400, extent=ext,
+                n = len(views_b)
+                axes[n + k].imshow(diff, cmap="magma", vmin=0, vmax=400, extent=ext,
                                    origin=_origin(ext), interpolation="nearest")  # fmt: skip
-                axes[3 + k].set_title(f"{name}: |follow-up - baseline|", fontsize=9)
-                axes[3 + k].set_xticks([])
-                axes[3 + k].set_yticks([])
+                axes[n + k].set_title(f"{name}: |difference|", fontsize=TITLE_PT)
+                axes[n + k].set_xticks([])
+                axes[n + k].set_yticks([])
             inside = mask.astype(bool) if mask is not None and mask.any() else slice(None)
             mad = float(np.mean(np.abs(moved - base)[inside]))
             out.append((f"Follow-up {label}", f"Checkerboard of {CHECKER_MM:.0f} mm squares "
@@ -294,12 +316,16 @@ def draw_patient(root, patient_id: str) -> list[tuple[str, str, str]]:
     norm = Normalize(-LOGJAC_RANGE, LOGJAC_RANGE)
     cmap = colormaps["RdBu_r"].with_extremes(bad=(0, 0, 0, 0))
     if lj is not None:
-        shown = np.where(mask.astype(bool), lj, np.nan) if mask is not None else lj
+        lung = mask.astype(bool) if mask is not None else np.ones(lj.shape, bool)
+        shown = np.where(lung, lj, np.nan)
+        unmeasured = lung & ~np.isfinite(lj)
+        ml = float(unmeasured.sum()) * float(np.prod(spacing)) / 1000.0
         out.append(("Log-Jacobian over the baseline",
                     f"log det(I + grad u) inside the baseline lungs, fixed range "
-                    f"\u00b1{LOGJAC_RANGE} (blue < 0: shrinkage from baseline to follow-up); clear "
-                    "where not measured.",
-                    _overlay(base, shown, centre, spacing, norm, cmap)))  # fmt: skip
+                    f"\u00b1{LOGJAC_RANGE} (blue < 0: shrinkage from baseline to follow-up). "
+                    f"Outlined in black, dashed: lung not measured (the follow-up did not image "
+                    f"it), {ml:.1f} mL.",
+                    _overlay(base, shown, centre, spacing, norm, cmap, unmeasured)))  # fmt: skip
     try:
         tpl = st.template_group(root)
         timg, tgeom = _read(tpl, "image")
@@ -316,14 +342,19 @@ def draw_patient(root, patient_id: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def _overlay(ct, values, centre, spacing, norm, cmap) -> str:
+def _overlay(ct, values, centre, spacing, norm, cmap, unmeasured=None) -> str:
     fig, axes = _row_figure()
     image = None
     vals = dict((n, v) for n, v, _ in _views(values, centre, spacing))
+    gaps = {} if unmeasured is None else dict((n, v) for n, v, _ in
+                                              _views(unmeasured, centre, spacing))  # fmt: skip
     for ax, (name, img, ext) in zip(axes, _views(ct, centre, spacing), strict=True):
         _ct(ax, img, ext, name)
         image = ax.imshow(vals[name], cmap=cmap, norm=norm, extent=ext, origin=_origin(ext),
                           interpolation="nearest")  # fmt: skip
+        if name in gaps and gaps[name].any():  # the lung not measured, outlined
+            ax.contour(gaps[name].astype(float), levels=[0.5], colors="black",
+                       linestyles="dashed", linewidths=0.9, extent=ext, origin=_origin(ext))
     bar = fig.colorbar(image, ax=list(axes), shrink=0.8)
     bar.set_label("log-Jacobian (< 0: shrinkage)", fontsize=8)
     return _png(fig)
