@@ -232,7 +232,8 @@ def cohort_section(say, pair, spacing: float, patients: int, reduced: bool, cuda
     config = {"manifest": "manifest.csv", "store": "cohort.zarr", "results": "results",
               "cluster": cluster, "ingest": {"spacing_mm": spacing}}  # fmt: skip
     if reduced:
-        small = {"levels": [4, 2], "iterations": [10, 5], "affine_iterations": [20, 10]}
+        small = {"torch": {"levels": [4, 2], "iterations": [10, 5],
+                           "affine_iterations": [20, 10]}}  # fmt: skip
         config["registration"] = small
         config["template"] = {"registration": small}
     (folder / "run.yaml").write_text(yaml.safe_dump(config))
