@@ -23,6 +23,7 @@ import yaml
 from test_deidentify import _date_forms, _zarr_text, file_blobs
 
 from sscflow.core.imageio import deterministic_uid, read_volume
+from sscflow.discover.pseudonym import PseudonymKey
 from sscflow.discover.synthetic import image_slices, write_slices
 
 SPACING = 6.0
@@ -170,10 +171,10 @@ def test_discover_then_run_and_no_identifier_reaches_any_output(tmp_path):
     links = json.loads(key.read_text())["links"]  # the key file: the one place IDs are kept
     manifest = list(csv.DictReader((out / "cohort" / "manifest.csv").read_text().splitlines()))
     assert sorted(links[r["patient_id"]] for r in manifest) == sorted([PEOPLE[0][0], PEOPLE[1][0]])
-    for r in manifest:
-        assert r["baseline_series_uid"] == deterministic_uid(
-            "e2e", links[r["patient_id"]], "baseline", "B60f"
-        )
+    private = PseudonymKey.open(key, scheme=None)
+    for r in manifest:  # the chosen series, by its keyed UID: no original UID in the cohort
+        original = deterministic_uid("e2e", links[r["patient_id"]], "baseline", "B60f")
+        assert r["baseline_series_uid"] == private.uid(original) != original
     x = list(csv.DictReader((out / "cohort" / "excluded.csv").read_text().splitlines()))
     assert {r["rule"] for r in x} == {
         "localizer",
@@ -183,7 +184,7 @@ def test_discover_then_run_and_no_identifier_reaches_any_output(tmp_path):
         "study_not_used",
     }
 
-    r = _sscflow("run", str(cfg), cwd=out, env=env)
+    r = _sscflow("run", str(cfg), "--key", str(key), cwd=out, env=env)
     (logs / "run.txt").write_text(r.stdout + r.stderr, encoding="utf-8")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     store = out / "cohort.zarr"
