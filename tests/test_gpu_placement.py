@@ -164,7 +164,7 @@ def test_run_puts_registration_on_the_gpu_worker_and_the_rest_on_cpu_workers(tmp
         path.write_text(yaml.safe_dump({
             "manifest": str(manifest), "store": str(tmp_path / "c.zarr"),
             "cluster": SMALL, "ingest": {"spacing_mm": 4.0}, "segment": {"min_lung_ml": 5.0},
-            "registration": {"backend": "torch", "device": "cpu"}}))  # fmt: skip
+            "registration": {"backend": "torch", "torch": {"device": "cpu"}}}))  # fmt: skip
         summary = run(load_config(path), read_manifest(manifest), client=client)
         gpu_addr = [a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
                     if w["name"] == "gpu-0"][0]  # fmt: skip
