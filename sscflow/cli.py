@@ -521,6 +521,12 @@ def _dry_run(cfg, manifest, force, t0):
     seconds = time.perf_counter() - t0
     bad = len(manifest.rejected)
     total = len(manifest) + bad
+    if bad and not len(manifest):
+        out.print(f"manifest {cfg.manifest}: every one of its {total} patients will fail at "
+                  "ingest:")  # fmt: skip
+        _print_rejected(manifest)
+        raise SscflowError(f"all {total} patients will fail (see above); 'sscflow run' would "
+                           "run nothing: fix the manifest")  # fmt: skip
     if bad:
         out.print(f"manifest {cfg.manifest}: {total} patients; {bad} will fail at ingest, the "
                   f"other {len(manifest)} will run:")  # fmt: skip
@@ -1063,10 +1069,10 @@ def validate(
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        from sscflow.config import Config, load_config
+        from sscflow.config import load_config
 
         cfg = load_config(path)
-        settings = cfg.to_dict() if full else _changed(cfg.to_dict(), Config().to_dict())
+        settings = cfg.to_dict() if full else cfg.changed()
         what = "" if full else (" (settings that differ from the defaults; --full for all)"
                                 if settings else "; every setting is the default")
         out.print(f"config {path} is valid{what}" + (":" if settings else ""), highlight=False)
@@ -1104,20 +1110,6 @@ def _private_side(key, cfg):
     from sscflow.discover.pseudonym import open_private_side
 
     return open_private_side(key or cfg.discover.key, manifest=cfg.manifest, store=cfg.store)
-
-
-def _changed(settings: dict, defaults: dict) -> dict:
-    """The parts of ``settings`` that differ from ``defaults``, nested as they are."""
-    diff = {}
-    for key, value in settings.items():
-        default = defaults.get(key)
-        if isinstance(value, dict) and isinstance(default, dict):
-            sub = _changed(value, default)
-            if sub:
-                diff[key] = sub
-        elif value != default:
-            diff[key] = value
-    return diff
 
 
 def main(argv: list[str] | None = None) -> None:

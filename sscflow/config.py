@@ -384,6 +384,29 @@ class Config:
         d.pop("source")
         return _plain(d)
 
+    def changed(self) -> dict:
+        """The settings that differ from the defaults, nested as in the file (``sscflow
+        validate`` prints them; the run record and the report keep them).
+
+        >>> Config().changed()
+        {}
+        """
+        return _changed(self.to_dict(), Config().to_dict())
+
+
+def _changed(settings: dict, defaults: dict) -> dict:
+    """The parts of ``settings`` that differ from ``defaults``, nested as they are."""
+    diff = {}
+    for key, value in settings.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            sub = _changed(value, default)
+            if sub:
+                diff[key] = sub
+        elif value != default:
+            diff[key] = value
+    return diff
+
 
 _NOT_KEYS = {"source"}
 

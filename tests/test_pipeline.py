@@ -223,8 +223,14 @@ def test_dry_run_reports_missing_scans(tmp_path):
     cfg_path = _write_config(tmp_path, manifest, tmp_path / "s.zarr")
     from sscflow.cli import run as run_command
 
+    # every row bad: the dry run says that nothing would run (no plan of a lone template task)
+    with pytest.raises(SscflowError, match="all 1 patients will fail .* would run nothing"):
+        run_command(cfg_path, dry_run=True)
     # bad rows fail alone, in the dry run as in the run: it says which will fail, exits 1
-    with pytest.raises(SscflowError, match="1 of 1 patients will fail"):
+    scan = tmp_path / "c.nii.gz"
+    scan.write_bytes(b"exists")
+    manifest.write_text(f"patient_id,baseline,followup\nP1,a.nii.gz,b.nii.gz\nP2,{scan},{scan}\n")
+    with pytest.raises(SscflowError, match="1 of 2 patients will fail"):
         run_command(cfg_path, dry_run=True)
 
 
@@ -598,3 +604,19 @@ def test_rebuild_template_redoes_the_template_space_stages_only(finished, cohort
         _run_report(summary)
     assert "template: rebuilt because asked for (--rebuild-template): the baseline of " in (
         printed.getvalue())
+
+
+@pytest.mark.slow
+def test_the_run_record_keeps_the_settings_that_differ_and_a_hash_of_all(finished):
+    """Provenance without the 200 lines of defaults: the changed settings and one hash."""
+    import yaml
+
+    from sscflow.core import store as st
+    from sscflow.flow.status import STATUS_GROUP
+
+    cfg, _, _ = finished
+    run_record = st.open_store(cfg.store, mode="r")[STATUS_GROUP].attrs["run"]
+    kept = yaml.safe_load(run_record["config_yaml"])
+    assert kept["ingest"] == {"spacing_mm": cfg.ingest.spacing_mm}  # a changed setting
+    assert "synth" not in kept and "kubernetes" not in kept.get("cluster", {})  # defaults
+    assert len(run_record["config_sha256"]) == 64 and int(run_record["config_sha256"], 16) >= 0

@@ -463,7 +463,10 @@ def _write_run_record(root, cfg, manifest, truth_dir, client) -> None:
         "version": __version__,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         # file names only: the store carries no file paths (they can name patients or sites)
-        "config_yaml": yaml.safe_dump(_names_only(cfg.to_dict()), sort_keys=False),
+        # what differs from the defaults (the whole config is the defaults plus this), and a
+        # hash of the whole, so two runs' settings compare at a glance
+        "config_yaml": yaml.safe_dump(_names_only(cfg.changed()), sort_keys=False),
+        "config_sha256": st.hash_values(_names_only(cfg.to_dict())),
         "config_source": _file_name(cfg.source),
         "manifest": _file_name(manifest.path),
         "manifest_sha256": st.hash_input(manifest.path) if Path(manifest.path).is_file() else None,

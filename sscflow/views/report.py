@@ -428,7 +428,8 @@ def _provenance_section(root, run: dict) -> dict:
             ("manifest sha256", run.get("manifest_sha256", "–")),
             ("canonical grid spacing (mm)", format_value(spacing, "{:g}")),
             ("template", describe_provenance(template_provenance(root))),
-            ("cluster", run.get("cluster", "–"))]  # fmt: skip
+            ("cluster", run.get("cluster", "–")),
+            ("config sha256 (every setting)", run.get("config_sha256", "–"))]  # fmt: skip
     deid = run.get("deidentification")
     if deid:  # a discovered cohort
         rows.append(("de-identification", f"{deid.get('method')} (version {deid.get('version')};"
