@@ -73,15 +73,39 @@ def rotation_angle_deg(matrix) -> float:
     return math.degrees(math.acos(min(1.0, max(-1.0, c))))
 
 
-def _moments(mask, geometry: Geometry, max_points: int = 200_000):
-    """Centroid (zyx mm) and principal axes (columns, zyx, by decreasing variance) of a mask."""
-    idx = np.argwhere(np.asarray(mask, bool))
-    if len(idx) > max_points:
-        idx = idx[:: int(math.ceil(len(idx) / max_points))]
-    pts = index_to_physical(idx, geometry)
-    c = pts.mean(axis=0)
-    cov = np.cov((pts - c).T)
-    w, v = np.linalg.eigh(cov)
+def _affine(geometry: Geometry):
+    """``(o, a)`` with physical (z, y, x) mm = o + a @ index (z, y, x), any direction."""
+    pts = index_to_physical(np.vstack([np.zeros(3), np.eye(3)]), geometry)
+    return pts[0], (pts[1:] - pts[0]).T
+
+
+def _projections(mask):
+    """The mask's voxel counts summed over x, over y and over z: (Z, Y), (Z, X), (Y, X)."""
+    m = np.asarray(mask, bool)
+    return (m.sum(axis=2, dtype=np.float64), m.sum(axis=1, dtype=np.float64),
+            m.sum(axis=0, dtype=np.float64))  # fmt: skip
+
+
+def _moments(mask, geometry: Geometry):
+    """Centroid (zyx mm) and principal axes (columns, zyx, by decreasing variance) of a mask.
+
+    Exact, from the index moments of the mask's three projections (the map from indices to mm is
+    affine): no list of voxel positions, which at 1 mm (millions of lung voxels) cost more than
+    the rest of the alignment."""
+    pzy, pzx, pyx = _projections(mask)
+    z, y, x = (np.arange(n, dtype=np.float64) for n in (pzy.shape[0], pzy.shape[1],
+                                                          pzx.shape[1]))  # fmt: skip
+    cz, cy, cx = pzy.sum(axis=1), pzy.sum(axis=0), pzx.sum(axis=0)
+    n = cz.sum()
+    mean = np.array([z @ cz, y @ cy, x @ cx]) / n
+    second = np.array([[(z * z) @ cz, z @ pzy @ y, z @ pzx @ x],
+                       [0.0, (y * y) @ cy, y @ pyx @ x],
+                       [0.0, 0.0, (x * x) @ cx]])  # fmt: skip
+    second = np.triu(second) + np.triu(second, 1).T
+    cov_idx = (second / n - np.outer(mean, mean)) * (n / max(n - 1.0, 1.0))
+    o, a = _affine(geometry)
+    c = o + a @ mean
+    w, v = np.linalg.eigh(a @ cov_idx @ a.T)
     order = np.argsort(w)[::-1]
     return c, w[order], v[:, order]
 
@@ -167,12 +191,26 @@ def _profile_shift(fm, fg: Geometry, mm, mg: Geometry, step_mm: float = 2.0):
     slabs: robust when one field of view misses part of the lungs, where the centroids of the
     whole masks disagree. None when the scans' z extents are too short to compare."""
 
-    def profile(mask, g):
-        pts = index_to_physical(np.argwhere(np.asarray(mask, bool)), g)
-        z0 = pts[:, 0].min()
-        bins = np.floor((pts[:, 0] - z0) / step_mm).astype(int)
-        area = np.bincount(bins).astype(float)
-        return pts, z0, bins, area
+    def profile(mask, g):  # per slice: its bin, voxel count and sum of physical positions
+        o, a = _affine(g)
+        if abs(a[0, 1]) + abs(a[0, 2]) > 1e-9 * abs(a[0, 0]):  # oblique slices: voxel by voxel
+            idx = np.argwhere(np.asarray(mask, bool))
+            pts = index_to_physical(idx, g)
+            count, sums, zs = np.ones(len(pts)), pts, pts[:, 0]
+        else:  # z depends on the slice only: exact sums from the projections
+            pzy, pzx, _ = _projections(mask)
+            count = pzy.sum(axis=1)
+            idx_sums = np.stack([np.arange(len(count)) * count,
+                                 pzy @ np.arange(pzy.shape[1], dtype=np.float64),
+                                 pzx @ np.arange(pzx.shape[1], dtype=np.float64)], axis=1)
+            sums = count[:, None] * o + idx_sums @ a.T
+            zs = o[0] + a[0, 0] * np.arange(len(count))
+            keep = count > 0
+            count, sums, zs = count[keep], sums[keep], zs[keep]
+        z0 = zs.min()
+        bins = np.floor((zs - z0) / step_mm).astype(int)
+        area = np.bincount(bins, weights=count)
+        return (count, sums), z0, bins, area
 
     pf, zf, bf, af = profile(fm, fg)
     pm, zm, bm, am = profile(mm, mg)
@@ -194,7 +232,8 @@ def _profile_shift(fm, fg: Geometry, mm, mg: Geometry, step_mm: float = 2.0):
     _, lag, j0, j1 = best
     sel_f = (bf >= j0 + lag) & (bf < j1 + lag)
     sel_m = (bm >= j0) & (bm < j1)
-    shift = pm[sel_m].mean(axis=0) - pf[sel_f].mean(axis=0)
+    (cf, sf), (cm, sm) = pf, pm
+    shift = sm[sel_m].sum(axis=0) / cm[sel_m].sum() - sf[sel_f].sum(axis=0) / cf[sel_f].sum()
     shift[0] = (zm + j0 * step_mm) - (zf + (j0 + lag) * step_mm)
     return shift
 
