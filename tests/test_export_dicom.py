@@ -206,8 +206,9 @@ def test_the_command_writes_dicom_and_names_the_extra_when_highdicom_is_missing(
     _store(tmp_path / "s.zarr", GRIDS["canonical"])
     res = subprocess.run([sys.executable, "-m", "sscflow.cli", "export", str(tmp_path / "s.zarr"),
                           "--out", str(tmp_path / "out"), "--format", "dicom"],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "COLUMNS": "250"})  # fmt: skip
+                         capture_output=True, text=True, encoding="utf-8", timeout=300,
+                         env={**os.environ, "COLUMNS": "250",
+                              "PYTHONIOENCODING": "utf-8"})  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"exported {GRIDS['canonical'].shape[0] + 2} files for 1 patients" in res.stdout
     monkeypatch.setitem(sys.modules, "highdicom", None)  # as if not installed
