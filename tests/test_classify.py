@@ -111,7 +111,8 @@ def trained(cohort, tmp_path_factory):
 
 def test_import_does_not_load_torch():
     code = "import sys, sscflow, sscflow.methods.classify; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         encoding="utf-8", check=True)
     assert out.stdout.strip() == "False"
 
 

@@ -124,7 +124,7 @@ def test_an_empty_dicom_folder_is_one_clear_error_without_itk_noise(tmp_path):
     code = ("from sscflow.core.imageio import read_volume\n"
             f"try:\n    read_volume({str(tmp_path)!r})\n"
             "except Exception as exc:\n    print(type(exc).__name__, exc)\n")  # fmt: skip
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8",
                          timeout=120)  # fmt: skip
     assert "InputImageError" in res.stdout and "holds no DICOM series" in res.stdout
     assert "GDCMSeriesFileNames" not in res.stderr and "WARNING" not in res.stderr, res.stderr

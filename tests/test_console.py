@@ -146,7 +146,7 @@ def test_an_interrupted_run_stops_cleanly_and_says_what_was_kept(tmp_path, signu
         "ingest": {"spacing_mm": 4.0}, "segment": {"min_lung_ml": 5.0}}))  # fmt: skip
     environ = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     proc = subprocess.Popen([sys.executable, "-m", "sscflow.cli", "run", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
                             env={**environ, "PYTHONIOENCODING": "utf-8"},
                             start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300

@@ -114,14 +114,14 @@ def _hadolint() -> str:
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
 def test_hadolint_passes(name):
     result = subprocess.run([_hadolint(), "--no-color", str(DOCKERFILES[name])],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+                            capture_output=True, encoding="utf-8", timeout=60)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_hadolint_rejects_a_bad_dockerfile():
     bad = "FROM python:latest\nRUN pip install torch\nENV AWS_SECRET_ACCESS_KEY=abc\n"
     result = subprocess.run([_hadolint(), "--no-color", "-"], input=bad,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+                            capture_output=True, encoding="utf-8", timeout=60)  # fmt: skip
     assert result.returncode != 0
     assert "DL3007" in result.stdout  # latest tag
 
@@ -241,7 +241,7 @@ def test_renderer_agrees_with_kustomize(name):
     command = _kustomize()
     if command is None:
         pytest.skip("neither kustomize nor kubectl is installed; tests/k8s.py renders alone")
-    out = subprocess.run(command + [str(RENDERINGS[name])], capture_output=True, text=True,
+    out = subprocess.run(command + [str(RENDERINGS[name])], capture_output=True, encoding="utf-8",
                          timeout=60, check=True).stdout  # fmt: skip
 
     def key(d):

@@ -193,7 +193,8 @@ def test_dciodvfy_finds_no_error(exported):
     _, _, folder, _, _ = exported
     for path in (folder / "CT" / "CT0001.dcm", folder / "lung_mask.SEG.dcm",
                  folder / "log_jacobian.PM.dcm"):  # fmt: skip
-        res = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        res = subprocess.run(["dciodvfy", str(path)], capture_output=True, encoding="utf-8",
+                             timeout=60)
         report = res.stdout + res.stderr
         assert report.strip(), path
         errors = [line for line in report.splitlines() if line.startswith("Error")]

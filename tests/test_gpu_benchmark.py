@@ -21,7 +21,7 @@ def test_gpu_benchmark_reduced_form_prints_every_figure(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, str(SCRIPT), "--spacing", "4", "--repeats", "1",
-                          "--reduced"], capture_output=True, text=True, timeout=1800,
+                          "--reduced"], capture_output=True, encoding="utf-8", timeout=1800,
                          env={**os.environ, "OUT": str(out)})  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     text = (out / "gpu.txt").read_text()

@@ -338,5 +338,6 @@ def test_modules_stay_out_of_import_sscflow():
         "import sscflow.methods.groups, sscflow.views.figures\n"
         "print('matplotlib' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         encoding="utf-8", check=True)
     assert out.stdout.split("\n")[:2] == ["", "False"]

@@ -17,7 +17,8 @@ def test_import_stays_light():
         " if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         encoding="utf-8", check=True)
     assert out.stdout.strip() == ""
 
 
@@ -54,11 +55,11 @@ def test_doctests_collect_and_pass_without_torch(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     blocked = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True,
-                             text=True)  # fmt: skip
+                             encoding="utf-8")  # fmt: skip
     assert blocked.returncode != 0 and "(blocked)" in blocked.stderr
     res = subprocess.run([sys.executable, "-m", "pytest", "--doctest-modules", "sscflow",
                           "-p", "no:cacheprovider", "-o", "addopts="], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+                         capture_output=True, encoding="utf-8", timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     header = next(x for x in res.stdout.splitlines() if "torch is not importable" in x)
     left_out = header.split(": ", 1)[1].split(", ")
@@ -84,5 +85,6 @@ def test_the_old_module_paths_are_the_new_modules():
         "'sscflow.methods.registration.stage']\n"
         "print(len(MOVED))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         encoding="utf-8", check=True)
     assert int(out.stdout) >= 20

@@ -150,7 +150,7 @@ def test_report_and_qa_page_load_in_a_headless_browser(real_run, tmp_path):
         res = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
                               "--enable-logging=stderr", "--v=0", f"--screenshot={shot}",
                               "--window-size=1200,2400", page.as_uri()],
-                             capture_output=True, text=True, errors="replace", timeout=120)
+                             capture_output=True, encoding="utf-8", errors="replace", timeout=120)
         assert shot.is_file(), res.stderr[-2000:]
         console = [line for line in res.stderr.splitlines() if "CONSOLE" in line]
         assert not console, console
