@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import itertools
 import os
 import stat
 from pathlib import Path
@@ -308,13 +309,26 @@ def test_flowchart_counts(cohort):
             "gantry_tilt": 1,
             "too_short": 1,
             "not_axial": 1,
+            "study_not_used": 2,  # E2's two series: their study has conflicting PatientIDs
         },
         "studies": {"conflicting_patient_ids": 1, "no_eligible_series": 1},
     }
-    assert steps["pft"]["excluded"] == {"studies": {"no_pft": 1}}
+    # A1 and B2 each hold a second eligible series that ranks below the chosen one
+    assert steps["pft"]["excluded"] == {"series": {"lower_rank": 2}, "studies": {"no_pft": 1}}
     assert steps["included"]["excluded"] == {
-        "patients": {"fewer_than_two_cts": 4, "interval_too_short": 1}
+        "studies": {"not_selected": 1, "patient_excluded": 5},
+        "patients": {"fewer_than_two_cts": 4, "interval_too_short": 1},
     }
+    # every drop has a box: each step's counts are the previous step's less its exclusions
+    # (from the pft step on, one series per study)
+    order = ["export", "series", "pft", "included"]
+    for prev, step in itertools.pairwise(order):
+        ex = steps[step]["excluded"]
+        for level in ("studies", "series"):
+            dropped = sum(ex.get(level, {}).values())
+            if level == "series" and step != "series":
+                dropped += sum(ex.get("studies", {}).values())
+            assert steps[prev][level] - dropped == steps[step][level], (step, level)
     assert (work / "cohort" / "flowchart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

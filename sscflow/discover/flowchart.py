@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sscflow.discover.select import PATIENT_RULES, STUDY_RULES
+from sscflow.discover.select import NOT_CHOSEN, PATIENT_RULES, STUDY_RULES
 from sscflow.discover.series import RULES
 
-LABELS = {**RULES, **STUDY_RULES, **PATIENT_RULES}
+LABELS = {**RULES, **STUDY_RULES, **PATIENT_RULES, **NOT_CHOSEN}
 
 
 def write_flowchart(doc: dict, folder: Path) -> tuple[Path, Path]:

@@ -16,7 +16,7 @@ from sscflow.discover.flowchart import write_flowchart
 from sscflow.discover.headers import batches, iter_files, read_headers, relative
 from sscflow.discover.pft import read_pft_table
 from sscflow.discover.pseudonym import REF_PREFIX, PseudonymKey
-from sscflow.discover.select import build_studies, pick_patients
+from sscflow.discover.select import NOT_CHOSEN, build_studies, pick_patients
 from sscflow.discover.series import RULES, check_series, group_series
 from sscflow.discover.settings import DiscoverConfig
 from sscflow.errors import MissingInputError, SscflowError
@@ -34,13 +34,6 @@ MANIFEST_COLUMNS = (
     "age",
     "sex",
 )
-# rules for what was fine on its own but not chosen
-NOT_CHOSEN = {
-    "lower_rank": "eligible, but another series of the study ranks first",
-    "study_not_used": "eligible, but its study was excluded or not selected",
-    "not_selected": "eligible, but not the first or last eligible CT of the patient",
-    "patient_excluded": "eligible, but the patient was excluded",
-}
 
 
 @dataclass
@@ -331,6 +324,10 @@ def _write_manifest(included, pseudo, pkey: PseudonymKey, out: Path) -> Path | N
     return path
 
 
+def _nonzero(counts: dict) -> dict:
+    return {k: n for k, n in counts.items() if n}
+
+
 def _count(rule_of, items) -> dict:
     counts: dict[str, int] = {}
     for it in items:
@@ -347,6 +344,14 @@ def _flowchart(files, checks, studies, picks, cfg, have_pft) -> dict:
     included = [p for p in picks if not p.rule]
     pre_uids = {s.uid for s in pre_pft}
     n_series_ok = sum(c.eligible for c in checks if c.study_uid in pre_uids)
+    # what was fine on its own but dropped: each step's boxes add up to the next step's counts
+    unused = sum(c.eligible for c in checks if c.study_uid not in pre_uids)
+    chosen = {s.uid for p in included for s in (p.baseline, p.followup)}
+    kept_pids = {p.patient_id for p in included}
+    not_chosen = {
+        "not_selected": sum(s.patient_id in kept_pids and s.uid not in chosen for s in eligible),
+        "patient_excluded": sum(s.patient_id not in kept_pids for s in eligible),
+    }
     steps = [
         {
             "step": "export",
@@ -363,7 +368,7 @@ def _flowchart(files, checks, studies, picks, cfg, have_pft) -> dict:
             "studies": len(pre_pft),
             "series": n_series_ok,
             "excluded": {
-                "series": _count(lambda c: c.rule, checks),
+                "series": _nonzero({**_count(lambda c: c.rule, checks), "study_not_used": unused}),
                 "studies": _count(lambda s: s.rule if s.rule != "no_pft" else "", studies),
             },
         },
@@ -376,7 +381,8 @@ def _flowchart(files, checks, studies, picks, cfg, have_pft) -> dict:
             "studies": len(eligible),
             "series": len(eligible),
             "excluded": {
-                "studies": _count(lambda s: s.rule if s.rule == "no_pft" else "", studies)
+                "series": _nonzero({"lower_rank": n_series_ok - len(pre_pft)}),
+                "studies": _count(lambda s: s.rule if s.rule == "no_pft" else "", studies),
             },
         },
         {
@@ -387,7 +393,10 @@ def _flowchart(files, checks, studies, picks, cfg, have_pft) -> dict:
             "patients": len(included),
             "studies": 2 * len(included),
             "series": 2 * len(included),
-            "excluded": {"patients": _count(lambda p: p.rule, picks)},
+            "excluded": {
+                "studies": _nonzero(not_chosen),
+                "patients": _count(lambda p: p.rule, picks),
+            },
         },
     ]
     return {"files": files, "rules": {**RULES}, "steps": steps}

@@ -25,6 +25,13 @@ PATIENT_RULES = {
     "fewer_than_two_cts": "fewer than two eligible CTs",
     "interval_too_short": "CTs too close in time",
 }
+# rules for what was fine on its own but not chosen
+NOT_CHOSEN = {
+    "lower_rank": "eligible, but another series of the study ranks first",
+    "study_not_used": "eligible, but its study was excluded or not selected",
+    "not_selected": "eligible, but not the first or last eligible CT of the patient",
+    "patient_excluded": "eligible, but the patient was excluded",
+}
 DAYS_PER_MONTH = 365.25 / 12
 
 
