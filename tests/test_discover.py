@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import itertools
+import json
 import os
 import stat
 from pathlib import Path
