@@ -968,6 +968,7 @@ def demo(
     """
     from sscflow.cohort import read_manifest
 
+    t0 = time.perf_counter()
     cfg = _config(config, None, workers) if config else _demo_config(workers)
     s = cfg.synth
     n = patients or s.patients
@@ -992,6 +993,8 @@ def demo(
         _run_report(summary)
     finally:
         _demo_report(synthetic, cfg.store, [p.patient_id for p in manifest.patients])
+        minutes, seconds = divmod(round(time.perf_counter() - t0), 60)
+        out.print(f"demo: {n} patients in {minutes}:{seconds:02d} (min:s)")
 
 
 def _synthetic_is_current(folder: Path, n: int, s) -> bool:

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -74,8 +75,12 @@ def test_ingest_bad_patient_exits_nonzero_with_summary(tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end_and_rerun_skips(tmp_path):
     """The README's first command: every stage on a synthetic cohort; a rerun skips it all."""
+    t0 = time.perf_counter()
     res = run("demo", "--patients", "3", "--out", str(tmp_path / "d"), "--workers", "2")
+    wall = time.perf_counter() - t0
     assert res.returncode == 0, res.stderr
+    minutes, seconds = res.stdout.split("demo: 3 patients in ")[1].split(" (min:s)")[0].split(":")
+    assert 0 < 60 * int(minutes) + int(seconds) <= wall + 1  # its own time, within the process's
     for stage in ("ingest", "registration", "jacobian", "to_template"):
         assert f"{stage}: 3 done, 0 unchanged (skipped), 0 failed" in res.stdout
     assert "group_means: 1 done" in res.stdout
