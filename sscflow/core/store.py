@@ -29,6 +29,14 @@ shuffle). The steps, recorded in each group's ``sscflow.quantisation``:
   map carried over): ``FIELD_STEP_MM`` 2^-6 mm, error <= 0.0078 mm (the 0.01 mm bound);
 - log-Jacobian maps: ``LOG_JACOBIAN_STEP`` 2^-12 (error <= 0.00013), so a stored map is within
   0.001 of the map of the full-precision field (0.0008 + 0.00013).
+
+Vector fields (``(c, z, y, x)`` with a ``step``, no NaN) go one step further: they are stored as
+int32 multiples of the step, each chunk delta-coded (numcodecs' ``fixedscaleoffset`` and
+``delta`` filters before Blosc-zstd). A smooth field's neighbours differ by a few steps, so the
+differences compress to less than half of the rounded floats (real CT at 2 mm, a moved pair:
+0.93 bytes per voxel instead of 2.22). Readers still get float32 in millimetres, with the same
+error bound; they need zarr-python (or another reader with numcodecs): these two filters are not
+in the Zarr v3 specification.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.errors import ZarrUserWarning
 
 from sscflow.core.geometry import Geometry
 from sscflow.errors import IncompleteOutputError
@@ -55,6 +64,9 @@ TEMPLATE = "template"
 NGFF_VERSION = "0.5"
 LOG_JACOBIAN_STEP = 2.0**-12  # stored log-Jacobian maps: error <= 2^-13 (see the module notes)
 FIELD_STEP_MM = 2.0**-6  # a field no map is computed from: error <= 0.0078 mm
+# the delta-coded fields' filters are numcodecs codecs, which zarr flags each time one is made
+NUMCODECS_WARNING = "Numcodecs codecs are not in the Zarr version 3 specification"
+warnings.filterwarnings("ignore", message=NUMCODECS_WARNING, category=ZarrUserWarning)
 
 
 def displacement_step(spacing) -> float:
@@ -238,9 +250,13 @@ def write_image(
         "complete": False,
         **_jsonable(extra or {}),
     }
+    filters = ()
     if step is not None:
         data = quantise(data, step)
         meta["quantisation"] = {"step": step, "max_abs_error": step / 2}
+        if data.ndim == 4 and isinstance(data, np.ndarray) and not np.isnan(data).any():
+            filters = _delta_coded(step)
+            meta["quantisation"]["coding"] = "int32 multiples of step, delta-coded per chunk"
     if data.ndim not in (3, 4):
         raise ValueError(f"{name}: data must be (z, y, x) or (c, z, y, x), got shape {data.shape}")
     ome = ngff_multiscales(name, geometry, channels=data.ndim == 4)
@@ -258,6 +274,7 @@ def write_image(
         shape=data.shape,
         dtype=dtype,
         chunks=chunks,
+        filters=filters,
         compressors=[BloscCodec(cname="zstd", clevel=compression_level, shuffle=shuffle)],
         fill_value=fill_value,
         dimension_names=(["c"] if data.ndim == 4 else []) + ["z", "y", "x"],
@@ -269,6 +286,17 @@ def write_image(
     if complete:
         finish_image(parent, name)
     return group
+
+
+def _delta_coded(step: float) -> tuple:
+    """Filters that store float32 multiples of ``step`` as delta-coded int32 (exact: the
+    multiples are integers)."""
+    from zarr.codecs.numcodecs import Delta, FixedScaleOffset
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=NUMCODECS_WARNING, category=ZarrUserWarning)
+        return (FixedScaleOffset(offset=0, scale=1 / step, dtype="<f4", astype="<i4"),
+                Delta(dtype="<i4"))  # fmt: skip
 
 
 def finish_image(parent: zarr.Group, name: str, extra: dict | None = None) -> None:
