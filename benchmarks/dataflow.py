@@ -102,12 +102,12 @@ def dry_run_10k(folder: Path) -> tuple[int, float, float]:
     scan = folder / "scan.nii.gz"
     scan.write_bytes(b"placeholder")
     manifest = folder / "manifest10k.csv"
-    with open(manifest, "w") as fh:
+    with open(manifest, "w", encoding="utf-8") as fh:
         fh.write("patient_id,baseline,followup,fvc_baseline,fvc_followup,visual\n")
         for i in range(10_000):
             fh.write(f"P{i:05d},scan.nii.gz,scan.nii.gz,80,{70 + i % 15},stable\n")
     cfg = folder / "plan10k.yaml"
-    cfg.write_text(f"manifest: {manifest}\nstore: {folder / 'never.zarr'}\n")
+    cfg.write_text(f"manifest: {manifest}\nstore: {folder / 'never.zarr'}\n", encoding="utf-8")
     out = subprocess.run([sys.executable, "-c", PLAN_SCRIPT, str(cfg)], capture_output=True,
                          text=True, check=True)  # fmt: skip
     n, dt, rss = out.stdout.split()

@@ -225,7 +225,8 @@ def cohort_section(say, pair, spacing: float, patients: int, reduced: bool, cuda
     image = to_itk(np.rint(pair.followup).astype(np.int16), pair.followup_geometry)
     sitk.WriteImage(image, str(follow), useCompression=True)
     rows = [f"P{i:03d},{DATA},{follow.name}" for i in range(patients)]
-    (folder / "manifest.csv").write_text("patient_id,baseline,followup\n" + "\n".join(rows) + "\n")
+    (folder / "manifest.csv").write_text("patient_id,baseline,followup\n" + "\n".join(rows) + "\n",
+        encoding="utf-8")
     cores = len(os.sched_getaffinity(0))
     cluster = {"n_workers": 1 if reduced else max(1, cores // 2),
                "threads_per_worker": 2, "dashboard_address": ":0"}
@@ -236,7 +237,7 @@ def cohort_section(say, pair, spacing: float, patients: int, reduced: bool, cuda
                            "affine_iterations": [20, 10]}}  # fmt: skip
         config["registration"] = small
         config["template"] = {"registration": small}
-    (folder / "run.yaml").write_text(yaml.safe_dump(config))
+    (folder / "run.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     say(f"cohort: {patients} patients (the real CT and its planted, moved follow-up), "
         f"{spacing:g} mm, cluster {cluster['n_workers']} CPU workers x "
         f"{cluster['threads_per_worker']} threads (+ the GPU workers the machine's defaults "

@@ -53,10 +53,10 @@ def incremental_run(tmp: Path, patients: int, added: int, spacing: float, worker
     PATIENT_STAGES = [s.name for s in STAGES if s.scope == PATIENT]  # noqa: N806
 
     full, config = small_cohort(tmp, patients + added, spacing)
-    with open(full.path, newline="") as fh:
+    with open(full.path, encoding="utf-8", newline="") as fh:
         rows = list(csv.DictReader(fh))
     first_path = Path(full.path).with_name("manifest_first.csv")
-    with open(first_path, "w", newline="") as fh:
+    with open(first_path, "w", encoding="utf-8", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows[:patients])

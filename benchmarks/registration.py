@@ -84,7 +84,7 @@ def demons_baseline(fixed, moving, spacing):
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
+    with open("/proc/self/statm", encoding="utf-8") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 

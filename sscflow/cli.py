@@ -943,7 +943,7 @@ def _model_sets(model: Path) -> dict[str, str]:
     path = Path(model) / "split.json"
     if not path.is_file():
         return {}
-    split = json.loads(path.read_text())
+    split = json.loads(path.read_text(encoding="utf-8"))
     return {str(p): name for name in ("train", "validation", "test")
             for p in split.get(name, [])}  # fmt: skip
 
@@ -1005,7 +1005,7 @@ def _synthetic_is_current(folder: Path, n: int, s) -> bool:
     from sscflow.synth.cohort import GENERATOR_VERSION
 
     try:
-        made = json.loads((folder / "truth" / "cohort.json").read_text())
+        made = json.loads((folder / "truth" / "cohort.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     want = {"generator_version": GENERATOR_VERSION, "n": n, "seed": s.seed,

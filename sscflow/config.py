@@ -416,7 +416,7 @@ def load_config(path: str | os.PathLike) -> Config:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
-    text = p.read_text()
+    text = p.read_text(encoding="utf-8")
     try:
         data = yaml.safe_load(text) or {}
         marks = _marks(yaml.compose(text))

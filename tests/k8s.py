@@ -54,7 +54,7 @@ def render(folder: str | Path) -> list[dict]:
     kfile = folder / "kustomization.yaml"
     if not kfile.is_file():
         raise ValueError(f"{folder}: no kustomization.yaml")
-    spec = yaml.safe_load(kfile.read_text()) or {}
+    spec = yaml.safe_load(kfile.read_text(encoding="utf-8")) or {}
     unknown = set(spec) - _KEYS
     if unknown:
         raise ValueError(f"{kfile}: tests/k8s.py does not render {sorted(unknown)}")
@@ -63,7 +63,8 @@ def render(folder: str | Path) -> list[dict]:
         docs += load_manifests(folder / entry)
     for entry in spec.get("components", []):
         component = folder / entry
-        kind = (yaml.safe_load((component / "kustomization.yaml").read_text()) or {}).get("kind")
+        text = (component / "kustomization.yaml").read_text(encoding="utf-8")
+        kind = (yaml.safe_load(text) or {}).get("kind")
         if kind != "Component":
             raise ValueError(f"{component}: a component needs kind: Component, got {kind}")
         docs = _apply(component, docs)
@@ -80,7 +81,7 @@ def render(folder: str | Path) -> list[dict]:
 def _apply(folder: Path, docs: list[dict], spec: dict | None = None) -> list[dict]:
     """``docs`` plus the resources of a component folder, then its patches applied."""
     if spec is None:  # a component
-        spec = yaml.safe_load((folder / "kustomization.yaml").read_text()) or {}
+        spec = yaml.safe_load((folder / "kustomization.yaml").read_text(encoding="utf-8")) or {}
         unknown = set(spec) - _KEYS
         if unknown:
             raise ValueError(f"{folder}: tests/k8s.py does not render {sorted(unknown)}")
@@ -90,7 +91,7 @@ def _apply(folder: Path, docs: list[dict], spec: dict | None = None) -> list[dic
     for patch in spec.get("patches", []):
         if set(patch) != {"path", "target"}:
             raise ValueError(f"{folder}: a patch needs exactly path and target, got {patch}")
-        ops = yaml.safe_load((folder / patch["path"]).read_text())
+        ops = yaml.safe_load((folder / patch["path"]).read_text(encoding="utf-8"))
         if not isinstance(ops, list):
             raise ValueError(f"{folder / patch['path']}: only JSON 6902 patches (a list)")
         hits = [d for d in docs if _matches(d, patch["target"])]

@@ -252,7 +252,7 @@ def test_split_is_stratified_reproducible_and_round_trips(tmp_path):
     lonely = pd.Series({pid(i): int(i == 0) for i in range(10)})  # one patient of class 1
     assert split_patients(lonely, 0.2, 0.2, seed=0)["stratified"] is False
     (tmp_path / "bad.json").write_text(json.dumps({"train": ["a"], "validation": ["a"],
-                                                   "test": []}))  # fmt: skip
+                                                   "test": []}), encoding="utf-8")  # fmt: skip
     with pytest.raises(ValueError, match="patient a is in both train and validation"):
         load_split(tmp_path / "bad.json")
 
@@ -262,7 +262,7 @@ def test_training_learns_the_separable_signal(trained):
     assert len(result["y_true"]) == 5
     accuracy = np.mean(np.equal(result["y_true"], result["y_pred"]))
     assert accuracy >= 0.8, result
-    meta = json.loads((out / "metadata.json").read_text())
+    meta = json.loads((out / "metadata.json").read_text(encoding="utf-8"))
     threshold = meta["threshold"]  # Youden on the validation predictions, checked by hand:
     val = pd.read_csv(out / "predictions.csv").query("set == 'validation'")
     j = {t: ((val.probability >= t) & (val.label == 1)).sum() / (val.label == 1).sum()
@@ -275,7 +275,7 @@ def test_training_learns_the_separable_signal(trained):
     assert history["train_loss"][-1] < history["train_loss"][0]
     best = int(np.argmin(history["validation_loss"])) + 1
     assert result["best_epoch"] == best
-    meta = json.loads((out / "metadata.json").read_text())
+    meta = json.loads((out / "metadata.json").read_text(encoding="utf-8"))
     assert meta["target"] == "functional" and meta["input_shape"] == list(SHAPE)
     assert meta["split_sizes"] == {"train": 15, "validation": 4, "test": 5}
     assert meta["left_out"] == ["P100"] == result["left_out"]  # labelled, no map
@@ -303,7 +303,7 @@ def test_training_is_deterministic(cohort, trained, tmp_path):
     b = pd.read_csv(tmp_path / "predictions.csv")
     pd.testing.assert_frame_equal(a, b, check_exact=True)
     assert again["history"] == first["history"]
-    meta = [json.loads((d / "metadata.json").read_text()) for d in (out, tmp_path)]
+    meta = [json.loads((d / "metadata.json").read_text(encoding="utf-8")) for d in (out, tmp_path)]
     assert meta[0]["data_hash"] == meta[1]["data_hash"]
 
 
@@ -376,7 +376,7 @@ def test_predict_command_writes_the_probabilities_of_new_patients(trained, tmp_p
     # another batch composition than in training: float32 rounding of a few 1e-6
     np.testing.assert_allclose(got["probability"], saved.loc[[pid(1), pid(2), pid(3)],
                                "probability"], atol=1e-5)  # fmt: skip
-    threshold = json.loads((out / "metadata.json").read_text())["threshold"]
+    threshold = json.loads((out / "metadata.json").read_text(encoding="utf-8"))["threshold"]
     assert got["prediction"].tolist() == [int(p >= threshold) for p in got["probability"]]
 
 

@@ -39,7 +39,7 @@ def test_version():
 
 def test_bad_config_is_one_line_without_traceback(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("cluster:\n  n_workerz: 2\n")
+    cfg.write_text("cluster:\n  n_workerz: 2\n", encoding="utf-8")
     res = run("validate", str(cfg))
     assert res.returncode == 1
     assert "unknown key 'cluster.n_workerz'" in res.stderr
@@ -50,7 +50,8 @@ def test_bad_config_is_one_line_without_traceback(tmp_path):
 
 def test_validate_manifest_lists_problems(tmp_path):
     m = tmp_path / "m.csv"
-    m.write_text("patient_id,baseline,followup,visual\nP1,a.nii.gz,b.nii.gz,better\n")
+    m.write_text("patient_id,baseline,followup,visual\nP1,a.nii.gz,b.nii.gz,better\n",
+        encoding="utf-8")
     res = run("validate", str(m))
     assert res.returncode == 1
     assert "line 2 (patient P1), column visual: unknown label 'better'" in res.stderr
@@ -65,7 +66,8 @@ def test_validate_good_config():
 
 def test_ingest_bad_patient_exits_nonzero_with_summary(tmp_path):
     m = tmp_path / "m.csv"
-    m.write_text("patient_id,baseline,followup\nP1,missing.nii.gz,missing.nii.gz\n")
+    m.write_text("patient_id,baseline,followup\nP1,missing.nii.gz,missing.nii.gz\n",
+        encoding="utf-8")
     res = run("ingest", str(m), "--store", str(tmp_path / "s.zarr"), "--workers", "1")
     assert res.returncode == 1
     assert "1 of 1 patients failed" in res.stderr
@@ -90,7 +92,7 @@ def test_demo_end_to_end_and_rerun_skips(tmp_path):
     assert error < 1.0  # mm, against the synthetic truth
     assert (tmp_path / "d/cohort.zarr/patients/SYN003/log_jacobian_template/zarr.json").is_file()
     assert (tmp_path / "d/results/figures/group_means_sagittal.png").stat().st_size > 10_000
-    assert "SYN002" in (tmp_path / "d/results/patients.csv").read_text()
+    assert "SYN002" in (tmp_path / "d/results/patients.csv").read_text(encoding="utf-8")
     page = (tmp_path / "d/results/report/index.html").read_text(encoding="utf-8")
     for section in ("Against the synthetic truth", "lung Dice", "mean_error_mm", "Provenance",
                     "manifest sha256", "Per-patient QA", "href='qa/SYN001.html'"):  # fmt: skip
@@ -118,5 +120,5 @@ def test_synth_command_writes_a_manifest(tmp_path):
     res = run("synth", "--patients", "1", "--out", str(tmp_path / "s"), "--spacing", "6",
               "--workers", "1")
     assert res.returncode == 0, res.stderr
-    header = (tmp_path / "s/manifest.csv").read_text().splitlines()[0]
+    header = (tmp_path / "s/manifest.csv").read_text(encoding="utf-8").splitlines()[0]
     assert header.startswith("patient_id,baseline,followup,fvc_baseline")

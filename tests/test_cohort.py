@@ -11,7 +11,7 @@ HEADER = (
 
 def write(tmp_path, text, name="manifest.csv"):
     p = tmp_path / name
-    p.write_text(text)
+    p.write_text(text, encoding="utf-8")
     return p
 
 

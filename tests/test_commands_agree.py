@@ -31,7 +31,7 @@ def sscflow(*args):
 def test_every_config_problem_at_once_with_line_and_column(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("cluster:\n  n_workerz: 2\n  retries: -1\ningest:\n  spacing_mm: fast\n"
-                   "registration:\n  backend: nope\nbogus: 1\n")  # fmt: skip
+                   "registration:\n  backend: nope\nbogus: 1\n", encoding="utf-8")  # fmt: skip
     with pytest.raises(ConfigError) as info:
         load_config(cfg)
     text = str(info.value)
@@ -52,12 +52,14 @@ def bad_rows(tmp_path):
     sitk.WriteImage(mini_chest_image(), str(tmp_path / "ct.nii.gz"))
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("patient_id,baseline,followup\nP1,ct.nii.gz,ct.nii.gz\n"
-                        "P 2,ct.nii.gz,ct.nii.gz\nP3,ct.nii.gz,gone.nii.gz\n")  # fmt: skip
+                        "P 2,ct.nii.gz,ct.nii.gz\nP3,ct.nii.gz,gone.nii.gz\n",
+                            encoding="utf-8")  # fmt: skip
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "manifest": "manifest.csv", "store": "s.zarr",
         "cluster": {"n_workers": 1, "dashboard_address": ":0"},
-        "ingest": {"spacing_mm": 3.0}, "segment": {"min_lung_ml": 1.0}}))  # fmt: skip
+        "ingest": {"spacing_mm": 3.0}, "segment": {"min_lung_ml": 1.0}}),
+            encoding="utf-8")  # fmt: skip
     return tmp_path, manifest, config
 
 
@@ -86,13 +88,13 @@ def test_validate_dry_run_and_ingest_agree_on_bad_rows(bad_rows):
     assert p3.split("│")[2].strip() == "failed" and "gone.nii.gz" in p3  # not 'pending'
     p1 = next(x for x in status.stdout.splitlines() if "P1" in x)
     assert p1.split("│")[2].strip() == "done"
-    assert (folder / "s.zarr/patients/P1/lung_mask/zarr.json").read_text().count(
+    assert (folder / "s.zarr/patients/P1/lung_mask/zarr.json").read_text(encoding="utf-8").count(
         '"image-label"') == 1  # napari opens the mask as labels
 
 
 def test_validate_config_whose_manifest_is_missing(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("manifest: nowhere.csv\nstore: s.zarr\n")
+    config.write_text("manifest: nowhere.csv\nstore: s.zarr\n", encoding="utf-8")
     res = sscflow("validate", str(config))
     assert res.returncode == 1
     assert "nowhere.csv, does not exist" in " ".join(res.stderr.split())
@@ -102,7 +104,8 @@ def test_report_for_a_cohort_where_every_patient_failed(bad_rows):
     from sscflow.views.report import write_report
 
     folder, manifest, config = bad_rows
-    manifest.write_text("patient_id,baseline,followup\nP3,ct.nii.gz,gone.nii.gz\n")
+    manifest.write_text("patient_id,baseline,followup\nP3,ct.nii.gz,gone.nii.gz\n",
+        encoding="utf-8")
     store = str(folder / "s.zarr")
     root = st.open_store(store)
     root.require_group(STATUS_GROUP)

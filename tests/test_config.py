@@ -53,10 +53,10 @@ def test_bad_config_names_the_key(data, match):
 
 def test_error_names_the_file(tmp_path):
     p = tmp_path / "bad.yaml"
-    p.write_text("cluster:\n  threads: 4\n")
+    p.write_text("cluster:\n  threads: 4\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key 'cluster\.threads'"):
         load_config(p)
-    p.write_text("cluster: [unclosed\n")
+    p.write_text("cluster: [unclosed\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(p)
     with pytest.raises(ConfigError, match="does not exist"):
@@ -147,7 +147,7 @@ def test_cohort_example_spells_out_every_registration_key():
 
     from sscflow.config import RegistrationConfig
 
-    section = yaml.safe_load((CONFIGS / "cohort.yaml").read_text())["registration"]
+    section = yaml.safe_load((CONFIGS / "cohort.yaml").read_text(encoding="utf-8"))["registration"]
     cfg = RegistrationConfig()
     assert set(section) == {f.name for f in dataclasses.fields(cfg)}
     for f in dataclasses.fields(cfg):

@@ -70,7 +70,7 @@ def test_status_csv_and_json(status_store):
 
 def test_validate_config_prints_only_what_differs(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("ingest:\n  spacing_mm: 2.5\ncluster:\n  n_workers: 3\n")
+    cfg.write_text("ingest:\n  spacing_mm: 2.5\ncluster:\n  n_workers: 3\n", encoding="utf-8")
     res = sscflow("validate", str(cfg))
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
@@ -83,7 +83,8 @@ def test_validate_config_prints_only_what_differs(tmp_path):
 
 def test_validate_prints_each_manifest_problem_once(tmp_path):
     m = tmp_path / "m.csv"
-    m.write_text("patient_id,baseline,followup,visual\nP1,a.nii.gz,b.nii.gz,better\n")
+    m.write_text("patient_id,baseline,followup,visual\nP1,a.nii.gz,b.nii.gz,better\n",
+        encoding="utf-8")
     res = sscflow("validate", str(m))
     text = res.stdout + res.stderr
     assert res.returncode == 1
@@ -103,7 +104,8 @@ def test_a_taken_dashboard_port_is_one_quiet_line(tmp_path):
     from helpers import mini_chest_image
 
     sitk.WriteImage(mini_chest_image(), str(tmp_path / "ct.nii.gz"))
-    (tmp_path / "m.csv").write_text("patient_id,baseline,followup\nP1,ct.nii.gz,ct.nii.gz\n")
+    (tmp_path / "m.csv").write_text("patient_id,baseline,followup\nP1,ct.nii.gz,ct.nii.gz\n",
+        encoding="utf-8")
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
@@ -111,7 +113,8 @@ def test_a_taken_dashboard_port_is_one_quiet_line(tmp_path):
         config = tmp_path / "c.yaml"
         config.write_text(yaml.safe_dump({"cluster": {"n_workers": 1,
                                                       "dashboard_address": f":{port}"},
-                                          "segment": {"min_lung_ml": 1.0}}))  # fmt: skip
+                                          "segment": {"min_lung_ml": 1.0}}),
+                                              encoding="utf-8")  # fmt: skip
         res = sscflow("ingest", str(tmp_path / "m.csv"), "--store", str(tmp_path / "s.zarr"),
                       "--spacing", "3", "--config", str(config))  # fmt: skip
     assert res.returncode == 0, res.stderr
@@ -143,7 +146,8 @@ def test_an_interrupted_run_stops_cleanly_and_says_what_was_kept(tmp_path, signu
     config.write_text(yaml.safe_dump({
         "manifest": str(tmp_path / "syn/manifest.csv"), "store": str(store),
         "cluster": {"n_workers": 1, "threads_per_worker": 1, "dashboard_address": ":0"},
-        "ingest": {"spacing_mm": 4.0}, "segment": {"min_lung_ml": 5.0}}))  # fmt: skip
+        "ingest": {"spacing_mm": 4.0}, "segment": {"min_lung_ml": 5.0}}),
+            encoding="utf-8")  # fmt: skip
     environ = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     proc = subprocess.Popen([sys.executable, "-m", "sscflow.cli", "run", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
@@ -193,7 +197,7 @@ def test_warnings_are_grouped_by_kind():
 def test_discover_refuses_a_bad_pft_table_before_any_cluster_or_bar(tmp_path):
     """Argument and file checks come first: no Dask cluster, no 'headers 0/?' bar, one line."""
     (tmp_path / "export").mkdir()
-    (tmp_path / "pft.csv").write_text("patient_id,date,weight\nX,2020-01-01,80\n")
+    (tmp_path / "pft.csv").write_text("patient_id,date,weight\nX,2020-01-01,80\n", encoding="utf-8")
     res = sscflow("discover", str(tmp_path / "export"), "--out", str(tmp_path / "cohort"),
                   "--key", str(tmp_path / "k.key"), "--pft", str(tmp_path / "pft.csv"))
     text = res.stdout + res.stderr

@@ -344,7 +344,7 @@ def identified_run(tmp_path_factory):
     step("discover", "discover", str(export), "--out", str(out / "cohort"), "--key", str(key),
          "--pft", str(pft), "--config", str(cfg))  # fmt: skip
     # the user adds the visual reading (morphologic labels) by pseudonym
-    links = {v: k for k, v in json.loads(key.read_text())["links"].items()}
+    links = {v: k for k, v in json.loads(key.read_text(encoding="utf-8"))["links"].items()}
     visual = {}
     with open(synthetic / "manifest.csv", encoding="utf-8") as fh:
         for i, row in enumerate(csv.DictReader(fh)):
@@ -507,7 +507,8 @@ def test_discover_finds_the_same_series_in_every_export_layout(tmp_path):
         export = tmp_path / f"export-{layout}"
         pft = _as_identified_export(synthetic, export, layout)
         res = discover(export, tmp_path / f"cohort-{layout}", key=key, cfg=cfg, pft=pft)
-        manifests[layout] = (tmp_path / f"cohort-{layout}" / "manifest.csv").read_text()
+        manifest = tmp_path / f"cohort-{layout}" / "manifest.csv"
+        manifests[layout] = manifest.read_text(encoding="utf-8")
         private = PseudonymKey.open(key, scheme=None, must_exist=True)
         with open(tmp_path / f"cohort-{layout}" / "manifest.csv", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))

@@ -36,7 +36,7 @@ CUSTOM_GROUP = "kubernetes.dask.org"
 
 
 def _pyproject() -> dict:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,13 +127,14 @@ def test_hadolint_rejects_a_bad_dockerfile():
 
 
 def _makefile_torch() -> str:
-    (version,) = re.findall(r"pip install[^\n]*\btorch==([\w.+]+)", (ROOT / "Makefile").read_text())
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    (version,) = re.findall(r"pip install[^\n]*\btorch==([\w.+]+)", makefile)
     return version
 
 
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
 def test_dockerfile_installs_the_ci_package_set(name):
-    instructions = dockerfile_instructions(DOCKERFILES[name].read_text())
+    instructions = dockerfile_instructions(DOCKERFILES[name].read_text(encoding="utf-8"))
     installs = pip_installs(instructions)
     torch = [a for a in installs if any(x.startswith("torch==") for x in a)]
     project = [a for a in installs if "-c" in a]
@@ -144,7 +145,8 @@ def test_dockerfile_installs_the_ci_package_set(name):
 
     args = project[0]
     assert args[args.index("-c") + 1] == CONSTRAINTS
-    assert f"-c {CONSTRAINTS} -e" in (ROOT / "Makefile").read_text(), "CI uses the same file"
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert f"-c {CONSTRAINTS} -e" in makefile, "CI uses the same file"
     assert "-e" not in args and "--editable" not in args, "the image installs, not links"
     (target,) = [a for a in args if a.startswith(".[")]
     extras = set(target[2:-1].split(","))
@@ -158,7 +160,7 @@ def test_dockerfile_installs_the_ci_package_set(name):
 
 
 def test_constraints_pin_everything_but_torch_and_sscflow():
-    lines = (ROOT / CONSTRAINTS).read_text().splitlines()
+    lines = (ROOT / CONSTRAINTS).read_text(encoding="utf-8").splitlines()
     pins = [line for line in lines if line and not line.startswith("#")]
     names = {line.split("==")[0].lower() for line in pins}
     assert all("==" in line for line in pins)
@@ -171,7 +173,7 @@ def test_constraints_pin_everything_but_torch_and_sscflow():
 
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
 def test_dockerfile_runs_as_a_numeric_non_root_user(name):
-    text = DOCKERFILES[name].read_text()
+    text = DOCKERFILES[name].read_text(encoding="utf-8")
     instructions = dockerfile_instructions(text)
     stage = final_stage(instructions)
     users = [rest for word, rest in stage if word == "USER"]
@@ -194,7 +196,7 @@ def test_dockerfile_runs_as_a_numeric_non_root_user(name):
 
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
 def test_dockerfile_holds_no_secrets(name):
-    assert secret_assignments(DOCKERFILES[name].read_text()) == []
+    assert secret_assignments(DOCKERFILES[name].read_text(encoding="utf-8")) == []
 
 
 def test_secret_check_finds_secrets():
@@ -252,13 +254,14 @@ def test_renderer_agrees_with_kustomize(name):
 
 
 def test_renderer_rejects_what_it_does_not_know(tmp_path):
-    (tmp_path / "kustomization.yaml").write_text("resources: []\nimages: [{name: x}]\n")
+    (tmp_path / "kustomization.yaml").write_text("resources: []\nimages: [{name: x}]\n",
+        encoding="utf-8")
     with pytest.raises(ValueError, match="does not render"):
         k8s.load_manifests(tmp_path)
     (tmp_path / "kustomization.yaml").write_text(
-        f"resources: [{k8s.BASE}]\npatches: [{{path: p.yaml, target: {{kind: Job, name: nope}}}}]\n"
-    )
-    (tmp_path / "p.yaml").write_text("- {op: add, path: /x, value: 1}\n")
+        f"resources: [{k8s.BASE}]\n"
+        "patches: [{path: p.yaml, target: {kind: Job, name: nope}}]\n", encoding="utf-8")
+    (tmp_path / "p.yaml").write_text("- {op: add, path: /x, value: 1}\n", encoding="utf-8")
     with pytest.raises(ValueError, match="matches no document"):
         k8s.load_manifests(tmp_path)
 
@@ -314,7 +317,7 @@ def _strict(schema):
 @functools.cache
 def _crds() -> tuple[dict, ...]:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs hold 900 kB of YAML
-    return tuple(yaml.load(p.read_text(), Loader=loader)
+    return tuple(yaml.load(p.read_text(encoding="utf-8"), Loader=loader)
                  for p in sorted(_crd_folder().glob("*.yaml")))  # fmt: skip
 
 
@@ -766,8 +769,9 @@ def test_kubernetes_settings_are_checked():
 def test_run_on_kubernetes_without_a_cluster_says_why(tmp_path):
     """No kubectl context here: `sscflow run --cluster kubernetes` fails with a clear message
     (exit 1, no traceback) instead of hanging."""
-    (tmp_path / "manifest.csv").write_text("patient_id,baseline,followup\nP1,a.nii.gz,b.nii.gz\n")
-    (tmp_path / "c.yaml").write_text("manifest: manifest.csv\nstore: s.zarr\n")
+    (tmp_path / "manifest.csv").write_text("patient_id,baseline,followup\nP1,a.nii.gz,b.nii.gz\n",
+        encoding="utf-8")
+    (tmp_path / "c.yaml").write_text("manifest: manifest.csv\nstore: s.zarr\n", encoding="utf-8")
     env = {**os.environ, "KUBECONFIG": str(tmp_path / "no-kubeconfig"),
            "PYTHONIOENCODING": "utf-8"}  # fmt: skip
     env.pop("KUBERNETES_SERVICE_HOST", None)

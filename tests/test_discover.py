@@ -119,7 +119,7 @@ def build_export(root: Path) -> Export:
     ex.series("F1-thin-lung", "exp/f1", patient=f, study=study("F1", "20190101"))
     ex.series("F2-thin-lung", "exp/f2", patient=f, study=study("F2", "20190111"))
 
-    (root / "exp/README.txt").write_text("exported by PACS\n")
+    (root / "exp/README.txt").write_text("exported by PACS\n", encoding="utf-8")
     one = sorted((root / "exp/a2").glob("*.dcm"))[0]
     (root / "exp/broken.dcm").write_bytes(one.read_bytes()[:300])  # cut inside the header
     return ex
@@ -130,7 +130,7 @@ def cohort(tmp_path_factory, client):
     """The export, discovered on the Dask cluster, then again without it (idempotence)."""
     work = tmp_path_factory.mktemp("discover")
     ex = build_export(work / "dicom")
-    (work / "pft.csv").write_text(PFT_CSV)
+    (work / "pft.csv").write_text(PFT_CSV, encoding="utf-8")
     key = work / "keys" / "cohort.key"
     res = discover(ex.root, work / "cohort", key=key, cfg=CFG, pft=work / "pft.csv", client=client)
     first = {
@@ -142,12 +142,12 @@ def cohort(tmp_path_factory, client):
 
 
 def _links(key: Path) -> dict:
-    return json.loads(key.read_text())["links"]
+    return json.loads(key.read_text(encoding="utf-8"))["links"]
 
 
 def _private(key: Path) -> tuple[dict, dict]:
     """(keyed series UID -> original, file reference -> path) from the key's private side."""
-    doc = json.loads(key.read_text())
+    doc = json.loads(key.read_text(encoding="utf-8"))
     return {k: v["series_uid"] for k, v in doc["series"].items()}, doc["files"]
 
 
@@ -155,7 +155,7 @@ def _resolved_manifest(path: Path, key: Path) -> pd.DataFrame:
     """manifest.csv with its key: references and keyed UIDs resolved through the key file
     (folders relative to the cohort, as the hand-worked answers give them)."""
     m = pd.read_csv(path, dtype=str, keep_default_na=False)
-    series = json.loads(key.read_text())["series"]
+    series = json.loads(key.read_text(encoding="utf-8"))["series"]
     for which in ("baseline", "followup"):
         assert m[which].str.startswith("key:").all()
         assert (m[which] == "key:" + m[f"{which}_series_uid"]).all()
@@ -278,7 +278,7 @@ def test_every_exclusion_has_its_rule(cohort):
 
 def test_flowchart_counts(cohort):
     work, _, res, _, _ = cohort
-    doc = json.loads((work / "cohort" / "flowchart.json").read_text())
+    doc = json.loads((work / "cohort" / "flowchart.json").read_text(encoding="utf-8"))
     n_files = sum(1 for p in (work / "dicom").rglob("*") if p.is_file())
     assert doc["files"] == {
         "found": n_files,
@@ -338,12 +338,12 @@ def test_idempotent_and_pseudonyms_stable(cohort):
         assert (work / "cohort" / name).read_bytes() == data, name
     key = work / "keys" / "cohort.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    doc = json.loads(key.read_text())
+    doc = json.loads(key.read_text(encoding="utf-8"))
     assert set(doc["links"].values()) == set(PIDS.values())
     secret = bytes.fromhex(doc["secret"])
     for pseudo, pid in doc["links"].items():  # the keyed hash, computed independently
         assert pseudo == "P" + hmac.new(secret, pid.encode(), hashlib.sha256).hexdigest()[:12]
-    m = (work / "cohort" / "manifest.csv").read_text()
+    m = (work / "cohort" / "manifest.csv").read_text(encoding="utf-8")
     assert "PID-" not in m and "9001" not in m and "Name^" not in m
     assert "2019" not in m and "2021" not in m  # no dates, intervals only
 
@@ -354,7 +354,7 @@ def test_a_new_key_gives_new_pseudonyms_and_the_sequence_scheme(cohort, tmp_path
     discover(ex.root, tmp_path / "c", key=tmp_path / "k.key", cfg=cfg, pft=work / "pft.csv")
     m = pd.read_csv(tmp_path / "c" / "manifest.csv", dtype=str)
     assert all(p.startswith("P0") and len(p) == 5 for p in m.patient_id)
-    links = json.loads((tmp_path / "k.key").read_text())["links"]
+    links = json.loads((tmp_path / "k.key").read_text(encoding="utf-8"))["links"]
     assert sorted(links) == [f"P{i:04d}" for i in range(1, 8)]
     with pytest.raises(KeyFileError, match="holds 'sequence' pseudonyms"):
         discover(ex.root, tmp_path / "c", key=tmp_path / "k.key", cfg=CFG, pft=work / "pft.csv")
@@ -382,7 +382,7 @@ def test_without_pft_requirement_and_first_second(cohort, tmp_path):
     cfg = DiscoverConfig(min_extent_mm=20.0, require_pft=False, timepoints="first_second")
     res = discover(ex.root, tmp_path / "c", key=tmp_path / "k.key", cfg=cfg)
     m = _resolved_manifest(tmp_path / "c" / "manifest.csv", tmp_path / "k.key")
-    links = json.loads((tmp_path / "k.key").read_text())["links"]
+    links = json.loads((tmp_path / "k.key").read_text(encoding="utf-8"))["links"]
     got = {links[r.patient_id]: (r.followup_series_uid, r.fvc_baseline) for r in m.itertuples()}
     assert got == {
         PIDS["A"]: (ex.uids["A2-thin-lung"], ""),
@@ -405,7 +405,7 @@ def test_without_pft_requirement_and_first_second(cohort, tmp_path):
 )
 def test_bad_pft_table_is_a_clear_error(cohort, tmp_path, csv, match):
     _, ex, _, _, _ = cohort
-    (tmp_path / "pft.csv").write_text(csv)
+    (tmp_path / "pft.csv").write_text(csv, encoding="utf-8")
     with pytest.raises(PFTTableError, match=match):
         discover(ex.root, tmp_path / "c", key=tmp_path / "k", cfg=CFG, pft=tmp_path / "pft.csv")
 
@@ -425,7 +425,7 @@ def test_key_file_refused_inside_the_cohort_or_store_or_open_to_others(cohort, t
             store=tmp_path / "s.zarr",
         )
     open_key = tmp_path / "open.key"
-    open_key.write_text("{}")
+    open_key.write_text("{}", encoding="utf-8")
     open_key.chmod(0o644)
     with pytest.raises(KeyFileError, match="chmod 600"):
         discover(ex.root, tmp_path / "c", key=open_key, cfg=CFG, pft=pft)
@@ -477,8 +477,8 @@ def test_cli_discover(cohort, tmp_path):
     work, ex, _, _, _ = cohort
     cfg = tmp_path / "d.yaml"
     cfg.write_text(
-        "discover:\n  min_extent_mm: 20\ncluster:\n  n_workers: 1\n  dashboard_address: ':0'\n"
-    )
+        "discover:\n  min_extent_mm: 20\ncluster:\n  n_workers: 1\n  dashboard_address: ':0'\n",
+            encoding="utf-8")
     res = CliRunner().invoke(
         app,
         [

@@ -168,14 +168,17 @@ def test_discover_then_run_and_no_identifier_reaches_any_output(tmp_path):
     assert d.returncode == 0, d.stdout[-2000:] + d.stderr[-3000:]
     assert "2 patients included" in d.stdout
 
-    links = json.loads(key.read_text())["links"]  # the key file: the one place IDs are kept
-    manifest = list(csv.DictReader((out / "cohort" / "manifest.csv").read_text().splitlines()))
+    # the key file: the one place IDs are kept
+    links = json.loads(key.read_text(encoding="utf-8"))["links"]
+    manifest = list(csv.DictReader((out / "cohort" / "manifest.csv").read_text(encoding="utf-8")
+                                   .splitlines()))
     assert sorted(links[r["patient_id"]] for r in manifest) == sorted([PEOPLE[0][0], PEOPLE[1][0]])
     private = PseudonymKey.open(key, scheme=None)
     for r in manifest:  # the chosen series, by its keyed UID: no original UID in the cohort
         original = deterministic_uid("e2e", links[r["patient_id"]], "baseline", "B60f")
         assert r["baseline_series_uid"] == private.uid(original) != original
-    x = list(csv.DictReader((out / "cohort" / "excluded.csv").read_text().splitlines()))
+    excluded = (out / "cohort" / "excluded.csv").read_text(encoding="utf-8")
+    x = list(csv.DictReader(excluded.splitlines()))
     assert {r["rule"] for r in x} == {
         "localizer",
         "lower_rank",

@@ -110,7 +110,7 @@ def test_the_cohort_folder_carries_no_identifier(cohort):
 
 def test_keyed_uids_are_stable_consistent_and_need_the_key(cohort, tmp_path):
     work, ex, ids, key, res = cohort
-    doc = json.loads(key.read_text())
+    doc = json.loads(key.read_text(encoding="utf-8"))
     k = PseudonymKey.open(key, scheme=None)
     for keyed, link in doc["series"].items():
         assert keyed == k.uid(link["series_uid"]) == keyed_uid(k.secret, link["series_uid"])
@@ -136,7 +136,7 @@ def test_the_same_patient_in_utf8_and_latin1_is_one_pseudonym(tmp_path):
     raw = [sorted(ex.folders[f"s{k}"].iterdir())[0].read_bytes() for k in (0, 1)]
     assert pid.encode("utf-8") in raw[0] and pid.encode("latin-1") in raw[1]  # two encodings
     res = discover(ex.root, tmp_path / "c", key=tmp_path / "k.key", cfg=CFG)
-    links = json.loads((tmp_path / "k.key").read_text())["links"]
+    links = json.loads((tmp_path / "k.key").read_text(encoding="utf-8"))["links"]
     assert list(links.values()) == [pid] and res.n_included == 1
 
 
@@ -180,7 +180,7 @@ def test_run_needs_the_private_side(cohort, capsys):
 def test_a_moved_export_is_reported_without_its_path(cohort, tmp_path):
     work, ex, ids, key, res = cohort
     copy = tmp_path / "k.key"
-    doc = json.loads(key.read_text())
+    doc = json.loads(key.read_text(encoding="utf-8"))
     for link in doc["series"].values():
         link["folder"] += "-moved"
     fd = os.open(copy, os.O_WRONLY | os.O_CREAT, 0o600)

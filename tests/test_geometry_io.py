@@ -138,7 +138,7 @@ def test_read_errors(tmp_path):
     with pytest.raises(InputImageError, match="holds no DICOM series"):
         read_volume(tmp_path / "empty")
     with pytest.raises(InputImageError, match="unknown image format"):
-        (tmp_path / "x.txt").write_text("hi")
+        (tmp_path / "x.txt").write_text("hi", encoding="utf-8")
         read_volume(tmp_path / "x.txt")
 
 

@@ -24,7 +24,7 @@ def test_gpu_benchmark_reduced_form_prints_every_figure(tmp_path):
                           "--reduced"], capture_output=True, encoding="utf-8", timeout=1800,
                          env={**os.environ, "OUT": str(out)})  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    text = (out / "gpu.txt").read_text()
+    text = (out / "gpu.txt").read_text(encoding="utf-8")
     assert text.strip() == res.stdout.strip()
     for figure in (r"registration, 4 mm real CT on \w+: .* alignment .* resampling and blur .* "
                    r"optimisation", r"accuracy: mean error", r"\d+ pairs per hour",

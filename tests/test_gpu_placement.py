@@ -27,7 +27,7 @@ def _fake_nvidia_smi(folder, text: str) -> str:
     """A ``nvidia-smi`` that prints ``text`` (what the real one prints for the query), first
     on a PATH of its own."""
     exe = folder / "nvidia-smi"
-    exe.write_text(f"#!/bin/sh\ncat <<'EOF'\n{text}EOF\n")
+    exe.write_text(f"#!/bin/sh\ncat <<'EOF'\n{text}EOF\n", encoding="utf-8")
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
     return str(folder) + os.pathsep + os.environ.get("PATH", "")
 
@@ -66,13 +66,13 @@ def test_local_gpus_follows_cluster_gpus():
 
 def test_config_reads_gpus_and_slots(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("store: s.zarr\ncluster: {gpus: 2, gpu_slots: 3}\n")
+    path.write_text("store: s.zarr\ncluster: {gpus: 2, gpu_slots: 3}\n", encoding="utf-8")
     cfg = load_config(path)
     assert (cfg.cluster.gpus, cfg.cluster.gpu_slots) == (2, 3)
-    path.write_text("store: s.zarr\ncluster: {gpus: many}\n")
+    path.write_text("store: s.zarr\ncluster: {gpus: many}\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="cluster.gpus"):
         load_config(path)
-    path.write_text("store: s.zarr\ncluster: {gpu_slots: 0}\n")
+    path.write_text("store: s.zarr\ncluster: {gpu_slots: 0}\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="cluster.gpu_slots must be >= 1"):
         load_config(path)
 
@@ -164,7 +164,8 @@ def test_run_puts_registration_on_the_gpu_worker_and_the_rest_on_cpu_workers(tmp
         path.write_text(yaml.safe_dump({
             "manifest": str(manifest), "store": str(tmp_path / "c.zarr"),
             "cluster": SMALL, "ingest": {"spacing_mm": 4.0}, "segment": {"min_lung_ml": 5.0},
-            "registration": {"backend": "torch", "torch": {"device": "cpu"}}}))  # fmt: skip
+            "registration": {"backend": "torch", "torch": {"device": "cpu"}}}),
+                encoding="utf-8")  # fmt: skip
         summary = run(load_config(path), read_manifest(manifest), client=client)
         gpu_addr = [a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
                     if w["name"] == "gpu-0"][0]  # fmt: skip

@@ -156,7 +156,7 @@ def test_cohort_table_values_and_missing_outputs(cohort, tmp_path):
     assert list(columns["column"]) == list(table.columns)  # every column documented
     assert columns["description"].notna().all(), columns[columns["description"].isna()]
     odd = table.assign(delta_fvc=3.0999999999999943, logjac_mean=-0.0005055206304772126)
-    text = write_cohort_table(odd, tmp_path / "odd").read_text()
+    text = write_cohort_table(odd, tmp_path / "odd").read_text(encoding="utf-8")
     assert ",3.1," in text and ",-0.00051," in text and "3.0999" not in text
 
 

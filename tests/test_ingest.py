@@ -55,7 +55,7 @@ def write_manifest(tmp_path, rows):
     lines = ["patient_id,baseline,followup,fvc_baseline,fvc_followup"]
     lines += [f"{pid},{b},{f},80,{fu}" for pid, b, f, fu in rows]
     p = tmp_path / "manifest.csv"
-    p.write_text("\n".join(lines) + "\n")
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return read_manifest(p)
 
 
@@ -284,7 +284,7 @@ def test_skip_decision_follows_the_chosen_series_and_force_rereads(tmp_path):
     fu = write_scan(chest(), tmp_path / "fu.nii.gz")
     (tmp_path / "manifest.csv").write_text(
         "patient_id,baseline,followup,baseline_series_uid\n"
-        f"A,{folder.name},{fu.name},{uid1}\n")  # fmt: skip
+        f"A,{folder.name},{fu.name},{uid1}\n", encoding="utf-8")  # fmt: skip
     manifest = read_manifest(tmp_path / "manifest.csv")
     store = str(tmp_path / "c.zarr")
 
@@ -312,7 +312,7 @@ def test_skip_decision_follows_the_chosen_series_and_force_rereads(tmp_path):
 
 def _bytes_read() -> int:
     """Bytes this process has read through read() calls so far (Linux /proc/self/io)."""
-    for line in Path("/proc/self/io").read_text().splitlines():
+    for line in Path("/proc/self/io").read_text(encoding="utf-8").splitlines():
         if line.startswith("rchar:"):
             return int(line.split()[1])
     raise AssertionError("no rchar in /proc/self/io")

@@ -181,9 +181,10 @@ def test_sscflow_run_and_ingest_are_refused_while_another_run_holds_the_store(an
     """Through the command line, on a folder and on S3: exit 1, one line naming the holder,
     no cluster started and nothing written."""
     manifest = tmp_path / "manifest.csv"
-    manifest.write_text("patient_id,baseline,followup\nP1,a.nii.gz,b.nii.gz\n")
+    manifest.write_text("patient_id,baseline,followup\nP1,a.nii.gz,b.nii.gz\n", encoding="utf-8")
     config = tmp_path / "run.yaml"
-    config.write_text(f"manifest: {manifest}\nstore: {store}\nresults: {tmp_path / 'res'}\n")
+    config.write_text(f"manifest: {manifest}\nstore: {store}\nresults: {tmp_path / 'res'}\n",
+        encoding="utf-8")
     with hold(store, command="sscflow run other.yaml"):
         before = _files(store)
         for args in (["run", str(config)], ["ingest", str(manifest), "--store", store]):

@@ -51,7 +51,7 @@ sys.meta_path.insert(0, NoTorch())
 def test_doctests_collect_and_pass_without_torch(tmp_path):
     """torch is an optional extra: with every import of it failing, the package's doctests are
     collected and pass, and only the classifier's torch modules are left out (conftest.py)."""
-    (tmp_path / "sitecustomize.py").write_text(NO_TORCH)
+    (tmp_path / "sitecustomize.py").write_text(NO_TORCH, encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     blocked = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True,

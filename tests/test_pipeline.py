@@ -56,7 +56,7 @@ def _write_config(folder: Path, manifest: Path, store: Path | str, **extra) -> P
     data = {**CONFIG, "manifest": str(manifest), "store": str(store),
             "results": str(base / f"{name}-results"), **extra}  # fmt: skip
     path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
 
 
@@ -68,11 +68,11 @@ def cohort(tmp_path_factory, client):
     folder = tmp_path_factory.mktemp("pipeline")
     synthetic = folder / "synthetic"
     manifest = synthesize_cohort(N_GOOD, synthetic, spacing=SPACING, seed=SEED, client=client)
-    (synthetic / "images" / "broken.nii.gz").write_text("this is not an image")
-    with open(manifest) as fh:
+    (synthetic / "images" / "broken.nii.gz").write_text("this is not an image", encoding="utf-8")
+    with open(manifest, encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     bad = dict(rows[0], patient_id=BAD, baseline="images/broken.nii.gz")
-    with open(manifest, "a", newline="") as fh:
+    with open(manifest, "a", encoding="utf-8", newline="") as fh:
         csv.DictWriter(fh, fieldnames=list(rows[0])).writerow(bad)
     return folder, Path(manifest)
 
@@ -187,7 +187,7 @@ def test_dry_run_plans_ten_thousand_patients_without_running(tmp_path):
     scan = tmp_path / "scan.nii.gz"
     scan.write_bytes(b"x")
     manifest = tmp_path / "manifest.csv"
-    with open(manifest, "w") as fh:
+    with open(manifest, "w", encoding="utf-8") as fh:
         fh.write("patient_id,baseline,followup\n")
         for i in range(10_000):
             fh.write(f"P{i:05d},scan.nii.gz,scan.nii.gz\n")
@@ -219,7 +219,7 @@ def test_dry_run_reports_missing_scans(tmp_path):
     from sscflow.errors import SscflowError
 
     manifest = tmp_path / "manifest.csv"
-    manifest.write_text("patient_id,baseline,followup\nP1,a.nii.gz,b.nii.gz\n")
+    manifest.write_text("patient_id,baseline,followup\nP1,a.nii.gz,b.nii.gz\n", encoding="utf-8")
     cfg_path = _write_config(tmp_path, manifest, tmp_path / "s.zarr")
     from sscflow.cli import run as run_command
 
@@ -229,7 +229,8 @@ def test_dry_run_reports_missing_scans(tmp_path):
     # bad rows fail alone, in the dry run as in the run: it says which will fail, exits 1
     scan = tmp_path / "c.nii.gz"
     scan.write_bytes(b"exists")
-    manifest.write_text(f"patient_id,baseline,followup\nP1,a.nii.gz,b.nii.gz\nP2,{scan},{scan}\n")
+    manifest.write_text(f"patient_id,baseline,followup\nP1,a.nii.gz,b.nii.gz\nP2,{scan},{scan}\n",
+        encoding="utf-8")
     with pytest.raises(SscflowError, match="1 of 2 patients will fail"):
         run_command(cfg_path, dry_run=True)
 
@@ -489,7 +490,7 @@ def _copy_run(finished, cohort, name, rows):
 
 
 def _write_manifest(path: Path, rows) -> Path:
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", encoding="utf-8", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -514,7 +515,7 @@ def test_added_patients_run_alone_and_a_removed_one_leaves_the_cohort_outputs(
     PATIENT_STAGES = [s.name for s in STAGES if s.scope == PATIENT]  # noqa: N806
 
     _, manifest = cohort
-    with open(manifest) as fh:
+    with open(manifest, encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     new = dict(rows[0], patient_id="NEW01")  # SYN001's scans and values under a new id
     truth = manifest.parent / "truth"
@@ -555,7 +556,8 @@ def test_added_patients_run_alone_and_a_removed_one_leaves_the_cohort_outputs(
     assert "SYN006" not in zarr.open_group(str(store / "group_means"), mode="r").attrs["patients"]
     table = pd.read_csv(gm["table"])
     assert "SYN006" not in set(table["patient_id"]) and "NEW01" in set(table["patient_id"])
-    split = json.loads((Path(cfg.results) / "classifier/functional/split.json").read_text())
+    split_path = Path(cfg.results) / "classifier/functional/split.json"
+    split = json.loads(split_path.read_text(encoding="utf-8"))
     trained_on = {p for ids in split.values() if isinstance(ids, list) for p in ids}
     assert "SYN006" not in trained_on and "NEW01" in trained_on
     page = Path(shrunk.cohort["report"]["path"]).read_text(encoding="utf-8")
@@ -579,7 +581,7 @@ def test_rebuild_template_redoes_the_template_space_stages_only(finished, cohort
     from sscflow.methods.template import template_provenance
 
     _, manifest = cohort
-    with open(manifest) as fh:
+    with open(manifest, encoding="utf-8") as fh:
         rows = [r for r in csv.DictReader(fh) if r["patient_id"] in ("SYN001", "SYN002")]
     cfg_path, path = _copy_run(finished, cohort, "rebuilt", rows)
     cfg = load_config(cfg_path)

@@ -67,8 +67,7 @@ def real_run(tmp_path_factory):
     (folder / "manifest.csv").write_text(
         "patient_id,baseline,followup\n"
         f"REAL1,{DATA},moved.nrrd\n"
-        f"REAL2,{DATA},missing_followup.nrrd\n"
-    )
+        f"REAL2,{DATA},missing_followup.nrrd\n", encoding="utf-8")
     reg = {"backend": "sitk", "sitk": {"levels": [4], "iterations": [20]}}  # small and quick
     config = {
         "manifest": "manifest.csv", "store": "cohort.zarr", "results": "results",
@@ -77,7 +76,7 @@ def real_run(tmp_path_factory):
         "registration": reg,
         "template": {"registration": reg},
     }  # fmt: skip
-    (folder / "run.yaml").write_text(yaml.safe_dump(config))
+    (folder / "run.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     res = sscflow("run", str(folder / "run.yaml"))
     return folder, res
 
@@ -370,7 +369,7 @@ def test_report_prints_no_metric_the_test_set_cannot_define(tmp_path):
     folder.mkdir(parents=True)
     cnn = {"n": 5, "tp": 0, "fp": 1, "tn": 4, "fn": 0, "sensitivity": 0.0, "specificity": 0.8,
            "specificity_ci": [0.28, 0.99], "accuracy": 0.8, "ppv": 0.0, "npv": 1.0, "auc": 1.0}
-    (folder / "metrics.json").write_text(json.dumps({"cnn": cnn}))
+    (folder / "metrics.json").write_text(json.dumps({"cnn": cnn}), encoding="utf-8")
     page = write_report(store, results, store_status(store)).read_text(encoding="utf-8")
     assert "not defined: no worsening patient in the test set" in page
     assert "not defined: one class only in the test set" in page

@@ -67,8 +67,7 @@ def run(tmp_path_factory):
     (folder / "manifest.csv").write_text(
         "patient_id,baseline,followup\n"
         f"REAL1,{DATA},real1_followup.mha\n"
-        f"REAL2,{DATA},real2_followup.nii.gz\n"
-    )
+        f"REAL2,{DATA},real2_followup.nii.gz\n", encoding="utf-8")
     config = {
         "manifest": "manifest.csv", "store": "cohort.zarr", "results": "results",
         "cluster": {"n_workers": 1, "threads_per_worker": 2, "dashboard_address": ":0"},
@@ -76,7 +75,7 @@ def run(tmp_path_factory):
         "template": {"registration": {"torch": {"levels": [2], "iterations": [10]},
                                       "sitk": {"levels": [2], "iterations": [10]}}},
     }  # fmt: skip
-    (folder / "run.yaml").write_text(yaml.safe_dump(config))
+    (folder / "run.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     res = subprocess.run([sys.executable, "-m", "sscflow.cli", "run", str(folder / "run.yaml")],
                          capture_output=True, text=True, encoding="utf-8", timeout=1500,
                          env={**os.environ, "COLUMNS": "250", "PYTHONIOENCODING": "utf-8"})

@@ -204,7 +204,7 @@ def test_sscflow_run_over_tls(tls_cluster, tmp_path):
         "ingest": {"spacing_mm": 6.0}, "segment": {"min_lung_ml": 5.0},
     }  # fmt: skip
     path = tmp_path / "cohort.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
     assert load_config(path).cluster.tls.cert == cfg.tls.cert
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     done = subprocess.run([sys.executable, "-m", "sscflow.cli", "run", str(path)], env=env,

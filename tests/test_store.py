@@ -26,7 +26,8 @@ def test_write_read_round_trip_and_ngff(tmp_path):
     assert img.array.chunks == (4, 4, 4)
 
     # plain zarr sees the NGFF 0.5 metadata: scale = spacing, translation = origin (z, y, x)
-    raw = json.loads((tmp_path / "c.zarr/patients/P1/baseline/zarr.json").read_text())
+    raw = json.loads((tmp_path / "c.zarr/patients/P1/baseline/zarr.json").read_text(
+        encoding="utf-8"))
     ms = raw["attributes"]["ome"]["multiscales"][0]
     assert raw["attributes"]["ome"]["version"] == "0.5"
     assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
@@ -34,7 +35,8 @@ def test_write_read_round_trip_and_ngff(tmp_path):
         {"type": "scale", "scale": [2.0, 1.5, 1.0]},
         {"type": "translation", "translation": [-10.0, 20.0, 5.5]},
     ]
-    arr_meta = json.loads((tmp_path / "c.zarr/patients/P1/baseline/0/zarr.json").read_text())
+    arr_meta = json.loads((tmp_path / "c.zarr/patients/P1/baseline/0/zarr.json").read_text(
+        encoding="utf-8"))
     assert arr_meta["zarr_format"] == 3
     assert any(
         c["name"] == "blosc" and c["configuration"]["cname"] == "zstd" for c in arr_meta["codecs"]
@@ -66,7 +68,7 @@ def test_incomplete_output_is_never_taken_as_complete(tmp_path):
     with pytest.raises(IncompleteOutputError, match="incomplete"):
         st.read_image(root, "m")
     # a truncated metadata file (crash mid-write) is incomplete too
-    (tmp_path / "c.zarr/m/zarr.json").write_text('{"zarr_format": 3, "node_ty')
+    (tmp_path / "c.zarr/m/zarr.json").write_text('{"zarr_format": 3, "node_ty', encoding="utf-8")
     root = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
     assert st.output_state(root, "m") == "incomplete"
     assert st.output_state(root, "absent") == "absent"

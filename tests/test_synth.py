@@ -421,7 +421,7 @@ def test_cohort_layout_formats_and_progress(cohort3):
             assert (out / "truth" / pid / f"{name}.mha").is_file()
     import json
 
-    summary = json.loads((out / "truth" / "cohort.json").read_text())
+    summary = json.loads((out / "truth" / "cohort.json").read_text(encoding="utf-8"))
     assert summary["n"] == 3 and summary["seed"] == SEED and summary["spacing"] == 6.0
     assert summary["counts"]["format"] == {"nifti": 1, "mha": 1, "dicom": 1}
 

@@ -17,7 +17,7 @@ pulmonary function tests within a window; pseudonymises; writes ``manifest.csv``
 - :mod:`~sscflow.discover.synthetic` writing synthetic DICOM exports (tests, benchmark)
 """
 
-__all__ = ["discover", "DiscoverConfig", "DEIDENTIFICATION"]
+__all__ = ["discover", "DiscoverConfig", "DEIDENTIFICATION"]  # noqa: F822 (lazy: __getattr__)
 
 # What sscflow does to de-identify, for the store's run record and the report (provenance).
 # The codes are DICOM CID 7050 (De-identification Method), as a DICOM object would carry them.

@@ -142,8 +142,8 @@ class _Folder:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "zarr.json"
         if not meta.exists():
-            meta.write_text(_GROUP_META)
-        with open(self.dir / ".lock", "a") as fh:
+            meta.write_text(_GROUP_META, encoding="utf-8")
+        with open(self.dir / ".lock", "a", encoding="utf-8") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield

@@ -83,7 +83,7 @@ def classify_cohort(store, results_dir, config, *, device=None, patient_ids=None
             out[target] = {"status": "not_trained", "reason": str(exc)}
             metrics_path.unlink(missing_ok=True)  # an older model's metrics are not this run's
             continue
-        split = json.loads((folder / "split.json").read_text())
+        split = json.loads((folder / "split.json").read_text(encoding="utf-8"))
         labels = targets(table, target)
         metrics = {
             "target": target,
@@ -92,7 +92,7 @@ def classify_cohort(store, results_dir, config, *, device=None, patient_ids=None
             "seconds": round(time.perf_counter() - t0, 2),
         }
         tmp = metrics_path.with_suffix(".json.partial")
-        tmp.write_text(json.dumps(metrics, default=_plain, indent=1))
+        tmp.write_text(json.dumps(metrics, default=_plain, indent=1), encoding="utf-8")
         tmp.replace(metrics_path)  # written last: a killed run retrains
         out[target] = {**metrics, "status": "done"}
     return out

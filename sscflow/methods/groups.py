@@ -123,8 +123,9 @@ def write_cohort_table(table: pd.DataFrame, folder) -> Path:
     columns = pd.DataFrame(rows, columns=["column", "unit", "description"])
     for target, frame in ((path, out), (folder / "patients_columns.csv", columns)):
         text = frame.to_csv(index=False)
-        if not target.is_file() or target.read_text() != text:  # unchanged: not rewritten
-            target.write_text(text)
+        # unchanged: not rewritten
+        if not target.is_file() or target.read_text(encoding="utf-8") != text:
+            target.write_text(text, encoding="utf-8")
     return path
 
 

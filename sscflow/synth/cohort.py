@@ -548,7 +548,8 @@ def _write_tables(out: Path, plan, records, **settings) -> Path:
         "min_det_jacobian": float(truth["min_det_jacobian"].min()),
         "sign_convention": "log_jac < 0 where tissue shrinks from baseline to follow-up",
     }  # fmt: skip
-    (out / "truth" / "cohort.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "truth" / "cohort.json").write_text(json.dumps(summary, indent=2) + "\n",
+        encoding="utf-8")
     return manifest
 
 

@@ -168,7 +168,7 @@ def _metric_rows(name: str, m: dict) -> dict:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -456,4 +456,5 @@ def report_key(store, results_dir, state: dict) -> str:
              for p in st.patient_ids(root)]  # fmt: skip
     return st.hash_values(__version__, cohort_table(root).to_csv(index=False),
                           {str(k): v for k, v in state.items()}, run, gm, pages,
-                          [m.read_text() if m.is_file() else None for m in metrics])  # fmt: skip
+                          [m.read_text(encoding="utf-8") if m.is_file() else None
+                           for m in metrics])  # fmt: skip

@@ -49,7 +49,7 @@ def predict(store, patient_ids, model_dir, *, device: str | None = None,
         if not f.is_file():
             raise FileNotFoundError(f"classifier model folder {model_dir} has no {f.name}; "
                                     "train a model there first")  # fmt: skip
-    meta = json.loads(files[0].read_text())
+    meta = json.loads(files[0].read_text(encoding="utf-8"))
     config = config_from_dict(meta["config"])
     input_shape = tuple(int(s) for s in meta["input_shape"])
     threshold = float(meta.get("threshold", 0.5))  # chosen on the validation set in training

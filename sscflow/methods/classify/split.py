@@ -74,13 +74,13 @@ def _split(ids: list[str], y: list[int], fraction: float, seed: int):
 def save_split(split: dict, path: str | os.PathLike) -> Path:
     """Write ``split`` as JSON; returns the path."""
     path = Path(path)
-    path.write_text(json.dumps(split, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(split, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
 
 
 def load_split(path: str | os.PathLike) -> dict:
     """Read a split written by :func:`save_split`; checks it has disjoint train/validation/test."""
-    split = json.loads(Path(path).read_text())
+    split = json.loads(Path(path).read_text(encoding="utf-8"))
     missing = [k for k in SETS if not isinstance(split.get(k), list)]
     if missing:
         raise ValueError(f"split {path}: lacks the list(s) {', '.join(missing)}")

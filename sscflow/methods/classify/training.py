@@ -168,7 +168,7 @@ def train(store, table: pd.DataFrame, target: str, config: ClassifierConfig, out
         "seconds": time.perf_counter() - t0,
     }
     metadata_path = out / "metadata.json"
-    metadata_path.write_text(json.dumps(meta, indent=2) + "\n")
+    metadata_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     test = predictions[predictions["set"] == "test"]
     return {
         "split": split_path,
