@@ -18,6 +18,18 @@ Pairs (``sscflow.synth.planted``):
 Where a follow-up's grid reaches past the baseline's field of view (which cuts the lung
 bases), it shows the baseline's edge continued (``planted.reacquire``'s default), not air.
 
+- ``cut``: no change at all (the follow-up is the baseline plus 15 HU noise), the follow-up's
+  field of view stopping ``--short-mm`` (40 mm) inside the lungs at each of ``--cuts`` (apex,
+  base, right), past the cut each of ``--fills``: air (-1024 HU) or the scanner's padding
+  (-3024 HU) on the same grid, or ``crop`` (the grid ends there) (``planted.cut_view``). The
+  follow-up goes through what ingest does (the imaged field of view found from the pixels,
+  ``sscflow.methods.ingest.imaged_field_of_view``, then the canonical grid), and the map is
+  NaN where the stage says it is (``coverage_mask`` with ``registration.fov_margin_mm``).
+  Printed: p99 |log-Jacobian| in the measured lung, the share of the lung the follow-up did
+  not image that is NaN, and the share of the lung imaged by both, more than 10 mm from the
+  cut, that is NaN. ``--trust-grid`` registers as sscflow did before it looked for the imaged
+  field of view (the follow-up's whole grid counts as imaged, no margin).
+
 Baseline: SimpleITK FastSymmetricForces demons, three levels (shrink 4, 2, 1), 100 iterations
 per level, s.d. 1.5, no mask, on the whole ``planted`` pair (it needs one grid).
 
@@ -32,7 +44,8 @@ Each backend runs with its own defaults (its ``Options``, as ``sscflow run`` doe
 only by ``--option``.
 
 Usage: python benchmarks/registration.py [--spacing 2] [--backends torch,sitk]
-       [--pairs planted,moved,rigid,identity,noise,regridded] [--option sitk.sigma=3.0]
+       [--pairs planted,moved,rigid,identity,noise,regridded,cut] [--option sitk.sigma=3.0]
+       [--cuts apex,base,right] [--fills air,padding] [--short-mm 40] [--trust-grid]
 """
 
 from __future__ import annotations
@@ -50,15 +63,18 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from sscflow.core.geometry import Geometry, from_itk, to_itk
-from sscflow.methods.ingest import to_canonical
+from sscflow.config import RegistrationConfig
+from sscflow.core.geometry import Geometry, from_itk, grid_points, inside, to_itk
+from sscflow.methods.ingest import imaged_field_of_view, to_canonical
 from sscflow.methods.registration import options_class, register
 from sscflow.methods.registration.common import log_jacobian, n_threads, truth_errors
+from sscflow.methods.registration.frame import coverage_mask
 from sscflow.methods.segment import segment_lungs
 from sscflow.synth import planted
 
 PAIRS = {"planted": "planted", "moved": "planted, moved", "rigid": "rigid",
-         "identity": "identity", "noise": "identity + noise", "regridded": "regridded"}
+         "identity": "identity", "noise": "identity + noise", "regridded": "regridded",
+         "cut": "cut"}
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "lung1_image.nrrd"
 
 
@@ -144,7 +160,38 @@ def make_pairs(spacing: float, names) -> tuple:
         grid = planted.acquisition_grid(lung, g, spacing=(0.9, 0.75, 0.75), margin_mm=(25, 25))
         q = planted.reacquire(z, grid=grid)
         pairs["regridded"] = (q, *to_canonical(to_itk(q.followup, grid), spacing))
-    return hu.astype(np.float32), g, lung, {n: pairs[n] for n in names}
+    return hu.astype(np.float32), g, lung, {n: pairs[n] for n in names if n in pairs}
+
+
+def cut_pairs(hu, g: Geometry, lung, sides, fills, short_mm: float, spacing: float):
+    """No-change pairs with a follow-up cut short: name -> (follow-up HU and grid as ingest
+    writes them, the imaged field of view ingest finds, the true one)."""
+    out = {}
+    for i, side in enumerate(sides):
+        for j, fill in enumerate(fills):
+            rng = np.random.default_rng(100 + 10 * i + j)
+            noisy = hu + planted._noise(rng, hu.shape, 15.0)
+            fu, grid, truth = planted.cut_view(noisy, g, lung, side=side, short_mm=short_mm,
+                                               fill=fill)  # fmt: skip
+            image = to_itk(fu, grid)
+            found = imaged_field_of_view(image)
+            out[f"cut {side}, {fill}"] = (*to_canonical(image, spacing), found, truth)
+    return out
+
+
+def cut_figures(u, g: Geometry, lung, fov: Geometry, truth: Geometry, margin_mm: float) -> str:
+    """The cut pair's figures: the map where the stage measures it, against the true cut."""
+    covered = coverage_mask(u, g, fov, margin_mm=margin_mm)
+    measured = lung & covered
+    lj = np.abs(log_jacobian(u, g.spacing)[measured])
+    pts = grid_points(g)  # the truth: no change, so x itself is the follow-up's point
+    unimaged = lung & ~inside(pts, truth)
+    far = lung & inside(pts, truth, margin_mm=10.0)
+    ml = g.voxel_volume_ml
+    return (f"p99 |logjac| in the measured lung {np.percentile(lj, 99):.4f} (p95 "
+            f"{np.percentile(lj, 95):.4f}); unimaged lung {unimaged.sum() * ml:.0f} mL, "
+            f"{(~covered)[unimaged].mean():.1%} NaN; lung imaged by both > 10 mm from the cut "
+            f"{(~covered)[far].mean():.2%} NaN")  # fmt: skip
 
 
 def main(argv=None):
@@ -154,6 +201,14 @@ def main(argv=None):
                     help="sscflow backends, in order; the first one's time makes the ratio")
     ap.add_argument("--pairs", default=",".join(PAIRS), help=f"any of {', '.join(PAIRS)}")
     ap.add_argument("--threads", type=int, default=0, help="every method; 0 = all cores")
+    ap.add_argument("--cuts", default="apex,base,right",
+                    help=f"the cut pairs' sides, of {', '.join(planted.CUT_SIDES)}")
+    ap.add_argument("--fills", default="air,padding",
+                    help=f"past the cut, of {', '.join(planted.CUT_FILLS)}")
+    ap.add_argument("--short-mm", type=float, default=40.0,
+                    help="how far inside the lungs the cut follow-ups stop (mm)")
+    ap.add_argument("--trust-grid", action="store_true",
+                    help="cut pairs: the follow-up's whole grid counts as imaged, no margin")
     ap.add_argument("--option", action="append", default=[], metavar="[BACKEND.]KEY=VALUE",
                     help="a setting over a backend's own defaults (repeatable): KEY for "
                          "every backend that has it, e.g. velocity_sigma=1.0, or sitk.sigma=3")
@@ -178,6 +233,15 @@ def main(argv=None):
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     t0 = time.perf_counter()
     hu, g, lung, pairs = make_pairs(args.spacing, names)
+    cuts = {}
+    if "cut" in names:
+        sides = [c.strip() for c in args.cuts.split(",") if c.strip()]
+        fills = [c.strip() for c in args.fills.split(",") if c.strip()]
+        bad = [c for c in sides if c not in planted.CUT_SIDES]
+        bad += [c for c in fills if c not in planted.CUT_FILLS]
+        if bad:
+            ap.error(f"unknown cut side(s) or fill(s): {bad}")
+        cuts = cut_pairs(hu, g, lung, sides, fills, args.short_mm, args.spacing)
     print(f"real CT {DATA.name} at {args.spacing:g} mm: {hu.shape}, lungs "
           f"{lung.sum() * np.prod(g.spacing) / 1000:.0f} mL, {threads} threads; pairs made in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
@@ -219,6 +283,22 @@ def main(argv=None):
                 print(f"  initial alignment: {a['seconds'] / seconds:.1%} of the registration "
                       f"(the follow-up's resampling onto the baseline grid and the common blur "
                       f"after it: {info['resample_seconds'] / seconds:.1%})")  # fmt: skip
+    margin = 0.0 if args.trust_grid else RegistrationConfig().fov_margin_mm
+    for name, (fu, fg, found, truth) in cuts.items():
+        mmask = segment_lungs(np.asarray(fu), fg.spacing).mask
+        fov = fg if args.trust_grid else found
+        for backend in backends:
+            t0 = time.perf_counter()
+            u = register(hu, np.asarray(fu, np.float32), mask=lung, moving_mask=mmask,
+                         fixed_geometry=g, moving_geometry=fg, backend=backend,
+                         moving_fov=None if args.trust_grid else found,
+                         **{"threads": args.threads, **options[backend]})  # fmt: skip
+            seconds = time.perf_counter() - t0
+            figures = cut_figures(u, g, lung, fov, truth, margin)
+            print(f"{name} [{backend}]: {seconds:.1f} s, {figures}", flush=True)
+    if cuts:
+        print("targets (cut pairs): p99 |logjac| <= 0.02 in the measured lung; >= 90% of the "
+              "unimaged lung NaN; <= 5% of the lung imaged by both (> 10 mm from the cut) NaN")
     if "planted" in pairs:
         pair, fu, _ = pairs["planted"]
         u, base, peak = measure(lambda: demons_baseline(hu, fu, g.spacing))

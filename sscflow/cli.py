@@ -438,6 +438,8 @@ def discover(
         top = sorted(res.rules.items(), key=lambda kv: (-kv[1], kv[0]))
         out.print("left out (excluded.csv rows by rule): "
                   + ", ".join(f"{rule} {n}" for rule, n in top))  # fmt: skip
+    for line in group_warnings(res.warnings):
+        console.print(f"[yellow]warning[/yellow]: {line}", highlight=False)
     out.print(f"manifest: {res.manifest or '(none: no patient met the rules)'}")
     out.print(f"excluded: {res.excluded}; flowchart: {res.flowchart_png}; key: {res.key}")
     if res.manifest is None:
@@ -1106,6 +1108,25 @@ def validate(
         if col in table:
             counts = table[col].fillna("no label").value_counts().to_dict()
             out.print(f"  {col}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for line in group_warnings(_edge_warnings(manifest)):
+        console.print(f"[yellow]warning[/yellow]: {line}", highlight=False)
+
+
+def _edge_warnings(manifest) -> list[str]:
+    """A line per scan whose first or last slice shows lung (its two end slices read)."""
+    from sscflow.methods.edges import edge_warning, lungs_at_edges
+
+    lines = []
+    for patient in manifest:
+        for which, label in (("baseline", "baseline"), ("followup", "follow-up")):
+            path, uid = patient.scan(which)
+            try:
+                parts = lungs_at_edges(path, uid)
+            except (RuntimeError, OSError, ValueError):
+                continue  # ingest reads the scan whole and says what is wrong with it
+            if parts:
+                lines.append(f"patient {patient.patient_id}: {edge_warning(label, parts)}")
+    return lines
 
 
 def _private_side(key, cfg):

@@ -231,6 +231,7 @@ class _RegistrationCommon:
     smooth_mm: float = 1.0  # Gaussian s.d. on both scans first: hides two grids' interpolation
     min_alignment_dice: float = 0.5  # lungs overlapping less after the alignment: the pair fails
     min_lung_coverage: float = 0.8  # baseline lung the follow-up must image, else it fails
+    fov_margin_mm: float = 5.0  # the map is NaN within this of the follow-up's imaged edge
     thick_slice_mm: float = 2.5  # scans with thicker source slices are flagged in the summary
 
     def validate(self, where: str) -> None:
@@ -246,6 +247,9 @@ class _RegistrationCommon:
                 raise ConfigError(f"{where}.{key} must be within 0..1, got {getattr(self, key)}")
         if self.smooth_mm < 0:
             raise ConfigError(f"{where}.smooth_mm must be >= 0, got {self.smooth_mm}")
+        if not 0 <= self.fov_margin_mm <= 50:
+            raise ConfigError(f"{where}.fov_margin_mm must be within 0..50 mm, got "
+                              f"{self.fov_margin_mm}")  # fmt: skip
         if not self.thick_slice_mm > 0:
             raise ConfigError(f"{where}.thick_slice_mm must be > 0, got {self.thick_slice_mm}")
         for name in REGISTRATION_BACKENDS:

@@ -81,7 +81,8 @@ def away_from_edges(source, target, displacement=None, affine=None, margin=0.02)
     if affine is not None:
         pts = (np.einsum("ij,j...->i...", np.asarray(affine[0]), pts)
                + np.asarray(affine[1])[:, None, None, None])  # fmt: skip
-    return inside(pts, source, margin_vox=margin) | ~inside(pts, source, margin_vox=-margin)
+    mm = margin * max(source.spacing)
+    return inside(pts, source, margin_mm=mm) | ~inside(pts, source, margin_mm=-mm)
 
 
 @pytest.mark.parametrize("interpolator, order", [("linear", 1), ("nearest", 0)])

@@ -291,8 +291,8 @@ def _warp_back(out, rec):
     u = from_itk(field)[0]
     pts = np.stack(np.meshgrid(*axes, indexing="ij")) + u
     fov = Geometry.of(follow)
-    seen = inside(pts, fov, margin_vox=1.0) & inside(pts - u,
-                                                     Geometry.of(base), margin_vox=1.0)
+    seen = (inside(pts, fov, margin_mm=max(fov.spacing))
+            & inside(pts - u, Geometry.of(base), margin_mm=max(base.GetSpacing())))
     return sitk.GetArrayFromImage(ref).astype(float), sitk.GetArrayFromImage(back), seen
 
 

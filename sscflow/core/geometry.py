@@ -83,6 +83,22 @@ class Geometry:
         gap = index_to_physical(corners, self) - index_to_physical(corners, other)
         return bool(np.abs(gap).max() <= tol)
 
+    def sub_grid(self, box) -> Geometry:
+        """The grid of the voxels ``box`` = ((z0, z1), (y0, y1), (x0, x1)) (index ranges, end
+        excluded) of this one: same spacing and direction, its own origin.
+
+        >>> g = Geometry((10, 20, 30), (2.0, 1.0, 1.0), (5.0, 0.0, 0.0))
+        >>> g.sub_grid(((2, 5), (0, 20), (10, 30)))
+        Geometry(shape=(3, 20, 20), spacing=(2.0, 1.0, 1.0), origin=(9.0, 0.0, 10.0), direction=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+        """  # noqa: E501
+        lo = [int(a) for a, _ in box]
+        shape = [int(b) - int(a) for a, b in box]
+        if any(n < 1 for n in shape) or any(a < 0 for a in lo) or any(
+                int(b) > n for (_, b), n in zip(box, self.shape, strict=True)):
+            raise ValueError(f"sub_grid: {box} is not a box of voxels of {self.shape}")
+        origin = index_to_physical(np.asarray(lo, float), self)
+        return Geometry(tuple(shape), self.spacing, tuple(origin), self.direction)
+
     def to_dict(self) -> dict:
         return {
             "shape": list(self.shape),
@@ -326,16 +342,17 @@ def warp_to_baseline(
                     fill=fill, dtype=np.float32)  # fmt: skip
 
 
-def inside(points_zyx: np.ndarray, geometry: Geometry, margin_vox: float = 0.0) -> np.ndarray:
+def inside(points_zyx: np.ndarray, geometry: Geometry, margin_mm: float = 0.0) -> np.ndarray:
     """Whether physical points (3, ...) zyx mm fall inside a grid's field of view, in any
     direction: within half a voxel of its edge voxels' centres (the reach of :func:`resample`),
-    less ``margin_vox`` voxels."""
+    less ``margin_mm`` millimetres on every side."""
     pts = np.moveaxis(np.asarray(points_zyx, np.float64), 0, -1)[..., ::-1]  # (..., 3) xyz
     d = np.asarray(geometry.direction, float)
     rel = (pts - np.asarray(geometry.origin[::-1])) @ d  # D^-1 = D^T for a rotation
-    idx = rel / np.asarray(geometry.spacing[::-1])
-    hi = np.asarray(geometry.shape[::-1], float) - 1.0
-    return np.all((idx >= -0.5 + margin_vox) & (idx <= hi + 0.5 - margin_vox), axis=-1)
+    sp = np.asarray(geometry.spacing[::-1])
+    lo = -0.5 * sp + float(margin_mm)
+    hi = (np.asarray(geometry.shape[::-1], float) - 0.5) * sp - float(margin_mm)
+    return np.all((rel >= lo) & (rel <= hi), axis=-1)
 
 
 def index_to_physical(index_zyx, geometry: Geometry) -> np.ndarray:

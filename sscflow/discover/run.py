@@ -51,6 +51,9 @@ class DiscoverResult:
     seconds: float
     rules: dict = field(default_factory=dict)  # rule -> count of excluded.csv rows
     timings: dict = field(default_factory=dict)  # seconds: list, headers, select, write
+    #: per included scan whose first or last slice still shows lung ("patient P0003: follow-up:
+    #: lung in the top (apex) slice; ..."): pseudonyms only
+    warnings: list = field(default_factory=list)
 
 
 @dataclass
@@ -218,9 +221,10 @@ def discover(
         if p.rule:
             rows.append(_row("patient", pseudo[p.patient_id], rule=p.rule, detail=p.detail))
 
+    included = [p for p in picks if not p.rule]
+    warnings = _edge_warnings(included, pseudo)
     t_select = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    included = [p for p in picks if not p.rule]
     manifest = _write_manifest(included, pseudo, pkey, out)
     order = {"patient": 0, "study": 1, "series": 2, "file": 3}
     rows.sort(
@@ -252,7 +256,24 @@ def discover(
             "write": time.perf_counter() - t_select,
         },
         rules=rules,
+        warnings=warnings,
     )
+
+
+def _edge_warnings(included, pseudo) -> list[str]:
+    """A line per chosen series whose first or last slice shows lung (two slices read each)."""
+    from sscflow.methods.edges import edge_warning, lungs_at_edges
+
+    lines = []
+    for p in sorted(included, key=lambda p: pseudo[p.patient_id]):
+        for which, st in (("baseline", p.baseline), ("follow-up", p.followup)):
+            try:
+                parts = lungs_at_edges(Path(st.best.folder), st.best.uid)
+            except (RuntimeError, OSError, ValueError):
+                continue  # ingest reads the series whole and says what is wrong with it
+            if parts:
+                lines.append(f"patient {pseudo[p.patient_id]}: {edge_warning(which, parts)}")
+    return lines
 
 
 def _row(level, patient_id="", study="", series_uid="", *, file="", rule, detail=""):

@@ -44,7 +44,8 @@ UNITS = "log-Jacobian (log det(I + grad u)); < 0 = shrinkage"
 CLINICAL = (*PFT_COLUMNS, "interval_months", "age", "sex")
 REG_COLUMNS = ("backend", "runtime_s", "folded_fraction", "ncc_before", "ncc_after",
                "lncc_before", "lncc_after", "mad_hu_before", "mad_hu_after",
-               "lung_coverage")  # fmt: skip
+               "lung_coverage", "unmeasured_lung_ml", "unmeasured_lung_pct",
+               "unmeasured_where")  # fmt: skip
 REG_SKIP = ("parameters", "config")  # the settings, not QA; lists that do not fit a CSV cell
 
 

@@ -29,7 +29,7 @@ from sscflow.errors import InputImageError, MissingInputError, SscflowError
 from sscflow.methods.segment import segment_lungs
 
 STAGE = "ingest"
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: the imaged field of view (``source.imaged``) stored with each scan
 HU_MIN, HU_MAX = -1024, 3071
 SCANS = {"baseline": "lung_mask", "followup": "followup_lung_mask"}
 #: left/right lung labels (uint8: 1 right, 2 left) beside each merged 0/1 mask
@@ -64,6 +64,36 @@ def canonical_grid(image: sitk.Image, spacing: float) -> Geometry:
 
 
 INTERPOLATORS = ("bspline", "linear")
+TISSUE_HU = -500.0  # a plane of the scan with no voxel above this shows no body: not imaged
+
+
+def imaged_field_of_view(image: sitk.Image) -> Geometry:
+    """The part of the scan's own grid that shows the patient: the sub-grid between the first and
+    last plane, along each of the grid's axes, that holds tissue (above ``TISSUE_HU``).
+
+    A follow-up whose scanning range stops short is often written on a larger grid, with air or
+    the scanner's padding value (-2048, -3024) past the cut; its grid then claims a field of view
+    the scanner never imaged, and a registration that trusts it matches the lungs against a flat
+    plane of air (a cut at the bases read as shrinkage there). Every axial plane through a chest,
+    and every sagittal or coronal plane through the lungs, crosses tissue (chest wall, spine,
+    mediastinum, diaphragm), so a plane without any is past the end of what was imaged; planes
+    outside the body on either side are dropped too, which loses nothing (no lung is there).
+    A plane counts as imaged with at least 0.1 % of its voxels (and 10) above ``TISSUE_HU``, so
+    a stray bright voxel in padding does not extend the field. Any direction: the planes are the
+    scan's own. A scan with no tissue at all keeps its whole grid.
+    """
+    geom = Geometry.of(image)
+    arr = sitk.GetArrayViewFromImage(image)  # (z, y, x) of the scan's own index axes
+    tissue = arr > TISSUE_HU
+    box = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        plane = int(np.prod([arr.shape[a] for a in others]))
+        rows = np.flatnonzero(tissue.sum(axis=others) >= max(10, plane // 1000))
+        if rows.size == 0:
+            return geom
+        box.append((int(rows[0]), int(rows[-1]) + 1))
+    return geom.sub_grid(box)
 
 
 def to_canonical(
@@ -199,6 +229,7 @@ def _ingest_scan(patient, which, group, ingest, image_params, result, force):
     source = {
         "format": describe_format(path),
         "geometry": Geometry.of(image).to_dict(),
+        "imaged": imaged_field_of_view(image).to_dict(),
         "series_uid_given": series_uid is not None,
     }
     st.write_image(group, which, hu, geometry, stage=STAGE, params=image_params,

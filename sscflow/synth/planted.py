@@ -9,6 +9,8 @@ benchmarks use this on ``../shared/data/lung1_image.nrrd``:
 - :func:`reacquire`: the same anatomy imaged again, as a scanner would: another grid (spacing,
   field of view, direction) and the patient moved (rotation about any axis, table shift). The
   true field becomes ``R(x + u(x)) - x``, R the motion.
+- :func:`cut_view`: a follow-up whose field of view stops short of the lungs (at the apex, the
+  bases or one side), past the cut air, the scanner's padding value, or no grid at all.
 
 Everything is physical (z, y, x) mm, LPS: z towards the head, y towards the back.
 """
@@ -23,8 +25,14 @@ from scipy import ndimage
 from sscflow.core.geometry import Geometry, grid_points
 from sscflow.synth import deform
 
-__all__ = ["Pair", "acquisition_grid", "lung_sinks", "moved_field", "plant_change", "reacquire",
-           "render_on"]
+__all__ = ["CUT_FILLS", "CUT_SIDES", "Pair", "acquisition_grid", "cut_view", "lung_sinks",
+           "moved_field", "plant_change", "reacquire", "render_on"]
+
+#: where a follow-up's field of view may stop short: the axis (z, y, x) and the end (+1: the high
+#: end) in LPS (z towards the head, x towards the patient's left)
+CUT_SIDES = {"apex": (0, +1), "base": (0, -1), "right": (2, -1), "left": (2, +1)}
+#: what lies past the cut: air, a scanner's padding value, or nothing (the grid ends there)
+CUT_FILLS = {"air": -1024.0, "padding": -3024.0, "crop": None}
 
 
 @dataclass(frozen=True)
@@ -250,3 +258,48 @@ def moved_field(displacement, geometry: Geometry, matrix, offset) -> np.ndarray:
         moved = np.einsum("ij,j...->i...", matrix, x + displacement[:, z0:z1])
         out[:, z0:z1] = moved + offset[:, None, None, None] - x
     return out
+
+
+def cut_view(image, geometry: Geometry, lung, *, side: str, short_mm: float,
+             fill: str = "air") -> tuple[np.ndarray, Geometry, Geometry]:  # fmt: skip
+    """A follow-up whose field of view stops ``short_mm`` inside the lungs on one ``side``
+    (:data:`CUT_SIDES`: "apex", "base", "right", "left"), as a scan with a shorter range or a
+    smaller reconstruction field is. ``image`` and ``lung`` (bool) are on ``geometry`` (a
+    canonical grid); ``lung`` says where the lungs end on that side.
+
+    Past the cut (:data:`CUT_FILLS`): ``"air"`` -1024 HU or ``"padding"`` -3024 HU on the same
+    grid, as a tool that writes the scan onto a larger grid leaves it, or ``"crop"``: the grid
+    stops at the cut. Returns (HU float32, its grid, the part of the grid that was imaged):
+    the truth of what :func:`sscflow.methods.ingest.imaged_field_of_view` should find.
+    """
+    if side not in CUT_SIDES:
+        raise ValueError(f"cut_view: side must be one of {', '.join(CUT_SIDES)}, got {side!r}")
+    if fill not in CUT_FILLS:
+        raise ValueError(f"cut_view: fill must be one of {', '.join(CUT_FILLS)}, got {fill!r}")
+    axis, end = CUT_SIDES[side]
+    others = tuple(a for a in range(3) if a != axis)
+    rows = np.flatnonzero(np.asarray(lung, bool).any(axis=others))
+    if rows.size == 0:
+        raise ValueError("cut_view: the lung mask is empty")
+    step = int(round(short_mm / geometry.spacing[axis]))
+    n = geometry.shape[axis]
+    if end > 0:
+        lo, hi = 0, int(rows[-1]) + 1 - step
+    else:
+        lo, hi = int(rows[0]) + step, n
+    if not 0 <= lo < hi <= n:
+        raise ValueError(f"cut_view: cutting {short_mm} mm at the {side} leaves nothing")
+    box = [(0, s) for s in geometry.shape]
+    box[axis] = (lo, hi)
+    imaged = geometry.sub_grid(box)
+    value = CUT_FILLS[fill]
+    if value is None:
+        sl = tuple(slice(a, b) for a, b in box)
+        return np.array(image[sl], np.float32), imaged, imaged
+    out = np.array(image, np.float32)
+    index = [slice(None)] * 3
+    index[axis] = slice(0, lo)
+    out[tuple(index)] = value
+    index[axis] = slice(hi, n)
+    out[tuple(index)] = value
+    return out, geometry, imaged

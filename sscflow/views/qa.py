@@ -67,6 +67,9 @@ KEY_FIGURES = [
     ("reg_lncc_after", "local NCC after", "{:.3f}"),
     ("folded_fraction", "folded fraction", "{:.4%}"),
     ("reg_lung_coverage", "lung coverage", "{:.1%}"),
+    ("reg_unmeasured_lung_ml", "unmeasured lung (mL)", "{:.0f}"),
+    ("reg_unmeasured_lung_pct", "unmeasured lung (%)", "{:.1f}"),
+    ("reg_unmeasured_where", "unmeasured at", "{}"),
     ("tpl_dice", "template Dice", "{:.3f}"),
     ("logjac_mean", "mean log-Jacobian", "{:+.4f}"),
 ]
@@ -115,11 +118,16 @@ def flags(row: dict) -> list[tuple[str, str]]:
 
 
 def format_value(value, fmt: str) -> str:
-    """``fmt`` applied to a finite number, else an en dash (never "nan" or "-0").
+    """``fmt`` applied to a finite number, else an en dash (never "nan" or "-0"); text (the
+    format ``{}``) as it is, an en dash when empty.
 
     >>> format_value(-0.00001, "{:+.4f}"), format_value(float("nan"), "{:.1f}")
     ('+0.0000', '–')
+    >>> format_value("base", "{}"), format_value("", "{}")
+    ('base', '–')
     """
+    if fmt == "{}":
+        return str(value) if isinstance(value, str) and value else "–"
     v = _num(value)
     if v is None:
         return "–"

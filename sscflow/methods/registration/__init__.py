@@ -141,6 +141,7 @@ def register(
     smooth_mm: float = 1.0,
     return_info: bool = False,
     resample_on_device: bool | None = None,
+    moving_fov: Geometry | None = None,
     **options,
 ):
     """Register ``moving`` (follow-up) to ``fixed`` (baseline), in physical space.
@@ -178,6 +179,11 @@ def register(
         the maps in torch on the backend's device: None (the default) when the torch backend
         runs on CUDA (the pair then crosses to the device once and back once), True also on
         CPU, False never
+    moving_fov : the part of the follow-up that was imaged (a ``Geometry``, any direction: the
+        scan's own grid, or the sub-grid :func:`sscflow.methods.ingest.imaged_field_of_view`
+        found); only points inside it count in the similarity, so a follow-up that stops short
+        (air or padding past the cut) is not matched against what it did not image. None: the
+        follow-up's grid
     **options : the backend's settings over its own defaults: the fields of its ``Options``
         (``sscflow.methods.registration.torch.Options``, ``sscflow.methods.registration.sitk.Options``; in the
         config, the ``registration.torch`` and ``registration.sitk`` sections)
@@ -206,7 +212,7 @@ def register(
     import time
 
     from sscflow.methods.registration.align import align_masks, identity
-    from sscflow.methods.registration.frame import compose_rigid, resample_moving
+    from sscflow.methods.registration.frame import compose_rigid, imaged_on, resample_moving
 
     name = resolve_backend(backend)
     if initial_alignment not in ("lungs", "none"):
@@ -241,6 +247,8 @@ def register(
             nonlocal t_resample
             t = time.perf_counter()
             moved, valid = resample_moving(inputs.moving, mg, fg, mapping, cubic=cubic)
+            if moving_fov is not None:
+                valid = valid * imaged_on(fg, mapping, moving_fov)
             moved = blur(moved)
             t_resample += time.perf_counter() - t
             return moved, valid
@@ -268,6 +276,9 @@ def register(
                 coef = coefficients[0] if cubic else None
                 moved, valid = tr.resample(moving_t, mg, fg, mapping.matrix, mapping.offset,
                                            cubic=cubic, coefficients=coef)  # fmt: skip
+            if moving_fov is not None:
+                imaged = tr.to_device(imaged_on(fg, mapping, moving_fov), dev)
+                valid = imaged if valid is None else valid * imaged
             moved = blur(moved)
             _sync(dev)
             t_resample += time.perf_counter() - t

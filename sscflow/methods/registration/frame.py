@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from sscflow.core.geometry import Geometry, grid_points, inside, resample
+from sscflow.core.geometry import Geometry, grid_points, index_to_physical, inside, resample
 from sscflow.methods.registration.align import Alignment
 
-__all__ = ["coverage_mask", "compose_rigid", "resample_moving"]
+__all__ = ["coverage_mask", "compose_rigid", "imaged_on", "resample_moving", "unmeasured_parts"]
+
+#: an edge of the follow-up's field of view whose outward normal is within 45 degrees of the
+#: body's long axis is its top ("apex") or bottom ("base"); any other is a "side"
+PARTS = ("apex", "base", "side")
 
 
 def resample_moving(moving, moving_geometry: Geometry, fixed_geometry: Geometry,
@@ -67,12 +71,61 @@ def compose_rigid(local: np.ndarray, fixed_geometry: Geometry, alignment: Alignm
     return out
 
 
-def coverage_mask(displacement, fixed_geometry: Geometry, fov: Geometry, *, slab: int = 16):
+def coverage_mask(displacement, fixed_geometry: Geometry, fov: Geometry, *,
+                  margin_mm: float = 0.0, slab: int = 16):  # fmt: skip
     """Baseline voxels whose ``x + u(x)`` lies inside the follow-up's field of view ``fov``
-    (its original acquisition grid, any direction): bool (Z, Y, X)."""
+    (the part of its acquisition grid that was imaged, any direction), at least ``margin_mm``
+    from its edge: bool (Z, Y, X)."""
     shape = fixed_geometry.shape
     out = np.empty(shape, bool)
     for z0 in range(0, shape[0], slab):
         z1 = min(shape[0], z0 + slab)
-        out[z0:z1] = inside(grid_points(fixed_geometry, z0, z1) + displacement[:, z0:z1], fov)
+        pts = grid_points(fixed_geometry, z0, z1) + displacement[:, z0:z1]
+        out[z0:z1] = inside(pts, fov, margin_mm)
+    return out
+
+
+def imaged_on(fixed_geometry: Geometry, alignment: Alignment, fov: Geometry, *,
+              slab: int = 16) -> np.ndarray:  # fmt: skip
+    """float32 (Z, Y, X) on the baseline grid: 1 where ``R(x)`` (``alignment``) lies inside
+    the follow-up's imaged field of view ``fov``, 0 elsewhere."""
+    shape = fixed_geometry.shape
+    r = np.asarray(alignment.matrix, np.float64)
+    t = np.asarray(alignment.offset, np.float64)
+    out = np.empty(shape, np.float32)
+    for z0 in range(0, shape[0], slab):
+        z1 = min(shape[0], z0 + slab)
+        pts = np.einsum("ij,j...->i...", r, grid_points(fixed_geometry, z0, z1))
+        out[z0:z1] = inside(pts + t[:, None, None, None], fov)
+    return out
+
+
+def unmeasured_parts(displacement, fixed_geometry: Geometry, fov: Geometry, where,
+                     margin_mm: float = 0.0) -> dict:  # fmt: skip
+    """Where the baseline voxels ``where`` (bool, e.g. the lung the follow-up did not image) left
+    the follow-up's field of view: mL per part, {"apex": .., "base": .., "side": ..}.
+
+    Each voxel counts for the edge its ``x + u(x)`` lies farthest beyond (less ``margin_mm``);
+    the edge is the apex or base side when its outward normal points within 45 degrees of the
+    superior (+z in LPS) or inferior direction, a side otherwise.
+    """
+    out = dict.fromkeys(PARTS, 0.0)
+    idx = np.nonzero(where)
+    if idx[0].size == 0:
+        return out
+    ijk = np.stack(idx, axis=-1).astype(np.float64)
+    pts = index_to_physical(ijk, fixed_geometry) + np.stack(
+        [displacement[k][idx] for k in range(3)], axis=-1)  # fmt: skip
+    d = np.asarray(fov.direction, float)
+    rel = (pts[:, ::-1] - np.asarray(fov.origin[::-1])) @ d  # fov's own axes, x y z, mm
+    sp = np.asarray(fov.spacing[::-1])
+    lo = -0.5 * sp + margin_mm
+    hi = (np.asarray(fov.shape[::-1], float) - 0.5) * sp - margin_mm
+    beyond = np.concatenate([lo - rel, rel - hi], axis=1)  # (n, 6): low then high faces
+    face = np.argmax(beyond, axis=1)
+    normal_z = np.concatenate([-d[2], d[2]])[face]  # z (superior) part of each face's normal
+    part = np.where(normal_z > np.sqrt(0.5), 0, np.where(normal_z < -np.sqrt(0.5), 1, 2))
+    ml = fixed_geometry.voxel_volume_ml
+    for k, name in enumerate(PARTS):
+        out[name] = round(float((part == k).sum()) * ml, 2)
     return out

@@ -24,10 +24,10 @@ from sscflow.core.geometry import Geometry
 from sscflow.errors import RegistrationFailedError
 from sscflow.methods.registration import register, resolve_backend
 from sscflow.methods.registration.common import folded_fraction, similarity, truth_errors
-from sscflow.methods.registration.frame import coverage_mask
+from sscflow.methods.registration.frame import coverage_mask, unmeasured_parts
 
 STAGE = "registration"
-STAGE_VERSION = 2
+STAGE_VERSION = 3  # 3: the follow-up's imaged field of view in the similarity and the map
 OUTPUT = "displacement"
 COVERAGE = "coverage"
 INPUTS = ("baseline", "followup", "lung_mask")
@@ -45,8 +45,11 @@ def slice_thickness(image: st.StoredImage) -> float | None:
 
 
 def source_geometry(image: st.StoredImage) -> Geometry:
-    """The scan's original grid (its field of view), or the stored grid when unknown."""
-    geom = (image.meta.get("source") or {}).get("geometry")
+    """What the scan imaged: the part of its original grid that shows the patient
+    (:func:`sscflow.methods.ingest.imaged_field_of_view`), else its original grid (stores
+    ingested before sscflow kept it), else the stored grid."""
+    source = image.meta.get("source") or {}
+    geom = source.get("imaged") or source.get("geometry")
     return Geometry.from_dict(geom) if geom else image.geometry
 
 
@@ -102,7 +105,7 @@ def register_patient(
         moving_mask = st.read_image(group, MOVING_MASK)
     options = cfg.options(backend)
     params = {"backend": backend, "options": options, "version": STAGE_VERSION,
-              "min_lung_coverage": cfg.min_lung_coverage,
+              "min_lung_coverage": cfg.min_lung_coverage, "fov_margin_mm": cfg.fov_margin_mm,
               "min_alignment_dice": cfg.min_alignment_dice}  # fmt: skip
     input_hash = st.upstream_hash(images[n] for n in INPUTS)
     row = {"patient_id": patient_id}
@@ -121,11 +124,12 @@ def register_patient(
     if mmask is not None and not mmask.any():
         mmask = None
     thickness = {"baseline": slice_thickness(base), "followup": slice_thickness(follow)}
+    fov = source_geometry(follow)
     t1 = time.perf_counter()
     with _device_memory(backend, options, fixed.size + moving.size, patient_id):
         u, info = register(fixed, moving, mask=lung if lung.any() else None, moving_mask=mmask,
                            fixed_geometry=fg, moving_geometry=mg, backend=backend,
-                           return_info=True, **options)  # fmt: skip
+                           moving_fov=fov, return_info=True, **options)  # fmt: skip
     runtime = time.perf_counter() - t1
     align = info["initial_alignment"]
     dice = align.get("dice")
@@ -136,8 +140,11 @@ def register_patient(
             f"registration.min_alignment_dice {cfg.min_alignment_dice:g}); check that both "
             "scans are chest CTs of this patient and that both lung masks look right"
         )
-    covered = coverage_mask(u, fg, source_geometry(follow))
-    coverage = float(covered[lung].mean()) if lung.any() else 0.0
+    # measured: x + u(x) imaged by the follow-up, fov_margin_mm inside its edge (the map is NaN
+    # elsewhere); what the follow-up imaged at all decides min_lung_coverage
+    covered = coverage_mask(u, fg, fov, margin_mm=cfg.fov_margin_mm)
+    imaged = coverage_mask(u, fg, fov) if cfg.fov_margin_mm > 0 else covered
+    coverage = float(imaged[lung].mean()) if lung.any() else 0.0
     if coverage < cfg.min_lung_coverage:
         raise RegistrationFailedError(
             f"patient {patient_id}: the follow-up covers {coverage:.0%} of the baseline lung "
@@ -153,6 +160,7 @@ def register_patient(
         "runtime_s": round(runtime, 3),
         "initial_alignment": align,
         "lung_coverage": round(coverage, 5),
+        **_unmeasured(u, fg, fov, lung, covered, cfg.fov_margin_mm),
         "slice_thickness_mm": thickness,
         "baseline_grid": fg.to_dict(),
         "followup_grid": mg.to_dict(),
@@ -176,6 +184,22 @@ def register_patient(
                    step=st.displacement_step(fg.spacing), **write)  # fmt: skip
     return {**row, "status": "done", "seconds": time.perf_counter() - t0,
             "warnings": thick_slice_warnings(patient_id, qa, cfg), **qa}  # fmt: skip
+
+
+def _unmeasured(u, fg: Geometry, fov: Geometry, lung, covered, margin_mm: float) -> dict:
+    """The baseline lung left without a measure (the map is NaN there): mL, % of the lung, and
+    where it left the follow-up's field of view (``unmeasured_where``: the parts holding at least
+    a tenth of it, largest first, e.g. "base"; "" when none)."""
+    missing = lung & ~covered
+    n = int(lung.sum())
+    ml = float(missing.sum()) * fg.voxel_volume_ml
+    parts = unmeasured_parts(u, fg, fov, missing, margin_mm)
+    total = sum(parts.values())
+    where = [p for p, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.1 * total > 0]
+    pct = 100.0 * float(missing.sum()) / n if n else 0.0
+    return {"unmeasured_lung_ml": round(ml, 1), "unmeasured_lung_pct": round(pct, 2),
+            "unmeasured_where": ", ".join(where),
+            "unmeasured_parts_ml": parts}
 
 
 def _device_memory(backend: str, options: dict, voxels: int, patient_id: str):

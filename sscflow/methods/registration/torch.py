@@ -605,15 +605,18 @@ class _Registration:
 
     def lncc(self, stats, b, seen=None):
         """Mean squared local correlation of the fixed image (``stats``) and ``b``, each window
-        weighted by the fixed image's local variance against the floor (and by ``seen``, the
-        fraction of it the moving scan imaged)."""
+        weighted by the fixed image's local variance against the floor; with ``seen`` (where the
+        moving scan imaged each point, in [0, 1]), windows not wholly imaged count for nothing."""
         a, ma, va, weight = stats
-        m = _box_filter(self.torch, self.torch.cat([b, b * b, a * b], dim=1), self.window)
-        mb, mbb, mab = m[:, :1], m[:, 1:2], m[:, 2:]
+        parts = [b, b * b, a * b] if seen is None else [b, b * b, a * b, seen.detach()]
+        m = _box_filter(self.torch, self.torch.cat(parts, dim=1), self.window)
+        mb, mbb, mab = m[:, :1], m[:, 1:2], m[:, 2:3]
         cov = mab - ma * mb
         vb = (mbb - mb * mb).clamp(min=0)
         if seen is not None:
-            weight = weight * (seen > 0.999)
+            # only windows the follow-up imaged whole: a window reaching past the end of its
+            # field of view (air or padding there) would match the lungs against that edge
+            weight = weight * (m[:, 3:] > 0.999)
         cc = weight * cov * cov / (va * vb + self.tiny)
         return cc.mean()
 

@@ -1,0 +1,162 @@
+"""What the follow-up imaged: the imaged field of view found from the pixels, the map's NaN and
+the unmeasured lung where it stops short, and the end-slice warning (issue 22 item 1).
+
+Known answers: scans built with a known cut (air, the scanner's padding, or a grid that ends),
+in any direction; the real CT (``../shared/data``) where its field of view is known to cut the
+lung bases and not the apices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from sscflow.core.geometry import Geometry, grid_points, index_to_physical, inside, to_itk
+from sscflow.core.imageio import write_dicom_series
+from sscflow.methods.edges import lung_area_cm2, lungs_at_edges
+from sscflow.methods.ingest import imaged_field_of_view
+from sscflow.methods.registration.frame import coverage_mask, imaged_on, unmeasured_parts
+from sscflow.synth import planted
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lung1_image.nrrd"
+
+
+def _chest(shape=(40, 48, 56), seed=0):
+    """A body of soft tissue (40 HU + noise) with two air 'lungs', air around it."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(shape)
+    hu = np.full(shape, -1000.0, np.float32) + rng.normal(0, 15, shape).astype(np.float32)
+    cy = (y - shape[1] / 2) / shape[1]
+    body = (cy / 0.42) ** 2 + ((x - shape[2] / 2) / (shape[2] * 0.45)) ** 2 < 1
+    hu[body] = 40.0 + rng.normal(0, 15, int(body.sum()))
+    for cx in (shape[2] * 0.3, shape[2] * 0.7):
+        lung = ((cy / 0.25) ** 2 + ((x - cx) / (shape[2] * 0.13)) ** 2 < 1) & (z > 2)
+        lung &= z < shape[0] - 3
+        hu[lung] = -850.0 + rng.normal(0, 15, int(lung.sum()))
+    return hu
+
+
+@pytest.mark.parametrize("fill", [-1024.0, -3024.0, -2048.0])
+@pytest.mark.parametrize("axis, lo, hi", [(0, 0, 31), (0, 6, 40), (2, 9, 56), (1, 0, 44)])
+def test_imaged_field_of_view_is_the_part_before_the_cut(fill, axis, lo, hi):
+    hu = _chest()
+    cut = hu.copy()
+    index = [slice(None)] * 3
+    index[axis] = slice(0, lo)
+    cut[tuple(index)] = fill
+    index[axis] = slice(hi, None)
+    cut[tuple(index)] = fill
+    d = planted.rotation(25.0, (0.3, 1.0, 0.2))  # an oblique grid: planes are the scan's own
+    g = Geometry(hu.shape, (2.5, 0.8, 0.9), (-40.0, 10.0, 300.0), tuple(map(tuple, d)))
+    found = imaged_field_of_view(to_itk(cut, g))
+    # the truth: the cut planes, and the body's own extent on the other axes
+    box = []
+    for k in range(3):
+        others = tuple(a for a in range(3) if a != k)
+        rows = np.flatnonzero((hu > -500).any(axis=others))
+        a, b = int(rows[0]), int(rows[-1]) + 1
+        box.append((max(a, lo), min(b, hi)) if k == axis else (a, b))
+    assert found == g.sub_grid(box)
+    assert found.direction == g.direction and found.spacing == g.spacing
+
+
+def test_an_uncut_scan_keeps_the_body_and_a_scan_without_tissue_its_grid():
+    hu = _chest()
+    g = Geometry(hu.shape, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    found = imaged_field_of_view(to_itk(hu, g))
+    assert found.shape[0] == hu.shape[0]  # every axial plane crosses the body
+    assert found.shape[1] < hu.shape[1] and found.shape[2] < hu.shape[2]  # air beside it, dropped
+    air = np.full((8, 8, 8), -1000.0, np.float32)
+    small = Geometry((8, 8, 8), g.spacing, g.origin)
+    assert imaged_field_of_view(to_itk(air, small)) == small
+
+
+def test_inside_with_a_margin_in_millimetres():
+    g = Geometry((10, 20, 10), (2.0, 1.0, 4.0), (0.0, 0.0, 0.0))
+    # x (axis 2) spans -2 .. 38 mm (half a voxel of 4 mm beyond the edge centres)
+    pts = np.array([[9.0] * 4, [9.0] * 4, [-1.9, 37.9, 3.1, 32.9]])
+    assert inside(pts, g).tolist() == [True, True, True, True]
+    assert inside(pts, g, margin_mm=5.0).tolist() == [False, False, True, True]
+
+
+def test_unmeasured_lung_is_told_apex_base_or_side():
+    g = Geometry((30, 20, 20), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    u = np.zeros((3, *g.shape), np.float32)
+    lung = np.zeros(g.shape, bool)
+    lung[2:28, 4:16, 4:16] = True
+    top = g.sub_grid(((0, 20), (0, 20), (0, 20)))  # stops 10 slices short of the top (z high)
+    covered = coverage_mask(u, g, top)
+    parts = unmeasured_parts(u, g, top, lung & ~covered)
+    assert parts == pytest.approx({"apex": 8 * 12 * 12 * 0.008, "base": 0.0, "side": 0.0},
+                                  abs=0.005)  # fmt: skip
+    side = g.sub_grid(((0, 30), (0, 20), (8, 20)))
+    parts = unmeasured_parts(u, g, side, lung & ~coverage_mask(u, g, side))
+    assert parts == pytest.approx({"apex": 0.0, "base": 0.0, "side": 26 * 12 * 4 * 0.008},
+                                  abs=0.005)  # fmt: skip
+    # a follow-up written head first (z flipped): its low-index end is the apex side, yet what
+    # is missing is still the base of the baseline's lungs
+    flip = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, -1.0))
+    f = Geometry((20, 20, 20), (2.0, 2.0, 2.0), (58.0, 0.0, 0.0), flip)
+    missing = lung & ~coverage_mask(u, g, f)
+    assert missing[:10].any() and not missing[10:].any()
+    assert unmeasured_parts(u, g, f, missing) == pytest.approx(
+        {"apex": 0.0, "base": 8 * 12 * 12 * 0.008, "side": 0.0}, abs=0.005)
+
+
+def test_the_similarity_sees_only_what_the_follow_up_imaged():
+    g = Geometry((20, 12, 12), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    f = g.sub_grid(((0, 15), (0, 12), (0, 12)))
+    from sscflow.methods.registration.align import identity
+
+    got = imaged_on(g, identity(), f)
+    expected = inside(grid_points(g), f).astype(np.float32)
+    np.testing.assert_array_equal(got, expected)
+    assert got[:15].all() and not got[15:].any()
+
+
+def test_a_scan_that_images_the_lungs_whole_raises_no_warning(tmp_path):
+    hu = _chest()  # lungs from slice 3 to slice 36 of 40
+    g = Geometry(hu.shape, (5.0, 2.0, 2.0), (-100.0, 0.0, 0.0))  # lungs of 11 cm² a slice
+    sitk.WriteImage(to_itk(np.rint(hu).astype(np.int16), g), str(tmp_path / "whole.nii.gz"))
+    assert lungs_at_edges(tmp_path / "whole.nii.gz") == []
+    cut = to_itk(np.rint(hu[:30]).astype(np.int16), g.sub_grid(((0, 30), (0, 48), (0, 56))))
+    sitk.WriteImage(cut, str(tmp_path / "cut.nii.gz"))
+    assert lungs_at_edges(tmp_path / "cut.nii.gz") == ["apex"]
+
+
+def test_lung_area_counts_air_inside_the_body_only():
+    hu = np.full((100, 100), -1000.0)
+    hu[10:90, 10:90] = 40.0
+    hu[20:80, 20:45] = -850.0  # a 'lung' of 60 x 25 px at 0.7 mm: 7.35 cm²
+    hu[45:50, 60:64] = -950.0  # a trachea-sized air pocket: 0.098 cm², below the floor
+    assert lung_area_cm2(hu, (0.7, 0.7)) == pytest.approx(60 * 25 * 0.49 / 100)
+    hu[20:80, 20:45] = -100.0  # dense: not air
+    assert lung_area_cm2(hu, (0.7, 0.7)) == 0.0
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason=f"{DATA} is not there")
+def test_lungs_at_the_end_slices_of_the_real_ct(tmp_path):
+    image = sitk.ReadImage(str(DATA))
+    # its field of view cuts the lung bases, and ends above the apices
+    assert lungs_at_edges(DATA) == ["base"]
+    # as a DICOM series: from mid-lung up, the bottom slice cuts the lungs; cut below the
+    # apices too, both ends
+    sub = image[:, :, 30:48:2]  # every other slice: a small, fast series
+    write_dicom_series(sub, tmp_path / "s", patient_id="X", patient_name="X", series_uid="1.2.3",
+                       study_uid="1.2.4")  # fmt: skip
+    assert lungs_at_edges(tmp_path / "s", "1.2.3") == ["base"]
+    short = image[:, :, 0:36:3]
+    write_dicom_series(short, tmp_path / "c", patient_id="X", patient_name="X",
+                       series_uid="1.2.5", study_uid="1.2.4")  # fmt: skip
+    assert sorted(lungs_at_edges(tmp_path / "c", "1.2.5")) == ["apex", "base"]
+    # a scan written from head to feet (z flipped): the bottom slice is still the base
+    flipped = sitk.Flip(image, [False, False, True], flipAboutOrigin=False)
+    path = tmp_path / "flipped.nrrd"
+    sitk.WriteImage(flipped, str(path))
+    assert np.asarray(flipped.GetDirection())[8] < 0
+    assert lungs_at_edges(path) == ["base"]
+    pts = index_to_physical(np.array([[0.0, 0, 0]]), Geometry.of(flipped))
+    assert pts[0, 0] > index_to_physical(np.array([[47.0, 0, 0]]), Geometry.of(flipped))[0, 0]
