@@ -9,8 +9,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 
 from sscflow.core import store as st
 from sscflow.flow.status import STATUS_GROUP, write_status
@@ -94,12 +96,34 @@ def test_validate_prints_each_manifest_problem_once(tmp_path):
     assert "1 of 1 patients would fail at ingest; none would run" in res.stderr
 
 
+def test_validate_warns_when_an_end_slice_shows_lung(tmp_path):
+    """The real CT's field of view cuts its lung bases and ends above the apices: one grouped
+    warning per kind, naming the patients; a scan cut below the apices adds the top slice."""
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "lung1_image.nrrd"
+    if not data.is_file():
+        pytest.skip(f"{data} is not there")
+    image = sitk.ReadImage(str(data))
+    sitk.WriteImage(image[:, :, :36], str(tmp_path / "short.nrrd"))
+    (tmp_path / "m.csv").write_text("patient_id,baseline,followup\n"
+                                    f"P1,{data},{data}\nP2,{data},short.nrrd\n",
+                                    encoding="utf-8")  # fmt: skip
+    res = sscflow("validate", str(tmp_path / "m.csv"))
+    assert res.returncode == 0, res.stderr
+    warned = [" ".join(line.split()) for line in res.stderr.split("warning: ")[1:]]
+    assert len(warned) == 3, res.stderr
+    assert "baseline: lung in the bottom slice; the scan may stop short of the lungs" in warned[0]
+    assert warned[0].endswith("2 patients — P1, P2")
+    assert warned[1].startswith("follow-up: lung in the bottom slice")
+    assert warned[1].endswith("1 patient — P1")
+    assert warned[2].startswith("follow-up: lung in the bottom and top slices")
+    assert warned[2].endswith("1 patient — P2")
+
+
 def test_a_taken_dashboard_port_is_one_quiet_line(tmp_path):
     """Another program holds the configured dashboard port: the command says which link it
     used, in one line, and neither distributed's UserWarning nor the nanny's kill warning."""
     import socket
 
-    import SimpleITK as sitk
     import yaml
     from helpers import mini_chest_image
 

@@ -160,3 +160,33 @@ def test_lungs_at_the_end_slices_of_the_real_ct(tmp_path):
     assert lungs_at_edges(path) == ["base"]
     pts = index_to_physical(np.array([[0.0, 0, 0]]), Geometry.of(flipped))
     assert pts[0, 0] > index_to_physical(np.array([[47.0, 0, 0]]), Geometry.of(flipped))[0, 0]
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason=f"{DATA} is not there")
+def test_discover_warns_per_chosen_series_whose_end_slice_shows_lung(tmp_path):
+    """A PACS-style export of the real CT: the baseline whole (its field of view cuts the
+    bases), the follow-up stopping below the apices too. The warning names the pseudonym."""
+    from sscflow.discover import DiscoverConfig, discover
+    from sscflow.discover.synthetic import image_slices, write_slices
+
+    image = sitk.ReadImage(str(DATA))[::4, ::4, :]  # 128 x 128 in-plane: small and fast
+    for which, vol, date in (("baseline", image, "20190102"),
+                             ("followup", image[:, :, :36], "20200305")):  # fmt: skip
+        px, pos, ori, ps = image_slices(vol)
+        header = {"PatientID": "12345", "PatientName": "Doe^Jane", "StudyDate": date,
+                  "SliceThickness": "5", "PatientPosition": "HFS", "ConvolutionKernel": "B60f"}
+        write_slices(tmp_path / "export" / "Doe^Jane_12345" / date / which, px, pos,
+                     header=header, series_uid=f"1.2.826.0.1.{date}",
+                     study_uid=f"1.2.826.1.{date}", orientation=ori,
+                     pixel_spacing=ps)  # fmt: skip
+    cfg = DiscoverConfig(min_extent_mm=60.0, max_slice_thickness_mm=5.0, require_pft=False)
+    res = discover(tmp_path / "export", tmp_path / "cohort", key=tmp_path / "keys" / "k.key",
+                   cfg=cfg)  # fmt: skip
+    assert res.n_included == 1
+    (pseudo,) = {line.split(":")[0] for line in res.warnings}
+    assert pseudo.startswith("patient P") and "12345" not in pseudo
+    assert [line.split(": ", 1)[1] for line in res.warnings] == [
+        "baseline: lung in the bottom (base) slice; the scan may stop short of the lungs, and "
+        "the log-Jacobian map is NaN where the follow-up did not image them",
+        "follow-up: lung in the bottom (base) and top (apex) slices; the scan may stop short of "
+        "the lungs, and the log-Jacobian map is NaN where the follow-up did not image them"]

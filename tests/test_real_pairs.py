@@ -6,7 +6,12 @@ From ../shared/data/lung1_image.nrrd (a real chest CT, 0.57 x 0.57 x 5 mm):
   imaged again with the patient rotated 12 degrees and moved 80 mm along the table, on a grid of
   other spacing, direction and field of view (an .mha file);
 - REAL2: a follow-up whose field of view misses the upper 45 % of the lungs: it must fail alone,
-  saying how much of the lung the follow-up covers.
+  saying how much of the lung the follow-up covers;
+- REAL3: no change at all (the scan plus 15 HU noise), the follow-up's range stopping 40 mm
+  above the lowest lung slice, air past the cut on the same grid (as a tool that writes a short
+  scan onto a larger grid leaves it);
+- REAL4: REAL1's planted change on the baseline's grid, the follow-up stopping 40 mm below the
+  apices, the scanner's padding value (-3024 HU) past the cut.
 
 The run must register REAL1 through physical space (its truth is known), leave NaN in the map
 only where the follow-up did not image x + u(x), record coverage and slice thickness, warn about
@@ -26,7 +31,7 @@ import SimpleITK as sitk
 import yaml
 
 from sscflow.core import store as st
-from sscflow.core.geometry import Geometry, to_itk
+from sscflow.core.geometry import Geometry, grid_points, inside, to_itk
 from sscflow.methods.ingest import to_canonical
 from sscflow.methods.registration.common import truth_errors
 from sscflow.methods.segment import segment_lungs
@@ -34,6 +39,7 @@ from sscflow.synth import planted
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lung1_image.nrrd"
 SPACING = 3.0
+CUTS = {}  # the cut follow-ups' truth: what each imaged, and the planted pair (None: no change)
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not DATA.is_file(), reason=f"{DATA} is not there")]  # fmt: skip
 
@@ -64,10 +70,19 @@ def run(tmp_path_factory):
     keep = int((zcut - cut.origin[0]) / cut.spacing[0])
     cut = Geometry((keep, *cut.shape[1:]), cut.spacing, cut.origin, cut.direction)
     _write(planted.render_on(pair.followup, g, cut), cut, folder / "real2_followup.nii.gz")
+    noise = planted._noise(np.random.default_rng(3), hu.shape, 15.0)
+    fu3, g3, seen3 = planted.cut_view(hu + noise, g, lung, side="base", short_mm=40.0,
+                                      fill="air")  # fmt: skip
+    _write(fu3, g3, folder / "real3_followup.nii.gz")
+    fu4, g4, seen4 = planted.cut_view(pair.followup + noise, g, lung, side="apex",
+                                      short_mm=40.0, fill="padding")  # fmt: skip
+    _write(fu4, g4, folder / "real4_followup.nii.gz")
     (folder / "manifest.csv").write_text(
         "patient_id,baseline,followup\n"
         f"REAL1,{DATA},real1_followup.mha\n"
-        f"REAL2,{DATA},real2_followup.nii.gz\n", encoding="utf-8")
+        f"REAL2,{DATA},real2_followup.nii.gz\n"
+        f"REAL3,{DATA},real3_followup.nii.gz\n"
+        f"REAL4,{DATA},real4_followup.nii.gz\n", encoding="utf-8")
     config = {
         "manifest": "manifest.csv", "store": "cohort.zarr", "results": "results",
         "cluster": {"n_workers": 1, "threads_per_worker": 2, "dashboard_address": ":0"},
@@ -79,6 +94,7 @@ def run(tmp_path_factory):
     res = subprocess.run([sys.executable, "-m", "sscflow.cli", "run", str(folder / "run.yaml")],
                          capture_output=True, text=True, encoding="utf-8", timeout=1500,
                          env={**os.environ, "COLUMNS": "250", "PYTHONIOENCODING": "utf-8"})
+    CUTS.update(REAL3=(seen3, None), REAL4=(seen4, pair))
     return folder, res, moved, g
 
 
@@ -126,6 +142,37 @@ def test_follow_up_missing_the_apex_fails_alone_with_its_coverage(run):
                            "displacement") == "absent"  # fmt: skip
     assert st.output_state(st.patient_group(root, "REAL1", create=False),
                            "log_jacobian_template") == "complete"  # fmt: skip
+
+
+@pytest.mark.parametrize("pid, part", [("REAL3", "base"), ("REAL4", "apex")])
+def test_a_follow_up_cut_short_leaves_nan_where_it_imaged_nothing(run, pid, part):
+    """Issue 22's targets for a cut follow-up: p99 |log-J| <= 0.02 in the measured lung, >= 90 %
+    of the lung the follow-up did not image NaN, <= 5 % of the lung imaged by both (more than
+    10 mm from the cut) NaN; and the planted shrinkage found where it was planted."""
+    folder, _, _, g = run
+    seen, pair = CUTS[pid]
+    group = st.patient_group(st.open_store(folder / "cohort.zarr", mode="r"), pid, create=False)
+    follow = st.read_image(group, "followup")
+    assert follow.meta["source"]["imaged"] == seen.to_dict()  # ingest found the cut
+    qa = st.read_image(group, "displacement").meta["qa"]
+    lung = np.asarray(st.read_image(group, "lung_mask").array[...]).astype(bool)
+    lj = np.asarray(st.read_image(group, "log_jacobian").array[...])
+    pts = grid_points(g)
+    unimaged = lung & ~inside(pts, seen)  # no motion: x itself is the follow-up's point
+    far = lung & inside(pts, seen, margin_mm=10.0)
+    assert unimaged.sum() * g.voxel_volume_ml > 100  # the cut is real: over 100 mL of lung
+    assert np.isnan(lj[unimaged]).mean() >= 0.90
+    assert np.isnan(lj[far]).mean() <= 0.05
+    assert qa["unmeasured_where"] == part
+    assert qa["unmeasured_lung_ml"] >= 0.9 * unimaged.sum() * g.voxel_volume_ml
+    measured = lung & np.isfinite(lj)
+    if pair is None:  # no change: nothing to see in the measured lung
+        assert np.percentile(np.abs(lj[measured]), 99) <= 0.02
+    else:  # the planted shrinkage, posterior-basal, far from the apex cut
+        u = np.asarray(st.read_image(group, "displacement").array[...])
+        e = truth_errors(u, g.spacing, pair.displacement, pair.log_jacobian, measured,
+                         pair.region & measured)  # fmt: skip
+        assert abs(e["region_logjac_error"]) < 0.03 and e["folded_voxels"] == 0, e
 
 
 TARGET_SPACING = 2.0  # issue 12's targets are at 2 mm (at 3 mm: regridded p99 0.013)

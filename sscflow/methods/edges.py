@@ -114,5 +114,6 @@ def edge_warning(which: str, parts: list[str]) -> str:
     """The warning's words for one scan ("baseline", "follow-up")."""
     where = " and ".join(f"{'top' if p == 'apex' else 'bottom' if p == 'base' else 'end'} "
                          f"({p})" for p in parts)  # fmt: skip
-    return (f"{which}: lung in the {where} slice; the scan may stop short of the lungs, and "
-            "the log-Jacobian map is NaN where the follow-up did not image them")
+    plural = "s" if len(parts) > 1 else ""
+    return (f"{which}: lung in the {where} slice{plural}; the scan may stop short of the lungs, "
+            "and the log-Jacobian map is NaN where the follow-up did not image them")
