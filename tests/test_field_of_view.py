@@ -190,3 +190,36 @@ def test_discover_warns_per_chosen_series_whose_end_slice_shows_lung(tmp_path):
         "the log-Jacobian map is NaN where the follow-up did not image them",
         "follow-up: lung in the bottom (base) and top (apex) slices; the scan may stop short of "
         "the lungs, and the log-Jacobian map is NaN where the follow-up did not image them"]
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason=f"{DATA} is not there")
+@pytest.mark.parametrize("backend", ["torch", "sitk"])
+def test_a_cut_follow_up_invents_no_change_at_the_cut(backend):
+    """No change at all, the follow-up's range stopping 32 mm above the lowest lung slice, air
+    past the cut on the same grid: told what the follow-up imaged, the registration leaves the
+    measured lung still; trusting the grid (the old behaviour) it reads the cut as change."""
+    pytest.importorskip("torch") if backend == "torch" else None
+    from sscflow.methods.ingest import to_canonical
+    from sscflow.methods.registration import register
+    from sscflow.methods.registration.common import log_jacobian
+    from sscflow.methods.segment import segment_lungs
+
+    hu, g = to_canonical(sitk.ReadImage(str(DATA)), 4.0)
+    hu = hu.astype(np.float32)
+    lung = segment_lungs(hu, g.spacing).mask.astype(bool)
+    noisy = hu + planted._noise(np.random.default_rng(0), hu.shape, 15.0)
+    fu, grid, seen = planted.cut_view(noisy, g, lung, side="base", short_mm=32.0, fill="air")
+    found = imaged_field_of_view(to_itk(fu, grid))  # the cut, and the body's extent in-plane
+    assert (found.shape[0], found.origin[0]) == (seen.shape[0], pytest.approx(seen.origin[0]))
+    p99 = {}
+    for case, (image, fov) in {"uncut": (noisy, g), "told": (fu, seen),
+                               "trusted": (fu, None)}.items():  # fmt: skip
+        u = register(hu, image, mask=lung, moving_mask=segment_lungs(image, g.spacing).mask,
+                     fixed_geometry=g, moving_geometry=grid, backend=backend,
+                     moving_fov=fov)  # fmt: skip
+        measured = lung & coverage_mask(u, g, seen, margin_mm=5.0)
+        p99[case] = float(np.percentile(np.abs(log_jacobian(u, g.spacing)[measured]), 99))
+    # the cut adds nothing to what the same pair shows uncut (the backend's own noise floor at
+    # 4 mm); trusting the grid, the cut shows as change several times larger
+    assert p99["told"] <= 1.25 * p99["uncut"] + 0.005, p99
+    assert p99["trusted"] >= 3 * p99["told"], p99

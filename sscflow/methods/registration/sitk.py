@@ -92,12 +92,14 @@ def register(
     """See :func:`sscflow.methods.registration.register` (inputs already checked).
 
     ``options`` are this backend's settings (``Options()`` when None). ``valid`` (where the
-    moving scan was imaged) is accepted for the common signature and not used: demons compares
-    every voxel of the crop (``register`` continues the follow-up's edge past its field of
-    view). With ``return_affine`` also returns the affine ``(matrix, offset)`` (zyx mm about
-    voxel 0).
+    moving scan was imaged, in [0, 1]): demons compares every voxel and cannot leave one out, so
+    where the follow-up imaged nothing it is given the baseline's own values, which exert no
+    force (a cut follow-up's air past the cut would pull the lungs towards it). With
+    ``return_affine`` also returns the affine ``(matrix, offset)`` (zyx mm about voxel 0).
     """
     o = options if options is not None else Options()
+    if valid is not None:
+        moving = np.where(np.asarray(valid) < 0.999, fixed, moving)
     margin_mm, levels, iterations = o.margin_mm, tuple(o.levels), tuple(o.iterations)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n_threads(o.threads))
     shape = fixed.shape
