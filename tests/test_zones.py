@@ -189,3 +189,84 @@ def test_synthetic_truth_shrinks_most_in_the_lower_dorsal_zone():
     assert rows["lower_dorsal"] < rows["whole"] - 0.02, rows
     # the upper third is far from the sinks: its log-Jacobian is the global one
     assert rows["upper"] == pytest.approx(sim.deformation.log_volume, abs=0.005), rows
+
+
+def _cohort_store(path) -> str:
+    """Six patients with the box lungs: three worsening whose lower-dorsal zone shrank by
+    0.1, 0.2 and 0.3 over 12, 24 and 6 months (-0.1, -0.1 and -0.6 per year), three stable
+    (0, +0.01, -0.01 over 12 months); log-Jacobian 0 elsewhere."""
+    lung, labels, g = boxes()
+    zs, ys = lower_dorsal_box()
+    root = st.open_store(path)
+    plan = [("W1", "worsening", -0.1, 12.0), ("W2", "worsening", -0.2, 24.0),
+            ("W3", "worsening", -0.3, 6.0), ("S1", "stable", 0.0, 12.0),
+            ("S2", "stable", 0.01, 12.0), ("S3", "stable", -0.01, 12.0)]  # fmt: skip
+    ct = np.where(lung, -850, 40).astype(np.int16)
+    for pid, label, value, months in plan:
+        group = st.patient_group(root, pid)
+        group.attrs["sscflow"] = {"clinical": {"interval_months": months}, "functional": label}
+        lj = np.zeros(SHAPE, np.float32)
+        lj[zs, ys] = value
+        for name, data in (("baseline", ct), ("lung_mask", lung.astype(np.uint8)),
+                           ("lung_labels", labels), ("log_jacobian", lj)):  # fmt: skip
+            summary = {"summary": {"mean": value / 6}}  # the jacobian stage's (a sixth planted)
+            st.write_image(group, name, data, g, stage="test", params={}, input_hash=name,
+                           extra=summary if name == "log_jacobian" else None)  # fmt: skip
+        assert zones_patient(str(path), pid)["status"] == "done"
+    return str(path)
+
+
+def test_zone_table_group_means_report_and_qa_page(tmp_path):
+    """The cohort's zones.csv has the contract's columns; the report's zone table gives each
+    group's mean with its Student-t 95% CI and the Mann-Whitney test, per interval or per year
+    as ``rate`` says; the QA page shows the zones."""
+    import pandas as pd
+
+    from sscflow.flow.pipeline import store_status
+    from sscflow.methods.groups import cohort_table
+    from sscflow.methods.zones import (
+        TABLE_COLUMNS,
+        write_zone_table,
+        zone_group_means,
+        zone_table,
+    )
+    from sscflow.views.qa import qa_patient
+    from sscflow.views.report import write_report
+
+    store = _cohort_store(tmp_path / "c.zarr")
+    table = zone_table(store)
+    path = write_zone_table(table, tmp_path / "results")
+    read = pd.read_csv(path)
+    assert tuple(read.columns) == TABLE_COLUMNS and len(read) == 6 * len(ZONES)
+    ld = read[read["zone"] == "lower_dorsal"].set_index("patient_id")
+    assert ld.loc["W2", "logjac_mean"] == pytest.approx(-0.2, abs=1e-6)
+    assert ld.loc["W3", "logjac_per_year"] == pytest.approx(-0.6, abs=1e-6)
+
+    labels = cohort_table(store)
+    assert labels.set_index("patient_id").loc["W3", "logjac_per_year"] == pytest.approx(
+        -0.3 / 6 * 12 / 6, rel=1e-12)
+    means = zone_group_means(table, labels).set_index("zone")
+    t = 4.302652729911275  # Student's t, 0.975 quantile, 2 degrees of freedom
+    half = t * 0.1 / math.sqrt(3)  # s.d. of (-0.1, -0.2, -0.3) is 0.1
+    row = means.loc["lower_dorsal"]
+    assert row["worsening_mean"] == pytest.approx(-0.2, abs=1e-7)
+    assert row["worsening_low"] == pytest.approx(-0.2 - half, abs=1e-7)
+    assert row["worsening_high"] == pytest.approx(-0.2 + half, abs=1e-7)
+    assert row["test"] == "Mann-Whitney U" and row["p"] == pytest.approx(0.1)  # 3 vs 3 apart
+    assert means.loc["upper", "worsening_mean"] == 0.0
+    per_year = zone_group_means(table, labels, column="logjac_per_year").set_index("zone")
+    assert per_year.loc["lower_dorsal", "worsening_mean"] == pytest.approx(-0.8 / 3, abs=1e-7)
+
+    page = write_report(store, tmp_path / "results", store_status(store)).read_text(
+        encoding="utf-8")
+    assert "Log-Jacobian by lung zone" in page and "Mann-Whitney U" in page
+    assert "-0.2000 (-0.4484 to +0.0484)" in page
+    assert "mean log-Jacobian over the interval between the scans" in page
+    assert (tmp_path / "results/figures/zones.png").is_file()
+    page = write_report(store, tmp_path / "results", store_status(store),
+                        rate="per_year").read_text(encoding="utf-8")  # fmt: skip
+    assert "mean log-Jacobian per year" in page and "-0.2667 (" in page
+
+    assert qa_patient(store, "W1", tmp_path / "results")["status"] == "done"
+    qa = (tmp_path / "results/report/qa/W1.html").read_text(encoding="utf-8")
+    assert "Lung zones on the baseline" in qa and "segmentation labels" in qa

@@ -357,3 +357,40 @@ def write_zone_table(table, folder):
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         path.write_text(text, encoding="utf-8")
     return path
+
+
+def zone_group_means(zones, labels, *, column: str = "logjac_mean", by: str = "functional",
+                     groups=("worsening", "stable"), level: float = 0.95):  # fmt: skip
+    """Per zone, each group's mean of ``column`` with its ``level`` confidence interval
+    (Student's t, :func:`sscflow.methods.stats.mean_ci`) and the comparison of the groups
+    (:func:`sscflow.methods.stats.compare_groups`: Mann-Whitney U for two).
+
+    ``zones`` is a :func:`zone_table`; ``labels`` a table with ``patient_id`` and ``by`` (the
+    cohort table). Returns a DataFrame, one row per zone of :data:`ZONES` present, with columns
+    ``zone``, ``<group>_n``, ``<group>_mean``, ``<group>_low``, ``<group>_high`` for each group,
+    ``test`` and ``p``.
+    """
+    import pandas as pd
+
+    from sscflow.methods.stats import compare_groups, mean_ci
+
+    label = dict(zip(labels["patient_id"].astype(str), labels[by], strict=True)) if (
+        by in labels) else {}  # fmt: skip
+    frame = zones.assign(group=zones["patient_id"].astype(str).map(label))
+    rows = []
+    for zone in ZONES:
+        part = frame[frame["zone"] == zone]
+        if not len(part):
+            continue
+        values = {g: pd.to_numeric(part.loc[part["group"] == g, column], errors="coerce")
+                  .dropna().to_numpy(float) for g in groups}  # fmt: skip
+        row = {"zone": zone}
+        for g, v in values.items():
+            mean, low, high = mean_ci(v, level)
+            row |= {f"{g}_n": int(v.size), f"{g}_mean": mean, f"{g}_low": low,
+                    f"{g}_high": high}  # fmt: skip
+        test = compare_groups(values)
+        rows.append({**row, "test": test["test"], "p": test["p"]})
+    columns = ["zone", *(f"{g}_{k}" for g in groups for k in ("n", "mean", "low", "high")),
+               "test", "p"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
