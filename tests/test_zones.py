@@ -111,7 +111,9 @@ def test_zones_are_cut_in_physical_space_whatever_the_grid_direction():
     """The lungs stored with x and y reversed (direction diag(-1, -1, 1), origin at the other
     corner): the same physical voxels make the same zones, and the left lung is still +x."""
     lung, labels, g = boxes()
-    codes, _ = zone_codes(lung, g, None)  # by the physical midline
+    lung[Z, Y, 18:22] = True  # a bridge: one component, so the physical midline decides
+    codes, info = zone_codes(lung, g, None)
+    assert info["sides"] == "midline"
     flipped = Geometry(SHAPE, g.spacing,
                        (g.origin[0], g.origin[1] + (SHAPE[1] - 1) * H,
                         g.origin[2] + (SHAPE[2] - 1) * H),
@@ -120,11 +122,21 @@ def test_zones_are_cut_in_physical_space_whatever_the_grid_direction():
     assert info["sides"] == "midline"
     assert info["midline_x_mm"] == pytest.approx(ORIGIN[2] + 19.5 * H)  # between the boxes
     assert np.array_equal(codes_f[:, ::-1, ::-1], codes)
+    assert zone_mask(codes, "left")[Z, Y, 20:37].all() and not zone_mask(codes, "left")[
+        :, :, :20].any()  # fmt: skip
+    # two separate lungs, no labels: the components, whatever the direction
+    lung, _, _ = boxes()
+    codes, info = zone_codes(lung, g, None)
+    codes_f, info_f = zone_codes(lung[:, ::-1, ::-1], flipped, None)
+    assert info["sides"] == info_f["sides"] == "components"
+    assert np.array_equal(codes_f[:, ::-1, ::-1], codes)
+    assert zone_mask(codes, "left")[Z, Y, LEFT_X].all()
 
 
-def test_labels_keep_a_lung_that_crosses_the_midline_whole():
+def test_labels_and_components_keep_a_lung_that_crosses_the_midline_whole():
     """A right lung reaching past the middle of the lungs' extent (a mediastinal shift): the
-    labels keep it whole; without labels the physical midline would cut it."""
+    labels keep it whole, and so do the components of the mask; the physical midline alone
+    would cut it."""
     lung, labels, g = boxes()
     labels[Z, Y, 18:30] = 1  # the right lung grows to x index 29, the left shrinks
     labels[Z, Y, 30:37] = 2
@@ -132,7 +144,15 @@ def test_labels_keep_a_lung_that_crosses_the_midline_whole():
     by_labels, info = zone_codes(lung, g, labels)
     assert info["sides"] == "labels"
     assert np.array_equal(zone_mask(by_labels, "right"), labels == 1)
-    by_axis, _ = zone_codes(lung, g, None)
+    by_parts, info = zone_codes(lung, g, None)
+    assert info["sides"] == "midline"  # the boxes touch at x 29 | 30: one component
+    lung[:, :, 30] = False  # now two
+    by_parts, info = zone_codes(lung, g, None)
+    assert info["sides"] == "components"
+    assert np.array_equal(zone_mask(by_parts, "right"), labels == 1)
+    joined = labels > 0
+    by_axis, info = zone_codes(joined, g, None)
+    assert info["sides"] == "midline"
     assert not np.array_equal(zone_mask(by_axis, "right"), labels == 1)
     # one lung labelled (a pneumonectomy): the labels cannot tell sides apart; the axis does
     _, info = zone_codes(labels == 1, g, np.where(labels == 1, 1, 0).astype(np.uint8))
@@ -182,7 +202,7 @@ def test_synthetic_truth_shrinks_most_in_the_lower_dorsal_zone():
     row = plan[plan["regional_strength"] < 0].iloc[0]
     sim = simulate(row, 4.0, 0, ribs=False, images=False)
     codes, info = zone_codes(sim.lung, sim.geometry, None)
-    assert info["sides"] == "midline"
+    assert info["sides"] == "components"  # two separate lungs, no labels
     rows = {r["zone"]: r["logjac_mean"] for r in zone_stats(codes, sim.deformation.log_jacobian,
                                                              sim.geometry)}  # fmt: skip
     assert min(rows, key=rows.get) == "lower_dorsal", rows

@@ -7,11 +7,16 @@ patient's left, +y posterior, +z superior; any grid direction), never by voxel c
 
 - ``whole``: the lung mask;
 - ``left`` / ``right``: the segmentation's lung labels when they hold both lungs (each at least
-  :data:`MIN_SIDE_FRACTION` of the lung): they follow the lungs themselves, so a lung pushed
+  :data:`MIN_SIDE_FRACTION` of the lung), else the mask's two largest connected components when
+  each holds that share (the one of larger mean x is the left lung; a mask without labels: one
+  given by the user, the synthetic truth). Both follow the lungs themselves: a lung pushed
   across the body's midline (a mediastinal shift, common when one lung loses volume) stays
-  whole. Without such labels (a mask given by the user, one lung labelled, the synthetic
-  truth) the physical left-right axis decides: +x of the midline, the middle of the lungs' own
-  x extent, is the patient's left. A label-less voxel of the mask is placed by that axis too;
+  whole, and the lungs' unequal widths (the heart narrows the left) do not move lung from one
+  side to the other. Only when neither finds two lungs (lungs that touch, unlabelled; one lung)
+  does the physical left-right axis decide: +x of the midline, the middle of the lungs' x
+  extent, is the patient's left (so a lone lung is halved: ``sides`` in the record says which
+  rule was used). Voxels outside the two lungs (small components, unlabelled mask voxels) go by
+  that axis too;
 - ``upper`` / ``middle`` / ``lower``: thirds of the lungs' superior-inferior extent (both lungs
   together, from the lowest voxel's lower face to the highest voxel's upper face), by voxel
   centre;
@@ -109,8 +114,9 @@ def zone_codes(lung, geometry: Geometry, labels=None, *,
 
     Returns
     -------
-    (codes, info): ``info["sides"]`` is "labels" or "midline" (see the module notes),
-    ``info["midline_x_mm"]`` the physical x of the midline (None with labels).
+    (codes, info): ``info["sides"]`` is "labels", "components" or "midline" (see the module
+    notes), ``info["midline_x_mm"]`` the physical x of the midline (None when no voxel needed
+    it).
 
     Raises
     ------
@@ -129,25 +135,25 @@ def zone_codes(lung, geometry: Geometry, labels=None, *,
     codes = np.zeros(sub.shape, np.uint8)
     codes[sub] = LUNG
 
-    side, rest = None, sub
-    info = {"sides": "midline", "midline_x_mm": None}
+    side, rest, info = None, sub, {"sides": "midline", "midline_x_mm": None}
+    x = physical_axis(geometry, 2, box)
     if labels is not None:
         lab = np.asarray(labels)[box]
         right, left = (lab == RIGHT_LABEL) & sub, (lab == LEFT_LABEL) & sub
         if min(right.sum(), left.sum()) >= MIN_SIDE_FRACTION * sub.sum():
-            side, rest = left, sub & ~(right | left)
-            info["sides"] = "labels"
-    if rest.any():  # no usable labels, or lung voxels the labels leave out
-        x = physical_axis(geometry, 2, box)
+            side, rest, info["sides"] = left, sub & ~(right | left), "labels"
+    if side is None:
+        side = _by_components(sub, x)
+        if side is not None:
+            side, rest = side
+            info["sides"] = "components"
+    if rest.any():  # no two lungs found, or lung voxels outside them: the physical axis
         inside = x[sub]
         mid = 0.5 * (float(inside.min()) + float(inside.max()))
+        info["midline_x_mm"] = mid
         by_axis = x > mid  # LPS: +x is the patient's left
-        if side is None:
-            side = by_axis
-            info["midline_x_mm"] = mid
-        else:
-            side = side | (rest & by_axis)
-        del x
+        side = by_axis if side is None else side | (rest & by_axis)
+    del x
     codes[sub & side] |= LEFT
 
     z = physical_axis(geometry, 0, box)
@@ -165,6 +171,22 @@ def zone_codes(lung, geometry: Geometry, labels=None, *,
     out = np.zeros(lung.shape, np.uint8)
     out[box] = codes
     return out, info
+
+
+def _by_components(sub: np.ndarray, x: np.ndarray):
+    """(left, rest) from the mask's two largest 6-connected components when each holds at least
+    :data:`MIN_SIDE_FRACTION` of it (left: the one of larger mean physical x), rest the voxels
+    of the other components; None when the mask is not two such parts."""
+    comps, n = ndimage.label(sub)
+    if n < 2:
+        return None
+    sizes = np.bincount(comps.ravel())[1:]
+    a, b = np.argsort(sizes)[::-1][:2] + 1
+    if sizes[b - 1] < MIN_SIDE_FRACTION * sub.sum():
+        return None
+    xa, xb = float(x[comps == a].mean()), float(x[comps == b].mean())
+    left = comps == (a if xa > xb else b)
+    return left, sub & (comps != a) & (comps != b)
 
 
 def zone_mask(codes: np.ndarray, zone: str) -> np.ndarray:
