@@ -290,3 +290,19 @@ def test_zone_table_group_means_report_and_qa_page(tmp_path):
     assert qa_patient(store, "W1", tmp_path / "results")["status"] == "done"
     qa = (tmp_path / "results/report/qa/W1.html").read_text(encoding="utf-8")
     assert "Lung zones on the baseline" in qa and "segmentation labels" in qa
+
+
+def test_a_trachea_left_in_the_mask_does_not_stretch_the_lung_height():
+    """Lungs 48 mm high (24 slices) with a 4 x 4 mm tube running 12 mm above them (a trachea
+    the segmentation kept: 0.7% of a slice's lung area): the thirds are still 16 mm each, the
+    tube joins the upper third."""
+    lung, labels, g = boxes()
+    lung[26:, :, :] = False
+    lung[26:32, 11:13, 19:21] = True
+    codes, _ = zone_codes(lung, g, None)
+    rows = {r["zone"]: r["volume_ml"] for r in zone_stats(codes, np.zeros(SHAPE), g)}
+    third = 2 * 16 * 40 * 30 / 1000.0
+    tube = 6 * 2 * 2 * H**3 / 1000.0
+    assert rows["lower"] == pytest.approx(third, abs=1e-9)
+    assert rows["middle"] == pytest.approx(third, abs=1e-9)
+    assert rows["upper"] == pytest.approx(third + tube, abs=1e-9)

@@ -18,8 +18,9 @@ patient's left, +y posterior, +z superior; any grid direction), never by voxel c
   rule was used). Voxels outside the two lungs (small components, unlabelled mask voxels) go by
   that axis too;
 - ``upper`` / ``middle`` / ``lower``: thirds of the lungs' superior-inferior extent (both lungs
-  together, from the lowest voxel's lower face to the highest voxel's upper face), by voxel
-  centre;
+  together, from the lowest slice's lower face to the highest slice's upper face, counting the
+  slices whose lung area is at least :data:`MIN_SLICE_FRACTION` of the largest slice's, so a
+  trachea left in the mask does not stretch the height), by voxel centre;
 - ``ventral`` / ``dorsal``: the anterior and posterior halves of the lungs' anterior-posterior
   extent (the same rule along y);
 - ``rind`` / ``core``: the subpleural rind is every lung voxel whose centre lies within
@@ -51,6 +52,9 @@ ZONES = ("whole", "left", "right", "upper", "middle", "lower", "ventral", "dorsa
          "core", "lower_dorsal")  # fmt: skip
 RIND_MM = 10.0
 MIN_SIDE_FRACTION = 0.1  # labels count as two lungs when each holds this share of the mask
+# a slice counts in the lung's height when its lung area is this share of the largest slice's:
+# the synthetic apices' last 4 mm slices hold 1-10% of it, a trachea left in a mask 0.7%
+MIN_SLICE_FRACTION = 0.02
 RIGHT_LABEL, LEFT_LABEL = 1, 2  # sscflow.methods.segment's lung labels
 LUNG, LEFT, THIRD_SHIFT, DORSAL, RIND = 1, 2, 2, 16, 32  # bits of a zone code
 THIRDS = ("upper", "middle", "lower")
@@ -82,9 +86,19 @@ def _half_extent(geometry: Geometry, axis: int) -> float:
 
 def _bands(coord: np.ndarray, lung: np.ndarray, half: float, parts: int) -> np.ndarray:
     """Which of ``parts`` equal bands of the lung's extent along ``coord`` each voxel centre
-    falls in (0 = the band of the smallest coordinate)."""
+    falls in (0 = the band of the smallest coordinate).
+
+    The extent runs over the slices across ``coord`` (one voxel thick: ``2 half``) whose lung
+    area is at least :data:`MIN_SLICE_FRACTION` of the largest slice's, from the first one's
+    lower face to the last one's upper face: a trachea or a main bronchus left in the mask (a
+    few cm^2 per slice, far above the apices) does not stretch the lung's height. Voxels beyond
+    it join the nearest band."""
     inside = coord[lung]
-    lo, hi = float(inside.min()) - half, float(inside.max()) + half
+    width = 2.0 * half
+    lo0 = float(inside.min()) - half
+    counts = np.bincount(np.floor((inside - lo0) / width).astype(np.intp))
+    kept = np.nonzero(counts >= MIN_SLICE_FRACTION * counts.max())[0]
+    lo, hi = lo0 + kept[0] * width, lo0 + (kept[-1] + 1) * width
     band = np.floor((coord - lo) / ((hi - lo) / parts)).astype(np.int16)
     return np.clip(band, 0, parts - 1)
 
