@@ -267,8 +267,8 @@ def per_year(value: float, months) -> float:
     """``value`` x 12 / ``months``: a change over the interval as a change per year (NaN when
     the interval is unknown, not a number or not > 0).
 
-    >>> per_year(-0.05, 6.0), per_year(-0.05, None)
-    (-0.1, nan)
+    >>> per_year(-0.06, 8.0), per_year(-0.06, None)
+    (-0.09, nan)
     """
     try:
         months = float(months)
