@@ -606,6 +606,8 @@ def _run_report(summary):
         out.print(f"group means: {gm.get('path')} ({gm.get('patients')} patients"
                   + (f", {left} left out" if left else "") + ")")  # fmt: skip
         out.print(f"cohort table: {gm.get('table')}")
+        if gm.get("zones"):
+            out.print(f"zone table: {gm.get('zones')}")
         out.print(f"figure: {gm.get('figure')}")
     clf = summary.cohort.get("classifier", {})
     for target in ("functional", "morphologic"):

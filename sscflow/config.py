@@ -215,6 +215,32 @@ class JacobianConfig:
 
 
 @dataclass
+class ZonesConfig:
+    """Lung zones on the baseline (see ``sscflow.methods.zones``)."""
+
+    rind_mm: float = 10.0  # depth of the subpleural rind: lung within this of its boundary
+
+    def validate(self, where: str) -> None:
+        if not 0 < self.rind_mm <= 100:
+            raise ConfigError(f"{where}.rind_mm must be within (0, 100] mm, got {self.rind_mm}")
+
+
+@dataclass
+class StatisticsConfig:
+    """What the report's statistics use (correlations, Tables 1 and 2, box plots, zone means).
+
+    ``rate``: ``per_interval`` (the paper: the mean log-Jacobian over the interval between the
+    scans, whatever its length) or ``per_year`` (that mean x 12 / months between the scans).
+    """
+
+    rate: Literal["per_interval", "per_year"] = "per_interval"
+
+    def validate(self, where: str) -> None:
+        if self.rate not in ("per_interval", "per_year"):
+            raise ConfigError(f"{where}.rate must be per_interval or per_year, got {self.rate!r}")
+
+
+@dataclass
 class _RegistrationCommon:
     """Follow-up to baseline registration (see ``sscflow.methods.registration``).
 
@@ -374,6 +400,8 @@ class Config:
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    zones: ZonesConfig = field(default_factory=ZonesConfig)
+    statistics: StatisticsConfig = field(default_factory=StatisticsConfig)
     discover: DiscoverConfig = field(default_factory=DiscoverConfig)  # sscflow discover
     source: str = "<defaults>"  # where it was loaded from (not a YAML key)
 

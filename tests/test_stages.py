@@ -28,8 +28,8 @@ def test_the_table_is_ordered_and_every_dependency_is_declared_before():
         assert isinstance(stage.params(Config()), dict)
         seen.add(stage.name)
     assert list(BY_NAME) == ["ingest", "segment", "extent", "registration", "jacobian",
-                             "template", "to_template", "qa", "group_means", "classifier",
-                             "report"]  # fmt: skip
+                             "zones", "template", "to_template", "qa", "group_means",
+                             "classifier", "report"]  # fmt: skip
     assert BY_NAME["segment"].after == ("ingest",)
     assert "segment" in BY_NAME["registration"].after
 
@@ -84,7 +84,9 @@ def test_a_failed_segmentation_fails_the_downstream_patient_stages_not_the_cohor
 
 def test_the_cohort_stages_record_their_methods_versions():
     from sscflow.methods import analysis, groups
-    from sscflow.stages import classifier, group_means
+    from sscflow.methods import zones as zone_methods
+    from sscflow.stages import classifier, group_means, zones
 
     assert group_means.VERSION == groups.STAGE_VERSION
     assert classifier.VERSION == analysis.STAGE_VERSION
+    assert zones.VERSION == zone_methods.STAGE_VERSION

@@ -3,10 +3,10 @@
 The stages and their order are declared once, in :data:`sscflow.stages.STAGES`; the plan, the
 dispatch, ``sscflow status``, the progress bars and the run summary come from that table::
 
-    ingest ──▶ segment ──▶ registration ──▶ jacobian ──┐
-                  │ └──▶ extent (ILD density)          ├──▶ to_template ──▶ qa
-                  └──(all patients)──▶ template ───────┘
-    (cohort) group means, table, figure ──▶ classifier ──▶ report
+    ingest ──▶ segment ──▶ registration ──▶ jacobian ──┬──▶ zones (per lung zone) ──┐
+                  │ └──▶ extent (ILD density)          │                           │
+                  └──(all patients)──▶ template ───────┴──▶ to_template ───────────┴──▶ qa
+    (cohort) group means, tables, figure ──▶ classifier ──▶ report
 
 Decisions:
 

@@ -30,6 +30,7 @@ import zarr
 from sscflow.cohort import PFT, PFT_COLUMNS
 from sscflow.core import store as st
 from sscflow.errors import IncompleteOutputError
+from sscflow.methods.zones import per_year
 
 STAGE = "group_means"
 STAGE_VERSION = 1
@@ -73,6 +74,7 @@ def cohort_table(store, patient_ids=None) -> pd.DataFrame:
     - ``lung_volume_baseline_ml``, ``lung_volume_followup_ml`` (from the lung masks)
     - ``logjac_mean``, ``logjac_median``, ``folded_fraction`` and the other numbers of the
       ``log_jacobian`` summary as ``logjac_<key>`` (inside the baseline lung mask; < 0 = shrinkage)
+    - ``logjac_per_year``: ``logjac_mean`` x 12 / ``interval_months`` (NaN without an interval)
     - ``reg_<key>``: the registration QA record (``reg_backend``, ``reg_runtime_s``,
       ``reg_folded_fraction``, ``reg_ncc_before`` ... always present), nested records flattened
       (``reg_truth_mean_error_mm``, ...)
@@ -91,7 +93,8 @@ def cohort_table(store, patient_ids=None) -> pd.DataFrame:
     rows = [_patient_row(root, pid) for pid in ids]
     base = ["patient_id", *CLINICAL, *(f"delta_{m}" for m in PFT), "functional", "visual",
             "lung_volume_baseline_ml", "lung_volume_followup_ml"]  # fmt: skip
-    sections = {"": base, "logjac": ["logjac_mean", "logjac_median", "folded_fraction"],
+    sections = {"": base, "logjac": ["logjac_mean", "logjac_per_year", "logjac_median",
+                                     "folded_fraction"],
                 "reg": [f"reg_{k}" for k in REG_COLUMNS], "tpl": []}  # fmt: skip
     known = {c for cols in sections.values() for c in cols}
     for row in rows:  # keys only some patients have, in the order first seen, by section
@@ -173,6 +176,8 @@ _COLUMNS = {
     "delta_haa": ("points", "change in ILD extent, follow-up minus baseline"),
     "logjac_mean": ("log-Jacobian", "mean log det(I + grad u) in the baseline lungs; < 0: "
                     "the lung shrank from baseline to follow-up"),
+    "logjac_per_year": ("log-Jacobian per year", "logjac_mean x 12 / interval_months: the "
+                        "change as a yearly rate (empty without an interval)"),
     "logjac_median": ("log-Jacobian", "median log-Jacobian in the baseline lungs"),
     "folded_fraction": ("fraction", "lung voxels whose Jacobian determinant is <= 0 (folding)"),
     "logjac_voxels": ("voxels", "lung voxels measured"),
@@ -243,6 +248,7 @@ def _patient_row(root, pid: str) -> dict:
 
     summary = _meta(group, "log_jacobian").get("summary") or {}
     row["logjac_mean"] = _float(summary.get("mean"))
+    row["logjac_per_year"] = per_year(row["logjac_mean"], clinical.get("interval_months"))
     row["logjac_median"] = _float(summary.get("median"))
     row["folded_fraction"] = _float(summary.get("folded_fraction"))
     for key, value in summary.items():

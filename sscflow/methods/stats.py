@@ -321,6 +321,27 @@ def compare_groups(values_by_group: Mapping[str, Sequence[float]]) -> dict:
     return out
 
 
+def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The mean of ``values`` (NaN dropped) and its confidence interval by Student's t:
+    mean +- t(level, n - 1) s / sqrt(n). Returns (mean, low, high); NaN interval when n < 2,
+    all NaN when n is 0.
+
+    >>> m, lo, hi = mean_ci([1.0, 2.0, 3.0])
+    >>> m, round(lo, 4), round(hi, 4)
+    (2.0, -0.4841, 4.4841)
+    """
+    v = np.asarray(values, dtype=float).ravel()
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return (math.nan, math.nan, math.nan)
+    mean = float(v.mean())
+    if v.size < 2:
+        return (mean, math.nan, math.nan)
+    half = float(sps.t.ppf(0.5 + level / 2.0, v.size - 1)) * float(v.std(ddof=1)) / math.sqrt(
+        v.size)
+    return (mean, mean - half, mean + half)
+
+
 def compare_counts(table, *, n_resamples: int = FISHER_RESAMPLES, seed: int = FISHER_SEED) -> dict:
     """Fisher's exact test of independence in a contingency table of counts.
 

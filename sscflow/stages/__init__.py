@@ -23,6 +23,7 @@ from sscflow.stages import (
     segment,
     template,
     to_template,
+    zones,
 )
 from sscflow.stages.base import COHORT, FAILED, FINISHED, PATIENT, Context, Stage
 
@@ -32,6 +33,7 @@ STAGES: tuple[Stage, ...] = (
     extent.STAGE,
     registration.STAGE,
     jacobian.STAGE,
+    zones.STAGE,
     template.STAGE,
     to_template.STAGE,
     qa.STAGE,

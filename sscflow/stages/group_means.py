@@ -1,4 +1,5 @@
-"""group_means: the per-group mean maps (``STORE/group_means``), the cohort table and figure."""
+"""group_means: the per-group mean maps (``STORE/group_means``), the cohort table
+(``RESULTS/patients.csv``), the zone table (``RESULTS/zones.csv``) and the figure."""
 
 from pathlib import Path
 
@@ -15,16 +16,18 @@ def run(ctx, patient, ups) -> dict:
     import dask  # xarray, matplotlib and their kin load on the worker
 
     from sscflow.methods.groups import cohort_table, group_means, write_cohort_table
+    from sscflow.methods.zones import write_zone_table, zone_table
     from sscflow.views.figures import plot_group_means
 
     ids = cohort_ids(ups)
-    status = {u["patient_id"]: u["status"] for u in ups}
+    status = {u["patient_id"]: u["status"] for u in ups if u["stage"] == "to_template"}
     done = [p for p in ids if status.get(p) in FINISHED]
     left_out = [p for p in ids if p not in done]
+    results = Path(ctx.results)  # the zones need no template: written whatever it gave
+    zones_path = write_zone_table(zone_table(ctx.store, ids), results)
     if not done:
         return {"status": "upstream_failed", "message": "no patient reached template space",
-                "left_out": len(left_out)}  # fmt: skip
-    results = Path(ctx.results)
+                "left_out": len(left_out), "zones": str(zones_path)}  # fmt: skip
     table = cohort_table(ctx.store, ids)
     table_path = write_cohort_table(table, results)
     root = st.open_store(ctx.store)
@@ -43,10 +46,10 @@ def run(ctx, patient, ups) -> dict:
         counts, state = gm["counts"], "done"
         plot_group_means(ctx.store, figure)
     return {"status": state, "patients": len(done), "left_out": len(left_out),
-            "table": str(table_path), "figure": str(figure), "path": f"{ctx.store}/{OUTPUT}",
-            "counts": counts}  # fmt: skip
+            "table": str(table_path), "zones": str(zones_path), "figure": str(figure),
+            "path": f"{ctx.store}/{OUTPUT}", "counts": counts}  # fmt: skip
 
 
-STAGE = Stage("group_means", COHORT, after=("to_template",), needs=(), reads=(MAP,),
+STAGE = Stage("group_means", COHORT, after=("to_template", "zones"), needs=(), reads=(MAP,),
               writes=(OUTPUT,), params=lambda cfg: {"version": VERSION},
               run=run)  # fmt: skip

@@ -11,6 +11,7 @@ def run(ctx, patient, ups) -> dict:
 
 # drawn whatever the template-space stage gave (it shows what failed), once the patient's scans
 # and masks are in the store
-STAGE = Stage("qa", PATIENT, after=("segment", "to_template"), needs=("segment",),
+STAGE = Stage("qa", PATIENT, after=("segment", "to_template", "zones"),
+              needs=("segment",),
               reads=("baseline", "lung_mask"), writes=("@qa_page",), params=lambda cfg: {},
               run=run)  # fmt: skip

@@ -24,10 +24,11 @@ def run(ctx, patient, ups) -> dict:
     if not ctx.force and page.is_file() and st.current_record(root, (RECORD,), key, params):
         return {"status": "skipped", "path": str(page)}
     st.drop_record(root, RECORD)
-    path = write_report(ctx.store, ctx.results, state)
+    path = write_report(ctx.store, ctx.results, state, rate=ctx.cfg.statistics.rate)
     st.write_record(root, RECORD, stage="report", params=params, input_hash=key)
     return {"status": "done", "path": str(path)}
 
 
 STAGE = Stage("report", COHORT, after=("qa", "classifier"), needs=(), reads=(),
-              writes=(RECORD,), params=lambda cfg: {"version": VERSION}, run=run)  # fmt: skip
+              writes=(RECORD,), run=run,
+              params=lambda cfg: {"version": VERSION, "rate": cfg.statistics.rate})  # fmt: skip

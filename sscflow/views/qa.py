@@ -4,6 +4,7 @@
 
 - the baseline CT in axial and coronal slices through the lungs' centroid and a sagittal slice
   through each lung's own centroid, with the lung mask's contour;
+- the lung zones of :mod:`sscflow.methods.zones` on the same slices, coloured by zone;
 - the follow-up against the baseline on the same slices, before registration (the follow-up
   resampled onto the baseline grid by physical position) and after (resampled at x + u(x)), as
   checkerboards (alternating 4 cm squares of baseline and follow-up) and as the absolute
@@ -40,7 +41,7 @@ LOGJAC_RANGE = 0.3  # colour limits +/- this, the same for every patient
 CHECKER_MM = 40.0
 TITLE_PT = 11  # panel titles, readable at 100% zoom
 INPUTS = ("baseline", "followup", "lung_mask", "followup_lung_mask", "displacement",
-          "log_jacobian", "log_jacobian_template")  # fmt: skip
+          "log_jacobian", "log_jacobian_template", "zones")  # fmt: skip
 
 #: (name, rule as shown to the reader, test on a cohort-table row: True raises the flag)
 FLAG_RULES: list[tuple[str, str, object]] = [
@@ -294,6 +295,17 @@ def draw_patient(root, patient_id: str) -> list[tuple[str, str, str]]:
                 "centroid, sagittal through each lung's; yellow: the lung-mask "
                 "contour.", _png(fig)))  # fmt: skip
 
+    codes, _ = _read(group, "zones")
+    if codes is not None and codes.shape == base.shape:
+        meta = st.stored_record(group, "zones") or {}
+        out.append(("Lung zones on the baseline", "The zones the per-zone table is cut by, in "
+                    "physical space: left / right lung (from the "
+                    f"{'segmentation labels' if meta.get('sides') == 'labels' else 'midline'}),"
+                    " thirds of the lung height, ventral / dorsal halves and the subpleural rind "
+                    f"({(meta.get('params') or {}).get('rind_mm', '?')} mm); each panel colours "
+                    "one cut (its legend), lower_dorsal is the paper's posterior bases.",
+                    _zones_figure(base, codes, centre, spacing)))  # fmt: skip
+
     if follow is not None:
         before = resample(follow, fgeom, bgeom, fill=-1024.0)
         pairs = [("before registration", before)]
@@ -348,6 +360,43 @@ def draw_patient(root, patient_id: str) -> list[tuple[str, str, str]]:
                     _overlay(timg, shown, _centre(tmask, timg.shape), tgeom.spacing, norm,
                              cmap)))  # fmt: skip
     return out
+
+
+#: per view, (categories' names, colours, category of a zone code) of the zone figure
+ZONE_PANELS = {
+    "axial": (("right ventral", "right dorsal", "left ventral", "left dorsal"),
+              ("#9ecae1", "#2171b5", "#fdae6b", "#d94801"),
+              lambda c: 2 * ((c >> 1) & 1) + ((c >> 4) & 1)),
+    "coronal": (("right upper", "right middle", "right lower", "left upper", "left middle",
+                 "left lower"), ("#c6dbef", "#6baed6", "#08519c", "#fdd0a2", "#fd8d3c",
+                                 "#a63603"),
+                lambda c: 3 * ((c >> 1) & 1) + ((c >> 2) & 3)),
+    "sagittal, right lung": (("upper ventral", "upper dorsal", "middle ventral",
+                              "middle dorsal", "lower ventral", "lower_dorsal"),
+                             ("#e5f5e0", "#a1d99b", "#c7e9c0", "#74c476", "#fee391",
+                              "#e31a1c"),
+                             lambda c: 2 * ((c >> 2) & 3) + ((c >> 4) & 1)),
+    "sagittal, left lung": (("core", "rind"), ("#bcbddc", "#54278f"),
+                            lambda c: (c >> 5) & 1),
+}  # fmt: skip
+
+
+def _zones_figure(ct, codes, centre, spacing) -> str:
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    fig, axes = _row_figure()
+    zones = dict((n, v) for n, v, _ in _views(codes, centre, spacing))
+    for ax, (name, img, ext) in zip(axes, _views(ct, centre, spacing), strict=True):
+        _ct(ax, img, ext, f"{name}: zones")
+        names, colours, category = ZONE_PANELS[name]
+        c = zones[name].astype(np.int32)
+        shown = np.where(c > 0, category(c), np.nan).astype(float)
+        ax.imshow(shown, cmap=ListedColormap(colours), vmin=-0.5, vmax=len(names) - 0.5,
+                  alpha=0.6, extent=ext, origin=_origin(ext), interpolation="nearest")
+        ax.legend(handles=[Patch(color=k, label=n) for n, k in zip(names, colours, strict=True)],
+                  fontsize=6, loc="lower left", framealpha=0.7)
+    return _png(fig)
 
 
 def _overlay(ct, values, centre, spacing, norm, cmap, unmeasured=None) -> str:

@@ -38,6 +38,7 @@ from sscflow.methods.groups import cohort_table
 from sscflow.methods.quality import lung_mask_dice
 from sscflow.methods.stats import TABLE_ROWS, format_p, spearman_table, summary_table
 from sscflow.methods.template import describe_provenance, template_provenance
+from sscflow.methods.zones import zone_group_means, zone_table
 from sscflow.views.figures import save_figure
 from sscflow.views.pages import render
 from sscflow.views.qa import FLAG_RULES, KEY_FIGURES, flags, format_value, page_path
@@ -176,9 +177,28 @@ def _read_json(path: Path) -> dict | None:
 LABELS = {"delta_fvc": "ΔFVC (% pred.)", "delta_dlco": "ΔDLCO (% pred.)",
           "delta_tlc": "ΔTLC (% pred.)", "delta_kco": "ΔKCO (% pred.)"}  # fmt: skip
 SMALL_TEST = 20  # fewer test patients than this: the metrics are said to mean little
+RATES = {"per_interval": ("logjac_mean", "mean log-Jacobian over the interval between the scans "
+                          "(the paper)"),
+         "per_year": ("logjac_per_year", "mean log-Jacobian per year (x 12 / months between the "
+                      "scans)")}  # fmt: skip
+ZONE_GROUPS = ("worsening", "stable")
 
 
-def write_report(store: str, results_dir, state: dict, *, synthetic: bool | None = None) -> Path:
+def run_rate(root) -> str:
+    """``statistics.rate`` of the store's last run (its recorded settings), else the default."""
+    import yaml
+
+    run = dict(root[STATUS_GROUP].attrs.get("run", {})) if STATUS_GROUP in root else {}
+    try:
+        changed = yaml.safe_load(run.get("config_yaml") or "") or {}
+    except yaml.YAMLError:
+        changed = {}
+    rate = (changed.get("statistics") or {}).get("rate", "per_interval")
+    return rate if rate in RATES else "per_interval"
+
+
+def write_report(store: str, results_dir, state: dict, *, synthetic: bool | None = None,
+                 rate: str | None = None) -> Path:
     """Write ``results_dir/report/index.html`` from the store and the results folder.
 
     Parameters
@@ -188,6 +208,9 @@ def write_report(store: str, results_dir, state: dict, *, synthetic: bool | None
     state : every stage's status per patient (``sscflow.flow.pipeline.store_status``)
     synthetic : say plainly that the data are synthetic; None detects it (the run recorded a
         synthetic truth folder, or the registration QA holds errors against a truth)
+    rate : ``statistics.rate``: "per_interval" (the mean log-Jacobian; the paper) or "per_year"
+        (``logjac_per_year``) for the correlations, Tables 1 and 2, box plots and zone means;
+        None: the setting of the store's last run
 
     Returns
     -------
@@ -197,7 +220,7 @@ def write_report(store: str, results_dir, state: dict, *, synthetic: bool | None
     results = Path(results_dir)
     out = results / "report" / "index.html"
     try:
-        page = render("report.html", **_build(store, results, synthetic, state))
+        page = render("report.html", **_build(store, results, synthetic, state, rate))
     except Exception as exc:
         _write_page(out, render("report_failed.html", store=str(store), when=_now(),
                                 error=f"{type(exc).__name__}: {exc}"))  # fmt: skip
@@ -217,9 +240,13 @@ def _write_page(out: Path, page: str) -> None:
     tmp.replace(out)  # never a half-written page
 
 
-def _build(store, results: Path, synthetic, state: dict) -> dict:
+def _build(store, results: Path, synthetic, state: dict, rate: str | None = None) -> dict:
     """What the report shows, as the template's context."""
     root = st.open_store(store, mode="r")
+    rate = rate or run_rate(root)
+    if rate not in RATES:
+        raise ValueError(f"report: rate must be one of {', '.join(RATES)}, got {rate!r}")
+    column, rate_text = RATES[rate]
     run = dict(root[STATUS_GROUP].attrs.get("run", {})) if STATUS_GROUP in root else {}
     members = manifest_patients(root)  # the last run's manifest: removed patients are left out
     in_store = set(st.patient_ids(root))
@@ -239,14 +266,17 @@ def _build(store, results: Path, synthetic, state: dict) -> dict:
     failed += [(f"line {r['line']} ({r['patient_id'] or 'no id'})", "manifest", r["message"])
                for r in run.get("rejected", []) if r.get("patient_id") not in state]
     done = int(table["logjac_mean"].notna().sum()) if "logjac_mean" in table else 0
-    cols = [("logjac_mean", "mean log-Jacobian"), *((c, LABELS[c]) for c in LABELS)]
+    cols = [(column, "mean log-Jacobian" + (" per year" if rate == "per_year" else "")),
+            *((c, LABELS[c]) for c in LABELS)]
     bad_cohort = [(s, r["status"], r["message"]) for s, r in cohort_state.items()
                   if r["status"] in ("failed", "upstream_failed") and s != "report"]
     return {
         "store": str(store), "when": _now(), "synthetic": synthetic,
         "cohort": _cohort_section(table, len(state), done, len(failed)),
-        "summary_tables": _tables_section(table),
-        "spearman": _spearman_section(table),
+        "rate": rate_text,
+        "summary_tables": _tables_section(table, column),
+        "spearman": _spearman_section(table, column),
+        "zones": _zones_section(root, table, column, figures),
         "classifier": _classifier_section(results, figures),
         "small_test": SMALL_TEST,
         "maps": _maps_section(results, cohort_state),
@@ -275,7 +305,9 @@ def _cohort_section(table, n_ids, done, n_failed) -> dict:
     return {"n_ids": n_ids, "done": done, "n_failed": n_failed, "counts": counts}
 
 
-def _tables_section(table) -> list[dict]:
+def _tables_section(table, column: str = "logjac_mean") -> list[dict]:
+    rows = [r if r[0] != "logjac_mean" or column == "logjac_mean" else
+            (column, "Mean log-Jacobian in the lungs per year", r[2]) for r in TABLE_ROWS]
     out = []
     for title, by, need in (("Table 1: by functional change", "functional",
                              "FVC and DLCO at both times"),
@@ -283,13 +315,13 @@ def _tables_section(table) -> list[dict]:
                              "a visual column")):  # fmt: skip
         made = None
         if by in table and table[by].notna().any():
-            made = _table(summary_table(table, by, list(GROUPS[by]), TABLE_ROWS))
+            made = _table(summary_table(table, by, list(GROUPS[by]), rows))
         out.append({"title": title, "by": by, "need": need, "table": made})
     return out
 
 
-def _spearman_section(table) -> dict | None:
-    rho = spearman_table(table) if "logjac_mean" in table else pd.DataFrame()
+def _spearman_section(table, column: str = "logjac_mean") -> dict | None:
+    rho = spearman_table(table, column) if column in table else pd.DataFrame()
     rho = rho[rho["n"] > 0] if len(rho) else rho
     if not len(rho):
         return None
@@ -306,6 +338,49 @@ def _spearman_section(table) -> dict | None:
         "P": [format_p(p) or "–" for p in rho["p"]],
     })  # fmt: skip
     return _table(show)
+
+
+def _zones_section(root, table, column: str, figures: Path) -> dict | None:
+    """Per zone, the worsening and stable groups' means with 95% CIs and the Mann-Whitney
+    test, as a table and a figure (``figures/zones``); None when no patient has zones."""
+    zones = zone_table(root, list(table["patient_id"]))
+    if not len(zones):
+        return None
+    means = zone_group_means(zones, table, column=column, groups=ZONE_GROUPS)
+    show = pd.DataFrame({"zone": means["zone"]})
+    for g in ZONE_GROUPS:
+        show[f"{g}: mean (95% CI)"] = [
+            "–" if not np.isfinite(m) else f"{m:+.4f}" if not np.isfinite(lo) else
+            f"{m:+.4f} ({lo:+.4f} to {hi:+.4f})"
+            for m, lo, hi in zip(means[f"{g}_mean"], means[f"{g}_low"], means[f"{g}_high"],
+                                 strict=True)]  # fmt: skip
+        show[f"{g}: n"] = means[f"{g}_n"]
+    show["test"] = [t or "–" for t in means["test"]]
+    show["P"] = [format_p(p) or "–" for p in means["p"]]
+    label = "mean log-Jacobian" + (" per year" if column == "logjac_per_year" else "")
+    return {"table": _table(show), "png": zone_figure(means, figures / "zones", label),
+            "labelled": bool(sum(int(means[f"{g}_n"].max()) for g in ZONE_GROUPS))}
+
+
+def zone_figure(means: pd.DataFrame, save: Path | None = None,
+                label: str = "mean log-Jacobian") -> str:
+    """Each zone's group means with their 95% CIs, worsening beside stable (base64 PNG)."""
+    fig, (ax,) = _figure(7.5, 3.4)
+    x = np.arange(len(means))
+    for k, (g, colour) in enumerate(zip(ZONE_GROUPS, ("#c0392b", "#2e6da4"), strict=True)):
+        m = means[f"{g}_mean"].to_numpy(float)
+        err = np.vstack([m - means[f"{g}_low"].to_numpy(float),
+                         means[f"{g}_high"].to_numpy(float) - m])  # fmt: skip
+        ax.errorbar(x + (k - 0.5) * 0.3, m, yerr=np.nan_to_num(err), fmt="o", ms=4,
+                    color=colour, capsize=2, lw=1, label=f"{g}")  # fmt: skip
+    ax.axhline(0, color="#999", lw=0.6)
+    ax.set_xticks(x, [z.replace("_", "\n") for z in means["zone"]], fontsize=8)
+    ax.set_ylabel(f"{label} (95% CI)", fontsize=8)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, save)
+    return _png(fig)
 
 
 def _classifier_section(results: Path, figures: Path) -> dict:
@@ -452,9 +527,10 @@ def report_key(store, results_dir, state: dict) -> str:
     state.get(None, {}).pop("report", None)
     metrics = [(results / "classifier" / t / "metrics.json") for t in TARGETS]
     gm = (st.stored_record(root, "group_means") or {}).get("input_hash")
+    zones = zone_table(root).to_csv(index=False)
     pages = [(p, dict(root[f"{st.PATIENTS}/{p}"].attrs.get("qa_page", {})).get("input_hash"))
              for p in st.patient_ids(root)]  # fmt: skip
     return st.hash_values(__version__, cohort_table(root).to_csv(index=False),
-                          {str(k): v for k, v in state.items()}, run, gm, pages,
+                          {str(k): v for k, v in state.items()}, run, gm, pages, zones,
                           [m.read_text(encoding="utf-8") if m.is_file() else None
                            for m in metrics])  # fmt: skip
