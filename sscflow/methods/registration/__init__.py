@@ -248,7 +248,7 @@ def register(
             t = time.perf_counter()
             moved, valid = resample_moving(inputs.moving, mg, fg, mapping, cubic=cubic)
             if moving_fov is not None:
-                valid = valid * imaged_on(fg, mapping, moving_fov)
+                valid = valid * imaged_on(fg, mapping, moving_fov, margin_mm=reach)
             moved = blur(moved)
             t_resample += time.perf_counter() - t
             return moved, valid
@@ -277,13 +277,16 @@ def register(
                 moved, valid = tr.resample(moving_t, mg, fg, mapping.matrix, mapping.offset,
                                            cubic=cubic, coefficients=coef)  # fmt: skip
             if moving_fov is not None:
-                imaged = tr.to_device(imaged_on(fg, mapping, moving_fov), dev)
+                imaged = tr.to_device(imaged_on(fg, mapping, moving_fov, margin_mm=reach), dev)
                 valid = imaged if valid is None else valid * imaged
             moved = blur(moved)
             _sync(dev)
             t_resample += time.perf_counter() - t
             return moved, valid
 
+    # what the follow-up imaged, less the reach of the interpolation and the common blur: the
+    # points next to a cut carry the air or padding past it into their values
+    reach = 3.0 * float(smooth_mm or 0.0) + max(mg.spacing)
     mapping = alignment
     affine_only = opts.affine_stage()
     # linear for the affine pass alone (its coarse levels do not see the difference)

@@ -86,9 +86,10 @@ def coverage_mask(displacement, fixed_geometry: Geometry, fov: Geometry, *,
 
 
 def imaged_on(fixed_geometry: Geometry, alignment: Alignment, fov: Geometry, *,
-              slab: int = 16) -> np.ndarray:  # fmt: skip
+              margin_mm: float = 0.0, slab: int = 16) -> np.ndarray:  # fmt: skip
     """float32 (Z, Y, X) on the baseline grid: 1 where ``R(x)`` (``alignment``) lies inside
-    the follow-up's imaged field of view ``fov``, 0 elsewhere."""
+    the follow-up's imaged field of view ``fov``, at least ``margin_mm`` from its edge; 0
+    elsewhere."""
     shape = fixed_geometry.shape
     r = np.asarray(alignment.matrix, np.float64)
     t = np.asarray(alignment.offset, np.float64)
@@ -96,7 +97,7 @@ def imaged_on(fixed_geometry: Geometry, alignment: Alignment, fov: Geometry, *,
     for z0 in range(0, shape[0], slab):
         z1 = min(shape[0], z0 + slab)
         pts = np.einsum("ij,j...->i...", r, grid_points(fixed_geometry, z0, z1))
-        out[z0:z1] = inside(pts + t[:, None, None, None], fov)
+        out[z0:z1] = inside(pts + t[:, None, None, None], fov, margin_mm)
     return out
 
 
