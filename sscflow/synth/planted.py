@@ -49,6 +49,8 @@ class Pair:
     region: np.ndarray  # bool, the planted-shrinkage region (empty when none)
     density: np.ndarray | None = None  # HU added before the warp, baseline grid (plant_disease)
     cysts: np.ndarray | None = None  # bool, honeycomb cysts (air at follow-up), baseline grid
+    sinks: tuple = ()  # the planted deform.Sink's, scaled; the global log-volume is log_volume
+    log_volume: float = 0.0  # s, the global part: log det of the affine map
 
 
 def _axes(geometry: Geometry):
@@ -267,7 +269,7 @@ def _plant(hu, geometry: Geometry, lung, sinks, density, *, seed, region_logjac,
     follow = deform.warp(hu + dens, field.inverse, geometry, order=3)
     follow += _noise(rng, follow.shape, noise_hu)
     return Pair(hu, geometry, follow, geometry, lung, field.displacement, field.log_jacobian,
-                region, dens, holes)  # fmt: skip
+                region, dens, holes, tuple(sinks), field.log_volume)  # fmt: skip
 
 
 def plant_change(
