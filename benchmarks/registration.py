@@ -13,7 +13,15 @@ Pairs (``sscflow.synth.planted``):
   oblique, x-flipped direction and another field of view, then ingested (1 resampling);
 - ``rigid``: no change at all, the patient rotated 20 degrees and moved, another grid;
 - ``identity``: the scan and itself; ``identity + noise``: 20 HU noise added to one;
-  ``regridded``: the same scan written on a 0.9 x 0.75 x 0.75 mm grid and ingested again.
+  ``regridded``: the same scan written on a 0.9 x 0.75 x 0.75 mm grid and ingested again;
+- ``dense0``, ``dense180``, ``dense450`` (issue 22: disease that grows denser): posterior-basal
+  shrinkage as ``planted`` (sigma 22 mm, -0.24 local mean log-Jacobian in the region, 2 %
+  global loss) with a textured density rise whose mean over the planted region is exactly
+  0, +180 or +450 HU (``planted.plant_disease``; at +450 HU 10 % of the region's parenchyma
+  is honeycomb cysts, air, 2-6 mm), 15 HU noise, on the baseline's grid;
+- ``places``: one pair per place (posterior-basal, apical, anterior, lateral, the right lower
+  and the left upper lobe) and width (``--place-sigmas``, mm), each with a +60 HU textured
+  rise (about ``planted``'s, whose texture gives +59 HU in its region) and its own seed.
 
 Where a follow-up's grid reaches past the baseline's field of view (which cuts the lung
 bases), it shows the baseline's edge continued (``planted.reacquire``'s default), not air.
@@ -37,8 +45,9 @@ After an untimed warm-up (one-iteration registrations: PyTorch's import and firs
 allocations, paid once per worker), prints per pair and backend: time (and the initial
 alignment's), mean / p95 displacement error inside the lungs, mean |log-Jacobian error|,
 planted-region mean log-Jacobian vs truth, folded voxels, mean and p95 / p99 |log-Jacobian|;
-then the issue's targets, and the time ratio
-sscflow / demons on the ``planted`` pair last.
+the recovered fraction (measured / true planted-region mean) where a region was planted; for
+the dense and places pairs a summary per case and issue 22's targets; then the issue's
+targets, and the time ratio sscflow / demons on the ``planted`` pair last (when it ran).
 
 Each backend runs with its own defaults (its ``Options``, as ``sscflow run`` does), changed
 only by ``--option``.
@@ -46,6 +55,7 @@ only by ``--option``.
 Usage: python benchmarks/registration.py [--spacing 2] [--backends torch,sitk]
        [--pairs planted,moved,rigid,identity,noise,regridded,cut] [--option sitk.sigma=3.0]
        [--cuts apex,base,right] [--fills air,padding] [--short-mm 40] [--trust-grid]
+       (more pairs: --pairs dense0,dense180,dense450,places [--place-sigmas 10,30])
 """
 
 from __future__ import annotations
@@ -75,6 +85,24 @@ from sscflow.synth import planted
 PAIRS = {"planted": "planted", "moved": "planted, moved", "rigid": "rigid",
          "identity": "identity", "noise": "identity + noise", "regridded": "regridded",
          "cut": "cut"}
+DEFAULT_PAIRS = ",".join(PAIRS)
+# issue 22's harder pairs: name -> planted.plant_disease settings (each its own seed)
+DENSE = {"dense0": ("dense +0 HU", {"rise_hu": 0.0, "seed": 11}),
+         "dense180": ("dense +180 HU", {"rise_hu": 180.0, "seed": 12}),
+         "dense450": ("dense +450 HU, honeycomb", {"rise_hu": 450.0, "cysts": 0.10, "seed": 13})}
+PAIRS.update({k: name for k, (name, _) in DENSE.items()})
+PAIRS["places"] = "places"  # expands to one pair per place and width
+PLACES = ("posterior-basal", "apical", "anterior", "lateral", "right-lower", "left-upper")
+PLACE_RISE_HU = 60.0
+
+
+def disease_specs(place_sigmas=(10.0, 30.0)) -> dict:
+    """Pair name -> ``plant_disease`` keywords, for the dense pairs and every place x width."""
+    specs = {name: kw for name, kw in DENSE.values()}
+    for i, (place, sigma) in enumerate((p, s) for p in PLACES for s in place_sigmas):
+        specs[f"{place}, sigma {sigma:g} mm"] = {"place": place, "sigma_mm": float(sigma),
+                                                 "rise_hu": PLACE_RISE_HU, "seed": 100 + i}
+    return specs
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "lung1_image.nrrd"
 
 
@@ -125,13 +153,30 @@ def measure(func):
     return out, seconds, max(peak[0], _rss_mib()) - start
 
 
-def make_pairs(spacing: float, names) -> tuple:
+def make_pairs(spacing: float, names, place_sigmas=(10.0, 30.0)) -> tuple:
     """The baseline (HU, geometry, lungs) and the pairs: name -> (Pair, follow-up HU, grid)."""
     hu, g = to_canonical(sitk.ReadImage(str(DATA)), spacing)
     lung = segment_lungs(hu, g.spacing).mask.astype(bool)
     c = np.asarray(g.origin) + np.asarray(g.shape) * np.asarray(g.spacing) / 2
     noise = planted._noise
     pairs = {}
+    specs = disease_specs(place_sigmas)
+    for name in names:
+        if name not in specs:
+            continue
+        kw = specs[name]
+        p = planted.plant_disease(hu, g, lung, noise_hu=0.0, **kw)
+        rng = np.random.default_rng(1000 + kw["seed"])  # the noise, not interpolated
+        pairs[name] = (p, p.followup + noise(rng, hu.shape, 15.0), g)
+        sinks = planted.place_sinks(lung, g, kw.get("place", "posterior-basal"),
+                                    sigma_mm=kw.get("sigma_mm", 22.0))  # fmt: skip
+        at = "; ".join(f"({s.centre[0]:.0f}, {s.centre[1]:.0f}, {s.centre[2]:.0f})" for s in sinks)
+        r = p.region
+        print(f"  made {name}: seed {kw['seed']}, sinks at (z, y, x) mm {at}, sigma "
+              f"{kw.get('sigma_mm', 22.0):g} mm; region {r.sum() * np.prod(g.spacing) / 1000:.0f}"
+              f" mL, true mean log-Jacobian {p.log_jacobian[r].mean():+.3f}; mean rise "
+              f"{p.density[r].mean():+.0f} HU, cysts {p.cysts[r].mean():.0%} of the region",
+              flush=True)  # fmt: skip
     if {"planted", "planted, moved"} & set(names):
         p = planted.plant_change(hu, g, lung, noise_hu=0.0)
         pairs["planted"] = (p, p.followup + noise(np.random.default_rng(5), hu.shape, 15.0), g)
@@ -194,12 +239,59 @@ def cut_figures(u, g: Geometry, lung, fov: Geometry, truth: Geometry, margin_mm:
             f"{(~covered)[far].mean():.2%} NaN")  # fmt: skip
 
 
+def _pair_names(keys, place_sigmas) -> list:
+    names = []
+    for k in keys:
+        if k == "places":
+            names += [n for n, kw in disease_specs(place_sigmas).items() if "place" in kw]
+        else:
+            names.append(PAIRS[k])
+    return names
+
+
+def summarise_disease(results, backends, spacing: float) -> None:
+    """Issue 22's cases: per dense pair and per place x width, the planted region's mean
+    log-Jacobian against the truth, what fraction came back, the errors; then the targets."""
+    data = f"real CT lung1 at {spacing:g} mm"
+    recovered = {"dense +180 HU": 0.90, "dense +450 HU, honeycomb": 0.80}
+    shown = False
+    for backend in backends:
+        rows = [(n, e) for (n, b), e in results.items()
+                if b == backend and (n.startswith("dense") or ", sigma " in n)]  # fmt: skip
+        if not rows:
+            continue
+        shown = True
+        print(f"issue 22 cases [{backend}] ({data}): region mean log-Jacobian vs truth, "
+              f"recovered (measured / truth), region error, |logjac error|, folded")  # fmt: skip
+        for name, e in rows:
+            frac = e["region_logjac"] / e["region_logjac_truth"]
+            want = recovered.get(name)
+            target = (f"  (target >= {want:.0%})" if want is not None
+                      else "  (target |error| <= 0.02)" if ", sigma " in name else "")
+            print(f"  {name}: {e['region_logjac']:+.3f} vs {e['region_logjac_truth']:+.3f}, "
+                  f"recovered {frac:.0%}, region error {e['region_logjac_error']:+.3f}, "
+                  f"|logjac error| {e['logjac_mae']:.4f}, folded {e['folded_voxels']}{target}")
+        places = [e["region_logjac_error"] for n, e in rows if ", sigma " in n]
+        if places:
+            worst = max(abs(v) for v in places)
+            within = sum(abs(v) <= 0.02 for v in places)
+            print(f"  places [{backend}]: worst |region error| {worst:.3f}, {within} of "
+                  f"{len(places)} cases within 0.02 ({data})")  # fmt: skip
+    if not shown:
+        return
+    print("targets (issue 22): >= 90% of the regional shrinkage recovered at +180 HU, >= 80% "
+          "at +450 HU; other places and sizes region error <= 0.02; folded 0")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spacing", type=float, default=2.0)
     ap.add_argument("--backends", default="torch,sitk",
                     help="sscflow backends, in order; the first one's time makes the ratio")
-    ap.add_argument("--pairs", default=",".join(PAIRS), help=f"any of {', '.join(PAIRS)}")
+    ap.add_argument("--pairs", default=DEFAULT_PAIRS, help=f"any of {', '.join(PAIRS)} "
+                    f"(default {DEFAULT_PAIRS})")
+    ap.add_argument("--place-sigmas", default="10,30",
+                    help="the widths (mm) of the places pairs' sinks, each a pair per place")
     ap.add_argument("--threads", type=int, default=0, help="every method; 0 = all cores")
     ap.add_argument("--cuts", default="apex,base,right",
                     help=f"the cut pairs' sides, of {', '.join(planted.CUT_SIDES)}")
@@ -228,11 +320,12 @@ def main(argv=None):
     unknown = [k for k in keys if k not in PAIRS]
     if unknown:
         ap.error(f"unknown pair(s) {unknown}; choose from {', '.join(PAIRS)}")
-    names = [PAIRS[k] for k in keys]
+    sigmas = tuple(float(v) for v in args.place_sigmas.split(",") if v.strip())
+    names = _pair_names(keys, sigmas)
     threads = n_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     t0 = time.perf_counter()
-    hu, g, lung, pairs = make_pairs(args.spacing, names)
+    hu, g, lung, pairs = make_pairs(args.spacing, names, sigmas)
     cuts = {}
     if "cut" in names:
         sides = [c.strip() for c in args.cuts.split(",") if c.strip()]
@@ -255,7 +348,7 @@ def main(argv=None):
     print(f"warm-up (a one-iteration registration per backend, untimed below): "
           f"{time.perf_counter() - t0:.1f} s", flush=True)  # fmt: skip
 
-    times = {}
+    times, results = {}, {}
     for name, (pair, fu, fg) in pairs.items():
         mmask = segment_lungs(np.asarray(fu), fg.spacing).mask
         for backend in backends:
@@ -267,10 +360,12 @@ def main(argv=None):
             times[(name, backend)] = seconds
             e = truth_errors(u, g.spacing, pair.displacement, pair.log_jacobian, lung,
                              pair.region if pair.region.any() else None)  # fmt: skip
+            results[(name, backend)] = e
             lj = log_jacobian(u, g.spacing)[lung]
             a = info["initial_alignment"]
             region = (f", region {e['region_logjac']:+.3f} vs truth "
-                      f"{e['region_logjac_truth']:+.3f} (error {e['region_logjac_error']:+.3f})"
+                      f"{e['region_logjac_truth']:+.3f} (error {e['region_logjac_error']:+.3f}, "
+                      f"recovered {e['region_logjac'] / e['region_logjac_truth']:.0%})"
                       if "region_logjac" in e else "")  # fmt: skip
             print(f"{name} [{backend}]: {seconds:.1f} s (alignment {a['seconds']:.2f} s, "
                   f"{a['rotation_deg']:.1f} deg), mean error {e['mean_error_mm']:.3f} mm, p95 "
@@ -299,6 +394,7 @@ def main(argv=None):
     if cuts:
         print("targets (cut pairs): p99 |logjac| <= 0.02 in the measured lung; >= 90% of the "
               "unimaged lung NaN; <= 5% of the lung imaged by both (> 10 mm from the cut) NaN")
+    summarise_disease(results, backends, args.spacing)
     if "planted" in pairs:
         pair, fu, _ = pairs["planted"]
         u, base, peak = measure(lambda: demons_baseline(hu, fu, g.spacing))
