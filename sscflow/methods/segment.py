@@ -47,6 +47,7 @@ TRACHEA_AREA_MM2 = (50.0, 1100.0)  # section of the trachea lumen in an axial sl
 BONE_HU = 200.0
 RIGHT, LEFT = 1, 2
 SPINE_MM = 20.0
+MASS_MM = 45.0  # a pleural-based mass is up to this deep (lung behind it along the normal)
 _S6 = ndi.generate_binary_structure(3, 1)
 _S26 = ndi.generate_binary_structure(3, 3)
 
@@ -576,6 +577,7 @@ def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, dep
     ny = {k: np.zeros(v[0].size, np.float32) for k, v in cands.items()}
     nx = {k: np.zeros(v[0].size, np.float32) for k, v in cands.items()}
     inside = {k: np.zeros(v[0].size, bool) for k, v in cands.items()}
+    own = {k: np.zeros(v[0].size, bool) for k, v in cands.items()}  # in the lung's own hull
     order = {k: np.argsort(v[0], kind="stable") for k, v in cands.items()}
     starts = {
         k: np.searchsorted(v[0][order[k]], np.arange(lab.shape[0] + 1)) for k, v in cands.items()
@@ -601,33 +603,54 @@ def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, dep
             nearest = m.argmax(axis=1)
             ny[k][idx], nx[k][idx] = eq[nearest, 0], eq[nearest, 1]
             inside[k][idx] = m[np.arange(idx.size), nearest] <= 0
+            one = lab[z] == k
+            q = np.argwhere(one & ~ndi.binary_erosion(one)) * scale
+            if q.shape[0] >= 4:
+                try:
+                    eq_k = ConvexHull(q).equations
+                except QhullError:
+                    continue
+                pts = np.stack([cy[idx], cx[idx]], axis=1) * scale
+                own[k][idx] = (pts @ eq_k[:, :2].T + eq_k[:, 2]).max(axis=1) <= 0
 
     rz, ry, rx = lab.shape
     for k, (cz, cy, cx) in cands.items():
         one = lab == k
         outward = np.zeros(cz.size, bool)
+        crossed = np.zeros(cz.size, bool)  # aerated lung on the way out, before the ribs
         for s in range(1, int(math.ceil(1.5 * depth_mm / step_mm)) + 1):
-            oy = np.rint(cy + ny[k] * (s * step_mm / cs[1])).astype(np.intp)
-            ox = np.rint(cx + nx[k] * (s * step_mm / cs[2])).astype(np.intp)
-            outward |= cage[cz, np.clip(oy, 0, ry - 1), np.clip(ox, 0, rx - 1)]
+            oy = np.clip(np.rint(cy + ny[k] * (s * step_mm / cs[1])).astype(np.intp), 0, ry - 1)
+            ox = np.clip(np.rint(cx + nx[k] * (s * step_mm / cs[2])).astype(np.intp), 0, rx - 1)
+            crossed |= (lab[cz, oy, ox] > 0) & ~outward
+            outward |= cage[cz, oy, ox]
         above = np.zeros(cz.size, bool)
         for s in range(1, up_steps + 1):
             above |= one[np.minimum(cz + s, rz - 1), cy, cx]
+        # a mass lies between the lung and the wall: this lung again inward along the normal
+        inner = np.zeros(cz.size, bool)
+        for s in range(1, int(math.ceil(MASS_MM / step_mm)) + 1):
+            iy = np.clip(np.rint(cy - ny[k] * (s * step_mm / cs[1])).astype(np.intp), 0, ry - 1)
+            ix = np.clip(np.rint(cx - nx[k] * (s * step_mm / cs[2])).astype(np.intp), 0, rx - 1)
+            inner |= one[cz, iy, ix]
         costal = outward & inside[k]
         basal = above & ~costal
         if not (costal | basal).any():
             continue
-        shell = np.zeros(lab.shape, np.uint8)  # 1 costal, 2 basal
+        shell = np.zeros(lab.shape, np.uint8)  # 1 costal, 2 basal, 3 pleural-based mass
         shell[cz[costal], cy[costal], cx[costal]] = 1
         shell[cz[basal], cy[basal], cx[basal]] = 2
+        wall = costal & own[k] & ~crossed & inner
+        shell[cz[wall], cy[wall], cx[wall]] = 3
         box = _box(one | (shell > 0), int(math.ceil(0.75 * depth_mm / min(cs))) + 2)
         sub, sh = one[box], shell[box]
-        closed = _closing(sub, 0.75 * depth_mm, cs) & (sh == 1)
+        closed = _closing(sub, 0.75 * depth_mm, cs) & (sh & 1).astype(bool)
         # thinner than ~10 mm is the partial-volume and fat layer of a normal pleura
         wanted = (sh > 0) & soft[box] & (c[box] >= threshold)
         dense = ndi.binary_opening(wanted, _S6, iterations=2)
         dense = ndi.binary_dilation(dense, _S6, iterations=2) & wanted
-        add = closed | dense
+        # a pleural-based mass: between the lung and its ribs, inside the lung's own hull
+        mass = ndi.binary_opening(sh == 3, _S6, iterations=2)
+        add = closed | dense | mass
         labels, _ = ndi.label(add | sub, _S6)
         ids = np.unique(labels[sub])
         add &= np.isin(labels, ids[ids > 0])
