@@ -8,13 +8,17 @@ The steps (all decisions on a working grid of about 2 mm, the boundary refined a
 resolution):
 
 1. **Body and air**: the largest non-air component, filled per axial slice; air inside it.
-2. **Airways**: a trachea seed (a round, very low-density component near the midline of the
-   upper slices, followed over several slices) is grown down the bronchial tree, one voxel layer
-   at a time, below ``airway_threshold_hu``. A leak stop drops any new layer part whose size
-   jumps (more than twice the part it grew from, or more than twice the trachea's section):
-   that part and the last few layers behind it stay lung. So emphysema and bullae, however low
-   their density and wherever they touch, stay lung. No trachea found: the airways stay in the
-   mask and a warning says so.
+2. **Airways**: a trachea seed (a round air component near the midline of the upper slices,
+   below the midpoint of the airway and lung thresholds, followed as a round tube over 30 mm
+   below it; 8 mm when the scan starts near the carina) is grown down the bronchial tree, one
+   voxel layer at a time, below the scan's own airway level: ``airway_threshold_hu``, or the
+   lumen's median plus 0.35 of the way to the aerated lung's median where that is higher (air
+   reads -1000 HU on some scanners and -930 on others; a fixed -950 left every airway of such
+   a scan in the mask). A leak stop drops any new layer part whose size jumps (more than twice
+   the part it grew from, or more than twice the trachea's widest section): that part and the
+   last few layers behind it stay lung. So emphysema and bullae, however low their density and
+   wherever they touch, stay lung. No trachea found: the airways stay in the mask and a warning
+   says so.
 3. **Lungs**: the largest air components without the airways, split into right (label 1) and
    left (label 2) when they touch (an anterior or posterior junction), by eroding until they
    part and growing the two cores back.
@@ -24,8 +28,11 @@ resolution):
    over the intercostal spaces) or just under aerated lung at its base: a closing of radius
    0.75 ``subpleural_mm`` there keeps juxtapleural nodules and tumours, and layers at least
    ~10 mm thick that are below soft-tissue density or textured (ground glass, reticulation,
-   honeycombing) stay in. Muscle, liver and fat (homogeneous) and the mediastinum (no rib
-   outside it) stay out.
+   honeycombing) stay in. A pleural-based mass (any tissue up to ``dense_max_hu`` at least
+   ~8 mm thick) stays in where it lies between the lung and its ribs: no lung crossed on the
+   way out to the ribs, the same lung within 45 mm inward, inside that lung's own convex hull in
+   the slice. Muscle, liver and fat (homogeneous) and the mediastinum (no rib outside it, or no
+   lung behind it) stay out.
 5. **Per-lung clean-up**: holes filled per lung and per axial slice (never across the
    midline), a closing of ``closing_mm`` per lung, airways removed.
 """
@@ -47,6 +54,8 @@ TRACHEA_AREA_MM2 = (50.0, 1100.0)  # section of the trachea lumen in an axial sl
 BONE_HU = 200.0
 RIGHT, LEFT = 1, 2
 SPINE_MM = 20.0
+TRACHEA_TUBE_MM = 30.0  # the trachea continues at least this far down from its seed
+AIRWAY_LEVEL = 0.35  # airway lumen: below lumen + this fraction of (aerated lung - lumen)
 MASS_MM = 45.0  # a pleural-based mass is up to this deep (lung behind it along the normal)
 _S6 = ndi.generate_binary_structure(3, 1)
 _S26 = ndi.generate_binary_structure(3, 3)
@@ -89,7 +98,8 @@ def segment_lungs(
     hu : (Z, Y, X) array in Hounsfield units on a grid with identity direction (LPS)
     spacing : (z, y, x) voxel size in mm
     lung_threshold_hu : aerated lung is below this
-    airway_threshold_hu : airway lumen is below this (on the ~2 mm working grid)
+    airway_threshold_hu : airway lumen is below this (on the ~2 mm working grid), or below a
+        higher level set by the scan's own trachea where its air reads high
     closing_mm : radius of the per-lung closing (0 for none)
     min_lung_ml : smaller air components are not lungs
     dense_max_hu : dense disease up to this (mean over ~2 mm) at the pleura stays in the mask
@@ -127,6 +137,7 @@ def segment_lungs(
         raise SegmentationError(
             f"segment.backend must be 'threshold' or 'lungmask', got {backend!r}"
         )
+    seed_hu = 0.5 * (lung_threshold_hu + airway_threshold_hu)
     factors = tuple(max(1, int(round(WORK_MM / s))) for s in spacing)
     cs = tuple(s * f for s, f in zip(spacing, factors, strict=True))
     c_ml = float(np.prod(cs)) / 1000.0
@@ -151,9 +162,19 @@ def segment_lungs(
             f"{lung_threshold_hu:g} HU); is this a chest CT in Hounsfield units?"
         )
 
-    # 2. airways from the trachea
-    low = inside & (coarse < airway_threshold_hu)
-    seed = _trachea_seed(low, filled, cs)
+    # 2. airways from the trachea: found below the midpoint of air and lung thresholds, grown
+    # below a level set by this scan's own lumen and lung (air reads -960 on some scanners)
+    box = _box(inside, 2)
+    seed, section = _trachea_seed(inside[box] & (coarse[box] < seed_hu), filled[box], cs)
+    if seed is not None:
+        lumen = float(np.median(coarse[box][seed]))
+        lung_hu = float(np.median(coarse[box][inside[box]]))  # the lungs outweigh the airways
+        level = max(airway_threshold_hu, lumen + AIRWAY_LEVEL * (lung_hu - lumen))
+        low = np.zeros_like(inside)
+        low[box] = inside[box] & (coarse[box] < level)
+        full_seed = np.zeros_like(inside)
+        full_seed[box] = seed & low[box]
+        seed = full_seed if full_seed.any() else None
     if seed is None:
         airway = np.zeros_like(inside)
         warnings.append(
@@ -161,7 +182,7 @@ def segment_lungs(
             "scan cropped below the carina?): the airways are left in the lung mask"
         )
     else:
-        airway = _grow_airways(seed, low, cs)
+        airway = _grow_airways(seed, low, cs, section=section)
         # the lumen's rim, blurred above the airway threshold: one layer below the midpoint
         rim = 0.5 * (lung_threshold_hu + airway_threshold_hu)
         airway |= ndi.binary_dilation(airway, _S6) & inside & (coarse < rim)
@@ -365,17 +386,18 @@ def _midline_x(filled: np.ndarray) -> float:
 # airways
 
 
-def _trachea_seed(low: np.ndarray, filled: np.ndarray, cs) -> np.ndarray | None:
-    """The trachea's lumen in one axial slice: a round component of ``low`` near the body's
-    midline that continues over at least 8 mm below it, in the upper half of the air inside the
-    body; the topmost such. None when there is none."""
+def _trachea_seed(low: np.ndarray, filled: np.ndarray, cs) -> tuple[np.ndarray | None, int]:
+    """The trachea's lumen in one axial slice and its largest section (voxels) over the tube: a
+    round component of ``low`` near the body's midline that continues as a round part over
+    ``TRACHEA_TUBE_MM`` below it (a piriform sinus or an air pocket of the oesophagus does not;
+    8 mm when no part does), in the upper half of the air inside the body; the topmost such.
+    (None, 0) when there is none."""
     zs = np.flatnonzero(low.any(axis=(1, 2)))
     if zs.size == 0:
-        return None
+        return None, 0
     body_z = np.flatnonzero(filled.any(axis=(1, 2)))
     z_lo = (body_z[0] + body_z[-1]) // 2
     px = cs[1] * cs[2]
-    need = max(2, int(math.ceil(8.0 / cs[0])))
     s2 = ndi.generate_binary_structure(2, 1)
     candidates = {}
 
@@ -403,33 +425,38 @@ def _trachea_seed(low: np.ndarray, filled: np.ndarray, cs) -> np.ndarray | None:
             candidates[k] = out
         return candidates[k]
 
-    for k in range(int(zs[-1]), int(z_lo) - 1, -1):
-        for _, mask in sorted(round_parts(k), key=lambda t: -t[0]):
-            cur, ok = mask, True
-            for step in range(1, need + 1):
-                if k - step < 0:
-                    ok = False
-                    break
-                nxt = [m for _, m in round_parts(k - step) if (m & cur).any()]
-                if not nxt:
-                    ok = False
-                    break
-                cur = nxt[0]
-            if ok:
-                seed = np.zeros_like(low)
-                seed[k] = mask
-                return seed
-    return None
+    # a scan that starts just above the carina holds less of the trachea: then 8 mm will do
+    for tube_mm in (TRACHEA_TUBE_MM, 8.0):
+        need = max(2, int(math.ceil(tube_mm / cs[0])))
+        for k in range(int(zs[-1]), int(z_lo) - 1, -1):
+            for _, mask in sorted(round_parts(k), key=lambda t: -t[0]):
+                cur, ok, biggest = mask, True, int(mask.sum())
+                for step in range(1, need + 1):
+                    if k - step < 0:
+                        ok = False
+                        break
+                    nxt = [m for _, m in round_parts(k - step) if (m & cur).any()]
+                    if not nxt:
+                        ok = False
+                        break
+                    cur = nxt[0]
+                    biggest = max(biggest, int(cur.sum()))
+                if ok:
+                    seed = np.zeros_like(low)
+                    seed[k] = mask
+                    return seed, biggest
+    return None, 0
 
 
-def _grow_airways(seed: np.ndarray, allowed: np.ndarray, cs, *, max_mm: float = 250.0):
+def _grow_airways(seed: np.ndarray, allowed: np.ndarray, cs, *, section: int = 0,
+                  max_mm: float = 250.0):  # fmt: skip
     """Grow the airway tree from ``seed`` inside ``allowed``, one 6-connected layer per step.
 
     Leak stop: a connected part of a new layer larger than twice the layer part it grew from
     plus 6 voxels, or than twice the seed's section plus 10 voxels, is not airway; it and the
     voxels reached in the last few steps that connect to it are blocked.
     """
-    section = int(seed.sum())
+    section = max(section, int(seed.sum()))  # the widest part of the trachea, not the seed's
     cap = 2 * section + 10
     back = max(3, int(math.ceil(math.sqrt(section / math.pi))) + 2)
     visited = seed.copy()
