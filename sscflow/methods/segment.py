@@ -227,16 +227,18 @@ def segment_lungs(
         lungs[box][sub & free] = k
     lungs[airway] = 0
 
-    labels_full = _refine(lungs, coarse, hu, factors, lung_threshold_hu, airway)
+    labels_full, fbox = _refine(lungs, coarse, hu, factors, lung_threshold_hu, airway)
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    counts = np.bincount(labels_full.ravel(), minlength=3)
+    counts = np.bincount(labels_full[fbox].ravel(), minlength=3)  # zero outside the box
     right_ml, left_ml = counts[RIGHT] * voxel_ml, counts[LEFT] * voxel_ml
     volume = right_ml + left_ml
     if volume == 0:
         raise SegmentationError("the lung mask is empty after clean-up")
     airway_ml = float((airway & inside).sum()) * c_ml
+    mask = np.zeros(labels_full.shape, np.uint8)
+    mask[fbox] = labels_full[fbox] > 0
     return LungMask(
-        mask=(labels_full > 0).astype(np.uint8),
+        mask=mask,
         volume_ml=float(volume),
         airway_ml=airway_ml,
         components=len(found),
@@ -317,27 +319,35 @@ def _upsample(a: np.ndarray, factors, shape) -> np.ndarray:
     return out
 
 
-def _refine(lungs, coarse, hu, factors, threshold, airway) -> np.ndarray:
+def _refine(lungs, coarse, hu, factors, threshold, airway):
     """Full-resolution labels: working-grid voxels whose 26 neighbours share their label keep it;
     at a boundary a full-resolution voxel is lung when it is air-like (below ``threshold``) or
-    when its working voxel was added as dense lung."""
+    when its working voxel was added as dense lung. Returns the labels and the full-resolution
+    box outside which they are all 0."""
     if all(f == 1 for f in factors):
-        return lungs.astype(np.uint8)
-    code = np.zeros(lungs.shape, np.uint8)
+        return lungs.astype(np.uint8), tuple(slice(0, n) for n in lungs.shape)
+    # everything happens in the lungs' box (grown by one working voxel): zero outside it
+    cbox = _box(lungs > 0, 1)
+    sub, c = lungs[cbox], coarse[cbox]
+    code = np.zeros(sub.shape, np.uint8)
     for k in (RIGHT, LEFT):
-        one = lungs == k
+        one = sub == k
         if not one.any():
             continue
         interior = ndi.binary_erosion(one, _S26, border_value=1)
         edge = one & ~interior
-        outer = ndi.binary_dilation(one, _S26) & (lungs == 0) & ~airway
-        code[interior | (edge & (coarse >= threshold))] = k  # dense or filled: whole blocks
-        code[(edge & (coarse < threshold)) | (outer & (code == 0))] = k + 2
-    full = _upsample(code, factors, hu.shape)
-    test = full >= 3
-    out = np.where(full <= 2, full, 0).astype(np.uint8)
-    out[test & (hu < threshold)] = full[test & (hu < threshold)] - 2
-    return out
+        outer = ndi.binary_dilation(one, _S26) & (sub == 0) & ~airway[cbox]
+        code[interior | (edge & (c >= threshold))] = k  # dense or filled: whole blocks
+        code[(edge & (c < threshold)) | (outer & (code == 0))] = k + 2
+    fbox = tuple(slice(b.start * f, min(b.stop * f, n))
+                 for b, f, n in zip(cbox, factors, hu.shape, strict=True))  # fmt: skip
+    full = _upsample(code, factors, tuple(b.stop - b.start for b in fbox))
+    test = (full >= 3) & (hu[fbox] < threshold)
+    part = np.where(full <= 2, full, 0).astype(np.uint8)
+    part[test] = full[test] - 2
+    out = np.zeros(hu.shape, np.uint8)
+    out[fbox] = part
+    return out, fbox
 
 
 def _box(mask: np.ndarray, pad: int) -> tuple[slice, ...]:
@@ -610,12 +620,19 @@ def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, dep
         k: np.searchsorted(v[0][order[k]], np.arange(lab.shape[0] + 1)) for k, v in cands.items()
     }
     scale = np.array([cs[1], cs[2]])
+    plane = np.zeros((3, 3, 3), bool)  # in-plane edges of every slice in one pass
+    plane[1] = ndi.generate_binary_structure(2, 1)
+    occupied = (lab > 0) | bone
+    edges = occupied & ~ndi.binary_erosion(occupied, plane)
+    own_edges = {}
+    for k in cands:
+        one = lab == k
+        own_edges[k] = one & ~ndi.binary_erosion(one, plane)
+    del occupied
     for z in range(lab.shape[0]):
         if not any(starts[k][z + 1] > starts[k][z] for k in cands):
             continue
-        occupied = (lab[z] > 0) | bone[z]
-        edge = occupied & ~ndi.binary_erosion(occupied)
-        p = np.argwhere(edge) * scale
+        p = np.argwhere(edges[z]) * scale
         if p.shape[0] < 4:
             continue
         try:
@@ -630,8 +647,7 @@ def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, dep
             nearest = m.argmax(axis=1)
             ny[k][idx], nx[k][idx] = eq[nearest, 0], eq[nearest, 1]
             inside[k][idx] = m[np.arange(idx.size), nearest] <= 0
-            one = lab[z] == k
-            q = np.argwhere(one & ~ndi.binary_erosion(one)) * scale
+            q = np.argwhere(own_edges[k][z]) * scale
             if q.shape[0] >= 4:
                 try:
                     eq_k = ConvexHull(q).equations
@@ -645,20 +661,24 @@ def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, dep
         one = lab == k
         outward = np.zeros(cz.size, bool)
         crossed = np.zeros(cz.size, bool)  # aerated lung on the way out, before the ribs
+        todo = np.flatnonzero(inside[k])  # outside the hull is not costal anyway
         for s in range(1, int(math.ceil(1.5 * depth_mm / step_mm)) + 1):
-            oy = np.clip(np.rint(cy + ny[k] * (s * step_mm / cs[1])).astype(np.intp), 0, ry - 1)
-            ox = np.clip(np.rint(cx + nx[k] * (s * step_mm / cs[2])).astype(np.intp), 0, rx - 1)
-            crossed |= (lab[cz, oy, ox] > 0) & ~outward
-            outward |= cage[cz, oy, ox]
+            oy, ox = _ray(cy, cx, ny[k], nx[k], todo, s * step_mm, cs, ry, rx)
+            crossed[todo] |= lab[cz[todo], oy, ox] > 0
+            hit = cage[cz[todo], oy, ox]
+            outward[todo[hit]] = True
+            todo = todo[~hit]
         above = np.zeros(cz.size, bool)
         for s in range(1, up_steps + 1):
             above |= one[np.minimum(cz + s, rz - 1), cy, cx]
         # a mass lies between the lung and the wall: this lung again inward along the normal
+        todo = np.flatnonzero(outward & own[k] & ~crossed)
         inner = np.zeros(cz.size, bool)
         for s in range(1, int(math.ceil(MASS_MM / step_mm)) + 1):
-            iy = np.clip(np.rint(cy - ny[k] * (s * step_mm / cs[1])).astype(np.intp), 0, ry - 1)
-            ix = np.clip(np.rint(cx - nx[k] * (s * step_mm / cs[2])).astype(np.intp), 0, rx - 1)
-            inner |= one[cz, iy, ix]
+            iy, ix = _ray(cy, cx, ny[k], nx[k], todo, -s * step_mm, cs, ry, rx)
+            hit = one[cz[todo], iy, ix]
+            inner[todo[hit]] = True
+            todo = todo[~hit]
         costal = outward & inside[k]
         basal = above & ~costal
         if not (costal | basal).any():
@@ -683,6 +703,13 @@ def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, dep
         add &= np.isin(labels, ids[ids > 0])
         region = lab[box]
         region[add & (region == 0)] = k
+
+
+def _ray(cy, cx, ny, nx, idx, dist_mm, cs, ry, rx):
+    """In-plane indices (y, x) of the points ``idx`` moved ``dist_mm`` along (ny, nx)."""
+    oy = np.rint(cy[idx] + ny[idx] * (dist_mm / cs[1])).astype(np.intp)
+    ox = np.rint(cx[idx] + nx[idx] * (dist_mm / cs[2])).astype(np.intp)
+    return np.clip(oy, 0, ry - 1), np.clip(ox, 0, rx - 1)
 
 
 def _closing(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
