@@ -713,12 +713,27 @@ def _ray(cy, cx, ny, nx, idx, dist_mm, cs, ry, rx):
 
 
 def _closing(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
-    """Morphological closing with a ball of ``radius_mm`` by two Euclidean distance transforms;
-    the array must hold the ball's radius of margin around the mask (the caller's box). (Chamfer
-    distances are three times faster but their octahedral-cubic ball reached 1-2 mm into the
-    heart of the phantom: not used.)"""
+    """Morphological closing with a ball of ``radius_mm`` by two exact Euclidean distance maps;
+    the array must hold the ball's radius of margin around the mask (the caller's box). The maps
+    are SimpleITK's (Maurer's algorithm, multithreaded, float32): the same voxels as scipy's
+    ``distance_transform_edt`` on the lungs of lung1 at 5 and 15 mm, in 0.45x its time on 2
+    cores, where these closings were the largest part of ``segment_lungs``. (Chamfer distances
+    are three times faster but their octahedral-cubic ball reached 1-2 mm into the heart of the
+    phantom: not used.)"""
     if not mask.any():
         return mask
-    dilated = ndi.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
-    closed = ndi.distance_transform_edt(dilated, sampling=spacing) > radius_mm
-    return mask | closed
+    dilated = _distance_outside(mask, spacing) <= radius_mm
+    if dilated.all():
+        return np.ones_like(mask)
+    return mask | (_distance_outside(~dilated, spacing) > radius_mm)
+
+
+def _distance_outside(mask: np.ndarray, spacing) -> np.ndarray:
+    """Distance (mm) from every voxel outside ``mask`` to the nearest voxel of it (<= 0 inside)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.SetSpacing(tuple(float(v) for v in spacing[::-1]))
+    dist = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
+                                        useImageSpacing=True, backgroundValue=0)  # fmt: skip
+    return sitk.GetArrayFromImage(dist)
