@@ -142,7 +142,8 @@ class SegmentConfig:
     model."""
 
     lung_threshold_hu: float = -400.0  # aerated lung is below this, soft tissue above
-    airway_threshold_hu: float = -950.0  # airway lumen (mean over ~2 mm) is below this
+    airway_threshold_hu: float = -950.0  # airway lumen (mean over ~2 mm) below this, or below
+    # a higher level from the scan's own trachea where its air reads high
     closing_mm: float = 5.0  # per-lung closing: vessels at the hilum and lung surface
     min_lung_ml: float = 20.0  # smaller air components are dropped
     dense_max_hu: float = 100.0  # dense disease up to this at the pleura stays in the mask

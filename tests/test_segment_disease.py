@@ -4,6 +4,7 @@ optional lungmask backend's plumbing."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from sscflow.methods.quality import dice
 from sscflow.methods.segment import segment_lungs
 from sscflow.synth import deform, phantom
 from sscflow.synth.plan import patient_streams
-from sscflow.synth.plant import plant_texture, subpleural_region
+from sscflow.synth.plant import plant_texture, plant_wall_mass, subpleural_region
 
 SPACING = 2.0
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -153,6 +154,60 @@ def test_one_lung_and_no_trachea_warn_but_segment():
     assert low.airway_ml == 0.0 and low.components == 2
 
 
+def _airway_lumen(ph) -> np.ndarray:
+    """The phantom's trachea and main bronchi, 1 mm inside their walls (its own geometry)."""
+    a, g = ph.anatomy, ph.geometry
+    z, y, x = phantom.frame_axes(g)
+    zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
+    pts = np.stack([zz, yy, xx], axis=-1)
+    lumen = np.zeros(ph.hu.shape, bool)
+    for start, end, r0, r1 in a.airway_capsules(top=float(z[-1]) + 50.0):
+        dist, t = phantom._segment_distance(pts, start, end)
+        lumen |= dist <= r0 + t * (r1 - r0) - 1.0
+    return lumen
+
+
+@pytest.mark.parametrize("offset", [0, 60, 90])
+def test_airways_out_when_air_reads_high(offset):
+    """Air reads -1000 on some scanners and -940 or -910 on others (calibration, beam
+    hardening): the airways are found from the scan's own lumen, not a fixed -950 HU (which
+    left them all in the mask at +60)."""
+    ph = _render(3, spacing=3.0, disease=False)
+    hu = (_scan(ph, 3).astype(np.int32) + offset).astype(np.int16)
+    lumen = _airway_lumen(ph)
+    assert lumen.sum() * ph.geometry.voxel_volume_ml > 20.0
+    assert (float(np.median(hu[lumen])) > -950.0) == (offset >= 60)
+    seg = segment_lungs(hu, ph.geometry.spacing)
+    assert seg.trachea_found
+    assert (seg.mask[lumen] > 0).mean() <= 0.10
+    assert dice(seg.mask, ph.lung) >= 0.95
+
+
+def test_pleural_masses_stay_in():
+    """Soft-tissue masses of 25-40 mm against the costal pleura at five places (known from the
+    phantom's own lung): at least half of each is lung; the mediastinum and heart stay out."""
+    ph = _render(3, spacing=3.0, disease=False)
+    hu = _scan(ph, 3)
+    rng = np.random.default_rng(5)
+    hc, semi = ph.anatomy.heart_c, ph.anatomy.heart_semi
+    z, y, x = phantom.frame_axes(ph.geometry)
+    zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
+    heart = phantom.ellipsoid_sd((zz - hc[0], yy - hc[1], xx - hc[2]), semi) > 2.0
+    cases = [(-1, 0.5, 0.0, 30.0), (1, 0.4, 0.0, 40.0), (-1, 0.3, 60.0, 25.0),
+             (1, 0.6, -45.0, 35.0), (1, 0.3, 90.0, 30.0)]  # fmt: skip
+    for side, height, angle, diameter in cases:
+        planted, mass = plant_wall_mass(hu, ph.lung, ph.geometry.spacing, rng, side=side,
+                                        height=height, angle_deg=angle,
+                                        diameter_mm=diameter)  # fmt: skip
+        # most of the ellipsoid replaced lung (the rest is chest wall)
+        ellipsoid_ml = math.pi / 6 * 0.8 * diameter**3 / 1000.0
+        assert mass.sum() * ph.geometry.voxel_volume_ml > 0.4 * ellipsoid_ml
+        seg = segment_lungs(planted, ph.geometry.spacing)
+        assert (seg.mask[mass] > 0).mean() >= 0.50, (side, height, angle, diameter)
+        assert dice(seg.mask, ph.lung) >= 0.96
+        assert not (seg.mask & heart).any()
+
+
 def test_lungmask_backend_errors(tmp_path):
     hu = np.full((8, 8, 8), -1000, np.int16)
     with pytest.raises(SegmentationError, match="lungmask_weights"):
@@ -260,3 +315,62 @@ def test_real_ct_keeps_planted_disease_and_the_tumour(real_ct):
     mask = seg.mask > 0
     assert mask[region].mean() >= 0.80
     assert dice(mask, ref) >= 0.95
+
+
+@pytest.mark.slow
+def test_real_ct_trachea_and_main_bronchi_out(real_ct):
+    """The trachea and main bronchi of the real CT (found by :func:`airway_reference`: tracked
+    slice by slice and along hand-traced centrelines, not by the segmenter) are at most 10% in
+    the mask: as scanned, with air reading 70 HU high, with noise, cut 20 mm above the carina
+    and on a 2 mm grid."""
+    from sscflow.core.imageio import read_volume
+    from sscflow.methods.ingest import to_canonical
+    from sscflow.methods.quality import airway_reference
+
+    hu, geometry, _, _ = real_ct
+    ref = airway_reference(hu, geometry)
+    assert 15.0 < ref.sum() * geometry.voxel_volume_ml < 30.0
+    top = int(np.flatnonzero(ref.any(axis=(1, 2)))[0] + round(40.0 / geometry.spacing[0]))
+    rng = np.random.default_rng(7)
+    noise = ndi_smooth_noise(rng, hu.shape, 60.0)
+    cases = {
+        "as scanned": (hu, ref),
+        "air +70 HU": ((hu.astype(np.int32) + 70).astype(np.int16), ref),
+        "noise 60 HU": (np.clip(hu + noise, -1024, 3071).astype(np.int16), ref),
+        "cut 40 mm above the lowest bronchus": (hu[:top], ref[:top]),
+    }
+    for name, (h, r) in cases.items():
+        seg = segment_lungs(h, geometry.spacing)
+        assert seg.trachea_found, name
+        assert (seg.mask[r] > 0).mean() <= 0.10, name
+    hu2, g2 = to_canonical(read_volume(DATA / "lung1_image.nrrd"), 2.0)
+    ref2 = airway_reference(hu2, g2)
+    seg = segment_lungs(hu2, g2.spacing)
+    assert (seg.mask[ref2] > 0).mean() <= 0.10
+
+
+def ndi_smooth_noise(rng, shape, sd: float) -> np.ndarray:
+    """Gaussian noise smoothed over about 1 mm, scaled to ``sd`` HU."""
+    from scipy import ndimage as ndi
+
+    n = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 0.7)
+    return n * np.float32(sd / n.std())
+
+
+@pytest.mark.slow
+def test_real_ct_keeps_pleural_masses(real_ct):
+    """Soft-tissue masses of 20-40 mm planted against the costal pleura of the real CT at six
+    places (lateral, anterior, posterior, both sides, three heights): at least half of each is in
+    the mask, and the rest of the mask is unchanged (Dice against the reference)."""
+    hu, geometry, ref, _ = real_ct
+    sp = geometry.spacing
+    rng = np.random.default_rng(11)
+    base = dice(segment_lungs(hu, sp).mask, ref)
+    cases = [(-1, 0.5, 0.0, 30.0), (1, 0.4, 0.0, 40.0), (-1, 0.3, 60.0, 20.0),
+             (1, 0.6, -45.0, 30.0), (-1, 0.7, -30.0, 40.0), (1, 0.25, 90.0, 25.0)]  # fmt: skip
+    for side, height, angle, diameter in cases:
+        planted, mass = plant_wall_mass(hu, ref, sp, rng, side=side, height=height,
+                                        angle_deg=angle, diameter_mm=diameter)  # fmt: skip
+        seg = segment_lungs(planted, sp)
+        assert (seg.mask[mass] > 0).mean() >= 0.50, (side, height, angle, diameter)
+        assert dice(seg.mask, ref) >= base - 0.003

@@ -38,6 +38,81 @@ def lung_mask_dice(store: str, synthetic_dir, patient_ids) -> dict[str, float]:
     return scores
 
 
+# lung1_image.nrrd's trachea (a point in its lumen) and the centrelines of its main bronchi, from
+# the carina to where the lobar bronchi leave them, traced by hand on its axial and coronal slices
+# (LPS mm, listed z, y, x as the canonical grid's axes)
+LUNG1_TRACHEA_MM = (-577.5, -160.0, 1.0)
+LUNG1_BRONCHI_MM = (
+    ((-659.5, -121.0, 4.0), (-664.5, -120.0, 0.0), (-673.5, -119.0, -10.0)),  # right main
+    ((-659.5, -121.0, 6.0), (-664.5, -120.0, 11.0), (-672.5, -115.0, 18.0),
+     (-676.5, -109.0, 29.0), (-676.5, -107.0, 38.0)),  # left main
+)  # fmt: skip
+
+
+def airway_reference(
+    hu: np.ndarray,
+    geometry: Geometry,
+    trachea_mm=LUNG1_TRACHEA_MM,
+    bronchi_mm=LUNG1_BRONCHI_MM,
+    *,
+    threshold_hu: float = -500.0,
+    radius_mm: float = 7.0,
+    max_section_mm2: float = 500.0,
+) -> np.ndarray:
+    """The trachea and main bronchi of a CT on the canonical grid, independent of
+    :mod:`sscflow.methods.segment`: what a lung mask must leave out.
+
+    Trachea: the in-plane component below ``threshold_hu`` (unsmoothed) at the point
+    ``trachea_mm``, tracked slice by slice up and down through overlapping components until one
+    is larger than ``max_section_mm2`` (it has joined a lung, at the carina) or none is left.
+    Main bronchi: voxels below ``threshold_hu`` within ``radius_mm`` of hand-traced centrelines
+    (``bronchi_mm``: polylines of (z, y, x) points in mm), connected to the trachea. Returns a
+    bool array shaped like ``hu``.
+    """
+    from scipy import ndimage as ndi
+
+    sp = np.asarray(geometry.spacing, float)
+    org = np.asarray(geometry.origin, float)
+    low = hu < threshold_hu
+    seed = np.rint((np.asarray(trachea_mm) - org) / sp).astype(int)
+    out = np.zeros(hu.shape, bool)
+    px = sp[1] * sp[2]
+    lab = ndi.label(low[seed[0]])[0]
+    first = lab == lab[seed[1], seed[2]]
+    if not lab[seed[1], seed[2]]:
+        raise ValueError(f"airway_reference: the trachea point {trachea_mm} is not air")
+    out[seed[0]] = first
+    for step in (-1, 1):
+        prev, z = first, seed[0] + step
+        while 0 <= z < hu.shape[0]:
+            lab = ndi.label(low[z])[0]
+            ids = np.unique(lab[prev & (lab > 0)])
+            parts = [lab == i for i in ids if i > 0]
+            if not parts or any(p.sum() * px > max_section_mm2 for p in parts):
+                break
+            prev = np.logical_or.reduce(parts)
+            out[z] = prev
+            z += step
+    near = np.zeros(hu.shape, bool)
+    axes = [org[a] + sp[a] * np.arange(hu.shape[a]) for a in range(3)]
+    for line in bronchi_mm:
+        for a, b in zip(line[:-1], line[1:], strict=True):
+            a, b = np.asarray(a, float), np.asarray(b, float)
+            lo = np.minimum(a, b) - radius_mm
+            hi = np.maximum(a, b) + radius_mm
+            box = tuple(slice(int(np.searchsorted(ax, u)), int(np.searchsorted(ax, v, "right")))
+                        for ax, u, v in zip(axes, lo, hi, strict=True))  # fmt: skip
+            grid = np.stack(np.meshgrid(*[ax[s] for ax, s in zip(axes, box, strict=True)],
+                                        indexing="ij"), axis=-1)  # fmt: skip
+            d = b - a
+            t = np.clip(((grid - a) @ d) / float(d @ d), 0.0, 1.0)
+            near[box] |= np.linalg.norm(grid - a - t[..., None] * d, axis=-1) <= radius_mm
+    tree = (low & near) | out
+    lab, _ = ndi.label(tree)
+    ids = np.unique(lab[out])
+    return np.isin(lab, ids[ids > 0])
+
+
 def threshold_reference(image: sitk.Image, *, threshold_hu: float = -500.0) -> sitk.Image:
     """A plain lung mask on the scan's own grid, independent of :mod:`sscflow.methods.segment`: the
     reference that ``benchmarks/segment.py`` and the real-CT tests score against where no

@@ -8,13 +8,17 @@ The steps (all decisions on a working grid of about 2 mm, the boundary refined a
 resolution):
 
 1. **Body and air**: the largest non-air component, filled per axial slice; air inside it.
-2. **Airways**: a trachea seed (a round, very low-density component near the midline of the
-   upper slices, followed over several slices) is grown down the bronchial tree, one voxel layer
-   at a time, below ``airway_threshold_hu``. A leak stop drops any new layer part whose size
-   jumps (more than twice the part it grew from, or more than twice the trachea's section):
-   that part and the last few layers behind it stay lung. So emphysema and bullae, however low
-   their density and wherever they touch, stay lung. No trachea found: the airways stay in the
-   mask and a warning says so.
+2. **Airways**: a trachea seed (a round air component near the midline of the upper slices,
+   below the midpoint of the airway and lung thresholds, followed as a round tube over 30 mm
+   below it; 8 mm when the scan starts near the carina) is grown down the bronchial tree, one
+   voxel layer at a time, below the scan's own airway level: ``airway_threshold_hu``, or the
+   lumen's median plus 0.35 of the way to the aerated lung's median where that is higher (air
+   reads -1000 HU on some scanners and -930 on others; a fixed -950 left every airway of such
+   a scan in the mask). A leak stop drops any new layer part whose size jumps (more than twice
+   the part it grew from, or more than twice the trachea's widest section): that part and the
+   last few layers behind it stay lung. So emphysema and bullae, however low their density and
+   wherever they touch, stay lung. No trachea found: the airways stay in the mask and a warning
+   says so.
 3. **Lungs**: the largest air components without the airways, split into right (label 1) and
    left (label 2) when they touch (an anterior or posterior junction), by eroding until they
    part and growing the two cores back.
@@ -24,8 +28,11 @@ resolution):
    over the intercostal spaces) or just under aerated lung at its base: a closing of radius
    0.75 ``subpleural_mm`` there keeps juxtapleural nodules and tumours, and layers at least
    ~10 mm thick that are below soft-tissue density or textured (ground glass, reticulation,
-   honeycombing) stay in. Muscle, liver and fat (homogeneous) and the mediastinum (no rib
-   outside it) stay out.
+   honeycombing) stay in. A pleural-based mass (any tissue up to ``dense_max_hu`` at least
+   ~8 mm thick) stays in where it lies between the lung and its ribs: no lung crossed on the
+   way out to the ribs, the same lung within 45 mm inward, inside that lung's own convex hull in
+   the slice. Muscle, liver and fat (homogeneous) and the mediastinum (no rib outside it, or no
+   lung behind it) stay out.
 5. **Per-lung clean-up**: holes filled per lung and per axial slice (never across the
    midline), a closing of ``closing_mm`` per lung, airways removed.
 """
@@ -47,6 +54,9 @@ TRACHEA_AREA_MM2 = (50.0, 1100.0)  # section of the trachea lumen in an axial sl
 BONE_HU = 200.0
 RIGHT, LEFT = 1, 2
 SPINE_MM = 20.0
+TRACHEA_TUBE_MM = 30.0  # the trachea continues at least this far down from its seed
+AIRWAY_LEVEL = 0.35  # airway lumen: below lumen + this fraction of (aerated lung - lumen)
+MASS_MM = 45.0  # a pleural-based mass is up to this deep (lung behind it along the normal)
 _S6 = ndi.generate_binary_structure(3, 1)
 _S26 = ndi.generate_binary_structure(3, 3)
 
@@ -88,7 +98,8 @@ def segment_lungs(
     hu : (Z, Y, X) array in Hounsfield units on a grid with identity direction (LPS)
     spacing : (z, y, x) voxel size in mm
     lung_threshold_hu : aerated lung is below this
-    airway_threshold_hu : airway lumen is below this (on the ~2 mm working grid)
+    airway_threshold_hu : airway lumen is below this (on the ~2 mm working grid), or below a
+        higher level set by the scan's own trachea where its air reads high
     closing_mm : radius of the per-lung closing (0 for none)
     min_lung_ml : smaller air components are not lungs
     dense_max_hu : dense disease up to this (mean over ~2 mm) at the pleura stays in the mask
@@ -126,6 +137,7 @@ def segment_lungs(
         raise SegmentationError(
             f"segment.backend must be 'threshold' or 'lungmask', got {backend!r}"
         )
+    seed_hu = 0.5 * (lung_threshold_hu + airway_threshold_hu)
     factors = tuple(max(1, int(round(WORK_MM / s))) for s in spacing)
     cs = tuple(s * f for s, f in zip(spacing, factors, strict=True))
     c_ml = float(np.prod(cs)) / 1000.0
@@ -150,9 +162,19 @@ def segment_lungs(
             f"{lung_threshold_hu:g} HU); is this a chest CT in Hounsfield units?"
         )
 
-    # 2. airways from the trachea
-    low = inside & (coarse < airway_threshold_hu)
-    seed = _trachea_seed(low, filled, cs)
+    # 2. airways from the trachea: found below the midpoint of air and lung thresholds, grown
+    # below a level set by this scan's own lumen and lung (air reads -960 on some scanners)
+    box = _box(inside, 2)
+    seed, section = _trachea_seed(inside[box] & (coarse[box] < seed_hu), filled[box], cs)
+    if seed is not None:
+        lumen = float(np.median(coarse[box][seed]))
+        lung_hu = float(np.median(coarse[box][inside[box]]))  # the lungs outweigh the airways
+        level = max(airway_threshold_hu, lumen + AIRWAY_LEVEL * (lung_hu - lumen))
+        low = np.zeros_like(inside)
+        low[box] = inside[box] & (coarse[box] < level)
+        full_seed = np.zeros_like(inside)
+        full_seed[box] = seed & low[box]
+        seed = full_seed if full_seed.any() else None
     if seed is None:
         airway = np.zeros_like(inside)
         warnings.append(
@@ -160,7 +182,7 @@ def segment_lungs(
             "scan cropped below the carina?): the airways are left in the lung mask"
         )
     else:
-        airway = _grow_airways(seed, low, cs)
+        airway = _grow_airways(seed, low, cs, section=section)
         # the lumen's rim, blurred above the airway threshold: one layer below the midpoint
         rim = 0.5 * (lung_threshold_hu + airway_threshold_hu)
         airway |= ndi.binary_dilation(airway, _S6) & inside & (coarse < rim)
@@ -205,16 +227,18 @@ def segment_lungs(
         lungs[box][sub & free] = k
     lungs[airway] = 0
 
-    labels_full = _refine(lungs, coarse, hu, factors, lung_threshold_hu, airway)
+    labels_full, fbox = _refine(lungs, coarse, hu, factors, lung_threshold_hu, airway)
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    counts = np.bincount(labels_full.ravel(), minlength=3)
+    counts = np.bincount(labels_full[fbox].ravel(), minlength=3)  # zero outside the box
     right_ml, left_ml = counts[RIGHT] * voxel_ml, counts[LEFT] * voxel_ml
     volume = right_ml + left_ml
     if volume == 0:
         raise SegmentationError("the lung mask is empty after clean-up")
     airway_ml = float((airway & inside).sum()) * c_ml
+    mask = np.zeros(labels_full.shape, np.uint8)
+    mask[fbox] = labels_full[fbox] > 0
     return LungMask(
-        mask=(labels_full > 0).astype(np.uint8),
+        mask=mask,
         volume_ml=float(volume),
         airway_ml=airway_ml,
         components=len(found),
@@ -295,27 +319,35 @@ def _upsample(a: np.ndarray, factors, shape) -> np.ndarray:
     return out
 
 
-def _refine(lungs, coarse, hu, factors, threshold, airway) -> np.ndarray:
+def _refine(lungs, coarse, hu, factors, threshold, airway):
     """Full-resolution labels: working-grid voxels whose 26 neighbours share their label keep it;
     at a boundary a full-resolution voxel is lung when it is air-like (below ``threshold``) or
-    when its working voxel was added as dense lung."""
+    when its working voxel was added as dense lung. Returns the labels and the full-resolution
+    box outside which they are all 0."""
     if all(f == 1 for f in factors):
-        return lungs.astype(np.uint8)
-    code = np.zeros(lungs.shape, np.uint8)
+        return lungs.astype(np.uint8), tuple(slice(0, n) for n in lungs.shape)
+    # everything happens in the lungs' box (grown by one working voxel): zero outside it
+    cbox = _box(lungs > 0, 1)
+    sub, c = lungs[cbox], coarse[cbox]
+    code = np.zeros(sub.shape, np.uint8)
     for k in (RIGHT, LEFT):
-        one = lungs == k
+        one = sub == k
         if not one.any():
             continue
         interior = ndi.binary_erosion(one, _S26, border_value=1)
         edge = one & ~interior
-        outer = ndi.binary_dilation(one, _S26) & (lungs == 0) & ~airway
-        code[interior | (edge & (coarse >= threshold))] = k  # dense or filled: whole blocks
-        code[(edge & (coarse < threshold)) | (outer & (code == 0))] = k + 2
-    full = _upsample(code, factors, hu.shape)
-    test = full >= 3
-    out = np.where(full <= 2, full, 0).astype(np.uint8)
-    out[test & (hu < threshold)] = full[test & (hu < threshold)] - 2
-    return out
+        outer = ndi.binary_dilation(one, _S26) & (sub == 0) & ~airway[cbox]
+        code[interior | (edge & (c >= threshold))] = k  # dense or filled: whole blocks
+        code[(edge & (c < threshold)) | (outer & (code == 0))] = k + 2
+    fbox = tuple(slice(b.start * f, min(b.stop * f, n))
+                 for b, f, n in zip(cbox, factors, hu.shape, strict=True))  # fmt: skip
+    full = _upsample(code, factors, tuple(b.stop - b.start for b in fbox))
+    test = (full >= 3) & (hu[fbox] < threshold)
+    part = np.where(full <= 2, full, 0).astype(np.uint8)
+    part[test] = full[test] - 2
+    out = np.zeros(hu.shape, np.uint8)
+    out[fbox] = part
+    return out, fbox
 
 
 def _box(mask: np.ndarray, pad: int) -> tuple[slice, ...]:
@@ -364,17 +396,18 @@ def _midline_x(filled: np.ndarray) -> float:
 # airways
 
 
-def _trachea_seed(low: np.ndarray, filled: np.ndarray, cs) -> np.ndarray | None:
-    """The trachea's lumen in one axial slice: a round component of ``low`` near the body's
-    midline that continues over at least 8 mm below it, in the upper half of the air inside the
-    body; the topmost such. None when there is none."""
+def _trachea_seed(low: np.ndarray, filled: np.ndarray, cs) -> tuple[np.ndarray | None, int]:
+    """The trachea's lumen in one axial slice and its largest section (voxels) over the tube: a
+    round component of ``low`` near the body's midline that continues as a round part over
+    ``TRACHEA_TUBE_MM`` below it (a piriform sinus or an air pocket of the oesophagus does not;
+    8 mm when no part does), in the upper half of the air inside the body; the topmost such.
+    (None, 0) when there is none."""
     zs = np.flatnonzero(low.any(axis=(1, 2)))
     if zs.size == 0:
-        return None
+        return None, 0
     body_z = np.flatnonzero(filled.any(axis=(1, 2)))
     z_lo = (body_z[0] + body_z[-1]) // 2
     px = cs[1] * cs[2]
-    need = max(2, int(math.ceil(8.0 / cs[0])))
     s2 = ndi.generate_binary_structure(2, 1)
     candidates = {}
 
@@ -402,33 +435,38 @@ def _trachea_seed(low: np.ndarray, filled: np.ndarray, cs) -> np.ndarray | None:
             candidates[k] = out
         return candidates[k]
 
-    for k in range(int(zs[-1]), int(z_lo) - 1, -1):
-        for _, mask in sorted(round_parts(k), key=lambda t: -t[0]):
-            cur, ok = mask, True
-            for step in range(1, need + 1):
-                if k - step < 0:
-                    ok = False
-                    break
-                nxt = [m for _, m in round_parts(k - step) if (m & cur).any()]
-                if not nxt:
-                    ok = False
-                    break
-                cur = nxt[0]
-            if ok:
-                seed = np.zeros_like(low)
-                seed[k] = mask
-                return seed
-    return None
+    # a scan that starts just above the carina holds less of the trachea: then 8 mm will do
+    for tube_mm in (TRACHEA_TUBE_MM, 8.0):
+        need = max(2, int(math.ceil(tube_mm / cs[0])))
+        for k in range(int(zs[-1]), int(z_lo) - 1, -1):
+            for _, mask in sorted(round_parts(k), key=lambda t: -t[0]):
+                cur, ok, biggest = mask, True, int(mask.sum())
+                for step in range(1, need + 1):
+                    if k - step < 0:
+                        ok = False
+                        break
+                    nxt = [m for _, m in round_parts(k - step) if (m & cur).any()]
+                    if not nxt:
+                        ok = False
+                        break
+                    cur = nxt[0]
+                    biggest = max(biggest, int(cur.sum()))
+                if ok:
+                    seed = np.zeros_like(low)
+                    seed[k] = mask
+                    return seed, biggest
+    return None, 0
 
 
-def _grow_airways(seed: np.ndarray, allowed: np.ndarray, cs, *, max_mm: float = 250.0):
+def _grow_airways(seed: np.ndarray, allowed: np.ndarray, cs, *, section: int = 0,
+                  max_mm: float = 250.0):  # fmt: skip
     """Grow the airway tree from ``seed`` inside ``allowed``, one 6-connected layer per step.
 
     Leak stop: a connected part of a new layer larger than twice the layer part it grew from
     plus 6 voxels, or than twice the seed's section plus 10 voxels, is not airway; it and the
     voxels reached in the last few steps that connect to it are blocked.
     """
-    section = int(seed.sum())
+    section = max(section, int(seed.sum()))  # the widest part of the trachea, not the seed's
     cap = 2 * section + 10
     back = max(3, int(math.ceil(math.sqrt(section / math.pi))) + 2)
     visited = seed.copy()
@@ -576,17 +614,20 @@ def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, dep
     ny = {k: np.zeros(v[0].size, np.float32) for k, v in cands.items()}
     nx = {k: np.zeros(v[0].size, np.float32) for k, v in cands.items()}
     inside = {k: np.zeros(v[0].size, bool) for k, v in cands.items()}
+    own = {k: np.zeros(v[0].size, bool) for k, v in cands.items()}  # in the lung's own hull
     order = {k: np.argsort(v[0], kind="stable") for k, v in cands.items()}
     starts = {
         k: np.searchsorted(v[0][order[k]], np.arange(lab.shape[0] + 1)) for k, v in cands.items()
     }
     scale = np.array([cs[1], cs[2]])
+    # a slice's convex hull is that of the first and last voxel of each row: found for every
+    # slice at once (far fewer points for Qhull than the outline)
+    rows = _RowEnds((lab > 0) | bone)
+    own_rows = {k: _RowEnds(lab == k) for k in cands}
     for z in range(lab.shape[0]):
         if not any(starts[k][z + 1] > starts[k][z] for k in cands):
             continue
-        occupied = (lab[z] > 0) | bone[z]
-        edge = occupied & ~ndi.binary_erosion(occupied)
-        p = np.argwhere(edge) * scale
+        p = rows.points(z) * scale
         if p.shape[0] < 4:
             continue
         try:
@@ -601,33 +642,57 @@ def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, dep
             nearest = m.argmax(axis=1)
             ny[k][idx], nx[k][idx] = eq[nearest, 0], eq[nearest, 1]
             inside[k][idx] = m[np.arange(idx.size), nearest] <= 0
+            q = own_rows[k].points(z) * scale
+            if q.shape[0] >= 4:
+                try:
+                    eq_k = ConvexHull(q).equations
+                except QhullError:
+                    continue
+                pts = np.stack([cy[idx], cx[idx]], axis=1) * scale
+                own[k][idx] = (pts @ eq_k[:, :2].T + eq_k[:, 2]).max(axis=1) <= 0
 
     rz, ry, rx = lab.shape
     for k, (cz, cy, cx) in cands.items():
         one = lab == k
         outward = np.zeros(cz.size, bool)
+        crossed = np.zeros(cz.size, bool)  # aerated lung on the way out, before the ribs
+        todo = np.flatnonzero(inside[k])  # outside the hull is not costal anyway
         for s in range(1, int(math.ceil(1.5 * depth_mm / step_mm)) + 1):
-            oy = np.rint(cy + ny[k] * (s * step_mm / cs[1])).astype(np.intp)
-            ox = np.rint(cx + nx[k] * (s * step_mm / cs[2])).astype(np.intp)
-            outward |= cage[cz, np.clip(oy, 0, ry - 1), np.clip(ox, 0, rx - 1)]
+            oy, ox = _ray(cy, cx, ny[k], nx[k], todo, s * step_mm, cs, ry, rx)
+            crossed[todo] |= lab[cz[todo], oy, ox] > 0
+            hit = cage[cz[todo], oy, ox]
+            outward[todo[hit]] = True
+            todo = todo[~hit]
         above = np.zeros(cz.size, bool)
         for s in range(1, up_steps + 1):
             above |= one[np.minimum(cz + s, rz - 1), cy, cx]
+        # a mass lies between the lung and the wall: this lung again inward along the normal
+        todo = np.flatnonzero(outward & own[k] & ~crossed)
+        inner = np.zeros(cz.size, bool)
+        for s in range(1, int(math.ceil(MASS_MM / step_mm)) + 1):
+            iy, ix = _ray(cy, cx, ny[k], nx[k], todo, -s * step_mm, cs, ry, rx)
+            hit = one[cz[todo], iy, ix]
+            inner[todo[hit]] = True
+            todo = todo[~hit]
         costal = outward & inside[k]
         basal = above & ~costal
         if not (costal | basal).any():
             continue
-        shell = np.zeros(lab.shape, np.uint8)  # 1 costal, 2 basal
+        shell = np.zeros(lab.shape, np.uint8)  # 1 costal, 2 basal, 3 pleural-based mass
         shell[cz[costal], cy[costal], cx[costal]] = 1
         shell[cz[basal], cy[basal], cx[basal]] = 2
+        wall = costal & own[k] & ~crossed & inner
+        shell[cz[wall], cy[wall], cx[wall]] = 3
         box = _box(one | (shell > 0), int(math.ceil(0.75 * depth_mm / min(cs))) + 2)
         sub, sh = one[box], shell[box]
-        closed = _closing(sub, 0.75 * depth_mm, cs) & (sh == 1)
+        closed = _closing(sub, 0.75 * depth_mm, cs) & (sh & 1).astype(bool)
         # thinner than ~10 mm is the partial-volume and fat layer of a normal pleura
         wanted = (sh > 0) & soft[box] & (c[box] >= threshold)
         dense = ndi.binary_opening(wanted, _S6, iterations=2)
         dense = ndi.binary_dilation(dense, _S6, iterations=2) & wanted
-        add = closed | dense
+        # a pleural-based mass: between the lung and its ribs, inside the lung's own hull
+        mass = ndi.binary_opening(sh == 3, _S6, iterations=2)
+        add = closed | dense | mass
         labels, _ = ndi.label(add | sub, _S6)
         ids = np.unique(labels[sub])
         add &= np.isin(labels, ids[ids > 0])
@@ -635,13 +700,50 @@ def _add_subpleural(lungs, coarse, filled, airway, cs, threshold, dense_max, dep
         region[add & (region == 0)] = k
 
 
+class _RowEnds:
+    """The first and last voxel (along x) of every row of every axial slice of a mask."""
+
+    def __init__(self, mask: np.ndarray):
+        self.any = mask.any(axis=2)
+        self.first = mask.argmax(axis=2)
+        self.last = mask.shape[2] - 1 - mask[:, :, ::-1].argmax(axis=2)
+
+    def points(self, z: int) -> np.ndarray:
+        """(n, 2) in-plane indices (y, x) of slice ``z``'s row ends."""
+        ys = np.flatnonzero(self.any[z])
+        return np.concatenate([np.stack([ys, self.first[z, ys]], axis=1),
+                               np.stack([ys, self.last[z, ys]], axis=1)])  # fmt: skip
+
+
+def _ray(cy, cx, ny, nx, idx, dist_mm, cs, ry, rx):
+    """In-plane indices (y, x) of the points ``idx`` moved ``dist_mm`` along (ny, nx)."""
+    oy = np.rint(cy[idx] + ny[idx] * (dist_mm / cs[1])).astype(np.intp)
+    ox = np.rint(cx[idx] + nx[idx] * (dist_mm / cs[2])).astype(np.intp)
+    return np.clip(oy, 0, ry - 1), np.clip(ox, 0, rx - 1)
+
+
 def _closing(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
-    """Morphological closing with a ball of ``radius_mm`` by two Euclidean distance transforms;
-    the array must hold the ball's radius of margin around the mask (the caller's box). (Chamfer
-    distances are three times faster but their octahedral-cubic ball reached 1-2 mm into the
-    heart of the phantom: not used.)"""
+    """Morphological closing with a ball of ``radius_mm`` by two exact Euclidean distance maps;
+    the array must hold the ball's radius of margin around the mask (the caller's box). The maps
+    are SimpleITK's (Maurer's algorithm, multithreaded, float32): the same voxels as scipy's
+    ``distance_transform_edt`` on the lungs of lung1 at 5 and 15 mm, in 0.45x its time on 2
+    cores, where these closings were the largest part of ``segment_lungs``. (Chamfer distances
+    are three times faster but their octahedral-cubic ball reached 1-2 mm into the heart of the
+    phantom: not used.)"""
     if not mask.any():
         return mask
-    dilated = ndi.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
-    closed = ndi.distance_transform_edt(dilated, sampling=spacing) > radius_mm
-    return mask | closed
+    dilated = _distance_outside(mask, spacing) <= radius_mm
+    if dilated.all():
+        return np.ones_like(mask)
+    return mask | (_distance_outside(~dilated, spacing) > radius_mm)
+
+
+def _distance_outside(mask: np.ndarray, spacing) -> np.ndarray:
+    """Distance (mm) from every voxel outside ``mask`` to the nearest voxel of it (<= 0 inside)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.SetSpacing(tuple(float(v) for v in spacing[::-1]))
+    dist = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
+                                        useImageSpacing=True, backgroundValue=0)  # fmt: skip
+    return sitk.GetArrayFromImage(dist)

@@ -73,3 +73,82 @@ def plant_texture(
     out = hu.copy()
     out[region] = np.rint(value[region]).astype(hu.dtype)
     return out
+
+
+def plant_wall_mass(
+    hu: np.ndarray,
+    lung: np.ndarray,
+    spacing,
+    rng: np.random.Generator,
+    *,
+    side: int,
+    height: float,
+    angle_deg: float,
+    diameter_mm: float,
+    mass_hu: float = 40.0,
+    noise_hu: float = 15.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A pleural-based soft-tissue mass against the costal pleura, replacing lung.
+
+    The place: the axial slice at fraction ``height`` (0 bottom, 1 top) of the extent of ``lung``
+    (the caller's reference mask); in it, the lung on ``side`` (-1: smaller x, the patient's
+    right; +1: the left) and a ray from that lung's centroid at ``angle_deg`` in the slice (0:
+    lateral, 90: posterior, -90: anterior); the last lung voxel on the ray is the costal pleura.
+    The mass: an ellipsoid of ``diameter_mm`` across the wall and 0.8 of that deep (flattened
+    against the wall, as pleural-based tumours are), whose outer pole lies 2 mm past the pleura
+    (it touches the chest wall); inside ``lung`` it gets ``mass_hu`` + Gaussian noise of
+    ``noise_hu`` (smoothed over 1 mm). Returns the planted volume and the mass (the ellipsoid
+    within ``lung``: what a lung mask should keep).
+
+    >>> lung = np.zeros((40, 60, 60), bool); lung[5:35, 10:50, 8:28] = lung[5:35, 10:50, 32:52] = 1
+    >>> hu = np.where(lung, -850, 40).astype(np.int16)
+    >>> out, m = plant_wall_mass(hu, lung, (1.0, 1.0, 1.0), np.random.default_rng(0), side=-1,
+    ...                          height=0.5, angle_deg=0.0, diameter_mm=12.0)
+    >>> bool(m.any() and not (m & ~lung).any()), bool(abs(out[m].mean() - 40) < 5)
+    (True, True)
+    >>> int(np.flatnonzero(m.any(axis=(0, 1))).min())  # against the right lung's lateral wall
+    8
+    """
+    lung = np.asarray(lung) > 0
+    sp = np.asarray(spacing, float)
+    zs = np.flatnonzero(lung.any(axis=(1, 2)))
+    z = int(round(zs[0] + height * (zs[-1] - zs[0])))
+    xs = np.flatnonzero(lung.any(axis=(0, 1)))
+    mid = 0.5 * (xs[0] + xs[-1])
+    cols = np.arange(lung.shape[2])
+    one = lung[z] & (((cols - mid) * side) > 0)[None, :]
+    if not one.any():
+        raise ValueError(f"no lung on side {side} at slice {z}")
+    ys, xs1 = np.nonzero(one)
+    c = np.array([ys.mean(), xs1.mean()])
+    a = np.deg2rad(angle_deg)
+    d = np.array([np.sin(a), side * np.cos(a)])  # (y, x) unit vector in mm
+    step = 0.25 * min(sp[1:])
+    edge, t = None, 0.0
+    while True:
+        p = c + d * t / sp[1:]
+        iy, ix = int(round(p[0])), int(round(p[1]))
+        if not (0 <= iy < lung.shape[1] and 0 <= ix < lung.shape[2]):
+            break
+        if one[iy, ix]:
+            edge = t
+        elif edge is not None and t - edge > 30.0:
+            break
+        t += step
+    if edge is None:
+        raise ValueError("the ray from the lung's centroid met no lung")
+    r = 0.5 * diameter_mm
+    depth = 0.8 * r
+    centre_mm = c * sp[1:] + d * (edge + 2.0 - depth)
+    zz, yy, xx = np.ogrid[: lung.shape[0], : lung.shape[1], : lung.shape[2]]
+    dz = (zz - z) * sp[0]
+    dy, dx = yy * sp[1] - centre_mm[0], xx * sp[2] - centre_mm[1]
+    along = dy * d[0] + dx * d[1]
+    across = -dy * d[1] + dx * d[0]
+    ellipsoid = (along / depth) ** 2 + (across / r) ** 2 + (dz / r) ** 2 <= 1.0
+    mass = ellipsoid & lung
+    noise = ndi.gaussian_filter(rng.standard_normal(hu.shape).astype(np.float32), 1.0 / sp)
+    noise *= noise_hu / max(float(noise.std()), 1e-6)
+    out = hu.copy()
+    out[mass] = np.rint(mass_hu + noise[mass]).astype(hu.dtype)
+    return out, mass
