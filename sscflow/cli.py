@@ -1119,7 +1119,7 @@ def _edge_warnings(manifest) -> list[str]:
     from sscflow.methods.edges import edge_warning, lungs_at_edges
 
     lines = []
-    for patient in manifest:
+    for patient in manifest.patients:
         for which, label in (("baseline", "baseline"), ("followup", "follow-up")):
             path, uid = patient.scan(which)
             try:
