@@ -75,7 +75,7 @@ import SimpleITK as sitk
 
 from sscflow.config import RegistrationConfig
 from sscflow.core.geometry import Geometry, from_itk, grid_points, inside, to_itk
-from sscflow.methods.ingest import imaged_field_of_view, to_canonical
+from sscflow.methods.ingest import imaged_field_of_view, imaged_mask, to_canonical
 from sscflow.methods.registration import options_class, register
 from sscflow.methods.registration.common import log_jacobian, n_threads, truth_errors
 from sscflow.methods.registration.frame import coverage_mask
@@ -380,7 +380,8 @@ def main(argv=None):
                       f"after it: {info['resample_seconds'] / seconds:.1%})")  # fmt: skip
     margin = 0.0 if args.trust_grid else RegistrationConfig().fov_margin_mm
     for name, (fu, fg, found, truth) in cuts.items():
-        mmask = segment_lungs(np.asarray(fu), fg.spacing).mask
+        imaged = None if args.trust_grid else imaged_mask(fg, found)  # as the segment stage
+        mmask = segment_lungs(np.asarray(fu), fg.spacing, imaged=imaged).mask
         fov = fg if args.trust_grid else found
         for backend in backends:
             t0 = time.perf_counter()

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from sscflow.core.geometry import Geometry, grid_points, index_to_physical, inside, to_itk
 from sscflow.core.imageio import write_dicom_series
 from sscflow.methods.edges import lung_area_cm2, lungs_at_edges
-from sscflow.methods.ingest import imaged_field_of_view
+from sscflow.methods.ingest import imaged_field_of_view, imaged_mask
 from sscflow.methods.registration.frame import coverage_mask, imaged_on, unmeasured_parts
 from sscflow.synth import planted
 
@@ -214,7 +214,9 @@ def test_a_cut_follow_up_invents_no_change_at_the_cut(backend):
     p99 = {}
     for case, (image, fov) in {"uncut": (noisy, g), "told": (fu, seen),
                                "trusted": (fu, None)}.items():  # fmt: skip
-        u = register(hu, image, mask=lung, moving_mask=segment_lungs(image, g.spacing).mask,
+        imaged = imaged_mask(grid, fov) if fov is not None else None  # as the segment stage
+        mmask = segment_lungs(image, g.spacing, imaged=imaged).mask
+        u = register(hu, image, mask=lung, moving_mask=mmask,
                      fixed_geometry=g, moving_geometry=grid, backend=backend,
                      moving_fov=fov)  # fmt: skip
         measured = lung & coverage_mask(u, g, seen, margin_mm=5.0)
@@ -223,3 +225,25 @@ def test_a_cut_follow_up_invents_no_change_at_the_cut(backend):
     # 4 mm); trusting the grid, the cut shows as change several times larger
     assert p99["told"] <= 1.25 * p99["uncut"] + 0.005, p99
     assert p99["trusted"] >= 3 * p99["told"], p99
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason=f"{DATA} is not there")
+def test_a_lung_cut_at_its_side_is_kept_when_segmentation_knows_what_was_imaged():
+    """Air past a side cut opens the right lung to the air around the body: without the imaged
+    field of view the lung is lost whole; with it, only the part past the cut is missing."""
+    from sscflow.methods.ingest import imaged_mask, to_canonical
+    from sscflow.methods.segment import segment_lungs
+
+    hu, g = to_canonical(sitk.ReadImage(str(DATA)), 4.0)
+    lung = segment_lungs(hu, g.spacing)
+    fu, grid, seen = planted.cut_view(hu, g, lung.mask.astype(bool), side="right",
+                                      short_mm=40.0, fill="air")  # fmt: skip
+    found = imaged_field_of_view(to_itk(fu, grid))
+    imaged = imaged_mask(grid, found)
+    assert imaged is not None and not imaged[:, :, :10].any() and imaged[:, :, 40:].any()
+    blind = segment_lungs(fu, grid.spacing)
+    told = segment_lungs(fu, grid.spacing, imaged=imaged)
+    kept = lung.mask.astype(bool) & inside(grid_points(g), seen)  # the lung the cut leaves
+    assert blind.right_ml < 0.2 * lung.right_ml  # lost: joined to the air outside
+    assert told.mask.astype(bool)[kept].mean() >= 0.97
+    assert not told.mask.astype(bool)[~imaged].any()

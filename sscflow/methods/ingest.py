@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from sscflow.cohort import Manifest, Patient
 from sscflow.config import IngestConfig, SegmentConfig
 from sscflow.core import store as st
-from sscflow.core.geometry import Geometry, from_itk, resample
+from sscflow.core.geometry import Geometry, from_itk, grid_points, inside, resample
 from sscflow.core.imageio import describe_format, input_fingerprint, read_volume
 from sscflow.errors import InputImageError, MissingInputError, SscflowError
 from sscflow.methods.segment import segment_lungs
@@ -285,10 +285,24 @@ def segment_patient(store, patient_id: str, segment: SegmentConfig | None = None
     return out
 
 
+def imaged_mask(geometry: Geometry, fov: Geometry | None, slab: int = 32) -> np.ndarray | None:
+    """bool on ``geometry``'s grid: True where the scan imaged the point (inside ``fov``, what
+    :func:`imaged_field_of_view` found); None when ``fov`` is None or holds the whole grid."""
+    if fov is None:
+        return None
+    out = np.empty(geometry.shape, bool)
+    for z0 in range(0, geometry.shape[0], slab):
+        z1 = min(geometry.shape[0], z0 + slab)
+        out[z0:z1] = inside(grid_points(geometry, z0, z1), fov)
+    return None if out.all() else out
+
+
 def _segment_scan(group, which, where, image, seg, params, input_hash, chunk, level) -> dict:
     hu = np.asarray(image.array[...])
+    fov = (image.meta.get("source") or {}).get("imaged")
+    imaged = imaged_mask(image.geometry, Geometry.from_dict(fov) if fov else None)
     try:
-        lungs = segment_lungs(hu, image.geometry.spacing, **asdict(seg))
+        lungs = segment_lungs(hu, image.geometry.spacing, imaged=imaged, **asdict(seg))
     except SscflowError as exc:
         raise type(exc)(f"{where}: {exc}") from None
     qa = {

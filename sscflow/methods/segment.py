@@ -77,6 +77,8 @@ class LungMask:
     warnings: tuple[str, ...] = field(default=())
 
 
+SOFT_TISSUE_HU = 40  # what segment_lungs takes the unimaged part of a scan for
+
 def segment_lungs(
     hu: np.ndarray,
     spacing: tuple[float, float, float],
@@ -89,6 +91,7 @@ def segment_lungs(
     subpleural_mm: float = 20.0,
     backend: str = "threshold",
     lungmask_weights: str | None = None,
+    imaged: np.ndarray | None = None,
 ) -> LungMask:
     """Segment both lungs, excluding the trachea, the bronchi, the mediastinum and the air
     outside the body, keeping dense disease at the pleura.
@@ -106,6 +109,10 @@ def segment_lungs(
     subpleural_mm : how deep below the pleura dense disease is looked for (0 turns it off)
     backend : "threshold" (this module) or "lungmask" (the lungmask package's R231 model;
         ``lungmask_weights`` must name a local weights file: nothing is downloaded)
+    imaged : optional bool (Z, Y, X), False where the scanner imaged nothing (past a cut of the
+        field of view, :func:`sscflow.methods.ingest.imaged_mask`): taken as soft tissue, so
+        that air written past a cut at one side does not open the lungs to the air around the
+        body (a right lung cut at its side was lost whole that way)
 
     Raises
     ------
@@ -130,6 +137,8 @@ def segment_lungs(
         raise SegmentationError(
             f"segment_lungs: spacing must be three positive numbers, got {spacing}"
         )
+    if imaged is not None and not np.all(imaged):
+        hu = np.where(imaged, hu, np.asarray(SOFT_TISSUE_HU, hu.dtype))
     if backend == "lungmask":
         labels = segment_lungmask(hu, spacing, weights=lungmask_weights)
         return _from_labels(labels, spacing, min_lung_ml)

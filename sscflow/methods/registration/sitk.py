@@ -92,14 +92,16 @@ def register(
     """See :func:`sscflow.methods.registration.register` (inputs already checked).
 
     ``options`` are this backend's settings (``Options()`` when None). ``valid`` (where the
-    moving scan was imaged, in [0, 1]): demons compares every voxel and cannot leave one out, so
-    where the follow-up imaged nothing it is given the baseline's own values, which exert no
-    force (a cut follow-up's air past the cut would pull the lungs towards it). With
+    moving scan was imaged, in [0, 1]): the affine metric counts only those voxels; demons
+    compares every voxel and cannot leave one out, so where the follow-up imaged nothing it is
+    given the baseline's own values, which exert no force once the affine has placed the pair
+    (a cut follow-up's air past the cut would pull the lungs towards it). With
     ``return_affine`` also returns the affine ``(matrix, offset)`` (zyx mm about voxel 0).
     """
     o = options if options is not None else Options()
-    if valid is not None:
-        moving = np.where(np.asarray(valid) < 0.999, fixed, moving)
+    seen = None if valid is None else np.asarray(valid) >= 0.999
+    if seen is not None:
+        moving = np.where(seen, moving, fixed)
     margin_mm, levels, iterations = o.margin_mm, tuple(o.levels), tuple(o.iterations)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n_threads(o.threads))
     shape = fixed.shape
@@ -109,6 +111,9 @@ def register(
 
     if o.affine:
         weight = None if mask is None else dilate_mask(mask, spacing, margin_mm)
+        if seen is not None:  # the affine from what the follow-up imaged only: the baseline's
+            # values past a cut agree with the rigid map, not with the truth
+            weight = seen if weight is None else weight & seen
         matrix, offset = affine_transform(
             f_img, m_img, weight, spacing, iterations=o.affine_iterations, seed=o.seed
         )
