@@ -26,11 +26,14 @@ BACKEND_NAMES = [
 SPACING = (2.0, 2.0, 2.0)
 SHAPE = (36, 36, 36)
 FAST = {
-    # sigma 1.5: these 36^3 phantoms' fields are recovered in few iterations with less field
-    # smoothing than the default (2.0, chosen on real CT at 2 mm: benchmarks/NOTES.md)
-    "sitk": {"levels": (2, 1), "iterations": (40, 20), "margin_mm": 6.0, "sigma": 1.5},
-    "torch": {"levels": (2, 1), "iterations": (60, 30), "affine_iterations": (100,),
-              "margin_mm": 6.0, "threads": 1, "velocity_shrink": 1},
+    # two levels (4 and 2 mm voxels); sitk sigma_mm 3: these 36^3 phantoms' fields are
+    # recovered in few iterations with less field smoothing than the default (chosen on real CT
+    # at 2 mm); torch: the velocity on the image grid (2 mm), its widths 2 and 1 voxels of it
+    "sitk": {"levels_mm": (4.0, 2.0), "iterations": (40, 20), "margin_mm": 6.0,
+             "sigma_mm": 3.0},
+    "torch": {"levels_mm": (4.0, 2.0), "iterations": (60, 30), "affine_iterations": (100,),
+              "margin_mm": 6.0, "threads": 1, "velocity_spacing_mm": 2.0,
+              "velocity_sigma_mm": 4.0, "gradient_sigma_mm": 2.0, "learning_rate_mm": 1.2},
 }  # fmt: skip
 
 
@@ -201,7 +204,7 @@ def test_identity_outside_crop_is_affine_only():
     mask = np.zeros(SHAPE, bool)
     mask[14:22, 14:22, 14:22] = True
     u = register(fixed, moving, SPACING, mask=mask, backend="sitk",
-                 affine=False, levels=(1,), iterations=(10,), margin_mm=4.0)  # fmt: skip
+                 affine=False, levels_mm=(2.0,), iterations=(10,), margin_mm=4.0)  # fmt: skip
     box = crop_box(mask, SPACING, 4.0, SHAPE)
     outside = np.ones(SHAPE, bool)
     outside[box] = False
@@ -279,7 +282,8 @@ def test_stage_writes_displacement_and_qa_then_skips(tmp_path):
 
     path = _tiny_store(tmp_path)
     cfg = RegistrationConfig(backend="sitk",
-                             sitk=SitkOptions(levels=(2, 1), iterations=(20, 10), margin_mm=6.0))
+                             sitk=SitkOptions(levels_mm=(4.0, 2.0), iterations=(20, 10),
+                                              margin_mm=6.0))  # fmt: skip
     first = register_patient(path, "P001", cfg)
     assert first["status"] == "done" and first["backend"] == "sitk"
     group = st.patient_group(st.open_store(path, "r"), "P001", create=False)
@@ -293,7 +297,8 @@ def test_stage_writes_displacement_and_qa_then_skips(tmp_path):
     again = register_patient(path, "P001", cfg)
     assert again["status"] == "skipped" and again["lncc_after"] == qa["lncc_after"]
     other = RegistrationConfig(backend="sitk",
-                               sitk=SitkOptions(levels=(2, 1), iterations=(20, 5), margin_mm=6.0))
+                               sitk=SitkOptions(levels_mm=(4.0, 2.0), iterations=(20, 5),
+                                                margin_mm=6.0))  # fmt: skip
     assert register_patient(path, "P001", other)["status"] == "done"
 
 
@@ -319,9 +324,9 @@ def test_stage_runs_the_sitk_backend_with_its_own_settings(tmp_path):
     assert meta["params"]["backend"] == "sitk" and meta["params"]["options"] == expected
     assert meta["qa"]["parameters"] == expected
     assert meta["qa"]["parameters"]["iterations"] == [100, 60, 30]  # not torch's (40, 30, 10)
-    other_torch = dataclasses.replace(cfg, torch=TorchOptions(iterations=(1, 1, 1), window=7))
+    other_torch = dataclasses.replace(cfg, torch=TorchOptions(iterations=(1, 1, 1), window_mm=14.0))
     assert register_patient(path, "P001", other_torch)["status"] == "skipped"
-    other_sitk = dataclasses.replace(cfg, sitk=SitkOptions(margin_mm=6.0, sigma=3.0))
+    other_sitk = dataclasses.replace(cfg, sitk=SitkOptions(margin_mm=6.0, sigma_mm=6.0))
     assert register_patient(path, "P001", other_sitk)["status"] == "done"
 
 

@@ -41,29 +41,52 @@ from sscflow.methods.registration.common import (
     crop_box,
     dilate_mask,
     n_threads,
+    renamed_message,
+    shrink_factor,
 )
 
 HU_RANGE = (-1000.0, 400.0)
 
 
+# Settings of earlier versions given in voxels, and the millimetre settings that replaced them
+RENAMED = {
+    "levels": ("levels_mm", "the voxel size of each demons level in mm; [4, 2, 1] at 2 mm is "
+                            "[8, 4, 2]"),
+    "sigma": ("sigma_mm", "the demons field's smoothing at the finest level in mm; 2.0 at 2 mm "
+                          "is 4"),
+}
+# The affine stage's pyramid: voxel sizes and Gaussian pre-smoothing (mm), coarse to fine
+AFFINE_LEVELS_MM = ((8.0, 4.0), (4.0, 2.0))
+
+
 @dataclass
 class Options:
-    """The sitk backend's settings (the ``registration.sitk`` section of the config)."""
+    """The sitk backend's settings (the ``registration.sitk`` section of the config).
+
+    Sizes in millimetres, as the torch backend's: a level's shrink factor is
+    ``round(level_mm / spacing)`` (at least 1), ``sigma_mm`` is the field smoothing at the
+    finest level and each coarser level scales it by its ``levels_mm`` over the finest's.
+    """
 
     margin_mm: float = 15.0  # crop to the lung bounding box plus this margin
-    levels: tuple[int, ...] = (4, 2, 1)  # demons shrink factors, coarse to fine
+    levels_mm: tuple[float, ...] = (8.0, 4.0, 2.0)  # voxel size of each demons level
     iterations: tuple[int, ...] = (100, 60, 30)  # demons iterations per level
-    sigma: float = 2.0  # Gaussian smoothing of the demons field, voxels of each level
+    sigma_mm: float = 4.0  # Gaussian smoothing of the demons field at the finest level
     affine: bool = True  # the affine stage (mask-weighted correlation) before demons
     affine_iterations: int = 100  # its gradient-descent iterations per level (shrink 4, 2)
     threads: int = 0  # ITK threads; 0 = the cores available to this process
     seed: int = 0  # the affine metric's random sampling
 
+    @classmethod
+    def moved_key(cls, key: str, keypath: str) -> str | None:
+        """The config's message for a setting renamed to millimetres, or None."""
+        return renamed_message(key, keypath, RENAMED)
+
     def validate(self, where: str) -> None:
-        """Raise ConfigError naming the key (``where.sigma``) for an impossible value."""
+        """Raise ConfigError naming the key (``where.sigma_mm``) for an impossible value."""
         check_common_options(self, where)
-        if not self.sigma > 0:
-            raise ConfigError(f"{where}.sigma must be > 0, got {self.sigma}")
+        if not self.sigma_mm > 0:
+            raise ConfigError(f"{where}.sigma_mm must be > 0, got {self.sigma_mm}")
         if self.affine_iterations < 0:
             raise ConfigError(f"{where}.affine_iterations must be >= 0, got "
                               f"{self.affine_iterations}")  # fmt: skip
@@ -72,7 +95,7 @@ class Options:
         """These options with the affine stage alone (no demons), or None without one."""
         if not (self.affine and self.affine_iterations > 0):
             return None
-        return dataclasses.replace(self, iterations=(0,) * len(self.levels))
+        return dataclasses.replace(self, iterations=(0,) * len(self.levels_mm))
 
     def deformable_stage(self) -> Options:
         """These options without the affine stage."""
@@ -98,7 +121,13 @@ def register(
     voxel 0).
     """
     o = options if options is not None else Options()
-    margin_mm, levels, iterations = o.margin_mm, tuple(o.levels), tuple(o.iterations)
+    margin_mm, iterations = o.margin_mm, tuple(o.iterations)
+    levels = [shrink_factor(mm, spacing) for mm in o.levels_mm]
+    finest = min(float(mm) for mm in o.levels_mm)
+    # the field smoothing in voxels of each level: sigma_mm at the finest level, scaled with
+    # each level's size (at 2 mm, 2 voxels of every level)
+    sigmas = [o.sigma_mm * float(mm) / finest / (f * float(np.mean(spacing)))
+              for mm, f in zip(o.levels_mm, levels, strict=True)]  # fmt: skip
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n_threads(o.threads))
     shape = fixed.shape
     grid = Geometry(shape, spacing, (0.0, 0.0, 0.0))
@@ -124,7 +153,7 @@ def register(
     m_crop = to_itk(resample(m_img, grid, crop, affine=(matrix, offset), fill=HU_RANGE[0]), crop)
 
     field = None
-    for factor, n_iter in zip(levels, iterations, strict=True):
+    for factor, n_iter, sigma in zip(levels, iterations, sigmas, strict=True):
         f_lvl, m_lvl = (_shrink(f_crop, factor), _shrink(m_crop, factor))
         if field is None:
             field = sitk.Image(f_lvl.GetSize(), sitk.sitkVectorFloat64, 3)
@@ -135,7 +164,7 @@ def register(
             continue
         demons = sitk.DiffeomorphicDemonsRegistrationFilter()
         demons.SetNumberOfIterations(int(n_iter))
-        demons.SetStandardDeviations(float(o.sigma))
+        demons.SetStandardDeviations(float(sigma))  # voxels of the level
         demons.SetSmoothDisplacementField(True)
         demons.SetMaximumUpdateStepLength(2.0)
         field = demons.Execute(f_lvl, m_lvl, field)
@@ -184,8 +213,10 @@ def affine_transform(f_img, m_img, weight, spacing, *, iterations=100, seed=0):
         gradientMagnitudeTolerance=1e-8,
     )
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2])
-    reg.SetSmoothingSigmasPerLevel([2.0, 1.0])
+    reg.SetShrinkFactorsPerLevel([shrink_factor(mm, spacing) for mm, _ in AFFINE_LEVELS_MM])
+    # in voxels (SimpleITK's physical-unit smoothing is another filter path): mm / spacing
+    mean = float(np.mean(spacing))
+    reg.SetSmoothingSigmasPerLevel([sigma / mean for _, sigma in AFFINE_LEVELS_MM])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     init = sitk.CenteredTransformInitializer(
         f_img, m_img, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.GEOMETRY
