@@ -2,7 +2,10 @@
 
 Runs on CPU, or on CUDA when available (``device="auto"``). PyTorch is imported inside the
 functions, so ``import sscflow`` does not load it. Settings: ``Options`` (the config's
-``registration.torch`` section). Figures below: ``benchmarks/registration.py`` (real CT at
+``registration.torch`` section), every size in millimetres: ``Options.per_level`` turns them
+into voxels of the grid at hand, so that a cohort at 1 mm and at 2 mm gets the same
+regularisation (at 1 mm the defaults run the same 8, 4 and 2 mm levels as at 2 mm, on
+averages of 8, 4 and 2 voxels). Figures below: ``benchmarks/registration.py`` (real CT at
 2 mm with planted changes); what was tried and not kept is in ``benchmarks/NOTES.md``.
 
 1. Intensities: HU clipped to [-1000, 400] (air to soft tissue) and scaled to [0, 1].
@@ -10,7 +13,8 @@ functions, so ``import sscflow`` does not load it. Settings: ``Options`` (the co
    grown to whole pyramid blocks. The moving volume (already resampled onto the fixed grid by
    ``register``) is used over that crop plus 30 mm, so the warped crop rarely samples outside
    it; only voxels the follow-up imaged (``valid``) count in the similarity.
-3. Pyramid: box-averaged images at the shrink ``levels`` (default 4, 2, 1). The moving crop
+3. Pyramid: box-averaged images, each level's shrink factor ``round(level_mm / spacing)``
+   (``levels_mm``, default 8, 4, 2 mm: shrink 4, 2, 1 at 2 mm). The moving crop
    starts on the same block grid as the fixed one, so both average the same voxel blocks:
    blocks out of phase read as a deformation (log-Jacobian blobs of +-0.05 on a scan
    registered to itself).
@@ -23,40 +27,42 @@ functions, so ``import sscflow`` does not load it. Settings: ``Options`` (the co
    this stage alone first (``Options.affine_stage``), resamples the follow-up through it, then
    the deformable stage without it (``Options.deformable_stage``).
 5. Deformable: the map is ``x -> A(exp(v)(x))`` with a stationary velocity field ``v`` (mm) on
-   a grid ``velocity_shrink`` times coarser than each level, integrated by scaling and
+   a grid ``velocity_spacing_mm`` apart at the finest level (default 4 mm, 2 voxels at 2 mm;
+   coarser levels in proportion, never finer than the level), integrated by scaling and
    squaring (at least ``squarings`` steps, more while the scaled velocity's largest vector
    exceeds half a velocity-grid voxel, the condition for each composition to stay
    invertible), so the result is a diffeomorphism up to interpolation. ``v`` is multiplied by
    a cosine taper, 1 over the lung bounding box and 0 at the crop border: outside the crop
    the field is exactly the affine part and continuous with the inside.
-6. Similarity: ``1 - LNCC`` (squared local correlation over a ``window``-voxel box at each
-   level). Local NCC is invariant to a local linear intensity change, so a fibrosis-like
-   density rise where the lung shrinks is not read as less shrinkage (an SSD or demons
-   similarity is). Each window is weighted by ``va^2 / (va^2 + (ncc_floor_hu / 1400)^4)``,
-   ``va`` the fixed image's local variance: windows much flatter than ``ncc_floor_hu`` HU
-   count little. The weight depends on the fixed image only, so every window's optimum stays
-   at ``moving ~ fixed``.
+6. Similarity: ``1 - LNCC`` (squared local correlation over a box of ``window_mm`` at the
+   finest level, the same voxel count at coarser ones: 5 voxels at 2 mm). Local NCC is
+   invariant to a local linear intensity change, so a fibrosis-like density rise where the
+   lung shrinks is not read as less shrinkage (an SSD or demons similarity is). Each window
+   is weighted by ``va^2 / (va^2 + (ncc_floor_hu / 1400)^4)``, ``va`` the fixed image's local
+   variance: windows much flatter than ``ncc_floor_hu`` HU count little. The weight depends
+   on the fixed image only, so every window's optimum stays at ``moving ~ fixed``.
 7. Optimiser: gradient descent on ``v``. The similarity gradient is taken with respect to the
    displacement ``exp(v)`` on the velocity grid and used as the velocity's (``d exp(v)/dv ~
    I``, as in log-domain demons), which skips the backward pass through the squarings; the
    warped image is linearised in the displacement (value from ``grid_sample``, slope from
    central differences), which skips ``grid_sample``'s backward pass, the most expensive step
-   on CPU. The gradient is smoothed (``gradient_sigma``, fluid-like) and scaled so that the
-   largest update is ``learning_rate`` velocity-grid voxels while the gradient is at least
+   on CPU. The gradient is smoothed (``gradient_sigma_mm``, fluid-like) and scaled so that the
+   largest update is ``learning_rate_mm`` (in proportion to the velocity grid's actual
+   spacing) while the gradient is at least
    ``full_step_at`` times the one a one-voxel shift of the fixed image against itself gives
    (measured once per level), and proportionally smaller below it: a pair already in register
    is left alone, not jittered by full-size steps. Optionally ``diffusion`` times the mean
    squared velocity gradient is added to the loss.
 8. Regulariser: after each step, the part of ``v`` added at the current level is smoothed by
-   ``2G - GG`` (``smoothing_order=2``, ``G`` a Gaussian of ``velocity_sigma`` voxels; ``G``
+   ``2G - GG`` (``smoothing_order=2``, ``G`` a Gaussian of ``velocity_sigma_mm``; ``G``
    alone with ``smoothing_order=1``); the coarser levels' result is not smoothed again, which
    would damp a regional change's peak. ``2G - GG`` penalises long wavelengths as k^4 rather
    than k^2, so a 20 mm regional change is damped far less for the same suppression of
-   fine-scale noise: with ``velocity_sigma`` 2.0 the planted region's mean log-Jacobian error
-   was +0.011 (order 1: +0.025), the moved pair's +0.014 (+0.035), rigid p95 |log-Jacobian|
-   0.023 and regridded p99 0.022 (order 1 and 2 alike); at ``velocity_sigma`` 1.5 the region
-   error fell to +0.004 but rigid p95 rose to 0.049. ``velocity_sigma`` and
-   ``gradient_sigma`` may also be given per level.
+   fine-scale noise: with ``velocity_sigma_mm`` 8 (at 2 mm) the planted region's mean
+   log-Jacobian error was +0.011 (order 1: +0.025), the moved pair's +0.014 (+0.035), rigid
+   p95 |log-Jacobian| 0.023 and regridded p99 0.022 (order 1 and 2 alike); at 6 mm the
+   region error fell to +0.004 but rigid p95 rose to 0.049. ``velocity_sigma_mm`` and
+   ``gradient_sigma_mm`` may also be given per level (mm, as given).
 """
 
 from __future__ import annotations
