@@ -159,7 +159,7 @@ def main(argv=None):
                     help="skip plain SimpleITK demons (and the ratio): minutes at 1 mm")
     ap.add_argument("--option", action="append", default=[], metavar="[BACKEND.]KEY=VALUE",
                     help="a setting over a backend's own defaults (repeatable): KEY for "
-                         "every backend that has it, e.g. velocity_sigma=1.0, or sitk.sigma=3")
+                         "every backend that has it, e.g. velocity_sigma_mm=6, or sitk.sigma_mm=6")
     args = ap.parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     options = {b: {} for b in backends}

@@ -335,7 +335,7 @@ def test_register_refuses_an_option_its_backend_does_not_have():
     with pytest.raises(RegistrationInputError, match="unknown option 'window' for backend 'sitk'"):
         register(z, z, SPACING, backend="sitk", window=5)
     with pytest.raises(RegistrationInputError, match=r"sitk\.iterations needs one count"):
-        register(z, z, SPACING, backend="sitk", levels=(2, 1), iterations=(3,))
+        register(z, z, SPACING, backend="sitk", levels_mm=(4.0, 2.0), iterations=(3,))
 
 
 def test_stage_names_missing_input(tmp_path):

@@ -97,7 +97,7 @@ def backend_options(name: str, **options):
     >>> backend_options("sitk", window=5)
     Traceback (most recent call last):
     ...
-    sscflow.errors.RegistrationInputError: register: unknown option 'window' for backend 'sitk'; its options: margin_mm, levels_mm, iterations, sigma_mm, affine, affine_iterations, threads, seed
+    sscflow.errors.RegistrationInputError: register: unknown option 'window' for backend 'sitk'; its options: margin_mm, levels_mm, iterations, sigma_mm, contrast_mm, affine, affine_iterations, threads, seed
     >>> backend_options("torch", window=5)
     Traceback (most recent call last):
     ...
