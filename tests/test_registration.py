@@ -3,6 +3,7 @@ input, the stage on a tiny store, and (slow) accuracy against the synthetic trut
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import numpy as np
@@ -497,13 +498,16 @@ PHANTOM_MM = 72.0  # edge of the phantom cube
 SINK = (np.array([36.0, 34.0, 38.0]), 15.0, 0.08)  # centre (mm), s.d. (mm), amplitude
 
 
+@functools.cache
 def _phantom_texture():
     """A lung-like texture (HU) on a 0.5 mm grid over the cube plus 8 mm per side: one object,
     sampled by every grid below."""
     rng = np.random.default_rng(11)
     n = int((PHANTOM_MM + 16.0) / 0.5)
     tex = ndimage.gaussian_filter(rng.standard_normal((n, n, n)), 3.0)  # 1.5 mm
-    return (-650.0 + 250.0 * tex / tex.std()).astype(np.float32)
+    out = (-650.0 + 250.0 * tex / tex.std()).astype(np.float32)
+    out.flags.writeable = False  # shared by the tests
+    return out
 
 
 def _sink_field(y):
