@@ -126,7 +126,7 @@ def warm_up() -> None:
     log_jacobian(np.zeros((3, 8, 8, 8), np.float32), (1.0, 1.0, 1.0))
     rng = np.random.default_rng(0)
     a = rng.normal(-700, 100, (24, 24, 24)).astype(np.float32)
-    register(a, a, (4.0, 4.0, 4.0), backend="torch", levels=(1,), iterations=(2,),
+    register(a, a, (4.0, 4.0, 4.0), backend="torch", levels_mm=(4.0,), iterations=(2,),
              affine_iterations=(2,), threads=1)  # fmt: skip
 
 

@@ -233,7 +233,7 @@ def cohort_section(say, pair, spacing: float, patients: int, reduced: bool, cuda
     config = {"manifest": "manifest.csv", "store": "cohort.zarr", "results": "results",
               "cluster": cluster, "ingest": {"spacing_mm": spacing}}  # fmt: skip
     if reduced:
-        small = {"torch": {"levels": [4, 2], "iterations": [10, 5],
+        small = {"torch": {"levels_mm": [4.0 * spacing, 2.0 * spacing], "iterations": [10, 5],
                            "affine_iterations": [20, 10]}}  # fmt: skip
         config["registration"] = small
         config["template"] = {"registration": small}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -294,11 +295,19 @@ class _RegistrationCommon:
     def moved_key(cls, key: str, keypath: str) -> str | None:
         """Where a key of the old flat section went (``registration.iterations`` ->
         ``registration.torch.iterations``), or None for a key no backend has."""
+        where = keypath.rpartition(".")[0]
         owners = [name for name in REGISTRATION_BACKENDS
                   if key in {f.name for f in dataclasses.fields(options_class(name))}]  # fmt: skip
-        if not owners:
-            return None
-        where = keypath.rpartition(".")[0]
+        if not owners:  # a voxel setting of earlier versions: its backend's millimetre key
+            found = [(name, *renamed[key]) for name in REGISTRATION_BACKENDS
+                     if key in (renamed := getattr(sys.modules[options_class(name).__module__],
+                                                   "RENAMED", {}))]  # fmt: skip
+            if not found:
+                return None
+            (name, new, how), *rest = found
+            also = "".join(f" (or {where}.{n}.{k})" for n, k, _ in rest)
+            return (f"{keypath} moved to {where}.{name}.{new}{also}: {how} (each backend has "
+                    "its own section, its sizes in millimetres)")
         first, *rest = (f"{where}.{name}.{key}" for name in owners)
         also = f" (or {', '.join(rest)})" if rest else ""
         return f"{keypath} moved to {first}{also} (each backend has its own section)"

@@ -97,16 +97,17 @@ def test_registration_has_a_section_per_backend_with_its_own_defaults():
     from sscflow.methods.registration import BACKENDS, options_class
 
     cfg = config_from_dict({"registration": {"backend": "sitk", "sitk": {"iterations": [5, 4, 3]},
-                                             "torch": {"window": 7}}})  # fmt: skip
+                                             "torch": {"window_mm": 14}}})  # fmt: skip
     reg = cfg.registration
-    assert reg.sitk.iterations == (5, 4, 3) and reg.sitk.sigma == options_class("sitk")().sigma
-    assert reg.torch.window == 7 and reg.torch.iterations == (40, 30, 10)
+    assert reg.sitk.iterations == (5, 4, 3)
+    assert reg.sitk.sigma_mm == options_class("sitk")().sigma_mm
+    assert reg.torch.window_mm == 14.0 and reg.torch.iterations == (40, 30, 10)
     for name in BACKENDS:  # one section per registered backend, its own Options
         assert type(getattr(reg, name)) is options_class(name)
     # register() gets the common keys and the chosen backend's section, nothing of the other's
     opts = reg.options("sitk")
     assert opts["iterations"] == (5, 4, 3) and opts["initial_alignment"] == "lungs"
-    assert "window" not in opts and "device" not in opts
+    assert "window_mm" not in opts and "device" not in opts
     # the sitk backend's own defaults differ from the torch backend's
     assert config_from_dict({}).registration.options("sitk")["iterations"] == (100, 60, 30)
 
@@ -118,17 +119,31 @@ def test_registration_has_a_section_per_backend_with_its_own_defaults():
          r"registration\.iterations moved to registration\.torch\.iterations "
          r"\(or registration\.sitk\.iterations\)"),
         ({"registration": {"window": 5}}, r"registration\.window moved to registration\.torch"
-                                          r"\.window \(each backend"),
+                                          r"\.window_mm: the local NCC window at the finest "
+                                          r"level in mm; 5 at 2 mm is 10 \(each backend"),
         ({"template": {"registration": {"levels": [2]}}},
-         r"template\.registration\.levels moved to template\.registration\.torch\.levels"),
+         r"template\.registration\.levels moved to template\.registration\.torch\.levels_mm "
+         r"\(or template\.registration\.sitk\.levels_mm\)"),
+        # the voxel settings of earlier versions, inside their backend's section: the new key
+        ({"registration": {"torch": {"window": 5}}},
+         r"registration\.torch\.window is now registration\.torch\.window_mm \(.*\): settings "
+         r"are in millimetres"),
+        ({"registration": {"torch": {"velocity_shrink": 2}}},
+         r"registration\.torch\.velocity_shrink is now registration\.torch\.velocity_spacing_mm"),
+        ({"registration": {"torch": {"learning_rate": 0.6}}},
+         r"registration\.torch\.learning_rate is now registration\.torch\.learning_rate_mm"),
+        ({"template": {"registration": {"sitk": {"sigma": 2.0}}}},
+         r"template\.registration\.sitk\.sigma is now template\.registration\.sitk\.sigma_mm"),
         ({"registration": {"sitk": {"window": 5}}},
          r"unknown key 'registration\.sitk\.window' \(known keys here: affine, "),
         ({"registration": {"colour": 5}}, r"unknown key 'registration\.colour'"),
-        ({"registration": {"sitk": {"sigma": "wide"}}},
-         r"'registration\.sitk\.sigma' must be a number, got a string"),
-        ({"registration": {"torch": {"levels": [2, 1], "iterations": [3]}}},
+        ({"registration": {"sitk": {"sigma_mm": "wide"}}},
+         r"'registration\.sitk\.sigma_mm' must be a number, got a string"),
+        ({"registration": {"torch": {"levels_mm": [4, 2], "iterations": [3]}}},
          r"registration\.torch\.iterations needs one count >= 0 per level \(2\)"),
-        ({"registration": {"sitk": {"sigma": 0}}}, r"registration\.sitk\.sigma must be > 0"),
+        ({"registration": {"sitk": {"sigma_mm": 0}}}, r"registration\.sitk\.sigma_mm must be > 0"),
+        ({"registration": {"torch": {"levels_mm": [4, 0]}}},
+         r"registration\.torch\.levels_mm must be voxel sizes > 0 \(mm\), got \[4\.0, 0\.0\]"),
         ({"registration": {"torch": {"device": "tpu"}}}, r"registration\.torch\.device must be"),
         ({"registration": {"backend": "elastix"}},
          r"registration\.backend must be one of auto, torch, sitk, got 'elastix'"),

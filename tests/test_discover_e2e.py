@@ -32,8 +32,8 @@ PEOPLE = [  # (PatientID, name, birth date, accession, baseline date, follow-up 
     ("PID-70394821", "Prandwisk^Ulmethra", "19491102", "ACC-38205716", "20170822", "20190611"),
     ("PID-15839402", "Gwendoliq^Tharvesk", "19580127", "ACC-94720358", "20190430", None),
 ]
-QUICK = {"torch": {"levels": [2], "iterations": [10], "affine_iterations": [20]},
-         "sitk": {"levels": [2], "iterations": [10], "affine_iterations": 20}}
+QUICK = {"torch": {"levels_mm": [12.0], "iterations": [10], "affine_iterations": [20]},
+         "sitk": {"levels_mm": [12.0], "iterations": [10], "affine_iterations": 20}}
 INSTITUTION, PHYSICIAN = "Clinique Wqbzntr", "Hjalmvork^Esquiddle"
 
 

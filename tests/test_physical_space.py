@@ -128,8 +128,8 @@ def test_register_pair_on_other_grids(backend):
     # the same tissue seen in the follow-up (where its "lung mask" would be)
     mmask = planted.render_on(mask.astype(np.float32), bg, fg, matrix=r, offset=t, order=1,
                               fill=0.0) >= 0.5  # fmt: skip
-    opts = {"sitk": {"levels": (2, 1), "iterations": (20, 10), "margin_mm": 6.0},
-            "torch": {"levels": (2, 1), "iterations": (30, 15), "margin_mm": 6.0,
+    opts = {"sitk": {"levels_mm": (4.0, 2.0), "iterations": (20, 10), "margin_mm": 6.0},
+            "torch": {"levels_mm": (4.0, 2.0), "iterations": (30, 15), "margin_mm": 6.0,
                       "threads": 1}}[backend]  # fmt: skip
     u = register(fixed, moving, mask=mask, moving_mask=mmask, fixed_geometry=bg,
                  moving_geometry=fg, backend=backend, **opts)  # fmt: skip
@@ -200,7 +200,7 @@ def test_stage_fails_a_pair_whose_lungs_cannot_be_aligned(tmp_path):
     # no rigid map overlaps them with the baseline's
     store = _store_pair(tmp_path, np.eye(3), (0.0, 0.0, 0.0), ball_mm=30.0)
     cfg = RegistrationConfig(backend="sitk")
-    cfg.sitk.levels, cfg.sitk.iterations = (1,), (2,)
+    cfg.sitk.levels_mm, cfg.sitk.iterations = (3.0,), (2,)
     with pytest.raises(RegistrationFailedError, match="could not be aligned .*Dice 0\\.[0-4]"):
         register_patient(store, "P1", cfg)
 
@@ -215,7 +215,8 @@ def test_stage_fails_a_followup_covering_too_little_lung(tmp_path):
     # the follow-up's grid stops 60 mm above the lungs' lower end: about 40 % of them imaged
     store = _store_pair(tmp_path, np.eye(3), (0.0, 0.0, 0.0), cut_z=20)
     cfg = RegistrationConfig(backend="torch")
-    cfg.torch.levels, cfg.torch.iterations, cfg.torch.affine_iterations = (2, 1), (2, 2), (30,)
+    cfg.torch.levels_mm, cfg.torch.iterations = (6.0, 3.0), (2, 2)
+    cfg.torch.affine_iterations = (30,)
     cfg.torch.threads = 1
     with pytest.raises(RegistrationFailedError, match=r"covers \d+% of the baseline lung"):
         register_patient(store, "P1", cfg)

@@ -68,7 +68,8 @@ def real_run(tmp_path_factory):
         "patient_id,baseline,followup\n"
         f"REAL1,{DATA},moved.nrrd\n"
         f"REAL2,{DATA},missing_followup.nrrd\n", encoding="utf-8")
-    reg = {"backend": "sitk", "sitk": {"levels": [4], "iterations": [20]}}  # small and quick
+    reg = {"backend": "sitk", "sitk": {"levels_mm": [10.0], "iterations": [20],
+                                       "sigma_mm": 20.0}}  # small and quick: 2 voxels of 10 mm
     config = {
         "manifest": "manifest.csv", "store": "cohort.zarr", "results": "results",
         "cluster": {"n_workers": 1, "threads_per_worker": 2, "dashboard_address": ":0"},
@@ -124,14 +125,15 @@ def test_unlabelled_real_ct_cohort_runs_and_names_the_bad_patient(real_run):
         assert f"{stage}: 0 done, 1 unchanged (skipped)" in again.stdout, again.stdout
     assert "report: 0 done, 1 unchanged (skipped)" in again.stdout
     # the run handed the sitk backend its own section: its own defaults where the config is
-    # silent (sigma), nothing of the torch backend's
+    # silent (margin_mm), nothing of the torch backend's
     from sscflow.methods.registration.sitk import Options as SitkOptions
 
     field = zarr.open_group(str(folder / "cohort.zarr" / "patients" / "REAL1" / "displacement"),
                             mode="r")  # fmt: skip
     params = field.attrs["sscflow"]["params"]
     assert params["backend"] == "sitk" and params["options"]["iterations"] == [20]
-    assert params["options"]["sigma"] == SitkOptions().sigma and "window" not in params["options"]
+    assert params["options"]["sigma_mm"] == 20.0 and "window_mm" not in params["options"]
+    assert params["options"]["margin_mm"] == SitkOptions().margin_mm
 
 
 @needs_ct

@@ -87,8 +87,8 @@ def run(tmp_path_factory):
         "manifest": "manifest.csv", "store": "cohort.zarr", "results": "results",
         "cluster": {"n_workers": 1, "threads_per_worker": 2, "dashboard_address": ":0"},
         "ingest": {"spacing_mm": SPACING},
-        "template": {"registration": {"torch": {"levels": [2], "iterations": [10]},
-                                      "sitk": {"levels": [2], "iterations": [10]}}},
+        "template": {"registration": {"torch": {"levels_mm": [6.0], "iterations": [10]},
+                                      "sitk": {"levels_mm": [6.0], "iterations": [10]}}},
     }  # fmt: skip
     (folder / "run.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     res = subprocess.run([sys.executable, "-m", "sscflow.cli", "run", str(folder / "run.yaml")],

@@ -3,6 +3,7 @@ input, the stage on a tiny store, and (slow) accuracy against the synthetic trut
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import numpy as np
@@ -26,11 +27,14 @@ BACKEND_NAMES = [
 SPACING = (2.0, 2.0, 2.0)
 SHAPE = (36, 36, 36)
 FAST = {
-    # sigma 1.5: these 36^3 phantoms' fields are recovered in few iterations with less field
-    # smoothing than the default (2.0, chosen on real CT at 2 mm: benchmarks/NOTES.md)
-    "sitk": {"levels": (2, 1), "iterations": (40, 20), "margin_mm": 6.0, "sigma": 1.5},
-    "torch": {"levels": (2, 1), "iterations": (60, 30), "affine_iterations": (100,),
-              "margin_mm": 6.0, "threads": 1, "velocity_shrink": 1},
+    # two levels (4 and 2 mm voxels); sitk sigma_mm 3: these 36^3 phantoms' fields are
+    # recovered in few iterations with less field smoothing than the default (chosen on real CT
+    # at 2 mm); torch: the velocity on the image grid (2 mm), its widths 2 and 1 voxels of it
+    "sitk": {"levels_mm": (4.0, 2.0), "iterations": (40, 20), "margin_mm": 6.0,
+             "sigma_mm": 3.0},
+    "torch": {"levels_mm": (4.0, 2.0), "iterations": (60, 30), "affine_iterations": (100,),
+              "margin_mm": 6.0, "threads": 1, "velocity_spacing_mm": 2.0,
+              "velocity_sigma_mm": 4.0, "gradient_sigma_mm": 2.0, "learning_rate_mm": 1.2},
 }  # fmt: skip
 
 
@@ -201,7 +205,7 @@ def test_identity_outside_crop_is_affine_only():
     mask = np.zeros(SHAPE, bool)
     mask[14:22, 14:22, 14:22] = True
     u = register(fixed, moving, SPACING, mask=mask, backend="sitk",
-                 affine=False, levels=(1,), iterations=(10,), margin_mm=4.0)  # fmt: skip
+                 affine=False, levels_mm=(2.0,), iterations=(10,), margin_mm=4.0)  # fmt: skip
     box = crop_box(mask, SPACING, 4.0, SHAPE)
     outside = np.ones(SHAPE, bool)
     outside[box] = False
@@ -279,7 +283,8 @@ def test_stage_writes_displacement_and_qa_then_skips(tmp_path):
 
     path = _tiny_store(tmp_path)
     cfg = RegistrationConfig(backend="sitk",
-                             sitk=SitkOptions(levels=(2, 1), iterations=(20, 10), margin_mm=6.0))
+                             sitk=SitkOptions(levels_mm=(4.0, 2.0), iterations=(20, 10),
+                                              margin_mm=6.0))  # fmt: skip
     first = register_patient(path, "P001", cfg)
     assert first["status"] == "done" and first["backend"] == "sitk"
     group = st.patient_group(st.open_store(path, "r"), "P001", create=False)
@@ -293,7 +298,8 @@ def test_stage_writes_displacement_and_qa_then_skips(tmp_path):
     again = register_patient(path, "P001", cfg)
     assert again["status"] == "skipped" and again["lncc_after"] == qa["lncc_after"]
     other = RegistrationConfig(backend="sitk",
-                               sitk=SitkOptions(levels=(2, 1), iterations=(20, 5), margin_mm=6.0))
+                               sitk=SitkOptions(levels_mm=(4.0, 2.0), iterations=(20, 5),
+                                                margin_mm=6.0))  # fmt: skip
     assert register_patient(path, "P001", other)["status"] == "done"
 
 
@@ -319,9 +325,9 @@ def test_stage_runs_the_sitk_backend_with_its_own_settings(tmp_path):
     assert meta["params"]["backend"] == "sitk" and meta["params"]["options"] == expected
     assert meta["qa"]["parameters"] == expected
     assert meta["qa"]["parameters"]["iterations"] == [100, 60, 30]  # not torch's (40, 30, 10)
-    other_torch = dataclasses.replace(cfg, torch=TorchOptions(iterations=(1, 1, 1), window=7))
+    other_torch = dataclasses.replace(cfg, torch=TorchOptions(iterations=(1, 1, 1), window_mm=14.0))
     assert register_patient(path, "P001", other_torch)["status"] == "skipped"
-    other_sitk = dataclasses.replace(cfg, sitk=SitkOptions(margin_mm=6.0, sigma=3.0))
+    other_sitk = dataclasses.replace(cfg, sitk=SitkOptions(margin_mm=6.0, sigma_mm=6.0))
     assert register_patient(path, "P001", other_sitk)["status"] == "done"
 
 
@@ -330,7 +336,7 @@ def test_register_refuses_an_option_its_backend_does_not_have():
     with pytest.raises(RegistrationInputError, match="unknown option 'window' for backend 'sitk'"):
         register(z, z, SPACING, backend="sitk", window=5)
     with pytest.raises(RegistrationInputError, match=r"sitk\.iterations needs one count"):
-        register(z, z, SPACING, backend="sitk", levels=(2, 1), iterations=(3,))
+        register(z, z, SPACING, backend="sitk", levels_mm=(4.0, 2.0), iterations=(3,))
 
 
 def test_stage_names_missing_input(tmp_path):
@@ -454,3 +460,135 @@ def test_exp_of_a_large_linear_velocity_matches_the_matrix_exponential():
     inner = (slice(None),) + (slice(12, 21),) * 3  # where exp(v)'s path stays inside the grid
     err = np.abs(disp[0].numpy() - want)[inner].max()
     assert err < 0.02 * np.abs(want[inner]).max(), err
+
+
+# --- settings in millimetres: 1 mm and 2 mm grids, the same regularisation
+
+
+def test_per_level_settings_are_todays_voxels_at_2_mm_and_the_same_mm_at_1_mm():
+    """The torch backend's millimetre defaults at 2 mm are the former voxel defaults (shrink 4,
+    2, 1; window 5; velocity grid 2 voxels of each level; smoothing 2 and 1 velocity-grid
+    voxels; steps of 0.6 of one); at 1 mm every level has the same size in mm."""
+    from sscflow.methods.registration.torch import Options
+
+    at2 = Options().per_level((2.0, 2.0, 2.0))
+    assert [(lv.factor, lv.window) for lv in at2] == [(4, 5), (2, 5), (1, 5)]
+    assert [lv.velocity_mm / (lv.factor * 2.0) for lv in at2] == [2.0, 2.0, 2.0]
+    assert {(lv.velocity_sigma, lv.gradient_sigma, lv.learning_rate) for lv in at2} == {
+        (2.0, 1.0, 0.6)}  # fmt: skip
+    at1 = Options().per_level((1.0, 1.0, 1.0))
+    mm = [(lv.factor * 1.0, lv.window * lv.factor * 1.0, lv.velocity_mm) for lv in at1]
+    assert mm == [(lv.factor * 2.0, lv.window * lv.factor * 2.0, lv.velocity_mm) for lv in at2]
+    assert [lv.velocity_sigma * lv.velocity_mm for lv in at1] == [32.0, 16.0, 8.0]
+    # a level finer than the grid runs on the grid's own voxels, the window at least 3 voxels
+    at4 = Options(levels_mm=(2.0,), iterations=(5,)).per_level((4.0, 4.0, 4.0))
+    assert (at4[0].factor, at4[0].window, at4[0].velocity_mm) == (1, 3, 4.0)
+
+
+def test_the_voxel_settings_of_earlier_versions_name_their_replacement():
+    z = np.zeros(SHAPE, np.float32)
+    with pytest.raises(RegistrationInputError, match=r"torch\.velocity_shrink is now "
+                                                     r"torch\.velocity_spacing_mm"):  # fmt: skip
+        register(z, z, SPACING, backend="torch", velocity_shrink=2)
+    with pytest.raises(RegistrationInputError, match=r"sitk\.sigma is now sitk\.sigma_mm"):
+        register(z, z, SPACING, backend="sitk", sigma=2.0)
+
+
+PHANTOM_MM = 72.0  # edge of the phantom cube
+SINK = (np.array([36.0, 34.0, 38.0]), 15.0, 0.08)  # centre (mm), s.d. (mm), amplitude
+
+
+@functools.cache
+def _phantom_texture():
+    """A lung-like texture (HU) on a 0.5 mm grid over the cube plus 8 mm per side: one object,
+    sampled by every grid below."""
+    rng = np.random.default_rng(11)
+    n = int((PHANTOM_MM + 16.0) / 0.5)
+    tex = ndimage.gaussian_filter(rng.standard_normal((n, n, n)), 3.0)  # 1.5 mm
+    out = (-650.0 + 250.0 * tex / tex.std()).astype(np.float32)
+    out.flags.writeable = False  # shared by the tests
+    return out
+
+
+def _sink_field(y):
+    """g(y) (mm): outward, so that moving(y) = fixed(y + g(y)) is the tissue shrunk about the
+    sink's centre (log-Jacobian about -3 x amplitude there)."""
+    c, s, a = SINK
+    d = y - c[:, None, None, None]
+    return a * d * np.exp(-(d**2).sum(0) / (2 * s * s))[None]
+
+
+def _sink_pair(spacing, tex, density_hu=0.0):
+    """The phantom on a grid of ``spacing`` mm (voxel centres from spacing / 2 to the cube's
+    edge) and its follow-up with the planted sink (and a smooth density rise of ``density_hu``
+    where it shrinks); the true u, its log-Jacobian, the "lung" (the cube less 12 mm) and the
+    planted region (within one s.d. of the sink's centre)."""
+    n = int(round(PHANTOM_MM / spacing))
+    axes = [spacing / 2 + spacing * np.arange(n)] * 3
+    x = np.stack(np.meshgrid(*axes, indexing="ij"))
+
+    def sample(points):
+        idx = (points + 8.0) / 0.5 - 0.5
+        return ndimage.map_coordinates(tex, idx, order=1, mode="nearest").astype(np.float32)
+
+    fixed = sample(x)
+    g = _sink_field(x)
+    c, s, _ = SINK
+    near = np.exp(-((x - c[:, None, None, None]) ** 2).sum(0) / (2 * s * s))
+    moving = sample(x + g) + np.float32(density_hu) * near.astype(np.float32)
+    # scanner noise, 20 HU per voxel of either grid (more per mm^3 at 1 mm, as in CT)
+    moving += np.random.default_rng(int(spacing * 10)).normal(0, 20, moving.shape).astype(
+        np.float32)  # fmt: skip
+    u = np.zeros_like(x)
+    for _ in range(40):  # u(x) = -g(x + u(x))
+        u = -_sink_field(x + u)
+    lung = np.zeros(fixed.shape, bool)
+    k = int(round(12.0 / spacing))
+    lung[k:-k, k:-k, k:-k] = True
+    region = lung & (near > np.exp(-0.5))
+    sp = (spacing,) * 3
+    return fixed, moving, sp, u.astype(np.float32), lung, region
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_the_same_sink_at_1_mm_and_2_mm(backend):
+    """A planted sink (s.d. 15 mm; truth -0.149 mean log-Jacobian in its region) on one
+    phantom imaged at 2 mm and at 1 mm, each backend with its default settings: in millimetres,
+    both grids get the same regularisation, so the region's error is the same at both (measured:
+    torch +0.014 and +0.018, sitk +0.020 and +0.024). With the former voxel settings (the same
+    shrink factors and voxel counts at 1 mm: half the smoothing in mm) the 1 mm result moved
+    away from the 2 mm one by 0.0097 (torch) and 0.0088 (sitk)."""
+    from sscflow.methods.registration.common import log_jacobian
+
+    tex = _phantom_texture()
+    options = {"threads": 1, "margin_mm": 8.0}
+    if backend == "torch":
+        options["affine_iterations"] = (0,)
+    else:
+        options["affine"] = False
+    got = {}
+    for spacing in (2.0, 1.0):
+        fixed, moving, sp, u_true, lung, region = _sink_pair(spacing, tex)
+        u = register(fixed, moving, sp, mask=lung, backend=backend, **options)
+        e = truth_errors(u, sp, u_true, log_jacobian(u_true, sp), lung, region)
+        assert e["folded_voxels"] == 0, (spacing, e)
+        got[spacing] = e
+    truth = got[2.0]["region_logjac_truth"]
+    assert -0.16 < truth < -0.14 and abs(got[1.0]["region_logjac_truth"] - truth) < 0.002
+    errors = {sp: round(e["region_logjac_error"], 4) for sp, e in got.items()}
+    assert all(abs(err) < 0.03 for err in errors.values()), errors
+    assert abs(errors[1.0] - errors[2.0]) < 0.006, errors
+
+
+def test_sitk_fallback_sees_a_sink_through_a_density_rise():
+    """The sitk fallback's demons compares local contrast (``contrast_mm``), not HU: a smooth
+    +150 HU rise where the tissue shrinks (fibrosis-like) is not read as less shrinkage. On
+    this phantom at 2 mm the region's error is +0.023 (truth -0.149); demons on HU read +0.046
+    (and +0.070 at 1 mm)."""
+    from sscflow.methods.registration.common import log_jacobian
+
+    fixed, moving, sp, u_true, lung, region = _sink_pair(2.0, _phantom_texture(), 150.0)
+    u = register(fixed, moving, sp, mask=lung, backend="sitk", affine=False, threads=1,
+                 margin_mm=8.0)  # fmt: skip
+    e = truth_errors(u, sp, u_true, log_jacobian(u_true, sp), lung, region)
+    assert e["folded_voxels"] == 0 and abs(e["region_logjac_error"]) < 0.03, e

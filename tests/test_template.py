@@ -41,12 +41,16 @@ PATIENTS = {
 REG = RegistrationConfig(
     backend="torch",
     torch=TorchOptions(
-        levels=(2, 1),
+        levels_mm=(5.0, 2.5),  # shrink 2, 1 at SP
         iterations=(30, 15),
         affine_iterations=(80,),
         margin_mm=5.0,
         threads=1,
-        velocity_shrink=2,
+        window_mm=12.5,  # 5 voxels; the velocity grid 2 voxels, its widths 2 and 1 of those
+        velocity_spacing_mm=5.0,
+        velocity_sigma_mm=10.0,
+        gradient_sigma_mm=5.0,
+        learning_rate_mm=3.0,
     ),
 )
 CFG = TemplateConfig(registration=REG)

@@ -146,7 +146,7 @@ def test_register_on_the_torch_path_matches_the_simpleitk_path():
     from sscflow.methods.registration import register
 
     fixed, fg, mask, moving, mg, moving_mask = _pair_across_grids()
-    opts = {"levels": (2, 1), "iterations": (30, 15), "affine_iterations": (60, 30),
+    opts = {"levels_mm": (4.0, 2.0), "iterations": (30, 15), "affine_iterations": (60, 30),
             "margin_mm": 6.0, "threads": 1, "device": "cpu"}  # fmt: skip
     out = {}
     for on_device in (False, True):

@@ -81,8 +81,8 @@ def options_class(name: str) -> type:
     """The ``Options`` dataclass of backend ``name`` (its module is imported; the package the
     backend needs, e.g. torch, is not).
 
-    >>> options_class("sitk")().iterations
-    (100, 60, 30)
+    >>> options_class("sitk")().levels_mm
+    (8.0, 4.0, 2.0)
     """
     return importlib.import_module(BACKENDS[resolve_backend(name)].module).Options
 
@@ -92,16 +92,23 @@ def backend_options(name: str, **options):
 
     Raises RegistrationInputError (a ValueError) naming an unknown or impossible setting.
 
-    >>> backend_options("sitk", sigma=3.0).sigma
-    3.0
+    >>> backend_options("sitk", sigma_mm=6.0).sigma_mm
+    6.0
     >>> backend_options("sitk", window=5)
     Traceback (most recent call last):
     ...
-    sscflow.errors.RegistrationInputError: register: unknown option 'window' for backend 'sitk'; its options: margin_mm, levels, iterations, sigma, affine, affine_iterations, threads, seed
+    sscflow.errors.RegistrationInputError: register: unknown option 'window' for backend 'sitk'; its options: margin_mm, levels_mm, iterations, sigma_mm, contrast_mm, affine, affine_iterations, threads, seed
+    >>> backend_options("torch", window=5)
+    Traceback (most recent call last):
+    ...
+    sscflow.errors.RegistrationInputError: register: torch.window is now torch.window_mm (the local NCC window at the finest level in mm; 5 at 2 mm is 10): settings are in millimetres, so that a cohort at 1 mm and at 2 mm gets the same regularisation
     """  # noqa: E501
     cls = options_class(name)
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in options if k not in known]
+    renamed = [cls.moved_key(k, f"{name}.{k}") for k in unknown if hasattr(cls, "moved_key")]
+    if any(renamed):
+        raise RegistrationInputError(f"register: {next(m for m in renamed if m)}")
     if unknown:
         raise RegistrationInputError(
             f"register: unknown option {unknown[0]!r} for backend {name!r}; its options: "

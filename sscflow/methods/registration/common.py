@@ -121,19 +121,44 @@ def _spacing(spacing, name) -> tuple[float, float, float]:
 
 
 def check_common_options(options, where: str) -> None:
-    """The checks every backend's ``Options`` shares: ``margin_mm`` >= 0, one shrink factor >= 1
-    per level and one iteration count >= 0 per level, ``threads`` >= 0. Raises ConfigError
-    naming the key (``where.levels``)."""
+    """The checks every backend's ``Options`` shares: ``margin_mm`` >= 0, one voxel size > 0
+    (mm) per level and one iteration count >= 0 per level, ``threads`` >= 0. Raises ConfigError
+    naming the key (``where.levels_mm``)."""
     if options.margin_mm < 0:
         raise ConfigError(f"{where}.margin_mm must be >= 0, got {options.margin_mm}")
-    if not options.levels or any(f < 1 for f in options.levels):
-        raise ConfigError(f"{where}.levels must be shrink factors >= 1, got {options.levels}")
+    levels = options.levels_mm
+    if not levels or not all(math.isfinite(f) and f > 0 for f in levels):
+        raise ConfigError(f"{where}.levels_mm must be voxel sizes > 0 (mm), got {list(levels)}")
     iterations = options.iterations
-    if len(iterations) != len(options.levels) or any(n < 0 for n in iterations):
+    if len(iterations) != len(levels) or any(n < 0 for n in iterations):
         raise ConfigError(f"{where}.iterations needs one count >= 0 per level "
-                          f"({len(options.levels)}), got {list(iterations)}")  # fmt: skip
+                          f"({len(levels)}), got {list(iterations)}")  # fmt: skip
     if options.threads < 0:
         raise ConfigError(f"{where}.threads must be >= 0, got {options.threads}")
+
+
+def renamed_message(key: str, keypath: str, renamed: dict) -> str | None:
+    """The error for a setting that was renamed to millimetres, or None for another key."""
+    if key not in renamed:
+        return None
+    new, how = renamed[key]
+    where = keypath.rpartition(".")[0]
+    new_path = f"{where}.{new}" if where else new
+    return (f"{keypath} is now {new_path} ({how}): settings are in millimetres, so that a "
+            "cohort at 1 mm and at 2 mm gets the same regularisation")
+
+
+def shrink_factor(level_mm: float, spacing) -> int:
+    """The shrink factor of a pyramid level of ``level_mm`` voxels on a grid of ``spacing``
+    (z, y, x) mm: ``round(level_mm / spacing)`` (the mean spacing), at least 1.
+
+    >>> [shrink_factor(mm, (2.0, 2.0, 2.0)) for mm in (8, 4, 2)]
+    [4, 2, 1]
+    >>> [shrink_factor(mm, (1.0, 1.0, 1.0)) for mm in (8, 4, 2)]
+    [8, 4, 2]
+    """
+    mean = float(np.mean(np.asarray(spacing, dtype=np.float64)))
+    return max(1, int(round(float(level_mm) / mean)))
 
 
 def n_threads(threads: int = 0) -> int:

@@ -2,7 +2,10 @@
 
 Runs on CPU, or on CUDA when available (``device="auto"``). PyTorch is imported inside the
 functions, so ``import sscflow`` does not load it. Settings: ``Options`` (the config's
-``registration.torch`` section). Figures below: ``benchmarks/registration.py`` (real CT at
+``registration.torch`` section), every size in millimetres: ``Options.per_level`` turns them
+into voxels of the grid at hand, so that a cohort at 1 mm and at 2 mm gets the same
+regularisation (at 1 mm the defaults run the same 8, 4 and 2 mm levels as at 2 mm, on
+averages of 8, 4 and 2 voxels). Figures below: ``benchmarks/registration.py`` (real CT at
 2 mm with planted changes); what was tried and not kept is in ``benchmarks/NOTES.md``.
 
 1. Intensities: HU clipped to [-1000, 400] (air to soft tissue) and scaled to [0, 1].
@@ -10,7 +13,8 @@ functions, so ``import sscflow`` does not load it. Settings: ``Options`` (the co
    grown to whole pyramid blocks. The moving volume (already resampled onto the fixed grid by
    ``register``) is used over that crop plus 30 mm, so the warped crop rarely samples outside
    it; only voxels the follow-up imaged (``valid``) count in the similarity.
-3. Pyramid: box-averaged images at the shrink ``levels`` (default 4, 2, 1). The moving crop
+3. Pyramid: box-averaged images, each level's shrink factor ``round(level_mm / spacing)``
+   (``levels_mm``, default 8, 4, 2 mm: shrink 4, 2, 1 at 2 mm). The moving crop
    starts on the same block grid as the fixed one, so both average the same voxel blocks:
    blocks out of phase read as a deformation (log-Jacobian blobs of +-0.05 on a scan
    registered to itself).
@@ -23,40 +27,42 @@ functions, so ``import sscflow`` does not load it. Settings: ``Options`` (the co
    this stage alone first (``Options.affine_stage``), resamples the follow-up through it, then
    the deformable stage without it (``Options.deformable_stage``).
 5. Deformable: the map is ``x -> A(exp(v)(x))`` with a stationary velocity field ``v`` (mm) on
-   a grid ``velocity_shrink`` times coarser than each level, integrated by scaling and
+   a grid ``velocity_spacing_mm`` apart at the finest level (default 4 mm, 2 voxels at 2 mm;
+   coarser levels in proportion, never finer than the level), integrated by scaling and
    squaring (at least ``squarings`` steps, more while the scaled velocity's largest vector
    exceeds half a velocity-grid voxel, the condition for each composition to stay
    invertible), so the result is a diffeomorphism up to interpolation. ``v`` is multiplied by
    a cosine taper, 1 over the lung bounding box and 0 at the crop border: outside the crop
    the field is exactly the affine part and continuous with the inside.
-6. Similarity: ``1 - LNCC`` (squared local correlation over a ``window``-voxel box at each
-   level). Local NCC is invariant to a local linear intensity change, so a fibrosis-like
-   density rise where the lung shrinks is not read as less shrinkage (an SSD or demons
-   similarity is). Each window is weighted by ``va^2 / (va^2 + (ncc_floor_hu / 1400)^4)``,
-   ``va`` the fixed image's local variance: windows much flatter than ``ncc_floor_hu`` HU
-   count little. The weight depends on the fixed image only, so every window's optimum stays
-   at ``moving ~ fixed``.
+6. Similarity: ``1 - LNCC`` (squared local correlation over a box of ``window_mm`` at the
+   finest level, the same voxel count at coarser ones: 5 voxels at 2 mm). Local NCC is
+   invariant to a local linear intensity change, so a fibrosis-like density rise where the
+   lung shrinks is not read as less shrinkage (an SSD or demons similarity is). Each window
+   is weighted by ``va^2 / (va^2 + (ncc_floor_hu / 1400)^4)``, ``va`` the fixed image's local
+   variance: windows much flatter than ``ncc_floor_hu`` HU count little. The weight depends
+   on the fixed image only, so every window's optimum stays at ``moving ~ fixed``.
 7. Optimiser: gradient descent on ``v``. The similarity gradient is taken with respect to the
    displacement ``exp(v)`` on the velocity grid and used as the velocity's (``d exp(v)/dv ~
    I``, as in log-domain demons), which skips the backward pass through the squarings; the
    warped image is linearised in the displacement (value from ``grid_sample``, slope from
    central differences), which skips ``grid_sample``'s backward pass, the most expensive step
-   on CPU. The gradient is smoothed (``gradient_sigma``, fluid-like) and scaled so that the
-   largest update is ``learning_rate`` velocity-grid voxels while the gradient is at least
+   on CPU. The gradient is smoothed (``gradient_sigma_mm``, fluid-like) and scaled so that the
+   largest update is ``learning_rate_mm`` (in proportion to the velocity grid's actual
+   spacing) while the gradient is at least
    ``full_step_at`` times the one a one-voxel shift of the fixed image against itself gives
    (measured once per level), and proportionally smaller below it: a pair already in register
    is left alone, not jittered by full-size steps. Optionally ``diffusion`` times the mean
    squared velocity gradient is added to the loss.
 8. Regulariser: after each step, the part of ``v`` added at the current level is smoothed by
-   ``2G - GG`` (``smoothing_order=2``, ``G`` a Gaussian of ``velocity_sigma`` voxels; ``G``
+   ``2G - GG`` (``smoothing_order=2``, ``G`` a Gaussian of ``velocity_sigma_mm``; ``G``
    alone with ``smoothing_order=1``); the coarser levels' result is not smoothed again, which
    would damp a regional change's peak. ``2G - GG`` penalises long wavelengths as k^4 rather
    than k^2, so a 20 mm regional change is damped far less for the same suppression of
-   fine-scale noise: with ``velocity_sigma`` 2.0 the planted region's mean log-Jacobian error
-   was +0.011 (order 1: +0.025), the moved pair's +0.014 (+0.035), rigid p95 |log-Jacobian|
-   0.023 and regridded p99 0.022 (order 1 and 2 alike); at ``velocity_sigma`` 1.5 the region
-   error fell to +0.004 but rigid p95 rose to 0.049. ``velocity_sigma`` and
-   ``gradient_sigma`` may also be given per level.
+   fine-scale noise: with ``velocity_sigma_mm`` 8 (at 2 mm) the planted region's mean
+   log-Jacobian error was +0.011 (order 1: +0.025), the moved pair's +0.014 (+0.035), rigid
+   p95 |log-Jacobian| 0.023 and regridded p99 0.022 (order 1 and 2 alike); at 6 mm the
+   region error fell to +0.004 but rigid p95 rose to 0.049. ``velocity_sigma_mm`` and
+   ``gradient_sigma_mm`` may also be given per level (mm, as given).
 """
 
 from __future__ import annotations
@@ -68,35 +74,74 @@ from dataclasses import dataclass
 import numpy as np
 
 from sscflow.errors import ConfigError
-from sscflow.methods.registration.common import check_common_options, compose, crop_box, n_threads
+from sscflow.methods.registration.common import (
+    check_common_options,
+    compose,
+    crop_box,
+    n_threads,
+    renamed_message,
+    shrink_factor,
+)
 
 HU_RANGE = (-1000.0, 400.0)
 MOVING_PAD_MM = 30.0  # the moving image is used over the fixed crop grown by this much
 
 
+# Settings of earlier versions given in voxels, and the millimetre settings that replaced them:
+# a config or a ``register`` call that still names one is refused with the new name.
+RENAMED = {
+    "levels": ("levels_mm", "the voxel size of each pyramid level in mm; [4, 2, 1] at 2 mm "
+                            "is [8, 4, 2]"),
+    "window": ("window_mm", "the local NCC window at the finest level in mm; 5 at 2 mm is 10"),
+    "velocity_sigma": ("velocity_sigma_mm", "mm at the finest level; 2.0 with velocity_shrink 2 "
+                                            "at 2 mm is 8"),
+    "gradient_sigma": ("gradient_sigma_mm", "mm at the finest level; 1.0 with velocity_shrink 2 "
+                                            "at 2 mm is 4"),
+    "learning_rate": ("learning_rate_mm", "mm at the finest level; 0.6 with velocity_shrink 2 at "
+                                          "2 mm is 2.4"),
+    "velocity_shrink": ("velocity_spacing_mm", "the velocity grid's spacing at the finest level "
+                                               "in mm; 2 at 2 mm is 4"),
+}
+
+
 @dataclass
 class Options:
-    """The torch backend's settings (the ``registration.torch`` section of the config)."""
+    """The torch backend's settings (the ``registration.torch`` section of the config).
+
+    Every size is in millimetres, so that 1 mm and 2 mm grids get the same regularisation (the
+    defaults are the former voxel settings at 2 mm, the default ingest spacing). A pyramid
+    level's shrink factor is ``round(level_mm / spacing)`` (at least 1; the mean of the three
+    spacings); ``window_mm``, ``velocity_spacing_mm`` and the ``*_mm`` widths and step are their
+    values at the finest level, and each coarser level scales them by its ``levels_mm`` over the
+    finest (the same count of its own, larger voxels). ``velocity_sigma_mm`` and
+    ``gradient_sigma_mm`` may also be given per level (mm, used as given).
+    """
 
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
     margin_mm: float = 15.0  # crop to the lung bounding box plus this margin
-    levels: tuple[int, ...] = (4, 2, 1)  # shrink factors, coarse to fine
+    levels_mm: tuple[float, ...] = (8.0, 4.0, 2.0)  # voxel size of each level, coarse to fine
     iterations: tuple[int, ...] = (40, 30, 10)  # deformable iterations per level
     affine_iterations: tuple[int, ...] = (100, 50)  # affine iterations, coarsest levels first
-    window: int = 5  # local NCC window, voxels of each level
+    window_mm: float = 10.0  # local NCC window at the finest level (an odd voxel count >= 3)
     ncc_floor_hu: float = 32.0  # local NCC: windows with local s.d. well below this are flat
-    velocity_sigma: float = 2.0  # Gaussian smoothing of each level's velocity increment (voxels)
+    velocity_sigma_mm: float = 8.0  # Gaussian smoothing of each level's velocity increment
     smoothing_order: int = 2  # increments smoothed by G (1) or by 2G - GG (2)
-    gradient_sigma: float = 1.0  # Gaussian smoothing of each update (voxels of the velocity grid)
+    gradient_sigma_mm: float = 4.0  # Gaussian smoothing of each update
     diffusion: float = 0.0  # weight of a diffusion penalty on the velocity
-    learning_rate: float = 0.6  # largest update per step, voxels of the velocity grid
-    velocity_shrink: int = 2  # velocity grid step = level shrink x this (image voxels)
+    learning_rate_mm: float = 2.4  # largest update per step (on the velocity grid's scale)
+    velocity_spacing_mm: float = 4.0  # the velocity grid's spacing at the finest level
     squarings: int = 2  # scaling-and-squaring steps (at least; more for large velocities)
     threads: int = 0  # CPU threads; 0 = the cores available to this process
     full_step_at: float = 1.0  # full steps down to the gradient of a 1-voxel shift
 
+    @classmethod
+    def moved_key(cls, key: str, keypath: str) -> str | None:
+        """The config's message for a setting renamed to millimetres (``window`` ->
+        ``window_mm``), or None."""
+        return renamed_message(key, keypath, RENAMED)
+
     def validate(self, where: str) -> None:
-        """Raise ConfigError naming the key (``where.window``) for an impossible value."""
+        """Raise ConfigError naming the key (``where.window_mm``) for an impossible value."""
         check_common_options(self, where)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"{where}.device must be auto, cpu or cuda, got {self.device!r}")
@@ -105,14 +150,18 @@ class Options:
                               f"{list(self.affine_iterations)}")  # fmt: skip
         if not self.ncc_floor_hu > 0:
             raise ConfigError(f"{where}.ncc_floor_hu must be > 0, got {self.ncc_floor_hu}")
-        if self.window < 3 or self.window % 2 == 0:
-            raise ConfigError(f"{where}.window must be an odd number >= 3, got {self.window}")
-        sigmas = [*_values(self.velocity_sigma), *_values(self.gradient_sigma)]
-        if min(*sigmas, self.diffusion) < 0 or not self.learning_rate > 0:
-            raise ConfigError(f"{where}.velocity_sigma, gradient_sigma and diffusion must be "
-                              f">= 0 and {where}.learning_rate > 0")  # fmt: skip
-        if self.velocity_shrink < 1:
-            raise ConfigError(f"{where}.velocity_shrink must be >= 1, got {self.velocity_shrink}")
+        if not self.window_mm > 0:
+            raise ConfigError(f"{where}.window_mm must be > 0, got {self.window_mm}")
+        for key in ("velocity_sigma_mm", "gradient_sigma_mm"):
+            values = _values(getattr(self, key))
+            if len(values) not in (1, len(self.levels_mm)) or min(values) < 0:
+                raise ConfigError(f"{where}.{key} must be one number >= 0 or one per level, got "
+                                  f"{getattr(self, key)}")  # fmt: skip
+        if self.diffusion < 0:
+            raise ConfigError(f"{where}.diffusion must be >= 0, got {self.diffusion}")
+        for key in ("learning_rate_mm", "velocity_spacing_mm"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{where}.{key} must be > 0, got {getattr(self, key)}")
         if self.smoothing_order not in (1, 2):
             raise ConfigError(f"{where}.smoothing_order must be 1 or 2, got "
                               f"{self.smoothing_order!r}")  # fmt: skip
@@ -126,11 +175,62 @@ class Options:
         without an affine stage."""
         if not any(self.affine_iterations):
             return None
-        return dataclasses.replace(self, iterations=(0,) * len(self.levels))
+        return dataclasses.replace(self, iterations=(0,) * len(self.levels_mm))
 
     def deformable_stage(self) -> Options:
         """These options without the affine stage."""
         return dataclasses.replace(self, affine_iterations=(0,))
+
+    def per_level(self, spacing) -> list[Level]:
+        """The settings of each pyramid level on a grid of ``spacing`` (z, y, x) mm, in voxels:
+        what the registration runs. At 2 mm the defaults give shrink factors 4, 2, 1, a
+        5-voxel window, a velocity grid 2 voxels coarser than each level, smoothing of 2 and 1
+        velocity-grid voxels and steps of 0.6 of one; at 1 mm the same millimetres.
+
+        >>> [(lv.factor, lv.window, lv.velocity_mm) for lv in Options().per_level((1, 1, 1))]
+        [(8, 5, 16.0), (4, 5, 8.0), (2, 5, 4.0)]
+        """
+        mean = float(np.mean(np.asarray(spacing, dtype=np.float64)))
+        finest = min(float(x) for x in self.levels_mm)
+        n = len(self.levels_mm)
+        vsigmas = _per_level_mm(self.velocity_sigma_mm, self.levels_mm, finest, "velocity_sigma_mm")
+        gsigmas = _per_level_mm(self.gradient_sigma_mm, self.levels_mm, finest, "gradient_sigma_mm")
+        out = []
+        for k in range(n):
+            scale = float(self.levels_mm[k]) / finest  # this level's sizes over the finest's
+            factor = shrink_factor(self.levels_mm[k], spacing)
+            window = max(3, 2 * int(math.floor(self.window_mm * scale / (factor * mean) / 2)) + 1)
+            # never finer than the level's own voxels, which could not resolve it
+            velocity_mm = max(float(self.velocity_spacing_mm) * scale, factor * mean)
+            out.append(Level(factor, window, velocity_mm, vsigmas[k] / velocity_mm,
+                             gsigmas[k] / velocity_mm,
+                             float(self.learning_rate_mm) * scale / velocity_mm))  # fmt: skip
+        return out
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level's settings in voxels (``Options.per_level``): the shrink factor, the
+    local NCC window (image voxels of the level), the velocity grid's nominal spacing (mm), and
+    the velocity and gradient smoothing and the largest step, in velocity-grid voxels."""
+
+    factor: int
+    window: int
+    velocity_mm: float
+    velocity_sigma: float
+    gradient_sigma: float
+    learning_rate: float
+
+
+def _per_level_mm(value, levels_mm, finest, name) -> list[float]:
+    """mm per level: one number, at the finest level and scaled with each level's size, or one
+    number per level, as given."""
+    if isinstance(value, (int, float)):
+        return [float(value) * float(level) / finest for level in levels_mm]
+    out = [float(x) for x in value]
+    if len(out) != len(levels_mm):
+        raise ValueError(f"torch backend: {name} needs one value or one per level, got {value}")
+    return out
 
 
 def _values(x) -> tuple[float, ...]:
@@ -161,10 +261,9 @@ def register(
     ``box``, for ``torch_resample.compose``.
     """
     o = options if options is not None else Options()
-    device, margin_mm, levels, iterations = o.device, o.margin_mm, o.levels, o.iterations
-    affine_iterations, window, ncc_floor_hu = o.affine_iterations, o.window, o.ncc_floor_hu
-    velocity_sigma, gradient_sigma, diffusion = o.velocity_sigma, o.gradient_sigma, o.diffusion
-    learning_rate, velocity_shrink, squarings = o.learning_rate, o.velocity_shrink, o.squarings
+    device, margin_mm, iterations = o.device, o.margin_mm, o.iterations
+    affine_iterations, ncc_floor_hu = o.affine_iterations, o.ncc_floor_hu
+    diffusion, squarings = o.diffusion, o.squarings
     threads, full_step_at, smoothing_order = o.threads, o.full_step_at, o.smoothing_order
     import torch
 
@@ -173,12 +272,13 @@ def register(
         torch.set_num_threads(n_threads(threads))
     if smoothing_order not in (1, 2):
         raise ValueError(f"torch backend: smoothing_order must be 1 or 2, got {smoothing_order!r}")
-    levels = tuple(int(f) for f in levels)
+    # the millimetre settings in voxels of this grid, per level
+    per_level = o.per_level(spacing)
+    levels = tuple(lv.factor for lv in per_level)
     iterations = tuple(int(n) for n in iterations)
     if len(iterations) != len(levels):
-        raise ValueError(
-            f"torch backend: iterations needs one count per level {levels}, got {iterations}"
-        )
+        raise ValueError(f"torch backend: iterations needs one count per level "
+                         f"{tuple(o.levels_mm)} mm, got {iterations}")  # fmt: skip
     shape = fixed.shape
     sp = torch.tensor(spacing, dtype=torch.float32, device=dev)
     box = _whole_blocks(crop_box(mask, spacing, margin_mm, shape), shape, math.lcm(*levels))
@@ -220,9 +320,12 @@ def register(
     # below ~ncc_floor_hu count as flat, so noise there is not matched as structure
     eps = (float(ncc_floor_hu) / (HU_RANGE[1] - HU_RANGE[0])) ** 4
     reg = _Registration(
-        torch, dev, sp, start, crop_n, centre, window=window, shape=shape, eps=eps,
+        torch, dev, sp, start, crop_n, centre, window=per_level[0].window, shape=shape, eps=eps,
         moving_start=[b.start for b in mbox],
     )
+    window_of = {}  # a shrink factor's window (the coarsest level of that factor's)
+    for lv in per_level:
+        window_of.setdefault(lv.factor, lv.window)
     # where the follow-up was imaged rides along as the moving image's second channel: one
     # grid_sample call interpolates both
     both = m_full if v_full is None else torch.cat([m_full, v_full], dim=1)
@@ -242,6 +345,7 @@ def register(
             continue
         f_img, m_img = pyramid[factor]
         pts = reg.points(factor, f_img.shape[2:])  # (3, D, H, W) mm
+        reg.window = window_of[factor]
         stats = reg.fixed_stats(f_img)
         level_mm = [float(x) * factor for x in spacing]
         c = centre.view(3, 1, 1, 1)
@@ -271,15 +375,16 @@ def register(
     # --- deformable (SVF)
     vel = None
     taper = None
-    vsigmas = _per_level(velocity_sigma, len(levels), "velocity_sigma")
-    gsigmas = _per_level(gradient_sigma, len(levels), "gradient_sigma")
-    for factor, n_iter, vsigma, gsigma in zip(levels, iterations, vsigmas, gsigmas, strict=True):
+    for lv, n_iter in zip(per_level, iterations, strict=True):
         if n_iter == 0:  # nothing at this level: the velocity carries on to the next one
             continue
+        factor = lv.factor
         f_img, m_img = pyramid[factor]
         pts = reg.points(factor, f_img.shape[2:])
-        vstep = factor * int(velocity_shrink)
-        vshape = [max(2, math.ceil((n - 1) / vstep) + 1) for n in crop_n]
+        reg.window = lv.window
+        # the velocity grid: ``lv.velocity_mm`` apart (or a little less: it spans the crop)
+        vshape = [max(2, math.ceil((n - 1) * s / lv.velocity_mm - 1e-9) + 1)
+                  for n, s in zip(crop_n, spacing, strict=True)]  # fmt: skip
         vspacing = torch.tensor(
             [(n - 1) * s / (m - 1) for n, s, m in zip(crop_n, spacing, vshape, strict=True)],
             device=dev,
@@ -297,10 +402,10 @@ def register(
         stats = reg.fixed_stats(f_img)
         with torch.no_grad():
             base, to_grid = reg.moving_grid(m_img, factor, pts, lin, trans)
-        kernel = _gauss_kernels(torch, vsigma)
-        gkernel = _gauss_kernels(torch, gsigma)
+        kernel = _gauss_kernels(torch, lv.velocity_sigma)
+        gkernel = _gauss_kernels(torch, lv.gradient_sigma)
         vox = float(vspacing.mean())
-        step = learning_rate * vox
+        step = lv.learning_rate * vox
         level_mm = [float(x) * factor for x in spacing]
         ref = reg.reference_gradient(f_img, stats, grid_f, factor, vshape, taper, gkernel, level_mm)
         ref = ref.clamp(min=1e-12)
@@ -421,16 +526,6 @@ def _whole_blocks(box, shape, period):
             stop = b.start + (size // period) * period if size >= period else n
         out.append(slice(b.start, stop))
     return tuple(out)
-
-
-def _per_level(value, n, name):
-    """One float per level: a number for all levels, or a sequence of ``n`` numbers."""
-    if isinstance(value, (int, float)):
-        return [float(value)] * n
-    out = [float(x) for x in value]
-    if len(out) != n:
-        raise ValueError(f"torch backend: {name} needs one value or one per level, got {value}")
-    return out
 
 
 def _device(device: str):

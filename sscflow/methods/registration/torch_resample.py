@@ -268,7 +268,7 @@ def _warm_up(torch, key: str) -> float:
     coef = bspline_coefficients(fixed)
     moving, valid = resample(fixed, g, g, np.eye(3), np.full(3, 0.3), coefficients=coef)
     moving = gaussian_blur(moving, (0.5, 0.5, 0.5))
-    tiny = Options(device=key.split(":")[0], levels=(2, 1), iterations=(1, 1),
+    tiny = Options(device=key.split(":")[0], levels_mm=(4.0, 2.0), iterations=(1, 1),
                    affine_iterations=(1, 1))  # fmt: skip
     local, box, aff = backend(fixed, moving, g.spacing, mask=mask, valid=valid, options=tiny,
                               return_affine=True, as_tensor=True)  # fmt: skip
