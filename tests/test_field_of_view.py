@@ -251,3 +251,20 @@ def test_a_lung_cut_at_its_side_is_kept_when_segmentation_knows_what_was_imaged(
     assert blind.right_ml < 0.2 * lung.right_ml  # lost: joined to the air outside
     assert told.mask.astype(bool)[kept].mean() >= 0.97
     assert not told.mask.astype(bool)[~imaged].any()
+
+
+def test_the_imaged_part_beside_the_body_changes_no_lung_mask():
+    """The imaged field of view ends at the body's sides where only air lies beyond (no cut):
+    the air between the body and those sides stays outside the lungs (walling every side
+    closed it in and read it as lung: a demo patient's mask grew to 7.7 L)."""
+    from sscflow.methods.ingest import imaged_mask
+    from sscflow.methods.segment import segment_lungs
+
+    hu = _chest(shape=(40, 64, 72))
+    hu[:, :, :4] = -1024.0  # the writer's constant air beyond the field of view
+    g = Geometry(hu.shape, (5.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    imaged = imaged_mask(g, imaged_field_of_view(to_itk(hu, g)))
+    assert imaged is not None and not imaged.all()
+    plain = segment_lungs(hu, g.spacing, min_lung_ml=5.0).mask
+    told = segment_lungs(hu, g.spacing, min_lung_ml=5.0, imaged=imaged).mask
+    np.testing.assert_array_equal(told, plain)

@@ -78,6 +78,8 @@ class LungMask:
 
 
 SOFT_TISSUE_HU = 40  # what segment_lungs takes the unimaged part of a scan for
+TISSUE_HU = -500.0  # above this: tissue (the imaged field of view's rule)
+CUT_TISSUE = 0.1  # an imaged edge plane this much tissue cuts through the body
 
 def segment_lungs(
     hu: np.ndarray,
@@ -110,9 +112,10 @@ def segment_lungs(
     backend : "threshold" (this module) or "lungmask" (the lungmask package's R231 model;
         ``lungmask_weights`` must name a local weights file: nothing is downloaded)
     imaged : optional bool (Z, Y, X), False where the scanner imaged nothing (past a cut of the
-        field of view, :func:`sscflow.methods.ingest.imaged_mask`): taken as soft tissue, so
-        that air written past a cut at one side does not open the lungs to the air around the
-        body (a right lung cut at its side was lost whole that way)
+        field of view, :func:`sscflow.methods.ingest.imaged_mask`): past a side where the
+        imaged part cuts through the body, taken as soft tissue, so that air written past the
+        cut does not open the lungs to the air around the body (a right lung cut at its side
+        was lost whole that way)
 
     Raises
     ------
@@ -138,7 +141,7 @@ def segment_lungs(
             f"segment_lungs: spacing must be three positive numbers, got {spacing}"
         )
     if imaged is not None and not np.all(imaged):
-        hu = np.where(imaged, hu, np.asarray(SOFT_TISSUE_HU, hu.dtype))
+        hu = _wall_cut_sides(hu, np.asarray(imaged, bool))
     if backend == "lungmask":
         labels = segment_lungmask(hu, spacing, weights=lungmask_weights)
         return _from_labels(labels, spacing, min_lung_ml)
@@ -378,6 +381,33 @@ def _largest_component(mask: np.ndarray) -> np.ndarray | None:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return labels == int(sizes.argmax())
+
+
+def _wall_cut_sides(hu: np.ndarray, imaged: np.ndarray) -> np.ndarray:
+    """``hu`` with soft tissue past each in-plane side (y, x) where the imaged part ends in a
+    plane that cuts through the body (at least ``CUT_TISSUE`` of its imaged voxels tissue):
+    a lung cut there stays closed off from the air around the patient. Sides that end in the
+    air beside the body are left open (a wall there would close that air in), and so are the
+    top and bottom (the body is filled slice by slice)."""
+    out = None
+    for axis in (1, 2):
+        others = tuple(a for a in range(3) if a != axis)
+        rows = np.flatnonzero(imaged.any(axis=others))
+        if rows.size == 0:
+            continue
+        for end, row in ((0, int(rows[0])), (1, int(rows[-1]))):
+            beyond = slice(0, row) if end == 0 else slice(row + 1, hu.shape[axis])
+            if beyond.stop <= beyond.start:
+                continue
+            plane = np.take(hu, row, axis=axis)[np.take(imaged, row, axis=axis)]
+            if plane.size == 0 or float((plane > TISSUE_HU).mean()) < CUT_TISSUE:
+                continue
+            out = np.array(hu, copy=True) if out is None else out
+            index = [slice(None)] * 3
+            index[axis] = beyond
+            region = out[tuple(index)]
+            region[~imaged[tuple(index)]] = SOFT_TISSUE_HU
+    return hu if out is None else out
 
 
 def _fill_slices(mask: np.ndarray) -> np.ndarray:
