@@ -50,6 +50,8 @@ from sscflow.methods.segment_lungmask import segment_lungmask
 
 WORK_MM = 2.0  # working grid spacing for every decision
 TRACHEA_MIDLINE_MM = 30.0  # the trachea's centre lies within this of the body's midline
+TRACHEA_MIDLINE_WIDTH = 0.1  # and within this fraction of the body's width (a small chest's
+# lungs lie close to its midline: their apices are round tubes too)
 TRACHEA_AREA_MM2 = (50.0, 1100.0)  # section of the trachea lumen in an axial slice
 BONE_HU = 200.0
 RIGHT, LEFT = 1, 2
@@ -386,9 +388,12 @@ def _largest_component(mask: np.ndarray) -> np.ndarray | None:
 def _wall_cut_sides(hu: np.ndarray, imaged: np.ndarray) -> np.ndarray:
     """``hu`` with soft tissue past each in-plane side (y, x) where the imaged part ends in a
     plane that cuts through the body (at least ``CUT_TISSUE`` of its imaged voxels tissue):
-    a lung cut there stays closed off from the air around the patient. Sides that end in the
-    air beside the body are left open (a wall there would close that air in), and so are the
-    top and bottom (the body is filled slice by slice)."""
+    a lung cut there stays closed off from the air around the patient. The wall stands only
+    in front of the body: in each axial slice, over the span from the first to the last tissue
+    voxel of the cut plane (a round body ending inside the field of view leaves the air at its
+    sides open; a wall over the whole side would close that air in and make a lung of it).
+    Sides that end in the air beside the body are left open, and so are the top and bottom
+    (the body is filled slice by slice)."""
     out = None
     for axis in (1, 2):
         others = tuple(a for a in range(3) if a != axis)
@@ -399,14 +404,18 @@ def _wall_cut_sides(hu: np.ndarray, imaged: np.ndarray) -> np.ndarray:
             beyond = slice(0, row) if end == 0 else slice(row + 1, hu.shape[axis])
             if beyond.stop <= beyond.start:
                 continue
-            plane = np.take(hu, row, axis=axis)[np.take(imaged, row, axis=axis)]
-            if plane.size == 0 or float((plane > TISSUE_HU).mean()) < CUT_TISSUE:
+            seen = np.take(imaged, row, axis=axis)  # (Z, other in-plane axis)
+            tissue = (np.take(hu, row, axis=axis) > TISSUE_HU) & seen
+            if not seen.any() or float(tissue.sum()) < CUT_TISSUE * float(seen.sum()):
                 continue
+            span = np.maximum.accumulate(tissue, axis=1)
+            span &= np.maximum.accumulate(tissue[:, ::-1], axis=1)[:, ::-1]
             out = np.array(hu, copy=True) if out is None else out
             index = [slice(None)] * 3
             index[axis] = beyond
             region = out[tuple(index)]
-            region[~imaged[tuple(index)]] = SOFT_TISSUE_HU
+            wall = np.expand_dims(span, axis) & ~imaged[tuple(index)]
+            region[wall] = SOFT_TISSUE_HU
     return hu if out is None else out
 
 
@@ -437,7 +446,8 @@ def _midline_x(filled: np.ndarray) -> float:
 
 def _trachea_seed(low: np.ndarray, filled: np.ndarray, cs) -> tuple[np.ndarray | None, int]:
     """The trachea's lumen in one axial slice and its largest section (voxels) over the tube: a
-    round component of ``low`` near the body's midline that continues as a round part over
+    round component of ``low`` near the body's midline (within ``TRACHEA_MIDLINE_MM`` and
+    ``TRACHEA_MIDLINE_WIDTH`` of the body's width) that continues as a round part over
     ``TRACHEA_TUBE_MM`` below it (a piriform sinus or an air pocket of the oesophagus does not;
     8 mm when no part does), in the upper half of the air inside the body; the topmost such.
     (None, 0) when there is none."""
@@ -457,6 +467,8 @@ def _trachea_seed(low: np.ndarray, filled: np.ndarray, cs) -> tuple[np.ndarray |
             if n:
                 cols = np.flatnonzero(filled[k].any(axis=0))
                 mid = 0.5 * (cols[0] + cols[-1])
+                width_mm = (cols[-1] - cols[0] + 1) * cs[2]
+                reach = min(TRACHEA_MIDLINE_MM, TRACHEA_MIDLINE_WIDTH * width_mm) / cs[2]
                 for j, sl in enumerate(ndi.find_objects(labels), start=1):
                     part = labels[sl] == j
                     area = part.sum() * px
@@ -466,7 +478,7 @@ def _trachea_seed(low: np.ndarray, filled: np.ndarray, cs) -> tuple[np.ndarray |
                     if max(h, w) > 2.0 * min(h, w) or area < 0.55 * math.pi / 4 * h * w:
                         continue
                     cx = 0.5 * (sl[1].start + sl[1].stop - 1)
-                    if abs(cx - mid) * cs[2] > TRACHEA_MIDLINE_MM:
+                    if abs(cx - mid) > reach:
                         continue
                     mask = np.zeros_like(low[k])
                     mask[sl] = part
