@@ -161,6 +161,26 @@ def shrink_factor(level_mm: float, spacing) -> int:
     return max(1, int(round(float(level_mm) / mean)))
 
 
+def levels_run(levels_mm, spacing) -> list[int]:
+    """The indices of the pyramid levels (``levels_mm``, coarse to fine) that run on a grid of
+    ``spacing`` mm: a level whose shrink factor is the previous running level's (both on the
+    scan's own voxels, as the 2 mm level of a 4 mm scan) is left out, so that the coarser one's
+    settings hold there: the finer level's window and smoothing would be finer than the scan
+    resolves (a 10 mm window is 2.5 voxels at 4 mm).
+
+    >>> levels_run((8, 4, 2), (2.0, 2.0, 2.0)), levels_run((8, 4, 2), (4.0, 4.0, 4.0))
+    ([0, 1, 2], [0, 1])
+    """
+    out: list[int] = []
+    last = None
+    for k, mm in enumerate(levels_mm):
+        factor = shrink_factor(mm, spacing)
+        if factor != last:
+            out.append(k)
+        last = factor
+    return out
+
+
 def n_threads(threads: int = 0) -> int:
     """``threads`` if > 0; else, on a Dask worker, the worker's thread count (so that workers
     do not oversubscribe the cores); else the CPU cores this process may use."""

@@ -48,6 +48,7 @@ from sscflow.methods.registration.common import (
     compose,
     crop_box,
     dilate_mask,
+    levels_run,
     n_threads,
     renamed_message,
     shrink_factor,
@@ -136,13 +137,16 @@ def register(
     seen = None if valid is None else np.asarray(valid) >= 0.999
     if seen is not None:
         moving = np.where(seen, moving, fixed)
-    margin_mm, iterations = o.margin_mm, tuple(o.iterations)
-    levels = [shrink_factor(mm, spacing) for mm in o.levels_mm]
+    margin_mm = o.margin_mm
+    run = levels_run(o.levels_mm, spacing)  # a level on the scan's own voxels twice runs once
+    levels_mm = [float(o.levels_mm[k]) for k in run]
+    iterations = tuple(o.iterations[k] for k in run)
+    levels = [shrink_factor(mm, spacing) for mm in levels_mm]
     finest = min(float(mm) for mm in o.levels_mm)
     # the field smoothing in voxels of each level: sigma_mm at the finest level, scaled with
     # each level's size (at 2 mm, 2 voxels of every level)
-    sigmas = [o.sigma_mm * float(mm) / finest / (f * float(np.mean(spacing)))
-              for mm, f in zip(o.levels_mm, levels, strict=True)]  # fmt: skip
+    sigmas = [o.sigma_mm * mm / finest / (f * float(np.mean(spacing)))
+              for mm, f in zip(levels_mm, levels, strict=True)]  # fmt: skip
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n_threads(o.threads))
     shape = fixed.shape
     grid = Geometry(shape, spacing, (0.0, 0.0, 0.0))

@@ -78,6 +78,7 @@ from sscflow.methods.registration.common import (
     check_common_options,
     compose,
     crop_box,
+    levels_run,
     n_threads,
     renamed_message,
     shrink_factor,
@@ -192,11 +193,10 @@ class Options:
         """
         mean = float(np.mean(np.asarray(spacing, dtype=np.float64)))
         finest = min(float(x) for x in self.levels_mm)
-        n = len(self.levels_mm)
         vsigmas = _per_level_mm(self.velocity_sigma_mm, self.levels_mm, finest, "velocity_sigma_mm")
         gsigmas = _per_level_mm(self.gradient_sigma_mm, self.levels_mm, finest, "gradient_sigma_mm")
         out = []
-        for k in range(n):
+        for k in levels_run(self.levels_mm, spacing):
             scale = float(self.levels_mm[k]) / finest  # this level's sizes over the finest's
             factor = shrink_factor(self.levels_mm[k], spacing)
             window = max(3, 2 * int(math.floor(self.window_mm * scale / (factor * mean) / 2)) + 1)
@@ -204,7 +204,7 @@ class Options:
             velocity_mm = max(float(self.velocity_spacing_mm) * scale, factor * mean)
             out.append(Level(factor, window, velocity_mm, vsigmas[k] / velocity_mm,
                              gsigmas[k] / velocity_mm,
-                             float(self.learning_rate_mm) * scale / velocity_mm))  # fmt: skip
+                             float(self.learning_rate_mm) * scale / velocity_mm, k))  # fmt: skip
         return out
 
 
@@ -220,6 +220,7 @@ class Level:
     velocity_sigma: float
     gradient_sigma: float
     learning_rate: float
+    index: int = 0  # which of ``levels_mm`` (and of ``iterations``) this is
 
 
 def _per_level_mm(value, levels_mm, finest, name) -> list[float]:
@@ -276,9 +277,10 @@ def register(
     per_level = o.per_level(spacing)
     levels = tuple(lv.factor for lv in per_level)
     iterations = tuple(int(n) for n in iterations)
-    if len(iterations) != len(levels):
+    if len(iterations) != len(o.levels_mm):
         raise ValueError(f"torch backend: iterations needs one count per level "
                          f"{tuple(o.levels_mm)} mm, got {iterations}")  # fmt: skip
+    iterations = tuple(iterations[lv.index] for lv in per_level)  # of the levels that run
     shape = fixed.shape
     sp = torch.tensor(spacing, dtype=torch.float32, device=dev)
     box = _whole_blocks(crop_box(mask, spacing, margin_mm, shape), shape, math.lcm(*levels))
