@@ -78,7 +78,6 @@ from sscflow.methods.registration.common import (
     check_common_options,
     compose,
     crop_box,
-    levels_run,
     n_threads,
     renamed_message,
     shrink_factor,
@@ -196,7 +195,10 @@ class Options:
         vsigmas = _per_level_mm(self.velocity_sigma_mm, self.levels_mm, finest, "velocity_sigma_mm")
         gsigmas = _per_level_mm(self.gradient_sigma_mm, self.levels_mm, finest, "gradient_sigma_mm")
         out = []
-        for k in levels_run(self.levels_mm, spacing):
+        # every level runs, also two on the scan's own voxels (3 and 4 mm scans): leaving
+        # the finer one out, as the sitk backend does, halved the noise of a 4 mm
+        # no-change pair but doubled a 3 mm planted region's error (0.030 -> 0.058)
+        for k in range(len(self.levels_mm)):
             scale = float(self.levels_mm[k]) / finest  # this level's sizes over the finest's
             factor = shrink_factor(self.levels_mm[k], spacing)
             window = max(3, 2 * int(math.floor(self.window_mm * scale / (factor * mean) / 2)) + 1)
