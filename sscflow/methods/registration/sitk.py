@@ -74,7 +74,9 @@ class Options:
 
     Sizes in millimetres, as the torch backend's: a level's shrink factor is
     ``round(level_mm / spacing)`` (at least 1), ``sigma_mm`` is the field smoothing at the
-    finest level and each coarser level scales it by its ``levels_mm`` over the finest's.
+    finest level and each coarser level scales it by its ``levels_mm`` over the finest's. On a
+    coarse grid, a level on the same voxels as the coarser one before it (the 2 mm level of a
+    3 or 4 mm scan) is left out (:func:`~sscflow.methods.registration.common.levels_run`).
     """
 
     margin_mm: float = 15.0  # crop to the lung bounding box plus this margin
