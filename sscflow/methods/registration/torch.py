@@ -192,13 +192,14 @@ class Options:
         """
         mean = float(np.mean(np.asarray(spacing, dtype=np.float64)))
         finest = min(float(x) for x in self.levels_mm)
+        n = len(self.levels_mm)
         vsigmas = _per_level_mm(self.velocity_sigma_mm, self.levels_mm, finest, "velocity_sigma_mm")
         gsigmas = _per_level_mm(self.gradient_sigma_mm, self.levels_mm, finest, "gradient_sigma_mm")
         out = []
         # every level runs, also two on the scan's own voxels (3 and 4 mm scans): leaving
-        # the finer one out, as the sitk backend does, halved the noise of a 4 mm
-        # no-change pair but doubled a 3 mm planted region's error (0.030 -> 0.058)
-        for k in range(len(self.levels_mm)):
+        # the finer one out, as the sitk backend does (common.levels_run), halved the noise
+        # of a 4 mm no-change pair but doubled a 3 mm planted region's error (0.030 -> 0.058)
+        for k in range(n):
             scale = float(self.levels_mm[k]) / finest  # this level's sizes over the finest's
             factor = shrink_factor(self.levels_mm[k], spacing)
             window = max(3, 2 * int(math.floor(self.window_mm * scale / (factor * mean) / 2)) + 1)
@@ -206,7 +207,7 @@ class Options:
             velocity_mm = max(float(self.velocity_spacing_mm) * scale, factor * mean)
             out.append(Level(factor, window, velocity_mm, vsigmas[k] / velocity_mm,
                              gsigmas[k] / velocity_mm,
-                             float(self.learning_rate_mm) * scale / velocity_mm, k))  # fmt: skip
+                             float(self.learning_rate_mm) * scale / velocity_mm))  # fmt: skip
         return out
 
 
@@ -222,7 +223,6 @@ class Level:
     velocity_sigma: float
     gradient_sigma: float
     learning_rate: float
-    index: int = 0  # which of ``levels_mm`` (and of ``iterations``) this is
 
 
 def _per_level_mm(value, levels_mm, finest, name) -> list[float]:
@@ -279,10 +279,9 @@ def register(
     per_level = o.per_level(spacing)
     levels = tuple(lv.factor for lv in per_level)
     iterations = tuple(int(n) for n in iterations)
-    if len(iterations) != len(o.levels_mm):
+    if len(iterations) != len(levels):
         raise ValueError(f"torch backend: iterations needs one count per level "
                          f"{tuple(o.levels_mm)} mm, got {iterations}")  # fmt: skip
-    iterations = tuple(iterations[lv.index] for lv in per_level)  # of the levels that run
     shape = fixed.shape
     sp = torch.tensor(spacing, dtype=torch.float32, device=dev)
     box = _whole_blocks(crop_box(mask, spacing, margin_mm, shape), shape, math.lcm(*levels))
