@@ -402,6 +402,9 @@ class Config:
     manifest: Path | None = None
     store: str | None = None  # a folder, or later an fsspec URL (s3://bucket/cohort.zarr)
     results: Path | None = None
+    # a patient with more than two scans (the manifest's long form): which pairs are registered,
+    # "both" (consecutive and first -> last), "consecutive" or "first_last" (sscflow.cohort)
+    pairs: str = "both"
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
@@ -416,6 +419,8 @@ class Config:
     source: str = "<defaults>"  # where it was loaded from (not a YAML key)
 
     def validate(self, where: str = "") -> None:
+        if self.pairs not in ("both", "consecutive", "first_last"):
+            raise ConfigError(f"pairs must be both, consecutive or first_last, got {self.pairs!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):

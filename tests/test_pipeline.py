@@ -233,7 +233,7 @@ def test_rerun_skips_and_recomputes_only_downstream(finished, cohort, client):
 
 
 def test_dry_run_plans_ten_thousand_patients_without_running(tmp_path):
-    """The plan grows with patients (8 tasks each + 4 cohort tasks), and a dry run writes
+    """The plan grows with patients (8 tasks each + 5 cohort tasks), and a dry run writes
     nothing."""
     scan = tmp_path / "scan.nii.gz"
     scan.write_bytes(b"x")
@@ -245,12 +245,12 @@ def test_dry_run_plans_ten_thousand_patients_without_running(tmp_path):
     store = tmp_path / "never.zarr"
     cfg_path = _write_config(tmp_path, manifest, store)
     plan = plan_run(read_manifest(manifest), load_config(cfg_path))
-    assert len(plan.tasks) == 8 * 10_000 + 4
+    assert len(plan.tasks) == 8 * 10_000 + 5
     assert len({t.key for t in plan.tasks}) == len(plan.tasks)
     assert plan.count() == {"ingest": 10_000, "segment": 10_000, "extent": 10_000,
                             "registration": 10_000, "jacobian": 10_000, "zones": 10_000,
                             "template": 1,
-                            "to_template": 10_000, "qa": 10_000, "group_means": 1,
+                            "to_template": 10_000, "qa": 10_000, "pairs": 1, "group_means": 1,
                             "classifier": 1, "report": 1}  # fmt: skip
     # every dependency comes first; the report follows every patient's QA page
     seen = set()
@@ -263,7 +263,7 @@ def test_dry_run_plans_ten_thousand_patients_without_running(tmp_path):
                           capture_output=True, text=True, encoding="utf-8", timeout=120,
                           env={**os.environ, "PYTHONIOENCODING": "utf-8"})  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "10000 patients" in done.stdout and "80004 tasks" in done.stdout
+    assert "10000 patients" in done.stdout and "80005 tasks" in done.stdout
     assert not store.exists()
 
 

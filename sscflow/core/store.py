@@ -168,13 +168,31 @@ def template_group(root: zarr.Group) -> zarr.Group:
         ) from None
 
 
-def patient_ids(root: zarr.Group) -> list[str]:
-    """Patient ids present in the store, sorted."""
-    if PATIENTS not in root:
-        return []
+PAIRS = "pairs"  # patients/<id>/pairs/<t0>-<t1>: a patient's pairs other than 0 -> 1
+
+
+def unit_groups(parent: zarr.Group) -> list[tuple[str, zarr.Group]]:
+    """The unit groups under ``parent`` (``STORE/patients`` or ``STORE/status``), sorted by id:
+    ``<patient_id>`` (the pair 0 -> 1, or a patient's records) and ``<patient_id>/pairs/<t0>-<t1>``
+    (``sscflow.cohort.unit_id``). A patient group holding nothing but ``pairs`` (no pair 0 -> 1
+    was registered) is not a unit itself."""
+    out = []
     with warnings.catch_warnings():  # a metadata file being written (*.partial) while we list
         warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
-        return sorted(name for name, _ in root[PATIENTS].groups())
+        for name, group in parent.groups():
+            members = [n for n in group] if PAIRS in group else None
+            if members is None or set(members) != {PAIRS} or len(group.attrs):
+                out.append((name, group))
+            if members is not None:
+                out += [(f"{name}/{PAIRS}/{n}", g) for n, g in group[PAIRS].groups()]
+    return sorted(out, key=lambda kv: kv[0])
+
+
+def patient_ids(root: zarr.Group) -> list[str]:
+    """The unit ids (patients, and their pairs other than 0 -> 1) present in the store, sorted."""
+    if PATIENTS not in root:
+        return []
+    return [name for name, _ in unit_groups(root[PATIENTS])]
 
 
 def ngff_multiscales(name: str, geometry: Geometry, *, channels: bool = False) -> dict:

@@ -54,7 +54,7 @@ def store_status(store: str, stages: tuple) -> dict:
     in_store = set(st.patient_ids(root))
     records = {}
     if STATUS_GROUP in root:
-        for name, group in root[STATUS_GROUP].groups():
+        for name, group in st.unit_groups(root[STATUS_GROUP]):
             records[name] = dict(group.attrs.get("stages", {}))
     ids = in_store | {n for n in records if n != "_cohort"}
 

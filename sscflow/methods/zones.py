@@ -355,10 +355,12 @@ def _flat(rows: list[dict], sides) -> dict:
 
 def zone_table(store, patient_ids=None):
     """``results/zones.csv`` as a DataFrame (contract: :data:`TABLE_COLUMNS`): one row per
-    patient, pair and zone, from each patient's stored ``zones`` output; patients without one
-    are left out."""
+    patient, pair and zone, from each pair's stored ``zones`` output (``patient_ids``: unit
+    ids, ``sscflow.cohort.unit_id``; ``patient_id`` in the table is the manifest's); pairs
+    without one are left out."""
     import pandas as pd
 
+    from sscflow.cohort import parse_unit
     from sscflow.core import store as st
 
     root = store if hasattr(store, "attrs") else st.open_store(store, mode="r")
@@ -370,7 +372,8 @@ def zone_table(store, patient_ids=None):
             continue
         meta = st.stored_record(root[f"{st.PATIENTS}/{pid}"], OUTPUT)
         for r in (meta or {}).get("zones", []):
-            rows.append({"patient_id": pid, **{k: r.get(k) for k in TABLE_COLUMNS[1:]}})
+            rows.append({"patient_id": parse_unit(pid)[0],
+                         **{k: r.get(k) for k in TABLE_COLUMNS[1:]}})  # fmt: skip
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     for c in TABLE_COLUMNS[4:]:
         table[c] = pd.to_numeric(table[c], errors="coerce").astype("float64")
@@ -401,18 +404,22 @@ def zone_group_means(zones, labels, *, column: str = "logjac_mean", by: str = "f
     (Student's t, :func:`sscflow.methods.stats.mean_ci`) and the comparison of the groups
     (:func:`sscflow.methods.stats.compare_groups`: Mann-Whitney U for two).
 
-    ``zones`` is a :func:`zone_table`; ``labels`` a table with ``patient_id`` and ``by`` (the
-    cohort table). Returns a DataFrame, one row per zone of :data:`ZONES` present, with columns
+    ``zones`` is a :func:`zone_table`; ``labels`` a table with ``patient_id`` (unit ids) and
+    ``by`` (the cohort table): only the pairs it lists count.
+    Returns a DataFrame, one row per zone of :data:`ZONES` present, with columns
     ``zone``, ``<group>_n``, ``<group>_mean``, ``<group>_low``, ``<group>_high`` for each group,
     ``test`` and ``p``.
     """
     import pandas as pd
 
+    from sscflow.cohort import unit_id
     from sscflow.methods.stats import compare_groups, mean_ci
 
     label = dict(zip(labels["patient_id"].astype(str), labels[by], strict=True)) if (
         by in labels) else {}  # fmt: skip
-    frame = zones.assign(group=zones["patient_id"].astype(str).map(label))
+    units = [unit_id(str(p), int(a), int(b)) for p, a, b in
+             zip(zones["patient_id"], zones["t0"], zones["t1"], strict=True)]  # fmt: skip
+    frame = zones.assign(group=pd.Series(units, index=zones.index, dtype=object).map(label))
     rows = []
     for zone in ZONES:
         part = frame[frame["zone"] == zone]

@@ -84,6 +84,11 @@ def worker_scheduler() -> str:
     return "synchronous" if n_threads() <= 1 else "threads"
 
 
-def cohort_ids(ups: list[dict]) -> list[str]:
-    """The patients of a cohort stage's upstream records, in plan order, once each."""
-    return list(dict.fromkeys(u["patient_id"] for u in ups if u["patient_id"] is not None))
+def cohort_ids(ups: list[dict], *, primary: bool = True) -> list[str]:
+    """The patients of a cohort stage's upstream records, in plan order, once each: with
+    ``primary`` (what the cohort statistics use) one pair per patient, its primary pair
+    (``sscflow.cohort.primary_units``); else every pair's unit id."""
+    from sscflow.cohort import primary_units
+
+    ids = list(dict.fromkeys(u["patient_id"] for u in ups if u["patient_id"] is not None))
+    return primary_units(ids) if primary else ids

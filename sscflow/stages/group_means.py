@@ -24,7 +24,9 @@ def run(ctx, patient, ups) -> dict:
     done = [p for p in ids if status.get(p) in FINISHED]
     left_out = [p for p in ids if p not in done]
     results = Path(ctx.results)  # the zones need no template: written whatever it gave
-    zones_path = write_zone_table(zone_table(ctx.store, ids), results)
+    in_store = set(st.patient_ids(st.open_store(ctx.store, mode="r")))
+    every = [p for p in cohort_ids(ups, primary=False) if p in in_store]  # every pair
+    zones_path = write_zone_table(zone_table(ctx.store, every), results)
     if not done:
         return {"status": "upstream_failed", "message": "no patient reached template space",
                 "left_out": len(left_out), "zones": str(zones_path)}  # fmt: skip

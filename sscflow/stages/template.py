@@ -2,7 +2,7 @@
 
 from dataclasses import asdict
 
-from sscflow.stages.base import COHORT, FAILED, Stage, torch_backend
+from sscflow.stages.base import COHORT, FAILED, Stage, cohort_ids, torch_backend
 
 
 def run(ctx, patient, ups) -> dict:
@@ -11,7 +11,9 @@ def run(ctx, patient, ups) -> dict:
         describe_provenance,
     )
 
-    ids = [u["patient_id"] for u in ups if u["status"] not in FAILED]
+    # one baseline per patient: its primary pair's (every pair from timepoint 0 shares it)
+    ok = {u["patient_id"] for u in ups if u["status"] not in FAILED}
+    ids = [p for p in cohort_ids(ups) if p in ok]
     if not ids and ctx.cfg.template.image is None:
         return {"status": "upstream_failed",
                 "message": "no patient was ingested; nothing to build a template from"}

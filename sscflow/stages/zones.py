@@ -9,7 +9,7 @@ def run(ctx, patient, ups) -> dict:
     from sscflow.methods.zones import zones_patient  # its numerics load on the worker
 
     return zones_patient(ctx.store, patient.patient_id, rind_mm=ctx.cfg.zones.rind_mm,
-                         force=ctx.force)  # fmt: skip
+                         force=ctx.force, t0=patient.t0, t1=patient.t1)  # fmt: skip
 
 
 STAGE = Stage("zones", PATIENT, after=("jacobian",),

@@ -200,3 +200,40 @@ def _template_ct(st, store, shape) -> np.ndarray:
     except (FileNotFoundError, KeyError, ValueError):
         pass
     return np.full(shape, -1000.0, np.float32)
+
+
+def plot_trajectories(pairs, labels: dict, path, *, title: str = "") -> Path | None:
+    """A spaghetti plot (cumulative mean log-J and FVC% against months, one line per patient,
+    coloured by ``labels[patient_id]``) written to ``path``; None when no patient has more than
+    one pair in time."""
+    from sscflow.methods.trajectories import trajectory_points
+
+    points = trajectory_points(pairs)
+    if points.empty:
+        return None
+    from matplotlib.figure import Figure
+
+    colours = {"worsening": "#c0392b", "stable": "#2471a3", None: "#7f8c8d"}
+    fig = Figure(figsize=(9, 3.6))
+    axes = fig.subplots(1, 2)
+    seen = set()
+    for pid, part in points.groupby("patient_id", sort=True):
+        group = labels.get(pid)
+        c = colours.get(group, colours[None])
+        name = group or "no label"
+        kw = {"label": name} if name not in seen else {}
+        seen.add(name)
+        axes[0].plot(part["months"], part["logjac_cumulative"], "-o", ms=3, lw=1, color=c,
+                     alpha=0.8, **kw)  # fmt: skip
+        if part["fvc"].notna().any():
+            axes[1].plot(part["months"], part["fvc"], "-o", ms=3, lw=1, color=c, alpha=0.8)
+    axes[0].axhline(0, color="k", lw=0.5)
+    axes[0].set_xlabel("months since the first scan")
+    axes[0].set_ylabel("cumulative mean log-Jacobian")
+    axes[1].set_xlabel("months since the first scan")
+    axes[1].set_ylabel("FVC (% predicted)")
+    axes[0].legend(fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from sscflow import __version__
+from sscflow.cohort import primary_units
 from sscflow.core import store as st
 from sscflow.flow.status import STATUS_GROUP, manifest_patients
 from sscflow.methods.groups import cohort_table
@@ -250,7 +251,9 @@ def _build(store, results: Path, synthetic, state: dict, rate: str | None = None
     run = dict(root[STATUS_GROUP].attrs.get("run", {})) if STATUS_GROUP in root else {}
     members = manifest_patients(root)  # the last run's manifest: removed patients are left out
     in_store = set(st.patient_ids(root))
-    table = cohort_table(root, None if members is None else [p for p in members if p in in_store])
+    # the cohort statistics: one pair per patient, its primary pair (sscflow.cohort)
+    table = cohort_table(root, primary_units([p for p in (members or sorted(in_store))
+                                              if p in in_store]))  # fmt: skip
     state = dict(state)
     cohort_state = state.pop(None, {})
     if members is not None:

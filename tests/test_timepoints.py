@@ -1,0 +1,145 @@
+"""Patients with more than two scans: the long manifest, the pairs it gives, where their outputs
+live in the store, and which pair the cohort statistics use.
+
+The known answers are written by hand from the manifest rows (what each pair's clinical values
+must be), not taken from sscflow's output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import zarr
+
+from sscflow.cohort import ManifestError, primary_units, read_manifest
+from sscflow.core import store as st
+from sscflow.methods.trajectories import chains, pair_table
+
+HEADER = "patient_id,timepoint,scan,months,fvc,dlco,visual,age,sex\n"
+
+
+def _long(tmp_path, rows: str, name="long.csv"):
+    for scan in ("a.nii.gz", "b.nii.gz", "c.nii.gz", "d.nii.gz"):
+        (tmp_path / scan).write_bytes(b"")
+    path = tmp_path / name
+    path.write_text(HEADER + rows, encoding="utf-8")
+    return path
+
+
+THREE = ("P1,0,a.nii.gz,0,90,60,,61,F\n"
+         "P1,1,b.nii.gz,12,85,55,stable,61,F\n"
+         "P1,2,c.nii.gz,30,75,40,worsened,62,F\n")  # fmt: skip
+
+
+def test_a_long_manifest_gives_consecutive_and_first_last_pairs_with_their_values(tmp_path):
+    m = read_manifest(_long(tmp_path, THREE + "P2,0,a.nii.gz,0,,,,50,M\nP2,1,d.nii.gz,6,,,"
+                                              "improved,50,M\n"))  # fmt: skip
+    assert m.long
+    units = {p.patient_id: p for p in m.patients}
+    assert list(units) == ["P1", "P1/pairs/1-2", "P1/pairs/0-2", "P2"]
+    p12, p02 = units["P1/pairs/1-2"], units["P1/pairs/0-2"]
+    assert (p12.subject_id, p12.t0, p12.t1) == ("P1", 1, 2)
+    assert p12.baseline.name == "b.nii.gz" and p12.followup.name == "c.nii.gz"
+    # values of the pair's own two scans; its interval is the difference of their months
+    assert p12.clinical["fvc_baseline"] == 85 and p12.clinical["fvc_followup"] == 75
+    assert p12.clinical["interval_months"] == 18 and p12.clinical["visual"] == "worsened"
+    assert p02.clinical["interval_months"] == 30 and p02.clinical["dlco_followup"] == 40
+    assert p02.clinical["visual"] == "worsened"  # stable, then worsened
+    assert units["P1"].clinical["visual"] == "stable"
+    assert p02.functional == "worsening" and units["P1"].functional == "stable"  # FVC -15; -5, -5
+    assert units["P2"].clinical["visual"] == "improved" and units["P2"].subject is None
+    assert [p.patient_id for p in m.primary] == ["P1/pairs/0-2", "P2"]
+    assert m.subjects == ["P1", "P2"]
+    # the same manifest with other pair rules
+    modes = {mode: [p.patient_id for p in read_manifest(m.path, pairs=mode).patients]
+             for mode in ("consecutive", "first_last")}  # fmt: skip
+    assert modes == {"consecutive": ["P1", "P1/pairs/1-2", "P2"],
+                     "first_last": ["P1/pairs/0-2", "P2"]}  # fmt: skip
+
+
+def test_rows_may_come_in_any_order(tmp_path):
+    rows = THREE.splitlines(keepends=True)
+    m = read_manifest(_long(tmp_path, "".join(reversed(rows))))
+    assert [p.patient_id for p in m.patients] == ["P1", "P1/pairs/1-2", "P1/pairs/0-2"]
+    assert m.patients[0].baseline.name == "a.nii.gz"
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ("P1,0,a.nii.gz,0,,,,,\nP1,2,b.nii.gz,6,,,,,\n", "timepoints are 0, 2"),
+    ("P1,0,a.nii.gz,0,,,,,\nP1,0,b.nii.gz,6,,,,,\n", "0 is also on line 2"),
+    ("P1,0,a.nii.gz,0,,,,,\n", "only one scan"),
+    ("P1,0,a.nii.gz,0,,,,,\nP1,1,b.nii.gz,0,,,,,\n", "must start at 0"),
+    ("P1,0,a.nii.gz,3,,,,,\nP1,1,b.nii.gz,9,,,,,\n", "must start at 0"),
+    ("P1,0,a.nii.gz,0,,,,,\nP1,1,b.nii.gz,,,,,,\n", "given for some"),
+    ("P1,x,a.nii.gz,0,,,,,\nP1,1,b.nii.gz,6,,,,,\n", "'x' must be a whole number"),
+    ("P1,0,a.nii.gz,0,,,,,\nP1,1,,6,,,,,\n", "column scan: empty"),
+    ("P1,0,a.nii.gz,0,,,,,\nP1,1,b.nii.gz,6,,,worse,,\n", "unknown label 'worse'"),
+    ("P 1,0,a.nii.gz,0,,,,,\nP 1,1,b.nii.gz,6,,,,,\n", "must be 1-64 letters"),
+])  # fmt: skip
+def test_a_bad_patient_is_refused_with_its_line_and_column(tmp_path, rows, expected):
+    path = _long(tmp_path, rows)
+    with pytest.raises(ManifestError, match="line ") as err:
+        read_manifest(path)
+    assert expected in str(err.value)
+    # lenient: the patient is rejected whole, the good one still runs
+    good = "Q1,0,a.nii.gz,0,,,,,\nQ1,1,b.nii.gz,6,,,,,\n"
+    m = read_manifest(_long(tmp_path, rows + good, "mixed.csv"), lenient=True)
+    assert [p.patient_id for p in m.patients] == ["Q1"]
+    assert len(m.rejected) == 1 and expected in m.rejected[0].message
+
+
+def test_the_long_form_refuses_wide_columns_and_unknown_pair_rules(tmp_path):
+    path = tmp_path / "mixed.csv"
+    path.write_text("patient_id,timepoint,scan,fvc_baseline\nP1,0,a,80\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="unknown column: fvc_baseline .*long form"):
+        read_manifest(path)
+    with pytest.raises(ValueError, match="pairs must be one of"):
+        read_manifest(_long(tmp_path, THREE), pairs="all")
+
+
+def test_a_wide_manifest_reads_as_before(tmp_path):
+    (tmp_path / "a.nii.gz").write_bytes(b"")
+    path = tmp_path / "wide.csv"
+    path.write_text("patient_id,baseline,followup,interval_months\nP1,a.nii.gz,a.nii.gz,12\n",
+                    encoding="utf-8")  # fmt: skip
+    m = read_manifest(path, pairs="first_last")
+    assert not m.long and [(p.patient_id, p.t0, p.t1) for p in m.patients] == [("P1", 0, 1)]
+    assert "subject" not in m.table().columns
+
+
+def test_the_store_lists_every_pair_as_a_unit(tmp_path):
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    for unit in ("P1", "P1/pairs/1-2", "P1/pairs/0-2", "P3/pairs/0-2"):
+        st.patient_group(root, unit).attrs["sscflow"] = {"clinical": {}}
+    st.patient_group(root, "P2")  # ingest failed before writing anything: still a patient
+    # P3 has no pair 0 -> 1 (first_last): its group only holds the pairs
+    assert st.patient_ids(root) == ["P1", "P1/pairs/0-2", "P1/pairs/1-2", "P2", "P3/pairs/0-2"]
+    assert primary_units(st.patient_ids(root)) == ["P1/pairs/0-2", "P2", "P3/pairs/0-2"]
+
+
+def test_chains_need_every_consecutive_pair_and_the_direct_one():
+    assert chains(["A", "A/pairs/1-2", "A/pairs/2-3", "A/pairs/0-3"]) == {
+        "A": {"direct": "A/pairs/0-3", "steps": ["A", "A/pairs/1-2", "A/pairs/2-3"]}}
+    assert chains(["A", "A/pairs/0-3", "A/pairs/2-3"]) == {}  # 1 -> 2 missing
+    assert chains(["A", "A/pairs/1-2"]) == {}  # consecutive only: nothing to compare
+
+
+def test_the_pair_table_has_one_row_per_pair_and_rates_per_year():
+    import pandas as pd
+
+    cohort = pd.DataFrame([
+        {"patient_id": "P1", "interval_months": 12.0, "logjac_mean": -0.05, "delta_fvc": -4.0},
+        {"patient_id": "P1/pairs/1-2", "interval_months": 6.0, "logjac_mean": -0.03,
+         "delta_fvc": -3.0},
+        {"patient_id": "P1/pairs/0-2", "interval_months": 18.0, "logjac_mean": -0.08,
+         "delta_fvc": -7.0},
+    ])  # fmt: skip
+    table = pair_table(cohort, {"P1": {"direct": "P1/pairs/0-2", "mean_mm": 0.25}})
+    assert list(zip(table["t0"], table["t1"], strict=True)) == [(0, 1), (0, 2), (1, 2)]
+    assert set(table["patient_id"]) == {"P1"}
+    row = table.set_index(["t0", "t1"])
+    assert row.loc[(1, 2), "logjac_per_year"] == pytest.approx(-0.06)
+    assert row.loc[(0, 2), "delta_fvc_per_year"] == pytest.approx(-7.0 * 12 / 18)
+    assert row.loc[(0, 2), "composition_mean_mm"] == 0.25
+    assert math.isnan(row.loc[(0, 1), "composition_mean_mm"])
