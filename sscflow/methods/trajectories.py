@@ -95,7 +95,8 @@ def consistency_patient(store, patient_id: str, direct: str, steps: list[str], *
     mask = st.read_image(groups[direct], MASK)
     out = composition_inconsistency([field(u) for u in steps], field(direct),
                                     np.asarray(mask.array[...]) > 0)  # fmt: skip
-    record = {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in out.items()}
+    record = {k: (None if math.isnan(v) else float(v)) if isinstance(v, (float, np.floating))
+              else v for k, v in out.items()}  # NaN (nothing measured) is not JSON: None
     record |= {"direct": direct, "steps": list(steps), "input_hash": key}
     holder.attrs[CONSISTENCY] = st._jsonable(record)
     return {**record, "status": "done", "seconds": time.perf_counter() - t_start}

@@ -280,6 +280,7 @@ def _build(store, results: Path, synthetic, state: dict, rate: str | None = None
         "summary_tables": _tables_section(table, column),
         "spearman": _spearman_section(table, column),
         "zones": _zones_section(root, table, column, figures),
+        "pairs": _pairs_section(results),
         "classifier": _classifier_section(results, figures),
         "small_test": SMALL_TEST,
         "maps": _maps_section(results, cohort_state),
@@ -363,6 +364,32 @@ def _zones_section(root, table, column: str, figures: Path) -> dict | None:
     label = "mean log-Jacobian" + (" per year" if column == "logjac_per_year" else "")
     return {"table": _table(show), "png": zone_figure(means, figures / "zones", label),
             "labelled": bool(sum(int(means[f"{g}_n"].max()) for g in ZONE_GROUPS))}
+
+
+def _pairs_section(results: Path) -> dict | None:
+    """The pairs of patients with more than two scans (``results/pairs.csv``, written by the
+    pairs stage): counts, the consistency of each patient's consecutive pairs with its first ->
+    last pair, and the trajectory figure; None when every patient has two scans."""
+    path = results / "pairs.csv"
+    if not path.is_file():
+        return None
+    pairs = pd.read_csv(path)
+    per_patient = pairs.groupby("patient_id")["t1"].max() if len(pairs) else pd.Series([])
+    if not len(pairs) or int(per_patient.max()) < 2:
+        return None
+    direct = pairs[pairs["composition_mean_mm"].notna()]
+    show = pd.DataFrame({
+        "patient": direct["patient_id"],
+        "first -> last": [f"{a} -> {b}" for a, b in zip(direct["t0"], direct["t1"], strict=True)],
+        "months": direct["months"],
+        "mean distance (mm)": direct["composition_mean_mm"].map(lambda v: f"{v:.3f}"),
+        "p95 (mm)": direct["composition_p95_mm"].map(lambda v: f"{v:.3f}"),
+        "lung measured": direct["composition_measured_fraction"].map(lambda v: f"{v:.1%}"),
+    })  # fmt: skip
+    figure = results / "figures" / "trajectories.png"
+    png = base64.b64encode(figure.read_bytes()).decode() if figure.is_file() else None
+    return {"n_pairs": len(pairs), "n_patients": int((per_patient >= 2).sum()),
+            "table": _table(show) if len(show) else None, "png": png}  # fmt: skip
 
 
 def zone_figure(means: pd.DataFrame, save: Path | None = None,
