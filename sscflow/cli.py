@@ -127,6 +127,13 @@ def synth(
         "--same-grid", help="Write both scans of a patient on the generator's grid, the patient "
         "unmoved (by default each scan has its own grid, field of view, direction, slice "
         "thickness and patient position, as real acquisitions do).")] = False,
+    timepoints: Annotated[int, typer.Option(
+        "--timepoints", min=2, max=12, help="Scans per patient. 2 (the default): a baseline and "
+        "a follow-up, manifest.csv one row per patient. 3 or more: scans t0, t1, ... with the "
+        "disease progressing over the months, manifest.csv one row per scan (patient_id, "
+        "timepoint, scan, months, PFTs, visual, age, sex), and the exact truth of every pair "
+        "of scans (a, b), a < b: truth/<pid>/ for (0, 1), truth/<pid>/pairs/<a>-<b>/ for the "
+        "others, listed in truth/pairs.csv.")] = 2,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
 ):
@@ -140,7 +147,8 @@ def synth(
     Example: sscflow synth --patients 24 --out cohort/ --spacing 2.5 --seed 0
     """
     manifest = _synth(patients, out_dir, spacing, seed, noise, ribs,
-                      _config(None, scheduler, workers), acquisitions=not same_grid)  # fmt: skip
+                      _config(None, scheduler, workers), acquisitions=not same_grid,
+                      timepoints=timepoints)  # fmt: skip
     out.print(f"wrote {patients} patients; manifest: {manifest}")
 
 
@@ -252,7 +260,8 @@ def _outputs_in_store(store) -> tuple[int, int]:
     groups = [root[f"{st.PATIENTS}/{pid}"] for pid in st.patient_ids(root)]
     if st.TEMPLATE in root:
         groups.append(root[st.TEMPLATE])
-    states = [st.output_state(g, name) for g in groups for name, _ in g.groups()]
+    states = [st.output_state(g, name) for g in groups for name, _ in g.groups()
+              if name != st.PAIRS]  # fmt: skip
     return states.count("complete"), states.count("incomplete")
 
 
@@ -263,7 +272,8 @@ def _say_interrupted(store, exc: Interrupted):
     sys.exit(exc.code)
 
 
-def _synth(patients, out_dir, spacing, seed, noise, ribs, cfg, client=None, acquisitions=True):
+def _synth(patients, out_dir, spacing, seed, noise, ribs, cfg, client=None, acquisitions=True,
+           timepoints=2):  # fmt: skip
     from sscflow.synth import synthesize_cohort
 
     with _client(cfg, client) as client, _progress() as bar:
@@ -282,6 +292,7 @@ def _synth(patients, out_dir, spacing, seed, noise, ribs, cfg, client=None, acqu
             ribs=ribs,
             noise_hu=noise,
             acquisitions=acquisitions,
+            timepoints=timepoints,
         )
 
 
@@ -336,7 +347,7 @@ def _ingest(manifest_path, store, cfg, client=None, force=False, key=None):
     from sscflow.flow.status import STATUS_GROUP, write_status
     from sscflow.methods.ingest import PatientResult, ingest_cohort
 
-    manifest = read_manifest(manifest_path, lenient=True, key=key)
+    manifest = read_manifest(manifest_path, lenient=True, key=key, pairs=cfg.pairs)
     rejected = []
     for row in manifest.rejected:  # bad rows fail alone, as in 'sscflow run'
         rec = rejected_record(row)
@@ -500,7 +511,7 @@ def run(
         raise SscflowError(f"config {config}: 'manifest' and 'store' must both be set for a run")
     t0 = time.perf_counter()
     manifest = read_manifest(cfg.manifest, check_files=dry_run, lenient=True,
-                             key=_private_side(key, cfg))  # fmt: skip
+                             key=_private_side(key, cfg), pairs=cfg.pairs)  # fmt: skip
     if dry_run:
         _dry_run(cfg, manifest, force, t0)
         return
@@ -988,7 +999,7 @@ def demo(
             else:
                 cfg.manifest = _synth(n, synthetic, s.spacing_mm, s.seed, s.noise_hu, s.ribs,
                                       cfg, client, acquisitions=s.acquisitions)  # fmt: skip
-            manifest = read_manifest(cfg.manifest)
+            manifest = read_manifest(cfg.manifest, pairs=cfg.pairs)
             summary = _run(cfg, manifest, force=force, truth_dir=synthetic, client=client,
                            lease=lease)  # fmt: skip
     except Interrupted as exc:
@@ -1015,7 +1026,8 @@ def _synthetic_is_current(folder: Path, n: int, s) -> bool:
     want = {"generator_version": GENERATOR_VERSION, "n": n, "seed": s.seed,
             "spacing": s.spacing_mm, "ribs": s.ribs, "noise_hu": s.noise_hu,
             "acquisitions": s.acquisitions}  # fmt: skip
-    return (folder / "manifest.csv").is_file() and all(made.get(k) == v for k, v in want.items())
+    return ((folder / "manifest.csv").is_file() and made.get("timepoints", 2) == 2
+            and all(made.get(k) == v for k, v in want.items()))  # fmt: skip
 
 
 def _demo_config(workers):
@@ -1094,16 +1106,17 @@ def validate(
                                "exist; 'sscflow run' would stop (fix 'manifest')")  # fmt: skip
     cfg.manifest = path
     private = _private_side(key, cfg)
-    lenient = read_manifest(path, check_files=True, lenient=True, key=private)
+    lenient = read_manifest(path, check_files=True, lenient=True, key=private,
+                            pairs=cfg.pairs)
     if lenient.rejected:  # every problem once, with its line and column (the error's list)
         try:
-            read_manifest(path, check_files=True, key=private)
+            read_manifest(path, check_files=True, key=private, pairs=cfg.pairs)
         except SscflowError as exc:
             bad, total = len(lenient.rejected), len(lenient) + len(lenient.rejected)
             rest = "'sscflow run' runs the others" if bad < total else "none would run"
             raise SscflowError(f"{exc}\n{bad} of {total} patients would fail at ingest; "
                                f"{rest}") from None  # fmt: skip
-    manifest = read_manifest(path, check_files=True, key=private)
+    manifest = read_manifest(path, check_files=True, key=private, pairs=cfg.pairs)
     table = manifest.table()
     out.print(f"manifest {path} is valid: {len(manifest)} patients, every scan path exists")
     for col in ("visual", "functional"):

@@ -118,6 +118,7 @@ def write_cohort_table(table: pd.DataFrame, folder) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "patients.csv"
+    table = _with_pair_columns(table)
     out = table.copy()
     for c in out.columns:
         if pd.api.types.is_float_dtype(out[c]):
@@ -219,6 +220,22 @@ def describe_column(column: str) -> tuple[str, str]:
         return (unit, f"baseline -> template registration QA: {what} (dice: lung overlap in "
                 "template space; mean_*: mean log-Jacobian before / after the warp)")
     return (unit, "clinical value from the manifest" if c in CLINICAL else "")
+
+
+def _with_pair_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """A table of a long manifest's pairs (unit ids ``P001/pairs/0-2``): ``patient_id`` as the
+    manifest's, then ``t0, t1`` (the pair); a two-scan cohort's table as it is."""
+    from sscflow.cohort import parse_unit
+
+    ids = table["patient_id"].astype(str) if "patient_id" in table else pd.Series([], dtype=str)
+    parsed = [parse_unit(u) for u in ids]
+    if all(p[1:] == (0, 1) for p in parsed):
+        return table
+    out = table.copy()
+    out["patient_id"] = [p[0] for p in parsed]
+    out.insert(1, "t0", [p[1] for p in parsed])
+    out.insert(2, "t1", [p[2] for p in parsed])
+    return out
 
 
 def _patient_row(root, pid: str) -> dict:

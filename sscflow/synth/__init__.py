@@ -9,11 +9,21 @@ cohort of Chassagnon et al., Radiology 2021.
 Sign convention: fixed = baseline, moving = follow-up, ``followup(x + u(x)) = baseline(x)``, and
 the true log-Jacobian is negative where tissue shrinks from baseline to follow-up.
 
+With ``timepoints=N >= 3`` each patient gets N scans with the disease progressing over time and
+the exact truth of every pair of them (:mod:`sscflow.synth.cohort` gives the layout).
+
 Public API: :func:`plan_cohort`, :func:`synthesize_patient`, :func:`synthesize_cohort`,
-:func:`read_truth` and :class:`Truth`.
+:func:`read_truth`, :class:`Truth` and :func:`pair_unit_id`.
 """
 
-from sscflow.synth.cohort import Truth, read_truth, synthesize_cohort, synthesize_patient
+from sscflow.synth.cohort import (
+    Truth,
+    pair_unit_id,
+    read_truth,
+    synthesize_cohort,
+    synthesize_patient,
+)
 from sscflow.synth.plan import plan_cohort
 
-__all__ = ["Truth", "plan_cohort", "read_truth", "synthesize_cohort", "synthesize_patient"]
+__all__ = ["Truth", "pair_unit_id", "plan_cohort", "read_truth", "synthesize_cohort",
+           "synthesize_patient"]
