@@ -143,3 +143,80 @@ def test_the_pair_table_has_one_row_per_pair_and_rates_per_year():
     assert row.loc[(0, 2), "delta_fvc_per_year"] == pytest.approx(-7.0 * 12 / 18)
     assert row.loc[(0, 2), "composition_mean_mm"] == 0.25
     assert math.isnan(row.loc[(0, 1), "composition_mean_mm"])
+
+
+# --- end to end: a synthetic cohort with three scans per patient, against its truth -----------
+
+E2E_SPACING = 4.0
+E2E_PATIENTS = 4
+
+
+@pytest.fixture(scope="module")
+def three_scans(tmp_path_factory, client):
+    """A 3-timepoint synthetic cohort run twice: first with its timepoints 0 and 1 only (a done
+    two-scan cohort), then with timepoint 2 added. Returns (folder, first summary, second
+    summary, config)."""
+    import csv
+
+    import yaml
+
+    from sscflow.config import load_config
+    from sscflow.flow.pipeline import run
+    from sscflow.synth import synthesize_cohort
+
+    folder = tmp_path_factory.mktemp("timepoints")
+    manifest = synthesize_cohort(E2E_PATIENTS, folder / "synthetic", spacing=E2E_SPACING, seed=0,
+                                 client=client, timepoints=3)  # fmt: skip
+    with open(manifest, encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    first = manifest.parent / "two.csv"
+    with open(first, "w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(r for r in rows if r["timepoint"] in ("0", "1"))
+    settings = {"store": str(folder / "cohort.zarr"), "results": str(folder / "results"),
+                "cluster": {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0"},
+                "ingest": {"spacing_mm": E2E_SPACING}, "segment": {"min_lung_ml": 5.0}}
+    summaries = []
+    for path in (first, manifest):
+        cfg_path = folder / f"{path.stem}.yaml"
+        cfg_path.write_text(yaml.safe_dump({**settings, "manifest": str(path)}), encoding="utf-8")
+        cfg = load_config(cfg_path)
+        summaries.append(run(cfg, read_manifest(path, pairs=cfg.pairs), client=client,
+                             truth_dir=manifest.parent))  # fmt: skip
+    return folder, summaries[0], summaries[1], cfg
+
+
+@pytest.mark.slow
+def test_adding_a_timepoint_registers_only_the_new_pairs(three_scans):
+    _, first, second, _ = three_scans
+    assert first.ok and second.ok, (first.failed, second.failed)
+    assert first.counts["registration"] == {"done": E2E_PATIENTS}
+    # the pair 0 -> 1 is where it was: skipped; 1 -> 2 and 0 -> 2 are new
+    assert second.counts["registration"] == {"skipped": E2E_PATIENTS, "done": 2 * E2E_PATIENTS}
+    assert second.counts["template"] in ({"skipped": 1}, {"done": 1})
+
+
+@pytest.mark.slow
+def test_every_pair_is_in_the_store_and_the_tables(three_scans):
+    import pandas as pd
+
+    folder, _, _, _ = three_scans
+    root = st.open_store(str(folder / "cohort.zarr"), mode="r")
+    pids = sorted({u.split("/")[0] for u in st.patient_ids(root)})
+    assert len(pids) == E2E_PATIENTS
+    for pid in pids:
+        for unit in (pid, f"{pid}/pairs/1-2", f"{pid}/pairs/0-2"):
+            group = root[f"patients/{unit}"]
+            for name in ("displacement", "coverage", "log_jacobian", "zones"):
+                assert st.output_state(group, name) == "complete", (unit, name)
+    pairs = pd.read_csv(folder / "results" / "pairs.csv")
+    assert len(pairs) == 3 * E2E_PATIENTS
+    assert set(map(tuple, pairs[["t0", "t1"]].values)) == {(0, 1), (1, 2), (0, 2)}
+    zones = pd.read_csv(folder / "results" / "zones.csv")
+    whole = zones[zones["zone"] == "whole"]
+    assert len(whole) == 3 * E2E_PATIENTS and set(whole["patient_id"]) == set(pids)
+    # the cohort table: one row per patient, its first -> last pair
+    cohort = pd.read_csv(folder / "results" / "patients.csv")
+    assert sorted(cohort["patient_id"]) == pids
+    assert set(zip(cohort["t0"], cohort["t1"], strict=True)) == {(0, 2)}

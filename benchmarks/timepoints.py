@@ -1,0 +1,112 @@
+"""Patients with three scans: adding a timepoint to a done cohort, and what a third scan costs.
+
+In this one process, on a synthetic cohort made by ``sscflow synth --timepoints 3`` (not timed),
+on a LocalCluster of ``--workers`` one-thread workers (started and warmed up once, not timed):
+  two-scan run:  the cohort's timepoints 0 and 1 only (a long manifest), into a fresh store;
+  added run:     the same store, timepoint 2 added: only the new pairs (1 -> 2 and 0 -> 2 with
+                 the default ``pairs: both``) should run, the pair 0 -> 1 and the template kept;
+  three-scan run: the whole 3-timepoint manifest into another fresh store (the cost of a third
+                 scan from scratch, against the two-scan run).
+Then, against the synthetic truth (``truth/pairs.csv``): each pair's mean log-Jacobian per year
+(relative error), the consistency of the consecutive pairs with the first -> last one
+(``composition_mean_mm`` of ``results/pairs.csv``), and the whole-lung zone means.
+
+Prints the registrations each run executed, the wall times, and last the time ratio added run /
+two-scan run (the issue's target: 0.6 or less).
+
+    python benchmarks/timepoints.py [--patients 12] [--spacing 4.0] [--workers 2] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--patients", type=int, default=12)
+    ap.add_argument("--spacing", type=float, default=4.0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--keep", type=Path, default=None)
+    args = ap.parse_args()
+
+    import numpy as np
+    import pandas as pd
+
+    from sscflow.cohort import read_manifest
+    from sscflow.config import ClusterConfig, config_from_dict
+    from sscflow.flow.cluster import dask_client
+    from sscflow.flow.pipeline import run
+    from sscflow.synth import synthesize_cohort
+
+    tmp = args.keep or Path(tempfile.mkdtemp(prefix="sscflow-timepoints-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    manifest = synthesize_cohort(args.patients, tmp / "synthetic", spacing=args.spacing, seed=0,
+                                 timepoints=3)  # fmt: skip
+    with open(manifest, encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    two = manifest.with_name("two_timepoints.csv")
+    with open(two, "w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(r for r in rows if r["timepoint"] in ("0", "1"))
+
+    def config(path, store):
+        return config_from_dict({"manifest": str(path), "store": str(tmp / store),
+                                 "results": str(tmp / f"{store}-results"),
+                                 "ingest": {"spacing_mm": args.spacing},
+                                 "segment": {"min_lung_ml": 5.0}})  # fmt: skip
+
+    print(f"cohort: {args.patients} synthetic patients x 3 scans at {args.spacing:g} mm "
+          f"(sscflow synth --timepoints 3, seed 0), {args.workers} one-thread workers")
+    seconds, counts = {}, {}
+    cluster = ClusterConfig(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0")
+    with dask_client(cluster) as client:
+        client.run(lambda: None)
+        for name, path, store in (("two-scan run", two, "cohort.zarr"),
+                                  ("added run", manifest, "cohort.zarr"),
+                                  ("three-scan run", manifest, "three.zarr")):  # fmt: skip
+            cfg = config(path, store)
+            m = read_manifest(path, pairs=cfg.pairs)
+            t0 = time.perf_counter()
+            summary = run(cfg, m, client=client, truth_dir=manifest.parent)
+            seconds[name] = time.perf_counter() - t0
+            if not summary.ok:
+                raise SystemExit(f"the {name} failed: {summary.failed or summary.cohort}")
+            counts[name] = summary.counts.get("registration", {})
+            print(f"{name}: {seconds[name]:.1f} s, registrations {counts[name]}, template "
+                  f"{summary.cohort.get('template', {}).get('status')}")
+
+    truth = pd.read_csv(manifest.parent / "truth" / "pairs.csv")
+    got = pd.read_csv(tmp / "three.zarr-results" / "pairs.csv")
+    both = got.merge(truth, on=["patient_id", "t0", "t1"], suffixes=("", "_truth"))
+    big = both["logjac_per_year_truth"].abs() >= 0.01  # a relative error needs a change to be
+    rel = ((both["logjac_per_year"] - both["logjac_per_year_truth"]).abs()
+           / both["logjac_per_year_truth"].abs())[big]  # fmt: skip
+    err = (both["logjac_mean"] - both["mean_logjac"]).abs()
+    print(f"pairs: {len(both)}; |mean log-J - truth| mean {err.mean():.4f}, max {err.max():.4f}")
+    print(f"per-year rate, pairs with |truth| >= 0.01/year ({int(big.sum())}): relative error "
+          f"median {rel.median():.1%}, max {rel.max():.1%}")
+    comp = got["composition_mean_mm"].dropna()
+    print(f"composition inconsistency (consecutive vs first -> last, inside the lungs): mean "
+          f"{comp.mean():.3f} mm, max {comp.max():.3f} mm over {len(comp)} patients")
+    zones = pd.read_csv(tmp / "three.zarr-results" / "zones.csv")
+    whole = zones[zones["zone"] == "whole"].merge(truth, on=["patient_id", "t0", "t1"])
+    z_err = (whole["logjac_mean"] - whole["mean_logjac"]).abs()
+    print(f"whole-lung zone mean vs truth: mean |error| {z_err.mean():.4f}, max "
+          f"{np.nanmax(z_err):.4f}")
+    base = seconds["two-scan run"]
+    print(f"three-scan / two-scan run time: {seconds['three-scan run'] / base:.2f} "
+          "(target <= 2.2)")
+    if args.keep is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"time ratio added run / two-scan run: {seconds['added run'] / base:.2f}")
+
+
+if __name__ == "__main__":
+    main()
