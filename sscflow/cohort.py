@@ -91,6 +91,7 @@ class Patient:
     subject: str | None = None  # the manifest's patient_id when this pair is not 0 -> 1
     t0: int = 0  # the baseline's timepoint
     t1: int = 1  # the follow-up's timepoint
+    primary: bool = True  # the pair the cohort statistics use (first -> last; primary_units)
 
     @property
     def subject_id(self) -> str:
@@ -492,7 +493,9 @@ def _read_long(reader: _Rows, records: list[dict], pairs: str):
         if problems:
             rejected.append(Rejected(first, pid, tuple(problems)))
             continue
-        for t0, t1 in pairs_of(len(times), pairs):
+        chosen = pairs_of(len(times), pairs)
+        primary = parse_unit(primary_units([unit_id(pid, a, b) for a, b in chosen])[0])[1:]
+        for t0, t1 in chosen:
             a, b = scans[t0], scans[t1]
             clinical = {}
             for m in PFT:
@@ -518,6 +521,7 @@ def _read_long(reader: _Rows, records: list[dict], pairs: str):
                 followup_series_uid=b["found"][1] or b["series_uid"],
                 clinical=clinical, refs=refs,
                 subject=None if (t0, t1) == (0, 1) else pid, t0=t0, t1=t1,
+                primary=(t0, t1) == primary,
             ))  # fmt: skip
     return patients, rejected
 

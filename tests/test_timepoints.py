@@ -50,6 +50,7 @@ def test_a_long_manifest_gives_consecutive_and_first_last_pairs_with_their_value
     assert p02.functional == "worsening" and units["P1"].functional == "stable"  # FVC -15; -5, -5
     assert units["P2"].clinical["visual"] == "improved" and units["P2"].subject is None
     assert [p.patient_id for p in m.primary] == ["P1/pairs/0-2", "P2"]
+    assert [p.patient_id for p in m.patients if p.primary] == ["P1/pairs/0-2", "P2"]
     assert m.subjects == ["P1", "P2"]
     # the same manifest with other pair rules
     modes = {mode: [p.patient_id for p in read_manifest(m.path, pairs=mode).patients]
@@ -194,7 +195,10 @@ def test_adding_a_timepoint_registers_only_the_new_pairs(three_scans):
     assert first.counts["registration"] == {"done": E2E_PATIENTS}
     # the pair 0 -> 1 is where it was: skipped; 1 -> 2 and 0 -> 2 are new
     assert second.counts["registration"] == {"skipped": E2E_PATIENTS, "done": 2 * E2E_PATIENTS}
-    assert second.counts["template"] in ({"skipped": 1}, {"done": 1})
+    assert second.counts["template"] == {"skipped": 1}  # the template stays
+    # the new first -> last pair 0 -> 2 has the same baseline scan as 0 -> 1: its template field
+    # is taken from there, not registered again; the pair 1 -> 2 has no template-space map
+    assert second.counts["to_template"] == {"done": E2E_PATIENTS, "skipped": 2 * E2E_PATIENTS}
 
 
 @pytest.mark.slow
@@ -216,6 +220,10 @@ def test_every_pair_is_in_the_store_and_the_tables(three_scans):
     zones = pd.read_csv(folder / "results" / "zones.csv")
     whole = zones[zones["zone"] == "whole"]
     assert len(whole) == 3 * E2E_PATIENTS and set(whole["patient_id"]) == set(pids)
+    for pid in pids:
+        field = dict(root[f"patients/{pid}/pairs/0-2/log_jacobian_template"].attrs["sscflow"])
+        assert field["qa"]["reused_from"] == pid
+        assert "log_jacobian_template" not in root[f"patients/{pid}/pairs/1-2"]
     # the cohort table: one row per patient, its first -> last pair
     cohort = pd.read_csv(folder / "results" / "patients.csv")
     assert sorted(cohort["patient_id"]) == pids

@@ -547,8 +547,17 @@ def to_template_patient(
     pmask = np.asarray(inputs[MASK].array[...]).astype(bool)
     lj = np.asarray(inputs["log_jacobian"].array[...], np.float32)
 
+    # the field depends on the template and the baseline scan only: another pair of the same
+    # patient from the same scan (its pair 0 -> 1 when timepoint 2 is added) has it already
+    field_hash = st.upstream_hash(inputs[k] for k in ("template", "template_mask", "baseline",
+                                                      MASK))  # fmt: skip
     t1 = time.perf_counter()
-    u, shift = _align(timg, tmask, tgeom, base, pmask, pgeom, backend, options)
+    reused = _sibling_field(root, patient_id, field_hash, params)
+    if reused is not None:
+        source, u, shift = reused
+    else:
+        source = None
+        u, shift = _align(timg, tmask, tgeom, base, pmask, pgeom, backend, options)
     runtime = time.perf_counter() - t1
     warped_lj = resample(lj, pgeom, tgeom, u, fill=0.0)
     warped_mask = resample(pmask, pgeom, tgeom, u, fill=0.0) >= 0.5
@@ -566,16 +575,44 @@ def to_template_patient(
                                                  fill=HU_MIN), sel), 5),
         "ncc_after": round(ncc(timg_f, resample(base, pgeom, tgeom, u, fill=HU_MIN), sel), 5),
         "folded_fraction": folded_fraction(u, tgeom.spacing, sel),
+        **({"reused_from": source} if source else {}),
     }  # fmt: skip
     if OUTPUT in group:  # an interrupted run must not leave an old map beside a new field
         del group[OUTPUT]
     st.write_image(group, DISPLACEMENT, u, tgeom, stage=TO_TEMPLATE_STAGE, params=params,
-                   input_hash=input_hash, extra={"convention": CONVENTION},
-                   step=st.FIELD_STEP_MM)  # fmt: skip
+                   input_hash=input_hash, step=st.FIELD_STEP_MM,
+                   extra={"convention": CONVENTION, "field_hash": field_hash,
+                          "prealign_mm": [float(s) for s in shift]})  # fmt: skip
     st.write_image(group, OUTPUT, warped_lj, tgeom, stage=TO_TEMPLATE_STAGE, params=params,
                    input_hash=input_hash, extra={"qa": qa, "convention": CONVENTION},
                    step=st.LOG_JACOBIAN_STEP)  # fmt: skip
     return {**row, "status": "done", "seconds": time.perf_counter() - t0, **qa}
+
+
+def _sibling_field(root, unit: str, field_hash: str, params: dict):
+    """(unit, field, shift) of another pair of the same patient whose stored template field was
+    made from the same template, baseline scan and mask (``field_hash``) with the same
+    parameters; None when there is none. Pairs are ``<pid>`` and ``<pid>/pairs/<t0>-<t1>``."""
+    pid = unit.split("/", 1)[0]
+    try:
+        patient = root[f"{st.PATIENTS}/{pid}"]
+    except KeyError:
+        return None
+    others = [pid] + ([f"{pid}/{st.PAIRS}/{n}" for n, _ in patient[st.PAIRS].groups()]
+                      if st.PAIRS in patient else [])  # fmt: skip
+    for other in others:
+        if other == unit:
+            continue
+        group = root[f"{st.PATIENTS}/{other}"]
+        if st.output_state(group, DISPLACEMENT) != "complete":
+            continue
+        meta = dict(group[DISPLACEMENT].attrs["sscflow"])
+        if meta.get("field_hash") != field_hash or meta.get("params") != st._jsonable(params):
+            continue
+        field = st.read_image(group, DISPLACEMENT)
+        shift = tuple(meta.get("prealign_mm") or (0.0, 0.0, 0.0))
+        return other, np.asarray(field.array[...], np.float32), shift
+    return None
 
 
 # --- shared numerics

@@ -6,6 +6,10 @@ from sscflow.stages.base import PATIENT, Stage, torch_backend
 
 
 def run(ctx, patient, ups) -> dict:
+    if not patient.primary:  # a long manifest's other pairs: nothing downstream reads their map
+        return {"status": "skipped",
+                "message": "not the patient's first -> last pair: the cohort statistics use "
+                           "that pair's map only"}  # fmt: skip
     from sscflow.methods.template import (
         to_template_patient,  # its numerics load on the worker
     )
