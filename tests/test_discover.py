@@ -20,11 +20,12 @@ import pandas as pd
 import pytest
 from discover_tree import SOFT, Export, patient, study
 
+from sscflow.cohort import read_manifest
 from sscflow.config import config_from_dict
 from sscflow.core.imageio import read_volume
 from sscflow.discover.headers import read_header
 from sscflow.discover.pft import PFTTableError
-from sscflow.discover.pseudonym import KeyFileError
+from sscflow.discover.pseudonym import KeyFileError, PseudonymKey
 from sscflow.discover.run import discover
 from sscflow.discover.settings import DiscoverConfig
 from sscflow.discover.synthetic import stack_positions
@@ -394,6 +395,44 @@ def test_without_pft_requirement_and_first_second(cohort, tmp_path):
     assert res.n_included == 2
 
 
+def test_timepoints_all_writes_every_ct_as_a_long_manifest(cohort, tmp_path):
+    """A has three eligible CTs with a PFT near each (2019-01-10, 2020-02-01, 2021-03-15), B two
+    (B3 has no PFT within 90 days): the long form lists them all, with months since the first
+    CT and the PFT near each; sscflow run reads it as a three-scan and a two-scan patient."""
+    work, ex, _, _, _ = cohort
+    cfg = DiscoverConfig(min_extent_mm=20.0, timepoints="all")
+    res = discover(ex.root, tmp_path / "c", key=tmp_path / "k.key", cfg=cfg, pft=work / "pft.csv")
+    path = tmp_path / "c" / "manifest.csv"
+    m = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert list(m.columns) == ["patient_id", "timepoint", "scan", "series_uid", "months", "fvc",
+                               "dlco", "tlc", "kco", "visual", "age", "sex"]  # fmt: skip
+    series = json.loads((tmp_path / "k.key").read_text(encoding="utf-8"))["series"]
+    links = _links(tmp_path / "k.key")
+    assert (m["scan"] == "key:" + m["series_uid"]).all()
+    got = {(links[r.patient_id], r.timepoint): (series[r.series_uid]["series_uid"], r.months,
+                                                 r.fvc, r.dlco, r.tlc, r.kco, r.age, r.sex)
+           for r in m.itertuples()}  # fmt: skip
+    u = ex.uids
+    assert got == {
+        (PIDS["A"], "0"): (u["A1-thin-lung"], "0.0", "80", "60", "85", "75", "58", "F"),
+        (PIDS["A"], "1"): (u["A2-thin-lung"], "12.7", "78", "58", "84", "74", "58", "F"),  # 387 d
+        (PIDS["A"], "2"): (u["A3-thin-soft"], "26.1", "68.5", "50", "80", "", "58", "F"),  # 795 d
+        (PIDS["B"], "0"): (u["B1-thin-soft"], "0.0", "90", "70", "95", "80", "71", "M"),
+        (PIDS["B"], "1"): (u["B2-lung-125"], "13.0", "85", "52", "90", "70", "71", "M"),
+    }
+    assert (m["visual"] == "").all()
+    doc = json.loads((tmp_path / "c" / "flowchart.json").read_text(encoding="utf-8"))
+    included = {s["step"]: s for s in doc["steps"]}["included"]
+    assert (included["patients"], included["studies"], included["series"]) == (2, 5, 5)
+    assert included["excluded"]["studies"] == {"patient_excluded": 5}  # no eligible CT left out
+    assert "every CT" in included["label"] and res.n_included == 2
+    pkey = PseudonymKey.open(tmp_path / "k.key", scheme=None)
+    man = read_manifest(path, key=pkey)
+    pairs = {(links[p.subject_id], p.t0, p.t1) for p in man.patients}  # default pairs: both
+    assert man.long and pairs == {(PIDS["A"], 0, 1), (PIDS["A"], 1, 2), (PIDS["A"], 0, 2),
+                                  (PIDS["B"], 0, 1)}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "csv, match",
     [
@@ -458,7 +497,8 @@ def test_discover_config_section():
     with pytest.raises(ValueError, match=r"discover.lung_kernels\[0\]"):
         config_from_dict({"discover": {"lung_kernels": ["(unclosed"]}})
     with pytest.raises(ValueError, match="discover.timepoints"):
-        config_from_dict({"discover": {"timepoints": "all"}})
+        config_from_dict({"discover": {"timepoints": "every"}})
+    assert config_from_dict({"discover": {"timepoints": "all"}}).discover.timepoints == "all"
 
 
 def test_header_reader_never_reads_pixels_and_flags_truncation(cohort):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sscflow.cohort import PFT, read_manifest
+from sscflow.cohort import LONG_OPTIONAL, LONG_REQUIRED, PFT, read_manifest
 from sscflow.discover.flowchart import write_flowchart
 from sscflow.discover.headers import batches, iter_files, read_headers, relative
 from sscflow.discover.pft import read_pft_table
@@ -34,6 +34,7 @@ MANIFEST_COLUMNS = (
     "age",
     "sex",
 )
+LONG_MANIFEST_COLUMNS = (*LONG_REQUIRED, *LONG_OPTIONAL)  # discover.timepoints: all
 
 
 @dataclass
@@ -173,8 +174,8 @@ def discover(
         st = study_of.get(uid)
         return number.get(uid, "") if st is not None and st.patient_id else ""
 
-    chosen_studies = {s.uid for p in picks if p.baseline for s in (p.baseline, p.followup)}
-    chosen_series = {st.best.uid for p in picks if p.baseline for st in (p.baseline, p.followup)}
+    chosen_studies = {s.uid for p in picks for s in p.scans}
+    chosen_series = {st.best.uid for p in picks for st in p.scans}
     for c in sorted(checks, key=lambda c: c.uid):
         if c.uid in chosen_series:
             continue
@@ -225,7 +226,7 @@ def discover(
     warnings = _edge_warnings(included, pseudo)
     t_select = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _write_manifest(included, pseudo, pkey, out)
+    manifest = _write_manifest(included, pseudo, pkey, out, long=cfg.timepoints == "all")
     order = {"patient": 0, "study": 1, "series": 2, "file": 3}
     rows.sort(
         key=lambda r: (order[r["level"]], r["patient_id"], r["study"], r["series_uid"], r["file"])
@@ -266,7 +267,9 @@ def _edge_warnings(included, pseudo) -> list[str]:
 
     lines = []
     for p in sorted(included, key=lambda p: pseudo[p.patient_id]):
-        for which, st in (("baseline", p.baseline), ("follow-up", p.followup)):
+        names = ["baseline", "follow-up"] if len(p.scans) == 2 else [
+            f"timepoint {k}" for k in range(len(p.scans))]  # fmt: skip
+        for which, st in zip(names, p.scans, strict=True):
             try:
                 parts = lungs_at_edges(Path(st.best.folder), st.best.uid)
             except (RuntimeError, OSError, ValueError):
@@ -318,31 +321,45 @@ def _read_all(files, per_task, client, progress):
     return [r for chunk in results for r in chunk]
 
 
-def _write_manifest(included, pseudo, pkey: PseudonymKey, out: Path) -> Path | None:
+def _write_manifest(included, pseudo, pkey: PseudonymKey, out: Path, *, long: bool = False
+                    ) -> Path | None:  # fmt: skip
     """manifest.csv: pseudonyms, ``key:<keyed series UID>`` scan references (resolved through
-    the key file by ``sscflow run --key``), keyed UIDs, PFT values, interval, age, sex."""
+    the key file by ``sscflow run --key``), keyed UIDs, PFT values, interval, age, sex. ``long``:
+    the long form, a row per chosen CT (``timepoint``, ``months`` since the first, the PFT
+    near that CT; ``visual`` left empty for the reader to fill)."""
     path = out / "manifest.csv"
     rows = []
     for p in sorted(included, key=lambda p: pseudo[p.patient_id]):
+        age = p.age()
+        person = {"age": "" if age is None or not 0 <= age <= 120 else str(age), "sex": p.sex()}
+        if long:
+            for k, st in enumerate(p.scans):
+                keyed = pkey.uid(st.best.uid)
+                rows.append({"patient_id": pseudo[p.patient_id], "timepoint": str(k),
+                             "scan": REF_PREFIX + keyed, "series_uid": keyed,
+                             "months": f"{p.months(st):.1f}", **_pft_values(st, ""),
+                             "visual": "", **person})  # fmt: skip
+            continue
         row = {"patient_id": pseudo[p.patient_id]}
         for which, st in (("baseline", p.baseline), ("followup", p.followup)):
             keyed = pkey.uid(st.best.uid)
             row[which] = REF_PREFIX + keyed
             row[f"{which}_series_uid"] = keyed
-            for m in PFT:
-                v = st.pft.values.get(m) if st.pft else None
-                row[f"{m}_{which}"] = "" if v is None else f"{v:g}"
-        row["interval_months"] = f"{p.interval_months:.1f}"
-        age = p.age()
-        row["age"] = "" if age is None or not 0 <= age <= 120 else str(age)
-        row["sex"] = p.sex()
-        rows.append(row)
+            row.update(_pft_values(st, f"_{which}"))
+        rows.append({**row, "interval_months": f"{p.interval_months:.1f}", **person})
     if not rows:
         path.unlink(missing_ok=True)  # no patient: no manifest, rather than one that fails later
         return None
-    pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).to_csv(path, index=False)
+    columns = LONG_MANIFEST_COLUMNS if long else MANIFEST_COLUMNS
+    pd.DataFrame(rows, columns=list(columns)).to_csv(path, index=False)
     read_manifest(path, key=pkey)  # what discover writes, sscflow run reads as it is
     return path
+
+
+def _pft_values(st, suffix: str) -> dict:
+    """``{fvc<suffix>: "80", ...}``: the study's PFT values, empty where none was measured."""
+    values = st.pft.values if st.pft else {}
+    return {f"{m}{suffix}": "" if values.get(m) is None else f"{values[m]:g}" for m in PFT}
 
 
 def _nonzero(counts: dict) -> dict:
@@ -367,7 +384,7 @@ def _flowchart(files, checks, studies, picks, cfg, have_pft) -> dict:
     n_series_ok = sum(c.eligible for c in checks if c.study_uid in pre_uids)
     # what was fine on its own but dropped: each step's boxes add up to the next step's counts
     unused = sum(c.eligible for c in checks if c.study_uid not in pre_uids)
-    chosen = {s.uid for p in included for s in (p.baseline, p.followup)}
+    chosen = {s.uid for p in included for s in p.scans}
     kept_pids = {p.patient_id for p in included}
     not_chosen = {
         "not_selected": sum(s.patient_id in kept_pids and s.uid not in chosen for s in eligible),
@@ -409,11 +426,12 @@ def _flowchart(files, checks, studies, picks, cfg, have_pft) -> dict:
         {
             "step": "included",
             "label": "Patients included ("
-            + ("first and last CT" if cfg.timepoints == "first_last" else "first two CTs")
+            + {"first_last": "first and last CT", "first_second": "first two CTs",
+               "all": "every CT"}[cfg.timepoints]  # fmt: skip
             + ")",
             "patients": len(included),
-            "studies": 2 * len(included),
-            "series": 2 * len(included),
+            "studies": len(chosen),
+            "series": len(chosen),
             "excluded": {
                 "studies": _nonzero(not_chosen),
                 "patients": _count(lambda p: p.rule, picks),

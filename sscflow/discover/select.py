@@ -29,7 +29,7 @@ PATIENT_RULES = {
 NOT_CHOSEN = {
     "lower_rank": "eligible, but another series of the study ranks first",
     "study_not_used": "eligible, but its study was excluded or not selected",
-    "not_selected": "eligible, but not the first or last eligible CT of the patient",
+    "not_selected": "eligible, but not a CT of the patient that discover.timepoints selects",
     "patient_excluded": "eligible, but the patient was excluded",
 }
 DAYS_PER_MONTH = 365.25 / 12
@@ -60,10 +60,17 @@ class PatientPick:
     followup: Study | None = None
     rule: str = ""
     detail: str = ""
+    #: the chosen studies in time order: baseline and follow-up, or with ``timepoints: all``
+    #: every eligible CT at least ``min_interval_days`` after the previous chosen one
+    scans: list[Study] = field(default_factory=list)
 
     @property
     def interval_months(self) -> float:
         return (self.followup.day - self.baseline.day).days / DAYS_PER_MONTH
+
+    def months(self, st: Study) -> float:
+        """Months from the baseline CT to ``st``."""
+        return (st.day - self.baseline.day).days / DAYS_PER_MONTH
 
     def age(self) -> int | None:
         """Whole years at the baseline CT (PatientAge, else birth date), or None."""
@@ -139,7 +146,9 @@ def build_studies(checks: list[SeriesCheck], cfg: DiscoverConfig, pft: dict | No
 
 
 def pick_patients(studies: list[Study], cfg: DiscoverConfig) -> list[PatientPick]:
-    """Per PatientID, the pair of eligible studies ``discover.timepoints`` asks for."""
+    """Per PatientID, the eligible studies ``discover.timepoints`` asks for: the first and last,
+    the first two, or (``all``) every one at least ``min_interval_days`` after the previous
+    chosen one (a CT closer than that to it is a repeat, not a timepoint)."""
     by_pid: dict[str, list[Study]] = {}
     for st in studies:  # a study under conflicting PatientIDs counts for each of them
         for pid in st.patient_ids or {st.patient_id}:
@@ -171,6 +180,14 @@ def pick_patients(studies: list[Study], cfg: DiscoverConfig) -> list[PatientPick
             )
         else:
             p.baseline = first
-            p.followup = later[-1] if cfg.timepoints == "first_last" else later[0]
+            if cfg.timepoints == "all":
+                p.scans = [first]
+                for s in ok[1:]:
+                    if (s.day - p.scans[-1].day).days >= cfg.min_interval_days:
+                        p.scans.append(s)
+                p.followup = p.scans[-1]
+            else:
+                p.followup = later[-1] if cfg.timepoints == "first_last" else later[0]
+                p.scans = [p.baseline, p.followup]
         picks.append(p)
     return picks

@@ -77,7 +77,8 @@ class DiscoverConfig:
     expiratory_patterns: tuple[str, ...] = DEFAULT_EXPIRATORY_PATTERNS
     patient_positions: tuple[str, ...] = ("HFS", "FFS")  # supine
     max_axial_angle_deg: float = 10.0  # slice normal within this of the body axis
-    timepoints: Literal["first_last", "first_second"] = "first_last"
+    # first_last (the paper), first_second, or all: a long manifest with every CT (see README)
+    timepoints: Literal["first_last", "first_second", "all"] = "first_last"
     min_interval_days: int = 30  # a pair of CTs closer than this is no follow-up
     pft_window_days: int = 90  # each CT takes the nearest test within this many days
     require_pft: bool = True  # false: CTs without a near test are kept, PFT values left empty
