@@ -73,14 +73,21 @@ def main() -> None:
                                   ("three-scan run", manifest, "three.zarr")):  # fmt: skip
             cfg = config(path, store)
             m = read_manifest(path, pairs=cfg.pairs)
+            spent: dict[str, float] = {}
+
+            def tally(rec, spent=spent):
+                spent[rec["stage"]] = spent.get(rec["stage"], 0.0) + float(rec.get("seconds") or 0)
+
             t0 = time.perf_counter()
-            summary = run(cfg, m, client=client, truth_dir=manifest.parent)
+            summary = run(cfg, m, client=client, truth_dir=manifest.parent, on_record=tally)
             seconds[name] = time.perf_counter() - t0
             if not summary.ok:
                 raise SystemExit(f"the {name} failed: {summary.failed or summary.cohort}")
             counts[name] = summary.counts.get("registration", {})
             print(f"{name}: {seconds[name]:.1f} s, registrations {counts[name]}, template "
                   f"{summary.cohort.get('template', {}).get('status')}")
+            print("  task seconds by stage (summed over units): " + ", ".join(
+                f"{k} {v:.0f}" for k, v in spent.items() if v >= 0.5))
 
     truth = pd.read_csv(manifest.parent / "truth" / "pairs.csv")
     got = pd.read_csv(tmp / "three.zarr-results" / "pairs.csv")

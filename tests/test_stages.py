@@ -28,7 +28,7 @@ def test_the_table_is_ordered_and_every_dependency_is_declared_before():
         assert isinstance(stage.params(Config()), dict)
         seen.add(stage.name)
     assert list(BY_NAME) == ["ingest", "segment", "extent", "registration", "jacobian",
-                             "zones", "template", "to_template", "qa", "pairs", "group_means",
+                             "zones", "template", "to_template", "pairs", "qa", "group_means",
                              "classifier", "report"]  # fmt: skip
     assert BY_NAME["segment"].after == ("ingest",)
     assert "segment" in BY_NAME["registration"].after

@@ -146,6 +146,35 @@ def test_the_pair_table_has_one_row_per_pair_and_rates_per_year():
     assert math.isnan(row.loc[(0, 1), "composition_mean_mm"])
 
 
+
+def test_a_patient_trajectory_is_drawn_from_three_timepoints_not_from_one_pair(tmp_path):
+    import pandas as pd
+
+    from sscflow.methods.trajectories import trajectory_points
+    from sscflow.views.figures import plot_patient_trajectory
+
+    pairs = pd.DataFrame([
+        {"patient_id": "P1", "t0": 0, "t1": 1, "months": 12.0, "logjac_mean": -0.05,
+         "fvc_baseline": 90.0, "fvc_followup": 85.0, "dlco_baseline": 60.0,
+         "dlco_followup": 55.0},
+        {"patient_id": "P1", "t0": 1, "t1": 2, "months": 6.0, "logjac_mean": -0.03,
+         "fvc_baseline": 85.0, "fvc_followup": 80.0, "dlco_baseline": 55.0,
+         "dlco_followup": 50.0},
+        {"patient_id": "P1", "t0": 0, "t1": 2, "months": 18.0, "logjac_mean": -0.08,
+         "fvc_baseline": 90.0, "fvc_followup": 80.0, "dlco_baseline": 60.0,
+         "dlco_followup": 50.0},
+    ])  # fmt: skip
+    points = trajectory_points(pairs)
+    assert list(points["months"]) == [0.0, 12.0, 18.0]
+    assert list(points["logjac_cumulative"]) == pytest.approx([0.0, -0.05, -0.08])
+    assert list(points["dlco"]) == [60.0, 55.0, 50.0]
+    path = plot_patient_trajectory(points, tmp_path / "P1.png", title="P1")
+    assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
+    # one pair (two timepoints) is no trajectory: nothing drawn
+    assert plot_patient_trajectory(points.iloc[:2], tmp_path / "two.png") is None
+    assert not (tmp_path / "two.png").exists()
+
+
 # --- end to end: a synthetic cohort with three scans per patient, against its truth -----------
 
 E2E_SPACING = 4.0
@@ -199,6 +228,28 @@ def test_adding_a_timepoint_registers_only_the_new_pairs(three_scans):
     # the new first -> last pair 0 -> 2 has the same baseline scan as 0 -> 1: its template field
     # is taken from there, not registered again; the pair 1 -> 2 has no template-space map
     assert second.counts["to_template"] == {"done": E2E_PATIENTS, "skipped": 2 * E2E_PATIENTS}
+    # every page is (re)drawn in the second run: the pair 0 -> 1's page now shows the trajectory
+    assert first.counts["qa"] == {"done": E2E_PATIENTS}
+    assert second.counts["qa"] == {"done": 3 * E2E_PATIENTS}
+
+
+@pytest.mark.slow
+def test_each_qa_page_of_a_three_scan_patient_shows_its_trajectory(three_scans):
+    import base64
+
+    from sscflow.stages.pairs import patient_figure
+    from sscflow.views.qa import page_path
+
+    folder, _, _, _ = three_scans
+    results = folder / "results"
+    for pid in sorted({u.split("/")[0] for u in st.patient_ids(
+            st.open_store(str(folder / "cohort.zarr"), mode="r"))}):  # fmt: skip
+        png = patient_figure(results, pid)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", pid
+        data = base64.b64encode(png.read_bytes()).decode()
+        for unit in (pid, f"{pid}/pairs/1-2", f"{pid}/pairs/0-2"):
+            page = page_path(results, unit).read_text(encoding="utf-8")
+            assert "Trajectory" in page and data in page, unit
 
 
 @pytest.mark.slow
@@ -224,6 +275,13 @@ def test_every_pair_is_in_the_store_and_the_tables(three_scans):
         field = dict(root[f"patients/{pid}/pairs/0-2/log_jacobian_template"].attrs["sscflow"])
         assert field["qa"]["reused_from"] == pid
         assert "log_jacobian_template" not in root[f"patients/{pid}/pairs/1-2"]
+    # sscflow status: every pair's every stage done (a pair with no template-space map too)
+    from sscflow.flow.pipeline import store_status
+
+    state = store_status(str(folder / "cohort.zarr"))
+    state.pop(None)
+    assert len(state) == 3 * E2E_PATIENTS
+    assert {s["status"] for row in state.values() for s in row.values()} == {"done"}
     # the cohort table: one row per patient, its first -> last pair
     cohort = pd.read_csv(folder / "results" / "patients.csv")
     assert sorted(cohort["patient_id"]) == pids

@@ -39,6 +39,8 @@ def write_status(root, rec: dict) -> None:
         "where": rec.get("where"),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if rec.get("needed") is False:  # nothing to write for this unit (a stage's own decision)
+        stages[rec["stage"]]["needed"] = False
     group.attrs["stages"] = stages
 
 
@@ -47,8 +49,10 @@ def store_status(store: str, stages: tuple) -> dict:
 
     ``stages`` is the stage table (``sscflow.stages.STAGES``: entries with ``name``, ``scope``
     and ``writes``). The latest run's record is used when it failed; otherwise a stage whose outputs
-    (``Stage.writes``) are complete counts as done. Also returns the cohort stages under the key
-    ``None``.
+    (``Stage.writes``) are complete counts as done, and so does one whose record says it had
+    nothing to write for that unit (``needed: false``: a long manifest's pair that is not the
+    patient's first -> last one has no template-space map). Also returns the cohort stages under
+    the key ``None``.
     """
     root = st.open_store(store, mode="r")
     in_store = set(st.patient_ids(root))
@@ -61,6 +65,8 @@ def store_status(store: str, stages: tuple) -> dict:
     def state(stage, group, rec: dict | None) -> dict:
         if rec and rec["status"] in FAILED:
             return {"status": rec["status"], "message": rec.get("message", "")}
+        if rec and rec.get("needed") is False:  # the stage has nothing to write for this unit
+            return {"status": "done", "message": rec.get("message", "")}
         done = group is not None and all(_written(group, w) for w in stage.writes)
         return {"status": "done" if done else "pending", "message": ""}
 

@@ -9,7 +9,9 @@ from sscflow.stages.base import COHORT, FINISHED, Stage, cohort_ids
 
 RECORD = "cohort/pairs"
 FIGURE = Path("figures") / "trajectories.png"
-VERSION = 1  # sscflow.methods.trajectories.VERSION (a test keeps them equal)
+#: one patient's trajectory, for the QA pages of the patient's pairs (three timepoints or more)
+PATIENT_FIGURES = Path("figures") / "trajectories"
+VERSION = 2  # sscflow.methods.trajectories.VERSION (a test keeps them equal)
 
 
 def run(ctx, patient, ups) -> dict:
@@ -18,9 +20,10 @@ def run(ctx, patient, ups) -> dict:
         chains,
         consistency_patient,
         pair_table,
+        trajectory_points,
         write_pair_table,
     )
-    from sscflow.views.figures import plot_trajectories
+    from sscflow.views.figures import plot_patient_trajectory, plot_trajectories
 
     root = st.open_store(ctx.store)
     in_store = set(st.patient_ids(root))
@@ -47,13 +50,19 @@ def run(ctx, patient, ups) -> dict:
     key = st.upstream_hash([], table.to_csv(index=False), sorted(labels.items()))
     meta = None if ctx.force else st.current_record(root, (RECORD,), key, params)
     figure = results / FIGURE
-    if meta is not None and (figure.is_file() or not meta["qa"].get("figure")):
+    points = trajectory_points(table)
+    each = {pid: part for pid, part in points.groupby("patient_id", sort=True) if len(part) >= 3}
+    paths = {pid: patient_figure(ctx.results, pid) for pid in each}
+    if meta is not None and (figure.is_file() or not meta["qa"].get("figure")) and all(
+            p.is_file() for p in paths.values()):  # fmt: skip
         state = "skipped"
         figure = figure if meta["qa"].get("figure") else None
     else:
         state = "done"
         figure = plot_trajectories(table, labels, figure,
                                    title="Trajectories by functional change")  # fmt: skip
+        for pid, part in each.items():
+            plot_patient_trajectory(part, paths[pid], title=f"patient {pid}: trajectory")
         st.write_record(root, RECORD, stage="pairs", params=params, input_hash=key,
                         extra={"qa": {"pairs": len(table), "patients": n_patients,
                                       "chains": len(consistency), "failed": failed,
@@ -62,6 +71,11 @@ def run(ctx, patient, ups) -> dict:
             "chains": len(consistency),
             "composition_max_mean_mm": max(means) if means else None, "table": str(path),
             "figure": str(figure) if figure else None}  # fmt: skip
+
+
+def patient_figure(results, subject: str) -> Path:
+    """``RESULTS/figures/trajectories/<patient>.png``: a patient's trajectory figure."""
+    return Path(results) / PATIENT_FIGURES / f"{subject}.png"
 
 
 STAGE = Stage("pairs", COHORT, after=("jacobian",), needs=(), reads=("displacement", "coverage"),

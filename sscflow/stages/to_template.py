@@ -7,7 +7,7 @@ from sscflow.stages.base import PATIENT, Stage, torch_backend
 
 def run(ctx, patient, ups) -> dict:
     if not patient.primary:  # a long manifest's other pairs: nothing downstream reads their map
-        return {"status": "skipped",
+        return {"status": "skipped", "needed": False,  # sscflow status: done, not pending
                 "message": "not the patient's first -> last pair: the cohort statistics use "
                            "that pair's map only"}  # fmt: skip
     from sscflow.methods.template import (

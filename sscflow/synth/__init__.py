@@ -13,7 +13,7 @@ With ``timepoints=N >= 3`` each patient gets N scans with the disease progressin
 the exact truth of every pair of them (:mod:`sscflow.synth.cohort` gives the layout).
 
 Public API: :func:`plan_cohort`, :func:`synthesize_patient`, :func:`synthesize_cohort`,
-:func:`read_truth`, :class:`Truth` and :func:`pair_unit_id`.
+:func:`read_truth`, :func:`write_truth`, :class:`Truth` and :func:`pair_unit_id`.
 """
 
 from sscflow.synth.cohort import (
@@ -22,8 +22,9 @@ from sscflow.synth.cohort import (
     read_truth,
     synthesize_cohort,
     synthesize_patient,
+    write_truth,
 )
 from sscflow.synth.plan import plan_cohort
 
 __all__ = ["Truth", "pair_unit_id", "plan_cohort", "read_truth", "synthesize_cohort",
-           "synthesize_patient"]
+           "synthesize_patient", "write_truth"]

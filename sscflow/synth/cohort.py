@@ -526,7 +526,7 @@ def _synthesize_patient(row, out, pid, spacing, seed, fmt, ribs, noise_hu,
         _write_image(arrays[which], grids[which], out / rel[which], fmt, pid=pid, seed=seed,
                      which=which, date=date)  # fmt: skip
 
-    _write_truth(out / "truth" / pid, geom, displacement, sim.deformation.log_jacobian,
+    write_truth(out / "truth" / pid, geom, displacement, sim.deformation.log_jacobian,
                  sim.lung, sim.region, lung_fu, fu_geom)  # fmt: skip
 
     manifest = {k: row[k] for k in MANIFEST_COLUMNS if k not in ("baseline", "followup")}
@@ -800,7 +800,7 @@ def _synthesize_series(row, out: Path, pid: str, spacing, seed, fmt, ribs, noise
             del det
             unit = pair_unit_id(pid, a, b)
             lung_b, grid_b = scan_lungs[b]
-            _write_truth(out / "truth" / unit, space, u, log_jac, lung_a, region_a, lung_b,
+            write_truth(out / "truth" / unit, space, u, log_jac, lung_a, region_a, lung_b,
                          grid_b)  # fmt: skip
             del u
             step = round(float(months[b] - months[a]), 1)
@@ -834,7 +834,7 @@ def _scan_row(row, k: int, rel: str, months: float, tau: float) -> dict:
             "age": row["age"], "sex": row["sex"]}  # fmt: skip
 
 
-def _write_truth(tdir: Path, geom: Geometry, displacement, log_jacobian, lung, region, lung_fu,
+def write_truth(tdir: Path, geom: Geometry, displacement, log_jacobian, lung, region, lung_fu,
                  fu_geom: Geometry) -> None:  # fmt: skip
     """The five truth files of one pair (:data:`TRUTH_FILES`) in ``tdir``."""
     tdir.mkdir(parents=True, exist_ok=True)

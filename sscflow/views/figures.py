@@ -237,3 +237,40 @@ def plot_trajectories(pairs, labels: dict, path, *, title: str = "") -> Path | N
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_patient_trajectory(points, path, *, title: str = "") -> Path | None:
+    """One patient's trajectory (the rows of :func:`sscflow.methods.trajectories.
+    trajectory_points` for that patient): the cumulative mean log-Jacobian and FVC / DLCO
+    (% predicted) against months since the first scan, each timepoint labelled; written to
+    ``path``. None with fewer than three timepoints (one pair is no trajectory)."""
+    if len(points) < 3:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.2))
+    axes = fig.subplots(1, 2)
+    axes[0].plot(points["months"], points["logjac_cumulative"], "-o", ms=4, color="#34495e")
+    for r in points.itertuples():
+        axes[0].annotate(f"t{r.timepoint}", (r.months, r.logjac_cumulative), fontsize=8,
+                         textcoords="offset points", xytext=(3, 3))  # fmt: skip
+    axes[0].axhline(0, color="k", lw=0.5)
+    axes[0].set_ylabel("cumulative mean log-Jacobian")
+    drawn = False
+    for name, colour in (("fvc", "#c0392b"), ("dlco", "#2471a3")):
+        values = points[name].astype(float)
+        if values.notna().any():
+            axes[1].plot(points["months"], values, "-o", ms=4, color=colour, label=name.upper())
+            drawn = True
+    if drawn:
+        axes[1].legend(fontsize=8, frameon=False)
+    else:
+        axes[1].text(0.5, 0.5, "no PFT values in the manifest", ha="center", va="center",
+                     transform=axes[1].transAxes, fontsize=9)  # fmt: skip
+    axes[1].set_ylabel("% predicted")
+    for ax in axes:
+        ax.set_xlabel("months since the first scan")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -23,6 +23,7 @@ they are unchanged and the page exists.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import math
 import time
@@ -151,15 +152,20 @@ def _inputs_key(group) -> dict:
     return out
 
 
-def qa_patient(store: str, patient_id: str, results_dir, *, force: bool = False) -> dict:
-    """Draw the patient's QA page; returns ``{"status": done|skipped, "path", "flags"}``."""
+def qa_patient(store: str, patient_id: str, results_dir, *, force: bool = False,
+               trajectory: Path | None = None) -> dict:  # fmt: skip
+    """Draw the patient's QA page; returns ``{"status": done|skipped, "path", "flags"}``.
+    ``trajectory``: the patient's trajectory figure (a PNG the pairs stage drew from every pair
+    of the patient), shown on the page; the page is redrawn when it changes."""
     t0 = time.perf_counter()
     root = st.open_store(store, mode="r")
     group = st.patient_group(root, patient_id, create=False)
     if st.output_state(group, "baseline") != "complete":
         raise IncompleteOutputError(f"patient {patient_id}: no baseline in the store; ingest it")
     path = page_path(results_dir, patient_id)
-    key = st.hash_values(_inputs_key(group), dict(group.attrs.get("sscflow", {})), STAGE_VERSION)
+    png = Path(trajectory).read_bytes() if trajectory is not None else None
+    key = st.hash_values(_inputs_key(group), dict(group.attrs.get("sscflow", {})), STAGE_VERSION,
+                         *((hashlib.sha256(png).hexdigest(),) if png else ()))
     old = dict(group.attrs.get("qa_page", {}) or {})
     row = cohort_table(root, [patient_id]).iloc[0].to_dict()
     raised = flags(row)
@@ -167,6 +173,11 @@ def qa_patient(store: str, patient_id: str, results_dir, *, force: bool = False)
         return {"status": "skipped", "path": str(path), "flags": len(raised),
                 "seconds": time.perf_counter() - t0}
     figures = draw_patient(root, patient_id)
+    if png is not None:
+        figures.append(("Trajectory", "The patient's cumulative mean log-Jacobian (the sum of "
+                        "its consecutive pairs' means) and FVC / DLCO (% predicted) at each "
+                        "timepoint, from every pair registered so far.",
+                        base64.b64encode(png).decode()))  # fmt: skip
     page = _page(patient_id, row, raised, figures)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".html.partial")
