@@ -15,6 +15,7 @@ Prints the registrations each run executed, the wall times, and last the time ra
 two-scan run (the issue's target: 0.6 or less).
 
     python benchmarks/timepoints.py [--patients 12] [--spacing 4.0] [--workers 2] [--keep DIR]
+        [--pairs both|consecutive|first_last]
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("--spacing", type=float, default=4.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", type=Path, default=None)
+    ap.add_argument("--pairs", choices=("both", "consecutive", "first_last"), default="both",
+                    help="the config's pairs rule (both: the default)")
     args = ap.parse_args()
 
     import numpy as np
@@ -58,12 +61,14 @@ def main() -> None:
 
     def config(path, store):
         return config_from_dict({"manifest": str(path), "store": str(tmp / store),
+                                 "pairs": args.pairs,
                                  "results": str(tmp / f"{store}-results"),
                                  "ingest": {"spacing_mm": args.spacing},
                                  "segment": {"min_lung_ml": 5.0}})  # fmt: skip
 
     print(f"cohort: {args.patients} synthetic patients x 3 scans at {args.spacing:g} mm "
-          f"(sscflow synth --timepoints 3, seed 0), {args.workers} one-thread workers")
+          f"(sscflow synth --timepoints 3, seed 0), {args.workers} one-thread workers, "
+          f"pairs: {args.pairs}")
     seconds, counts = {}, {}
     cluster = ClusterConfig(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0")
     with dask_client(cluster) as client:
