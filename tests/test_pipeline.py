@@ -139,7 +139,8 @@ def test_group_means_show_the_planted_shrinkage(finished):
 
 @pytest.mark.slow
 def test_patient_means_match_the_truth(finished, cohort):
-    """Each patient's mean log-Jacobian in its lung is near the true mean (planned per patient)."""
+    """Each patient's mean log-Jacobian in its lung is within 0.01 of the true mean (planned per
+    patient): a bias as large as the worsening - stable difference cannot pass."""
     import pandas as pd
 
     from sscflow.synth import read_truth
@@ -147,11 +148,14 @@ def test_patient_means_match_the_truth(finished, cohort):
     cfg, summary, _ = finished
     _, manifest = cohort
     table = pd.read_csv(Path(summary.cohort["group_means"]["table"])).set_index("patient_id")
+    errors = {}
     for i in range(1, N_GOOD + 1):
         pid = f"SYN{i:03d}"
         truth = read_truth(manifest.parent, pid)
-        true_mean = float(truth.log_jacobian[truth.lung].mean())
-        assert abs(table.loc[pid, "logjac_mean"] - true_mean) < 0.03, pid
+        errors[pid] = table.loc[pid, "logjac_mean"] - float(truth.log_jacobian[truth.lung].mean())
+    # 0.01: a third of the worsening - stable difference of the paper-modelled cohort (0.032);
+    # measured at 4 mm, seed 0: -0.0008 to -0.0051
+    assert max(abs(v) for v in errors.values()) < 0.01, errors
     assert np.isnan(table.loc[BAD, "logjac_mean"])
 
 
