@@ -175,6 +175,64 @@ def test_a_patient_trajectory_is_drawn_from_three_timepoints_not_from_one_pair(t
     assert not (tmp_path / "two.png").exists()
 
 
+def test_a_scan_two_pairs_share_is_read_and_segmented_once(tmp_path, monkeypatch):
+    """Timepoint 1 is the follow-up of 0 -> 1 and the baseline of 1 -> 2: the second pair copies
+    the stored scan and its masks (same voxels, same input hash, ``reused_from``) instead of
+    reading and segmenting the file again; once 0 -> 1 and 1 -> 2 are in, 0 -> 2 reads nothing."""
+    import numpy as np
+    from helpers import MINI_SEGMENT
+    from test_ingest import INGEST, chest, write_scan
+
+    import sscflow.methods.ingest
+    from sscflow.config import Config
+    from sscflow.flow.pipeline import execute
+    from sscflow.stages import Context
+
+    write_scan(chest(), tmp_path / "a.nii.gz")
+    write_scan(chest(lung_z_radius=26.0), tmp_path / "b.nii.gz")
+    write_scan(chest(lung_z_radius=24.0), tmp_path / "c.nii.gz")
+    path = tmp_path / "long.csv"
+    path.write_text(HEADER + THREE, encoding="utf-8")
+    units = {p.patient_id: p for p in read_manifest(path).patients}
+    store = tmp_path / "c.zarr"
+    ctx = Context(str(store), str(tmp_path / "results"),
+                  Config(store=str(store), ingest=INGEST, segment=MINI_SEGMENT))  # fmt: skip
+
+    def both(unit):
+        ingest = execute("ingest", ctx, units[unit], None, [])
+        segment = execute("segment", ctx, units[unit], None, [ingest])
+        assert (ingest["status"], segment["status"]) == ("done", "done"), (ingest, segment)
+        return st.patient_group(st.open_store(str(store)), unit, create=False)
+
+    def same(a, name_a, b, name_b):
+        x, y = st.read_image(a, name_a), st.read_image(b, name_b)
+        assert (x.meta["input_hash"], x.meta["params"]) == (y.meta["input_hash"],
+                                                            y.meta["params"])  # fmt: skip
+        assert x.geometry == y.geometry
+        np.testing.assert_array_equal(np.asarray(x.array[...]), np.asarray(y.array[...]))
+
+    first = both("P1")
+    second = both("P1/pairs/1-2")
+    for name, other in (("baseline", "followup"), ("lung_mask", "followup_lung_mask"),
+                        ("lung_labels", "followup_lung_labels")):  # fmt: skip
+        same(second, name, first, other)
+        assert second[name].attrs["sscflow"]["reused_from"] == "P1", name
+    assert "reused_from" not in second["followup"].attrs["sscflow"]  # c: read from its file
+    assert second["lung_mask"].attrs["sscflow"]["of"] == "baseline"
+
+    def no_work(*args, **kw):
+        raise AssertionError("a scan was read, resampled or segmented again")
+
+    for name in ("read_volume", "to_canonical", "segment_lungs"):
+        monkeypatch.setattr(sscflow.methods.ingest, name, no_work)
+    third = both("P1/pairs/0-2")
+    same(third, "baseline", first, "baseline")
+    same(third, "followup", second, "followup")
+    same(third, "followup_lung_mask", second, "followup_lung_mask")
+    # and a rerun of a pair whose outputs are current skips, as before
+    again = execute("ingest", ctx, units["P1/pairs/0-2"], None, [])
+    assert again["status"] == "skipped", again
+
 # --- end to end: a synthetic cohort with three scans per patient, against its truth -----------
 
 E2E_SPACING = 4.0

@@ -306,6 +306,38 @@ def write_image(
     return group
 
 
+def sibling_units(root: zarr.Group, unit: str) -> list[str]:
+    """The other pairs of ``unit``'s patient in the store (``<pid>`` and
+    ``<pid>/pairs/<t0>-<t1>``), ``<pid>`` first: where a scan, its masks or its template field
+    may already have been made from the same inputs."""
+    pid = unit.split("/", 1)[0]
+    try:
+        patient = root[f"{PATIENTS}/{pid}"]
+    except KeyError:
+        return []
+    units = [pid] + ([f"{pid}/{PAIRS}/{n}" for n, _ in sorted(patient[PAIRS].groups())]
+                     if PAIRS in patient else [])  # fmt: skip
+    return [u for u in units if u != unit]
+
+
+def copy_image(src: zarr.Group, src_name: str, dst: zarr.Group, dst_name: str, *,
+               extra: dict | None = None, label_of: str | None = None, chunk: int = 64,
+               compression_level: int = 3, fill_value: Any = 0) -> None:  # fmt: skip
+    """Write the complete image ``src/src_name`` as ``dst/dst_name``: the same voxels, geometry,
+    stage, parameters and input hash (so it is current wherever the original is), its record
+    updated with ``extra`` (e.g. ``{"reused_from": unit}``). Quantised data is copied as it is
+    (already multiples of its step)."""
+    image = read_image(src, src_name)
+    meta = dict(image.meta)
+    keep = {k: v for k, v in meta.items()
+            if k not in ("stage", "params", "input_hash", "geometry", "complete")}  # fmt: skip
+    write_image(dst, dst_name, image.array[...], stored_geometry(image), stage=meta["stage"],
+                params=meta["params"], input_hash=meta["input_hash"],
+                extra={**keep, **(extra or {})}, chunk=chunk,
+                compression_level=compression_level, fill_value=fill_value,
+                label_of=label_of)  # fmt: skip
+
+
 def _delta_coded(step: float) -> tuple:
     """Filters that store float32 multiples of ``step`` as delta-coded int32 (exact: the
     multiples are integers)."""

@@ -194,7 +194,7 @@ def ingest_images(patient: Patient, store: str, ingest: IngestConfig, *,
                 raise MissingInputError(f"{patient.describe(which)} does not exist; fix the path "
                                         f"in the manifest (line {patient.line})")  # fmt: skip
         for which in SCANS:
-            _ingest_scan(patient, which, group, ingest, image_params, result, force)
+            _ingest_scan(patient, which, group, ingest, image_params, result, force, root)
     except Exception as exc:
         _failed(result, exc)
     if result.status == "done" and not result.written:
@@ -203,7 +203,7 @@ def ingest_images(patient: Patient, store: str, ingest: IngestConfig, *,
     return result
 
 
-def _ingest_scan(patient, which, group, ingest, image_params, result, force):
+def _ingest_scan(patient, which, group, ingest, image_params, result, force, root=None):
     path, series_uid = patient.scan(which)
     where = patient.describe(which)  # a discovered cohort's names no export folder
     if not path.exists():
@@ -214,6 +214,15 @@ def _ingest_scan(patient, which, group, ingest, image_params, result, force):
     result.input_bytes += size
     if not force and st.is_current(group, which, input_hash, image_params):
         result.skipped.append(which)
+        return
+    found = None if force or root is None else sibling_scan(
+        root, patient.patient_id, lambda g, w: st.is_current(g, w, input_hash, image_params))
+    if found is not None:  # another pair of the patient holds this scan, read with these settings
+        unit, sibling, name = found
+        st.copy_image(sibling, name, group, which, extra={"reused_from": unit},
+                      chunk=ingest.chunk, compression_level=ingest.compression_level,
+                      fill_value=HU_MIN)  # fmt: skip
+        result.written.append(which)
         return
     try:
         image = read_volume(path, series_uid=series_uid)
@@ -260,7 +269,8 @@ def segment_patient(store, patient_id: str, segment: SegmentConfig | None = None
     """
     seg = segment or SegmentConfig()
     t0 = time.perf_counter()
-    group = st.patient_group(st.open_store(store), patient_id, create=False)
+    root = st.open_store(store)
+    group = st.patient_group(root, patient_id, create=False)
     images = st.read_inputs(group, SCANS, f"patient {patient_id}", "ingest the patient first")
     params = {**asdict(seg), "version": STAGE_VERSION}
     out = {"patient_id": patient_id, "written": [], "skipped": [], "lung_volume_ml": {},
@@ -270,7 +280,18 @@ def segment_patient(store, patient_id: str, segment: SegmentConfig | None = None
         input_hash = st.upstream_hash([image])
         meta = None if force else st.current_record(group, (LABELS[which], mask_name),
                                                     input_hash, params)  # fmt: skip
-        if meta is None:
+        found = None if meta is not None or force else sibling_scan(
+            root, patient_id, lambda g, w, h=input_hash: st.current_record(
+                g, (LABELS[w], SCANS[w]), h, params) is not None)  # fmt: skip
+        if found is not None:  # the same stored scan, segmented with these settings elsewhere
+            unit, sibling, other = found
+            for src, dst in ((LABELS[other], LABELS[which]), (SCANS[other], mask_name)):
+                st.copy_image(sibling, src, group, dst, extra={"of": which, "reused_from": unit},
+                              label_of=which, chunk=chunk,
+                              compression_level=compression_level)  # fmt: skip
+            meta = st.stored_record(group, mask_name)
+            out["written"] += [LABELS[which], mask_name]
+        elif meta is None:
             where = " ".join([LABEL[which], *([str(sources[which])] if sources else [])])
             meta = _segment_scan(group, which, where, image, seg, params, input_hash, chunk,
                                  compression_level)  # fmt: skip
@@ -283,6 +304,22 @@ def segment_patient(store, patient_id: str, segment: SegmentConfig | None = None
     out["status"] = "done" if out["written"] else "skipped"
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def sibling_scan(root, unit: str, current) -> tuple | None:
+    """(unit, group, "baseline" or "followup") of the first other pair of ``unit``'s patient
+    (:func:`sscflow.core.store.sibling_units`) for which ``current(group, scan)`` holds: a scan
+    two pairs share (timepoint 1 is the follow-up of 0 -> 1 and the baseline of 1 -> 2) is read
+    and segmented once, then copied; None when there is none."""
+    for other in st.sibling_units(root, unit):
+        try:
+            group = root[f"{st.PATIENTS}/{other}"]
+        except KeyError:
+            continue
+        for which in SCANS:
+            if current(group, which):
+                return other, group, which
+    return None
 
 
 def imaged_mask(geometry: Geometry, fov: Geometry | None, slab: int = 32) -> np.ndarray | None:

@@ -593,16 +593,7 @@ def _sibling_field(root, unit: str, field_hash: str, params: dict):
     """(unit, field, shift) of another pair of the same patient whose stored template field was
     made from the same template, baseline scan and mask (``field_hash``) with the same
     parameters; None when there is none. Pairs are ``<pid>`` and ``<pid>/pairs/<t0>-<t1>``."""
-    pid = unit.split("/", 1)[0]
-    try:
-        patient = root[f"{st.PATIENTS}/{pid}"]
-    except KeyError:
-        return None
-    others = [pid] + ([f"{pid}/{st.PAIRS}/{n}" for n, _ in patient[st.PAIRS].groups()]
-                      if st.PAIRS in patient else [])  # fmt: skip
-    for other in others:
-        if other == unit:
-            continue
+    for other in st.sibling_units(root, unit):
         group = root[f"{st.PATIENTS}/{other}"]
         if st.output_state(group, DISPLACEMENT) != "complete":
             continue
