@@ -407,6 +407,10 @@ def discover(
     pft: Annotated[
         Path | None, typer.Option("--pft", help="PFT CSV: patient_id, date, fvc, dlco, tlc, kco.")
     ] = None,
+    timepoints: Annotated[str | None, typer.Option(
+        "--timepoints", help="Which CTs per patient: first_last (the paper's pair), first_second, "
+        "or all (a long manifest, one row per CT). Default: discover.timepoints of the config "
+        "(first_last).")] = None,
     config: ConfigOpt = None,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
@@ -418,11 +422,19 @@ def discover(
     PFT within 90 days (rules: the config's discover section). Patient IDs become pseudonyms.
 
     Example: sscflow discover /data/export --out cohort/ --pft pft.csv --key ~/keys/cohort.key
+    (every CT of each patient, as a long manifest: add --timepoints all)
     """
+    from dataclasses import replace
+
     from sscflow.discover.run import check_inputs
     from sscflow.discover.run import discover as discover_cohort
 
     cfg = _config(config, scheduler, workers)
+    if timepoints is not None:
+        if timepoints not in ("first_last", "first_second", "all"):
+            raise SscflowError(f"--timepoints must be first_last, first_second or all, got "
+                               f"{timepoints!r}")  # fmt: skip
+        cfg = replace(cfg, discover=replace(cfg.discover, timepoints=timepoints))
     key = key or cfg.discover.key
     if key is None:
         raise SscflowError("give the key file: --key ~/sscflow-keys/cohort.key (or discover.key "

@@ -545,6 +545,16 @@ def test_cli_discover(cohort, tmp_path):
     )  # same key: same pseudonyms
     pd.testing.assert_frame_equal(here, there)
     assert os.path.exists(tmp_path / "c" / "flowchart.png")
+    # --timepoints all: the long manifest, patient A's three CTs and B's two
+    args = ["discover", str(ex.root), "--out", str(tmp_path / "long"), "--pft",
+            str(work / "pft.csv"), "--config", str(cfg), "--key", str(work / "keys" / "cohort.key")]
+    res = CliRunner().invoke(app, [*args, "--timepoints", "all"])
+    assert res.exit_code == 0, res.output
+    long = pd.read_csv(tmp_path / "long" / "manifest.csv")
+    assert sorted(long.groupby("patient_id").size()) == [2, 3]
+    res = CliRunner().invoke(app, [*args, "--timepoints", "every"])
+    assert res.exit_code != 0 and "--timepoints must be first_last, first_second or all" in (
+        str(res.exception))  # fmt: skip
 
 
 def test_header_fast_path_agrees_with_pydicom_dcmread(cohort, tmp_path, monkeypatch):
