@@ -29,9 +29,16 @@ def _faults_of_repeated_arrays(n: int = 40, nbytes: int = 2 * 2**20) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-def test_sscflow_workers_reuse_freed_memory(client):
+def test_sscflow_workers_reuse_freed_memory(client, tmp_path):
     faults = client.run(_faults_of_repeated_arrays)
     assert faults and all(n < 2_000 for n in faults.values()), faults
+    # and still after other work on them: making a synthetic patient once restored the
+    # nanny's setting on its way out (20,520 faults after it)
+    from sscflow.synth import synthesize_cohort
+
+    synthesize_cohort(2, tmp_path / "synthetic", spacing=6.0, seed=0, client=client)
+    faults = client.run(_faults_of_repeated_arrays)
+    assert all(n < 2_000 for n in faults.values()), faults
 
 
 def test_a_plain_nanny_worker_faults_each_array_in_again():

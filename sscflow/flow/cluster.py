@@ -51,7 +51,8 @@ def keep_freed_memory() -> bool:
     once per registration iteration. Measured on the 2-core CPU machine (2026-12-06, three
     torch registrations of a synthetic 4 mm pair in one process): 20.6 s with that setting
     (15.1 s of it in the kernel, 9.1 million page faults), 10.7 s with this one (0.3 s, 13,000
-    faults), 11.2 s with glibc's defaults.
+    faults), 11.2 s with glibc's defaults. (The synthetic cohort once set this around each
+    patient and restored the nanny's setting after it; it now relies on this.)
     """
     import ctypes
 

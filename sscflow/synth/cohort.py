@@ -43,13 +43,9 @@ every pair's truth is exact, made from the flow itself, never from another pair'
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import datetime
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,33 +312,6 @@ def _write_image(array, geometry, path: Path, fmt: str, *, pid, seed, which, dat
         write_volume(image, path)
 
 
-@contextlib.contextmanager
-def _reuse_freed_memory():
-    """Let glibc keep and reuse freed memory while one patient is made.
-
-    Dask worker processes start with ``MALLOC_TRIM_THRESHOLD_=65536``, which makes glibc map
-    every block over 128 kB afresh and unmap it when freed, so the ~1 GB of short-lived arrays
-    of a patient are paid for in page faults (measured: 24 patients at 2.5 mm on two workers
-    took 92 s instead of about 45 s). Inside this block blocks up to 32 MB come from the heap
-    and stay there; on exit the worker's settings are restored and the heap is trimmed. A
-    no-op where that variable is unset or the C library has no ``mallopt``.
-    """
-    trim = os.environ.get("MALLOC_TRIM_THRESHOLD_")
-    libc = None
-    if trim is not None and trim.isdigit():
-        with contextlib.suppress(OSError, AttributeError, TypeError):
-            libc = ctypes.CDLL(ctypes.util.find_library("c"))
-            libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-            libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.mallopt(-1, int(trim))
-            libc.mallopt(-3, 128 << 10)  # glibc's default, fixed once the trim is set
-            libc.malloc_trim(0)
-
-
 def synthesize_patient(
     row,
     out_dir,
@@ -390,12 +359,13 @@ def synthesize_patient(
     n = _check_timepoints(timepoints)
     out = Path(out_dir)
     pid = str(row["patient_id"])
-    with _reuse_freed_memory():
-        if n > 2:
-            return _synthesize_series(row, out, pid, spacing, seed, fmt, ribs, noise_hu,
-                                      acquisitions, n)  # fmt: skip
-        return _synthesize_patient(row, out, pid, spacing, seed, fmt, ribs, noise_hu,
-                                   acquisitions)  # fmt: skip
+    # on a Dask worker, the ~1 GB of short-lived arrays of a patient reuse the heap
+    # (sscflow.flow.cluster.keep_freed_memory, set on every sscflow worker)
+    if n > 2:
+        return _synthesize_series(row, out, pid, spacing, seed, fmt, ribs, noise_hu,
+                                  acquisitions, n)  # fmt: skip
+    return _synthesize_patient(row, out, pid, spacing, seed, fmt, ribs, noise_hu,
+                               acquisitions)  # fmt: skip
 
 
 def _check_timepoints(timepoints) -> int:
