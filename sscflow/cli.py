@@ -424,16 +424,19 @@ def discover(
     Example: sscflow discover /data/export --out cohort/ --pft pft.csv --key ~/keys/cohort.key
     (every CT of each patient, as a long manifest: add --timepoints all)
     """
+    import typing
     from dataclasses import replace
 
     from sscflow.discover.run import check_inputs
     from sscflow.discover.run import discover as discover_cohort
+    from sscflow.discover.settings import DiscoverConfig
 
     cfg = _config(config, scheduler, workers)
     if timepoints is not None:
-        if timepoints not in ("first_last", "first_second", "all"):
-            raise SscflowError(f"--timepoints must be first_last, first_second or all, got "
-                               f"{timepoints!r}")  # fmt: skip
+        choices = typing.get_args(typing.get_type_hints(DiscoverConfig)["timepoints"])
+        if timepoints not in choices:
+            raise SscflowError(f"--timepoints must be {', '.join(choices[:-1])} or {choices[-1]}, "
+                               f"got {timepoints!r}")  # fmt: skip
         cfg = replace(cfg, discover=replace(cfg.discover, timepoints=timepoints))
     key = key or cfg.discover.key
     if key is None:
