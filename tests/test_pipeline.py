@@ -678,3 +678,26 @@ def test_the_run_record_keeps_the_settings_that_differ_and_a_hash_of_all(finishe
     assert kept["ingest"] == {"spacing_mm": cfg.ingest.spacing_mm}  # a changed setting
     assert "synth" not in kept and "kubernetes" not in kept.get("cluster", {})  # defaults
     assert len(run_record["config_sha256"]) == 64 and int(run_record["config_sha256"], 16) >= 0
+
+
+def _lazy_sum() -> int:
+    import dask.array as da
+
+    return int(da.ones(64, chunks=8).sum().compute())
+
+
+def test_a_stage_computes_its_dask_work_in_its_own_worker(client):
+    """Inside a task, Dask's default scheduler is the worker's client: an array computed there
+    (xarray's ``.values`` of a lazily opened store) became tasks queued behind the run's own
+    (the group-means figure: 22 s instead of 2 in a run with QA pages waiting). A stage runs
+    through ``in_task``, which keeps that work in its worker."""
+    from distributed import get_task_stream
+
+    from sscflow.flow.pipeline import in_task
+
+    with get_task_stream(client) as bare:  # the reference: 8 blocks and their sums as tasks
+        assert client.submit(_lazy_sum, pure=False).result() == 64
+    with get_task_stream(client) as guarded:
+        assert client.submit(in_task, _lazy_sum, pure=False).result() == 64
+    assert len(bare.data) > 8
+    assert len(guarded.data) == 1, [t["key"] for t in guarded.data]
