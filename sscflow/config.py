@@ -257,6 +257,7 @@ class _RegistrationCommon:
     backend: str = "auto"  # "auto" (torch when PyTorch is installed, else sitk), or a name
     initial_alignment: str = "lungs"  # "lungs": rigid, from the lung masks; "none"
     smooth_mm: float = 1.0  # Gaussian s.d. on both scans first: hides two grids' interpolation
+    match_slices: bool = True  # a follow-up of thinner slices: blurred along z to the baseline's
     min_alignment_dice: float = 0.5  # lungs overlapping less after the alignment: the pair fails
     min_lung_coverage: float = 0.8  # baseline lung the follow-up must image, else it fails
     fov_margin_mm: float = 5.0  # the map is NaN within this of the follow-up's imaged edge
@@ -288,7 +289,8 @@ class _RegistrationCommon:
         ``register`` takes and the backend's own section, nothing of the other backends'."""
         own = {f.name: getattr(getattr(self, backend), f.name)
                for f in dataclasses.fields(getattr(self, backend))}  # fmt: skip
-        d = {"initial_alignment": self.initial_alignment, "smooth_mm": self.smooth_mm, **own}
+        d = {"initial_alignment": self.initial_alignment, "smooth_mm": self.smooth_mm,
+             "match_slices": self.match_slices, **own}  # fmt: skip
         return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
     @classmethod

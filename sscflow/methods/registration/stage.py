@@ -129,7 +129,9 @@ def register_patient(
     with _device_memory(backend, options, fixed.size + moving.size, patient_id):
         u, info = register(fixed, moving, mask=lung if lung.any() else None, moving_mask=mmask,
                            fixed_geometry=fg, moving_geometry=mg, backend=backend,
-                           moving_fov=fov, return_info=True, **options)  # fmt: skip
+                           moving_fov=fov, return_info=True,
+                           slice_mm=(thickness["baseline"], thickness["followup"]),
+                           **options)  # fmt: skip
     runtime = time.perf_counter() - t1
     align = info["initial_alignment"]
     dice = align.get("dice")
