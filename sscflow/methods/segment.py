@@ -39,6 +39,7 @@ resolution):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -80,6 +81,7 @@ class LungMask:
 
 
 SOFT_TISSUE_HU = 40  # what segment_lungs takes the unimaged part of a scan for
+AIR_HU = -1024  # the unimaged voxel around the grid
 TISSUE_HU = -500.0  # above this: tissue (the imaged field of view's rule)
 CUT_TISSUE = 0.1  # an imaged edge plane this much tissue cuts through the body
 
@@ -117,7 +119,9 @@ def segment_lungs(
         field of view, :func:`sscflow.methods.ingest.imaged_mask`): past a side where the
         imaged part cuts through the body, taken as soft tissue, so that air written past the
         cut does not open the lungs to the air around the body (a right lung cut at its side
-        was lost whole that way)
+        was lost whole that way). A grid whose own side cuts through the body (a scan
+        reconstructed on a field of view narrower than the chest) gets the same wall just
+        past that side.
 
     Raises
     ------
@@ -134,7 +138,67 @@ def segment_lungs(
     >>> seg = segment_lungs(hu.astype(np.int16), (2.0, 2.0, 2.0), min_lung_ml=5)
     >>> seg.components, sorted(int(v) for v in np.unique(seg.labels))
     (2, [0, 1, 2])
+
+    The same chest reconstructed on a grid that ends inside its right lung (x < 16 left
+    out): both lungs are still found, the right one up to the grid's side, as much of it as
+    the grid holds (without the wall it was lost whole).
+
+    >>> cut = segment_lungs(hu[:, :, 16:].astype(np.int16), (2.0, 2.0, 2.0), min_lung_ml=5)
+    >>> right = ((y - 30) / 16.0) ** 2 + ((x - 22) / 12.0) ** 2 + ((z - 20) / 16.0) ** 2 < 1
+    >>> kept = float(right[..., 16:].sum() / right.sum())
+    >>> cut.components, round(cut.right_ml / seg.right_ml, 3), round(kept, 3)
+    (2, 0.869, 0.869)
     """
+    kw = dict(lung_threshold_hu=lung_threshold_hu, airway_threshold_hu=airway_threshold_hu,
+              closing_mm=closing_mm, min_lung_ml=min_lung_ml, dense_max_hu=dense_max_hu,
+              subpleural_mm=subpleural_mm, backend=backend,
+              lungmask_weights=lungmask_weights)  # fmt: skip
+    if hu.ndim != 3:
+        raise SegmentationError(f"segment_lungs needs a 3-D volume, got shape {hu.shape}")
+    seen = np.ones(hu.shape, bool) if imaged is None else np.asarray(imaged, bool)
+    if seen.shape != hu.shape:
+        raise SegmentationError(f"segment_lungs: imaged has shape {seen.shape}, the volume "
+                                f"{hu.shape}")  # fmt: skip
+    # unimaged air around the grid in-plane, one working voxel deep (whole working voxels: the
+    # block means stay where they were): a side of the grid that cuts through the body is then
+    # a cut like any other, walled past it
+    spacing = tuple(float(s) for s in spacing)
+    k = [max(1, int(round(WORK_MM / s))) if s > 0 else 1 for s in spacing]
+    pad = ((0, 0), (k[1], k[1]), (k[2], k[2]))
+    padded = np.pad(hu, pad, constant_values=AIR_HU)
+    walled = _wall_cut_sides(padded, np.pad(seen, pad, constant_values=False))
+    if walled is padded:  # no side cuts through the body: the scan as it is
+        return _segment(hu, spacing, **kw)
+    del padded
+    box = (slice(None), slice(k[1], -k[1]), slice(k[2], -k[2]))
+    return _cropped(_segment(walled, spacing, **kw), box, spacing)
+
+
+def _cropped(seg: LungMask, box, spacing) -> LungMask:
+    """``seg`` on the part ``box`` of its grid, its volumes counted there."""
+    labels = np.ascontiguousarray(seg.labels[box])
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    counts = np.bincount(labels.ravel(), minlength=3)
+    right_ml, left_ml = counts[RIGHT] * voxel_ml, counts[LEFT] * voxel_ml
+    return dataclasses.replace(seg, mask=(labels > 0).astype(np.uint8), labels=labels,
+                               volume_ml=float(right_ml + left_ml), right_ml=float(right_ml),
+                               left_ml=float(left_ml))  # fmt: skip
+
+
+def _segment(
+    hu: np.ndarray,
+    spacing: tuple[float, float, float],
+    *,
+    lung_threshold_hu: float = -400.0,
+    airway_threshold_hu: float = -950.0,
+    closing_mm: float = 5.0,
+    min_lung_ml: float = 20.0,
+    dense_max_hu: float = 100.0,
+    subpleural_mm: float = 20.0,
+    backend: str = "threshold",
+    lungmask_weights: str | None = None,
+) -> LungMask:
+    """:func:`segment_lungs` of a volume whose cut sides are walled already."""
     if hu.ndim != 3:
         raise SegmentationError(f"segment_lungs needs a 3-D volume, got shape {hu.shape}")
     spacing = tuple(float(s) for s in spacing)
@@ -142,8 +206,6 @@ def segment_lungs(
         raise SegmentationError(
             f"segment_lungs: spacing must be three positive numbers, got {spacing}"
         )
-    if imaged is not None and not np.all(imaged):
-        hu = _wall_cut_sides(hu, np.asarray(imaged, bool))
     if backend == "lungmask":
         labels = segment_lungmask(hu, spacing, weights=lungmask_weights)
         return _from_labels(labels, spacing, min_lung_ml)
