@@ -260,7 +260,7 @@ def _outputs_in_store(store) -> tuple[int, int]:
     groups = [root[f"{st.PATIENTS}/{pid}"] for pid in st.patient_ids(root)]
     if st.TEMPLATE in root:
         groups.append(root[st.TEMPLATE])
-    states = [st.output_state(g, name) for g in groups for name, _ in g.groups()
+    states = [st.output_state(g, name) for g in groups for name, _ in st.subgroups(g)
               if name != st.PAIRS]  # fmt: skip
     return states.count("complete"), states.count("incomplete")
 

@@ -205,3 +205,24 @@ def test_delta_coded_field_reads_back_exactly_and_nan_fields_stay_float(tmp_path
     st.write_image(group, "v", u, g, **kw)
     back = group["v/0"][...]
     assert np.isnan(back[0, 1, 2, 3]) and group["v/0"].filters == ()
+
+
+def test_listing_a_group_while_a_member_is_made_says_nothing(tmp_path):
+    """A pair's folder exists before its metadata (another worker is creating it): zarr warns
+    "Object at 1-2 is not recognized as a component of a Zarr hierarchy" when it lists the
+    parent; sscflow's listing leaves the member out, quietly."""
+    import warnings
+
+    from zarr.errors import ZarrUserWarning
+
+    root = st.open_store(str(tmp_path / "s.zarr"))
+    pairs = root.require_group("patients/P1/pairs")
+    pairs.require_group("0-2")
+    (tmp_path / "s.zarr" / "patients" / "P1" / "pairs" / "1-2").mkdir()
+    with pytest.warns(ZarrUserWarning, match="not recognized"):  # the reference: zarr's own
+        assert [n for n, _ in pairs.groups()] == ["0-2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [n for n, _ in st.subgroups(pairs)] == ["0-2"]
+        assert st.sibling_units(root, "P1") == ["P1/pairs/0-2"]
+        assert st.patient_ids(root) == ["P1/pairs/0-2"]

@@ -177,15 +177,23 @@ def unit_groups(parent: zarr.Group) -> list[tuple[str, zarr.Group]]:
     (``sscflow.cohort.unit_id``). A patient group holding nothing but ``pairs`` (no pair 0 -> 1
     was registered) is not a unit itself."""
     out = []
-    with warnings.catch_warnings():  # a metadata file being written (*.partial) while we list
-        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
-        for name, group in parent.groups():
-            members = [n for n in group] if PAIRS in group else None
-            if members is None or set(members) != {PAIRS} or len(group.attrs):
-                out.append((name, group))
-            if members is not None:
-                out += [(f"{name}/{PAIRS}/{n}", g) for n, g in group[PAIRS].groups()]
+    for name, group in subgroups(parent):
+        members = [n for n, _ in subgroups(group, arrays=True)] if PAIRS in group else None
+        if members is None or set(members) != {PAIRS} or len(group.attrs):
+            out.append((name, group))
+        if members is not None:
+            out += [(f"{name}/{PAIRS}/{n}", g) for n, g in subgroups(group[PAIRS])]
     return sorted(out, key=lambda kv: kv[0])
+
+
+def subgroups(group: zarr.Group, *, arrays: bool = False) -> list[tuple[str, Any]]:
+    """``group.groups()`` (with ``arrays``: ``group.members()``), quietly: a member another
+    worker is creating while this one lists (its folder made, its metadata not yet written) is
+    left out, without zarr's warning on the console ("Object at 1-2 is not recognized as a
+    component of a Zarr hierarchy")."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ZarrUserWarning)
+        return list(group.members() if arrays else group.groups())
 
 
 def patient_ids(root: zarr.Group) -> list[str]:
@@ -315,7 +323,7 @@ def sibling_units(root: zarr.Group, unit: str) -> list[str]:
         patient = root[f"{PATIENTS}/{pid}"]
     except KeyError:
         return []
-    units = [pid] + ([f"{pid}/{PAIRS}/{n}" for n, _ in sorted(patient[PAIRS].groups())]
+    units = [pid] + ([f"{pid}/{PAIRS}/{n}" for n, _ in sorted(subgroups(patient[PAIRS]))]
                      if PAIRS in patient else [])  # fmt: skip
     return [u for u in units if u != unit]
 
