@@ -599,8 +599,8 @@ def test_sitk_fallback_sees_a_sink_through_a_density_rise():
 def test_a_thick_slice_baseline_does_not_read_as_shrinkage():
     """The same chest, unchanged: the baseline with 8 mm slices (a Gaussian slice profile of
     that FWHM along z), the follow-up with 4 mm. Registered as they are, the blurred bases read
-    as shrinkage (measured mean log-Jacobian in the lungs -0.0116); with the follow-up blurred
-    to the baseline's slice profile (``match_slices``, the default) -0.0030."""
+    as shrinkage (measured mean log-Jacobian in the lungs -0.0077); with the follow-up blurred
+    to the baseline's slice profile (``match_slices``, the default) -0.0013."""
     from sscflow.methods.registration.common import log_jacobian
     from sscflow.synth import phantom
     from sscflow.synth.plan import patient_streams
@@ -623,5 +623,5 @@ def test_a_thick_slice_baseline_does_not_read_as_shrinkage():
         u = register(fixed, moving, (h, h, h), mask=lung, backend="torch", threads=1,
                      match_slices=match, slice_mm=(thick, h))  # fmt: skip
         means[match] = float(log_jacobian(u, (h, h, h))[lung].mean())
-    assert means[False] < -0.008, means  # the effect, as registered without the matching
-    assert abs(means[True]) < 0.005, means
+    assert means[False] < -0.005, means  # the effect, as registered without the matching
+    assert abs(means[True]) < 0.003, means
