@@ -257,7 +257,7 @@ class _RegistrationCommon:
     backend: str = "auto"  # "auto" (torch when PyTorch is installed, else sitk), or a name
     initial_alignment: str = "lungs"  # "lungs": rigid, from the lung masks; "none"
     smooth_mm: float = 1.0  # Gaussian s.d. on both scans first, >= half a voxel (interpolation)
-    match_slices: bool = True  # a follow-up of thinner slices: blurred along z to the baseline's
+    match_slices: bool = False  # a follow-up of thinner slices: blurred along z to the baseline's
     min_alignment_dice: float = 0.5  # lungs overlapping less after the alignment: the pair fails
     min_lung_coverage: float = 0.8  # baseline lung the follow-up must image, else it fails
     fov_margin_mm: float = 5.0  # the map is NaN within this of the follow-up's imaged edge

@@ -321,7 +321,7 @@ def test_stage_runs_the_sitk_backend_with_its_own_settings(tmp_path):
     meta = st.read_image(group, "displacement").meta
     own = {k: list(v) if isinstance(v, tuple) else v
            for k, v in dataclasses.asdict(SitkOptions(margin_mm=6.0)).items()}  # fmt: skip
-    expected = {"initial_alignment": "lungs", "smooth_mm": 1.0, "match_slices": True, **own}
+    expected = {"initial_alignment": "lungs", "smooth_mm": 1.0, "match_slices": False, **own}
     assert meta["params"]["backend"] == "sitk" and meta["params"]["options"] == expected
     assert meta["qa"]["parameters"] == expected
     assert meta["qa"]["parameters"]["iterations"] == [100, 60, 30]  # not torch's (40, 30, 10)
@@ -600,7 +600,7 @@ def test_a_thick_slice_baseline_does_not_read_as_shrinkage():
     """The same chest, unchanged: the baseline with 8 mm slices (a Gaussian slice profile of
     that FWHM along z), the follow-up with 4 mm. Registered as they are, the blurred bases read
     as shrinkage (measured mean log-Jacobian in the lungs -0.0077); with the follow-up blurred
-    to the baseline's slice profile (``match_slices``, the default) -0.0013."""
+    to the baseline's slice profile (``match_slices``) -0.0013."""
     from sscflow.methods.registration.common import log_jacobian
     from sscflow.synth import phantom
     from sscflow.synth.plan import patient_streams

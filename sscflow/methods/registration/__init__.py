@@ -146,7 +146,7 @@ def register(
     backend: str = "auto",
     initial_alignment: str = "lungs",
     smooth_mm: float = 1.0,
-    match_slices: bool = True,
+    match_slices: bool = False,
     slice_mm: tuple[float | None, float | None] | None = None,
     return_info: bool = False,
     resample_on_device: bool | None = None,
@@ -182,7 +182,9 @@ def register(
         interpolation blur of two grids; at least half a voxel of the baseline grid along each
         axis (:data:`SMOOTH_MIN_VOXELS`) (0: none)
     match_slices, slice_mm : ``slice_mm`` is (baseline, follow-up) source slice spacing in mm
-        (None where unknown); with ``match_slices``, a follow-up of thinner slices than the
+        (None where unknown); with ``match_slices`` (off by default: a scan resampled before
+        export, or reconstructed with overlapping slices, has a spacing finer than its slices
+        and would be blurred twice), a follow-up of thinner slices than the
         baseline's is blurred along z, before the backend, to the baseline's slice profile
         (:func:`matched_slice_sigma_mm`). The baseline is never blurred: its lung mask, where
         the map is measured, was drawn on it as it is
