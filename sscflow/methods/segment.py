@@ -149,56 +149,6 @@ def segment_lungs(
     >>> cut.components, round(cut.right_ml / seg.right_ml, 3), round(kept, 3)
     (2, 0.869, 0.869)
     """
-    kw = dict(lung_threshold_hu=lung_threshold_hu, airway_threshold_hu=airway_threshold_hu,
-              closing_mm=closing_mm, min_lung_ml=min_lung_ml, dense_max_hu=dense_max_hu,
-              subpleural_mm=subpleural_mm, backend=backend,
-              lungmask_weights=lungmask_weights)  # fmt: skip
-    if hu.ndim != 3:
-        raise SegmentationError(f"segment_lungs needs a 3-D volume, got shape {hu.shape}")
-    seen = np.ones(hu.shape, bool) if imaged is None else np.asarray(imaged, bool)
-    if seen.shape != hu.shape:
-        raise SegmentationError(f"segment_lungs: imaged has shape {seen.shape}, the volume "
-                                f"{hu.shape}")  # fmt: skip
-    # unimaged air around the grid in-plane, one working voxel deep (whole working voxels: the
-    # block means stay where they were): a side of the grid that cuts through the body is then
-    # a cut like any other, walled past it
-    spacing = tuple(float(s) for s in spacing)
-    k = [max(1, int(round(WORK_MM / s))) if s > 0 else 1 for s in spacing]
-    pad = ((0, 0), (k[1], k[1]), (k[2], k[2]))
-    padded = np.pad(hu, pad, constant_values=AIR_HU)
-    walled = _wall_cut_sides(padded, np.pad(seen, pad, constant_values=False))
-    if walled is padded:  # no side cuts through the body: the scan as it is
-        return _segment(hu, spacing, **kw)
-    del padded
-    box = (slice(None), slice(k[1], -k[1]), slice(k[2], -k[2]))
-    return _cropped(_segment(walled, spacing, **kw), box, spacing)
-
-
-def _cropped(seg: LungMask, box, spacing) -> LungMask:
-    """``seg`` on the part ``box`` of its grid, its volumes counted there."""
-    labels = np.ascontiguousarray(seg.labels[box])
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    counts = np.bincount(labels.ravel(), minlength=3)
-    right_ml, left_ml = counts[RIGHT] * voxel_ml, counts[LEFT] * voxel_ml
-    return dataclasses.replace(seg, mask=(labels > 0).astype(np.uint8), labels=labels,
-                               volume_ml=float(right_ml + left_ml), right_ml=float(right_ml),
-                               left_ml=float(left_ml))  # fmt: skip
-
-
-def _segment(
-    hu: np.ndarray,
-    spacing: tuple[float, float, float],
-    *,
-    lung_threshold_hu: float = -400.0,
-    airway_threshold_hu: float = -950.0,
-    closing_mm: float = 5.0,
-    min_lung_ml: float = 20.0,
-    dense_max_hu: float = 100.0,
-    subpleural_mm: float = 20.0,
-    backend: str = "threshold",
-    lungmask_weights: str | None = None,
-) -> LungMask:
-    """:func:`segment_lungs` of a volume whose cut sides are walled already."""
     if hu.ndim != 3:
         raise SegmentationError(f"segment_lungs needs a 3-D volume, got shape {hu.shape}")
     spacing = tuple(float(s) for s in spacing)
@@ -206,9 +156,10 @@ def _segment(
         raise SegmentationError(
             f"segment_lungs: spacing must be three positive numbers, got {spacing}"
         )
+    hu, grid_box = _walled(hu, imaged, spacing)
     if backend == "lungmask":
         labels = segment_lungmask(hu, spacing, weights=lungmask_weights)
-        return _from_labels(labels, spacing, min_lung_ml)
+        return _cropped(_from_labels(labels, spacing, min_lung_ml), grid_box, spacing)
     if backend != "threshold":
         raise SegmentationError(
             f"segment.backend must be 'threshold' or 'lungmask', got {backend!r}"
@@ -313,7 +264,7 @@ def _segment(
     airway_ml = float((airway & inside).sum()) * c_ml
     mask = np.zeros(labels_full.shape, np.uint8)
     mask[fbox] = labels_full[fbox] > 0
-    return LungMask(
+    seg = LungMask(
         mask=mask,
         volume_ml=float(volume),
         airway_ml=airway_ml,
@@ -324,6 +275,40 @@ def _segment(
         trachea_found=seed is not None,
         warnings=tuple(warnings),
     )
+    return _cropped(seg, grid_box, spacing)
+
+
+def _walled(hu: np.ndarray, imaged, spacing) -> tuple[np.ndarray, tuple | None]:
+    """``hu`` with soft tissue past every in-plane side where what was imaged cuts through the
+    body (:func:`_wall_cut_sides`), the grid's own sides included: the grid is first padded
+    in-plane with one working voxel of unimaged air (whole working voxels: the block means stay
+    where they were). Returns the padded, walled volume and the box of the original grid in
+    it, or ``hu`` itself and None when no side cuts through the body."""
+    seen = np.ones(hu.shape, bool) if imaged is None else np.asarray(imaged, bool)
+    if seen.shape != hu.shape:
+        raise SegmentationError(f"segment_lungs: imaged has shape {seen.shape}, the volume "
+                                f"{hu.shape}")  # fmt: skip
+    k = [max(1, int(round(WORK_MM / s))) for s in spacing]
+    pad = ((0, 0), (k[1], k[1]), (k[2], k[2]))
+    padded = np.pad(hu, pad, constant_values=AIR_HU)
+    walled = _wall_cut_sides(padded, np.pad(seen, pad, constant_values=False))
+    if walled is padded:  # no side cuts through the body: the scan as it is
+        return hu, None
+    return walled, (slice(None), slice(k[1], -k[1]), slice(k[2], -k[2]))
+
+
+def _cropped(seg: LungMask, box, spacing) -> LungMask:
+    """``seg`` on the part ``box`` of its grid, its volumes counted there (``seg`` itself for
+    None)."""
+    if box is None:
+        return seg
+    labels = np.ascontiguousarray(seg.labels[box])
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    counts = np.bincount(labels.ravel(), minlength=3)
+    right_ml, left_ml = counts[RIGHT] * voxel_ml, counts[LEFT] * voxel_ml
+    return dataclasses.replace(seg, mask=(labels > 0).astype(np.uint8), labels=labels,
+                               volume_ml=float(right_ml + left_ml), right_ml=float(right_ml),
+                               left_ml=float(left_ml))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
