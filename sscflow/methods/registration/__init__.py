@@ -188,7 +188,7 @@ def register(
         baseline's is blurred along z, before the backend, to the baseline's slice profile
         (:func:`matched_slice_sigma_mm`). The baseline is never blurred: its lung mask, where
         the map is measured, was drawn on it as it is
-    return_info :    return_info : also return a dict: the initial alignment (and its seconds), the seconds spent
+    return_info : also return a dict: the initial alignment (and its seconds), the seconds spent
         resampling the follow-up onto the baseline grid (both times) and blurring it, the
         total seconds, the torch device of that work (None: SimpleITK on the CPU) and the
         seconds of its one-off warm-up (0 after the process's first registration)
