@@ -39,9 +39,8 @@ resolution):
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -255,9 +254,7 @@ def segment_lungs(
     lungs[airway] = 0
 
     labels_full, fbox = _refine(lungs, coarse, hu, factors, lung_threshold_hu, airway)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    counts = np.bincount(labels_full[fbox].ravel(), minlength=3)  # zero outside the box
-    right_ml, left_ml = counts[RIGHT] * voxel_ml, counts[LEFT] * voxel_ml
+    right_ml, left_ml = _side_volumes(labels_full[fbox], spacing)  # zero outside the box
     volume = right_ml + left_ml
     if volume == 0:
         raise SegmentationError("the lung mask is empty after clean-up")
@@ -303,12 +300,16 @@ def _cropped(seg: LungMask, box, spacing) -> LungMask:
     if box is None:
         return seg
     labels = np.ascontiguousarray(seg.labels[box])
+    right_ml, left_ml = _side_volumes(labels, spacing)
+    return replace(seg, mask=(labels > 0).astype(np.uint8), labels=labels,
+                   volume_ml=right_ml + left_ml, right_ml=right_ml, left_ml=left_ml)
+
+
+def _side_volumes(labels: np.ndarray, spacing) -> tuple[float, float]:
+    """Right and left lung volumes (mL) of a label volume (1 right, 2 left)."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
     counts = np.bincount(labels.ravel(), minlength=3)
-    right_ml, left_ml = counts[RIGHT] * voxel_ml, counts[LEFT] * voxel_ml
-    return dataclasses.replace(seg, mask=(labels > 0).astype(np.uint8), labels=labels,
-                               volume_ml=float(right_ml + left_ml), right_ml=float(right_ml),
-                               left_ml=float(left_ml))  # fmt: skip
+    return float(counts[RIGHT] * voxel_ml), float(counts[LEFT] * voxel_ml)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,10 +327,8 @@ def _from_labels(labels: np.ndarray, spacing, min_lung_ml: float) -> LungMask:
     (32.0, 1, True)
     """
     labels = np.where((labels == RIGHT) | (labels == LEFT), labels, 0).astype(np.uint8)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    counts = np.bincount(labels.ravel(), minlength=3)
-    right_ml, left_ml = counts[RIGHT] * voxel_ml, counts[LEFT] * voxel_ml
-    found = [k for k in (RIGHT, LEFT) if counts[k] * voxel_ml >= min_lung_ml]
+    right_ml, left_ml = _side_volumes(labels, spacing)
+    found = [k for k, ml in ((RIGHT, right_ml), (LEFT, left_ml)) if ml >= min_lung_ml]
     if not found:
         raise SegmentationError(
             f"lungmask found no lung of at least min_lung_ml={min_lung_ml:g} mL "
