@@ -250,8 +250,13 @@ def _row_figure(n=4, height=3.0):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(3.2 * n + 0.8, height), layout="constrained")
+    fig = Figure(figsize=(3.2 * n + 0.8, height))
     FigureCanvasAgg(fig)
+    # fixed margins (no layout engine: constrained layout was a third of a page's time): each
+    # panel's title in the band above it, no ticks, the colour bar (if any) beside the row
+    w = fig.get_figwidth()
+    fig.subplots_adjust(left=0.1 / w, right=1 - 0.7 / w, bottom=0.05 / height,
+                        top=1 - 0.3 / height, wspace=0.06)
     return fig, fig.subplots(1, n, squeeze=False)[0]
 
 
@@ -423,7 +428,9 @@ def _overlay(ct, values, centre, spacing, norm, cmap, unmeasured=None) -> str:
         if name in gaps and gaps[name].any():  # the lung not measured, outlined
             ax.contour(gaps[name].astype(float), levels=[0.5], colors="black",
                        linestyles="dashed", linewidths=0.9, extent=ext, origin=_origin(ext))
-    bar = fig.colorbar(image, ax=list(axes), shrink=0.8)
+    w = fig.get_figwidth()
+    fig.subplots_adjust(right=1 - 1.2 / w)  # room for the colour bar, its ticks and its label
+    bar = fig.colorbar(image, cax=fig.add_axes((1 - 1.05 / w, 0.12, 0.12 / w, 0.72)))
     bar.set_label("log-Jacobian (< 0: shrinkage)", fontsize=8)
     return _png(fig)
 
