@@ -18,7 +18,7 @@ two-scan run (the issue's target: 0.6 or less).
         [--pairs both|consecutive|first_last] [--accuracy-only]
 
 ``--accuracy-only`` makes the three-scan run alone (no timing ratios): the accuracy figures at a
-spacing where three runs would take too long (2 mm, the default ingest spacing).
+spacing where three runs would take too long (2 mm; the default ingest spacing is 1 mm).
 """
 
 from __future__ import annotations

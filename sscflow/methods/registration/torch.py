@@ -109,7 +109,7 @@ class Options:
     """The torch backend's settings (the ``registration.torch`` section of the config).
 
     Every size is in millimetres, so that 1 mm and 2 mm grids get the same regularisation (the
-    defaults are the former voxel settings at 2 mm, the default ingest spacing). A pyramid
+    defaults are the former voxel settings at 2 mm). A pyramid
     level's shrink factor is ``round(level_mm / spacing)`` (at least 1; the mean of the three
     spacings); ``window_mm``, ``velocity_spacing_mm`` and the ``*_mm`` widths and step are their
     values at the finest level, and each coarser level scales them by its ``levels_mm`` over the
