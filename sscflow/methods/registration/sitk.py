@@ -87,7 +87,7 @@ class Options:
     affine: bool = True  # the affine stage (mask-weighted correlation) before demons
     affine_iterations: int = 100  # its gradient-descent iterations per level (shrink 4, 2)
     threads: int = 0  # ITK threads; 0 = the cores available to this process
-    seed: int = 0  # the affine metric's random sampling
+    seed: int = 0  # the affine metric's random sampling (fixed: the same field every run)
 
     @classmethod
     def moved_key(cls, key: str, keypath: str) -> str | None:
@@ -104,6 +104,8 @@ class Options:
         if self.affine_iterations < 0:
             raise ConfigError(f"{where}.affine_iterations must be >= 0, got "
                               f"{self.affine_iterations}")  # fmt: skip
+        if not 0 <= self.seed < 2**31 - 1:
+            raise ConfigError(f"{where}.seed must be within 0..2147483646, got {self.seed}")
 
     def affine_stage(self) -> Options | None:
         """These options with the affine stage alone (no demons), or None without one."""
@@ -237,7 +239,9 @@ def affine_transform(f_img, m_img, weight, spacing, *, iterations=100, seed=0):
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsCorrelation()
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.1, int(seed))
+    # ITK takes seed 0 for "from the wall clock" (sitk.sitkWallClock): seed s is passed as
+    # s + 1, so that the default 0 gives the same samples, and the same field, every run
+    reg.SetMetricSamplingPercentage(0.1, int(seed) + 1)
     if weight is not None:
         reg.SetMetricFixedMask(to_itk(weight.astype(np.uint8), Geometry(weight.shape, spacing,
                                                                          (0.0, 0.0, 0.0))))
