@@ -257,7 +257,9 @@ class _RegistrationCommon:
     backend: str = "auto"  # "auto" (torch when PyTorch is installed, else sitk), or a name
     initial_alignment: str = "lungs"  # "lungs": rigid, from the lung masks; "none"
     smooth_mm: float = 1.0  # Gaussian s.d. on both scans first, >= half a voxel (interpolation)
-    match_slices: bool = False  # a follow-up of thinner slices: blurred along z to the baseline's
+    # a follow-up of thinner slices blurred along z to the baseline's: auto when both scans
+    # carry their DICOM slice thickness, true also from the slice spacing, false never
+    match_slices: bool | Literal["auto"] = "auto"
     min_alignment_dice: float = 0.5  # lungs overlapping less after the alignment: the pair fails
     min_lung_coverage: float = 0.8  # baseline lung the follow-up must image, else it fails
     fov_margin_mm: float = 5.0  # the map is NaN within this of the follow-up's imaged edge
@@ -603,6 +605,10 @@ def _coerce(value, hint, keypath):
                 return _coerce(value, arg, keypath)
             except ConfigError as exc:
                 errors.append(str(exc))
+        wanted = [_wanted(a) for a in args if a is not type(None)]
+        if len(wanted) > 1 and None not in wanted:  # true, false or auto: every choice named
+            raise ConfigError(f"'{keypath}' must be {' or '.join(wanted)}, got {_kind(value)} "
+                              f"{value!r}")  # fmt: skip
         raise ConfigError(errors[0])
     if origin is Literal:
         choices = typing.get_args(hint)
@@ -638,6 +644,15 @@ def _coerce(value, hint, keypath):
         items = [_coerce(v, item, f"{keypath}[{i}]") for i, v in enumerate(value)]
         return origin(items)
     raise TypeError(f"config field {keypath}: unsupported annotation {hint}")  # pragma: no cover
+
+
+def _wanted(hint) -> str | None:
+    """What a value of ``hint`` is, for a message (None: no short words for it)."""
+    if hint is bool:
+        return "true or false"
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(str(c) for c in typing.get_args(hint))
+    return {int: "an integer", float: "a number", str: "a string"}.get(hint)
 
 
 def _positive(value, keypath):

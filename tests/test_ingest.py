@@ -23,6 +23,7 @@ from sscflow.core.imageio import (
 )
 from sscflow.methods.ingest import ingest_cohort
 from sscflow.methods.quality import dice
+from sscflow.methods.registration.stage import matched_thickness
 
 SPHERE = ((7.3, -4.1, 0.4), 5.0)  # physical (z, y, x) mm and radius, in the mediastinum
 PATIENT_NAME = "DOE^JANE^SECRET"
@@ -125,6 +126,14 @@ def test_ingest_on_cluster_geometry_and_masks(three_formats, client):
         assert m[0].any() and m[-1].any()
         assert mask.meta["lung_volume_ml"] == pytest.approx(85.0, rel=0.06)  # analytic 85 mL
         assert base.meta["source"]["geometry"]["spacing"] == pytest.approx([1.25, 0.7, 0.7])
+        # the slice thickness a DICOM series' headers give (written as 1.25 mm); a file says
+        # only its slice spacing, which is not its thickness when it was resampled
+        want = 1.25 if pid == "PD" else None
+        assert base.meta["source"]["slice_thickness_mm"] == want
+        follow = st.read_image(group, "followup")
+        assert matched_thickness(base, follow, "auto") == (None if want is None else (want, want))
+        assert matched_thickness(base, follow, True) == (1.25, 1.25)  # else the spacing
+        assert matched_thickness(base, follow, False) is None
         assert group.attrs["sscflow"]["functional"] == "worsening"
         assert st.read_image(group, "followup_lung_mask").meta["of"] == "followup"
 

@@ -225,12 +225,15 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
             f"(it holds {len(uids)} other series)"
         )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
-    _check_slice_layout(series_uid, files)
+    thickness = _check_slice_layout(series_uid, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOff()  # never load patient tags
     try:
-        return reader.Execute()
+        image = reader.Execute()
+        if thickness is not None:  # the one header value kept (see slice_thickness_of)
+            image.SetMetaData(SLICE_THICKNESS_TAG, f"{thickness:g}")
+        return image
     except RuntimeError as exc:
         reason = _itk_reason(exc).replace(str(folder), "<folder>")
         for f in files:
@@ -238,10 +241,12 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
         raise InputImageError(f"the DICOM series could not be read: {reason}") from None
 
 
-def _check_slice_layout(series_uid: str, files) -> None:
+def _check_slice_layout(series_uid: str, files) -> float | None:
     """Refuse a series whose slices are not one evenly spaced, untilted stack (a gap, a
-    duplicated position, uneven spacing, gantry tilt): ITK would read it as uniform."""
-    positions, orientations, tilt = [], [], 0.0
+    duplicated position, uneven spacing, gantry tilt): ITK would read it as uniform. Returns
+    the series' SliceThickness (mm; the median over the slices that give a positive one), or
+    None."""
+    positions, orientations, tilt, thick = [], [], 0.0, []
     reader = sitk.ImageFileReader()
     for k, f in enumerate(files):
         reader.SetFileName(f)
@@ -254,14 +259,44 @@ def _check_slice_layout(series_uid: str, files) -> None:
         except (RuntimeError, ValueError):
             raise InputImageError(f"DICOM series: slice {k + 1} of {len(files)} has no "
                                   "readable position or orientation") from None  # fmt: skip
+        thick.append(_positive_number(reader, SLICE_THICKNESS_TAG))
+    thick = [t for t in thick if t is not None]
+    thickness = float(np.median(thick)) if thick else None
     if len(files) < 2:
-        return  # a single slice fails the 3-D check after reading
+        return thickness  # a single slice fails the 3-D check after reading
     try:
         check_slice_layout(positions, orientations, tilt_deg=tilt)
     except SliceLayoutError as exc:
         raise InputImageError(f"DICOM series refused: {exc.detail}; ingest never assumes "
                               "uniform spacing (re-export the series complete and "
                               "untilted)") from None  # fmt: skip
+    return thickness
+
+
+#: the DICOM SliceThickness (0018,0050) as SimpleITK names it; a series read by
+#: :func:`read_volume` carries it (the median over its slices) when the files give it
+SLICE_THICKNESS_TAG = "0018|0050"
+
+
+def _positive_number(reader, key) -> float | None:
+    try:
+        v = float(reader.GetMetaData(key)) if reader.HasMetaDataKey(key) else None
+    except ValueError:
+        return None
+    return v if v is not None and np.isfinite(v) and v > 0 else None
+
+
+def slice_thickness_of(image: sitk.Image) -> float | None:
+    """The slice thickness (mm) of a scan read by :func:`read_volume` from a DICOM series whose
+    files give one (SliceThickness), else None: a NIfTI, MHA or NRRD file says only its slice
+    spacing, which a resampled scan or overlapping slices make finer than its slices."""
+    if not image.HasMetaDataKey(SLICE_THICKNESS_TAG):
+        return None
+    try:
+        v = float(image.GetMetaData(SLICE_THICKNESS_TAG))
+    except ValueError:
+        return None
+    return v if np.isfinite(v) and v > 0 else None
 
 
 def _itk_reason(exc: Exception) -> str:

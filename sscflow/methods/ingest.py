@@ -24,7 +24,12 @@ from sscflow.cohort import Manifest, Patient
 from sscflow.config import IngestConfig, SegmentConfig
 from sscflow.core import store as st
 from sscflow.core.geometry import Geometry, from_itk, grid_points, inside, resample
-from sscflow.core.imageio import describe_format, input_fingerprint, read_volume
+from sscflow.core.imageio import (
+    describe_format,
+    input_fingerprint,
+    read_volume,
+    slice_thickness_of,
+)
 from sscflow.errors import InputImageError, MissingInputError, SscflowError
 from sscflow.methods.segment import segment_lungs
 
@@ -240,6 +245,7 @@ def _ingest_scan(patient, which, group, ingest, image_params, result, force, roo
         "geometry": Geometry.of(image).to_dict(),
         "imaged": imaged_field_of_view(image).to_dict(),
         "series_uid_given": series_uid is not None,
+        "slice_thickness_mm": slice_thickness_of(image),  # DICOM only, else None
     }
     st.write_image(group, which, hu, geometry, stage=STAGE, params=image_params,
                    input_hash=input_hash, extra={"source": source}, fill_value=HU_MIN,

@@ -146,7 +146,7 @@ def register(
     backend: str = "auto",
     initial_alignment: str = "lungs",
     smooth_mm: float = 1.0,
-    match_slices: bool = False,
+    match_slices: bool | str = False,
     slice_mm: tuple[float | None, float | None] | None = None,
     return_info: bool = False,
     resample_on_device: bool | None = None,
@@ -181,13 +181,14 @@ def register(
         follow-up's resampling onto the baseline grid: a common blur that hides the different
         interpolation blur of two grids; at least half a voxel of the baseline grid along each
         axis (:data:`SMOOTH_MIN_VOXELS`) (0: none)
-    match_slices, slice_mm : ``slice_mm`` is (baseline, follow-up) source slice spacing in mm
-        (None where unknown); with ``match_slices`` (off by default: a scan resampled before
-        export, or reconstructed with overlapping slices, has a spacing finer than its slices
-        and would be blurred twice), a follow-up of thinner slices than the
-        baseline's is blurred along z, before the backend, to the baseline's slice profile
-        (:func:`matched_slice_sigma_mm`). The baseline is never blurred: its lung mask, where
-        the map is measured, was drawn on it as it is
+    match_slices, slice_mm : ``slice_mm`` is (baseline, follow-up) slice thickness in mm (None
+        where unknown); with ``match_slices`` (true or the config's ``"auto"``; off by default
+        here, where nothing says whether ``slice_mm`` are thicknesses or spacings), a follow-up
+        of thinner slices than the baseline's is blurred along z, before the backend, to the
+        baseline's slice profile (:func:`matched_slice_sigma_mm`). The baseline is never
+        blurred: its lung mask, where the map is measured, was drawn on it as it is. The
+        registration stage passes the DICOM SliceThickness of both scans
+        (:func:`sscflow.methods.registration.stage.matched_thickness`)
     return_info : also return a dict: the initial alignment (and its seconds), the seconds spent
         resampling the follow-up onto the baseline grid (both times) and blurring it, the
         total seconds, the torch device of that work (None: SimpleITK on the CPU) and the

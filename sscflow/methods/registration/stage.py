@@ -44,6 +44,28 @@ def slice_thickness(image: st.StoredImage) -> float | None:
     return round(float(Geometry.from_dict(geom).spacing[0]), 4)
 
 
+def header_thickness(image: st.StoredImage) -> float | None:
+    """The source scan's slice thickness (mm) as its DICOM headers gave it (SliceThickness),
+    recorded at ingest; None for a file format that has none, or a store ingested before."""
+    v = (image.meta.get("source") or {}).get("slice_thickness_mm")
+    return None if v is None else float(v)
+
+
+def matched_thickness(base: st.StoredImage, follow: st.StoredImage,
+                      mode) -> tuple[float | None, float | None] | None:  # fmt: skip
+    """(baseline, follow-up) slice thickness in mm that ``registration.match_slices`` matches, or
+    None (no matching). ``"auto"``: the DICOM SliceThickness of both scans, when both have one
+    (a file's slice spacing is not trusted: a resampled scan or overlapping slices have a spacing
+    finer than their slices); ``True``: that, else the slice spacing; ``False``: None."""
+    if mode is False:
+        return None
+    header = (header_thickness(base), header_thickness(follow))
+    if mode == "auto":
+        return header if None not in header else None
+    spacing = (slice_thickness(base), slice_thickness(follow))
+    return tuple(h if h is not None else sp for h, sp in zip(header, spacing, strict=True))
+
+
 def source_geometry(image: st.StoredImage) -> Geometry:
     """What the scan imaged: the part of its original grid that shows the patient
     (:func:`sscflow.methods.ingest.imaged_field_of_view`), else its original grid (stores
@@ -124,14 +146,15 @@ def register_patient(
     if mmask is not None and not mmask.any():
         mmask = None
     thickness = {"baseline": slice_thickness(base), "followup": slice_thickness(follow)}
+    matched = matched_thickness(base, follow, cfg.match_slices)
     fov = source_geometry(follow)
     t1 = time.perf_counter()
     with _device_memory(backend, options, fixed.size + moving.size, patient_id):
         u, info = register(fixed, moving, mask=lung if lung.any() else None, moving_mask=mmask,
                            fixed_geometry=fg, moving_geometry=mg, backend=backend,
                            moving_fov=fov, return_info=True,
-                           slice_mm=(thickness["baseline"], thickness["followup"]),
-                           **options)  # fmt: skip
+                           slice_mm=matched,
+                           **{**options, "match_slices": matched is not None})  # fmt: skip
     runtime = time.perf_counter() - t1
     align = info["initial_alignment"]
     dice = align.get("dice")
@@ -164,6 +187,8 @@ def register_patient(
         "lung_coverage": round(coverage, 5),
         **_unmeasured(u, fg, fov, lung, covered, cfg.fov_margin_mm),
         "slice_thickness_mm": thickness,
+        "matched_slices_mm": None if matched is None else dict(zip(("baseline", "followup"),
+                                                                   matched, strict=True)),
         "baseline_grid": fg.to_dict(),
         "followup_grid": mg.to_dict(),
         "folded_fraction": folded_fraction(u, spacing, sel),
