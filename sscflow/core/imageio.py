@@ -278,9 +278,10 @@ def _check_slice_layout(series_uid: str, files) -> float | None:
 SLICE_THICKNESS_TAG = "0018|0050"
 
 
-def _positive_number(reader, key) -> float | None:
+def _positive_number(source, key) -> float | None:
+    """The metadata ``key`` of an image or a file reader as a finite number > 0, else None."""
     try:
-        v = float(reader.GetMetaData(key)) if reader.HasMetaDataKey(key) else None
+        v = float(source.GetMetaData(key)) if source.HasMetaDataKey(key) else None
     except ValueError:
         return None
     return v if v is not None and np.isfinite(v) and v > 0 else None
@@ -290,13 +291,7 @@ def slice_thickness_of(image: sitk.Image) -> float | None:
     """The slice thickness (mm) of a scan read by :func:`read_volume` from a DICOM series whose
     files give one (SliceThickness), else None: a NIfTI, MHA or NRRD file says only its slice
     spacing, which a resampled scan or overlapping slices make finer than its slices."""
-    if not image.HasMetaDataKey(SLICE_THICKNESS_TAG):
-        return None
-    try:
-        v = float(image.GetMetaData(SLICE_THICKNESS_TAG))
-    except ValueError:
-        return None
-    return v if np.isfinite(v) and v > 0 else None
+    return _positive_number(image, SLICE_THICKNESS_TAG)
 
 
 def _itk_reason(exc: Exception) -> str:
