@@ -438,13 +438,10 @@ def test_accuracy_on_synthetic_pairs(tmp_path):
         assert e["logjac_mae"] < 0.04, (pid, e)
         if "region_logjac_error" in e:
             short.append((pid, round(e["region_logjac"], 3), round(e["region_logjac_truth"], 3)))
-    # Known gap (issue 13's phantom): dense fibrosis that grows, textured, exactly where the
-    # lung shrinks hides most of the shrinkage from local NCC at 4 mm (same-grid pairs recover
-    # about a third, thick-slice pairs on their own grids less). The 2 mm real-CT figures are
-    # measured by benchmarks/registration.py. Once fixed, the test passes without the xfail.
-    assert all(got < 0 for _, got, _ in short), short  # the shrinkage's sign, at least
-    if any(got >= 0.5 * want for _, got, want in short):
-        pytest.xfail(f"planted shrinkage under growing fibrosis under-recovered: {short}")
+    # Issue 13's phantom: dense fibrosis that grows, textured, exactly where the lung shrinks.
+    # Issue 22's target: at least half the shrinkage read. The detrended similarity reads
+    # 0.70 and 0.63 (SYN002, SYN006); the intensities alone (detrend_mm 0) read 0.36 and 0.49.
+    assert len(short) == 2 and all(got <= 0.5 * want for _, got, want in short), short
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")

@@ -8,13 +8,15 @@ regularisation (at 1 mm the defaults run the same 8, 4 and 2 mm levels as at 2 m
 averages of 8, 4 and 2 voxels). Figures below: ``benchmarks/registration.py`` (real CT at
 2 mm with planted changes); what was tried and not kept is in ``benchmarks/NOTES.md``.
 
-1. Intensities: HU clipped to [-1000, 400] (air to soft tissue) and scaled to [0, 1]. With
-   ``detrend_mm`` > 0 (opt-in; 0 by default until the whole suite is measured with it), each
-   image less its local mean, a Gaussian of that s.d., over the voxels the follow-up imaged
-   (normalised convolution, the same operation on both, so a scan and itself stay equal and a
-   field-of-view cut is no edge): structure is kept, the level of density taken out. lung1 at
-   2 mm, shrinkage under a textured rise (``benchmarks/registration.py``), 4 mm: +180 HU 95%
-   of the shrinkage recovered (88% without), +450 HU 71% (51%); see ``benchmarks/NOTES.md``.
+1. Intensities: HU clipped to [-1000, 400] (air to soft tissue) and scaled to [0, 1]. Every
+   level finer than the coarsest registers them less their local mean (``detrend_mm``,
+   default 4 mm, a Gaussian s.d.; 0 turns it off), computed over the voxels the follow-up
+   imaged (normalised convolution, the same operation on both, so a scan and itself stay
+   equal and a field-of-view cut is no edge): structure is kept, the level of density taken
+   out, so that fibrosis growing denser where the lung shrinks is not read as motion. The
+   coarsest level, where the affine stage starts, keeps the level (detrending it too made
+   unchanged pairs noisier). lung1 at 2 mm, shrinkage under a textured rise: +180 HU 94 % of the
+   shrinkage recovered (88 % without), +450 HU 69 % (51 %); see ``benchmarks/NOTES.md``.
 2. Crop: the fixed (baseline) volume is cropped to the lung bounding box plus ``margin_mm``,
    grown to whole pyramid blocks. The moving volume (already resampled onto the fixed grid by
    ``register``) is used over that crop plus 30 mm, so the warped crop rarely samples outside
@@ -139,7 +141,7 @@ class Options:
     squarings: int = 2  # scaling-and-squaring steps (at least; more for large velocities)
     threads: int = 0  # CPU threads; 0 = the cores available to this process
     full_step_at: float = 1.0  # full steps down to the gradient of a 1-voxel shift
-    detrend_mm: float = 0.0  # each image less its local mean (Gaussian s.d., mm; 0: none)
+    detrend_mm: float = 4.0  # finer levels: each image less its local mean (Gaussian s.d., mm)
 
     @classmethod
     def moved_key(cls, key: str, keypath: str) -> str | None:
@@ -324,14 +326,26 @@ def register(
             v = torch.from_numpy(np.ascontiguousarray(np.asarray(valid, np.float32)[mbox]))
         if float(v.min()) < 1.0:
             v_full = v.to(dev)[None, None]
+    # The images each level registers: the coarsest level (the affine stage's first) the
+    # clipped intensities, whose level of density aligns the whole lung; with ``detrend_mm``,
+    # every finer level the images less their local mean, computed on the moving crop's extent
+    # over the voxels the follow-up imaged, the same operation on both (a scan and itself stay
+    # equal). Detrending the coarsest level too left too little there: rigid and regridded
+    # pairs came out noisier (benchmarks/NOTES.md).
+    def with_seen(m):  # where the follow-up was imaged rides along as a second channel: one
+        # grid_sample call interpolates both
+        return m if v_full is None else torch.cat([m, v_full], dim=1)
+
+    images = dict.fromkeys(set(levels), (f_full, with_seen(m_full)))
+    finer = [f for f in set(levels) if f < max(levels)] or list(set(levels))
     if o.detrend_mm > 0:
-        # both images on the moving crop's extent, each less its local mean over the voxels
-        # the follow-up imaged: the same operation on both, so a scan and itself stay equal
         g = _gauss_kernels(torch, o.detrend_mm / float(np.mean(spacing)))
         off = [b.start - m.start for b, m in zip(box, mbox, strict=True)]
-        f_full = _detrend(torch, prep(fixed[mbox]), g, v_full)[
+        f_dt = _detrend(torch, prep(fixed[mbox]), g, v_full)[
             (..., *(slice(a, a + b.stop - b.start) for a, b in zip(off, box, strict=True)))]
-        m_full = _detrend(torch, m_full, g, v_full)
+        images.update(dict.fromkeys(finer, (f_dt, with_seen(_detrend(torch, m_full, g, v_full)))))
+        del f_dt
+    del f_full, m_full  # the levels keep what they use
     start = torch.tensor([b.start for b in box], dtype=torch.float32, device=dev)
     crop_n = [b.stop - b.start for b in box]
     centre = (start + (torch.tensor(crop_n, device=dev) - 1) / 2) * sp  # mm
@@ -346,10 +360,8 @@ def register(
     window_of = {}  # a shrink factor's window (the coarsest level of that factor's)
     for lv in per_level:
         window_of.setdefault(lv.factor, lv.window)
-    # where the follow-up was imaged rides along as the moving image's second channel: one
-    # grid_sample call interpolates both
-    both = m_full if v_full is None else torch.cat([m_full, v_full], dim=1)
-    pyramid = {f: (reg.pool(f_full, f), reg.pool(both, f)) for f in set(levels)}
+    pyramid = {f: (reg.pool(fi, f), reg.pool(mi, f)) for f, (fi, mi) in images.items()}
+    del images
 
     def sample(m_img, where):
         """(value, seen): the moving image and its imaged fraction (None: all) at ``where``."""
