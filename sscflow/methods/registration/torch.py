@@ -306,7 +306,6 @@ def register(
         a = (a - HU_RANGE[0]) / (HU_RANGE[1] - HU_RANGE[0])
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dev)[None, None]
 
-    f_full = prep(fixed[box])
     # The moving image: the crop grown by ``MOVING_PAD_MM``, its start congruent to the fixed
     # crop's modulo every shrink factor, so that both pyramids average the same voxel blocks
     # (blocks out of phase by a fraction of a coarse voxel read as a deformation).
@@ -317,7 +316,6 @@ def register(
         lo = b.start - period * (min(pad, b.start) // period)
         mbox.append(slice(lo, min(n, b.stop + pad)))
     mbox = tuple(mbox)
-    m_full = prep(moving[mbox])
     v_full = None
     if valid is not None:
         if isinstance(valid, torch.Tensor):
@@ -326,26 +324,34 @@ def register(
             v = torch.from_numpy(np.ascontiguousarray(np.asarray(valid, np.float32)[mbox]))
         if float(v.min()) < 1.0:
             v_full = v.to(dev)[None, None]
-    # The images each level registers: the coarsest level (the affine stage's first) the
-    # clipped intensities, whose level of density aligns the whole lung; with ``detrend_mm``,
-    # every finer level the images less their local mean, computed on the moving crop's extent
-    # over the voxels the follow-up imaged, the same operation on both (a scan and itself stay
-    # equal). Detrending the coarsest level too left too little there: rigid and regridded
-    # pairs came out noisier (benchmarks/NOTES.md).
-    def with_seen(m):  # where the follow-up was imaged rides along as a second channel: one
-        # grid_sample call interpolates both
-        return m if v_full is None else torch.cat([m, v_full], dim=1)
+    def level_images():
+        """Shrink factor -> (fixed, moving) images of that level, full resolution: the coarsest
+        level (the affine stage's first) the clipped intensities, whose level of density aligns
+        the whole lung; with ``detrend_mm``, every finer level the images less their local mean,
+        computed on the moving crop's extent over the voxels the follow-up imaged, the same
+        operation on both (a scan and itself stay equal). Detrending the coarsest level too
+        left too little there: rigid and regridded pairs came out noisier (benchmarks/NOTES.md).
+        Where the follow-up was imaged rides along as the moving image's second channel: one
+        grid_sample call interpolates both."""
 
-    images = dict.fromkeys(set(levels), (f_full, with_seen(m_full)))
-    finer = [f for f in set(levels) if f < max(levels)] or list(set(levels))
-    if o.detrend_mm > 0:
-        g = _gauss_kernels(torch, o.detrend_mm / float(np.mean(spacing)))
-        off = [b.start - m.start for b, m in zip(box, mbox, strict=True)]
-        f_dt = _detrend(torch, prep(fixed[mbox]), g, v_full)[
-            (..., *(slice(a, a + b.stop - b.start) for a, b in zip(off, box, strict=True)))]
-        images.update(dict.fromkeys(finer, (f_dt, with_seen(_detrend(torch, m_full, g, v_full)))))
-        del f_dt
-    del f_full, m_full  # the levels keep what they use
+        def with_seen(m):
+            return m if v_full is None else torch.cat([m, v_full], dim=1)
+
+        m_full = prep(moving[mbox])
+        detrended = set()
+        if o.detrend_mm > 0:
+            detrended = {f for f in levels if f < max(levels)} or set(levels)
+            g = _gauss_kernels(torch, o.detrend_mm / float(np.mean(spacing)))
+            f_ext = prep(fixed[mbox])  # the fixed crop is this less the moving crop's margin
+            crop = (..., *(slice(b.start - m.start, b.stop - m.start)
+                           for b, m in zip(box, mbox, strict=True)))  # fmt: skip
+            dt = (_detrend(torch, f_ext, g, v_full)[crop],
+                  with_seen(_detrend(torch, m_full, g, v_full)))  # fmt: skip
+        if set(levels) - detrended:
+            raw = (f_ext[crop] if detrended else prep(fixed[box]), with_seen(m_full))
+        return {f: dt if f in detrended else raw for f in set(levels)}
+
+    images = level_images()
     start = torch.tensor([b.start for b in box], dtype=torch.float32, device=dev)
     crop_n = [b.stop - b.start for b in box]
     centre = (start + (torch.tensor(crop_n, device=dev) - 1) / 2) * sp  # mm
