@@ -50,12 +50,14 @@ the dense and places pairs a summary per case and issue 22's targets; then the i
 targets, and the time ratio sscflow / demons on the ``planted`` pair last (when it ran).
 
 Each backend runs with its own defaults (its ``Options``, as ``sscflow run`` does), changed
-only by ``--option``.
+only by ``--option``, and with ``registration.match_resolution`` as the config has it (on;
+``--no-match-resolution`` off).
 
 Usage: python benchmarks/registration.py [--spacing 2] [--backends torch,sitk]
        [--pairs planted,moved,rigid,identity,noise,regridded,cut] [--option sitk.sigma_mm=6.0]
        [--cuts apex,base,right] [--fills air,padding] [--short-mm 40] [--trust-grid]
        (more pairs: --pairs dense0,dense180,dense450,places [--place-sigmas 10,30]) [--no-baseline]
+       [--no-match-resolution]
 """
 
 from __future__ import annotations
@@ -301,6 +303,8 @@ def main(argv=None):
                     help="how far inside the lungs the cut follow-ups stop (mm)")
     ap.add_argument("--trust-grid", action="store_true",
                     help="cut pairs: the follow-up's whole grid counts as imaged, no margin")
+    ap.add_argument("--no-match-resolution", action="store_true",
+                    help="sscflow without registration.match_resolution (on in `sscflow run`)")
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip plain SimpleITK demons (and the ratio): minutes at 1 mm")
     ap.add_argument("--option", action="append", default=[], metavar="[BACKEND.]KEY=VALUE",
@@ -350,13 +354,17 @@ def main(argv=None):
     print(f"warm-up (a one-iteration registration per backend, untimed below): "
           f"{time.perf_counter() - t0:.1f} s", flush=True)  # fmt: skip
 
+    # the shared keys `sscflow run` passes besides the backend's own (match_resolution needs
+    # both lung masks, which every pair here has)
+    common = {"match_resolution": RegistrationConfig().match_resolution
+              and not args.no_match_resolution}  # fmt: skip
     times, results = {}, {}
     for name, (pair, fu, fg) in pairs.items():
         mmask = segment_lungs(np.asarray(fu), fg.spacing).mask
         for backend in backends:
             run = functools.partial(register, hu, np.asarray(fu, np.float32), mask=lung,
                                     moving_mask=mmask, fixed_geometry=g, moving_geometry=fg,
-                                    backend=backend, return_info=True,
+                                    backend=backend, return_info=True, **common,
                                     **{"threads": args.threads, **options[backend]})
             (u, info), seconds, peak = measure(run)
             times[(name, backend)] = seconds
@@ -376,6 +384,13 @@ def main(argv=None):
                   f"{np.percentile(np.abs(lj), 95):.4f}, p99 {np.percentile(np.abs(lj), 99):.4f}"
                   f", mean |u| {np.sqrt((u ** 2).sum(0))[lung].mean():.3f} mm, peak memory "
                   f"+{peak:.0f} MiB", flush=True)  # fmt: skip
+            res = info.get("resolution")
+            if res:
+                print(f"  resolution: edge widths (z, in-plane) baseline "
+                      f"{res['baseline']['z_mm']}, {res['baseline']['inplane_mm']} mm, "
+                      f"follow-up {res['followup']['z_mm']}, "
+                      f"{res['followup']['inplane_mm']} mm; blur (z, y, x) baseline "
+                      f"{res['blur_baseline_mm']} mm, follow-up {res['blur_followup_mm']} mm")
             if a["seconds"] and seconds:
                 print(f"  initial alignment: {a['seconds'] / seconds:.1%} of the registration "
                       f"(the follow-up's resampling onto the baseline grid and the common blur "
@@ -389,7 +404,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             u = register(hu, np.asarray(fu, np.float32), mask=lung, moving_mask=mmask,
                          fixed_geometry=g, moving_geometry=fg, backend=backend,
-                         moving_fov=None if args.trust_grid else found,
+                         moving_fov=None if args.trust_grid else found, **common,
                          **{"threads": args.threads, **options[backend]})  # fmt: skip
             seconds = time.perf_counter() - t0
             figures = cut_figures(u, g, lung, fov, truth, margin)

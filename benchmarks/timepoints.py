@@ -15,7 +15,7 @@ Prints the registrations each run executed, the wall times, and last the time ra
 two-scan run (the issue's target: 0.6 or less).
 
     python benchmarks/timepoints.py [--patients 12] [--spacing 4.0] [--workers 2] [--keep DIR]
-        [--pairs both|consecutive|first_last] [--accuracy-only]
+        [--pairs both|consecutive|first_last] [--accuracy-only] [--option torch.detrend_mm=6]
 
 ``--accuracy-only`` makes the three-scan run alone (no timing ratios): the accuracy figures at a
 spacing where three runs would take too long (2 mm; the default ingest spacing is 1 mm).
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 import tempfile
 import time
@@ -41,7 +42,21 @@ def main() -> None:
                     help="the config's pairs rule (both: the default)")
     ap.add_argument("--accuracy-only", action="store_true",
                     help="the three-scan run alone, and its accuracy against the truth")
+    ap.add_argument("--option", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a registration setting for every run, e.g. torch.detrend_mm=6 "
+                         "(the config's registration.torch.detrend_mm; the value as JSON)")
     args = ap.parse_args()
+    registration: dict = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.rpartition(".")
+        if not (sep and name):
+            ap.error(f"--option {item}: give SECTION.KEY=VALUE, e.g. torch.detrend_mm=6")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        (registration.setdefault(section, {}) if dot else registration)[name] = parsed
 
     import numpy as np
     import pandas as pd
@@ -69,11 +84,12 @@ def main() -> None:
                                  "pairs": args.pairs,
                                  "results": str(tmp / f"{store}-results"),
                                  "ingest": {"spacing_mm": args.spacing},
+                                 "registration": registration,
                                  "segment": {"min_lung_ml": 5.0}})  # fmt: skip
 
     print(f"cohort: {args.patients} synthetic patients x 3 scans at {args.spacing:g} mm "
           f"(sscflow synth --timepoints 3, seed 0), {args.workers} one-thread workers, "
-          f"pairs: {args.pairs}")
+          f"pairs: {args.pairs}" + "".join(f", --option {o}" for o in args.option))
     seconds, counts = {}, {}
     cluster = ClusterConfig(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0")
     with dask_client(cluster) as client:

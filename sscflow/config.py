@@ -260,6 +260,9 @@ class _RegistrationCommon:
     # a follow-up of thinner slices blurred along z to the baseline's: auto when both scans
     # carry their DICOM slice thickness, true also from the slice spacing, false never
     match_slices: bool | Literal["auto"] = "auto"
+    # each scan's blur measured on its own lung outline (along z and in-plane) and the sharper
+    # scan blurred to the other's; replaces match_slices where both widths are measured
+    match_resolution: bool = True
     min_alignment_dice: float = 0.5  # lungs overlapping less after the alignment: the pair fails
     min_lung_coverage: float = 0.8  # baseline lung the follow-up must image, else it fails
     fov_margin_mm: float = 5.0  # the map is NaN within this of the follow-up's imaged edge
@@ -278,6 +281,9 @@ class _RegistrationCommon:
                 raise ConfigError(f"{where}.{key} must be within 0..1, got {getattr(self, key)}")
         if self.smooth_mm < 0:
             raise ConfigError(f"{where}.smooth_mm must be >= 0, got {self.smooth_mm}")
+        if not isinstance(self.match_resolution, bool):
+            raise ConfigError(f"{where}.match_resolution must be true or false, got "
+                              f"{self.match_resolution!r}")  # fmt: skip
         if not 0 <= self.fov_margin_mm <= 50:
             raise ConfigError(f"{where}.fov_margin_mm must be within 0..50 mm, got "
                               f"{self.fov_margin_mm}")  # fmt: skip
@@ -292,7 +298,8 @@ class _RegistrationCommon:
         own = {f.name: getattr(getattr(self, backend), f.name)
                for f in dataclasses.fields(getattr(self, backend))}  # fmt: skip
         d = {"initial_alignment": self.initial_alignment, "smooth_mm": self.smooth_mm,
-             "match_slices": self.match_slices, **own}  # fmt: skip
+             "match_slices": self.match_slices, "match_resolution": self.match_resolution,
+             **own}  # fmt: skip
         return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
     @classmethod

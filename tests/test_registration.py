@@ -318,7 +318,7 @@ def test_stage_matches_slices_by_their_dicom_thickness(tmp_path):
             st.write_image(group, name, data.astype(dtype), geom, stage="ingest", params={},
                            input_hash=name, extra={"source": {"slice_thickness_mm": t}})
         for mode in ("auto", False):
-            c = dataclasses.replace(cfg, match_slices=mode)
+            c = dataclasses.replace(cfg, match_slices=mode, match_resolution=False)
             register_patient(tmp_path / f"{case}.zarr", "P001", c, force=True)
             image = st.read_image(st.patient_group(st.open_store(tmp_path / f"{case}.zarr",
                                                                  "r"), "P001"), "displacement")
@@ -374,7 +374,8 @@ def test_stage_runs_the_sitk_backend_with_its_own_settings(tmp_path):
     meta = st.read_image(group, "displacement").meta
     own = {k: list(v) if isinstance(v, tuple) else v
            for k, v in dataclasses.asdict(SitkOptions(margin_mm=6.0)).items()}  # fmt: skip
-    expected = {"initial_alignment": "lungs", "smooth_mm": 1.0, "match_slices": "auto", **own}
+    expected = {"initial_alignment": "lungs", "smooth_mm": 1.0, "match_slices": "auto",
+                "match_resolution": True, **own}
     assert meta["params"]["backend"] == "sitk" and meta["params"]["options"] == expected
     assert meta["qa"]["parameters"] == expected
     assert meta["qa"]["matched_slices_mm"] is None  # "auto": no DICOM slice thickness here

@@ -148,6 +148,7 @@ def register(
     smooth_mm: float = 1.0,
     match_slices: bool | str = False,
     slice_mm: tuple[float | None, float | None] | None = None,
+    match_resolution: bool = False,
     return_info: bool = False,
     resample_on_device: bool | None = None,
     moving_fov: Geometry | None = None,
@@ -189,7 +190,15 @@ def register(
         blurred: its lung mask, where the map is measured, was drawn on it as it is. The
         registration stage passes the DICOM SliceThickness of both scans
         (:func:`sscflow.methods.registration.stage.matched_thickness`)
-    return_info : also return a dict: the initial alignment (and its seconds), the seconds spent
+    match_resolution : measure each scan's blur on its own lung outline, along z and in-plane
+        (:mod:`sscflow.methods.registration.resolution`; needs ``mask`` and ``moving_mask``,
+        and a follow-up grid of identity direction), and blur the sharper scan along each
+        axis to the blurrier one's before the backend; where both widths are measured it
+        replaces ``match_slices``. Off by default here; the config's
+        ``registration.match_resolution`` is on
+    return_info : also return a dict: the initial alignment (and its seconds), the matched
+        resolution (``resolution``: both scans' edge widths and the blur each was given, or
+        None), the seconds spent
         resampling the follow-up onto the baseline grid (both times) and blurring it, the
         total seconds, the torch device of that work (None: SimpleITK on the CPU) and the
         seconds of its one-off warm-up (0 after the process's first registration)
@@ -257,8 +266,18 @@ def register(
     t_align = time.perf_counter() - t1
     t_resample = 0.0
     extra = {}  # what the backend is also told: on the device, return the map's parts
-    extra_m = matched_slice_sigma_mm(*(slice_mm or (None, None))) if match_slices else 0.0
-    sigma_f, sigma_m = (_blur_sigma_vox(smooth_mm, e, fg.spacing) for e in (0.0, extra_m))
+    resolution = None
+    blur_f = blur_m = (0.0, 0.0, 0.0)
+    if match_resolution:
+        resolution = _match_resolution(inputs, fg, mg)
+        if resolution is not None:
+            blur_f, blur_m = resolution["blur_baseline_mm"], resolution["blur_followup_mm"]
+    extra_m = 0.0
+    if match_slices and (resolution is None or resolution["followup"]["z_mm"] is None
+                         or resolution["baseline"]["z_mm"] is None):  # fmt: skip
+        extra_m = matched_slice_sigma_mm(*(slice_mm or (None, None)))
+    sigma_f = _blur_sigma_vox(smooth_mm, 0.0, fg.spacing, blur_f)
+    sigma_m = _blur_sigma_vox(smooth_mm, extra_m, fg.spacing, blur_m)
     if dev is None:
         blur = _common_blur(sigma_m)
         fixed_in = _common_blur(sigma_f)(inputs.fixed)
@@ -336,6 +355,8 @@ def register(
     if not return_info:
         return u
     info = {"initial_alignment": {**alignment.to_dict(), "seconds": round(t_align, 3)},
+            "resolution": resolution,
+            "slices_matched": bool(extra_m > 0),
             "resample_seconds": round(t_resample, 3),
             "seconds": round(time.perf_counter() - t0, 3),
             "device": str(dev) if dev is not None else None,
@@ -403,17 +424,39 @@ def matched_slice_sigma_mm(fixed_slice_mm, moving_slice_mm) -> float:
 SMOOTH_MIN_VOXELS = 0.5
 
 
-def _blur_sigma_vox(smooth_mm, extra_z_mm, spacing) -> list[float] | None:
+def _blur_sigma_vox(smooth_mm, extra_z_mm, spacing, extra_mm=(0.0, 0.0, 0.0)) -> list | None:
     """Per-axis s.d. in voxels of the common blur ``smooth_mm`` (at least
-    :data:`SMOOTH_MIN_VOXELS`; none for 0) with ``extra_z_mm`` along z (None: no blur).
+    :data:`SMOOTH_MIN_VOXELS`; none for 0) with ``extra_z_mm`` along z and ``extra_mm`` (z, y,
+    x) added in quadrature (None: no blur).
 
     >>> _blur_sigma_vox(1.0, 0.0, (4.0, 2.0, 1.0))
     [0.5, 0.5, 1.0]
+    >>> _blur_sigma_vox(0.0, 0.0, (2.0, 2.0, 2.0), (3.0, 0.0, 0.0))
+    [1.5, 0.0, 0.0]
     """
     vox = [max(float(smooth_mm) / s, SMOOTH_MIN_VOXELS) if smooth_mm and smooth_mm > 0 else 0.0
            for s in spacing]  # fmt: skip
     vox[0] = float(np.hypot(vox[0], extra_z_mm / spacing[0]))
+    vox = [float(np.hypot(v, e / s)) for v, e, s in zip(vox, extra_mm, spacing, strict=True)]
     return vox if any(vox) else None
+
+
+def _match_resolution(inputs, fg, mg) -> dict | None:
+    """Both scans' edge widths on their own lung outlines and the blur (mm, z y x) that matches
+    them (:mod:`sscflow.methods.registration.resolution`), or None without both masks or with
+    a follow-up grid whose axes are not the baseline's (its z would not be the patient's)."""
+    from sscflow.methods.registration.resolution import match_blur
+
+    if inputs.mask is None or inputs.moving_mask is None:
+        return None
+    if not (np.allclose(fg.direction, np.eye(3), atol=1e-3)
+            and np.allclose(mg.direction, np.eye(3), atol=1e-3)):  # fmt: skip
+        return None
+    wf, wm, blur_f, blur_m = match_blur(inputs.fixed, inputs.mask, fg.spacing, inputs.moving,
+                                        inputs.moving_mask, mg.spacing)  # fmt: skip
+    return {"baseline": wf.to_dict(), "followup": wm.to_dict(),
+            "blur_baseline_mm": [round(v, 3) for v in blur_f],
+            "blur_followup_mm": [round(v, 3) for v in blur_m]}
 
 
 def _common_blur(sigma_vox):

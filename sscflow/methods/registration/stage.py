@@ -187,8 +187,9 @@ def register_patient(
         "lung_coverage": round(coverage, 5),
         **_unmeasured(u, fg, fov, lung, covered, cfg.fov_margin_mm),
         "slice_thickness_mm": thickness,
-        "matched_slices_mm": None if matched is None else dict(zip(("baseline", "followup"),
-                                                                   matched, strict=True)),
+        "matched_slices_mm": dict(zip(("baseline", "followup"), matched, strict=True))
+        if matched is not None and info.get("slices_matched") else None,
+        "resolution": info.get("resolution"),
         "baseline_grid": fg.to_dict(),
         "followup_grid": mg.to_dict(),
         "folded_fraction": folded_fraction(u, spacing, sel),
