@@ -50,14 +50,14 @@ the dense and places pairs a summary per case and issue 22's targets; then the i
 targets, and the time ratio sscflow / demons on the ``planted`` pair last (when it ran).
 
 Each backend runs with its own defaults (its ``Options``, as ``sscflow run`` does), changed
-only by ``--option``, and with ``registration.match_resolution`` as the config has it (on;
-``--no-match-resolution`` off).
+only by ``--option``, and with ``registration.match_resolution`` as the config has it (off;
+``--match-resolution`` on).
 
 Usage: python benchmarks/registration.py [--spacing 2] [--backends torch,sitk]
        [--pairs planted,moved,rigid,identity,noise,regridded,cut] [--option sitk.sigma_mm=6.0]
        [--cuts apex,base,right] [--fills air,padding] [--short-mm 40] [--trust-grid]
        (more pairs: --pairs dense0,dense180,dense450,places [--place-sigmas 10,30]) [--no-baseline]
-       [--no-match-resolution]
+       [--match-resolution]
 """
 
 from __future__ import annotations
@@ -303,8 +303,8 @@ def main(argv=None):
                     help="how far inside the lungs the cut follow-ups stop (mm)")
     ap.add_argument("--trust-grid", action="store_true",
                     help="cut pairs: the follow-up's whole grid counts as imaged, no margin")
-    ap.add_argument("--no-match-resolution", action="store_true",
-                    help="sscflow without registration.match_resolution (on in `sscflow run`)")
+    ap.add_argument("--match-resolution", action="store_true",
+                    help="sscflow with registration.match_resolution (opt-in in `sscflow run`)")
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip plain SimpleITK demons (and the ratio): minutes at 1 mm")
     ap.add_argument("--option", action="append", default=[], metavar="[BACKEND.]KEY=VALUE",
@@ -357,7 +357,7 @@ def main(argv=None):
     # the shared keys `sscflow run` passes besides the backend's own (match_resolution needs
     # both lung masks, which every pair here has)
     common = {"match_resolution": RegistrationConfig().match_resolution
-              and not args.no_match_resolution}  # fmt: skip
+              or args.match_resolution}  # fmt: skip
     times, results = {}, {}
     for name, (pair, fu, fg) in pairs.items():
         mmask = segment_lungs(np.asarray(fu), fg.spacing).mask

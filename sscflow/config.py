@@ -261,8 +261,9 @@ class _RegistrationCommon:
     # carry their DICOM slice thickness, true also from the slice spacing, false never
     match_slices: bool | Literal["auto"] = "auto"
     # each scan's blur measured on its own lung outline (along z and in-plane) and the sharper
-    # scan blurred to the other's; replaces match_slices where both widths are measured
-    match_resolution: bool = True
+    # scan blurred to the other's; replaces match_slices where both widths are measured. Off by
+    # default: a follow-up cut short and scans resampled on other grids made it worse (README)
+    match_resolution: bool = False
     min_alignment_dice: float = 0.5  # lungs overlapping less after the alignment: the pair fails
     min_lung_coverage: float = 0.8  # baseline lung the follow-up must image, else it fails
     fov_margin_mm: float = 5.0  # the map is NaN within this of the follow-up's imaged edge

@@ -104,8 +104,11 @@ def test_registration_with_the_same_blur_on_both_is_untouched():
 
 def test_config_match_resolution_is_a_switch():
     cfg = config_from_dict({"manifest": "m.csv", "store": "s.zarr"})
-    assert cfg.registration.match_resolution is True
-    assert cfg.registration.options("torch")["match_resolution"] is True
+    assert cfg.registration.match_resolution is False  # opt-in (README: where it fails)
+    assert cfg.registration.options("torch")["match_resolution"] is False
+    on = config_from_dict({"manifest": "m.csv", "store": "s.zarr",
+                           "registration": {"match_resolution": True}})  # fmt: skip
+    assert on.registration.options("sitk")["match_resolution"] is True
     with pytest.raises(ConfigError, match="registration.match_resolution"):
         config_from_dict({"manifest": "m.csv", "store": "s.zarr",
                           "registration": {"match_resolution": "yes"}})  # fmt: skip

@@ -194,8 +194,8 @@ def register(
         (:mod:`sscflow.methods.registration.resolution`; needs ``mask`` and ``moving_mask``,
         and a follow-up grid of identity direction), and blur the sharper scan along each
         axis to the blurrier one's before the backend; where both widths are measured it
-        replaces ``match_slices``. Off by default here; the config's
-        ``registration.match_resolution`` is on
+        replaces ``match_slices``. Off by default, here and in the config
+        (``registration.match_resolution``): README says where it fails
     return_info : also return a dict: the initial alignment (and its seconds), the matched
         resolution (``resolution``: both scans' edge widths and the blur each was given, or
         None), the seconds spent
