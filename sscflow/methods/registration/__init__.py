@@ -449,8 +449,7 @@ def _match_resolution(inputs, fg, mg) -> dict | None:
 
     if inputs.mask is None or inputs.moving_mask is None:
         return None
-    if not (np.allclose(fg.direction, np.eye(3), atol=1e-3)
-            and np.allclose(mg.direction, np.eye(3), atol=1e-3)):  # fmt: skip
+    if not (fg.is_canonical and mg.is_canonical):
         return None
     wf, wm, blur_f, blur_m = match_blur(inputs.fixed, inputs.mask, fg.spacing, inputs.moving,
                                         inputs.moving_mask, mg.spacing)  # fmt: skip
