@@ -293,3 +293,72 @@ def test_synth_command_timepoints(tmp_path):
                           str(tmp_path / "t"), "--timepoints", "1"], capture_output=True,
                          text=True, encoding="utf-8", timeout=120)  # fmt: skip
     assert bad.returncode != 0 and "--timepoints" in bad.stderr
+
+
+def test_a_later_scan_is_imaged_in_one_interpolation_like_the_first():
+    """Every scan samples the phantom once (the anatomy's change and the scanner's grid
+    composed), so a later scan is no blurrier than the first: against the analytic image at the
+    composed points, one interpolation errs well under the former path's two (a warp on the
+    generator's grid, then the acquisition's resampling)."""
+    from sscflow.synth import deform, planted
+    from sscflow.synth.cohort import _acquire
+
+    h = 4.0
+    world = Geometry((24, 24, 24), (h, h, h), (-48.0, -48.0, -48.0))
+    geometry = Geometry((16, 24, 24), (h, h, h), (-32.0, -48.0, -48.0))  # world[4:20]
+
+    def image(z, y, x):  # sharp enough for interpolation blur to show: s.d. 0.9 voxel
+        return 1000.0 * np.exp(-((z - 1.0) ** 2 + (y + 3.0) ** 2 + (x - 2.0) ** 2) / (2 * 3.6**2))
+
+    axes = [world.origin[k] + h * np.arange(n) for k, n in enumerate(world.shape)]
+    src = image(*np.meshgrid(*axes, indexing="ij")).astype(np.float32)
+    # the anatomy's change: y shows the first scan at y + inverse(y), a smooth sub-voxel field
+    g_axes = np.meshgrid(*[geometry.origin[k] + h * np.arange(n)
+                           for k, n in enumerate(geometry.shape)], indexing="ij")  # fmt: skip
+    inverse = np.stack([1.3 + 0.02 * g_axes[1], -0.7 + 0.01 * g_axes[0],
+                        0.9 - 0.015 * g_axes[2]]).astype(np.float32)  # fmt: skip
+    matrix = deform.rotation_matrix((0.3, 0.2, 1.0), 4.0)
+    offset = np.array([1.1, -2.3, 0.6])
+    lung = np.zeros(geometry.shape, bool)
+    lung[5:11, 8:16, 8:16] = True
+    grid = planted.acquisition_grid(lung, geometry, spacing=(3.7, 3.3, 3.3), margin_mm=(8, 8),
+                                    inplane_margin_mm=0.0, matrix=matrix, offset=offset,
+                                    phase=(0.3, 0.6, 0.45))  # fmt: skip
+    acq = {"grid": grid, "matrix": matrix, "offset": offset}
+    once = _acquire(src, world, geometry, acq, h, inverse)
+    twice = planted.render_on(deform.warp(src, inverse, geometry, offset=(4, 0, 0), order=3),
+                              geometry, grid, matrix=matrix, offset=offset, order=3)  # fmt: skip
+    # the known answer: the analytic image at y + inverse(y), y = R^-1 (q - o)
+    from sscflow.core.geometry import grid_points
+
+    q = grid_points(grid, 0, grid.shape[0])
+    y = np.einsum("ij,j...->i...", np.linalg.inv(matrix), q - offset[:, None, None, None])
+    idx = (y - np.asarray(geometry.origin)[:, None, None, None]) / h
+    inside_ = np.all((idx >= 1) & (idx <= np.asarray(geometry.shape)[:, None, None, None] - 2), 0)
+    d = np.stack([ndimage.map_coordinates(inverse[k], idx, order=1) for k in range(3)])
+    want = image(*(y + d))
+    err_once = np.abs(once - want)[inside_].max()
+    err_twice = np.abs(twice - want)[inside_].max()
+    assert inside_.sum() > 500
+    rms_once = np.sqrt(np.mean((once - want)[inside_] ** 2))
+    rms_twice = np.sqrt(np.mean((twice - want)[inside_] ** 2))
+    # measured: rms 1.13 against 1.51 HU, max 49 against 59 HU (the peak, 0.9 voxel wide)
+    assert rms_once < 0.85 * rms_twice, (rms_once, rms_twice)
+    assert err_once < err_twice and err_once < 55.0, (err_once, err_twice)
+    # outside the generator's grid: air, as before
+    assert (once[~np.all((idx >= -0.5) & (idx <= np.asarray(geometry.shape)[:, None, None, None]
+                                         - 0.5), 0)] == -1024.0).all()  # fmt: skip
+
+
+def test_an_acquisition_grid_starts_at_the_phase_it_is_given():
+    from sscflow.synth import planted
+
+    geometry = Geometry((10, 12, 12), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
+    lung = np.zeros(geometry.shape, bool)
+    lung[3:7, 4:8, 4:8] = True
+    kw = dict(spacing=(3.0, 3.5, 3.5), margin_mm=(5, 5), inplane_margin_mm=0.0)
+    plain = planted.acquisition_grid(lung, geometry, **kw)
+    moved = planted.acquisition_grid(lung, geometry, phase=(0.5, 0.25, 0.75), **kw)
+    assert np.allclose(np.subtract(plain.origin, moved.origin), (1.5, 0.875, 2.625))
+    # in-plane the whole body: the start, not the far end, moved back
+    assert plain.origin[1:] == (0.0, 0.0)

@@ -55,7 +55,7 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 
-from sscflow.core.geometry import Geometry, from_itk, resample, to_itk
+from sscflow.core.geometry import Geometry, from_itk, grid_points, resample, to_itk
 from sscflow.core.imageio import deterministic_uid, write_dicom_series, write_volume
 from sscflow.synth import deform, phantom
 from sscflow.synth.plan import FORMATS, TARGET_RHO, patient_streams, plan_cohort, spearman
@@ -106,6 +106,7 @@ class Simulation:
     region: np.ndarray  # bool
     baseline: np.ndarray | None = None  # int16 HU
     followup: np.ndarray | None = None  # int16 HU
+    world: Geometry | None = None  # the images' grid when made with images="world"
 
 
 @dataclass
@@ -207,7 +208,9 @@ def simulate(
     """Make one patient in memory: a pure function of (plan row, spacing, seed).
 
     With ``images=False`` only the truth (fields, masks, record) is made, which is what tests
-    of the planted statistics need.
+    of the planted statistics need. With ``images="world"`` the two images are the noise-free
+    phantom on its world grid (``sim.world``), the follow-up's density but not yet warped,
+    for :func:`_acquire` to image each in one interpolation.
     """
     h = _check_spacing(spacing)
     p = _prepare(row, h, seed, ribs=ribs)
@@ -226,9 +229,13 @@ def simulate(
     if not images:
         return sim
 
-    base = _psf(ph.hu + d_base, h)[crop]
+    base = _psf(ph.hu + d_base, h)
     follow = _psf(ph.hu + d_follow, h)
     del d_base, d_follow
+    if images == "world":
+        sim.baseline, sim.followup, sim.world = base, follow, p.world
+        return sim
+    base = base[crop]
     follow = deform.warp(follow, field.inverse, geometry, offset=offset, order=3)
     sim.baseline = _to_hu(base, p.streams["noise_baseline"], noise_hu)
     sim.followup = _to_hu(follow, p.streams["noise_followup"], noise_hu)
@@ -376,20 +383,24 @@ def _check_timepoints(timepoints) -> int:
     return int(timepoints)
 
 
-def draw_acquisitions(rng: np.random.Generator, geometry: Geometry, lung, lung_fu, h: float):
+def draw_acquisitions(rng: np.random.Generator, geometry: Geometry, lung, lung_fu, h: float,
+                      phases: np.random.Generator | None = None):  # fmt: skip
     """Each scan its own acquisition, as real scans of one patient are: grid spacing (in-plane
     0.86-1.14 h, slices 0.9-1.8 h, one scan in eight with thick slices of max(2.5, 2 h) or
     5 mm), field of view (0-40 mm beyond the lungs at the apex and at the base, the body
     in-plane), a direction other than the identity in a third of the files (RAS-like, a 180
     degree turn about z, or an oblique tilt of up to 8 degrees), and for the follow-up a new
     patient position (rotation up to 5 degrees about any axis, table shift up to 60 mm along z
-    and 15 mm in-plane). Returns ``{which: dict(grid, matrix, offset, noise_scale, ...)}``.
+    and 15 mm in-plane). Each grid starts at a random fraction of a voxel (``phases``, a
+    generator of its own so that the other draws stay as they were): the generator's lattice
+    is no scanner's. Returns ``{which: dict(grid, matrix, offset, noise_scale, ...)}``.
     """
     centre = _lung_centre(geometry, lung, h)
     out = {}
     for which, mask in (("baseline", lung), ("followup", lung_fu)):
+        phase = None if phases is None else phases.uniform(0.0, 1.0, 3)
         out[which] = _draw_acquisition(rng, which, mask, geometry, centre, h,
-                                       moved=which == "followup")  # fmt: skip
+                                       moved=which == "followup", phase=phase)  # fmt: skip
     return out
 
 
@@ -403,9 +414,10 @@ def _lung_centre(geometry: Geometry, lung, h: float) -> np.ndarray:
 
 
 def _draw_acquisition(rng: np.random.Generator, which: str, mask, geometry: Geometry, centre,
-                      h: float, *, moved: bool) -> dict:  # fmt: skip
+                      h: float, *, moved: bool, phase=None) -> dict:  # fmt: skip
     """One scan's acquisition (:func:`draw_acquisitions`); ``moved``: a new patient position
-    about ``centre`` (physical mm), else the patient as on the generator's grid."""
+    about ``centre`` (physical mm), else the patient as on the generator's grid; ``phase``:
+    the grid's start, in fractions of a voxel (``planted.acquisition_grid``)."""
     from sscflow.synth import planted
 
     if moved:
@@ -432,7 +444,8 @@ def _draw_acquisition(rng: np.random.Generator, which: str, mask, geometry: Geom
     margins = (float(rng.uniform(0, 40)), float(rng.uniform(0, 40)))
     grid = planted.acquisition_grid(mask, geometry, spacing=(slice_mm, inplane, inplane),
                                     margin_mm=margins, inplane_margin_mm=10.0,
-                                    direction=direction, matrix=matrix, offset=offset)
+                                    direction=direction, matrix=matrix, offset=offset,
+                                    phase=phase)  # fmt: skip
     return {
         "grid": grid, "matrix": matrix, "offset": offset,
         "noise_scale": float(rng.uniform(0.75, 1.25)),
@@ -448,23 +461,53 @@ def _draw_acquisition(rng: np.random.Generator, which: str, mask, geometry: Geom
     }  # fmt: skip
 
 
-def _acquire(image, geometry: Geometry, acq: dict, h: float) -> np.ndarray:
-    """A noise-free scan on its acquisition grid: slices thicker than the generator's grid
-    are averaged over their thickness (a Gaussian of that FWHM along z) before sampling."""
-    from sscflow.synth import planted
+def _acquire(image, world: Geometry, geometry: Geometry, acq: dict, h: float,
+             inverse=None, slab: int = 8) -> np.ndarray:  # fmt: skip
+    """A noise-free scan on its acquisition grid, in one interpolation from the phantom.
 
+    ``image`` is on the phantom's ``world`` grid (``geometry``, the generator's grid, extended
+    along z); ``inverse`` (3, Z, Y, X) mm on ``geometry``, or None for the first scan's anatomy:
+    the generator point y shows the world image at ``y + inverse(y)``. A grid point q of the
+    acquisition shows the generator point ``y = R^-1 (q - o)``, so the scan samples the world
+    image once, at ``y + inverse(y)`` (cubic B-spline), whatever the anatomy's change: every
+    scan of a patient has the same interpolation blur (a warp on the generator's grid followed
+    by the acquisition's resampling blurred the later scans more than the first). Slices thicker
+    than the generator's grid are averaged over their thickness first (a Gaussian of that FWHM
+    along z). Outside ``geometry``: air (-1024 HU).
+    """
     src = np.asarray(image, np.float32)
-    slice_mm = acq["grid"].spacing[0]
+    grid, matrix, offset = acq["grid"], np.asarray(acq["matrix"], float), acq["offset"]
+    slice_mm = grid.spacing[0]
     if slice_mm > 1.5 * h:
         sigma = np.sqrt(max(slice_mm**2 - h**2, 0.0)) / 2.355 / h
         src = ndimage.gaussian_filter1d(src, sigma, axis=0, mode="nearest")
-    return planted.render_on(src, geometry, acq["grid"], matrix=acq["matrix"],
-                             offset=acq["offset"], order=3, fill=-1024.0)  # fmt: skip
+    src = ndimage.spline_filter(src, order=3, output=np.float32, mode="nearest")
+    inv = np.linalg.inv(matrix)
+    offset = np.asarray(offset, float)[:, None, None, None]
+    sp = np.asarray(geometry.spacing)[:, None, None, None]
+    g0 = np.asarray(geometry.origin)[:, None, None, None]
+    w0 = np.asarray(world.origin)[:, None, None, None]
+    hi = np.asarray(geometry.shape)[:, None, None, None] - 0.5
+    out = np.empty(grid.shape, np.float32)
+    for z0 in range(0, grid.shape[0], slab):
+        z1 = min(grid.shape[0], z0 + slab)
+        y = np.einsum("ij,j...->i...", inv, grid_points(grid, z0, z1) - offset)
+        idx = (y - g0) / sp
+        outside = np.any((idx < -0.5) | (idx > hi), axis=0)
+        if inverse is not None:
+            y = y + np.stack([ndimage.map_coordinates(inverse[k], idx, order=1, mode="nearest")
+                              for k in range(3)])  # fmt: skip
+        vals = ndimage.map_coordinates(src, (y - w0) / sp, order=3, mode="nearest",
+                                       prefilter=False)  # fmt: skip
+        vals[outside] = -1024.0
+        out[z0:z1] = vals
+    return out
 
 
 def _synthesize_patient(row, out, pid, spacing, seed, fmt, ribs, noise_hu,
                         acquisitions=True) -> dict:  # fmt: skip
-    sim = simulate(row, spacing, seed, ribs=ribs, noise_hu=0.0 if acquisitions else noise_hu)
+    sim = simulate(row, spacing, seed, ribs=ribs, noise_hu=noise_hu,
+                   images="world" if acquisitions else True)  # fmt: skip
     geom = sim.geometry
     grids = {"baseline": geom, "followup": geom}
     arrays = {"baseline": sim.baseline, "followup": sim.followup}
@@ -475,9 +518,11 @@ def _synthesize_patient(row, out, pid, spacing, seed, fmt, ribs, noise_hu,
 
         streams = patient_streams(seed, int(row["index"]))
         rng = np.random.default_rng([int(seed), int(row["index"]), 12])  # the acquisitions
-        acq = draw_acquisitions(rng, geom, sim.lung, sim.lung_followup, geom.spacing[0])
-        for which in ("baseline", "followup"):
-            image = _acquire(arrays[which], geom, acq[which], geom.spacing[0])
+        acq = draw_acquisitions(rng, geom, sim.lung, sim.lung_followup, geom.spacing[0],
+                                np.random.default_rng([int(seed), int(row["index"]), 14]))
+        for which, inverse in (("baseline", None), ("followup", sim.deformation.inverse)):
+            image = _acquire(arrays[which], sim.world, geom, acq[which], geom.spacing[0],
+                             inverse)  # fmt: skip
             arrays[which] = _to_hu(image, streams[f"noise_{which}"],
                                    noise_hu * acq[which]["noise_scale"])  # fmt: skip
             grids[which] = acq[which]["grid"]
@@ -704,6 +749,7 @@ def _synthesize_series(row, out: Path, pid: str, spacing, seed, fmt, ribs, noise
     hu_change = _psf(d_follow - d_base, h)
     del d_base, d_follow
     rng = np.random.default_rng([int(seed), index, 12])  # the acquisitions
+    phases = np.random.default_rng([int(seed), index, 14])  # where each grid starts
     centre = _lung_centre(geom, p.lung, h)
     identity = (np.eye(3), np.zeros(3))
     lung_world = ph.lung.astype(np.float32)
@@ -711,26 +757,29 @@ def _synthesize_series(row, out: Path, pid: str, spacing, seed, fmt, ribs, noise
     lung_last = None
     for k, tau in enumerate(taus):
         which = f"t{k}"
+        world_k = hu_first + np.float32(tau) * hu_change if k else hu_first
+        inverse = None
         if k == 0:
             lung_k = p.lung
-            image = hu_first[crop]
         else:
             inverse = _pullback(prog, tau, identity, geom)
             lung_k = deform.warp(lung_world, inverse, geom, offset=offset) >= 0.5
-            image = deform.warp(hu_first + np.float32(tau) * hu_change, inverse, geom,
-                                offset=offset, order=3)  # fmt: skip
-            del inverse
-        if acquisitions:
-            acq = _draw_acquisition(rng, which, lung_k, geom, centre, h, moved=k > 0)
-            image = _to_hu(_acquire(image, geom, acq, h), _series_noise(p.streams, seed, index, k),
+        if acquisitions:  # one interpolation from the phantom, as for the first scan
+            acq = _draw_acquisition(rng, which, lung_k, geom, centre, h, moved=k > 0,
+                                    phase=phases.uniform(0.0, 1.0, 3))  # fmt: skip
+            image = _to_hu(_acquire(world_k, world, geom, acq, h, inverse),
+                           _series_noise(p.streams, seed, index, k),
                            noise_hu * acq["noise_scale"])  # fmt: skip
             grid, matrix, moved = acq["grid"], acq["matrix"], acq["offset"]
             lung_scan = planted.render_on(lung_k.astype(np.float32), geom, grid, matrix=matrix,
                                           offset=moved, order=1, fill=0.0) >= 0.5  # fmt: skip
             record_acq.update(acq["record"])
         else:
+            image = (world_k[crop] if inverse is None else
+                     deform.warp(world_k, inverse, geom, offset=offset, order=3))  # fmt: skip
             image = _to_hu(image, _series_noise(p.streams, seed, index, k), noise_hu)
             grid, matrix, moved, lung_scan = geom, np.eye(3), np.zeros(3), lung_k
+        del world_k, inverse
         positions.append((np.asarray(matrix, float), np.asarray(moved, float)))
         scan_lungs.append((lung_scan.astype(np.uint8), grid))
         if k == n - 1:

@@ -385,11 +385,14 @@ def rotation(degrees, axis) -> np.ndarray:
 
 def acquisition_grid(lung, geometry: Geometry, *, spacing, margin_mm=(30.0, 30.0),
                      inplane_margin_mm: float = 15.0, direction=None, matrix=None,
-                     offset=None) -> Geometry:  # fmt: skip
+                     offset=None, phase=None) -> Geometry:  # fmt: skip
     """A scanner's grid for the moved patient: the lung's bounding box after the motion
     ``y = matrix @ x + offset``, grown by ``margin_mm`` (below the bases, above the apices;
     negative cuts into the lung) and ``inplane_margin_mm`` (or the whole body's extent, when
-    larger), with ``spacing`` (z, y, x) mm and ITK ``direction``."""
+    larger), with ``spacing`` (z, y, x) mm and ITK ``direction``. ``phase`` (three fractions
+    of a voxel, grid axis order) moves the grid's start back by that much: a scanner's voxels
+    have no relation to ``geometry``'s lattice (without it, a patient who did not move on a
+    grid of the identity direction starts on that lattice in-plane)."""
     matrix = np.eye(3) if matrix is None else np.asarray(matrix, float)
     offset = np.zeros(3) if offset is None else np.asarray(offset, float)
     d = np.eye(3) if direction is None else np.asarray(direction, float)
@@ -411,6 +414,8 @@ def acquisition_grid(lung, geometry: Geometry, *, spacing, margin_mm=(30.0, 30.0
                     for c in (lo[2], hi[2])])  # fmt: skip
     proj = box @ cols.T  # coordinate of each box corner along each grid axis
     start = proj.min(axis=0)
+    if phase is not None:
+        start = start - np.asarray(phase, float) * sp
     n = np.floor((proj.max(axis=0) - start) / sp).astype(int) + 1
     origin = cols.T @ start  # physical zyx of voxel 0
     return Geometry(tuple(int(v) for v in n), tuple(sp), tuple(origin),
