@@ -10,6 +10,7 @@ exported field, applied by SimpleITK itself, must reproduce the exported warped 
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -412,3 +413,42 @@ def test_qa_sagittal_views_cut_through_each_lung():
         assert views[name].sum() > 10 * max(midline, 1), (name, views[name].sum(), midline)
     x = np.nonzero(lung)[2]
     assert centre[3] < centre[2] < centre[4] and x.min() < centre[3] and centre[4] < x.max()
+
+
+def _images(page: str) -> list[str]:
+    import re
+
+    return re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+
+
+def test_a_new_trajectory_rewrites_the_page_without_drawing_it_again(tmp_path):
+    """A patient's new timepoint changes only its trajectory figure: the page is written again
+    with the new trajectory and the figures drawn before, which are those a full redraw makes."""
+    from PIL import Image
+
+    from sscflow.views.qa import figures_path, page_path, qa_patient
+
+    store, results = str(tmp_path / "s.zarr"), tmp_path / "results"
+    _small_store(tmp_path / "s.zarr")
+    trajectories = []
+    for k, colour in enumerate(("red", "blue")):
+        trajectories.append(tmp_path / f"trajectory{k}.png")
+        Image.new("RGB", (8, 6), colour).save(trajectories[-1])
+    first = qa_patient(store, "P1", results, trajectory=trajectories[0])
+    assert first["status"] == "done" and not first["figures_reused"]
+    assert figures_path(results, "P1").is_file()
+    before = _images(page_path(results, "P1").read_text(encoding="utf-8"))
+    second = qa_patient(store, "P1", results, trajectory=trajectories[1])
+    assert second["status"] == "done" and second["figures_reused"]
+    after = _images(page_path(results, "P1").read_text(encoding="utf-8"))
+    assert len(after) == len(before) == 5
+    assert after[:4] == before[:4] and after[4] != before[4]
+    assert base64.b64decode(after[4]) == trajectories[1].read_bytes()
+    # the figures reused are the figures drawn: a forced redraw gives the same images
+    forced = qa_patient(store, "P1", results, trajectory=trajectories[1], force=True)
+    assert forced["status"] == "done" and not forced["figures_reused"]
+    assert _images(page_path(results, "P1").read_text(encoding="utf-8")) == after
+    # an output the figures show changes: drawn again, not taken from the cache
+    _small_store(tmp_path / "s.zarr", input_hash="changed")
+    again = qa_patient(store, "P1", results, trajectory=trajectories[1])
+    assert again["status"] == "done" and not again["figures_reused"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import math
 import time
 from pathlib import Path
@@ -143,6 +144,34 @@ def page_path(results_dir, patient_id: str) -> Path:
     return Path(results_dir) / "report" / "qa" / f"{patient_id}.html"
 
 
+def figures_path(results_dir, patient_id: str) -> Path:
+    """The page's drawn figures and the hash of the store outputs they were drawn from, kept
+    beside the results (not in the report folder one shares) so that a page whose trajectory
+    alone changed (a new timepoint of the patient) is written again without drawing again."""
+    return Path(results_dir) / ".cache" / "qa" / f"{patient_id}.json"
+
+
+def _cached_figures(path: Path, key: str) -> list | None:
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cached, dict) or cached.get("input_hash") != key:
+        return None
+    figures = cached.get("figures")
+    ok = isinstance(figures, list) and all(
+        isinstance(f, list) and len(f) == 3 and all(isinstance(v, str) for v in f)
+        for f in figures)  # fmt: skip
+    return [tuple(f) for f in figures] if ok else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def _inputs_key(group) -> dict:
     out = {}
     for name in INPUTS:
@@ -164,29 +193,32 @@ def qa_patient(store: str, patient_id: str, results_dir, *, force: bool = False,
         raise IncompleteOutputError(f"patient {patient_id}: no baseline in the store; ingest it")
     path = page_path(results_dir, patient_id)
     png = Path(trajectory).read_bytes() if trajectory is not None else None
-    key = st.hash_values(_inputs_key(group), dict(group.attrs.get("sscflow", {})), STAGE_VERSION,
-                         *((hashlib.sha256(png).hexdigest(),) if png else ()))
+    inputs = (_inputs_key(group), dict(group.attrs.get("sscflow", {})), STAGE_VERSION)
+    key = st.hash_values(*inputs, *((hashlib.sha256(png).hexdigest(),) if png else ()))
     old = dict(group.attrs.get("qa_page", {}) or {})
     row = cohort_table(root, [patient_id]).iloc[0].to_dict()
     raised = flags(row)
     if not force and old.get("input_hash") == key and path.is_file():
         return {"status": "skipped", "path": str(path), "flags": len(raised),
                 "seconds": time.perf_counter() - t0}
-    figures = draw_patient(root, patient_id)
+    drawn_key = st.hash_values(*inputs)
+    cache = figures_path(results_dir, patient_id)
+    figures = None if force else _cached_figures(cache, drawn_key)
+    reused = figures is not None
+    if figures is None:
+        figures = draw_patient(root, patient_id)
+        _write_atomic(cache, json.dumps({"input_hash": drawn_key, "figures": figures}))
+    figures = list(figures)
     if png is not None:
         figures.append(("Trajectory", "The patient's cumulative mean log-Jacobian (the sum of "
                         "its consecutive pairs' means) and FVC / DLCO (% predicted) at each "
                         "timepoint, from every pair registered so far.",
                         base64.b64encode(png).decode()))  # fmt: skip
-    page = _page(patient_id, row, raised, figures)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".html.partial")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    _write_atomic(path, _page(patient_id, row, raised, figures))
     rw = st.open_store(store)
     st.patient_group(rw, patient_id, create=False).attrs["qa_page"] = {
         "input_hash": key, "path": str(path), "flags": [n for n, _ in raised]}  # fmt: skip
-    return {"status": "done", "path": str(path), "flags": len(raised),
+    return {"status": "done", "path": str(path), "flags": len(raised), "figures_reused": reused,
             "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
