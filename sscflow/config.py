@@ -264,6 +264,9 @@ class _RegistrationCommon:
     # scan blurred to the other's; replaces match_slices where both widths are measured. Off by
     # default: a follow-up cut short and scans resampled on other grids made it worse (README)
     match_resolution: bool = False
+    # the baseline filtered, voxel by voxel, as the follow-up was by its resampling onto the
+    # baseline grid (cubic B-spline): a blurrier resampled outline read as expansion (README)
+    match_interpolation: bool = True
     min_alignment_dice: float = 0.5  # lungs overlapping less after the alignment: the pair fails
     min_lung_coverage: float = 0.8  # baseline lung the follow-up must image, else it fails
     fov_margin_mm: float = 5.0  # the map is NaN within this of the follow-up's imaged edge
@@ -282,9 +285,10 @@ class _RegistrationCommon:
                 raise ConfigError(f"{where}.{key} must be within 0..1, got {getattr(self, key)}")
         if self.smooth_mm < 0:
             raise ConfigError(f"{where}.smooth_mm must be >= 0, got {self.smooth_mm}")
-        if not isinstance(self.match_resolution, bool):
-            raise ConfigError(f"{where}.match_resolution must be true or false, got "
-                              f"{self.match_resolution!r}")  # fmt: skip
+        for key in ("match_resolution", "match_interpolation"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{where}.{key} must be true or false, got "
+                                  f"{getattr(self, key)!r}")  # fmt: skip
         if not 0 <= self.fov_margin_mm <= 50:
             raise ConfigError(f"{where}.fov_margin_mm must be within 0..50 mm, got "
                               f"{self.fov_margin_mm}")  # fmt: skip
@@ -300,7 +304,7 @@ class _RegistrationCommon:
                for f in dataclasses.fields(getattr(self, backend))}  # fmt: skip
         d = {"initial_alignment": self.initial_alignment, "smooth_mm": self.smooth_mm,
              "match_slices": self.match_slices, "match_resolution": self.match_resolution,
-             **own}  # fmt: skip
+             "match_interpolation": self.match_interpolation, **own}  # fmt: skip
         return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
     @classmethod

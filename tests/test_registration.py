@@ -375,7 +375,7 @@ def test_stage_runs_the_sitk_backend_with_its_own_settings(tmp_path):
     own = {k: list(v) if isinstance(v, tuple) else v
            for k, v in dataclasses.asdict(SitkOptions(margin_mm=6.0)).items()}  # fmt: skip
     expected = {"initial_alignment": "lungs", "smooth_mm": 1.0, "match_slices": "auto",
-                "match_resolution": False, **own}
+                "match_resolution": False, "match_interpolation": True, **own}
     assert meta["params"]["backend"] == "sitk" and meta["params"]["options"] == expected
     assert meta["qa"]["parameters"] == expected
     assert meta["qa"]["matched_slices_mm"] is None  # "auto": no DICOM slice thickness here

@@ -155,6 +155,8 @@ def test_register_on_the_torch_path_matches_the_simpleitk_path():
                                   return_info=True, resample_on_device=on_device, **opts)
     (u0, info0), (u1, info1) = out[False], out[True]
     assert info0["device"] is None and info1["device"] == "cpu"
+    # the baseline filtered as the follow-up was, on both paths (numpy, torch)
+    assert info0["interpolation_matched"] and info1["interpolation_matched"]
     diff = np.sqrt(((u1 - u0) ** 2).sum(0))[mask]
     size = np.sqrt((u0**2).sum(0))[mask]
     assert float(size.mean()) > 2.0  # a real motion

@@ -149,6 +149,7 @@ def register(
     match_slices: bool | str = False,
     slice_mm: tuple[float | None, float | None] | None = None,
     match_resolution: bool = False,
+    match_interpolation: bool = True,
     return_info: bool = False,
     resample_on_device: bool | None = None,
     moving_fov: Geometry | None = None,
@@ -196,6 +197,10 @@ def register(
         axis to the blurrier one's before the backend; where both widths are measured it
         replaces ``match_slices``. Off by default, here and in the config
         (``registration.match_resolution``): README says where it fails
+    match_interpolation : the baseline given, for the deformable stage, the blur the follow-up
+        got from its resampling onto the baseline grid, voxel by voxel
+        (:mod:`sscflow.methods.registration.interpolation`); a pair on one grid in register
+        is left as it is
     return_info : also return a dict: the initial alignment (and its seconds), the matched
         resolution (``resolution``: both scans' edge widths and the blur each was given, or
         None), the seconds spent
@@ -344,7 +349,19 @@ def register(
         mapping = _snap(_then_affine(alignment, matrix, offset, fg), fg)
         moved, valid = resample(mapping)
         opts = opts.deformable_stage()
-    local = func(fixed_in, moved, fg.spacing, mask=inputs.mask, valid=valid, options=opts,
+    # the deformable stage's baseline, filtered as the follow-up was by its resampling
+    fixed_def = fixed_in
+    interpolation_matched = False
+    if match_interpolation and not (mg == fg and _is_identity(mapping)):
+        from sscflow.methods.registration.interpolation import match_resampling
+
+        t = time.perf_counter()
+        fixed_def = match_resampling(fixed_in, mg, fg, mapping.matrix, mapping.offset)
+        interpolation_matched = fixed_def is not fixed_in
+        if dev is not None:
+            _sync(dev)
+        t_resample += time.perf_counter() - t
+    local = func(fixed_def, moved, fg.spacing, mask=inputs.mask, valid=valid, options=opts,
                  **extra)  # fmt: skip
     if dev is None:
         u = compose_rigid(local, fg, mapping)
@@ -357,6 +374,7 @@ def register(
     info = {"initial_alignment": {**alignment.to_dict(), "seconds": round(t_align, 3)},
             "resolution": resolution,
             "slices_matched": bool(extra_m > 0),
+            "interpolation_matched": interpolation_matched,
             "resample_seconds": round(t_resample, 3),
             "seconds": round(time.perf_counter() - t0, 3),
             "device": str(dev) if dev is not None else None,

@@ -190,6 +190,7 @@ def register_patient(
         "matched_slices_mm": dict(zip(("baseline", "followup"), matched, strict=True))
         if matched is not None and info.get("slices_matched") else None,
         "resolution": info.get("resolution"),
+        "interpolation_matched": info.get("interpolation_matched"),
         "baseline_grid": fg.to_dict(),
         "followup_grid": mg.to_dict(),
         "folded_fraction": folded_fraction(u, spacing, sel),

@@ -31,7 +31,8 @@ import numpy as np
 
 from sscflow.core.geometry import Geometry
 
-__all__ = ["compose", "gaussian_blur", "resample", "to_device", "warm_up"]
+__all__ = ["compose", "correlate_nearest", "gaussian_blur", "index_map", "resample",
+           "to_device", "warm_up"]
 
 _POLE = math.sqrt(3.0) - 2.0
 _TAPS = 15  # per side: |z|^16 ~ 7e-10
@@ -87,7 +88,7 @@ def bspline_coefficients(volume):
     return out
 
 
-def _index_map(moving_geometry: Geometry, fixed_geometry: Geometry, matrix, offset):
+def index_map(moving_geometry: Geometry, fixed_geometry: Geometry, matrix, offset):
     """(M, b), float64: the follow-up's continuous index (zyx) of baseline voxel i is M i + b."""
     f = fixed_geometry
     d = np.asarray(moving_geometry.direction, float)[::-1, ::-1]  # zyx
@@ -119,7 +120,7 @@ def resample(moving, moving_geometry: Geometry, fixed_geometry: Geometry, matrix
     src = src[None, None].float()
     shape = fixed_geometry.shape
     n = np.asarray(moving_geometry.shape, float)
-    m, b = _index_map(moving_geometry, fixed_geometry, matrix, offset)
+    m, b = index_map(moving_geometry, fixed_geometry, matrix, offset)
     m_t = torch.tensor(m, dtype=torch.float64, device=dev)
     b_t = torch.tensor(b, dtype=torch.float64, device=dev)
     n_t = torch.tensor(n, dtype=torch.float64, device=dev)
@@ -182,8 +183,6 @@ def _positions(z, y, x):
 def gaussian_blur(volume, sigma_vox):
     """``scipy.ndimage.gaussian_filter(volume, sigma_vox, mode="nearest")`` of a (Z, Y, X)
     tensor (per-axis s.d. in voxels; radius ``int(4 s.d. + 0.5)``)."""
-    import torch
-
     out = volume
     for dim, s in enumerate(sigma_vox):
         s = float(s)
@@ -194,11 +193,19 @@ def gaussian_blur(volume, sigma_vox):
             continue
         x = np.arange(-r, r + 1, dtype=np.float64)
         w = np.exp(-0.5 * (x / s) ** 2)
-        taps = (w / w.sum()).tolist()
-        n = out.shape[dim]
-        idx = torch.clamp(torch.arange(-r, n + r, device=out.device), 0, n - 1)
-        out = _correlate(out.index_select(dim, idx), dim, taps)
+        out = correlate_nearest(out, dim, (w / w.sum()).tolist())
     return out
+
+
+def correlate_nearest(x, dim: int, taps):
+    """``x`` correlated along ``dim`` with the odd-length ``taps``, the edge value continued
+    (``scipy.ndimage.correlate1d(mode="nearest")``), the same shape."""
+    import torch
+
+    r = len(taps) // 2
+    n = x.shape[dim]
+    idx = torch.clamp(torch.arange(-r, n + r, device=x.device), 0, n - 1)
+    return _correlate(x.index_select(dim, idx), dim, list(taps))
 
 
 def compose(local, box, fixed_geometry: Geometry, matrix, offset, alignment_matrix,
