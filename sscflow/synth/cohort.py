@@ -462,7 +462,7 @@ def _draw_acquisition(rng: np.random.Generator, which: str, mask, geometry: Geom
 
 
 def _acquire(image, world: Geometry, geometry: Geometry, acq: dict, h: float,
-             inverse=None, slab: int = 8) -> np.ndarray:  # fmt: skip
+             inverse=None, slab: int = 8, *, mask: bool = False) -> np.ndarray:  # fmt: skip
     """A noise-free scan on its acquisition grid, in one interpolation from the phantom.
 
     ``image`` is on the phantom's ``world`` grid (``geometry``, the generator's grid, extended
@@ -473,15 +473,18 @@ def _acquire(image, world: Geometry, geometry: Geometry, acq: dict, h: float,
     scan of a patient has the same interpolation blur (a warp on the generator's grid followed
     by the acquisition's resampling blurred the later scans more than the first). Slices thicker
     than the generator's grid are averaged over their thickness first (a Gaussian of that FWHM
-    along z). Outside ``geometry``: air (-1024 HU).
+    along z). Outside ``geometry``: air (-1024 HU). ``mask``: a 0/1 image (the lung), sampled
+    linearly with no slice averaging and 0 outside, for a threshold at 0.5.
     """
     src = np.asarray(image, np.float32)
     grid, matrix, offset = acq["grid"], np.asarray(acq["matrix"], float), acq["offset"]
     slice_mm = grid.spacing[0]
-    if slice_mm > 1.5 * h:
+    order, fill = (1, 0.0) if mask else (3, -1024.0)
+    if slice_mm > 1.5 * h and not mask:
         sigma = np.sqrt(max(slice_mm**2 - h**2, 0.0)) / 2.355 / h
         src = ndimage.gaussian_filter1d(src, sigma, axis=0, mode="nearest")
-    src = ndimage.spline_filter(src, order=3, output=np.float32, mode="nearest")
+    if order > 1:
+        src = ndimage.spline_filter(src, order=order, output=np.float32, mode="nearest")
     inv = np.linalg.inv(matrix)
     offset = np.asarray(offset, float)[:, None, None, None]
     sp = np.asarray(geometry.spacing)[:, None, None, None]
@@ -497,9 +500,9 @@ def _acquire(image, world: Geometry, geometry: Geometry, acq: dict, h: float,
         if inverse is not None:
             y = y + np.stack([ndimage.map_coordinates(inverse[k], idx, order=1, mode="nearest")
                               for k in range(3)])  # fmt: skip
-        vals = ndimage.map_coordinates(src, (y - w0) / sp, order=3, mode="nearest",
+        vals = ndimage.map_coordinates(src, (y - w0) / sp, order=order, mode="nearest",
                                        prefilter=False)  # fmt: skip
-        vals[outside] = -1024.0
+        vals[outside] = fill
         out[z0:z1] = vals
     return out
 
@@ -723,8 +726,6 @@ def _series_noise(streams, seed: int, index: int, k: int) -> np.random.Generator
 def _synthesize_series(row, out: Path, pid: str, spacing, seed, fmt, ribs, noise_hu,
                        acquisitions, timepoints: int) -> dict:  # fmt: skip
     """N >= 3 scans of one patient and the truth of every pair (the module docstring's layout)."""
-    from sscflow.synth import planted
-
     h = _check_spacing(spacing)
     index = int(row["index"])
     p = _prepare(row, h, seed, ribs=ribs)
@@ -771,8 +772,8 @@ def _synthesize_series(row, out: Path, pid: str, spacing, seed, fmt, ribs, noise
                            _series_noise(p.streams, seed, index, k),
                            noise_hu * acq["noise_scale"])  # fmt: skip
             grid, matrix, moved = acq["grid"], acq["matrix"], acq["offset"]
-            lung_scan = planted.render_on(lung_k.astype(np.float32), geom, grid, matrix=matrix,
-                                          offset=moved, order=1, fill=0.0) >= 0.5  # fmt: skip
+            # the scan's lung from the phantom's in one interpolation, as its image
+            lung_scan = _acquire(lung_world, world, geom, acq, h, inverse, mask=True) >= 0.5
             record_acq.update(acq["record"])
         else:
             image = (world_k[crop] if inverse is None else
