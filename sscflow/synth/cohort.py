@@ -55,7 +55,7 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 
-from sscflow.core.geometry import Geometry, from_itk, grid_points, resample, to_itk
+from sscflow.core.geometry import Geometry, from_itk, resample, to_itk
 from sscflow.core.imageio import deterministic_uid, write_dicom_series, write_volume
 from sscflow.synth import deform, phantom
 from sscflow.synth.plan import FORMATS, TARGET_RHO, patient_streams, plan_cohort, spearman
@@ -476,35 +476,18 @@ def _acquire(image, world: Geometry, geometry: Geometry, acq: dict, h: float,
     along z). Outside ``geometry``: air (-1024 HU). ``mask``: a 0/1 image (the lung), sampled
     linearly with no slice averaging and 0 outside, for a threshold at 0.5.
     """
+    from sscflow.synth import planted
+
     src = np.asarray(image, np.float32)
-    grid, matrix, offset = acq["grid"], np.asarray(acq["matrix"], float), acq["offset"]
+    grid = acq["grid"]
     slice_mm = grid.spacing[0]
-    order, fill = (1, 0.0) if mask else (3, -1024.0)
     if slice_mm > 1.5 * h and not mask:
         sigma = np.sqrt(max(slice_mm**2 - h**2, 0.0)) / 2.355 / h
         src = ndimage.gaussian_filter1d(src, sigma, axis=0, mode="nearest")
-    if order > 1:
-        src = ndimage.spline_filter(src, order=order, output=np.float32, mode="nearest")
-    inv = np.linalg.inv(matrix)
-    offset = np.asarray(offset, float)[:, None, None, None]
-    sp = np.asarray(geometry.spacing)[:, None, None, None]
-    g0 = np.asarray(geometry.origin)[:, None, None, None]
-    w0 = np.asarray(world.origin)[:, None, None, None]
-    hi = np.asarray(geometry.shape)[:, None, None, None] - 0.5
-    out = np.empty(grid.shape, np.float32)
-    for z0 in range(0, grid.shape[0], slab):
-        z1 = min(grid.shape[0], z0 + slab)
-        y = np.einsum("ij,j...->i...", inv, grid_points(grid, z0, z1) - offset)
-        idx = (y - g0) / sp
-        outside = np.any((idx < -0.5) | (idx > hi), axis=0)
-        if inverse is not None:
-            y = y + np.stack([ndimage.map_coordinates(inverse[k], idx, order=1, mode="nearest")
-                              for k in range(3)])  # fmt: skip
-        vals = ndimage.map_coordinates(src, (y - w0) / sp, order=order, mode="nearest",
-                                       prefilter=False)  # fmt: skip
-        vals[outside] = fill
-        out[z0:z1] = vals
-    return out
+    order, fill = (1, 0.0) if mask else (3, -1024.0)
+    return planted.render_on(src, world, grid, matrix=acq["matrix"], offset=acq["offset"],
+                             order=order, fill=fill, inverse=inverse, frame=geometry,
+                             slab=slab)  # fmt: skip
 
 
 def _synthesize_patient(row, out, pid, spacing, seed, fmt, ribs, noise_hu,

@@ -423,31 +423,42 @@ def acquisition_grid(lung, geometry: Geometry, *, spacing, margin_mm=(30.0, 30.0
 
 
 def render_on(image, geometry: Geometry, grid: Geometry, *, matrix=None, offset=None,
-              order: int = 3, fill: float | None = -1024.0,
-              slab: int = 8) -> np.ndarray:  # fmt: skip
+              order: int = 3, fill: float | None = -1024.0, inverse=None,
+              frame: Geometry | None = None, slab: int = 8) -> np.ndarray:  # fmt: skip
     """``image`` (on ``geometry``) seen by a scanner on ``grid`` after the patient moved by
     ``y = matrix @ x + offset``: grid point q shows ``image`` at R^-1(q). B-spline of ``order``
     (3: cubic; 1: linear, e.g. for a mask), ``fill`` outside ``geometry`` (None: the image's
     edge continued, each point showing the nearest edge voxel). float32 on ``grid``.
+
+    With ``inverse`` ((3, Z, Y, X) mm on ``frame``, a grid of ``geometry``'s spacing) the
+    anatomy changed too: q shows ``image`` at ``y + inverse(y)``, y = R^-1(q) (the change and
+    the scanner composed, one interpolation of ``image``); ``fill`` then applies outside
+    ``frame``.
     """
     matrix = np.eye(3) if matrix is None else np.asarray(matrix, float)
     offset = np.zeros(3) if offset is None else np.asarray(offset, float)
+    frame = geometry if frame is None else frame
     inv = np.linalg.inv(matrix)
     sp = np.asarray(geometry.spacing)[:, None, None, None]
     org = np.asarray(geometry.origin)[:, None, None, None]
+    f_org = np.asarray(frame.origin)[:, None, None, None]
     src = np.asarray(image, np.float32)
     if order > 1:
         src = ndimage.spline_filter(src, order=order, output=np.float32, mode="nearest")
-    hi = np.asarray(geometry.shape)[:, None, None, None] - 0.5
+    hi = np.asarray(frame.shape)[:, None, None, None] - 0.5
     out = np.empty(grid.shape, np.float32)
     for z0 in range(0, grid.shape[0], slab):
         z1 = min(grid.shape[0], z0 + slab)
         q = grid_points(grid, z0, z1)  # (3, n, Y, X)
         y = np.einsum("ij,j...->i...", inv, q - offset[:, None, None, None])
-        idx = (y - org) / sp
+        at = (y - f_org) / sp  # the frame's voxels
+        if inverse is not None:
+            y = y + np.stack([ndimage.map_coordinates(inverse[k], at, order=1, mode="nearest")
+                              for k in range(3)])  # fmt: skip
+        idx = at if frame is geometry and inverse is None else (y - org) / sp
         vals = ndimage.map_coordinates(src, idx, order=order, mode="nearest", prefilter=False)
         if fill is not None:
-            vals[np.any((idx < -0.5) | (idx > hi), axis=0)] = fill
+            vals[np.any((at < -0.5) | (at > hi), axis=0)] = fill
         out[z0:z1] = vals
     return out
 
