@@ -12,6 +12,7 @@ from the installed package, so a wheel renders the same pages as a checkout.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import jinja2
 
@@ -31,3 +32,13 @@ def environment() -> jinja2.Environment:
 def render(name: str, **context) -> str:
     """The template ``name`` rendered with ``context`` (values are escaped)."""
     return environment().get_template(name).render(**context)
+
+
+def write_text(path: Path, text: str) -> None:
+    """``text`` to ``path`` (UTF-8) through a ``.partial`` file beside it, renamed when whole:
+    never a half-written page."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

@@ -36,7 +36,7 @@ from sscflow.core import store as st
 from sscflow.core.geometry import resample, warp_to_baseline
 from sscflow.errors import IncompleteOutputError
 from sscflow.methods.groups import cohort_table
-from sscflow.views.pages import render
+from sscflow.views.pages import render, write_text
 
 STAGE_VERSION = 1
 LOGJAC_RANGE = 0.3  # colour limits +/- this, the same for every patient
@@ -165,13 +165,6 @@ def _cached_figures(path: Path, key: str) -> list | None:
     return [tuple(f) for f in figures] if ok else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def _inputs_key(group) -> dict:
     out = {}
     for name in INPUTS:
@@ -207,14 +200,14 @@ def qa_patient(store: str, patient_id: str, results_dir, *, force: bool = False,
     reused = figures is not None
     if figures is None:
         figures = draw_patient(root, patient_id)
-        _write_atomic(cache, json.dumps({"input_hash": drawn_key, "figures": figures}))
+        write_text(cache, json.dumps({"input_hash": drawn_key, "figures": figures}))
     figures = list(figures)
     if png is not None:
         figures.append(("Trajectory", "The patient's cumulative mean log-Jacobian (the sum of "
                         "its consecutive pairs' means) and FVC / DLCO (% predicted) at each "
                         "timepoint, from every pair registered so far.",
                         base64.b64encode(png).decode()))  # fmt: skip
-    _write_atomic(path, _page(patient_id, row, raised, figures))
+    write_text(path, _page(patient_id, row, raised, figures))
     rw = st.open_store(store)
     st.patient_group(rw, patient_id, create=False).attrs["qa_page"] = {
         "input_hash": key, "path": str(path), "flags": [n for n, _ in raised]}  # fmt: skip

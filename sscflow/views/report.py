@@ -41,7 +41,7 @@ from sscflow.methods.stats import TABLE_ROWS, format_p, spearman_table, summary_
 from sscflow.methods.template import describe_provenance, template_provenance
 from sscflow.methods.zones import zone_group_means, zone_table
 from sscflow.views.figures import save_figure
-from sscflow.views.pages import render
+from sscflow.views.pages import render, write_text
 from sscflow.views.qa import FLAG_RULES, KEY_FIGURES, flags, format_value, page_path
 
 TARGETS = {"functional": "Functional worsening (ATS/ERS: FVC -10 or DLCO -15 points)",
@@ -223,22 +223,15 @@ def write_report(store: str, results_dir, state: dict, *, synthetic: bool | None
     try:
         page = render("report.html", **_build(store, results, synthetic, state, rate))
     except Exception as exc:
-        _write_page(out, render("report_failed.html", store=str(store), when=_now(),
+        write_text(out, render("report_failed.html", store=str(store), when=_now(),
                                 error=f"{type(exc).__name__}: {exc}"))  # fmt: skip
         raise
-    _write_page(out, page)
+    write_text(out, page)
     return out
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-
-
-def _write_page(out: Path, page: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".html.partial")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)  # never a half-written page
 
 
 def _build(store, results: Path, synthetic, state: dict, rate: str | None = None) -> dict:
