@@ -257,8 +257,8 @@ class _RegistrationCommon:
     backend: str = "auto"  # "auto" (torch when PyTorch is installed, else sitk), or a name
     initial_alignment: str = "lungs"  # "lungs": rigid, from the lung masks; "none"
     smooth_mm: float = 1.0  # Gaussian s.d. on both scans first, >= half a voxel (interpolation)
-    # a follow-up of thinner slices blurred along z to the baseline's: auto when both scans
-    # carry their DICOM slice thickness, true also from the slice spacing, false never
+    # the scan of thinner slices blurred along z to the other's: auto when both scans' headers
+    # gave their slice thickness (DICOM, a NIfTI sidecar), true also from the slice spacing
     match_slices: bool | Literal["auto"] = "auto"
     # each scan's blur measured on its own lung outline (along z and in-plane) and the sharper
     # scan blurred to the other's; replaces match_slices where both widths are measured. Off by

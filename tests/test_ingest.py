@@ -18,6 +18,8 @@ from sscflow.core import store as st
 from sscflow.core.imageio import (
     deterministic_uid,
     input_fingerprint,
+    read_volume,
+    slice_thickness_of,
     write_dicom_series,
     write_volume,
 )
@@ -350,3 +352,30 @@ def test_the_skip_decision_reads_headers_not_pixels(tmp_path):
         assert counted == size, path
         files = len(list(path.iterdir())) if path.is_dir() else 1
         assert size > 3_000_000 and read < size / 10 and read < 100_000 * files, (path, read)
+
+
+def test_a_files_slice_thickness_comes_from_its_headers_not_its_spacing(tmp_path):
+    """A NIfTI file's thickness is the ``SliceThickness`` of its JSON sidecar (as dcm2niix
+    writes it), an MHA's or NRRD's the DICOM tag in its header; without either, or with a
+    sidecar value that is not a positive number, None (the slice spacing is no thickness).
+    Adding a sidecar changes the scan's fingerprint, so ingest reads it again."""
+    img = sitk.Image([6, 5, 4], sitk.sitkInt16)
+    img.SetSpacing((0.7, 0.7, 1.25))
+    nii = tmp_path / "t0.nii.gz"
+    write_volume(img, nii)
+    assert slice_thickness_of(read_volume(nii)) is None
+    before = input_fingerprint(nii)[0]
+    side = tmp_path / "t0.json"
+    side.write_text('{"SliceThickness": 2.5, "PatientName": "DOE^JANE"}', encoding="utf-8")
+    assert slice_thickness_of(read_volume(nii)) == 2.5
+    assert input_fingerprint(nii)[0] != before
+    for bad in ('{"SliceThickness": "n/a"}', '{"SliceThickness": -1}', "not json", "[2.5]",
+                '{"slicethickness": 2.5}'):  # fmt: skip
+        side.write_text(bad, encoding="utf-8")
+        assert slice_thickness_of(read_volume(nii)) is None, bad
+    for name in ("t1.nii", "t1.mha", "t1.nrrd"):
+        write_volume(img, tmp_path / name, slice_thickness_mm=3.0)
+        assert slice_thickness_of(read_volume(tmp_path / name)) == 3.0, name
+    assert (tmp_path / "t1.json").is_file()  # the NIfTI's sidecar
+    write_volume(img, tmp_path / "t2.mha")
+    assert slice_thickness_of(read_volume(tmp_path / "t2.mha")) is None

@@ -295,10 +295,11 @@ def test_the_sitk_fallback_gives_the_same_field_every_run(tmp_path):
     np.testing.assert_array_equal(fields[0], fields[1])
 
 
-def test_stage_matches_slices_by_their_dicom_thickness(tmp_path):
-    """``match_slices: auto`` (the default) blurs the follow-up when both scans' DICOM headers
-    gave a slice thickness (recorded at ingest as ``source.slice_thickness_mm``) and the
-    follow-up's is thinner; without a header thickness, or with ``false``, nothing is blurred."""
+def test_stage_matches_slices_by_their_header_thickness(tmp_path):
+    """``match_slices: auto`` (the default) blurs the scan of thinner slices, the follow-up or
+    the baseline, when both scans' headers gave a slice thickness (recorded at ingest as
+    ``source.slice_thickness_mm``); without a header thickness, or with ``false``, nothing is
+    blurred."""
     import dataclasses
 
     from sscflow.methods.registration.stage import register_patient
@@ -309,7 +310,8 @@ def test_stage_matches_slices_by_their_dicom_thickness(tmp_path):
                              sitk=SitkOptions(levels_mm=(4.0, 2.0), iterations=(10, 5),
                                               margin_mm=6.0))  # fmt: skip
     fields = {}
-    for case, thick in (("dicom", (5.0, 1.25)), ("files", (None, None))):
+    for case, thick in (("dicom", (5.0, 1.25)), ("thin_baseline", (1.25, 5.0)),
+                        ("files", (None, None))):  # fmt: skip
         root = st.open_store(tmp_path / f"{case}.zarr")
         group = st.patient_group(root, "P001")
         for name, data, t in (("baseline", fixed, thick[0]), ("followup", moving, thick[1]),
@@ -324,11 +326,16 @@ def test_stage_matches_slices_by_their_dicom_thickness(tmp_path):
                                                                  "r"), "P001"), "displacement")
             fields[case, mode] = (np.asarray(image.array[...]), image.meta["qa"])
     assert fields["dicom", "auto"][1]["matched_slices_mm"] == {"baseline": 5.0, "followup": 1.25}
-    for key in (("dicom", False), ("files", "auto"), ("files", False)):
+    assert fields["thin_baseline", "auto"][1]["matched_slices_mm"] == {"baseline": 1.25,
+                                                                       "followup": 5.0}
+    for key in (("dicom", False), ("thin_baseline", False), ("files", "auto"), ("files", False)):
         assert fields[key][1]["matched_slices_mm"] is None, key
-    # the blur changed what was registered; without it the two stores register the same pair
-    assert np.abs(fields["dicom", "auto"][0] - fields["dicom", False][0]).max() > 1e-3
-    np.testing.assert_array_equal(fields["files", "auto"][0], fields["dicom", False][0])
+    # the blur changed what was registered, and differently for the two sides; without it the
+    # stores register the same pair
+    for case in ("dicom", "thin_baseline"):
+        assert np.abs(fields[case, "auto"][0] - fields[case, False][0]).max() > 1e-3, case
+        np.testing.assert_array_equal(fields["files", "auto"][0], fields[case, False][0])
+    assert np.abs(fields["dicom", "auto"][0] - fields["thin_baseline", "auto"][0]).max() > 1e-3
 
 
 def test_stage_writes_displacement_and_qa_then_skips(tmp_path):

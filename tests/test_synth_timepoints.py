@@ -263,7 +263,7 @@ def test_two_timepoints_is_the_baseline_followup_cohort(tmp_path):
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert list(pd.read_csv(two).columns) == MANIFEST_COLUMNS
     assert sorted(p.name for p in (tmp_path / "b/images/SYN001").iterdir()) == [
-        "baseline.nii.gz", "followup.nii.gz"]
+        "baseline.json", "baseline.nii.gz", "followup.json", "followup.nii.gz"]  # + sidecars
     assert not (tmp_path / "b/truth/pairs.csv").exists()
     assert not (tmp_path / "b/truth/SYN001/pairs").exists()
     summary = json.loads((tmp_path / "b/truth/cohort.json").read_text(encoding="utf-8"))

@@ -1,13 +1,14 @@
 """Reading CT volumes in the formats users have, and writing them (for the synthetic cohort).
 
 Formats: a DICOM series (a folder of slices), NIfTI (.nii, .nii.gz), MetaImage (.mha, .mhd) and
-NRRD (.nrrd, .nhdr). Everything goes through SimpleITK; nothing but geometry is taken from DICOM
-headers.
+NRRD (.nrrd, .nhdr). Everything goes through SimpleITK; nothing but geometry and the slice
+thickness is taken from headers (DICOM's, and a NIfTI file's JSON sidecar as dcm2niix writes it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from pathlib import Path
@@ -63,7 +64,8 @@ def input_fingerprint(path: str | os.PathLike, series_uid: str | None = None) ->
     another series in the same folder may change without touching it; for a file (NIfTI, MHA,
     NRRD) its size, modification time and header (geometry, pixel type and the header's
     fields, as ITK reads them), with the size and time of a detached data file (``.mhd``,
-    ``.nhdr``). The path itself is not hashed: a moved or renamed input stays current.
+    ``.nhdr``) and of a NIfTI file's JSON sidecar (:func:`sidecar_of`). The path itself is
+    not hashed: a moved or renamed input stays current.
 
     An edit in place that keeps a file's size and modification time is not seen: rerun with
     ``--force`` to read every scan again.
@@ -88,6 +90,9 @@ def input_fingerprint(path: str | os.PathLike, series_uid: str | None = None) ->
         for f in files:
             h.update(_stat_key(f, "" if f == p else f.name))
         h.update(_header_digest(p))
+        side = sidecar_of(p)
+        if side is not None and side.is_file():  # its SliceThickness is read with the scan
+            h.update(_stat_key(side, "sidecar"))
     h.update(str(series_uid or "").encode())
     return h.hexdigest(), sum(f.stat().st_size for f in files if f.is_file())
 
@@ -201,7 +206,40 @@ def read_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> si
             f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel; a CT volume "
             "has one (Hounsfield units)"
         )
+    if not p.is_dir() and slice_thickness_of(image) is None:
+        thickness = _sidecar_thickness(p)
+        if thickness is not None:
+            image.SetMetaData(SLICE_THICKNESS_TAG, f"{thickness:g}")
     return image
+
+
+def sidecar_of(path: str | os.PathLike) -> Path | None:
+    """The JSON sidecar beside a NIfTI file, as dcm2niix writes it (BIDS): ``scan.nii.gz`` ->
+    ``scan.json``; None for other formats.
+
+    >>> sidecar_of("/data/P1/t0.nii.gz").name, sidecar_of("t0.mha")
+    ('t0.json', None)
+    """
+    p = Path(path)
+    for suffix in (".nii.gz", ".nii"):
+        if p.name.lower().endswith(suffix):
+            return p.with_name(p.name[: -len(suffix)] + ".json")
+    return None
+
+
+def _sidecar_thickness(path: Path) -> float | None:
+    """``SliceThickness`` (mm, > 0) from a NIfTI file's JSON sidecar (:func:`sidecar_of`), else
+    None: no sidecar, unreadable, or no usable value. Nothing else of the sidecar is read (it
+    may hold names and dates)."""
+    side = sidecar_of(path)
+    if side is None or not side.is_file():
+        return None
+    try:
+        value = json.loads(side.read_text(encoding="utf-8")).get("SliceThickness")
+        value = float(value)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
 
 
 def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
@@ -288,9 +326,11 @@ def _positive_number(source, key) -> float | None:
 
 
 def slice_thickness_of(image: sitk.Image) -> float | None:
-    """The slice thickness (mm) of a scan read by :func:`read_volume` from a DICOM series whose
-    files give one (SliceThickness), else None: a NIfTI, MHA or NRRD file says only its slice
-    spacing, which a resampled scan or overlapping slices make finer than its slices."""
+    """The slice thickness (mm) of a scan read by :func:`read_volume`, where its headers give
+    one: a DICOM series' SliceThickness; an MHA or NRRD file that carries that tag in its
+    header (``0018|0050``, as SimpleITK writes a DICOM image's dictionary); a NIfTI file's
+    ``SliceThickness`` in its JSON sidecar (:func:`sidecar_of`, as dcm2niix writes it). Else
+    None: a file's slice spacing is not its thickness (a resampled scan, overlapping slices)."""
     return _positive_number(image, SLICE_THICKNESS_TAG)
 
 
@@ -302,11 +342,22 @@ def _itk_reason(exc: Exception) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def write_volume(image: sitk.Image, path: str | os.PathLike) -> None:
-    """Write a volume as NIfTI / MHA / NRRD (compressed), choosing the format by suffix."""
+def write_volume(image: sitk.Image, path: str | os.PathLike, *,
+                 slice_thickness_mm: float | None = None) -> None:  # fmt: skip
+    """Write a volume as NIfTI / MHA / NRRD (compressed), choosing the format by suffix. With
+    ``slice_thickness_mm``, the scan's slice thickness goes where :func:`slice_thickness_of`
+    reads it back: a JSON sidecar for NIfTI (as dcm2niix writes it), the header for the
+    others."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    side = sidecar_of(p)
+    if slice_thickness_mm is not None and side is None:
+        image = sitk.Image(image)
+        image.SetMetaData(SLICE_THICKNESS_TAG, f"{float(slice_thickness_mm):g}")
     sitk.WriteImage(image, str(p), useCompression=True)
+    if slice_thickness_mm is not None and side is not None:
+        side.write_text(json.dumps({"SliceThickness": round(float(slice_thickness_mm), 4)}),
+                        encoding="utf-8")
 
 
 def deterministic_uid(*parts: object) -> str:

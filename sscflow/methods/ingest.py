@@ -245,7 +245,7 @@ def _ingest_scan(patient, which, group, ingest, image_params, result, force, roo
         "geometry": Geometry.of(image).to_dict(),
         "imaged": imaged_field_of_view(image).to_dict(),
         "series_uid_given": series_uid is not None,
-        "slice_thickness_mm": slice_thickness_of(image),  # DICOM only, else None
+        "slice_thickness_mm": slice_thickness_of(image),  # from headers or a sidecar, else None
     }
     st.write_image(group, which, hu, geometry, stage=STAGE, params=image_params,
                    input_hash=input_hash, extra={"source": source}, fill_value=HU_MIN,

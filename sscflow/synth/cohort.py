@@ -315,8 +315,8 @@ def _write_image(array, geometry, path: Path, fmt: str, *, pid, seed, which, dat
             birth_date="",
             series_number=series if series is not None else (1 if which == "baseline" else 2),
         )
-    else:
-        write_volume(image, path)
+    else:  # the slice thickness where dcm2niix would put it (DICOM: SliceThickness, above)
+        write_volume(image, path, slice_thickness_mm=image.GetSpacing()[2])
 
 
 def synthesize_patient(

@@ -27,7 +27,8 @@ from sscflow.methods.registration.common import folded_fraction, similarity, tru
 from sscflow.methods.registration.frame import coverage_mask, unmeasured_parts
 
 STAGE = "registration"
-STAGE_VERSION = 3  # 3: the follow-up's imaged field of view in the similarity and the map
+STAGE_VERSION = 4  # 4: the thinner-sliced scan blurred, baseline or follow-up; 3: the
+# follow-up's imaged field of view in the similarity and the map
 OUTPUT = "displacement"
 COVERAGE = "coverage"
 INPUTS = ("baseline", "followup", "lung_mask")
@@ -45,8 +46,9 @@ def slice_thickness(image: st.StoredImage) -> float | None:
 
 
 def header_thickness(image: st.StoredImage) -> float | None:
-    """The source scan's slice thickness (mm) as its DICOM headers gave it (SliceThickness),
-    recorded at ingest; None for a file format that has none, or a store ingested before."""
+    """The source scan's slice thickness (mm) as its headers gave it (DICOM SliceThickness, or
+    a NIfTI file's sidecar: ``imageio.slice_thickness_of``), recorded at ingest; None where
+    none did, or for a store ingested before."""
     v = (image.meta.get("source") or {}).get("slice_thickness_mm")
     return None if v is None else float(v)
 
@@ -54,7 +56,7 @@ def header_thickness(image: st.StoredImage) -> float | None:
 def matched_thickness(base: st.StoredImage, follow: st.StoredImage,
                       mode) -> tuple[float | None, float | None] | None:  # fmt: skip
     """(baseline, follow-up) slice thickness in mm that ``registration.match_slices`` matches, or
-    None (no matching). ``"auto"``: the DICOM SliceThickness of both scans, when both have one
+    None (no matching). ``"auto"``: the header slice thickness of both scans, when both have one
     (a file's slice spacing is not trusted: a resampled scan or overlapping slices have a spacing
     finer than their slices); ``True``: that, else the slice spacing; ``False``: None."""
     if mode is False:
