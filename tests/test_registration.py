@@ -324,7 +324,8 @@ def test_stage_matches_slices_by_their_header_thickness(tmp_path):
             register_patient(tmp_path / f"{case}.zarr", "P001", c, force=True)
             image = st.read_image(st.patient_group(st.open_store(tmp_path / f"{case}.zarr",
                                                                  "r"), "P001"), "displacement")
-            fields[case, mode] = (np.asarray(image.array[...]), image.meta["qa"])
+            fields[case, mode] = (np.asarray(image.array[...]), image.meta["qa"],
+                                  image.meta["params"])
     assert fields["dicom", "auto"][1]["matched_slices_mm"] == {"baseline": 5.0, "followup": 1.25}
     assert fields["thin_baseline", "auto"][1]["matched_slices_mm"] == {"baseline": 1.25,
                                                                        "followup": 5.0}
@@ -336,6 +337,14 @@ def test_stage_matches_slices_by_their_header_thickness(tmp_path):
         assert np.abs(fields[case, "auto"][0] - fields[case, False][0]).max() > 1e-3, case
         np.testing.assert_array_equal(fields["files", "auto"][0], fields[case, False][0])
     assert np.abs(fields["dicom", "auto"][0] - fields["thin_baseline", "auto"][0]).max() > 1e-3
+    # only a pair whose baseline gets blurred (a rule of 2026-12-07) says so in its parameters,
+    # so that the fields of every other pair stay current in a store made before
+    blur = np.sqrt(5.0**2 - 1.25**2) / (2 * np.sqrt(2 * np.log(2)))
+    assert fields["thin_baseline", "auto"][2]["baseline_slice_blur_mm"] == pytest.approx(blur,
+                                                                                         abs=1e-4)
+    for key in fields:
+        if key != ("thin_baseline", "auto"):
+            assert "baseline_slice_blur_mm" not in fields[key][2], key
 
 
 def test_stage_writes_displacement_and_qa_then_skips(tmp_path):

@@ -22,13 +22,12 @@ from sscflow.config import RegistrationConfig
 from sscflow.core import store as st
 from sscflow.core.geometry import Geometry
 from sscflow.errors import RegistrationFailedError
-from sscflow.methods.registration import register, resolve_backend
+from sscflow.methods.registration import matched_slice_sigma_mm, register, resolve_backend
 from sscflow.methods.registration.common import folded_fraction, similarity, truth_errors
 from sscflow.methods.registration.frame import coverage_mask, unmeasured_parts
 
 STAGE = "registration"
-STAGE_VERSION = 4  # 4: the thinner-sliced scan blurred, baseline or follow-up; 3: the
-# follow-up's imaged field of view in the similarity and the map
+STAGE_VERSION = 3  # 3: the follow-up's imaged field of view in the similarity and the map
 OUTPUT = "displacement"
 COVERAGE = "coverage"
 INPUTS = ("baseline", "followup", "lung_mask")
@@ -131,6 +130,11 @@ def register_patient(
     params = {"backend": backend, "options": options, "version": STAGE_VERSION,
               "min_lung_coverage": cfg.min_lung_coverage, "fov_margin_mm": cfg.fov_margin_mm,
               "min_alignment_dice": cfg.min_alignment_dice}  # fmt: skip
+    matched = matched_thickness(base, follow, cfg.match_slices)
+    if matched is not None and matched_slice_sigma_mm(*matched[::-1]) > 0:
+        # a baseline of thinner slices is blurred since 2026-12-07 (before: the follow-up
+        # alone): only such pairs register again, the others' fields are as they were
+        params["baseline_slice_blur_mm"] = round(matched_slice_sigma_mm(*matched[::-1]), 4)
     input_hash = st.upstream_hash(images[n] for n in INPUTS)
     row = {"patient_id": patient_id}
     meta = None if force else st.current_record(group, (COVERAGE, OUTPUT), input_hash, params)
@@ -148,7 +152,6 @@ def register_patient(
     if mmask is not None and not mmask.any():
         mmask = None
     thickness = {"baseline": slice_thickness(base), "followup": slice_thickness(follow)}
-    matched = matched_thickness(base, follow, cfg.match_slices)
     fov = source_geometry(follow)
     t1 = time.perf_counter()
     with _device_memory(backend, options, fixed.size + moving.size, patient_id):
