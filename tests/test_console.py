@@ -218,6 +218,43 @@ def test_warnings_are_grouped_by_kind():
         "one lung found: a pneumonectomy, or a collapsed lung?: 1 patient — SYN002"]
 
 
+def test_a_pair_whose_slices_differ_and_could_not_be_matched_is_named():
+    """``match_slices: auto`` needs both scans' header thickness; where one is missing and the
+    slice spacings differ (more than 0.5 mm and a quarter of the thinner), the run summary says
+    the pair was not matched, one grouped line for all such patients."""
+    import dataclasses
+
+    from sscflow.cli import group_warnings
+    from sscflow.config import RegistrationConfig
+    from sscflow.methods.registration.stage import thick_slice_warnings
+
+    cfg = RegistrationConfig(thick_slice_mm=10.0)  # the other warning out of the way
+
+    def qa(base, follow, headers):
+        return {"slice_thickness_mm": {"baseline": base, "followup": follow},
+                "slice_thickness_from_headers_mm": dict(zip(("baseline", "followup"), headers,
+                                                            strict=True))}  # fmt: skip
+
+    unknown = (None, None)
+    lines = thick_slice_warnings("P2", qa(5.0, 1.25, unknown), cfg)
+    lines += thick_slice_warnings("P1", qa(1.0, 2.0, (1.0, None)), cfg)
+    assert len(lines) == 2 and "baseline 5 mm, follow-up 1.25 mm" in lines[0], lines
+    assert group_warnings(lines) == [
+        "slice spacings differ and no DICOM header or NIfTI sidecar gives both scans' slice "
+        "thickness, so they were not matched: a difference in slice thickness reads as change "
+        "at the lung bases; see README, Thick slices: 2 patients — P1, P2"]
+    quiet = [qa(5.0, 1.25, (5.0, 1.25)),  # both thicknesses known: matched
+             qa(1.25, 1.5, unknown),  # 0.25 mm apart
+             qa(4.0, 4.8, unknown),  # 0.8 mm, but less than a quarter of 4 mm
+             {"slice_thickness_mm": {"baseline": 5.0, "followup": 1.25}}]  # a record from before
+    for record in quiet:
+        assert thick_slice_warnings("P", record, cfg) == [], record
+    for other in (dataclasses.replace(cfg, match_slices=False),
+                  dataclasses.replace(cfg, match_slices=True),
+                  dataclasses.replace(cfg, match_resolution=True)):  # fmt: skip
+        assert thick_slice_warnings("P", qa(5.0, 1.25, unknown), other) == [], other
+
+
 def test_discover_refuses_a_bad_pft_table_before_any_cluster_or_bar(tmp_path):
     """Argument and file checks come first: no Dask cluster, no 'headers 0/?' bar, one line."""
     (tmp_path / "export").mkdir()

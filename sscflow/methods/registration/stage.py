@@ -192,6 +192,8 @@ def register_patient(
         "lung_coverage": round(coverage, 5),
         **_unmeasured(u, fg, fov, lung, covered, cfg.fov_margin_mm),
         "slice_thickness_mm": thickness,
+        "slice_thickness_from_headers_mm": {"baseline": header_thickness(base),
+                                            "followup": header_thickness(follow)},
         "matched_slices_mm": dict(zip(("baseline", "followup"), matched, strict=True))
         if matched is not None and info.get("slices_matched") else None,
         "resolution": info.get("resolution"),
@@ -254,13 +256,30 @@ def _device_memory(backend: str, options: dict, voxels: int, patient_id: str):
     return reserve(voxels, f"patient {patient_id}")
 
 
+#: slice spacings this far apart (mm, and a quarter of the thinner) with no header thickness
+#: to match them get a warning: 2 mm of difference reads as about 0.03 in the lung bases
+UNMATCHED_SLICES_MM = 0.5
+
+
 def thick_slice_warnings(patient_id: str, qa: dict, cfg: RegistrationConfig) -> list[str]:
-    """One line per patient whose scans' slices are thicker than ``cfg.thick_slice_mm``."""
-    thick = {k: v for k, v in (qa.get("slice_thickness_mm") or {}).items()
-             if v is not None and v > cfg.thick_slice_mm}  # fmt: skip
-    if not thick:
-        return []
-    which = ", ".join(f"{k.replace('followup', 'follow-up')} {v:.3g} mm"
-                      for k, v in thick.items())  # fmt: skip
-    return [f"patient {patient_id}: slices thicker than {cfg.thick_slice_mm:g} mm ({which}); "
-            "registered, but detail along z is lost"]
+    """One line per patient whose scans' slices are thicker than ``cfg.thick_slice_mm``, and
+    one whose two scans' slice spacings differ while ``match_slices: auto`` could not match
+    them (a header thickness missing: a NIfTI without its sidecar, an MHA or NRRD file)."""
+    out = []
+    spacing = qa.get("slice_thickness_mm") or {}
+    thick = {k: v for k, v in spacing.items() if v is not None and v > cfg.thick_slice_mm}
+    if thick:
+        which = ", ".join(f"{k.replace('followup', 'follow-up')} {v:.3g} mm"
+                          for k, v in thick.items())  # fmt: skip
+        out.append(f"patient {patient_id}: slices thicker than {cfg.thick_slice_mm:g} mm "
+                   f"({which}); registered, but detail along z is lost")  # fmt: skip
+    headers = qa.get("slice_thickness_from_headers_mm")
+    a, b = spacing.get("baseline"), spacing.get("followup")
+    if (cfg.match_slices == "auto" and not cfg.match_resolution and headers is not None
+            and None in headers.values() and a and b
+            and abs(a - b) > max(UNMATCHED_SLICES_MM, 0.25 * min(a, b))):  # fmt: skip
+        out.append(f"patient {patient_id}: slice spacings differ (baseline {a:.3g} mm, "
+                   f"follow-up {b:.3g} mm) and no DICOM header or NIfTI sidecar gives both "
+                   "scans' slice thickness, so they were not matched: a difference in slice "
+                   "thickness reads as change at the lung bases; see README, Thick slices")
+    return out
