@@ -5,8 +5,9 @@ resampling differ between visits. Registration reads a difference in blur as a c
 volume at every edge: the lung's outline of the blurrier scan looks further out, so its rind
 reads as expansion and its core as shrinkage (``sscflow synth --timepoints 3`` at 4 mm, the
 follow-up 0.4 voxel blurrier than its baseline: subpleural rind +0.018 against the truth, core
--0.012, whole lung unchanged; ``benchmarks/NOTES.md``). Slice thickness from the DICOM headers
-(``registration.match_slices``) covers one cause along one axis, and only for DICOM pairs.
+-0.012, whole lung unchanged; ``benchmarks/NOTES.md``). Slice thickness from the headers
+(``registration.match_slices``: DICOM, a NIfTI's dcm2niix sidecar) covers one cause along one
+axis, and only where both scans' headers give it.
 
 Here the blur is measured on the pixels: the lung's outline is the one edge every chest CT has,
 of known shape (a step from air-filled lung to soft tissue, hundreds of HU). Around the lung
