@@ -240,9 +240,9 @@ def test_a_pair_whose_slices_differ_and_could_not_be_matched_is_named():
     lines += thick_slice_warnings("P1", qa(1.0, 2.0, (1.0, None)), cfg)
     assert len(lines) == 2 and "baseline 5 mm, follow-up 1.25 mm" in lines[0], lines
     assert group_warnings(lines) == [
-        "slice spacings differ and no DICOM header or NIfTI sidecar gives both scans' slice "
-        "thickness, so they were not matched: a difference in slice thickness reads as change "
-        "at the lung bases; see README, Thick slices: 2 patients — P1, P2"]
+        "slice spacings differ and no DICOM header or NIfTI sidecar gives both thicknesses, so "
+        "they were not matched; a difference in slice thickness reads as change at the lung "
+        "bases, see README, Thick slices: 2 patients — P1, P2"]
     quiet = [qa(5.0, 1.25, (5.0, 1.25)),  # both thicknesses known: matched
              qa(1.25, 1.5, unknown),  # 0.25 mm apart
              qa(4.0, 4.8, unknown),  # 0.8 mm, but less than a quarter of 4 mm

@@ -21,6 +21,7 @@ the 5 mm slices once, and exit 1 naming REAL2.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,12 @@ def test_pair_on_other_grids_is_registered_in_physical_space(run):
     # the summary groups warnings by kind: one line for the thick slices, naming REAL1
     thick = [line for line in out.splitlines() if "slices thicker than 2.5 mm" in line]
     assert len(thick) == 1 and "REAL1" in thick[0], out
+    # and its 5 mm baseline against a 2 mm follow-up, neither thickness known from a header
+    # (NRRD, MHA): named as not matched, on a line of its own kind
+    flat = " ".join(out.split())
+    m = re.search(r"so they were not matched; .*? Thick slices: \d+ patients? — ([A-Z0-9, ]+)",
+                  flat)
+    assert m and "REAL1" in m.group(1).split(", "), flat
 
 
 def test_follow_up_missing_the_apex_fails_alone_with_its_coverage(run):

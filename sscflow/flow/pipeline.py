@@ -406,8 +406,8 @@ def _account(summary: RunSummary, rec: dict, failed_at: dict) -> None:
     stage, status, pid = rec["stage"], rec["status"], rec["patient_id"]
     counts = summary.counts.setdefault(stage, {})
     counts[status] = counts.get(status, 0) + 1
-    if rec.get("warning"):
-        summary.warnings.append(rec["warning"])
+    if rec.get("warning"):  # a stage's warnings, one per line
+        summary.warnings.extend(str(rec["warning"]).splitlines())
     if rec.get("where") and status != "upstream_failed":
         where = summary.where.setdefault(stage, {})
         where[rec["where"]] = where.get(rec["where"], 0) + 1

@@ -12,7 +12,8 @@ def run(ctx, patient, ups) -> dict:
 
     out = register_patient(ctx.store, patient.patient_id, ctx.cfg.registration,
                            truth_dir=ctx.truth_dir, force=ctx.force)  # fmt: skip
-    out["warning"] = "; ".join(out.pop("warnings", None) or []) or None
+    # one line per warning: the run summary groups them by kind (cli.group_warnings)
+    out["warning"] = "\n".join(out.pop("warnings", None) or []) or None
     truth = out.pop("truth", None) or {}
     out.update({f"truth_{k}": v for k, v in truth.items()})
     return out

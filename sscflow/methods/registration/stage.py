@@ -280,6 +280,6 @@ def thick_slice_warnings(patient_id: str, qa: dict, cfg: RegistrationConfig) -> 
             and abs(a - b) > max(UNMATCHED_SLICES_MM, 0.25 * min(a, b))):  # fmt: skip
         out.append(f"patient {patient_id}: slice spacings differ (baseline {a:.3g} mm, "
                    f"follow-up {b:.3g} mm) and no DICOM header or NIfTI sidecar gives both "
-                   "scans' slice thickness, so they were not matched: a difference in slice "
-                   "thickness reads as change at the lung bases; see README, Thick slices")
+                   "thicknesses, so they were not matched; a difference in slice thickness "
+                   "reads as change at the lung bases, see README, Thick slices")
     return out
