@@ -131,10 +131,11 @@ def register_patient(
               "min_lung_coverage": cfg.min_lung_coverage, "fov_margin_mm": cfg.fov_margin_mm,
               "min_alignment_dice": cfg.min_alignment_dice}  # fmt: skip
     matched = matched_thickness(base, follow, cfg.match_slices)
-    if matched is not None and matched_slice_sigma_mm(*matched[::-1]) > 0:
+    baseline_blur = matched_slice_sigma_mm(*matched[::-1]) if matched is not None else 0.0
+    if baseline_blur > 0:
         # a baseline of thinner slices is blurred since 2026-12-07 (before: the follow-up
         # alone): only such pairs register again, the others' fields are as they were
-        params["baseline_slice_blur_mm"] = round(matched_slice_sigma_mm(*matched[::-1]), 4)
+        params["baseline_slice_blur_mm"] = round(baseline_blur, 4)
     input_hash = st.upstream_hash(images[n] for n in INPUTS)
     row = {"patient_id": patient_id}
     meta = None if force else st.current_record(group, (COVERAGE, OUTPUT), input_hash, params)
