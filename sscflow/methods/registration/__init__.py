@@ -148,6 +148,7 @@ def register(
     smooth_mm: float = 1.0,
     match_slices: bool | str = False,
     slice_mm: tuple[float | None, float | None] | None = None,
+    profile_mm: tuple | None = None,
     match_resolution: bool = False,
     match_interpolation: bool = True,
     return_info: bool = False,
@@ -189,7 +190,12 @@ def register(
         of thinner slices is blurred along z, before the backend, to the other's slice profile
         (:func:`matched_slice_sigma_mm`; the baseline's lung mask, where the map is measured,
         stays as it was drawn). The registration stage passes the slice thickness both scans'
-        headers gave (:func:`sscflow.methods.registration.stage.matched_thickness`)
+        headers gave (:func:`sscflow.methods.registration.stage.matched_thickness`), along the
+        axis its slices stack along (``profile_mm``)
+    profile_mm : (baseline, follow-up) profiles along the baseline grid's (z, y, x), in mm
+        (:func:`slice_profile_mm`; 0 where unknown or not to be matched), matched axis by axis
+        as ``slice_mm`` is along z; given, it replaces ``slice_mm`` (a coronal or sagittal
+        series' slices stack along y or x)
     match_resolution : measure each scan's blur on its own lung outline, along z and in-plane
         (:mod:`sscflow.methods.registration.resolution`; needs ``mask`` and ``moving_mask``,
         and a follow-up grid of identity direction), and blur the sharper scan along each
@@ -276,14 +282,16 @@ def register(
         resolution = _match_resolution(inputs, fg, mg)
         if resolution is not None:
             blur_f, blur_m = resolution["blur_baseline_mm"], resolution["blur_followup_mm"]
-    extra_f = extra_m = 0.0
+    extra_f = extra_m = (0.0, 0.0, 0.0)
     if match_slices and (resolution is None or resolution["followup"]["z_mm"] is None
                          or resolution["baseline"]["z_mm"] is None):  # fmt: skip
-        thick_f, thick_m = slice_mm or (None, None)
-        extra_m = matched_slice_sigma_mm(thick_f, thick_m)
-        extra_f = matched_slice_sigma_mm(thick_m, thick_f)
-    sigma_f = _blur_sigma_vox(smooth_mm, extra_f, fg.spacing, blur_f)
-    sigma_m = _blur_sigma_vox(smooth_mm, extra_m, fg.spacing, blur_m)
+        if profile_mm is None:
+            thick_f, thick_m = slice_mm or (None, None)
+            profile_mm = ((thick_f or 0.0, 0.0, 0.0), (thick_m or 0.0, 0.0, 0.0))
+        extra_m = matched_profile_sigma_mm(*profile_mm)
+        extra_f = matched_profile_sigma_mm(*profile_mm[::-1])
+    sigma_f = _blur_sigma_vox(smooth_mm, fg.spacing, _quadrature(blur_f, extra_f))
+    sigma_m = _blur_sigma_vox(smooth_mm, fg.spacing, _quadrature(blur_m, extra_m))
     if dev is None:
         blur = _common_blur(sigma_m)
         fixed_in = _common_blur(sigma_f)(inputs.fixed)
@@ -374,7 +382,7 @@ def register(
         return u
     info = {"initial_alignment": {**alignment.to_dict(), "seconds": round(t_align, 3)},
             "resolution": resolution,
-            "slices_matched": bool(extra_m > 0 or extra_f > 0),
+            "slices_matched": bool(any(extra_m) or any(extra_f)),
             "interpolation_matched": interpolation_matched,
             "resample_seconds": round(t_resample, 3),
             "seconds": round(time.perf_counter() - t0, 3),
@@ -438,6 +446,53 @@ def matched_slice_sigma_mm(other_slice_mm, own_slice_mm) -> float:
     return float(np.sqrt(a * a - b * b)) / FWHM
 
 
+def matched_profile_sigma_mm(other_mm, own_mm) -> tuple[float, float, float]:
+    """Per axis (z, y, x), the extra s.d. (mm) that gives a scan of slice profile ``own_mm``
+    the other scan's, where the other's is wider: :func:`matched_slice_sigma_mm` on each axis
+    (profiles from :func:`slice_profile_mm`; 0 or None where unknown).
+
+    >>> [round(v, 3) for v in matched_profile_sigma_mm((0.0, 5.0, 0.0), (0.0, 3.0, 0.0))]
+    [0.0, 1.699, 0.0]
+    """
+    return tuple(matched_slice_sigma_mm(a, b) for a, b in zip(other_mm, own_mm, strict=True))
+
+
+def slice_axis(geometry) -> int:
+    """The canonical axis (0 z, 1 y, 2 x) a scan's slices stack along: the one its own slice
+    axis runs closest to (an axial series': z; a coronal one's: y; a sagittal one's: x).
+    ``geometry`` is the scan's own grid as acquired (``source.geometry`` in the store)."""
+    d = np.asarray(geometry.direction, float)  # ITK (x, y, z): column j is index axis j
+    return 2 - int(np.argmax(np.abs(d[:, 2])))
+
+
+def slice_profile_mm(geometry, thickness_mm=None) -> tuple[float, float, float]:
+    """A scan's profile along the canonical grid's (z, y, x), in mm: ``thickness_mm`` (else its
+    slice spacing) along the axis its slices stack along (:func:`slice_axis`), its pixel
+    spacing along the other two; each of its own axes goes to the patient axis it runs
+    closest to.
+
+    >>> from sscflow.core.geometry import Geometry
+    >>> slice_profile_mm(Geometry((10, 20, 20), (2.5, 0.7, 0.8), (0, 0, 0)), 3.0)
+    (3.0, 0.7, 0.8)
+    >>> coronal = Geometry((20, 10, 20), (5.0, 0.7, 0.6), (0, 0, 0),
+    ...                    ((1, 0, 0), (0, 0, 1), (0, -1, 0)))  # slices along y
+    >>> slice_profile_mm(coronal)
+    (0.7, 5.0, 0.6)
+    """
+    d = np.asarray(geometry.direction, float)
+    own = list(geometry.spacing)  # (z, y, x) of the scan's own index axes
+    if thickness_mm:
+        own[0] = float(thickness_mm)
+    out = [0.0, 0.0, 0.0]
+    for j in range(3):  # index axis j (x, y, z) -> the patient axis it runs closest to
+        out[2 - int(np.argmax(np.abs(d[:, j])))] = float(own[2 - j])
+    return tuple(out)
+
+
+def _quadrature(a, b) -> tuple[float, float, float]:
+    return tuple(float(np.hypot(x, y)) for x, y in zip(a, b, strict=True))
+
+
 #: the common blur is at least this many voxels: on coarse grids a blur fixed in millimetres is
 #: a fraction of a voxel, and interpolating the follow-up's noise between voxels then pulls the
 #: map towards shrinkage (one chest, unchanged, 20 HU noise on the follow-up alone, 4 mm grid:
@@ -446,19 +501,18 @@ def matched_slice_sigma_mm(other_slice_mm, own_slice_mm) -> float:
 SMOOTH_MIN_VOXELS = 0.5
 
 
-def _blur_sigma_vox(smooth_mm, extra_z_mm, spacing, extra_mm=(0.0, 0.0, 0.0)) -> list | None:
+def _blur_sigma_vox(smooth_mm, spacing, extra_mm=(0.0, 0.0, 0.0)) -> list | None:
     """Per-axis s.d. in voxels of the common blur ``smooth_mm`` (at least
-    :data:`SMOOTH_MIN_VOXELS`; none for 0) with ``extra_z_mm`` along z and ``extra_mm`` (z, y,
-    x) added in quadrature (None: no blur).
+    :data:`SMOOTH_MIN_VOXELS`; none for 0) with ``extra_mm`` (z, y, x) added in quadrature
+    (None: no blur).
 
-    >>> _blur_sigma_vox(1.0, 0.0, (4.0, 2.0, 1.0))
+    >>> _blur_sigma_vox(1.0, (4.0, 2.0, 1.0))
     [0.5, 0.5, 1.0]
-    >>> _blur_sigma_vox(0.0, 0.0, (2.0, 2.0, 2.0), (3.0, 0.0, 0.0))
+    >>> _blur_sigma_vox(0.0, (2.0, 2.0, 2.0), (3.0, 0.0, 0.0))
     [1.5, 0.0, 0.0]
     """
     vox = [max(float(smooth_mm) / s, SMOOTH_MIN_VOXELS) if smooth_mm and smooth_mm > 0 else 0.0
            for s in spacing]  # fmt: skip
-    vox[0] = float(np.hypot(vox[0], extra_z_mm / spacing[0]))
     vox = [float(np.hypot(v, e / s)) for v, e, s in zip(vox, extra_mm, spacing, strict=True)]
     return vox if any(vox) else None
 

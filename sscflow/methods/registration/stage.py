@@ -22,7 +22,13 @@ from sscflow.config import RegistrationConfig
 from sscflow.core import store as st
 from sscflow.core.geometry import Geometry
 from sscflow.errors import RegistrationFailedError
-from sscflow.methods.registration import matched_slice_sigma_mm, register, resolve_backend
+from sscflow.methods.registration import (
+    matched_profile_sigma_mm,
+    register,
+    resolve_backend,
+    slice_axis,
+    slice_profile_mm,
+)
 from sscflow.methods.registration.common import folded_fraction, similarity, truth_errors
 from sscflow.methods.registration.frame import coverage_mask, unmeasured_parts
 
@@ -65,6 +71,29 @@ def matched_thickness(base: st.StoredImage, follow: st.StoredImage,
         return header if None not in header else None
     spacing = (slice_thickness(base), slice_thickness(follow))
     return tuple(h if h is not None else sp for h, sp in zip(header, spacing, strict=True))
+
+
+def slice_profiles(base: st.StoredImage, follow: st.StoredImage, matched):
+    """(baseline, follow-up) profiles along the canonical (z, y, x) in mm that
+    ``registration.match_slices`` matches, or None (no matching): along the axis each scan's
+    slices stack along in its original grid (:func:`sscflow.methods.registration.slice_axis`;
+    z for a store ingested before sscflow kept that grid), each scan's thickness ``matched``
+    (:func:`matched_thickness`) there, or its pixel spacing where the other's slices stack
+    along that axis (an axial series against a coronal one); 0 along an axis neither's slices
+    stack along (pixels are not matched: ``benchmarks/NOTES.md``)."""
+    if matched is None:
+        return None
+    full, axes = [], set()
+    for image, thick in zip((base, follow), matched, strict=True):
+        geom = (image.meta.get("source") or {}).get("geometry")
+        if geom:
+            geometry = Geometry.from_dict(geom)
+            full.append(slice_profile_mm(geometry, thick))
+            axes.add(slice_axis(geometry))
+        else:
+            full.append((thick or 0.0, 0.0, 0.0))
+            axes.add(0)
+    return tuple(tuple(v if ax in axes else 0.0 for ax, v in enumerate(p)) for p in full)
 
 
 def source_geometry(image: st.StoredImage) -> Geometry:
@@ -131,11 +160,16 @@ def register_patient(
               "min_lung_coverage": cfg.min_lung_coverage, "fov_margin_mm": cfg.fov_margin_mm,
               "min_alignment_dice": cfg.min_alignment_dice}  # fmt: skip
     matched = matched_thickness(base, follow, cfg.match_slices)
-    baseline_blur = matched_slice_sigma_mm(*matched[::-1]) if matched is not None else 0.0
+    profiles = slice_profiles(base, follow, matched)
+    baseline_blur = max(matched_profile_sigma_mm(*profiles[::-1])) if profiles else 0.0
     if baseline_blur > 0:
         # a baseline of thinner slices is blurred since 2026-12-07 (before: the follow-up
         # alone): only such pairs register again, the others' fields are as they were
         params["baseline_slice_blur_mm"] = round(baseline_blur, 4)
+    if profiles is not None and any(p[1:] != (0.0, 0.0) for p in profiles):
+        # slices that stack along y or x (a coronal or sagittal series) are matched along that
+        # axis since 2026-12-07 (before: along z); axial pairs' fields stay current
+        params["slice_profiles_mm"] = [list(p) for p in profiles]
     input_hash = st.upstream_hash(images[n] for n in INPUTS)
     row = {"patient_id": patient_id}
     meta = None if force else st.current_record(group, (COVERAGE, OUTPUT), input_hash, params)
@@ -159,7 +193,7 @@ def register_patient(
         u, info = register(fixed, moving, mask=lung if lung.any() else None, moving_mask=mmask,
                            fixed_geometry=fg, moving_geometry=mg, backend=backend,
                            moving_fov=fov, return_info=True,
-                           slice_mm=matched,
+                           profile_mm=profiles,
                            **{**options, "match_slices": matched is not None})  # fmt: skip
     runtime = time.perf_counter() - t1
     align = info["initial_alignment"]
