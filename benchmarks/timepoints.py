@@ -14,8 +14,9 @@ Then, against the synthetic truth (``truth/pairs.csv``): each pair's mean log-Ja
 Prints the registrations each run executed, the wall times, and last the time ratio added run /
 two-scan run (the issue's target: 0.6 or less).
 
-    python benchmarks/timepoints.py [--patients 12] [--spacing 4.0] [--workers 2] [--keep DIR]
-        [--pairs both|consecutive|first_last] [--accuracy-only] [--option torch.detrend_mm=6]
+    python benchmarks/timepoints.py [--patients 12] [--spacing 4.0] [--seed 0] [--workers 2]
+        [--keep DIR] [--pairs both|consecutive|first_last] [--accuracy-only]
+        [--option torch.detrend_mm=6]
 
 ``--accuracy-only`` makes the three-scan run alone (no timing ratios): the accuracy figures at a
 spacing where three runs would take too long (2 mm; the default ingest spacing is 1 mm).
@@ -36,6 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--patients", type=int, default=12)
     ap.add_argument("--spacing", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", type=Path, default=None)
     ap.add_argument("--pairs", choices=("both", "consecutive", "first_last"), default="both",
@@ -69,7 +71,8 @@ def main() -> None:
 
     tmp = args.keep or Path(tempfile.mkdtemp(prefix="sscflow-timepoints-"))
     tmp.mkdir(parents=True, exist_ok=True)
-    manifest = synthesize_cohort(args.patients, tmp / "synthetic", spacing=args.spacing, seed=0,
+    manifest = synthesize_cohort(args.patients, tmp / "synthetic", spacing=args.spacing,
+                                 seed=args.seed,
                                  timepoints=3)  # fmt: skip
     with open(manifest, encoding="utf-8", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -88,7 +91,7 @@ def main() -> None:
                                  "segment": {"min_lung_ml": 5.0}})  # fmt: skip
 
     print(f"cohort: {args.patients} synthetic patients x 3 scans at {args.spacing:g} mm "
-          f"(sscflow synth --timepoints 3, seed 0), {args.workers} one-thread workers, "
+          f"(sscflow synth --timepoints 3, seed {args.seed}), {args.workers} one-thread workers, "
           f"pairs: {args.pairs}" + "".join(f", --option {o}" for o in args.option))
     seconds, counts = {}, {}
     cluster = ClusterConfig(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0")

@@ -337,14 +337,15 @@ def test_stage_matches_slices_by_their_header_thickness(tmp_path):
         assert np.abs(fields[case, "auto"][0] - fields[case, False][0]).max() > 1e-3, case
         np.testing.assert_array_equal(fields["files", "auto"][0], fields[case, False][0])
     assert np.abs(fields["dicom", "auto"][0] - fields["thin_baseline", "auto"][0]).max() > 1e-3
-    # only a pair whose baseline gets blurred (a rule of 2026-12-07) says so in its parameters,
-    # so that the fields of every other pair stay current in a store made before
-    blur = np.sqrt(5.0**2 - 1.25**2) / (2 * np.sqrt(2 * np.log(2)))
-    assert fields["thin_baseline", "auto"][2]["baseline_slice_blur_mm"] == pytest.approx(blur,
-                                                                                         abs=1e-4)
+    # what was matched is in the parameters (so that a new profile model registers again): the
+    # thickness along z, scaled, for scans without their original grid
+    from sscflow.methods.registration import SLICE_PROFILE_SCALE as K
+
+    assert fields["thin_baseline", "auto"][2]["slice_profiles_mm"] == [
+        [pytest.approx(1.25 * K, abs=1e-4), 0.0, 0.0], [pytest.approx(5.0 * K, abs=1e-4), 0.0, 0.0]]
     for key in fields:
-        if key != ("thin_baseline", "auto"):
-            assert "baseline_slice_blur_mm" not in fields[key][2], key
+        if key[1] is False or key[0] == "files":
+            assert "slice_profiles_mm" not in fields[key][2], key
 
 
 def test_stage_writes_displacement_and_qa_then_skips(tmp_path):
@@ -742,8 +743,9 @@ def test_a_coronal_series_is_matched_along_the_axis_its_slices_stack_along():
 def test_the_stage_finds_each_scans_slice_axis_in_its_original_grid(tmp_path):
     """``slice_profiles``: the matched thickness goes along the axis the scan's slices stack
     along in its original grid (``source.geometry``), and along z for a store ingested before
-    sscflow kept that grid; a scan's pixel spacing is matched only along the other's slice
-    axis."""
+    sscflow kept that grid; its pixel spacing along the other two; each times its measured
+    scale."""
+    from sscflow.methods.registration import PIXEL_PROFILE_SCALE, SLICE_PROFILE_SCALE
     from sscflow.methods.registration.stage import slice_profiles
 
     root = st.open_store(tmp_path / "s.zarr")
@@ -759,13 +761,14 @@ def test_the_stage_finds_each_scans_slice_axis_in_its_original_grid(tmp_path):
         st.write_image(group, name, data, grid, stage="ingest", params={}, input_hash=name,
                        extra={"source": source})
     images = {n: st.read_image(group, n) for n in ("baseline", "followup", "old")}
-    # each scan's thickness along its own slice axis, its pixels along the other's
-    assert slice_profiles(images["baseline"], images["followup"], (3.0, 4.0)) == (
-        (3.0, 0.0, 0.7), (0.7, 0.0, 4.0))
-    assert slice_profiles(images["old"], images["followup"], (3.0, None)) == (
-        (3.0, 0.0, 0.0), (0.7, 0.0, 5.0))  # no thickness: the slice spacing
-    assert slice_profiles(images["baseline"], images["baseline"], (3.0, 1.0)) == (
-        (3.0, 0.0, 0.0), (1.0, 0.0, 0.0))  # axial pairs: along z alone, as always
+    # each scan's thickness along its own slice axis, its pixels along the other two, scaled
+    kt, kp = SLICE_PROFILE_SCALE, PIXEL_PROFILE_SCALE
+    want = ((3.0 * kt, 0.7 * kp, 0.7 * kp), (0.7 * kp, 0.7 * kp, 4.0 * kt))
+    got = slice_profiles(images["baseline"], images["followup"], (3.0, 4.0))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    got = slice_profiles(images["old"], images["followup"], (3.0, None))
+    np.testing.assert_allclose(got, ((3.0 * kt, 0.0, 0.0), (0.7 * kp, 0.7 * kp, 5.0 * kt)),
+                               atol=1e-4)  # no thickness: the slice spacing  # fmt: skip
     assert slice_profiles(images["baseline"], images["followup"], None) is None
 
 

@@ -23,7 +23,8 @@ from sscflow.core import store as st
 from sscflow.core.geometry import Geometry
 from sscflow.errors import RegistrationFailedError
 from sscflow.methods.registration import (
-    matched_profile_sigma_mm,
+    PIXEL_PROFILE_SCALE,
+    SLICE_PROFILE_SCALE,
     register,
     resolve_backend,
     slice_axis,
@@ -74,26 +75,26 @@ def matched_thickness(base: st.StoredImage, follow: st.StoredImage,
 
 
 def slice_profiles(base: st.StoredImage, follow: st.StoredImage, matched):
-    """(baseline, follow-up) profiles along the canonical (z, y, x) in mm that
-    ``registration.match_slices`` matches, or None (no matching): along the axis each scan's
-    slices stack along in its original grid (:func:`sscflow.methods.registration.slice_axis`;
-    z for a store ingested before sscflow kept that grid), each scan's thickness ``matched``
-    (:func:`matched_thickness`) there, or its pixel spacing where the other's slices stack
-    along that axis (an axial series against a coronal one); 0 along an axis neither's slices
-    stack along (pixels are not matched: ``benchmarks/NOTES.md``)."""
+    """(baseline, follow-up) effective profiles along the canonical (z, y, x) in mm that
+    ``registration.match_slices`` matches, or None (no matching): each scan's slice thickness
+    ``matched`` (:func:`matched_thickness`) along the axis its slices stack along in its
+    original grid (:func:`sscflow.methods.registration.slice_axis`) and its pixel spacing
+    along the other two (:func:`sscflow.methods.registration.slice_profile_mm`), times
+    :data:`SLICE_PROFILE_SCALE` and :data:`PIXEL_PROFILE_SCALE`; a store ingested before
+    sscflow kept that grid: the thickness along z alone."""
     if matched is None:
         return None
-    full, axes = [], set()
+    out = []
     for image, thick in zip((base, follow), matched, strict=True):
         geom = (image.meta.get("source") or {}).get("geometry")
         if geom:
             geometry = Geometry.from_dict(geom)
-            full.append(slice_profile_mm(geometry, thick))
-            axes.add(slice_axis(geometry))
+            nominal, axis = slice_profile_mm(geometry, thick), slice_axis(geometry)
         else:
-            full.append((thick or 0.0, 0.0, 0.0))
-            axes.add(0)
-    return tuple(tuple(v if ax in axes else 0.0 for ax, v in enumerate(p)) for p in full)
+            nominal, axis = (thick or 0.0, 0.0, 0.0), 0
+        out.append(tuple(round(v * (SLICE_PROFILE_SCALE if ax == axis else PIXEL_PROFILE_SCALE), 4)
+                         for ax, v in enumerate(nominal)))  # fmt: skip
+    return tuple(out)
 
 
 def source_geometry(image: st.StoredImage) -> Geometry:
@@ -161,14 +162,10 @@ def register_patient(
               "min_alignment_dice": cfg.min_alignment_dice}  # fmt: skip
     matched = matched_thickness(base, follow, cfg.match_slices)
     profiles = slice_profiles(base, follow, matched)
-    baseline_blur = max(matched_profile_sigma_mm(*profiles[::-1])) if profiles else 0.0
-    if baseline_blur > 0:
-        # a baseline of thinner slices is blurred since 2026-12-07 (before: the follow-up
-        # alone): only such pairs register again, the others' fields are as they were
-        params["baseline_slice_blur_mm"] = round(baseline_blur, 4)
-    if profiles is not None and any(p[1:] != (0.0, 0.0) for p in profiles):
-        # slices that stack along y or x (a coronal or sagittal series) are matched along that
-        # axis since 2026-12-07 (before: along z); axial pairs' fields stay current
+    if profiles is not None:
+        # what is matched, in the parameters: the profile model of 2026-12-07 (slices along
+        # their own axis, pixels too, each scaled as measured) registers every matched pair
+        # once more; pairs without matching stay current
         params["slice_profiles_mm"] = [list(p) for p in profiles]
     input_hash = st.upstream_hash(images[n] for n in INPUTS)
     row = {"patient_id": patient_id}
