@@ -189,9 +189,9 @@ def register(
         here, where nothing says whether ``slice_mm`` are thicknesses or spacings), the scan
         of thinner slices is blurred along z, before the backend, to the other's slice profile
         (:func:`matched_slice_sigma_mm`; the baseline's lung mask, where the map is measured,
-        stays as it was drawn). The registration stage passes the slice thickness both scans'
-        headers gave (:func:`sscflow.methods.registration.stage.matched_thickness`), along the
-        axis its slices stack along (``profile_mm``)
+        stays as it was drawn). The registration stage passes ``profile_mm`` instead: each
+        scan's effective profile on every axis, from the slice thickness both scans' headers
+        gave and their original grids (:func:`sscflow.methods.registration.stage.slice_profiles`)
     profile_mm : (baseline, follow-up) profiles along the baseline grid's (z, y, x), in mm
         (:func:`slice_profile_mm`; 0 where unknown or not to be matched), matched axis by axis
         as ``slice_mm`` is along z; given, it replaces ``slice_mm`` (a coronal or sagittal
