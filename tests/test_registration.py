@@ -663,18 +663,13 @@ def test_sitk_fallback_sees_a_sink_through_a_density_rise():
     assert e["folded_voxels"] == 0 and abs(e["region_logjac_error"]) < 0.03, e
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
-def test_a_thick_slice_baseline_does_not_read_as_shrinkage():
-    """The same chest, unchanged: the baseline with 8 mm slices (a Gaussian slice profile of
-    that FWHM along z), the follow-up with 4 mm. Registered as they are, the blurred bases read
-    as shrinkage (measured mean log-Jacobian in the lungs -0.0077); with the follow-up blurred
-    to the baseline's slice profile (``match_slices``) -0.0013."""
-    from sscflow.methods.registration.common import log_jacobian
+def _thick_baseline_pair(h, thick, axis):
+    """The synthetic chest at ``h`` mm, unchanged: (baseline, follow-up, lung), the baseline's
+    slices ``thick`` mm (a Gaussian slice profile of that FWHM) stacked along ``axis``, each
+    scan with its own 20 HU noise."""
     from sscflow.synth import phantom
     from sscflow.synth.plan import patient_streams
 
-    h, thick = 4.0, 8.0
     streams = patient_streams(0, 0)
     world, mz = phantom.world_geometry(phantom.grid_geometry(h))
     anatomy = phantom.draw_anatomy(streams["anatomy"])
@@ -684,9 +679,23 @@ def test_a_thick_slice_baseline_does_not_read_as_shrinkage():
     hu, lung = ph.hu.astype(np.float32), ph.lung[crop]
     sigma = np.sqrt(thick**2 - h**2) / 2.3548 / h  # voxels
     rng = np.random.default_rng(5)
-    fixed = ndimage.gaussian_filter1d(hu, sigma, axis=0, mode="nearest")[crop]
+    fixed = ndimage.gaussian_filter1d(hu, sigma, axis=axis, mode="nearest")[crop]
     fixed += rng.normal(0, 20, lung.shape).astype(np.float32)
     moving = hu[crop] + rng.normal(0, 20, lung.shape).astype(np.float32)
+    return fixed, moving, lung
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_a_thick_slice_baseline_does_not_read_as_shrinkage():
+    """The same chest, unchanged: the baseline with 8 mm slices (a Gaussian slice profile of
+    that FWHM along z), the follow-up with 4 mm. Registered as they are, the blurred bases read
+    as shrinkage (measured mean log-Jacobian in the lungs -0.0077); with the follow-up blurred
+    to the baseline's slice profile (``match_slices``) -0.0013."""
+    from sscflow.methods.registration.common import log_jacobian
+
+    h, thick = 4.0, 8.0
+    fixed, moving, lung = _thick_baseline_pair(h, thick, axis=0)
     means = {}
     for match in (False, True):
         u = register(fixed, moving, (h, h, h), mask=lung, backend="torch", threads=1,
@@ -706,22 +715,9 @@ def test_a_coronal_series_is_matched_along_the_axis_its_slices_stack_along():
     (measured p99 |log-J| in the lungs: as they are 0.090, along z 0.177, along y 0.023)."""
     from sscflow.methods.registration import slice_profile_mm
     from sscflow.methods.registration.common import log_jacobian
-    from sscflow.synth import phantom
-    from sscflow.synth.plan import patient_streams
 
     h, thick = 4.0, 8.0
-    streams = patient_streams(0, 0)
-    world, mz = phantom.world_geometry(phantom.grid_geometry(h))
-    anatomy = phantom.draw_anatomy(streams["anatomy"])
-    ph = phantom.render_baseline(anatomy, phantom.grow_vessels(anatomy, streams["vessels"]),
-                                 world, streams["texture"], ribs=True)  # fmt: skip
-    crop = slice(mz, mz + phantom.grid_geometry(h).shape[0])
-    hu, lung = ph.hu.astype(np.float32), ph.lung[crop]
-    sigma = np.sqrt(thick**2 - h**2) / 2.3548 / h  # voxels
-    rng = np.random.default_rng(5)
-    fixed = ndimage.gaussian_filter1d(hu, sigma, axis=1, mode="nearest")[crop]
-    fixed += rng.normal(0, 20, lung.shape).astype(np.float32)
-    moving = hu[crop] + rng.normal(0, 20, lung.shape).astype(np.float32)
+    fixed, moving, lung = _thick_baseline_pair(h, thick, axis=1)
     # the coronal series' own grid: index z (its slices) along the patient's y
     coronal = Geometry((40, 60, 80), (thick, h, h), (0.0, 0.0, 0.0),
                        ((1, 0, 0), (0, 0, -1), (0, 1, 0)))  # fmt: skip
