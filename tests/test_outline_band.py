@@ -3,22 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "outline_band.py"
-
 
 @pytest.fixture(scope="module")
-def band():
-    spec = importlib.util.spec_from_file_location("bench_outline_band", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def band(benchmark_script):
+    return benchmark_script("outline_band")
 
 
 def test_the_fit_recovers_planted_slopes_and_ignores_noise_of_no_slope(band):

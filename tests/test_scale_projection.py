@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import doctest
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
-
 
 @pytest.fixture(scope="module")
-def scale():
-    spec = importlib.util.spec_from_file_location("bench_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def scale(benchmark_script):
+    return benchmark_script("scale")
 
 
 # measured at 2 mm: per patient ingest 1 s, registration 4 s, jacobian 1 s; template 2 s per run;
