@@ -142,6 +142,8 @@ class Options:
     threads: int = 0  # CPU threads; 0 = the cores available to this process
     full_step_at: float = 1.0  # full steps down to the gradient of a 1-voxel shift
     detrend_mm: float = 4.0  # finer levels: each image less its local mean (Gaussian s.d., mm)
+    adaptive_sigma_mm: float = 4.0  # the increment's smoothing where the change is strong
+    adaptive_logj: float = 0.0  # |log-J| of an increment above which it is (0: off; 0.01)
 
     @classmethod
     def moved_key(cls, key: str, keypath: str) -> str | None:
@@ -180,6 +182,11 @@ class Options:
             raise ConfigError(f"{where}.detrend_mm must be >= 0, got {self.detrend_mm}")
         if not self.full_step_at > 0:
             raise ConfigError(f"{where}.full_step_at must be > 0, got {self.full_step_at}")
+        if not self.adaptive_sigma_mm >= 0:
+            raise ConfigError(f"{where}.adaptive_sigma_mm must be >= 0, got "
+                              f"{self.adaptive_sigma_mm}")  # fmt: skip
+        if not self.adaptive_logj >= 0:
+            raise ConfigError(f"{where}.adaptive_logj must be >= 0, got {self.adaptive_logj}")
 
     def affine_stage(self) -> Options | None:
         """These options with the affine stage alone (no deformable iterations), or None
@@ -218,7 +225,8 @@ class Options:
             velocity_mm = max(float(self.velocity_spacing_mm) * scale, factor * mean)
             out.append(Level(factor, window, velocity_mm, vsigmas[k] / velocity_mm,
                              gsigmas[k] / velocity_mm,
-                             float(self.learning_rate_mm) * scale / velocity_mm))  # fmt: skip
+                             float(self.learning_rate_mm) * scale / velocity_mm,
+                             float(self.adaptive_sigma_mm) * scale / velocity_mm))  # fmt: skip
         return out
 
 
@@ -226,7 +234,8 @@ class Options:
 class Level:
     """One pyramid level's settings in voxels (``Options.per_level``): the shrink factor, the
     local NCC window (image voxels of the level), the velocity grid's nominal spacing (mm), and
-    the velocity and gradient smoothing and the largest step, in velocity-grid voxels."""
+    the velocity and gradient smoothing, the largest step and the velocity's smoothing where
+    the change is strong (``Options.adaptive_sigma_mm``), in velocity-grid voxels."""
 
     factor: int
     window: int
@@ -234,6 +243,7 @@ class Level:
     velocity_sigma: float
     gradient_sigma: float
     learning_rate: float
+    adaptive_sigma: float = 0.0
 
 
 def _per_level_mm(value, levels_mm, finest, name) -> list[float]:
@@ -441,6 +451,8 @@ def register(
         with torch.no_grad():
             base, to_grid = reg.moving_grid(m_img, factor, pts, lin, trans)
         kernel = _gauss_kernels(torch, lv.velocity_sigma)
+        # where the change is strong, the increment keeps its shape (see _filter_increment)
+        sharp = _gauss_kernels(torch, lv.adaptive_sigma)
         gkernel = _gauss_kernels(torch, lv.gradient_sigma)
         vox = float(vspacing.mean())
         step = lv.learning_rate * vox
@@ -481,12 +493,8 @@ def register(
                 # instead of jittered by full steps
                 vel -= grad * (step / torch.maximum(norm, ref * full_step_at))
                 if kernel is not None:
-                    inc = vel - vel_start
-                    if smoothing_order == 2:  # 1 - (1 - G)^2 = 2 G - G G
-                        once = _smooth(torch, inc, kernel)
-                        inc = 2.0 * once - _smooth(torch, once, kernel)
-                    else:
-                        inc = _smooth(torch, inc, kernel)
+                    inc = _filter_increment(torch, vel - vel_start, kernel, sharp,
+                                            smoothing_order, o.adaptive_logj, vspacing)
                     vel.copy_(vel_start + inc)
     with torch.no_grad():
         matrix = (torch.eye(3, device=dev) + lin).double().cpu().numpy()
@@ -836,6 +844,46 @@ def _detrend(torch, x, g, seen=None):
         return (x - _smooth(torch, x, g)).contiguous()
     m = _smooth(torch, torch.cat([x * seen, seen], dim=1), g)
     return (x - m[:, :1] / m[:, 1:].clamp(min=1e-3)).contiguous()
+
+
+def _filter(torch, x, g, order):
+    """``x`` smoothed by the Gaussian taps ``g`` (order 1), or by 2 G - G G (order 2: 1 - (1 -
+    G)^2, flatter in the pass band)."""
+    once = _smooth(torch, x, g)
+    return 2.0 * once - _smooth(torch, once, g) if order == 2 else once
+
+
+def _filter_increment(torch, inc, wide, sharp, order, logj, vspacing):
+    """A level's velocity increment (1, 3, D, H, W) mm, regularised: smoothed by ``wide`` (the
+    taps of ``velocity_sigma_mm``) where the change it makes is weak, by ``sharp`` (of
+    ``adaptive_sigma_mm``; None: not at all) where it is strong (``logj`` 0: nowhere).
+
+    The change is the divergence of the widely smoothed increment (its log-Jacobian to first
+    order): the weight of the sharp filter rises from 0 at ``|div| = logj`` to 1 at twice
+    that, then is smoothed by ``wide`` itself so that it changes over the same distances as
+    the field. Noise in a pair without change stays below ``logj`` and is smoothed as wide as
+    ever, while a narrow, strong change (a region of 10 mm shrinking by a fifth) is no longer
+    spread over the wide filter's reach: the choice of the widest smoothing that the data do
+    not contradict, as in adaptive-bandwidth (Lepski) estimation. Measured in
+    benchmarks/NOTES.md, "Narrow sinks kept narrow".
+    """
+    smooth = _filter(torch, inc, wide, order)
+    if not logj:
+        return smooth
+    div = _divergence(torch, smooth, vspacing)
+    weight = (div.abs() / logj - 1.0).clamp(0.0, 1.0)
+    if float(weight.amax()) == 0.0:  # no strong change (a pair in register)
+        return smooth
+    weight = _smooth(torch, weight, wide).clamp(0.0, 1.0)
+    narrow = inc if sharp is None else _filter(torch, inc, sharp, order)
+    return smooth + weight * (narrow - smooth)
+
+
+def _divergence(torch, v, vspacing):
+    """div v (1, 1, D, H, W) of a (1, 3, D, H, W) field (mm, components z, y, x) on a grid of
+    ``vspacing`` mm (central differences, one-sided at the edges)."""
+    sp = [float(x) for x in vspacing]
+    return sum(torch.gradient(v[0, i], spacing=sp[i], dim=i)[0] for i in range(3))[None, None]
 
 
 def _diffusion(v):
