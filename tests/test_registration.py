@@ -804,7 +804,8 @@ def test_the_increment_is_smoothed_narrow_only_where_its_change_is_strong():
     """``adaptive_sigma_mm`` / ``adaptive_logj``: a velocity increment whose divergence (its
     log-Jacobian) stays below ``adaptive_logj`` after the usual smoothing is smoothed exactly
     as without them; a narrow, strong sink (s.d. 10 mm, centre divergence -0.43) keeps most of
-    its depth, which the wide filter alone halves; ``adaptive_logj`` 0 turns it off."""
+    its depth, which the wide filter alone halves; ``adaptive_logj`` 0 turns it off, and so
+    does a closed gate (where the images do not match locally)."""
     import torch
 
     from sscflow.methods.registration.torch import (
@@ -829,6 +830,10 @@ def test_the_increment_is_smoothed_narrow_only_where_its_change_is_strong():
     smooth = _filter(torch, v, wide, 2)
     kept = _filter_increment(torch, v, wide, sharp, 2, 0.01, vsp)
     assert torch.equal(_filter_increment(torch, v, wide, sharp, 2, 0.0, vsp), smooth)
+    # the gate (where the images match locally): closed, the wide filter; open, no change
+    closed, opened = torch.zeros(1, 1, n, n, n), torch.ones(1, 1, n, n, n)
+    assert torch.equal(_filter_increment(torch, v, wide, sharp, 2, 0.01, vsp, closed), smooth)
+    assert torch.equal(_filter_increment(torch, v, wide, sharp, 2, 0.01, vsp, opened), kept)
     d_smooth, d_kept = (float(_divergence(torch, f, vsp)[c]) for f in (smooth, kept))
     assert d_smooth > 0.55 * depth, (d_smooth, depth)  # the wide filter: -0.20, under 55 % kept
     assert d_kept < 0.85 * depth, (d_kept, depth)  # the adaptive one: -0.39, over 85 %
@@ -841,3 +846,6 @@ def test_the_increment_is_smoothed_narrow_only_where_its_change_is_strong():
     with pytest.raises(ValueError, match="adaptive_logj must be >= 0"):
         register(np.zeros(SHAPE, np.float32), np.zeros(SHAPE, np.float32), SPACING,
                  backend="torch", adaptive_logj=-1.0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"adaptive_ncc must be within 0\.\.1"):
+        register(np.zeros(SHAPE, np.float32), np.zeros(SHAPE, np.float32), SPACING,
+                 backend="torch", adaptive_ncc=1.5)  # fmt: skip

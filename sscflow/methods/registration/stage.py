@@ -160,7 +160,7 @@ def register_patient(
     # an opt-in setting that is off keeps the parameters of the versions before it, so that
     # stores registered then stay current (the torch backend's adaptive smoothing)
     keyed = {k: v for k, v in options.items()
-             if not (k in ("adaptive_sigma_mm", "adaptive_logj") and not options["adaptive_logj"])}
+             if not (k.startswith("adaptive_") and not options["adaptive_logj"])}
     params = {"backend": backend, "options": keyed, "version": STAGE_VERSION,
               "min_lung_coverage": cfg.min_lung_coverage, "fov_margin_mm": cfg.fov_margin_mm,
               "min_alignment_dice": cfg.min_alignment_dice}  # fmt: skip

@@ -144,6 +144,7 @@ class Options:
     detrend_mm: float = 4.0  # finer levels: each image less its local mean (Gaussian s.d., mm)
     adaptive_sigma_mm: float = 4.0  # the increment's smoothing where the change is strong
     adaptive_logj: float = 0.0  # |log-J| of an increment above which it is (0: off; 0.01)
+    adaptive_ncc: float = 0.5  # ... where the local NCC^2 reaches this (none below half)
 
     @classmethod
     def moved_key(cls, key: str, keypath: str) -> str | None:
@@ -187,6 +188,9 @@ class Options:
                               f"{self.adaptive_sigma_mm}")  # fmt: skip
         if not self.adaptive_logj >= 0:
             raise ConfigError(f"{where}.adaptive_logj must be >= 0, got {self.adaptive_logj}")
+        if not 0 <= self.adaptive_ncc <= 1:
+            raise ConfigError(f"{where}.adaptive_ncc must be within 0..1, got "
+                              f"{self.adaptive_ncc}")  # fmt: skip
 
     def affine_stage(self) -> Options | None:
         """These options with the affine stage alone (no deformable iterations), or None
@@ -451,8 +455,12 @@ def register(
         with torch.no_grad():
             base, to_grid = reg.moving_grid(m_img, factor, pts, lin, trans)
         kernel = _gauss_kernels(torch, lv.velocity_sigma)
-        # where the change is strong, the increment keeps its shape (see _filter_increment)
+        # where the change is strong, the increment keeps its shape (see _filter_increment), on
+        # the finest level only: the coarser velocity grids (8 and 16 mm at the defaults) do
+        # not resolve a region that narrow, and narrowing them too followed dense disease's
+        # texture (benchmarks/NOTES.md, "Narrow sinks kept narrow")
         sharp = _gauss_kernels(torch, lv.adaptive_sigma)
+        adaptive_logj = o.adaptive_logj if lv is per_level[-1] else 0.0
         gkernel = _gauss_kernels(torch, lv.gradient_sigma)
         vox = float(vspacing.mean())
         step = lv.learning_rate * vox
@@ -478,6 +486,13 @@ def register(
             warped = value + ((w - w.detach()) * slope).sum(1, keepdim=True)
             loss = 1.0 - reg.lncc(stats, warped, seen)
             loss.backward()
+            gate = None
+            if adaptive_logj and o.adaptive_ncc > 0:
+                # where the two images still match locally: a dense zone shows nothing to match
+                # (its local NCC^2 about 0.1), a narrow sink under a light texture does (0.7)
+                gate = torch.nn.functional.interpolate(
+                    reg.local, size=vshape, mode="trilinear", align_corners=True)
+                gate = ((gate - 0.5 * o.adaptive_ncc) / (0.5 * o.adaptive_ncc)).clamp(0.0, 1.0)
             if diffusion > 0:
                 (diffusion * _diffusion(vel / vspacing.view(1, 3, 1, 1, 1))).backward()
             with torch.no_grad():
@@ -494,7 +509,7 @@ def register(
                 vel -= grad * (step / torch.maximum(norm, ref * full_step_at))
                 if kernel is not None:
                     inc = _filter_increment(torch, vel - vel_start, kernel, sharp,
-                                            smoothing_order, o.adaptive_logj, vspacing)
+                                            smoothing_order, adaptive_logj, vspacing, gate)
                     vel.copy_(vel_start + inc)
     with torch.no_grad():
         matrix = (torch.eye(3, device=dev) + lin).double().cpu().numpy()
@@ -759,6 +774,7 @@ class _Registration:
             # field of view (air or padding there) would match the lungs against that edge
             weight = weight * (m[:, 3:] > 0.999)
         cc = weight * cov * cov / (va * vb + self.tiny)
+        self.local = cc.detach()  # the adaptive smoothing's gate (register's loop)
         return cc.mean()
 
 
@@ -853,7 +869,7 @@ def _filter(torch, x, g, order):
     return 2.0 * once - _smooth(torch, once, g) if order == 2 else once
 
 
-def _filter_increment(torch, inc, wide, sharp, order, logj, vspacing):
+def _filter_increment(torch, inc, wide, sharp, order, logj, vspacing, gate=None):
     """A level's velocity increment (1, 3, D, H, W) mm, regularised: smoothed by ``wide`` (the
     taps of ``velocity_sigma_mm``) where the change it makes is weak, by ``sharp`` (of
     ``adaptive_sigma_mm``; None: not at all) where it is strong (``logj`` 0: nowhere).
@@ -864,7 +880,9 @@ def _filter_increment(torch, inc, wide, sharp, order, logj, vspacing):
     the field. Noise in a pair without change stays below ``logj`` and is smoothed as wide as
     ever, while a narrow, strong change (a region of 10 mm shrinking by a fifth) is no longer
     spread over the wide filter's reach: the choice of the widest smoothing that the data do
-    not contradict, as in adaptive-bandwidth (Lepski) estimation. Measured in
+    not contradict, as in adaptive-bandwidth (Lepski) estimation. ``gate`` (1, 1, D, H, W) in
+    [0, 1], where given, multiplies that weight: where the images do not match locally (dense
+    disease, new structure) the field stays as smooth as ever. Measured in
     benchmarks/NOTES.md, "Narrow sinks kept narrow".
     """
     smooth = _filter(torch, inc, wide, order)
@@ -872,6 +890,8 @@ def _filter_increment(torch, inc, wide, sharp, order, logj, vspacing):
         return smooth
     div = _divergence(torch, smooth, vspacing)
     weight = (div.abs() / logj - 1.0).clamp(0.0, 1.0)
+    if gate is not None:
+        weight = weight * gate
     if float(weight.amax()) == 0.0:  # no strong change (a pair in register)
         return smooth
     weight = _smooth(torch, weight, wide).clamp(0.0, 1.0)
