@@ -348,7 +348,15 @@ def test_a_uniformly_shrunk_copy_reads_alike_in_the_rind_and_the_core():
     assert matched1 and not matched0
 
 
-def test_a_narrow_sink_is_not_spread_out(scan):
+@pytest.fixture(scope="module")
+def lateral_sink(scan):
+    """A lateral sink of s.d. 10 mm (truth -0.26) with a +60 HU texture, planted in the scan."""
+    hu, g, lung, _ = scan
+    return planted.plant_disease(hu, g, lung, place="lateral", sigma_mm=10.0, rise_hu=60.0,
+                                 seed=61)  # fmt: skip
+
+
+def test_a_narrow_sink_is_not_spread_out(scan, lateral_sink):
     """Issue 22 (other places and sizes): a lateral sink of s.d. 10 mm (a region of about 12 mm
     radius, truth -0.26) with a +60 HU texture, on real CT at 2 mm, its own seed. With
     ``adaptive_logj`` 0.01 the smoothing narrows where the change is strong; off (0, the
@@ -357,8 +365,7 @@ def test_a_narrow_sink_is_not_spread_out(scan):
     from sscflow.methods.registration import register
 
     hu, g, lung, _ = scan
-    pair = planted.plant_disease(hu, g, lung, place="lateral", sigma_mm=10.0, rise_hu=60.0,
-                                 seed=61)  # fmt: skip
+    pair = lateral_sink
     read = {}
     for logj in (0.01, 0.0):
         u = register(hu, pair.followup.astype(np.float32), mask=lung, fixed_geometry=g,
@@ -369,7 +376,7 @@ def test_a_narrow_sink_is_not_spread_out(scan):
     assert read[0.01] >= 0.70 and read[0.01] - read[0.0] >= 0.06, read
 
 
-def test_a_narrow_sink_is_the_similaritys_optimum(scan):
+def test_a_narrow_sink_is_the_similaritys_optimum(scan, lateral_sink):
     """Why a narrow sink is under-read (issue 22, benchmarks/NOTES.md "Why narrow sinks stop
     short"): not because the similarity prefers a shallower one. The follow-up of the lateral
     sigma-10 mm sink (+60 HU texture) pulled back through the true field is in register but
@@ -385,8 +392,7 @@ def test_a_narrow_sink_is_the_similaritys_optimum(scan):
     from sscflow.synth import deform
 
     hu, g, lung, _ = scan
-    pair = planted.plant_disease(hu, g, lung, place="lateral", sigma_mm=10.0, rise_hu=60.0,
-                                 seed=61)  # fmt: skip
+    pair = lateral_sink
     back = deform.warp(pair.followup, pair.displacement, g, order=3).astype(np.float32)
     lj = log_jacobian(register(hu, back, mask=lung, fixed_geometry=g, moving_geometry=g,
                                backend="torch"), g.spacing)  # fmt: skip
