@@ -403,6 +403,40 @@ def test_stage_runs_the_sitk_backend_with_its_own_settings(tmp_path):
     assert register_patient(path, "P001", other_sitk)["status"] == "done"
 
 
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_an_opt_in_setting_that_is_off_is_not_in_the_stored_parameters(tmp_path):
+    """The torch backend's adaptive smoothing, off (its default), leaves its three keys out of
+    the parameters a field is stored with, so a store registered before the setting existed
+    stays current; switched on, the field is registered again and the keys are recorded;
+    switched off again, it is registered again without them."""
+    import dataclasses
+
+    from sscflow.methods.registration.stage import register_patient
+    from sscflow.methods.registration.torch import Options as TorchOptions
+
+    path = _tiny_store(tmp_path)
+    fast = TorchOptions(iterations=(2, 2, 2), affine_iterations=(2, 2), margin_mm=6.0)
+    cfg = RegistrationConfig(backend="torch", torch=fast)
+
+    def stored():
+        group = st.patient_group(st.open_store(path, "r"), "P001", create=False)
+        return st.read_image(group, "displacement").meta["params"]["options"]
+
+    assert register_patient(path, "P001", cfg)["status"] == "done"
+    off = stored()
+    assert not [k for k in off if k.startswith("adaptive_")]
+    assert off["window_mm"] == 10.0 and off["iterations"] == [2, 2, 2]
+    # another value of a key that changes nothing while the option is off: still current
+    quiet = dataclasses.replace(cfg, torch=dataclasses.replace(fast, adaptive_sigma_mm=2.0))
+    assert register_patient(path, "P001", quiet)["status"] == "skipped"
+    on = dataclasses.replace(cfg, torch=dataclasses.replace(fast, adaptive_logj=0.01))
+    assert register_patient(path, "P001", on)["status"] == "done"
+    assert {k: v for k, v in stored().items() if k.startswith("adaptive_")} == {
+        "adaptive_logj": 0.01, "adaptive_sigma_mm": 4.0, "adaptive_ncc": 0.5}
+    assert register_patient(path, "P001", cfg)["status"] == "done"
+    assert stored() == off
+
+
 def test_register_refuses_an_option_its_backend_does_not_have():
     z = np.zeros(SHAPE, np.float32)
     with pytest.raises(RegistrationInputError, match="unknown option 'window' for backend 'sitk'"):

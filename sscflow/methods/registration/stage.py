@@ -25,6 +25,7 @@ from sscflow.errors import RegistrationFailedError
 from sscflow.methods.registration import (
     PIXEL_PROFILE_SCALE,
     SLICE_PROFILE_SCALE,
+    options_class,
     register,
     resolve_backend,
     slice_axis,
@@ -158,9 +159,10 @@ def register_patient(
         moving_mask = st.read_image(group, MOVING_MASK)
     options = cfg.options(backend)
     # an opt-in setting that is off keeps the parameters of the versions before it, so that
-    # stores registered then stay current (the torch backend's adaptive smoothing)
-    keyed = {k: v for k, v in options.items()
-             if not (k.startswith("adaptive_") and not options["adaptive_logj"])}
+    # stores registered then stay current: each backend names its own (``Options.inactive``)
+    inactive = getattr(options_class(backend), "inactive", None)
+    dropped = inactive(options) if inactive is not None else set()
+    keyed = {k: v for k, v in options.items() if k not in dropped}
     params = {"backend": backend, "options": keyed, "version": STAGE_VERSION,
               "min_lung_coverage": cfg.min_lung_coverage, "fov_margin_mm": cfg.fov_margin_mm,
               "min_alignment_dice": cfg.min_alignment_dice}  # fmt: skip

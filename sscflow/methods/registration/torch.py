@@ -146,6 +146,21 @@ class Options:
     adaptive_logj: float = 0.0  # |log-J| of an increment above which it is (0: off; 0.01)
     adaptive_ncc: float = 0.5  # ... where the local NCC^2 reaches this (none below half)
 
+    @staticmethod
+    def inactive(options: dict) -> set[str]:
+        """The keys of ``options`` (these settings, as a dict) that change nothing as set: the
+        adaptive smoothing's while it is off. A stored result's parameters leave them out, so
+        that a store registered before the setting existed stays current.
+
+        >>> sorted(Options.inactive(dataclasses.asdict(Options())))
+        ['adaptive_logj', 'adaptive_ncc', 'adaptive_sigma_mm']
+        >>> Options.inactive(dataclasses.asdict(Options(adaptive_logj=0.01)))
+        set()
+        """
+        if options.get("adaptive_logj"):
+            return set()
+        return {k for k in options if k.startswith("adaptive_")}
+
     @classmethod
     def moved_key(cls, key: str, keypath: str) -> str | None:
         """The config's message for a setting renamed to millimetres (``window`` ->
