@@ -617,12 +617,16 @@ def _run_report(summary):
                   f"{c.get('upstream_failed', 0)} upstream failed")  # fmt: skip
     tpl = summary.cohort.get("template", {})
     if tpl.get("action") == "reused":
-        changes = ""
-        if tpl.get("added") is not None:
-            changes = (f"; {tpl['added']} of this run's patients were not in the cohort it was "
-                       f"built from, {tpl.get('removed', 0)} of that cohort are not in this run")
-        out.print(f"template: reused as it is ({tpl.get('provenance')}){changes}; rebuild it "
-                  "with --rebuild-template")  # fmt: skip
+        added, removed = tpl.get("added"), tpl.get("removed") or 0
+        if added is None:  # a template file
+            changes = "; rebuild it with --rebuild-template"
+        elif added or removed:
+            changes = (f"; {added} of this run's patients were not in the cohort it was built "
+                       f"from, {removed} of that cohort are not in this run; rebuild it with "
+                       "--rebuild-template")  # fmt: skip
+        else:
+            changes = ", built from this run's patients"
+        out.print(f"template: reused as it is ({tpl.get('provenance')}){changes}")
     elif tpl.get("action") in ("built", "rebuilt"):
         out.print(f"template: {tpl['action']} because {tpl.get('reason')}: "
                   f"{tpl.get('provenance')}")  # fmt: skip
@@ -686,10 +690,13 @@ def group_warnings(lines: list[str]) -> list[str]:
     """One line per kind of warning, with the patients it concerns, sorted, instead of one
     line per patient: ``slices thicker than 2.5 mm; registered, but detail along z is lost:
     3 patients — SYN001, SYN002, SYN003``. The kind is a warning's text without its
-    ``patient ID:`` and its parenthesised figures (each patient's own).
+    ``patient ID:`` and its parenthesised figures (each patient's own). A patient with three
+    scans or more warns once per pair (``P1``, ``P1/pairs/1-2``): counted once, its pairs too.
 
     >>> group_warnings(["patient B: thick (4 mm)", "patient A: thick (5 mm)", "odd"])
     ['thick: 2 patients — A, B', 'odd']
+    >>> group_warnings(["patient A: thick", "patient A/pairs/1-2: thick", "patient B: thick"])
+    ['thick: 2 patients (3 pairs) — A, A/pairs/1-2, B']
     """
     import re
 
@@ -705,7 +712,10 @@ def group_warnings(lines: list[str]) -> list[str]:
     for kind, pids in kinds.items():
         ids = sorted(set(pids))
         if ids:
-            n = f"{len(ids)} patient{'s' if len(ids) != 1 else ''}"
+            people = {i.split("/", 1)[0] for i in ids}  # a pair's unit id: <pid>/pairs/<t0>-<t1>
+            n = f"{len(people)} patient{'s' if len(people) != 1 else ''}"
+            if len(people) != len(ids):
+                n += f" ({len(ids)} pairs)"
             grouped.append(f"{kind}: {n} — {', '.join(ids)}")
         else:
             grouped.append(kind)

@@ -427,6 +427,9 @@ def test_template_is_kept_when_patients_come_and_go_and_rebuilt_on_request(cohor
     assert grown["status"] == "skipped" and grown["action"] == "reused"
     assert (grown["added"], grown["removed"]) == (1, 0)
     assert grown["patients_used"] == ["A", "B"] and grown["patient_id"] == first["patient_id"]
+    # a new timepoint moves a patient's first -> last pair to <pid>/pairs/0-2: the same patient
+    later = build_template(path, ["A/pairs/0-2", "B/pairs/0-2", "C"], CFG)
+    assert later["action"] == "reused" and (later["added"], later["removed"]) == (1, 0)
     shrunk = build_template(path, ["B", "C"], CFG)
     assert shrunk["action"] == "reused" and (shrunk["added"], shrunk["removed"]) == (1, 1)
     assert _bytes(path / "template") == files  # byte for byte

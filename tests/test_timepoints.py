@@ -277,12 +277,24 @@ def three_scans(tmp_path_factory, client):
 
 @pytest.mark.slow
 def test_adding_a_timepoint_registers_only_the_new_pairs(three_scans):
+    import contextlib
+    import io
+
+    from sscflow.cli import _run_report
+
     _, first, second, _ = three_scans
     assert first.ok and second.ok, (first.failed, second.failed)
     assert first.counts["registration"] == {"done": E2E_PATIENTS}
     # the pair 0 -> 1 is where it was: skipped; 1 -> 2 and 0 -> 2 are new
     assert second.counts["registration"] == {"skipped": E2E_PATIENTS, "done": 2 * E2E_PATIENTS}
     assert second.counts["template"] == {"skipped": 1}  # the template stays
+    # ... and says that no patient came or went (each one's first -> last pair moved)
+    assert (second.cohort["template"]["added"], second.cohort["template"]["removed"]) == (0, 0)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _run_report(second)
+    line = next(x for x in printed.getvalue().splitlines() if x.startswith("template: reused"))
+    assert line.endswith(", built from this run's patients"), line
     # the new first -> last pair 0 -> 2 has the same baseline scan as 0 -> 1: its template field
     # is taken from there, not registered again; the pair 1 -> 2 has no template-space map
     assert second.counts["to_template"] == {"done": E2E_PATIENTS, "skipped": 2 * E2E_PATIENTS}

@@ -141,8 +141,9 @@ def build_template(
     "cohort-average" or "file"), ``patient_id`` (the median choice, None for a file),
     ``patients_used``, ``left_out`` (ids), ``left_out_reasons`` ({id: why}), ``seconds``,
     ``lung_volume_ml``, ``provenance`` (see :func:`template_provenance`) and, when reused and
-    built from the cohort, ``added`` / ``removed``: how many of ``patient_ids`` are not in the
-    cohort it was built from, and how many of that cohort are not in ``patient_ids``.
+    built from the cohort, ``added`` / ``removed``: how many patients of ``patient_ids`` are not
+    in the cohort it was built from, and how many of that cohort are not in ``patient_ids``
+    (patients: another pair of a patient in that cohort is neither).
 
     Raises
     ------
@@ -303,10 +304,17 @@ def _reused(meta: dict, ids: list[str], t0: float) -> dict:
            "left_out_reasons": {}, "seconds": time.perf_counter() - t0,
            "lung_volume_ml": meta.get("lung_volume_ml"), "provenance": prov}  # fmt: skip
     if meta.get("source") != "file":
-        have = set(used)
-        out["added"] = sum(p not in have for p in ids)
-        out["removed"] = len(have - set(ids))
+        # patients, not pairs: a new timepoint moves a patient's first -> last pair from
+        # ``<pid>`` to ``<pid>/pairs/0-2`` without adding or removing anyone
+        have, now = {_subject(p) for p in used}, {_subject(p) for p in ids}
+        out["added"] = len(now - have)
+        out["removed"] = len(have - now)
     return out
+
+
+def _subject(unit: str) -> str:
+    """The patient of a pair's unit id (``P1/pairs/0-2`` -> ``P1``; ``sscflow.cohort``)."""
+    return unit.split("/", 1)[0]
 
 
 def _content_hash(hu: np.ndarray, lungs: np.ndarray, geometry: Geometry) -> str:
