@@ -547,26 +547,26 @@ def _dry_run(cfg, manifest, force, t0):
     plan = plan_run(manifest, cfg, force=force)
     counts = plan.count()
     seconds = time.perf_counter() - t0
-    bad = len(manifest.rejected)
-    total = len(manifest) + bad
+    bad = len(manifest.rejected)  # rejected patients, with all their rows
+    units = [p.patient_id for p in manifest.patients]
+    total = count_patients(units, more=bad)
     if bad and not len(manifest):
-        out.print(f"manifest {cfg.manifest}: every one of its {total} patients will fail at "
-                  "ingest:")  # fmt: skip
+        out.print(f"manifest {cfg.manifest}: every one of its {total} will fail at ingest:")
         _print_rejected(manifest)
-        raise SscflowError(f"all {total} patients will fail (see above); 'sscflow run' would "
-                           "run nothing: fix the manifest")  # fmt: skip
+        raise SscflowError(f"all {total} will fail (see above); 'sscflow run' would run "
+                           "nothing: fix the manifest")  # fmt: skip
     if bad:
-        out.print(f"manifest {cfg.manifest}: {total} patients; {bad} will fail at ingest, the "
-                  f"other {len(manifest)} will run:")  # fmt: skip
+        out.print(f"manifest {cfg.manifest}: {total}; {bad} will fail at ingest, the other "
+                  f"{count_patients(units)} will run:")  # fmt: skip
         _print_rejected(manifest)
     else:
-        out.print(f"manifest {cfg.manifest}: {total} patients, valid, every scan exists")
+        out.print(f"manifest {cfg.manifest}: {total}, valid, every scan exists")
     out.print(f"store: {cfg.store}; results: {cfg.results or 'results/ beside the store'}")
     out.print(f"plan: {len(plan.tasks)} tasks (" + ", ".join(f"{k} {v}" for k, v in counts.items())
               + f"), key token {plan.token}; built in {seconds:.2f} s; nothing was run")
     if bad:
-        raise SscflowError(f"{bad} of {total} patients will fail (see above); 'sscflow run' "
-                           "would run the others and exit 1")
+        raise SscflowError(f"{bad} of {total} will fail (see above); 'sscflow run' would run "
+                           "the others and exit 1")
 
 
 def _print_rejected(manifest):
@@ -686,6 +686,19 @@ StatusFormat = Annotated[
 STATUS_JSON_VERSION = 1  # bump when the JSON of 'sscflow status --format json' changes
 
 
+def count_patients(units, more: int = 0) -> str:
+    """How many patients ``units`` (pair unit ids: ``P1``, ``P1/pairs/1-2``) are, with ``more``
+    patients besides; their pairs too when a patient has more than one.
+
+    >>> count_patients(["A", "B"]), count_patients(["A", "A/pairs/1-2", "A/pairs/0-2"], more=1)
+    ('2 patients', '2 patients (3 pairs)')
+    """
+    units = list(units)
+    n = len({u.split("/", 1)[0] for u in units}) + more
+    text = f"{n} patient{'s' if n != 1 else ''}"
+    return text + (f" ({len(units)} pairs)" if len(units) + more != n else "")
+
+
 def group_warnings(lines: list[str]) -> list[str]:
     """One line per kind of warning, with the patients it concerns, sorted, instead of one
     line per patient: ``slices thicker than 2.5 mm; registered, but detail along z is lost:
@@ -712,11 +725,7 @@ def group_warnings(lines: list[str]) -> list[str]:
     for kind, pids in kinds.items():
         ids = sorted(set(pids))
         if ids:
-            people = {i.split("/", 1)[0] for i in ids}  # a pair's unit id: <pid>/pairs/<t0>-<t1>
-            n = f"{len(people)} patient{'s' if len(people) != 1 else ''}"
-            if len(people) != len(ids):
-                n += f" ({len(ids)} pairs)"
-            grouped.append(f"{kind}: {n} — {', '.join(ids)}")
+            grouped.append(f"{kind}: {count_patients(ids)} — {', '.join(ids)}")
         else:
             grouped.append(kind)
     return grouped
@@ -789,9 +798,9 @@ def status(
         _status_csv(state, cohort, removed)
         return
     show = out if out.is_terminal else Console(soft_wrap=True, width=100_000)  # never cut
-    title = f"{store}: {len(state) - len(removed)} patients"
+    title = f"{store}: {count_patients(u for u in state if u not in removed)}"
     if removed:
-        title += f" (and {len(removed)} not in the manifest)"
+        title += f" (and {count_patients(removed)} not in the manifest)"
     table = Table("stage", "done", "failed", "upstream failed", "pending", title=title)
     for name in stages:
         c = counts[name]

@@ -280,7 +280,7 @@ def test_dry_run_reports_missing_scans(tmp_path):
     from sscflow.cli import run as run_command
 
     # every row bad: the dry run says that nothing would run (no plan of a lone template task)
-    with pytest.raises(SscflowError, match="all 1 patients will fail .* would run nothing"):
+    with pytest.raises(SscflowError, match="all 1 patient will fail .* would run nothing"):
         run_command(cfg_path, dry_run=True)
     # bad rows fail alone, in the dry run as in the run: it says which will fail, exits 1
     scan = tmp_path / "c.nii.gz"
@@ -289,6 +289,13 @@ def test_dry_run_reports_missing_scans(tmp_path):
         encoding="utf-8")
     with pytest.raises(SscflowError, match="1 of 2 patients will fail"):
         run_command(cfg_path, dry_run=True)
+    # a long manifest: patients counted as patients, their pairs beside (1 -> 2, 0 -> 1, 0 -> 2)
+    manifest.write_text("patient_id,timepoint,scan,months\n"
+                        + "".join(f"P3,{t},{scan},{6 * t}\n" for t in range(3)), encoding="utf-8")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run_command(cfg_path, dry_run=True)
+    assert ": 1 patient (3 pairs), valid, every scan exists" in printed.getvalue()
 
 
 def _sscflow(*args, log: Path | None = None, **kw) -> subprocess.Popen:

@@ -323,6 +323,21 @@ def test_each_qa_page_of_a_three_scan_patient_shows_its_trajectory(three_scans):
 
 
 @pytest.mark.slow
+def test_status_counts_patients_and_their_pairs(three_scans):
+    import contextlib
+    import io
+
+    from sscflow.cli import status
+
+    folder, _, _, _ = three_scans
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status(str(folder / "cohort.zarr"), all_=False, manifest=None, config=None)
+    assert f"cohort.zarr: {E2E_PATIENTS} patients ({3 * E2E_PATIENTS} pairs)" in (
+        printed.getvalue()), printed.getvalue()
+
+
+@pytest.mark.slow
 def test_every_pair_is_in_the_store_and_the_tables(three_scans):
     import pandas as pd
 
