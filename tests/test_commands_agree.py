@@ -74,7 +74,7 @@ def test_validate_dry_run_and_ingest_agree_on_bad_rows(bad_rows):
         assert "line 3 (patient P 2), column patient_id" in text, (name, text)
         assert "gone.nii.gz does not exist" in text, (name, text)
         assert "P1" not in text.split("patients that will fail")[-1].split("error")[0], name
-    assert "2 will fail at ingest, the other 1 will run" in checks["dry-run"].stdout
+    assert "2 will fail at ingest, the other 1 patient will run" in checks["dry-run"].stdout
     ingest = sscflow("ingest", str(manifest), "--store", str(folder / "s.zarr"), "--spacing",
                      "3", "--workers", "1", "--config", str(config))  # fmt: skip
     assert ingest.returncode == 1, ingest.stderr
