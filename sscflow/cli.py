@@ -693,8 +693,10 @@ def count_patients(units, more: int = 0) -> str:
     >>> count_patients(["A", "B"]), count_patients(["A", "A/pairs/1-2", "A/pairs/0-2"], more=1)
     ('2 patients', '2 patients (3 pairs)')
     """
+    from sscflow.cohort import parse_unit
+
     units = list(units)
-    n = len({u.split("/", 1)[0] for u in units}) + more
+    n = len({parse_unit(u)[0] for u in units}) + more
     text = f"{n} patient{'s' if n != 1 else ''}"
     return text + (f" ({len(units)} pairs)" if len(units) + more != n else "")
 

@@ -304,17 +304,14 @@ def _reused(meta: dict, ids: list[str], t0: float) -> dict:
            "left_out_reasons": {}, "seconds": time.perf_counter() - t0,
            "lung_volume_ml": meta.get("lung_volume_ml"), "provenance": prov}  # fmt: skip
     if meta.get("source") != "file":
+        from sscflow.cohort import parse_unit
+
         # patients, not pairs: a new timepoint moves a patient's first -> last pair from
         # ``<pid>`` to ``<pid>/pairs/0-2`` without adding or removing anyone
-        have, now = {_subject(p) for p in used}, {_subject(p) for p in ids}
+        have, now = ({parse_unit(p)[0] for p in units} for units in (used, ids))
         out["added"] = len(now - have)
         out["removed"] = len(have - now)
     return out
-
-
-def _subject(unit: str) -> str:
-    """The patient of a pair's unit id (``P1/pairs/0-2`` -> ``P1``; ``sscflow.cohort``)."""
-    return unit.split("/", 1)[0]
 
 
 def _content_hash(hu: np.ndarray, lungs: np.ndarray, geometry: Geometry) -> str:
