@@ -485,19 +485,16 @@ def test_accuracy_on_synthetic_pairs(tmp_path):
         e = truth_errors(u, sp, truth.displacement, truth.log_jacobian, truth.lung, truth.region)
         assert e["folded_voxels"] == 0, (pid, e)
         # 4 mm voxels, thick source slices, dense growing fibrosis: within a quarter voxel on
-        # average, three quarters at the 95th percentile; voxelwise |log-J error| measured
-        # 0.0366, 0.0196, 0.0410 (SYN002, 005, 006; without ``quality_sigma_mm`` 0.0354,
-        # 0.0204, 0.0393: the quality term trades a little voxelwise error in the dense zones
-        # for their mean, below)
+        # average, three quarters at the 95th percentile
         assert e["mean_error_mm"] < 1.0 and e["p95_error_mm"] < 3.0, (pid, e)
-        assert e["logjac_mae"] < 0.043, (pid, e)
+        assert e["logjac_mae"] < 0.04, (pid, e)
         if "region_logjac_error" in e:
             short.append((pid, round(e["region_logjac"], 3), round(e["region_logjac_truth"], 3)))
     # Issue 13's phantom: dense fibrosis that grows, textured, exactly where the lung shrinks.
-    # Issue 22's target: at least half the shrinkage read. Measured 0.70 and 0.72 (SYN002,
+    # Issue 22's target: at least half the shrinkage read. Measured 0.66 and 0.67 (SYN002,
     # SYN006); without the quality term (quality_sigma_mm 0) 0.67 and 0.63, and the
     # intensities alone (detrend_mm 0 too) read 0.36 and 0.49 before it.
-    assert len(short) == 2 and all(got <= 0.65 * want for _, got, want in short), short
+    assert len(short) == 2 and all(got <= 0.5 * want for _, got, want in short), short
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
@@ -840,15 +837,19 @@ def test_detrended_registration_keeps_a_scan_still_and_refuses_a_negative_width(
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
 def test_the_quality_term_keeps_a_scan_still_and_refuses_a_negative_width():
     """``quality_sigma_mm``: a scan against itself matches everywhere alike (local NCC^2 1), so
-    the term that takes out the quality's slope adds nothing and the scan stays exactly still;
-    a negative width is refused with its key."""
+    the term that takes out the quality's slope adds nothing and the scan stays exactly still,
+    gated (the default) or not (``quality_gate_hu`` 0); negative settings are refused with
+    their keys."""
     fixed, _, _ = _pair_from_field(1.0)
     mask = _lung_mask()
-    u = register(fixed, fixed.copy(), SPACING, mask=mask, backend="torch", quality_sigma_mm=5.0,
-                 **FAST["torch"])  # fmt: skip
-    assert float(np.abs(u).max()) < 1e-4
+    for gate in (100.0, 0.0):
+        u = register(fixed, fixed.copy(), SPACING, mask=mask, backend="torch",
+                     quality_sigma_mm=5.0, quality_gate_hu=gate, **FAST["torch"])  # fmt: skip
+        assert float(np.abs(u).max()) < 1e-4, gate
     with pytest.raises(ValueError, match="quality_sigma_mm must be >= 0"):
         register(fixed, fixed, SPACING, mask=mask, backend="torch", quality_sigma_mm=-1.0)
+    with pytest.raises(ValueError, match="quality_gate_hu must be >= 0"):
+        register(fixed, fixed, SPACING, mask=mask, backend="torch", quality_gate_hu=-1.0)
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch")

@@ -54,12 +54,14 @@ averages of 8, 4 and 2 voxels). Figures below: ``benchmarks/registration.py`` (r
    wherever the follow-up matches better; next to a zone it shows worse than the baseline
    (dense disease: new texture, cysts, vessels losing their contrast) the windows at the
    zone's edge read it from outside, and the zone's shrinkage is under-read even from the
-   true map. ``quality_sigma_mm`` (default 5 mm) takes that pull out: the local NCC^2
-   averaged over a Gaussian of that s.d. is the follow-up's match quality ``q``, and a term
-   whose gradient is ``-cc grad log q`` cancels the part of each window's gradient that
-   comes from q's slope (``_quality_pull``). lung1 at 2 mm, +450 HU with cysts: 83 % of the
-   shrinkage read (69 % without), +180 HU 97 % (94 %), the no-change noise p99 0.0086
-   (0.0090); see ``benchmarks/NOTES.md``, "The match quality's pull".
+   true map. ``quality_sigma_mm`` (default 5 mm) takes that pull out: the lungs' local NCC^2
+   averaged over a Gaussian of that s.d. is the match quality ``q``, and a term whose
+   gradient is ``-cc grad log q`` cancels the part of each window's gradient that comes from
+   q's slope (``_quality_pull``), where the follow-up's local density changed by
+   ``quality_gate_hu`` (100 HU) or more: elsewhere q's slope is the anatomy's, in both scans
+   alike. lung1 at 2 mm, +450 HU with cysts: 82 % of the shrinkage read (69 % without), +180
+   HU 96 % (94 %), every unchanged pair as without it; see ``benchmarks/NOTES.md``, "The
+   match quality's pull".
 7. Optimiser: gradient descent on ``v``. The similarity gradient is taken with respect to the
    displacement ``exp(v)`` on the velocity grid and used as the velocity's (``d exp(v)/dv ~
    I``, as in log-domain demons), which skips the backward pass through the squarings; the
@@ -104,6 +106,7 @@ from sscflow.methods.registration.common import (
 
 HU_RANGE = (-1000.0, 400.0)
 MOVING_PAD_MM = 30.0  # the moving image is used over the fixed crop grown by this much
+QUALITY_DENSITY_MM = 8.0  # the local density change that gates the quality term: its scale
 QUALITY_FLOOR = 0.02  # the match quality's lowest value (quality_sigma_mm): a finite log
 
 
@@ -155,6 +158,7 @@ class Options:
     full_step_at: float = 1.0  # full steps down to the gradient of a 1-voxel shift
     detrend_mm: float = 4.0  # finer levels: each image less its local mean (Gaussian s.d., mm)
     quality_sigma_mm: float = 5.0  # the match quality's scale, its pull taken out (0: off)
+    quality_gate_hu: float = 100.0  # ... where the local density changed this much (0: all)
     adaptive_sigma_mm: float = 4.0  # the increment's smoothing where the change is strong
     adaptive_logj: float = 0.0  # |log-J| of an increment above which it is (0: off; 0.01)
     adaptive_ncc: float = 0.5  # ... where the local NCC^2 reaches this (none below half)
@@ -162,17 +166,24 @@ class Options:
     @staticmethod
     def inactive(options: dict) -> set[str]:
         """The keys of ``options`` (these settings, as a dict) that change nothing as set: the
-        adaptive smoothing's while it is off. A stored result's parameters leave them out, so
-        that a store registered before the setting existed stays current.
+        adaptive smoothing's while it is off, the quality term's gate while the term is off. A
+        stored result's parameters leave them out, so that a store registered before the
+        setting existed stays current.
 
         >>> sorted(Options.inactive(dataclasses.asdict(Options())))
         ['adaptive_logj', 'adaptive_ncc', 'adaptive_sigma_mm']
         >>> Options.inactive(dataclasses.asdict(Options(adaptive_logj=0.01)))
         set()
+        >>> sorted(Options.inactive(dataclasses.asdict(Options(adaptive_logj=0.01,
+        ...                                                    quality_sigma_mm=0.0))))
+        ['quality_gate_hu']
         """
-        if options.get("adaptive_logj"):
-            return set()
-        return {k for k in options if k.startswith("adaptive_")}
+        off = set()
+        if not options.get("adaptive_logj"):
+            off |= {k for k in options if k.startswith("adaptive_")}
+        if not options.get("quality_sigma_mm", 1.0):
+            off |= {k for k in options if k == "quality_gate_hu"}
+        return off
 
     @classmethod
     def moved_key(cls, key: str, keypath: str) -> str | None:
@@ -209,6 +220,9 @@ class Options:
             raise ConfigError(f"{where}.squarings must be within 0..12, got {self.squarings}")
         if not self.detrend_mm >= 0:
             raise ConfigError(f"{where}.detrend_mm must be >= 0, got {self.detrend_mm}")
+        if not self.quality_gate_hu >= 0:
+            raise ConfigError(f"{where}.quality_gate_hu must be >= 0, got "
+                              f"{self.quality_gate_hu}")  # fmt: skip
         if not self.quality_sigma_mm >= 0:
             raise ConfigError(f"{where}.quality_sigma_mm must be >= 0, got "
                               f"{self.quality_sigma_mm}")  # fmt: skip
@@ -397,6 +411,14 @@ def register(
         return {f: dt if f in detrended else raw for f in set(levels)}
 
     images = level_images()
+    lung_crop = None  # the baseline's lungs on the crop: where the quality term is used
+    if mask is not None and o.quality_sigma_mm > 0:
+        lung_crop = torch.from_numpy(
+            np.ascontiguousarray(np.asarray(mask)[box], dtype=np.float32)).to(dev)[None, None]
+    # the quality term's gate needs the intensities themselves (the levels are detrended)
+    raw_pair = None
+    if o.quality_sigma_mm > 0 and o.quality_gate_hu > 0:
+        raw_pair = (prep(fixed[box]), prep(moving[mbox]))
     start = torch.tensor([b.start for b in box], dtype=torch.float32, device=dev)
     crop_n = [b.stop - b.start for b in box]
     centre = (start + (torch.tensor(crop_n, device=dev) - 1) / 2) * sp  # mm
@@ -499,6 +521,13 @@ def register(
         ref = reg.reference_gradient(f_img, stats, grid_f, factor, vshape, taper, gkernel, level_mm)
         ref = ref.clamp(min=1e-12)
         qkernel = _gauss_kernels(torch, o.quality_sigma_mm / float(np.mean(level_mm)))
+        lung_l = None if lung_crop is None or qkernel is None else reg.pool(lung_crop, factor)
+        qgate = None
+        if qkernel is not None and raw_pair is not None:
+            with torch.no_grad():  # the coarser levels' map, as this level starts
+                w0 = reg.upsample(reg.exp(vel * taper, vspacing, squarings), grid_f, factor)
+            qgate = _density_gate(torch, reg, raw_pair, factor, pts, lin, trans, w0, lung_l,
+                                  level_mm, o.quality_gate_hu)  # fmt: skip
         for _ in range(n_iter):
             vel.grad = None
             # The similarity gradient is taken with respect to the displacement exp(v) and
@@ -518,7 +547,7 @@ def register(
             warped = value + ((w - w.detach()) * slope).sum(1, keepdim=True)
             loss = 1.0 - reg.lncc(stats, warped, seen)
             if qkernel is not None:
-                loss = loss + _quality_pull(torch, reg, w, qkernel, level_mm)
+                loss = loss + _quality_pull(torch, reg, w, qkernel, level_mm, lung_l, qgate)
             loss.backward()
             gate = None
             if adaptive_logj and o.adaptive_ncc > 0:
@@ -814,7 +843,23 @@ class _Registration:
         return cc.mean()
 
 
-def _quality_pull(torch, reg, w, kernel, level_mm):
+def _density_gate(torch, reg, raw_pair, factor, pts, lin, trans, w, lung, level_mm, gate_hu):
+    """Where the follow-up's density changed: in [0, 1], 1 where its local mean (a Gaussian of
+    ``QUALITY_DENSITY_MM``, through the current map) differs from the baseline's by
+    ``gate_hu`` or more, less the lungs' median difference (another inspiration changes the
+    whole lung's density, not a zone's). Computed once per level, from the intensities."""
+    with torch.no_grad():
+        fr, mr = reg.pool(raw_pair[0], factor), reg.pool(raw_pair[1], factor)
+        base, to_grid = reg.moving_grid(mr, factor, pts, lin, trans)
+        warped = reg.sample(mr, base + w[0].permute(1, 2, 3, 0) @ to_grid)
+        d = _smooth(torch, warped - fr, _gauss_kernels(torch, QUALITY_DENSITY_MM / float(
+            np.mean(level_mm))))  # fmt: skip
+        if lung is not None and bool((lung > 0.5).any()):
+            d = d - d[lung > 0.5].median()
+        return (d.abs() * ((HU_RANGE[1] - HU_RANGE[0]) / gate_hu)).clamp(0.0, 1.0)
+
+
+def _quality_pull(torch, reg, w, kernel, level_mm, lung=None, gate=None):
     """The term that takes out the match quality's pull (``quality_sigma_mm``).
 
     Local NCC^2 rewards a window for reading the follow-up from wherever it matches better:
@@ -827,12 +872,25 @@ def _quality_pull(torch, reg, w, kernel, level_mm):
     the follow-up near x + w(x); the term's gradient is ``cc * grad log q``, which cancels
     the part of the similarity's gradient that comes from q's slope, not from the windows'
     own alignment. It is 0 where q is flat: a scan against itself (q = 1) stays exact.
+
+    The pull to take out is the part of q that belongs to the follow-up alone. Where both
+    scans show the same anatomy, q also varies with it (from the lungs' vessels to the flat
+    chest wall, from the core to the rind), in both alike, and the raw similarity pulls by only
+    half that slope; taking out all of it read the synthetic cohort's rind as expansion and
+    its core as shrinkage in every patient (+0.002 and -0.003). So with ``lung`` (the
+    baseline's lung fraction of each voxel of the level) q is the lungs' alone, and with
+    ``gate`` (``_density_gate``) the term acts only where the follow-up's density changed,
+    which is where it shows the zone worse than the baseline does.
     """
     with torch.no_grad():
-        q = _smooth(torch, reg.r2 * reg.weight, kernel)
-        q = (q / _smooth(torch, reg.weight, kernel).clamp(min=1e-6)).clamp(min=QUALITY_FLOOR)
+        weight = reg.weight if lung is None else reg.weight * lung
+        q = _smooth(torch, reg.r2 * weight, kernel)
+        q = (q / _smooth(torch, weight, kernel).clamp(min=1e-6)).clamp(min=QUALITY_FLOOR)
         slope = torch.stack(torch.gradient(q.log()[0, 0], spacing=level_mm))[None]
-    return (reg.local * ((w - w.detach()) * slope).sum(1, keepdim=True)).mean()
+        cc = reg.local if lung is None else reg.local * lung
+        if gate is not None:
+            cc = cc * gate
+    return (cc * ((w - w.detach()) * slope).sum(1, keepdim=True)).mean()
 
 
 def _box_filter(torch, x, k):
