@@ -391,7 +391,8 @@ def register(
         operation on both (a scan and itself stay equal). Detrending the coarsest level too
         left too little there: rigid and regridded pairs came out noisier (benchmarks/NOTES.md).
         Where the follow-up was imaged rides along as the moving image's second channel: one
-        grid_sample call interpolates both."""
+        grid_sample call interpolates both. Also returns the clipped intensities themselves,
+        (fixed crop, moving crop), for the quality term's gate."""
 
         def with_seen(m):
             return m if v_full is None else torch.cat([m, v_full], dim=1)
@@ -406,19 +407,18 @@ def register(
                            for b, m in zip(box, mbox, strict=True)))  # fmt: skip
             dt = (_detrend(torch, f_ext, g, v_full)[crop],
                   with_seen(_detrend(torch, m_full, g, v_full)))  # fmt: skip
+        f_raw = f_ext[crop].contiguous() if detrended else prep(fixed[box])
         if set(levels) - detrended:
-            raw = (f_ext[crop] if detrended else prep(fixed[box]), with_seen(m_full))
-        return {f: dt if f in detrended else raw for f in set(levels)}
+            raw = (f_raw, with_seen(m_full))
+        return {f: dt if f in detrended else raw for f in set(levels)}, (f_raw, m_full)
 
-    images = level_images()
+    images, raw_pair = level_images()
     lung_crop = None  # the baseline's lungs on the crop: where the quality term is used
     if mask is not None and o.quality_sigma_mm > 0:
         lung_crop = torch.from_numpy(
             np.ascontiguousarray(np.asarray(mask)[box], dtype=np.float32)).to(dev)[None, None]
-    # the quality term's gate needs the intensities themselves (the levels are detrended)
-    raw_pair = None
-    if o.quality_sigma_mm > 0 and o.quality_gate_hu > 0:
-        raw_pair = (prep(fixed[box]), prep(moving[mbox]))
+    if not (o.quality_sigma_mm > 0 and o.quality_gate_hu > 0):
+        raw_pair = None  # only the quality term's gate reads the intensities themselves
     start = torch.tensor([b.start for b in box], dtype=torch.float32, device=dev)
     crop_n = [b.stop - b.start for b in box]
     centre = (start + (torch.tensor(crop_n, device=dev) - 1) / 2) * sp  # mm
